@@ -1,0 +1,139 @@
+"""Lesion-grouped, diagnosis-stratified splits and folds, reproducible by seed.
+
+All images of a lesion land in the same split (otherwise the same lesion is in train and test), and
+each class is spread over the splits in proportion to their size, counted in images. A lesion's
+label is its diagnosis (the most frequent one if its images disagree).
+
+The assignment is a greedy quota fill done per class: the lesions of a class, largest first (ties in
+seeded random order), each go to the split that is furthest below its share of that class. Every
+split gets a lesion of every class that has at least as many lesions as there are splits, and the
+image proportions end within one lesion of their targets.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError, DataError
+
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+
+
+def split_lesions(df: pd.DataFrame, *, test_size: float = 0.15, val_size: float = 0.15, folds: int = 0,
+                  seed: int = 0) -> pd.DataFrame:
+    """Assign every image to ``train``/``val``/``test``, grouped by lesion and stratified by ``dx``.
+
+    Args:
+        df: one row per image with ``image_id``, ``lesion_id`` and ``dx``.
+        test_size, val_size: shares of the images held out for test and validation.
+        folds: when > 1, the non-test images are cut into this many folds instead (``val_size`` is
+            then unused); fold 0 is marked ``val``, the test rows get fold -1.
+        seed: the same seed and table give the same split.
+
+    Returns:
+        A frame on ``df``'s index with ``image_id, lesion_id, dx, split`` (and ``fold`` when folds > 1).
+    """
+    _check_sizes(test_size, val_size, folds)
+    _require(df, ("image_id", "lesion_id", "dx"))
+    if folds:
+        fractions = [test_size] + [(1.0 - test_size) / folds] * folds
+        bins = _assign_rows(df, fractions, seed) - 1  # -1 = test, 0..folds-1
+        split = np.where(bins < 0, "test", np.where(bins == 0, "val", "train"))
+        extra = {"fold": bins.astype(np.int64)}
+    else:
+        fractions = [1.0 - test_size - val_size, val_size, test_size]
+        split = np.asarray(SPLIT_NAMES, dtype=object)[_assign_rows(df, fractions, seed)]
+        extra = {}
+    out = df[["image_id", "lesion_id", "dx"]].copy()
+    out["split"] = split
+    return out.assign(**extra)
+
+
+def fold_assignment(df: pd.DataFrame, folds: int, seed: int) -> pd.Series:
+    """Fold number (0..folds-1) of every row, grouped by lesion and stratified by ``dx`` (for ablations)."""
+    if not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ConfigError(f"folds: must be an integer >= 2, got {folds!r}")
+    _require(df, ("lesion_id", "dx"))
+    bins = _assign_rows(df, [1.0 / folds] * folds, seed)
+    return pd.Series(bins.astype(np.int64), index=df.index, name="fold")
+
+
+def _check_sizes(test_size: float, val_size: float, folds: int) -> None:
+    """Refuse shares outside [0, 1), shares leaving no training data, and a single fold."""
+    for key, value in (("test_size", test_size), ("val_size", val_size)):
+        if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key}: must be a number in [0, 1), got {value!r}")
+    if not isinstance(folds, (int, np.integer)) or folds < 0 or folds == 1:
+        raise ConfigError(f"folds: must be 0 (no folds) or an integer >= 2, got {folds!r}")
+    if not folds and test_size + val_size >= 1.0:
+        raise ConfigError(f"test_size + val_size: must be < 1 to leave training data, got {test_size + val_size:g}")
+
+
+def _require(df: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    """The table must have ``columns`` with no empty value; names the first bad column and row."""
+    absent = [c for c in columns if c not in df.columns]
+    if absent:
+        raise DataError(f"split: table has no column(s) {', '.join(map(repr, absent))}")
+    if len(df) == 0:
+        raise DataError("split: table has no rows")
+    for column in columns:
+        empty = df[column].isna().to_numpy() | (df[column].astype(str).str.strip() == "").to_numpy()
+        if empty.any():
+            raise DataError(f"split: row {df.index[int(np.flatnonzero(empty)[0])]!r}, column '{column}': empty value")
+
+
+def _assign_rows(df: pd.DataFrame, fractions: list[float], seed: int) -> np.ndarray:
+    """Bin index (into ``fractions``) of every row, via its lesion."""
+    lesions = _lesion_table(df)
+    active = sum(f > 0 for f in fractions)
+    if len(lesions) < active:
+        raise DataError(f"split: {len(lesions)} lesion(s) cannot fill {active} non-empty splits/folds")
+    _warn_thin_classes(lesions, active)
+    bins = _assign_lesions(lesions, np.asarray(fractions, dtype=float), np.random.default_rng(seed))
+    return df["lesion_id"].map(bins).to_numpy(dtype=np.int64)
+
+
+def _lesion_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per lesion: its label (most frequent dx; ties -> alphabetical) and its image count."""
+    counts = df.groupby(["lesion_id", "dx"], sort=True).size().rename("n").reset_index()
+    counts = counts.sort_values(["lesion_id", "n", "dx"], ascending=[True, False, True], kind="stable")
+    label = counts.drop_duplicates("lesion_id").set_index("lesion_id")["dx"]
+    size = df.groupby("lesion_id", sort=True).size()
+    return pd.DataFrame({"dx": label, "n": size}).sort_index()
+
+
+def _warn_thin_classes(lesions: pd.DataFrame, active: int) -> None:
+    """Say which classes are too rare to appear in every split: their metrics will be missing there."""
+    per_class = lesions.groupby("dx").size()
+    thin = per_class[per_class < active]
+    if len(thin):
+        listed = ", ".join(f"{dx} ({n})" for dx, n in thin.items())
+        warnings.warn(f"split: class(es) with fewer lesions than the {active} splits/folds cannot be in "
+                      f"every one: {listed}", UserWarning, stacklevel=4)
+
+
+def _assign_lesions(lesions: pd.DataFrame, fractions: np.ndarray, rng: np.random.Generator) -> pd.Series:
+    """Greedy per-class quota fill; returns lesion_id -> bin index."""
+    order = rng.permutation(len(lesions))
+    shuffled = lesions.iloc[order]
+    shuffled = shuffled.iloc[np.argsort(-shuffled["n"].to_numpy(), kind="stable")]
+    out: dict[object, int] = {}
+    for _, group in shuffled.groupby("dx", sort=True):
+        targets = fractions * group["n"].sum()
+        priority = rng.permutation(len(fractions))
+        assigned = np.zeros(len(fractions))
+        for lesion_id, n in zip(group.index, group["n"].to_numpy()):
+            b = _most_behind(assigned, targets, priority)
+            assigned[b] += n
+            out[lesion_id] = b
+    return pd.Series(out, dtype=np.int64)
+
+
+def _most_behind(assigned: np.ndarray, targets: np.ndarray, priority: np.ndarray) -> int:
+    """The bin filled least relative to its target; ties -> larger target, then seeded priority."""
+    active = np.flatnonzero(targets > 0)
+    fill = assigned[active] / targets[active]
+    keys = np.lexsort((priority[active], -targets[active], fill))
+    return int(active[keys[0]])
