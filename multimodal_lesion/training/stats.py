@@ -1,0 +1,116 @@
+"""Summary statistics and paired model comparisons for ablations over folds x seeds.
+
+Caveat: the per-(fold, seed) scores are not independent. Cross-validation folds share most of their
+training data and seeds share all of it, so the spread across cells understates the variance of the
+score on new data. The bootstrap intervals and the paired Wilcoxon / t-test p-values below are
+therefore optimistic (too narrow, too small); Nadeau & Bengio (2003) show this and propose the
+corrected resampled t-test, provided as :func:`corrected_ttest` for a more conservative answer.
+Non-finite values (e.g. an AUROC undefined in a fold) are dropped before any statistic; ``n``
+reports how many values were used.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+#: Fewest paired differences for the Wilcoxon test: with n <= 5 its smallest two-sided p is >= 0.0625.
+MIN_WILCOXON_N = 6
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean; (v, v) for one value, NaNs for none."""
+    x = _finite(values)
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    alpha = (1.0 - ci) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def summarise(values: Sequence[float], n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Mean, sample standard deviation (ddof=1; NaN for n < 2), bootstrap CI of the mean and n."""
+    x = _finite(values)
+    low, high = bootstrap_ci(x, n_boot=n_boot, ci=ci, seed=seed)
+    return {
+        "mean": float(x.mean()) if len(x) else float("nan"),
+        "std": float(x.std(ddof=1)) if len(x) > 1 else float("nan"),
+        "ci_low": low,
+        "ci_high": high,
+        "n": int(len(x)),
+    }
+
+
+def paired_comparison(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Compare two models scored on the same (fold, seed) cells through the differences ``a - b``.
+
+    Returns mean_diff, its bootstrap 95% CI, a two-sided p-value, n and ``test``: "wilcoxon"
+    (signed-rank) when n >= 6 and some difference is non-zero, else "paired_t". When every
+    difference is zero the t statistic is 0/0 and the p-value is reported as 1.0 (no evidence); a
+    constant non-zero difference with n < 6 gets 0.0.
+    Pairs where either value is non-finite are dropped.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"a and b must be 1-D and paired (same length), got shapes {a.shape} and {b.shape}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    diffs = a[keep] - b[keep]
+    low, high = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
+    test, p_value = _paired_test(diffs)
+    return {
+        "mean_diff": float(diffs.mean()) if len(diffs) else float("nan"),
+        "ci_low": low,
+        "ci_high": high,
+        "p_value": p_value,
+        "n": int(len(diffs)),
+        "test": test,
+    }
+
+
+def corrected_ttest(diffs: Sequence[float], n_train: int, n_test: int, ci: float = 0.95) -> dict[str, Any]:
+    """Corrected resampled t-test (Nadeau & Bengio 2003) on per-split score differences.
+
+    The variance of the mean difference is inflated from var/J to (1/J + n_test/n_train) * var to
+    account for overlapping training sets (J = number of splits, e.g. folds x seeds; for K-fold CV
+    n_test / n_train = 1 / (K - 1)). Returns mean_diff, t, df, a two-sided p_value, the matching
+    CI (ci_low, ci_high) and n.
+    """
+    d = _finite(diffs)
+    if len(d) < 2 or n_train <= 0 or n_test <= 0:
+        raise ValueError(f"need >= 2 differences and positive n_train/n_test, got n={len(d)}, "
+                         f"n_train={n_train}, n_test={n_test}")
+    mean, df = float(d.mean()), len(d) - 1
+    se = float(np.sqrt((1.0 / len(d) + n_test / n_train) * d.var(ddof=1)))
+    t = mean / se if se > 0 else (0.0 if mean == 0 else float(np.copysign(np.inf, mean)))
+    half = float(stats.t.ppf(0.5 + ci / 2.0, df)) * se
+    return {
+        "mean_diff": mean,
+        "t": float(t),
+        "df": int(df),
+        "p_value": float(2.0 * stats.t.sf(abs(t), df)),
+        "ci_low": mean - half,
+        "ci_high": mean + half,
+        "n": int(len(d)),
+    }
+
+
+def _paired_test(diffs: np.ndarray) -> tuple[str, float]:
+    """(test name, two-sided p-value) for paired differences, following :func:`paired_comparison`."""
+    if len(diffs) >= MIN_WILCOXON_N and np.any(diffs != 0):
+        return "wilcoxon", float(stats.wilcoxon(diffs).pvalue)
+    if len(diffs) < 2:
+        return "paired_t", float("nan")
+    if np.ptp(diffs) == 0:  # zero variance: t is 0/0 (no evidence) or +-inf (a constant shift)
+        return "paired_t", 1.0 if diffs[0] == 0 else 0.0
+    return "paired_t", float(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
+def _finite(values: Sequence[float]) -> np.ndarray:
+    """The finite values as a 1-D float array."""
+    x = np.asarray(values, dtype=float).reshape(-1)
+    return x[np.isfinite(x)]
