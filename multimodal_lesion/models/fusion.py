@@ -1,0 +1,207 @@
+"""Fusion heads, the one model class they plug into, and the registered models.
+
+Every model is ``LesionModel(head, image_branch, meta_branch)``: branches that a head does not use
+are None, and ``forward`` is the same code for all. Gating and FiLM act per channel, so applying them
+to the pooled embedding equals applying them to the feature maps and pooling (average pooling
+commutes with a per-channel affine map): the frozen-embedding path and the live path agree.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .image_branch import ImageBranch
+from .metadata_branch import MetadataBranch
+from .registry import register_model
+
+
+def mlp_classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """Dropout -> Linear -> ReLU -> Dropout -> Linear: the shared classifier of the fusion heads."""
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.ReLU(),
+                         nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+
+class FusionHead(nn.Module):
+    """Maps (image embedding, metadata embedding) to logits; a subclass declares which it reads."""
+
+    uses_image: bool = True
+    uses_meta: bool = True
+
+    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int,
+                 dropout: float) -> None:
+        super().__init__()
+
+    def forward(self, image: Tensor | None, meta: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+
+class LinearImageHead(FusionHead):
+    """Dropout + linear layer on the pooled image features."""
+
+    uses_meta = False
+
+    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int,
+                 dropout: float) -> None:
+        super().__init__(image_dim, meta_dim, num_classes, hidden, dropout)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(image_dim, num_classes))
+
+    def forward(self, image: Tensor | None, meta: Tensor | None) -> Tensor:
+        return self.classifier(image)
+
+
+class MetadataHead(FusionHead):
+    """Linear layer on the metadata embedding (together with the branch: an MLP)."""
+
+    uses_image = False
+
+    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int,
+                 dropout: float) -> None:
+        super().__init__(image_dim, meta_dim, num_classes, hidden, dropout)
+        self.classifier = nn.Linear(meta_dim, num_classes)
+
+    def forward(self, image: Tensor | None, meta: Tensor | None) -> Tensor:
+        return self.classifier(meta)
+
+
+class ConcatHead(FusionHead):
+    """Late fusion: MLP over the image features concatenated with the metadata embedding."""
+
+    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int,
+                 dropout: float) -> None:
+        super().__init__(image_dim, meta_dim, num_classes, hidden, dropout)
+        self.classifier = mlp_classifier(image_dim + meta_dim, hidden, num_classes, dropout)
+
+    def forward(self, image: Tensor | None, meta: Tensor | None) -> Tensor:
+        return self.classifier(torch.cat([image, meta], dim=1))
+
+
+class GatedHead(FusionHead):
+    """MetaBlock-style (Pacheco & Krohling 2021): a sigmoid gate and a bias per image channel from metadata."""
+
+    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int,
+                 dropout: float) -> None:
+        super().__init__(image_dim, meta_dim, num_classes, hidden, dropout)
+        self.gate = nn.Linear(meta_dim, image_dim)
+        self.shift = nn.Linear(meta_dim, image_dim)
+        self.classifier = mlp_classifier(image_dim, hidden, num_classes, dropout)
+
+    def forward(self, image: Tensor | None, meta: Tensor | None) -> Tensor:
+        return self.classifier(image * torch.sigmoid(self.gate(meta)) + self.shift(meta))
+
+
+class FiLMHead(FusionHead):
+    """FiLM / DAFT: metadata predicts a per-channel scale and shift, ``x * (1 + gamma) + beta``.
+
+    The generator starts at zero, so an untrained head sees the image features unchanged.
+    """
+
+    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int,
+                 dropout: float) -> None:
+        super().__init__(image_dim, meta_dim, num_classes, hidden, dropout)
+        self.film = nn.Linear(meta_dim, 2 * image_dim)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        self.classifier = mlp_classifier(image_dim, hidden, num_classes, dropout)
+
+    def forward(self, image: Tensor | None, meta: Tensor | None) -> Tensor:
+        gamma, beta = self.film(meta).chunk(2, dim=1)
+        return self.classifier(image * (1 + gamma) + beta)
+
+
+def _require(value: Tensor | None, what: str) -> Tensor:
+    if value is None:
+        raise KeyError(f"this model needs the batch key '{what}'")
+    return value
+
+
+class LesionModel(nn.Module):
+    """One model class for every registered model: optional image and metadata branches + a fusion head.
+
+    Args:
+        head: the fusion head (its ``uses_image`` / ``uses_meta`` say what it reads).
+        image_branch: the timm backbone branch, None when the head ignores the image.
+        meta_branch: the metadata MLP, None when the head ignores the metadata.
+    """
+
+    def __init__(self, head: FusionHead, image_branch: ImageBranch | None = None,
+                 meta_branch: MetadataBranch | None = None) -> None:
+        super().__init__()
+        self.head = head
+        self.image_branch = image_branch
+        self.meta_branch = meta_branch
+
+    @property
+    def uses_image(self) -> bool:
+        return self.image_branch is not None
+
+    @property
+    def uses_meta(self) -> bool:
+        return self.meta_branch is not None
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Logits (B, C) from a batch dict: ``embedding`` (cached) or ``image``, and ``meta``."""
+        embedding = batch.get("embedding")
+        if embedding is None and self.uses_image:
+            embedding = self.image_branch.embed(_require(batch.get("image"), "image"))
+        return self.forward_head(embedding, batch.get("meta"))
+
+    def forward_head(self, embedding: Tensor | None, meta: Tensor | None) -> Tensor:
+        """Logits from the pooled image embedding and the encoded metadata: everything after the backbone.
+
+        What the frozen path trains and what SHAP / modality attribution evaluate; an input the model
+        does not use may be None.
+        """
+        image = _require(embedding, "embedding or image") if self.uses_image else None
+        meta_emb = self.meta_branch(_require(meta, "meta")) if self.uses_meta else None
+        return self.head(image, meta_emb)
+
+
+def build_lesion_model(head_cls: type[FusionHead], *, meta_dim: int, num_classes: int,
+                       cfg: ModelConfig, image_branch: ImageBranch | None) -> LesionModel:
+    """The shared builder: branches the head reads (sized from their declared widths) + the head."""
+    image = None
+    if head_cls.uses_image:
+        image = image_branch if image_branch is not None else ImageBranch(cfg.backbone, cfg.weights,
+                                                                          cfg.multiscale)
+    meta = MetadataBranch(meta_dim, cfg.meta_hidden, cfg.dropout) if head_cls.uses_meta else None
+    head = head_cls(image.num_features if image is not None else 0,
+                    meta.output_dim if meta is not None else 0,
+                    num_classes, cfg.head_hidden, cfg.dropout)
+    return LesionModel(head, image, meta)
+
+
+@register_model
+def image_only(**kwargs: Any) -> LesionModel:
+    """Image only: timm backbone + linear head on the pooled features."""
+    return build_lesion_model(LinearImageHead, **kwargs)
+
+
+@register_model
+def metadata_only(**kwargs: Any) -> LesionModel:
+    """Metadata only: MLP over the encoded patient features (age, sex, localization)."""
+    return build_lesion_model(MetadataHead, **kwargs)
+
+
+@register_model
+def concat(**kwargs: Any) -> LesionModel:
+    """Late fusion: pooled image features ++ metadata embedding -> MLP head."""
+    return build_lesion_model(ConcatHead, **kwargs)
+
+
+@register_model
+def gated(**kwargs: Any) -> LesionModel:
+    """MetaBlock-style gating: metadata gates (sigmoid) and shifts the image feature channels -> MLP head."""
+    return build_lesion_model(GatedHead, **kwargs)
+
+
+@register_model
+def film(**kwargs: Any) -> LesionModel:
+    """FiLM / DAFT: metadata predicts a per-channel scale and shift of the image features -> MLP head."""
+    return build_lesion_model(FiLMHead, **kwargs)
+
+
+__all__ = ["LesionModel", "FusionHead", "LinearImageHead", "MetadataHead", "ConcatHead", "GatedHead",
+           "FiLMHead", "mlp_classifier", "build_lesion_model"]

@@ -1,0 +1,157 @@
+"""The image branch: any timm CNN backbone, giving feature maps and a pooled embedding of declared width."""
+from __future__ import annotations
+
+import contextlib
+import difflib
+from typing import Any, Iterator
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .weights import load_image_weights, weights_normalisation
+
+MULTISCALE_EXTRA_STAGES = 2  # earlier stages pooled next to the final embedding when multiscale=True
+_POOL_CHILDREN = ("global_pool", "head")  # timm's pooling / head children follow the last map module
+
+
+def _create_backbone(name: str) -> nn.Module:
+    """A timm model without classifier and pooling, so ``forward_features`` gives the last maps."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        hint = f" (did you mean: {', '.join(close)}?)" if close else " (see timm.list_models())"
+        raise ConfigError(f"unknown timm backbone '{name}'{hint}")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+    except (AssertionError, RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"backbone '{name}' cannot be used without its pooling and classifier: {exc}") from None
+
+
+def _get_module(model: nn.Module, path: str, backbone: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ConfigError(f"backbone '{backbone}' has no layer '{path}'") from None
+
+
+def _pooled_width(model: nn.Module) -> int:
+    """Declared width of timm's pre-logits embedding (``head_hidden_size`` where it differs)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def _last_stage_is_final_map(model: nn.Module) -> bool:
+    """True when the last feature_info stage already is ``forward_features``' output (no conv head after)."""
+    return model.feature_info[-1]["num_chs"] == model.num_features
+
+
+def _extra_stages(model: nn.Module, n: int = MULTISCALE_EXTRA_STAGES) -> tuple[tuple[str, int], ...]:
+    """(module path, channels) of the ``n`` stages before the final map, from timm's feature_info."""
+    info = list(model.feature_info)
+    if _last_stage_is_final_map(model):
+        info = info[:-1]
+    return tuple((d["module"], int(d["num_chs"])) for d in info[-n:])
+
+
+@contextlib.contextmanager
+def _capture_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
+    """Record the outputs of ``modules`` during the forward passes inside the block; hooks always removed."""
+    outputs: dict[str, Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, out, key=key: outputs.__setitem__(key, out))
+               for key, m in modules.items()]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _avg_pool(maps: Tensor, backbone: str) -> Tensor:
+    if maps.ndim != 4:
+        raise ConfigError(f"backbone '{backbone}' gives features of shape {tuple(maps.shape)}; "
+                          "the image branch needs (B, C, H, W) maps (a CNN backbone)")
+    return maps.mean(dim=(2, 3), keepdim=True)
+
+
+class ImageBranch(nn.Module):
+    """A timm backbone with weights loaded, exposing maps, a pooled embedding and its declared width.
+
+    Args:
+        backbone: any timm model name producing (B, C, H, W) feature maps.
+        weights: ``none`` | ``timm`` | ``offline-imagenet`` | path to a checkpoint file.
+        multiscale: also average-pool the last stages before the final map and concatenate them
+            (richer frozen embeddings at no extra backbone cost).
+
+    Attributes:
+        num_features: width of :meth:`embed`'s output, read from timm's declared sizes.
+        data_config: timm data config (``mean``, ``std``, ``input_size``...) matching the weights.
+    """
+
+    def __init__(self, backbone: str, weights: str = "none", multiscale: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.weights = weights
+        self.multiscale = multiscale
+        self.model = _create_backbone(backbone)
+        load_image_weights(self.model, weights)
+        self.extra_stages = _extra_stages(self.model) if multiscale else ()
+        for path, _ in self.extra_stages:
+            _get_module(self.model, path, backbone)  # fail now, not at the first forward
+        self.num_features = _pooled_width(self.model) + sum(chs for _, chs in self.extra_stages)
+        self.data_config = self._resolve_data_config()
+
+    def _resolve_data_config(self) -> dict[str, Any]:
+        cfg = dict(timm.data.resolve_model_data_config(self.model))
+        cfg.update(weights_normalisation(self.weights))
+        cfg["mean"] = tuple(float(v) for v in cfg["mean"])
+        cfg["std"] = tuple(float(v) for v in cfg["std"])
+        return cfg
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Last feature maps (B, C, h, w): timm's ``forward_features`` (conv head included where it has one)."""
+        return self.model.forward_features(x)
+
+    def pool(self, maps: Tensor) -> Tensor:
+        """Global average pool + timm's pre-logits head (e.g. MobileNetV3's conv head): (B, width)."""
+        pooled = _avg_pool(maps, self.backbone)
+        return self.model.forward_head(pooled, pre_logits=True).flatten(1)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Pooled embedding (B, num_features); multiscale appends the pooled earlier stages."""
+        if not self.extra_stages:
+            return self.pool(self.forward_features(x))
+        modules = {path: self.model.get_submodule(path) for path, _ in self.extra_stages}
+        with _capture_outputs(modules) as stages:
+            maps = self.forward_features(x)
+        extras = [_avg_pool(stages[path], self.backbone).flatten(1) for path in modules]
+        return torch.cat([self.pool(maps), *extras], dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Same as :meth:`embed`."""
+        return self.embed(x)
+
+    def default_target_layer(self) -> nn.Module:
+        """The module whose output is the last feature map (Grad-CAM's default layer).
+
+        ``layer4`` for ResNets (the last feature_info stage); for backbones with a conv head after
+        the last stage (EfficientNet: ``conv_head`` -> ``bn2``), the module just before the pooling.
+        """
+        if _last_stage_is_final_map(self.model):
+            return _get_module(self.model, self.model.feature_info[-1]["module"], self.backbone)
+        names = [name for name, _ in self.model.named_children()]
+        pool_at = next((i for i, n in enumerate(names) if n in _POOL_CHILDREN), 0)
+        if pool_at == 0:
+            raise ConfigError(f"cannot find the last feature stage of backbone '{self.backbone}'; "
+                              "name it with explain.target_layer")
+        return getattr(self.model, names[pool_at - 1])
+
+    def target_layer(self, path: str = "") -> nn.Module:
+        """The backbone module at dotted ``path`` (e.g. ``blocks.5``); empty = :meth:`default_target_layer`."""
+        return _get_module(self.model, path, self.backbone) if path else self.default_target_layer()
+
+    def extra_repr(self) -> str:
+        return (f"backbone={self.backbone!r}, weights={self.weights!r}, multiscale={self.multiscale}, "
+                f"num_features={self.num_features}")
+
+
+__all__ = ["ImageBranch", "MULTISCALE_EXTRA_STAGES"]
