@@ -1,0 +1,235 @@
+"""``mmlesion``: thin sub-commands that parse, call the library and print.
+
+Heavy libraries (torch, timm, shap, grad-cam) are imported inside the commands, so ``--help`` is instant.
+A user's mistake (bad data, bad config, not a run folder) ends with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from .errors import MMLesionError
+
+Command = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = {}
+
+
+def command(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None]):
+    """Register a sub-command: its help line, its arguments and the function that runs it."""
+    def wrap(fn: Command) -> Command:
+        COMMANDS[name] = (help, add_args, fn)
+        return fn
+    return wrap
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML experiment file (default: built-in defaults)")
+    p.add_argument("--data", help="HAM10000 root (default: the synthetic dataset)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable")
+
+
+def _load_cfg(args: argparse.Namespace):
+    from .config import load_config, replace
+
+    cfg = load_config(args.config, args.overrides)
+    return replace(cfg, data={"root": str(args.data)}) if getattr(args, "data", None) else cfg
+
+
+@command("synth", "write the synthetic HAM10000-shaped dataset",
+         lambda p: (p.add_argument("--out", required=True), p.add_argument("--n", type=int, default=1000),
+                    p.add_argument("--seed", type=int, default=0)))
+def _synth(args: argparse.Namespace) -> int:
+    from .data.synthetic import make_synthetic
+
+    print(make_synthetic(args.out, n=args.n, seed=args.seed))
+    return 0
+
+
+@command("eda", "class balance, age / sex / localization by class, missing values",
+         lambda p: (p.add_argument("--data", required=True), p.add_argument("--out", required=True),
+                    p.add_argument("--drop-missing", action="store_true")))
+def _eda(args: argparse.Namespace) -> int:
+    from .data.ham10000 import read_ham10000
+    from .report.eda import run_eda
+
+    ham = read_ham10000(args.data, drop_missing=args.drop_missing)
+    _print_notes(ham.notes)
+    summary = run_eda(ham.metadata, args.out)
+    print(json.dumps({k: summary[k] for k in ("n_images", "n_lesions", "class_counts")}))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--folds", type=int, default=0)
+    p.add_argument("--test-size", type=float, default=0.15)
+    p.add_argument("--val-size", type=float, default=0.15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--drop-missing", action="store_true")
+
+
+@command("split", "lesion-grouped, class-stratified train/val/test split (and folds)", _split_args)
+def _split(args: argparse.Namespace) -> int:
+    from .data.ham10000 import read_ham10000
+    from .data.splits import split_lesions
+    from .io import atomic_write
+
+    ham = read_ham10000(args.data, drop_missing=args.drop_missing)
+    _print_notes(ham.notes)
+    splits = split_lesions(ham.metadata, test_size=args.test_size, val_size=args.val_size, folds=args.folds,
+                           seed=args.seed)
+    with atomic_write(args.out) as fh:
+        splits.to_csv(fh, index=False)
+    counts = splits.groupby("split")["lesion_id"].nunique().to_dict()
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v} lesions" for k, v in sorted(counts.items())))
+    return 0
+
+
+@command("models", "list the registered models", lambda p: None)
+def _models(args: argparse.Namespace) -> int:
+    from .models import list_models, model_description
+
+    for name in list_models():
+        print(f"{name:16s} {model_description(name)}")
+    return 0
+
+
+@command("train", "train one model and write a run folder",
+         lambda p: (_config_args(p), p.add_argument("--out", required=True),
+                    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")))
+def _train(args: argparse.Namespace) -> int:
+    from .training.runner import train_run
+
+    metrics = train_run(_load_cfg(args), args.out, resume=args.resume)
+    _print_headline(metrics)
+    print(f"wrote {args.out}")
+    return 0
+
+
+@command("evaluate", "metrics and figures of a run on one split",
+         lambda p: (p.add_argument("--run", required=True), p.add_argument("--data"),
+                    p.add_argument("--split", default="test", choices=["train", "val", "test"]),
+                    p.add_argument("--tta", action="store_true", help="average over flips")))
+def _evaluate(args: argparse.Namespace) -> int:
+    from .training.runner import evaluate_run
+
+    metrics, path = evaluate_run(args.run, args.split, args.data, tta=args.tta)
+    m = metrics[args.split]["calibrated"]
+    print(f"{args.split}: balanced accuracy {m['balanced_accuracy']:.4f}, macro AUROC {m['macro_auroc']:.4f}, "
+          f"{m['n_images']} images / {m['n_lesions']} lesions")
+    print(f"wrote {path}")
+    return 0
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--age", type=float)
+    p.add_argument("--sex")
+    p.add_argument("--localization")
+
+
+@command("predict", "class probabilities of one image (+ optional patient fields) as JSON", _predict_args)
+def _predict(args: argparse.Namespace) -> int:
+    from .training.runner import predict_image
+
+    print(json.dumps(predict_image(args.run, args.image, args.age, args.sex, args.localization), indent=2))
+    return 0
+
+
+def _explain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True)
+    p.add_argument("--data")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--cases", nargs="+", metavar="ID", help="image ids to explain")
+    p.add_argument("--n", type=int, help="number of cases (default: explain.n_cases of the run)")
+    p.add_argument("--out", required=True)
+
+
+@command("explain", "Grad-CAM + grouped SHAP + image-vs-metadata report of a run", _explain_args)
+def _explain(args: argparse.Namespace) -> int:
+    from .explain.pipeline import explain_run
+
+    index = explain_run(args.run, args.out, data=args.data, split=args.split, cases=args.cases, n=args.n)
+    print(f"wrote {index}")
+    return 0
+
+
+@command("ablate", "every model over lesion-grouped folds x seeds, with CIs and subgroups",
+         lambda p: (_config_args(p), p.add_argument("--out", required=True)))
+def _ablate(args: argparse.Namespace) -> int:
+    from .ablation import run_ablation
+
+    paths = run_ablation(_load_cfg(args), args.out)
+    print(paths["summary_md"].read_text())
+    print(f"wrote {args.out}")
+    return 0
+
+
+@command("demo", "synthetic data -> EDA -> small ablation -> explanation report (the README's main job)",
+         lambda p: (p.add_argument("--data", help="HAM10000 root (default: the synthetic dataset)"),
+                    p.add_argument("--out", default="mmlesion-demo"),
+                    p.add_argument("--set", dest="overrides", action="append", default=[],
+                                   metavar="SECTION.KEY=VALUE")))
+def _demo(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    from .config import load_config, replace
+    from .demo import run_demo
+
+    cfg = load_config(files("multimodal_lesion").joinpath("demo.toml"), args.overrides)
+    cfg = replace(cfg, data={"root": str(args.data)}) if args.data else cfg
+    result = run_demo(cfg, args.out)
+    test = result.pop("test")
+    print(f"\ndone in {result['seconds']} s on {result['n_images']} images")
+    print(f"best fusion model: {result['best_fusion']}: test balanced accuracy {test['balanced_accuracy']:.3f}, "
+          f"macro AUROC {test['macro_auroc']:.3f} ({test['n_images']} images, {test['n_lesions']} lesions)")
+    for key in ("eda", "ablation_summary", "comparison", "report"):
+        print(f"{key:17s} {result[key]}")
+    return 0
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def _print_headline(metrics: dict) -> None:
+    for split in ("val", "test"):
+        if split in metrics:
+            m = metrics[split]["calibrated"]
+            print(f"{split}: balanced accuracy {m['balanced_accuracy']:.4f}  macro AUROC {m['macro_auroc']:.4f}  "
+                  f"ECE {m['ece']:.4f}  ({m['n_images']} images, {m['n_lesions']} lesions)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mmlesion`` argument parser with every registered sub-command."""
+    parser = argparse.ArgumentParser(prog="mmlesion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_args, fn) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a sub-command; user mistakes become one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MMLesionError as exc:
+        print(f"mmlesion {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mmlesion {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The one training loop: AdamW, warm-up + cosine, weighted CE or balanced sampling, label smoothing,
+gradient clipping, early stopping on validation balanced accuracy, atomic checkpoints and resume.
+
+It serves both training paths: end-to-end batches carry ``"image"``, frozen-path batches carry a
+cached ``"embedding"``; the model's ``forward(batch)`` handles either.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from ..io import atomic_write
+from .checkpoints import load_checkpoint, save_checkpoint
+from .metrics import classification_metrics
+
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_balanced_accuracy", "val_macro_auroc", "lr",
+                  "seconds", "images_per_s")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` learned: the best epoch and its validation score, and the per-epoch history."""
+
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy's legacy global generator (the loaders use their own epoch-seeded ones)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
+    """Move the tensors of a batch dict to ``device``."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if channels_last and "image" in out:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with the backbone at ``backbone_lr`` and every other trainable parameter at ``lr``."""
+    backbone = getattr(_unwrap(model), "image_branch", None)
+    backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) in backbone_ids], "lr": cfg.backbone_lr},
+        {"params": [p for p in trainable if id(p) not in backbone_ids], "lr": cfg.lr},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Linear warm-up for ``warmup_epochs`` then cosine decay to zero, stepped every batch."""
+    warmup, total = cfg.warmup_epochs * steps_per_epoch, max(1, cfg.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights, normalised to mean 1 (absent classes get weight 0)."""
+    counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_classes, 0.0)
+    return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches: Iterable[dict], device: torch.device, *, tta: bool = False,
+                   amp: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Logits, targets and image ids over ``batches``; ``tta`` averages the logits over image flips."""
+    model.eval()
+    logits, targets, ids = [], [], []
+    for batch in batches:
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            out = model(batch).float()
+            if tta and "image" in batch:
+                for dims in ((3,), (2,), (2, 3)):
+                    out = out + model({**batch, "image": batch["image"].flip(dims)}).float()
+                out = out / 4
+        logits.append(out.cpu())
+        targets.append(batch["target"].cpu())
+        ids += list(batch["image_id"])
+    return torch.cat(logits).numpy(), torch.cat(targets).numpy(), ids
+
+
+def _train_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Module, optimizer, scheduler,
+                 scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device, desc: str, show: bool
+                 ) -> tuple[float, int, float]:
+    """One pass over the training batches; returns (mean loss, images seen, seconds in forward/backward)."""
+    _set_train_mode(model)
+    total, seen, compute = 0.0, 0, 0.0
+    start = time.perf_counter()
+    bar = tqdm(batches, desc=desc, leave=False, disable=not show, unit="batch")
+    for batch in bar:
+        t0 = time.perf_counter()
+        batch = to_device(batch, device, cfg.channels_last)
+        with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
+            loss = loss_fn(model(batch).float(), batch["target"])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        compute += time.perf_counter() - t0
+        n = len(batch["target"])
+        total, seen = total + loss.item() * n, seen + n
+        bar.set_postfix(loss=f"{total / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    return total / max(seen, 1), seen, compute
+
+
+def _set_train_mode(model: nn.Module) -> None:
+    """Training mode, except a frozen backbone, which keeps its batch-norm statistics (eval mode)."""
+    model.train()
+    branch = getattr(_unwrap(model), "image_branch", None)
+    if branch is not None and not any(p.requires_grad for p in branch.parameters()):
+        branch.eval()
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    with atomic_write(path) as fh:
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[dict], cfg: TrainConfig,
+        out_dir: str | Path | None = None, *, weights: torch.Tensor | None = None, resume: bool = False,
+        show_progress: bool = True) -> FitResult:
+    """Train ``model`` and keep the weights of the epoch with the best validation balanced accuracy.
+
+    With ``out_dir`` it writes ``last.pt`` (everything needed to resume) and ``best.pt`` atomically
+    each epoch, and ``history.csv``; ``resume=True`` continues from ``last.pt`` and, because every
+    epoch is seeded by (seed, epoch), ends with the same weights as an uninterrupted run.
+    """
+    device = next(model.parameters()).device
+    out = Path(out_dir) if out_dir is not None else None
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(train_batches))  # type: ignore[arg-type]
+    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
+                                  label_smoothing=cfg.label_smoothing)
+    state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    best_weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
+    if resume and out is not None and (out / "last.pt").is_file():
+        ckpt = load_checkpoint(out / "last.pt")
+        _unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        best_weights = ckpt["best_model"]
+        state = ckpt["state"]
+    show = show_progress and _is_main()
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    for epoch in range(state["epoch"], cfg.epochs):
+        if state["bad_epochs"] >= cfg.patience:
+            break
+        seed_everything(cfg.seed * 100_003 + epoch)
+        for b in (train_batches, val_batches):
+            if hasattr(b, "set_epoch"):
+                b.set_epoch(epoch)
+        t0 = time.perf_counter()
+        loss, seen, _ = _train_epoch(model, train_batches, loss_fn, optimizer, scheduler, scaler, cfg, device,
+                                     f"epoch {epoch + 1}/{cfg.epochs}", show)
+        seconds = time.perf_counter() - t0
+        logits, y, _ = predict_logits(_unwrap(model), val_batches, device, amp=cfg.amp)
+        probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+        val = classification_metrics(y, probs)
+        state["history"].append({
+            "epoch": epoch + 1, "train_loss": round(loss, 6), "val_loss": round(val["nll"], 6),
+            "val_balanced_accuracy": round(val["balanced_accuracy"], 6),
+            "val_macro_auroc": round(val["macro_auroc"], 6),
+            "lr": optimizer.param_groups[-1]["lr"], "seconds": round(seconds, 3),
+            "images_per_s": round(seen / max(seconds, 1e-9), 1)})
+        if val["balanced_accuracy"] > state["best_score"]:
+            state.update(best_score=val["balanced_accuracy"], best_epoch=epoch + 1, bad_epochs=0)
+            best_weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        if show:
+            h = state["history"][-1]
+            tqdm.write(f"epoch {h['epoch']:3d}  loss {h['train_loss']:.4f}  val BA {h['val_balanced_accuracy']:.4f}"
+                       f"  val AUROC {h['val_macro_auroc']:.4f}  {h['images_per_s']:.0f} img/s")
+        if out is not None and _is_main():
+            save_checkpoint({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "best_model": best_weights, "state": state},
+                            out / "last.pt")
+            save_checkpoint({"model": best_weights, "epoch": state["best_epoch"]}, out / "best.pt")
+            _write_history(out / "history.csv", state["history"])
+    _unwrap(model).load_state_dict(best_weights)
+    return FitResult(state["best_epoch"], state["best_score"], state["history"])
