@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,21 +44,22 @@ def compute_embeddings(branch: nn.Module, images: np.ndarray, normalize: Normali
     return out
 
 
-def cached_embeddings(branch: nn.Module, images: np.ndarray, normalize: Normalize, *, folder: Path,
+def cached_embeddings(branch: nn.Module, images: Callable[[], np.ndarray], n: int, normalize: Normalize, *, folder: Path,
                       fingerprint: str, identity: dict, flip_average: bool, batch_size: int = 64,
                       device: torch.device | None = None, show: bool = True) -> np.ndarray:
     """Load the embeddings for (data fingerprint, backbone identity, flips) from ``folder`` or compute them.
 
     ``identity`` names the backbone, its weights and the image size; a cache with other keys is
-    never reused, and the file is written atomically with its description beside it.
+    never reused, and the file is written atomically with its description beside it. ``images`` is
+    called only on a cache miss (decoding the image cache is then needed, not before).
     """
     key = cache_key(fingerprint, sorted(identity.items()), flip_average, EMBED_VERSION)
     path, meta_path = folder / f"embeddings-{key}.npy", folder / f"embeddings-{key}.json"
     if path.is_file() and meta_path.is_file():
         arr = np.load(path)
-        if arr.shape == (len(images), branch.num_features):
+        if arr.shape == (n, branch.num_features):
             return arr
-    arr = compute_embeddings(branch, images, normalize, flip_average=flip_average, batch_size=batch_size,
+    arr = compute_embeddings(branch, images(), normalize, flip_average=flip_average, batch_size=batch_size,
                              device=device, show=show)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as fh:

@@ -50,8 +50,8 @@ def resolve_data(cfg: ExperimentConfig, show: bool = True) -> Ham10000:
     from ..data.synthetic import make_synthetic
 
     root = Path(cfg.data.root) if cfg.data.root else synthetic_root(cfg)
-    if not cfg.data.root and not (root / "HAM10000_metadata.csv").is_file():
-        if show:
+    if not cfg.data.root:  # returns at once when the dataset there is current
+        if show and not (root / "HAM10000_metadata.csv").is_file():
             print(f"generating the synthetic dataset in {root}")
         make_synthetic(root, n=cfg.data.synthetic_n, seed=cfg.data.synthetic_seed)
     return read_ham10000(root, drop_missing=cfg.data.drop_missing)
@@ -142,7 +142,7 @@ class Prepared:
             identity = {"backbone": m.backbone, "weights": m.weights, "multiscale": m.multiscale,
                         "size": list(self.cfg.data.image_size)}
             self._embeddings = cached_embeddings(
-                self.model.image_branch, self.images(), self.normalize,
+                self.model.image_branch, self.images, len(self.ham.metadata), self.normalize,
                 folder=default_cache_dir(self.ham, self.cfg.data.cache_dir or None),
                 fingerprint=self.ham.fingerprint, identity=identity, flip_average=self.cfg.train.flip_average,
                 batch_size=self.cfg.train.batch_size, device=self.device, show=show)
@@ -166,7 +166,8 @@ class Prepared:
         dataset = LesionDataset(self.images(), self.meta, self.targets, self.image_ids, idx, self.normalize,
                                 build_augmentation(t.augment) if train else None)
         return _EpochLoader(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=sampler,
-                                                        num_workers=self.cfg.data.num_workers), sampler)
+                                                        num_workers=self.cfg.data.num_workers,
+                                                        pin_memory=self.device.type == "cuda"), sampler)
 
 
 class _EpochLoader:

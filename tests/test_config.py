@@ -1,0 +1,69 @@
+"""Configs: TOML files and --set overrides fill frozen dataclasses; mistakes name the key."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from multimodal_lesion.config import ExperimentConfig, load_config, parse_overrides, replace, to_toml
+from multimodal_lesion.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "experiments").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
+    cfg = load_config(None, ["model.name=\"gated\"", "train.lr=0.01", "data.image_size=[96, 128]",
+                             "ablation.seeds=[3, 4]", "train.amp=true"])
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg
+    assert cfg.model.name == "gated" and cfg.train.lr == 0.01 and cfg.data.image_size == (96, 128)
+    assert cfg.ablation.seeds == (3, 4) and cfg.train.amp is True
+
+
+def test_configs_are_frozen() -> None:
+    cfg = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[train]\nlearning_rate = 0.1\n", "train.learning_rate"),
+    ("[trian]\nlr = 0.1\n", "trian"),
+    ("[train]\nepochs = \"ten\"\n", "train.epochs"),
+    ("[train]\namp = 1\n", "train.amp"),
+    ("[data]\nimage_size = [1, 2, 3]\n", "data.image_size"),
+])
+def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("pair", ["train.lr", "lr=0.1", "train.=1", "a.b.c=1", "train.lr=", "train.lr=[1,"])
+def test_malformed_set_pair(pair: str) -> None:
+    with pytest.raises(ConfigError, match="--set"):
+        parse_overrides([pair])
+
+
+def test_set_bare_string_and_replace_type_checks() -> None:
+    cfg = load_config(None, ["model.name=film"])
+    assert cfg.model.name == "film"
+    with pytest.raises(ConfigError, match="train.epochs"):
+        replace(cfg, train={"epochs": 2.5})
+
+
+def test_invalid_toml_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text("[train\nlr=1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)

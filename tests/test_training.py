@@ -1,0 +1,141 @@
+"""The training engine and run folders, on real (tiny) data with real timm backbones."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from multimodal_lesion.config import ExperimentConfig, load_config, to_toml
+from multimodal_lesion.data.constants import CLASSES
+from multimodal_lesion.training.embeddings import embed_images
+from multimodal_lesion.training.engine import build_scheduler, class_weights, predict_logits
+from multimodal_lesion.training.runner import evaluate_run, load_run, predict_image, train_run
+
+from conftest import write_tiny_ham
+
+TINY = ['model.backbone="resnet18"', 'model.weights="none"', "data.image_size=[48, 64]", "train.epochs=3",
+        "train.batch_size=16", "train.warmup_epochs=1", "data.test_size=0.25", "data.val_size=0.25"]
+METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "per_class",
+               "melanoma_sensitivity_at_specificity_0.80", "ece", "nll", "brier", "confusion_matrix",
+               "n_images", "n_lesions"}
+
+
+def tiny_cfg(root: Path, *extra: str) -> ExperimentConfig:
+    return load_config(None, TINY + [f'data.root="{root}"', *extra])
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    os.environ["MMLESION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return write_tiny_ham(tmp_path_factory.mktemp("data") / "ham", n_lesions=42)
+
+
+@pytest.fixture(scope="module")
+def frozen_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("runs") / "concat"
+    return out, train_run(tiny_cfg(data_root, 'model.name="concat"'), out, show=False)
+
+
+def test_run_folder_is_complete(frozen_run: tuple[Path, dict]) -> None:
+    out, metrics = frozen_run
+    for name in ("config.toml", "splits.csv", "encoder.json", "best.pt", "last.pt", "history.csv", "metrics.json",
+                 "versions.json", "figures/confusion_test.png", "figures/roc_test.png", "figures/reliability_test.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.tmp")), "a temp file was left behind"
+    with open(out / "history.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 3
+    on_disk = json.loads((out / "metrics.json").read_text())
+    for split in ("val", "test"):
+        for variant in ("uncalibrated", "calibrated"):
+            assert METRIC_KEYS <= set(on_disk[split][variant])
+    assert on_disk["temperature"] > 0
+    assert set(metrics["n_lesions"]) == {"train", "val", "test"}
+    versions = json.loads((out / "versions.json").read_text())
+    assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"].startswith(torch.__version__[:4])
+
+
+def test_resolved_config_is_written(frozen_run: tuple[Path, dict], data_root: Path) -> None:
+    out, _ = frozen_run
+    assert load_config(out / "config.toml") == tiny_cfg(data_root, 'model.name="concat"')
+
+
+def test_frozen_cache_gives_the_same_predictions_as_the_live_backbone(frozen_run: tuple[Path, dict]) -> None:
+    run = load_run(frozen_run[0])
+    prep = run.prep
+    rows = prep.indices("test")
+    cached, _, ids = predict_logits(prep.model, prep.batches("test", train=False, show=False), prep.device)
+    pixels = torch.from_numpy(np.array(prep.images()[rows])).permute(0, 3, 1, 2)
+    x = torch.stack([prep.normalize(p) for p in pixels])
+    with torch.no_grad():
+        emb = embed_images(prep.model.image_branch, x, prep.cfg.train.flip_average)
+        live = prep.model.forward_head(emb, torch.from_numpy(prep.meta[rows])).numpy()
+    assert ids == [prep.image_ids[i] for i in rows]
+    np.testing.assert_allclose(cached, live, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluate_writes_metrics_and_figures(frozen_run: tuple[Path, dict]) -> None:
+    metrics, path = evaluate_run(frozen_run[0], "test", show=False)
+    assert path.is_file() and METRIC_KEYS <= set(metrics["test"]["calibrated"])
+    assert (path.parent / "figures" / "roc_test.png").is_file()
+    # evaluation reproduces what training reported
+    trained = json.loads((frozen_run[0] / "metrics.json").read_text())
+    assert metrics["test"]["calibrated"]["balanced_accuracy"] == pytest.approx(
+        trained["test"]["calibrated"]["balanced_accuracy"])
+
+
+def test_predict_with_and_without_patient_fields(frozen_run: tuple[Path, dict], data_root: Path) -> None:
+    image = next(data_root.rglob("*.jpg"))
+    full = predict_image(frozen_run[0], image, age=45, sex="male", localization="back")
+    bare = predict_image(frozen_run[0], image)
+    for probs in (full, bare):
+        assert list(probs) == list(CLASSES)
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+    assert full != bare  # the concat model looks at the metadata
+
+
+def test_end_to_end_training_with_augmentation_and_tta(data_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(data_root, 'train.mode="end2end"', 'train.augment="strong"', "train.tta=true",
+                   'train.balance="sampler"', 'model.name="film"', "train.epochs=2")
+    metrics = train_run(cfg, tmp_path / "e2e", show=False)
+    assert metrics["tta"] is True and METRIC_KEYS <= set(metrics["test"]["calibrated"])
+    before = load_run(tmp_path / "e2e").prep.model.image_branch.model.conv1.weight
+    fresh = load_run(tmp_path / "e2e")  # the fine-tuned backbone was saved, not the initial one
+    assert torch.equal(before, fresh.prep.model.image_branch.model.conv1.weight)
+
+
+def test_class_weights_and_schedule() -> None:
+    w = class_weights(np.array([0, 0, 0, 1]), 3)
+    assert w[2] == 0 and w[1] > w[0] and float(w[w > 0].mean()) == pytest.approx(1.0)
+    cfg = load_config(None, ["train.epochs=10", "train.warmup_epochs=2"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, cfg.train, steps_per_epoch=5)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+
+
+@pytest.mark.slow
+def test_distributed_data_parallel_on_cpu_with_two_processes(data_root: Path, tmp_path: Path) -> None:
+    config = tmp_path / "ddp.toml"
+    config.write_text(to_toml(tiny_cfg(data_root, 'train.mode="end2end"', 'train.device="cpu"', "train.epochs=2")))
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "multimodal_lesion.cli", "train",
+                           "--config", str(config), "--out", str(tmp_path / "ddp")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert METRIC_KEYS <= set(metrics["test"]["calibrated"])
