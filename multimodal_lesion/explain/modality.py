@@ -1,0 +1,161 @@
+"""Image versus metadata: exact Shapley values over the players {image, age, sex, localization}.
+
+"How much of this prediction came from the image, and from each patient feature": the game is the
+one of :mod:`.shap_groups` with the image embedding as a fourth player (16 coalitions). An absent
+image takes the background embeddings (the mean training embedding, or one embedding per background
+case, paired with that case's metadata); absent patient features take the background metadata. The
+explained output is the same softmax probability as the grouped SHAP values. Integrated Gradients
+(captum) on both inputs is offered as a gradient-based second opinion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import shap
+import torch
+from captum.attr import IntegratedGradients
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..models.fusion import LesionModel
+from .gradcam import preserved_state
+from .shap_groups import as_input_tensor, check_groups, coalition_masks, exact_shapley, group_columns
+
+IMAGE_PLAYER = "image"
+
+
+@dataclass(frozen=True)
+class ModalityAttribution:
+    """Shapley values of the image and each patient feature for B cases.
+
+    ``base_values + values.sum(1) == outputs`` (the explained probability of class ``targets``).
+    """
+
+    players: list[str]  # ["image", *groups]
+    values: np.ndarray  # (B, P)
+    base_values: np.ndarray  # (B,) mean output over the background
+    outputs: np.ndarray  # (B,) explained output of each case
+    targets: np.ndarray  # (B,) explained class index
+
+    def to_explanation(self) -> shap.Explanation:
+        """The same numbers as a ``shap.Explanation`` (for ``shap.plots.bar`` / ``waterfall``)."""
+        return shap.Explanation(values=self.values, base_values=self.base_values, feature_names=self.players)
+
+
+def _background(model: LesionModel, embeddings: Tensor | None, background_embeddings: Tensor | None,
+                n_meta: int) -> Tensor | None:
+    """Checked background embeddings: None for metadata-only models, else 1 or ``n_meta`` rows."""
+    if not model.uses_image:
+        return None
+    if embeddings is None or background_embeddings is None:
+        raise ConfigError("this model looks at the image: pass embeddings and background_embeddings")
+    if background_embeddings.ndim == 1:
+        background_embeddings = background_embeddings[None]
+    if len(background_embeddings) not in (1, n_meta):
+        raise ConfigError(f"background_embeddings has {len(background_embeddings)} rows; "
+                          f"need 1 (the mean) or one per background metadata row ({n_meta})")
+    return background_embeddings
+
+
+def modality_shapley(model: LesionModel, embeddings: np.ndarray | Tensor | None, meta: np.ndarray | Tensor,
+                     background_embeddings: np.ndarray | Tensor | None, background_meta: np.ndarray | Tensor,
+                     groups: Mapping[str, Sequence[int]], targets: Sequence[int] | None = None, *,
+                     temperature: float = 1.0) -> ModalityAttribution:
+    """Exact Shapley values over {image, *groups} (2^(1+G) coalitions) of the target-class probability.
+
+    Args:
+        model: the fused model; ``forward_head`` on cached embeddings is what is explained.
+        embeddings: image embeddings (B, F) of the cases; None for metadata-only models.
+        meta: encoded metadata (B, D).
+        background_embeddings: (1, F) mean training embedding or (M, F), paired with ``background_meta``.
+        background_meta: encoded training metadata (M, D).
+        groups: patient feature -> encoded columns (``MetadataEncoder.feature_groups_``).
+        targets: explained class per case; None = the predicted class.
+        temperature: logits are divided by it before the softmax.
+    """
+    meta_t, bg_meta = as_input_tensor(meta, model), as_input_tensor(background_meta, model)
+    groups = check_groups(groups, bg_meta.shape[1])
+    emb_t = as_input_tensor(embeddings, model) if model.uses_image else None
+    bg_emb = _background(model, emb_t, as_input_tensor(background_embeddings, model), len(bg_meta))
+    masks = coalition_masks(1 + len(groups))  # player 0 = image
+    meta_present = masks[:, 1:] @ group_columns(groups, bg_meta.shape[1])
+    res = exact_shapley(model, emb_t, meta_t, bg_emb, bg_meta, masks[:, 0], meta_present, masks,
+                        targets, temperature)
+    return ModalityAttribution(players=[IMAGE_PLAYER, *groups], **res)
+
+
+@dataclass(frozen=True)
+class GradientAttribution:
+    """Integrated Gradients of the target-class probability w.r.t. the embedding and the metadata.
+
+    ``values`` sums the attributions per player (image, then each group); ``delta`` is captum's
+    completeness error (sum of attributions minus the output change from the baseline).
+    """
+
+    players: list[str]
+    values: np.ndarray  # (B, P)
+    embedding: np.ndarray | None  # (B, F) per-dimension attributions
+    meta: np.ndarray | None  # (B, D)
+    delta: np.ndarray  # (B,)
+
+
+def _ig_inputs(model: LesionModel, embedding: Tensor | None, meta: Tensor | None,
+               baseline_embedding: Tensor | None, baseline_meta: Tensor | None) -> dict[str, tuple[Tensor, Tensor]]:
+    """(input, baseline) per input the model uses; baselines default to zeros."""
+    pairs = {"embedding": (model.uses_image, embedding, baseline_embedding),
+             "meta": (model.uses_meta, meta, baseline_meta)}
+    out = {}
+    for name, (used, x, base) in pairs.items():
+        if not used:
+            continue
+        if x is None:
+            raise ConfigError(f"this model uses the {name}: pass it")
+        out[name] = (x, torch.zeros_like(x) if base is None else base.reshape(-1, x.shape[1]).expand_as(x))
+    return out
+
+
+def integrated_gradients(model: LesionModel, embedding: np.ndarray | Tensor | None, meta: np.ndarray | Tensor | None,
+                         target: Sequence[int] | int, *, baseline_embedding: np.ndarray | Tensor | None = None,
+                         baseline_meta: np.ndarray | Tensor | None = None,
+                         groups: Mapping[str, Sequence[int]] | None = None, n_steps: int = 64,
+                         temperature: float = 1.0) -> GradientAttribution:
+    """captum Integrated Gradients on both head inputs, summed per player (image, each group or "meta").
+
+    A second opinion to :func:`modality_shapley`: baselines are single points (pass the mean training
+    embedding and metadata; zeros by default), so the values sum to ``f(x) - f(baseline)``.
+    """
+    inputs = _ig_inputs(model, as_input_tensor(embedding, model), as_input_tensor(meta, model),
+                        as_input_tensor(baseline_embedding, model), as_input_tensor(baseline_meta, model))
+    names = list(inputs)
+
+    def forward(*tensors: Tensor) -> Tensor:
+        given = dict(zip(names, tensors))
+        logits = model.forward_head(given.get("embedding"), given.get("meta"))
+        return torch.softmax(logits / temperature, dim=-1)
+
+    n = len(next(iter(inputs.values()))[0])
+    target_list = [int(target)] * n if isinstance(target, (int, np.integer)) else [int(t) for t in target]
+    with preserved_state(model):
+        model.eval()
+        attrs, delta = IntegratedGradients(forward).attribute(
+            tuple(x for x, _ in inputs.values()), baselines=tuple(b for _, b in inputs.values()),
+            target=target_list, n_steps=n_steps, return_convergence_delta=True)
+    found = {k: a.detach().double().cpu().numpy() for k, a in zip(names, attrs)}
+    players, values = _ig_players(found, groups, n)
+    return GradientAttribution(players=players, values=values, embedding=found.get("embedding"),
+                               meta=found.get("meta"), delta=delta.detach().double().cpu().numpy())
+
+
+def _ig_players(found: dict[str, np.ndarray], groups: Mapping[str, Sequence[int]] | None,
+                n: int) -> tuple[list[str], np.ndarray]:
+    """Per-player sums: image = all embedding dimensions; each group (or all of "meta") its columns."""
+    cols: dict[str, tuple[str, Sequence[int] | slice]] = {IMAGE_PLAYER: ("embedding", slice(None))}
+    cols.update({g: ("meta", c) for g, c in groups.items()} if groups else {"meta": ("meta", slice(None))})
+    values = [found[src][:, idx].sum(1) if src in found else np.zeros(n) for src, idx in cols.values()]
+    return list(cols), np.stack(values, axis=1)
+
+
+__all__ = ["ModalityAttribution", "modality_shapley", "GradientAttribution", "integrated_gradients",
+           "IMAGE_PLAYER"]

@@ -1,0 +1,227 @@
+"""Exact grouped SHAP values of the patient features (age, sex, localization), image held fixed.
+
+Each patient feature is one player: its encoded columns (e.g. every ``localization=...`` one-hot) move
+together. With three players all 2^3 coalitions are evaluated, so the values are exact Shapley values
+of the interventional game ``v(S) = mean_m f(embedding, meta_S ∪ background_m)``, where ``f`` is the
+softmax probability of the explained class from ``model.forward_head`` on the case's cached image
+embedding (the backbone never runs). Every coalition, background row and case goes through the head
+in a few batched calls. The coalition machinery here is shared with :mod:`.modality`.
+"""
+from __future__ import annotations
+
+from math import factorial
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import shap
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..models.fusion import LesionModel
+from .gradcam import preserved_state
+
+MAX_ROWS_PER_CALL = 32768  # (case, coalition, background row) triples per forward_head call
+
+
+def coalition_masks(n_players: int) -> np.ndarray:
+    """All 2^n coalitions as a bool matrix (2^n, n); row k holds the bits of k (row 0 = empty)."""
+    k = np.arange(2 ** n_players)[:, None]
+    return (k >> np.arange(n_players)[None, :]) & 1 == 1
+
+
+def shapley_values(v: np.ndarray, n_players: int) -> np.ndarray:
+    """Exact Shapley values (B, n) from coalition values v (B, 2^n) indexed as in :func:`coalition_masks`.
+
+    ``phi_i = sum_{S ∌ i} |S|!(n-|S|-1)!/n! (v(S ∪ i) - v(S))``, as marginal differences so a player
+    that never changes the output gets exactly 0.
+    """
+    k = np.arange(v.shape[1])
+    size = coalition_masks(n_players).sum(1)
+    weight = np.array([factorial(s) * factorial(n_players - s - 1) / factorial(n_players)
+                       for s in range(n_players)])
+    phi = np.empty((v.shape[0], n_players))
+    for i in range(n_players):
+        without = k[(k >> i) & 1 == 0]
+        phi[:, i] = (v[:, without | (1 << i)] - v[:, without]) @ weight[size[without]]
+    return phi
+
+
+def check_groups(groups: Mapping[str, Sequence[int]], meta_dim: int) -> dict[str, list[int]]:
+    """Groups as lists of column indices; every metadata column must belong to exactly one group."""
+    owner: dict[int, str] = {}
+    for name, cols in groups.items():
+        for c in cols:
+            if not 0 <= int(c) < meta_dim:
+                raise ConfigError(f"feature group '{name}': column {c} outside 0..{meta_dim - 1}")
+            if int(c) in owner:
+                raise ConfigError(f"metadata column {c} is in groups '{owner[int(c)]}' and '{name}'")
+            owner[int(c)] = name
+    missing = sorted(set(range(meta_dim)) - owner.keys())
+    if missing:
+        raise ConfigError(f"metadata column {missing[0]} belongs to no feature group")
+    return {name: [int(c) for c in cols] for name, cols in groups.items()}
+
+
+def group_columns(groups: Mapping[str, Sequence[int]], meta_dim: int) -> np.ndarray:
+    """Bool matrix (G, D): which metadata columns each group owns."""
+    out = np.zeros((len(groups), meta_dim), dtype=bool)
+    for g, cols in enumerate(groups.values()):
+        out[g, list(cols)] = True
+    return out
+
+
+def as_input_tensor(x: np.ndarray | Tensor | None, model: torch.nn.Module) -> Tensor | None:
+    """``x`` as a tensor with the model's device and floating dtype (None stays None)."""
+    if x is None:
+        return None
+    param = next(model.parameters())
+    return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).to(param.device, param.dtype)
+
+
+def _mix(own: Tensor | None, background: Tensor | None, present: Tensor, n_bg: int) -> Tensor | None:
+    """Inputs for every (case, coalition, background row): own columns where present, else background.
+
+    ``own`` (B, W), ``background`` (M, W) or None (own always), ``present`` (K, W) bool -> (B*K*M, W).
+    """
+    if own is None:
+        return None
+    b, k = len(own), len(present)
+    if background is None:
+        return own[:, None, None, :].expand(b, k, n_bg, -1).reshape(b * k * n_bg, -1)
+    mixed = torch.where(present[None, :, None, :], own[:, None, None, :], background[None, None, :, :])
+    return mixed.reshape(b * k * n_bg, -1)
+
+
+def coalition_probabilities(model: LesionModel, embeddings: Tensor | None, meta: Tensor | None,
+                            background_embeddings: Tensor | None, background_meta: Tensor | None,
+                            embedding_present: Tensor, meta_present: Tensor,
+                            temperature: float = 1.0) -> Tensor:
+    """Class probabilities (B, K, C) of every coalition, averaged over the paired background rows.
+
+    ``embedding_present`` (K,) and ``meta_present`` (K, D) say which inputs come from the case; the
+    rest comes from background row m (embeddings: M rows or 1 row shared). Inputs the model ignores
+    may be None.
+    """
+    n_bg = len(background_meta) if background_meta is not None else len(background_embeddings)
+    if background_embeddings is not None and len(background_embeddings) == 1:
+        background_embeddings = background_embeddings.expand(n_bg, -1)
+    n_cases, n_coal = len(embeddings if embeddings is not None else meta), len(meta_present)
+    step = max(1, MAX_ROWS_PER_CALL // (n_coal * n_bg))
+    out = []
+    emb_present = embedding_present[:, None]
+    for i in range(0, n_cases, step):
+        sl = slice(i, i + step)
+        emb = _mix(embeddings[sl] if embeddings is not None else None, background_embeddings, emb_present, n_bg)
+        met = _mix(meta[sl] if meta is not None else None, background_meta, meta_present, n_bg)
+        logits = model.forward_head(emb, met)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        out.append(probs.reshape(-1, n_coal, n_bg, probs.shape[-1]).mean(2))
+    return torch.cat(out)
+
+
+def _pick(probs: Tensor, targets: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Values (B, K) of the explained class and the classes; None = the full coalition's argmax."""
+    probs_np = probs.double().cpu().numpy()
+    n, c = probs_np.shape[0], probs_np.shape[-1]
+    if targets is None:
+        chosen = probs_np[:, -1].argmax(-1)
+    else:
+        chosen = np.asarray(targets, dtype=np.int64).reshape(-1)
+        if len(chosen) != n:
+            raise ConfigError(f"{len(chosen)} targets given for {n} cases")
+        if ((chosen < 0) | (chosen >= c)).any():
+            raise ConfigError(f"target class {chosen[(chosen < 0) | (chosen >= c)][0]} out of range 0..{c - 1}")
+    return probs_np[np.arange(n), :, chosen], chosen
+
+
+def exact_shapley(model: LesionModel, embeddings: Tensor | None, meta: Tensor | None,
+                  background_embeddings: Tensor | None, background_meta: Tensor | None,
+                  embedding_present: np.ndarray, meta_present: np.ndarray, masks: np.ndarray,
+                  targets: Sequence[int] | None, temperature: float = 1.0) -> dict[str, np.ndarray]:
+    """Exact Shapley values over the players of ``masks`` (K, n): values, base, output, targets.
+
+    The model runs in eval mode without gradients; its flags are restored afterwards.
+    """
+    device = next(model.parameters()).device
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        probs = coalition_probabilities(
+            model, embeddings, meta, background_embeddings, background_meta,
+            torch.as_tensor(embedding_present, device=device), torch.as_tensor(meta_present, device=device),
+            temperature)
+    v, chosen = _pick(probs, targets)
+    return {"values": shapley_values(v, masks.shape[1]), "base_values": v[:, 0], "outputs": v[:, -1],
+            "targets": chosen}
+
+
+class GroupShapExplainer:
+    """Exact grouped SHAP values of the patient features for a fused model, as ``shap.Explanation``.
+
+    Args:
+        model: a :class:`LesionModel` (its ``forward_head`` is what is explained).
+        background_meta: encoded metadata rows (M, D) sampled from the training split.
+        groups: feature group -> encoded column indices (``MetadataEncoder.feature_groups_``); every
+            column in exactly one group. The group order is the feature order of the explanation.
+        temperature: logits are divided by it before the softmax (1 = raw probabilities).
+    """
+
+    def __init__(self, model: LesionModel, background_meta: np.ndarray, groups: Mapping[str, Sequence[int]],
+                 *, temperature: float = 1.0) -> None:
+        background_meta = np.asarray(background_meta, dtype=np.float32)
+        if background_meta.ndim != 2 or len(background_meta) == 0:
+            raise ConfigError(f"background_meta must be a non-empty (M, D) array, got shape {background_meta.shape}")
+        self.model = model
+        self.groups = check_groups(groups, background_meta.shape[1])
+        self.background_meta = background_meta
+        self.temperature = float(temperature)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.groups)
+
+    def predict_proba(self, embeddings: np.ndarray | Tensor | None, meta: np.ndarray | Tensor) -> np.ndarray:
+        """The explained probabilities (B, C) of the cases as they are (same head, same temperature)."""
+        with preserved_state(self.model), torch.no_grad():
+            self.model.eval()
+            logits = self.model.forward_head(as_input_tensor(embeddings, self.model),
+                                             as_input_tensor(meta, self.model))
+            return torch.softmax(logits / self.temperature, dim=-1).double().cpu().numpy()
+
+    def explain(self, embeddings: np.ndarray | Tensor | None, meta: np.ndarray | Tensor,
+                targets: Sequence[int] | None = None, raw: pd.DataFrame | None = None) -> shap.Explanation:
+        """SHAP values (B, G) of the target-class probability for cases with embeddings (B, F) and meta (B, D).
+
+        ``targets`` None explains each case's predicted class. ``raw`` (B rows with the group names as
+        columns, e.g. age/sex/localization) becomes the explanation's ``data`` for the plots.
+        ``base_values + values.sum(1)`` equals the explained probability.
+        """
+        meta_t = as_input_tensor(meta, self.model)
+        if meta_t is None or meta_t.ndim != 2 or meta_t.shape[1] != self.background_meta.shape[1]:
+            raise ConfigError(f"meta must be (B, {self.background_meta.shape[1]}), got "
+                              f"{None if meta_t is None else tuple(meta_t.shape)}")
+        if self.model.uses_image and embeddings is None:
+            raise ConfigError("this model looks at the image: pass the cases' image embeddings")
+        masks = coalition_masks(len(self.groups))
+        res = exact_shapley(self.model, as_input_tensor(embeddings, self.model), meta_t, None,
+                            as_input_tensor(self.background_meta, self.model), np.ones(len(masks), dtype=bool),
+                            masks @ group_columns(self.groups, meta_t.shape[1]), masks, targets,
+                            self.temperature)
+        return shap.Explanation(values=res["values"], base_values=res["base_values"],
+                                data=self._data(raw, len(meta_t)), feature_names=self.feature_names)
+
+    def _data(self, raw: pd.DataFrame | None, n: int) -> np.ndarray | None:
+        """The patient values shown next to the SHAP values (object array (B, G)), when given."""
+        if raw is None:
+            return None
+        absent = [g for g in self.groups if g not in raw.columns]
+        if absent:
+            raise ConfigError(f"raw patient table lacks column '{absent[0]}'")
+        if len(raw) != n:
+            raise ConfigError(f"raw patient table has {len(raw)} rows for {n} cases")
+        return raw[self.feature_names].to_numpy(dtype=object)
+
+
+__all__ = ["GroupShapExplainer", "coalition_masks", "shapley_values", "coalition_probabilities",
+           "exact_shapley", "check_groups", "group_columns", "as_input_tensor", "MAX_ROWS_PER_CALL"]

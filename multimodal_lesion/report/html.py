@@ -1,0 +1,370 @@
+"""Self-contained HTML explanation report: ``index.html`` (the cohort) and ``cases/<name>.html``.
+
+The pages open from disk without a server: every figure is embedded as a base64 data URI, the
+CSS is inline, there is no JavaScript and no external URL, and a Content-Security-Policy meta tag
+(``default-src 'none'; img-src data:``) forbids anything else as a second line of defence.
+Strings that come from data (image ids, labels, patient values, provenance, notes) are data, never
+markup: Jinja2 renders with ``autoescape=True`` and every value is first turned into a plain
+``str`` (so a ``markupsafe.Markup`` or an object with ``__html__`` cannot smuggle markup in).
+Case page file names are a sanitised prefix of the id plus a hash of the full id, so a hostile
+``image_id`` (``../x``, ``a/b``, HTML) never reaches a path. Files are written atomically, case
+pages before the index, so the index never links to a page that is not there.
+
+Input schema (``explain/pipeline.py`` builds it; keys marked * are required, others may be
+absent, e.g. an ``image_only`` model has no SHAP, a ``metadata_only`` model no Grad-CAM):
+
+``cohort`` (mapping):
+    - ``title``: str, the page heading (default "Explanation report").
+    - ``provenance``: {str: str} model name, backbone, weights, run folder, data root, data
+      fingerprint, split, number of cases, package versions... (a nested mapping is shown as
+      ``k: v; ...``).
+    - ``mean_abs_shap``: {class: {feature: float}} global mean |SHAP| per patient feature, with an
+      ``"all"`` entry over every case.
+    - ``modality_share``: {class: {player: float}} share of |attribution| per player
+      (``image``, ``age``, ``sex``, ``localization``), with an optional ``"all"`` entry.
+    - ``faithfulness``: list of {``metric``, ``cam``, ``random``, ``centre``, ``note``}; the three
+      values are float, bool or None (a baseline that does not apply).
+    - ``figures``: {name: path to a PNG on disk} e.g. ``beeswarm``, ``shap_bar``,
+      ``modality_by_class``; None values are skipped.
+    - ``notes``: list of str.
+
+``cases`` (list of mappings, one per case, unique ``image_id``):
+    - ``image_id``\\*: str. ``target_class``\\*: str, the explained class.
+      ``probabilities``\\*: {class: float}; the predicted class is its argmax.
+    - ``true_label``: str or None (unknown). ``patient``: {``age``, ``sex``, ``localization``: str}.
+    - ``shap``: {group: float}; ``shap_base_value``: float; ``model_output``: float (the explained
+      output, base + sum of SHAP).
+    - ``modality``: {player: float} Shapley values of ``image`` and the patient features.
+    - ``faithfulness``: {name: float or bool}.
+    - ``figures``: {name: path to a PNG on disk}: ``image``, ``overlay``, ``waterfall``,
+      ``modality`` (others are shown after these); None values are skipped.
+
+Class codes are shown with their full names (``CLASS_NAMES``) where they are known classes.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import numbers
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from multimodal_lesion import __version__
+from multimodal_lesion.data.constants import CLASS_NAMES, CLASSES
+from multimodal_lesion.errors import DataError
+from multimodal_lesion.io import atomic_write
+
+#: Figure names in the order they appear, with their captions; other names follow, humanised.
+CASE_FIGURES: dict[str, str] = {
+    "image": "Dermoscopic image",
+    "overlay": "Grad-CAM overlay for the explained class",
+    "waterfall": "SHAP waterfall of the patient features",
+    "modality": "Image versus patient features (exact Shapley values)",
+}
+COHORT_FIGURES: dict[str, str] = {
+    "beeswarm": "SHAP beeswarm of the patient features",
+    "shap_bar": "Mean |SHAP| per patient feature",
+    "modality_by_class": "Image versus metadata share of |attribution|, per class",
+}
+#: Image formats accepted for embedding, by file signature (the MIME type never comes from data).
+IMAGE_SIGNATURES: dict[bytes, str] = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
+ALL_KEY = "all"
+CASES_DIR = "cases"
+_SAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def write_report(out: str | Path, cohort: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> Path:
+    """Render ``out/index.html`` and one ``out/cases/<name>.html`` per case; returns the index path."""
+    out = Path(out)
+    env = _environment()
+    pages = _page_names(cases)
+    views = [_case_view(case, pages[i], i, len(cases), pages) for i, case in enumerate(cases)]
+    cohort_view = _cohort_view(cohort, views)  # everything is validated before the first file is written
+    for view in views:
+        _write(out / CASES_DIR / view["page"], env.get_template("case.html").render(case=view, **_common()))
+    index = out / "index.html"
+    _write(index, env.get_template("index.html").render(cohort=cohort_view, cases=views, **_common()))
+    return index
+
+
+def case_page_name(image_id: str) -> str:
+    """File name of a case page: a sanitised, bounded prefix of the id plus a hash of the full id."""
+    stem = _SAFE_CHARS.sub("_", str(image_id)).strip("_-")[:40] or "case"  # never a leading "-"
+    digest = hashlib.sha256(str(image_id).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{stem}-{digest}.html"
+
+
+def _environment() -> Any:
+    """A Jinja2 environment over the packaged templates; autoescape on, undefined names fail."""
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("multimodal_lesion.report", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+    )
+
+
+def _common() -> dict[str, Any]:
+    """Values every template sees."""
+    return {"version": __version__}
+
+
+def _write(path: Path, text: str) -> None:
+    """Write one page atomically, UTF-8, readable by all (a report is meant to be shared)."""
+    with atomic_write(path, "wb") as fh:
+        fh.write(text.encode("utf-8"))
+        os.fchmod(fh.fileno(), 0o644)  # mkstemp creates 0600
+
+
+# ----------------------------------------------------------------------------- plain values
+
+def _text(value: Any) -> str:
+    """Any value as a plain ``str`` (never Markup); None -> "", mappings -> ``k: v; ...``."""
+    if value is None:
+        return ""
+    if isinstance(value, Mapping):
+        return "; ".join(f"{_text(k)}: {_text(v)}" for k, v in value.items())
+    text = str(value)
+    return text if type(text) is str else str.__str__(text)
+
+
+def _float(value: Any, where: str) -> float:
+    """A number from the data, or DataError naming where it was."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: expected a number, got {_text(value)[:60]!r}") from None
+
+
+def _num(value: Any, signed: bool = False) -> str:
+    """A number for display: 3 decimals (scientific when tiny), bools as yes/no, None as a dash."""
+    if value is None:
+        return "\u2014"
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return "yes" if value else "no"
+    if isinstance(value, numbers.Integral):
+        return f"{int(value):+d}" if signed else str(int(value))
+    if not isinstance(value, numbers.Real):
+        return _text(value)
+    x = float(value)
+    if math.isnan(x):
+        return "n/a"
+    sign = "+" if signed else ""
+    return f"{x:{sign}.2e}" if 0 < abs(x) < 1e-3 else f"{x:{sign}.3f}"
+
+
+def _clip01(x: float) -> float:
+    """``x`` clipped to [0, 1]; NaN -> 0 (so data can never break a bar's layout)."""
+    return min(max(x, 0.0), 1.0) if math.isfinite(x) else (1.0 if x == math.inf else 0.0)
+
+
+def _percent(share: float) -> str:
+    """A share in [0, 1] as a CSS width in percent."""
+    return f"{_clip01(share) * 100:.1f}"
+
+
+def class_label(code: Any) -> str:
+    """The full class name for a known class code, else the value itself; None -> a dash."""
+    if code is None:
+        return "\u2014"
+    return CLASS_NAMES.get(_text(code), _text(code))
+
+
+def _ordered(keys: Iterable[Any]) -> list[str]:
+    """Class keys in ``CLASSES`` order, then unknown ones as given, ``"all"`` last."""
+    keys = [_text(k) for k in keys]
+    known = [c for c in CLASSES if c in keys]
+    rest = [k for k in keys if k not in CLASSES and k != ALL_KEY]
+    return known + rest + ([ALL_KEY] if ALL_KEY in keys else [])
+
+
+def _row_label(key: str) -> str:
+    """Row heading of a per-class table."""
+    return "All cases" if key == ALL_KEY else class_label(key)
+
+
+def _union(mappings: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Keys of several mappings in order of first appearance."""
+    seen: dict[str, None] = {}
+    for mapping in mappings:
+        seen.update((_text(k), None) for k in mapping)
+    return list(seen)
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _data_uri(path: Any, where: str) -> str:
+    """Read an image file and return it as a base64 data URI; DataError when missing or not an image."""
+    file = Path(_text(path))
+    try:
+        payload = file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{where}: cannot read figure {file}: {exc.strerror or exc}") from None
+    mime = next((m for sig, m in IMAGE_SIGNATURES.items() if payload.startswith(sig)), None)
+    if mime is None:
+        raise DataError(f"{where}: figure {file} is not a PNG or JPEG file")
+    return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
+
+
+def _figures(figures: Mapping[str, Any] | None, captions: Mapping[str, str], where: str) -> list[dict]:
+    """Embedded figures, known names first in caption order, the rest humanised; None paths skipped."""
+    figures = {_text(k): v for k, v in (figures or {}).items() if v is not None}
+    names = [n for n in captions if n in figures] + [n for n in figures if n not in captions]
+    return [{"name": n, "caption": captions.get(n) or n.replace("_", " ").capitalize(),
+             "src": _data_uri(figures[n], f"{where}: figures[{n!r}]")} for n in names]
+
+
+# ----------------------------------------------------------------------------- cases
+
+def _page_names(cases: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Validate the required keys and unique ids; return each case's page file name."""
+    seen: dict[str, int] = {}
+    for i, case in enumerate(cases):
+        if not isinstance(case, Mapping):
+            raise DataError(f"case {i}: expected a mapping, got {type(case).__name__}")
+        missing = [k for k in ("image_id", "target_class", "probabilities") if k not in case]
+        if missing:
+            raise DataError(f"case {i}: missing key {missing[0]!r}")
+        image_id = _text(case["image_id"])
+        if image_id in seen:
+            raise DataError(f"case {i}: duplicate image_id {image_id[:60]!r} (also case {seen[image_id]})")
+        seen[image_id] = i
+    return [case_page_name(_text(case["image_id"])) for case in cases]
+
+
+def _case_view(case: Mapping[str, Any], page: str, i: int, n: int, pages: Sequence[str]) -> dict:
+    """Everything a case page and its index row show, as plain strings and numbers."""
+    where = f"case {i} ({_text(case['image_id'])[:40]!r})"
+    probs = _probabilities(case["probabilities"], where)
+    predicted = max(probs, key=probs.get) if probs else None
+    true_label = None if case.get("true_label") is None else _text(case["true_label"])
+    shap_rows = _shap_rows(case.get("shap") or {}, case.get("patient") or {}, where)
+    modality = _share_rows(case.get("modality") or {}, where)
+    return {
+        "page": page, "image_id": _text(case["image_id"]),
+        "target": class_label(case["target_class"]), "predicted": class_label(predicted),
+        "probability": _num(probs.get(predicted)) if predicted else "\u2014",
+        "probability_width": _percent(probs.get(predicted, 0.0)),
+        "true_label": class_label(true_label), "known_truth": true_label is not None,
+        "correct": true_label is not None and true_label == predicted,
+        "prob_rows": _prob_rows(probs, predicted, true_label),
+        "patient": [{"name": _text(k), "value": _text(v)} for k, v in (case.get("patient") or {}).items()],
+        "shap": shap_rows, "top_feature": _top_feature(shap_rows),
+        "shap_base": _num(case.get("shap_base_value")), "model_output": _num(case.get("model_output")),
+        "shap_sum": _shap_total(case, where),
+        "modality": modality, "image_share": _player_share(modality, "image"),
+        "faithfulness": [{"name": _text(k), "value": _num(v)} for k, v in (case.get("faithfulness") or {}).items()],
+        "figures": _figures(case.get("figures"), CASE_FIGURES, where),
+        "prev": pages[i - 1] if i > 0 else None, "next": pages[i + 1] if i + 1 < n else None,
+        "position": f"{i + 1} of {n}",
+    }
+
+
+def _probabilities(probs: Any, where: str) -> dict[str, float]:
+    """The class probabilities as {class: float}, validated."""
+    if not isinstance(probs, Mapping):
+        raise DataError(f"{where}: 'probabilities' must map class -> probability")
+    return {_text(k): _float(v, f"{where}: probabilities[{_text(k)!r}]") for k, v in probs.items()}
+
+
+def _prob_rows(probs: Mapping[str, float], predicted: str | None, true_label: str | None) -> list[dict]:
+    """One bar per class, in class order, marking the predicted and the true class."""
+    return [{"label": class_label(c), "value": _num(probs[c]), "width": _percent(probs[c]),
+             "predicted": c == predicted, "true": c == true_label} for c in _ordered(probs)]
+
+
+def _shap_rows(shap: Mapping[str, Any], patient: Mapping[str, Any], where: str) -> list[dict]:
+    """SHAP value per patient-feature group with the patient's value and a diverging bar."""
+    values = {_text(k): _float(v, f"{where}: shap[{_text(k)!r}]") for k, v in shap.items()}
+    scale = max((abs(v) for v in values.values() if math.isfinite(v)), default=0.0) or 1.0
+    patient = {_text(k): _text(v) for k, v in patient.items()}
+    return [{"name": k, "patient": patient.get(k, ""), "value": _num(v, signed=True), "raw": v,
+             "width": _percent(abs(v) / scale), "positive": v >= 0} for k, v in values.items()]
+
+
+def _top_feature(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The patient feature with the largest |SHAP|, e.g. ``localization (+0.120)``."""
+    finite = [r for r in rows if math.isfinite(r["raw"])]
+    if not finite:
+        return "\u2014"
+    top = max(finite, key=lambda r: abs(r["raw"]))
+    return f"{top['name']} ({top['value']})"
+
+
+def _shap_total(case: Mapping[str, Any], where: str) -> str:
+    """Base value + sum of SHAP values, shown beside the model output as an additivity check."""
+    if case.get("shap_base_value") is None or not case.get("shap"):
+        return "\u2014"
+    total = _float(case["shap_base_value"], f"{where}: shap_base_value")
+    return _num(total + sum(_float(v, f"{where}: shap") for v in case["shap"].values()))
+
+
+def _share_rows(values: Mapping[str, Any], where: str) -> list[dict]:
+    """Players with their attribution and share of the total |attribution|."""
+    values = {_text(k): _float(v, f"{where}: modality[{_text(k)!r}]") for k, v in values.items()}
+    total = sum(abs(v) for v in values.values() if math.isfinite(v))
+    return [{"name": k, "value": _num(v, signed=True), "share": abs(v) / total if total else 0.0,
+             "share_text": f"{abs(v) / total:.0%}" if total else "\u2014",
+             "width": _percent(abs(v) / total if total else 0.0), "seg": j % 6}
+            for j, (k, v) in enumerate(values.items())]
+
+
+def _player_share(rows: Sequence[Mapping[str, Any]], player: str) -> str:
+    """One player's share as a percentage string (a dash when absent)."""
+    return next((r["share_text"] for r in rows if r["name"] == player), "\u2014")
+
+
+# ----------------------------------------------------------------------------- cohort
+
+def _cohort_view(cohort: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> dict:
+    """Everything the index page shows about the cohort, as plain strings and numbers."""
+    if not isinstance(cohort, Mapping):
+        raise DataError(f"cohort: expected a mapping, got {type(cohort).__name__}")
+    return {
+        "title": _text(cohort.get("title") or "Explanation report"),
+        "n_cases": len(cases),
+        "n_correct": sum(c["correct"] for c in cases), "n_known": sum(c["known_truth"] for c in cases),
+        "provenance": [{"key": _text(k), "value": _text(v)} for k, v in (cohort.get("provenance") or {}).items()],
+        "shap": _heat_table(cohort.get("mean_abs_shap") or {}),
+        "modality": _modality_table(cohort.get("modality_share") or {}),
+        "faithfulness": [_faith_row(r, j) for j, r in enumerate(cohort.get("faithfulness") or [])],
+        "figures": _figures(cohort.get("figures"), COHORT_FIGURES, "cohort"),
+        "notes": [_text(n) for n in cohort.get("notes") or []],
+    }
+
+
+def _heat_table(table: Mapping[str, Mapping[str, Any]]) -> dict:
+    """Mean |SHAP|: rows = classes (``all`` last), columns = features, cells shaded by value."""
+    table = {_text(k): v for k, v in table.items()}
+    features = _union(table.values())
+    values = {(c, f): _float(v, f"cohort: mean_abs_shap[{c!r}][{_text(f)!r}]")
+              for c, row in table.items() for f, v in row.items()}
+    top = max((v for v in values.values() if math.isfinite(v)), default=0.0) or 1.0
+    rows = [{"label": _row_label(c), "summary": c == ALL_KEY, "cells": [
+        {"value": _num(values.get((c, f))), "alpha": f"{_clip01(values.get((c, f), 0.0) / top) * 0.55:.3f}"}
+        for f in features]} for c in _ordered(table)]
+    return {"columns": features, "rows": rows}
+
+
+def _modality_table(table: Mapping[str, Mapping[str, Any]]) -> dict:
+    """Modality share: rows = classes, columns = players, plus a stacked bar per row."""
+    table = {_text(k): v for k, v in table.items()}
+    players = _union(table.values())
+    rows = []
+    for c in _ordered(table):
+        shares = {_text(p): _float(v, f"cohort: modality_share[{c!r}][{_text(p)!r}]") for p, v in table[c].items()}
+        segs = [{"player": p, "width": _percent(shares.get(p, 0.0)), "seg": j % 6,
+                 "text": _num(shares.get(p))} for j, p in enumerate(players)]
+        rows.append({"label": _row_label(c), "summary": c == ALL_KEY, "segs": segs})
+    return {"columns": [{"name": p, "seg": j % 6} for j, p in enumerate(players)], "rows": rows}
+
+
+def _faith_row(row: Any, j: int) -> dict:
+    """One faithfulness metric with its baselines."""
+    if not isinstance(row, Mapping):
+        raise DataError(f"cohort: faithfulness[{j}] must be a mapping with metric/cam/random/centre/note")
+    return {"metric": _text(row.get("metric")), "cam": _num(row.get("cam")), "random": _num(row.get("random")),
+            "centre": _num(row.get("centre")), "note": _text(row.get("note"))}

@@ -1,0 +1,218 @@
+"""Grad-CAM on real (small, random-weight) registered models: maps, binding, hooks, state, a planted case."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from multimodal_lesion.config import ModelConfig
+from multimodal_lesion.errors import ConfigError
+from multimodal_lesion.explain import CAM_METHODS, GradCamExplainer, energy_inside, pointing_game
+from multimodal_lesion.models import LesionModel, create_model, list_models
+
+H, W, D = 64, 48, 6
+SMALL = ModelConfig(backbone="resnet18", weights="none", head_hidden=32, meta_hidden=8, dropout=0.0)
+
+
+def small_model(name: str = "gated", seed: int = 0, meta_dim: int = D, num_classes: int = 7) -> LesionModel:
+    """A registered model on a random-weight resnet18 with small heads."""
+    torch.manual_seed(seed)
+    return create_model(name, meta_dim=meta_dim, num_classes=num_classes, cfg=SMALL)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    """One torch thread: these models are tiny, and on a busy 2-core machine threads mostly wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def hooks_of(layer: nn.Module) -> int:
+    return len(layer._forward_hooks) + len(layer._backward_hooks) + len(layer._forward_pre_hooks)
+
+
+@pytest.fixture(scope="module")
+def gated() -> LesionModel:
+    return small_model("gated")
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 3, H, W, generator=g), torch.randn(3, D, generator=g) * 2
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "hirescam"])
+def test_maps_shape_range_and_state_restored(gated: LesionModel, batch, method: str) -> None:
+    images, meta = batch
+    gated.train()
+    gated.meta_branch.eval()  # a mixed state must come back as it was
+    gated.image_branch.requires_grad_(False)  # frozen-path backbone
+    marker = torch.full_like(gated.head.classifier[-1].weight, 0.5)
+    gated.head.classifier[-1].weight.grad = marker.clone()
+    layer = gated.image_branch.default_target_layer()
+    with GradCamExplainer(gated, method) as explainer:
+        assert hooks_of(layer) > 0
+        maps = explainer.explain(images, meta)
+    assert maps.shape == (3, H, W) and maps.dtype == np.float32
+    assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1 and maps.max() > 0.99
+    assert hooks_of(layer) == 0
+    assert gated.training and gated.head.training and not gated.meta_branch.training
+    assert not any(p.requires_grad for p in gated.image_branch.parameters())
+    assert all(p.requires_grad for p in gated.head.parameters())
+    assert torch.equal(gated.head.classifier[-1].weight.grad, marker)  # caller's grads untouched
+    gated.requires_grad_(True).eval()
+
+
+def test_each_case_uses_its_own_metadata(gated: LesionModel, batch) -> None:
+    images, meta = batch
+    targets = [2, 4, 5]
+    explainer = GradCamExplainer(gated)
+    together = explainer.explain(images, meta, targets)
+    alone = np.concatenate([explainer.explain(images[i:i + 1], meta[i:i + 1], targets[i:i + 1]) for i in range(3)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    swapped = explainer.explain(images[:1], meta[1:2], targets[:1])
+    assert np.abs(swapped[0] - together[0]).max() > 1e-3  # the gate sees the metadata
+
+
+def test_default_target_is_the_predicted_class(gated: LesionModel, batch) -> None:
+    images, meta = batch
+    with torch.no_grad():
+        predicted = gated.eval()({"image": images, "meta": meta}).argmax(1).tolist()
+    with GradCamExplainer(gated, "gradcam") as explainer:
+        np.testing.assert_allclose(explainer.explain(images, meta), explainer.explain(images, meta, predicted))
+        assert not np.allclose(explainer.explain(images, meta, [(p + 1) % 7 for p in predicted]),
+                               explainer.explain(images, meta, predicted))
+
+
+def test_works_under_no_grad_and_with_a_frozen_backbone(gated: LesionModel, batch) -> None:
+    images, meta = batch
+    free = GradCamExplainer(gated).explain(images, meta)
+    gated.image_branch.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            frozen = GradCamExplainer(gated).explain(images, meta)
+    finally:
+        gated.requires_grad_(True)
+    np.testing.assert_allclose(frozen, free, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model(name: str, batch) -> None:
+    model = small_model(name)
+    images, meta = batch
+    if not model.uses_image:
+        with pytest.raises(ConfigError, match="image"):
+            GradCamExplainer(model)
+        return
+    maps = GradCamExplainer(model).explain(images, meta if model.uses_meta else None, [0, 1, 2])
+    assert maps.shape == (3, H, W) and 0 <= maps.min() and maps.max() <= 1
+
+
+def test_scorecam_binds_each_cases_metadata(gated: LesionModel, batch) -> None:
+    images, meta = batch
+    explainer = GradCamExplainer(gated, "scorecam", target_layer="layer1")  # 64 channels: 64 masked copies
+    together = explainer.explain(images[:2], meta[:2], [1, 3])
+    second = explainer.explain(images[1:2], meta[1:2], [3])
+    assert together.shape == (2, H, W)
+    np.testing.assert_allclose(together[1], second[0], atol=1e-5)
+
+
+def test_target_layer_by_dotted_path_and_errors(gated: LesionModel, batch) -> None:
+    images, meta = batch
+    layer3 = gated.image_branch.model.layer3
+    with GradCamExplainer(gated, "gradcam", target_layer="layer3") as explainer:
+        assert explainer.layer is layer3 and hooks_of(layer3) > 0
+        assert explainer.explain(images[:1], meta[:1]).shape == (1, H, W)
+    assert hooks_of(layer3) == 0
+    with pytest.raises(ConfigError, match="layer9"):
+        GradCamExplainer(gated, target_layer="layer9")
+    with pytest.raises(ConfigError, match="gradcam"):
+        GradCamExplainer(gated, method="nope")
+    with pytest.raises(ConfigError, match="out of range"):
+        GradCamExplainer(gated).explain(images[:1], meta[:1], [7])
+
+
+def test_exceptions_propagate_and_hooks_are_released(gated: LesionModel) -> None:
+    layer = gated.image_branch.default_target_layer()
+    gated.train()
+    for error in (RuntimeError, IndexError):  # the library's own __exit__ would swallow IndexError
+        with pytest.raises(error):
+            with GradCamExplainer(gated):
+                raise error("boom")
+        assert hooks_of(layer) == 0 and gated.training
+    gated.eval()
+
+
+# --- a planted case: the class is decided by a bright square in a fixed corner -------------------------
+
+PLANTED_SIZE = (64, 64)
+PLANTED_SQUARE = (slice(4, 24), slice(4, 24))
+
+
+@dataclass
+class Planted:
+    model: LesionModel  # concat, frozen random resnet18, head trained on the planted task
+    images: torch.Tensor  # (4, 3, 64, 64) held-out images of class 1 (square present)
+    meta: torch.Tensor  # (4, 2) zeros
+    mask: np.ndarray  # (64, 64) the square
+
+
+def planted_images(n: int, label: int, g: torch.Generator) -> torch.Tensor:
+    """Noise of random strength; class 1 adds a bright square in the top-left corner."""
+    amp = torch.rand(n, 1, 1, 1, generator=g) * 0.6
+    x = torch.randn(n, 3, *PLANTED_SIZE, generator=g) * amp
+    if label:
+        x[:, :, PLANTED_SQUARE[0], PLANTED_SQUARE[1]] += 2.5
+    return x
+
+
+def build_planted(n: int = 32, steps: int = 100) -> Planted:
+    """Train the head of a frozen random resnet18 (the frozen path) to tell squares from noise."""
+    model = small_model("concat", meta_dim=2, num_classes=2)
+    model.image_branch.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([planted_images(n, 0, g), planted_images(n, 1, g)])
+    y = torch.arange(2).repeat_interleave(n)
+    meta = torch.zeros(2 * n, 2)
+    with torch.no_grad():
+        emb = model.eval().image_branch.embed(x)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model.forward_head(emb, meta), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().requires_grad_(True)
+    mask = np.zeros(PLANTED_SIZE, dtype=bool)
+    mask[PLANTED_SQUARE] = True
+    return Planted(model, planted_images(4, 1, g), torch.zeros(4, 2), mask)
+
+
+@pytest.fixture(scope="module")
+def planted() -> Planted:
+    return build_planted()
+
+
+def test_planted_square_gets_the_cam_energy(planted: Planted) -> None:
+    with torch.no_grad():
+        probs = torch.softmax(planted.model({"image": planted.images, "meta": planted.meta}), -1)
+    assert (probs[:, 1] > 0.5).all()  # the model did learn the square
+    maps = GradCamExplainer(planted.model).explain(planted.images, planted.meta, [1] * 4)
+    area = planted.mask.mean()  # ~10% of the image
+    quadrant = np.zeros(PLANTED_SIZE, dtype=bool)
+    quadrant[:32, :32] = True
+    for cam in maps:
+        assert energy_inside(cam, planted.mask) > 2.5 * area
+        assert energy_inside(cam, quadrant) > 0.5
+        assert pointing_game(cam, planted.mask)
+
+
+def test_cam_methods_registry() -> None:
+    assert set(CAM_METHODS) == {"gradcam", "gradcam++", "hirescam", "scorecam"}

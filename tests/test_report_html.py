@@ -1,0 +1,383 @@
+"""HTML report: real PNG files, real pages on disk, opened in a real headless Chromium (no mocks)."""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import markupsafe
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from multimodal_lesion.data.constants import CLASS_NAMES, CLASSES
+from multimodal_lesion.errors import DataError
+from multimodal_lesion.report.browser import HeadlessChromium
+from multimodal_lesion.report.html import case_page_name, write_report
+
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None,
+                                    reason="Debian's chromium is not on PATH (apt-get install chromium)")
+
+#: Markup a hostile metadata CSV could carry; each must reach the page as text, never as markup.
+PAYLOADS = (
+    "<script>window.__pwned=1</script>",
+    '"><img src=x onerror="window.__pwned=2">',
+    "'><svg onload=window.__pwned=3>",
+    "</title></style><script>window.__pwned=4</script>",
+    '<a href="javascript:window.__pwned=5">x</a>',
+    "{{ 7 * 7 }} {% raw %}",
+)
+HOSTILE_IDS = (PAYLOADS[0], PAYLOADS[1], "../../../etc/passwd", "a/b\\c ..")
+CASE_FIGURES = ("image", "overlay", "waterfall", "modality")
+COHORT_FIGURES = ("beeswarm", "shap_bar", "modality_by_class")
+
+
+# ----------------------------------------------------------------------------- real inputs
+
+def _lesion_png(path: Path, seed: int, size: tuple[int, int] = (300, 225)) -> Path:
+    """A small dermoscopy-like PNG: skin-coloured background, a dark blob."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    img = Image.new("RGB", size, tuple(int(v) for v in rng.integers(170, 235, 3)))
+    draw = ImageDraw.Draw(img)
+    cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.4, 0.6)
+    draw.ellipse([cx - w / 5, cy - h / 5, cx + w / 5, cy + h / 5], fill=tuple(int(v) for v in rng.integers(40, 110, 3)))
+    img.save(path)
+    return path
+
+
+def _bar_png(path: Path, values: dict[str, float]) -> Path:
+    """A real matplotlib bar chart (Agg canvas, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 2.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.barh(list(values), list(values.values()), color="#4c72b0")
+    ax.set_xlabel("mean |SHAP|")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def figure_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real PNG files for the cohort figures and for up to four cases."""
+    root = tmp_path_factory.mktemp("figures")
+    _bar_png(root / "shap_bar.png", {"age": 0.03, "sex": 0.02, "localization": 0.12})
+    for j, name in enumerate(("beeswarm", "modality_by_class")):
+        _lesion_png(root / f"{name}.png", 100 + j, (500, 260))
+    for k in range(4):
+        for j, name in enumerate(CASE_FIGURES):
+            _lesion_png(root / f"case{k}_{name}.png", 10 * k + j, (300, 225) if j < 2 else (480, 260))
+    return root
+
+
+def make_cohort(figs: Path, text: str = "") -> dict:
+    """A valid cohort structure; ``text`` is appended to every free-text field (hostile tests)."""
+    return {
+        "title": f"Explanations: concat / resnet18 {text}",
+        "provenance": {"model": f"concat{text}", "backbone": "resnet18", "weights": "none", "run folder": "/runs/a",
+                       "data fingerprint": "0123abcd", "split": "test", "n cases": "3",
+                       "versions": {"torch": "2.4.0", "shap": "0.46.0"}, f"key{text}": f"value{text}"},
+        "mean_abs_shap": {**{c: {"age": 0.01 * i, "sex": 0.02, "localization": 0.04 * i}
+                             for i, c in enumerate(CLASSES)},
+                          "all": {"age": 0.031, "sex": 0.02, "localization": 0.123}},
+        "modality_share": {**{c: {"image": 0.6, "age": 0.1, "sex": 0.05, "localization": 0.25} for c in CLASSES},
+                           "all": {"image": 0.55, "age": 0.15, "sex": 0.05, "localization": 0.25}},
+        "faithfulness": [
+            {"metric": "deletion AUC (lower is better)", "cam": 0.212, "random": 0.341, "centre": 0.254,
+             "note": f"n=3{text}"},
+            {"metric": "pointing game", "cam": 0.8, "random": None, "centre": 0.6, "note": "cases with a mask"},
+        ],
+        "figures": {name: figs / f"{name}.png" for name in COHORT_FIGURES},
+        "notes": ["Background: 100 training cases.", f"note{text}"],
+    }
+
+
+def make_case(figs: Path, k: int, image_id: str, text: str = "") -> dict:
+    """A valid case; ``text`` goes into sex, localization and the true label."""
+    probs = np.random.default_rng(k).dirichlet(np.ones(len(CLASSES)))
+    predicted = CLASSES[int(probs.argmax())]
+    shap = {"age": 0.02, "sex": -0.01, "localization": 0.11 + 0.01 * k}
+    return {
+        "image_id": image_id, "true_label": (f"mel{text}" if text else CLASSES[k % 7]) if k != 1 else None,
+        "target_class": predicted, "probabilities": dict(zip(CLASSES, probs.tolist())),
+        "patient": {"age": "45", "sex": f"male{text}", "localization": f"back{text}"},
+        "shap": shap, "shap_base_value": 0.3, "model_output": 0.3 + sum(shap.values()),
+        "modality": {"image": 0.2, **shap},
+        "faithfulness": {"deletion_auc": 0.2, "insertion_auc": 0.61, "pointing_game": True},
+        "figures": {name: figs / f"case{k}_{name}.png" for name in CASE_FIGURES},
+    }
+
+
+def _hostile_text() -> str:
+    return " " + " ".join(PAYLOADS)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory, figure_dir: Path) -> tuple[Path, list[dict]]:
+    """A three-case report written for real; returns (index path, cases)."""
+    cases = [make_case(figure_dir, k, f"ISIC_{24306 + k:07d}") for k in range(3)]
+    return write_report(tmp_path_factory.mktemp("report"), make_cohort(figure_dir), cases), cases
+
+
+@pytest.fixture(scope="module")
+def hostile_report(tmp_path_factory: pytest.TempPathFactory, figure_dir: Path) -> tuple[Path, list[dict]]:
+    """A report whose ids, labels, patient values, provenance and notes carry markup."""
+    cases = [make_case(figure_dir, k, iid, _hostile_text()) for k, iid in enumerate(HOSTILE_IDS)]
+    return write_report(tmp_path_factory.mktemp("hostile"), make_cohort(figure_dir, _hostile_text()), cases), cases
+
+
+@pytest.fixture(scope="module")
+def chromium() -> HeadlessChromium:
+    """One headless Chromium for the module's browser tests; always ended."""
+    if shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not on PATH (apt-get install chromium)")
+    with HeadlessChromium(timeout=20) as browser:
+        yield browser
+
+
+# ----------------------------------------------------------------------------- HTML parsing
+
+class _Tags(HTMLParser):
+    """Every start tag with its attributes, and the page's text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse(path: Path) -> _Tags:
+    parser = _Tags()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def _pages(index: Path) -> list[Path]:
+    return [index, *sorted((index.parent / "cases").glob("*.html"))]
+
+
+def _local_links(page: Path) -> list[Path]:
+    """Targets of the page's relative links (fragments dropped)."""
+    hrefs = [a.get("href") or "" for tag, a in parse(page).tags if tag == "a"]
+    return [page.parent / unquote(h.split("#")[0]) for h in hrefs if h.split("#")[0]]
+
+
+# ----------------------------------------------------------------------------- files and source
+
+def test_report_writes_index_and_one_page_per_case_with_working_links(report):
+    index, cases = report
+    pages = sorted((index.parent / "cases").glob("*.html"))
+    assert index.is_file() and len(pages) == len(cases)
+    assert {p.name for p in pages} == {case_page_name(c["image_id"]) for c in cases}
+    index_links = _local_links(index)
+    assert {p.resolve() for p in pages} <= {p.resolve() for p in index_links}
+    for page in _pages(index):
+        assert all(link.is_file() for link in _local_links(page)), page
+    assert index.resolve() in {p.resolve() for p in _local_links(pages[0])}  # back link
+    assert not list(index.parent.rglob("*.tmp")) and oct(index.stat().st_mode & 0o777) == "0o644"
+
+
+def test_report_is_self_contained(report, figure_dir):
+    index, _ = report
+    originals = {p.read_bytes() for p in figure_dir.glob("*.png")}
+    for page in _pages(index):
+        source = page.read_text(encoding="utf-8")
+        tags = parse(page).tags
+        assert not [t for t, _ in tags if t in ("script", "link", "iframe", "object", "embed", "base")], page
+        for tag, attrs in tags:
+            for name, value in attrs.items():
+                assert not re.match(r"\s*(https?:|//|ftp:)", value or "", re.I), (page, tag, name, value)
+        srcs = [a["src"] for t, a in tags if t == "img"]
+        assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+        assert {base64.b64decode(s.split(",", 1)[1]) for s in srcs} <= originals
+        assert "url(" not in source and "@import" not in source and "http://" not in source
+
+
+def test_report_shows_full_class_names_tables_and_provenance(report):
+    index, cases = report
+    text = " ".join(parse(index).text)
+    for needle in (CLASS_NAMES["mel"], CLASS_NAMES["nv"], "All cases", "deletion AUC (lower is better)", "0.341",
+                   "0123abcd", "torch: 2.4.0; shap: 0.46.0", "localization (+0.110)", "59%", cases[0]["image_id"]):
+        assert needle in text, needle
+    case_text = " ".join(parse(index.parent / "cases" / case_page_name(cases[0]["image_id"])).text)
+    predicted = max(cases[0]["probabilities"], key=cases[0]["probabilities"].get)
+    for needle in (CLASS_NAMES[predicted], f"{cases[0]['probabilities'][predicted]:.3f}", "Base + sum of SHAP", "0.420",
+                   "back", "pointing_game", "yes"):
+        assert needle in case_text, needle
+    widths = [a["style"] for t, a in parse(index.parent / "cases" / case_page_name(cases[0]["image_id"])).tags
+              if t == "span" and "width" in (a.get("style") or "")]
+    assert len(widths) >= len(CLASSES)
+
+
+@pytest.mark.parametrize("image_id", ["ISIC_0024306", "../../etc/passwd", "a/b\\c", "<script>x</script>", "",
+                                      ".hidden", "-rf", "CON", "é" * 80, "x" * 500, "a\x00b"])
+def test_case_page_names_are_safe_for_hostile_ids(image_id):
+    name = case_page_name(image_id)
+    assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,39}-[0-9a-f]{10}\.html", name), name
+    assert name == case_page_name(image_id)
+    assert case_page_name(image_id + "!") != name
+
+
+def test_hostile_strings_are_escaped_in_source(hostile_report):
+    index, cases = hostile_report
+    pages = _pages(index)
+    assert len(pages) == 1 + len(HOSTILE_IDS)
+    assert all(p.resolve().parent in (index.parent.resolve(), (index.parent / "cases").resolve())
+               for p in index.parent.rglob("*") if p.is_file())
+    for page in pages:
+        source = page.read_text(encoding="utf-8")
+        parsed = parse(page)
+        for payload in PAYLOADS[:5]:
+            assert payload not in source, (page.name, payload)
+        assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in source
+        assert not [t for t, _ in parsed.tags if t in ("script", "svg", "iframe", "object", "embed")], page.name
+        assert not [(t, n) for t, a in parsed.tags for n in a if n.startswith("on")], page.name
+        assert not [a for t, a in parsed.tags if t == "a" and "javascript:" in (a.get("href") or "").lower()]
+        imgs = [a for t, a in parsed.tags if t == "img"]
+        assert len(imgs) == (len(COHORT_FIGURES) if page == index else len(CASE_FIGURES))
+        assert all(a["src"].startswith("data:image/png;base64,") for a in imgs)
+        text = "".join(parsed.text)
+        assert PAYLOADS[0] in text and PAYLOADS[5] in text  # shown to the reader as text, not evaluated
+
+
+def test_markup_objects_from_data_are_still_escaped(tmp_path, figure_dir):
+    class Sneaky:
+        def __html__(self) -> str:
+            return "<script>window.__pwned=6</script>"
+
+        def __str__(self) -> str:
+            return "<b>sneaky</b>"
+
+    case = make_case(figure_dir, 0, markupsafe.Markup("<script>window.__pwned=7</script>"))
+    case["patient"]["localization"] = markupsafe.Markup("<img src=x onerror=alert(1)>")
+    cohort = make_cohort(figure_dir)
+    cohort["provenance"]["sneaky"] = Sneaky()
+    index = write_report(tmp_path, cohort, [case])
+    for page in _pages(index):
+        source = page.read_text(encoding="utf-8")
+        assert "<script>window" not in source and "<img src=x" not in source and "<b>sneaky" not in source
+        assert "&lt;img src=x onerror=alert(1)&gt;" in source or page == index
+    assert "&lt;b&gt;sneaky&lt;/b&gt;" in index.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda cohort, cases: cases[0]["figures"].update(image=Path("/nonexistent/img.png")), "nonexistent/img.png"),
+    (lambda cohort, cases: cohort["figures"].update(beeswarm=Path(__file__)), "is not a PNG or JPEG"),
+    (lambda cohort, cases: cases[1].update(image_id=cases[0]["image_id"]), "duplicate image_id"),
+    (lambda cohort, cases: cases[1].pop("probabilities"), "case 1: missing key 'probabilities'"),
+    (lambda cohort, cases: cases[0]["probabilities"].update(mel="high"), "probabilities['mel']"),
+    (lambda cohort, cases: cohort["mean_abs_shap"]["all"].update(age="x"), "mean_abs_shap['all']['age']"),
+])
+def test_bad_report_input_fails_with_a_clear_error(tmp_path, figure_dir, breakage, message):
+    cohort = make_cohort(figure_dir)
+    cases = [make_case(figure_dir, k, f"ISIC_{k}") for k in range(2)]
+    breakage(cohort, cases)
+    with pytest.raises(DataError, match=re.escape(message)):
+        write_report(tmp_path / "out", cohort, cases)
+    assert not (tmp_path / "out" / "index.html").exists()
+
+
+def test_optional_parts_may_be_absent(tmp_path, figure_dir):
+    """An image-only model has no SHAP and no patient data; a metadata-only one has no Grad-CAM."""
+    image_only = {"image_id": "ISIC_1", "target_class": "nv", "probabilities": {"nv": 0.7, "mel": 0.3},
+                  "figures": {"image": figure_dir / "case0_image.png", "overlay": None}}
+    index = write_report(tmp_path, {"title": "Minimal"}, [image_only])
+    case_text = " ".join(parse(tmp_path / "cases" / case_page_name("ISIC_1")).text)
+    assert "No SHAP values" in case_text and "No modality attribution" in case_text
+    assert "No faithfulness measurements" in " ".join(parse(index).text)
+
+
+# ----------------------------------------------------------------------------- real browser
+
+@pytest.mark.browser
+@needs_chromium
+def test_browser_helper_catches_errors_broken_images_and_network(chromium, tmp_path):
+    """The harness itself: a page that misbehaves is reported as misbehaving (so 'no errors' means something)."""
+    page = tmp_path / "bad.html"
+    page.write_text("<!DOCTYPE html><title>bad</title><h1>x</h1><img src='missing.png'>"
+                    "<script>console.error('boom'); setTimeout(() => { throw new Error('late') }, 0);"
+                    "fetch('http://example.invalid/x').catch(() => {});</script>")
+    load = chromium.open(page)
+    assert load.title == "bad" and chromium.broken_images() == [(tmp_path / "missing.png").as_uri()]
+    errors = " | ".join(chromium.console_errors)
+    assert "boom" in errors and "late" in errors and "ERR_FILE_NOT_FOUND" in errors
+    assert "http://example.invalid/x" in chromium.requests
+    assert chromium.pid is not None
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_browser_is_always_ended():
+    with HeadlessChromium(timeout=20) as browser:
+        pid = browser.pid
+        assert browser.evaluate("1 + 1") == 2
+    assert browser.pid is None and not Path(f"/proc/{pid}").exists()
+
+
+def _assert_clean(chromium: HeadlessChromium, load, n_images: int) -> None:
+    assert load.console_errors == [], load.console_errors
+    assert {urlparse(u).scheme for u in load.requests} <= {"file", "data"}, load.requests
+    images = chromium.images()
+    assert len(images) == n_images and all(i["complete"] and i["naturalWidth"] > 0 for i in images), images
+    assert chromium.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways overflow
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_report_renders_in_chromium(report, chromium, tmp_path):
+    index, cases = report
+    load = chromium.open(index)
+    assert load.title.startswith("Explanations: concat / resnet18")
+    assert chromium.evaluate("document.querySelector('h1').textContent").startswith("Explanations")
+    assert chromium.evaluate("document.querySelectorAll('#cases-table tbody tr').length") == len(cases)
+    _assert_clean(chromium, load, len(COHORT_FIGURES))
+    shot = chromium.screenshot(tmp_path / "index.png")
+    links = chromium.evaluate("Array.from(document.querySelectorAll('#cases-table a')).map(a => a.href)")
+    assert len(links) == len(cases) and all(Path(unquote(urlparse(u).path)).is_file() for u in links)
+
+    load = chromium.open(links[0])  # follow the link
+    assert load.title == f"Case {cases[0]['image_id']}"
+    assert chromium.evaluate("document.getElementById('case-title').textContent") == f"Case {cases[0]['image_id']}"
+    _assert_clean(chromium, load, len(CASE_FIGURES))
+    back = chromium.evaluate("document.getElementById('back').href")
+    assert Path(unquote(urlparse(back).path)).resolve() == index.resolve()
+    chromium.screenshot(tmp_path / "case.png")
+
+    with Image.open(shot) as img:
+        rgb = img.convert("RGB")
+        assert img.format == "PNG" and img.width == 1280 and 900 <= img.height <= 12000
+    assert np.asarray(rgb, dtype=float).std() > 20 and len(rgb.getcolors(1 << 24)) > 200  # not blank
+    assert shot.stat().st_size > 30_000
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_hostile_metadata_is_inert_in_chromium(hostile_report, chromium):
+    index, cases = hostile_report
+    titles = []
+    for page in _pages(index):
+        load = chromium.open(page)
+        _assert_clean(chromium, load, len(COHORT_FIGURES) if page == index else len(CASE_FIGURES))
+        assert chromium.evaluate("typeof window.__pwned") == "undefined"
+        assert chromium.evaluate("document.scripts.length") == 0
+        assert chromium.evaluate(
+            "document.querySelectorAll('[onerror],[onload],[onclick],svg,iframe,object,embed').length") == 0
+        assert chromium.evaluate("Array.from(document.images).every(i => i.src.startsWith('data:image/png;base64,'))")
+        assert chromium.evaluate("Array.from(document.links).every(a => a.protocol === 'file:')")
+        assert PAYLOADS[0] in chromium.evaluate("document.body.innerText")  # visible, as text
+        titles.append(load.title)
+    assert set(titles[1:]) == {f"Case {c['image_id']}" for c in cases}

@@ -1,0 +1,176 @@
+"""Grouped SHAP of the patient features: exactness, additivity, KernelExplainer agreement, plots, speed."""
+from __future__ import annotations
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import shap
+import torch
+from test_gradcam import single_thread, small_model  # noqa: F401  (shared test helpers)
+
+from multimodal_lesion.data.encoder import MetadataEncoder
+from multimodal_lesion.errors import ConfigError
+from multimodal_lesion.explain import GroupShapExplainer
+from multimodal_lesion.explain.shap_groups import coalition_masks, group_columns
+from multimodal_lesion.models import LesionModel, list_models
+
+matplotlib.use("Agg")
+
+SEXES = ["male", "female", "unknown"]
+SITES = ["back", "face", "trunk", "lower extremity", "unknown"]
+
+
+def patients(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    age = rng.integers(1, 18, n) * 5.0
+    age[rng.random(n) < 0.1] = np.nan
+    return pd.DataFrame({"age": age, "sex": rng.choice(SEXES, n), "localization": rng.choice(SITES, n)})
+
+
+@pytest.fixture(scope="module")
+def encoded() -> dict:
+    """A fitted MetadataEncoder, 20 background rows from 'training', 6 cases with their raw values."""
+    train, cases = patients(80, 0), patients(6, 1)
+    encoder = MetadataEncoder().fit(train)
+    return {"groups": encoder.feature_groups_, "background": encoder.transform(train.iloc[:20]),
+            "meta": encoder.transform(cases), "raw": cases, "dim": len(encoder.get_feature_names_out())}
+
+
+def embeddings(model: LesionModel, n: int, seed: int = 0) -> np.ndarray | None:
+    if not model.uses_image:
+        return None
+    return np.random.default_rng(seed).normal(size=(n, model.image_branch.num_features)).astype(np.float32)
+
+
+def confident(model: LesionModel) -> LesionModel:
+    """Head weights 3x the default init, so the metadata moves the probabilities by ~0.1."""
+    with torch.no_grad():
+        for module in [*model.head.modules(), *(model.meta_branch.modules() if model.uses_meta else [])]:
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(3)
+    return model
+
+
+def switch_game(model: LesionModel, emb: np.ndarray | None, meta: np.ndarray, background: np.ndarray,
+                groups: dict, target: int):
+    """f(z) for z in {0,1}^3: group g from the case when z_g = 1, else from each background row (mean)."""
+    owns = group_columns(groups, background.shape[1])
+
+    def f(z: np.ndarray) -> np.ndarray:
+        out = []
+        for row in np.asarray(z, dtype=bool):
+            x = np.where((row[:, None] & owns).any(0), meta, background).astype(np.float32)
+            e = None if emb is None else torch.as_tensor(np.repeat(emb[None], len(x), 0))
+            with torch.no_grad():
+                p = torch.softmax(model.eval().forward_head(e, torch.as_tensor(x)).double(), -1)[:, target]
+            out.append(p.mean().item())
+        return np.array(out)
+    return f
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_additivity_for_every_model(name: str, encoded: dict) -> None:
+    model = small_model(name, meta_dim=encoded["dim"])
+    explainer = GroupShapExplainer(model, encoded["background"], encoded["groups"])
+    emb = embeddings(model, 6)
+    exp = explainer.explain(emb, encoded["meta"], raw=encoded["raw"])
+    probs = explainer.predict_proba(emb, encoded["meta"])
+    assert exp.values.shape == (6, 3) and exp.base_values.shape == (6,)
+    assert list(exp.feature_names) == ["age", "sex", "localization"]
+    np.testing.assert_allclose(exp.base_values + exp.values.sum(1), probs.max(1), atol=1e-5)
+    if not model.uses_meta:
+        assert (exp.values == 0).all()
+
+
+def test_agrees_with_kernel_explainer(encoded: dict) -> None:
+    model = confident(small_model("gated", meta_dim=encoded["dim"]))
+    emb, meta, bg = embeddings(model, 3), encoded["meta"][:3], encoded["background"]
+    explainer = GroupShapExplainer(model, bg, encoded["groups"])
+    targets = explainer.predict_proba(emb, meta).argmax(1)
+    exp = explainer.explain(emb, meta)
+    assert np.abs(exp.values).max() > 0.05
+    for i, target in enumerate(targets):
+        kernel = shap.KernelExplainer(switch_game(model, emb[i], meta[i], bg, encoded["groups"], target),
+                                      np.zeros((1, 3)))
+        values = kernel.shap_values(np.ones((1, 3)), silent=True, l1_reg=False)
+        np.testing.assert_allclose(values[0], exp.values[i], atol=1e-4)
+        assert abs(kernel.expected_value - exp.base_values[i]) < 1e-6
+
+
+def test_explanation_plots_directly(encoded: dict) -> None:
+    model = small_model("concat", meta_dim=encoded["dim"])
+    explainer = GroupShapExplainer(model, encoded["background"], encoded["groups"])
+    exp = explainer.explain(embeddings(model, 6), encoded["meta"], raw=encoded["raw"])
+    assert exp.data[0, 1] == encoded["raw"].sex.iloc[0]
+    for plot in (lambda: shap.plots.waterfall(exp[0], show=False), lambda: shap.plots.bar(exp, show=False),
+                 lambda: shap.plots.bar(exp[1], show=False), lambda: shap.plots.beeswarm(exp, show=False)):
+        plot()
+        plt.close("all")
+    bare = explainer.explain(embeddings(model, 6), encoded["meta"])
+    shap.plots.waterfall(bare[0], show=False)
+    plt.close("all")
+
+
+def test_predicted_class_by_default_and_explicit_targets(encoded: dict) -> None:
+    model = small_model("film", meta_dim=encoded["dim"])
+    explainer = GroupShapExplainer(model, encoded["background"], encoded["groups"])
+    emb = embeddings(model, 6)
+    predicted = explainer.predict_proba(emb, encoded["meta"]).argmax(1)
+    default = explainer.explain(emb, encoded["meta"])
+    np.testing.assert_array_equal(default.values, explainer.explain(emb, encoded["meta"], predicted).values)
+    other = explainer.explain(emb, encoded["meta"], (predicted + 1) % 7)
+    assert not np.allclose(other.base_values, default.base_values)
+
+
+def test_one_batched_head_call_and_no_backbone(encoded: dict) -> None:
+    model = small_model("concat", meta_dim=encoded["dim"])
+    calls = {"head": 0, "backbone": 0}
+    handles = [model.head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1)),
+               model.image_branch.register_forward_pre_hook(
+                   lambda *_: calls.__setitem__("backbone", calls["backbone"] + 1))]
+    explainer = GroupShapExplainer(model, encoded["background"], encoded["groups"])
+    explainer.explain(embeddings(model, 6), encoded["meta"])
+    for h in handles:
+        h.remove()
+    assert calls == {"head": 1, "backbone": 0}  # 6 cases x 8 coalitions x 20 background rows in one call
+
+
+def test_planted_feature_ranks_first(encoded: dict) -> None:
+    """A metadata model trained to read only sex gives sex the largest |SHAP| on every case."""
+    train = patients(200, 2)
+    encoder = MetadataEncoder().fit(train)
+    x = torch.as_tensor(encoder.transform(train))
+    y = torch.as_tensor((train.sex == "male").to_numpy().astype(np.int64))
+    model = small_model("metadata_only", meta_dim=x.shape[1], num_classes=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(model.train()(({"meta": x})), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    cases = train.iloc[-20:]
+    exp = GroupShapExplainer(model, encoder.transform(train.iloc[:30]), encoder.feature_groups_).explain(
+        None, encoder.transform(cases))
+    assert (np.abs(exp.values).argmax(1) == 1).all()
+
+
+def test_groups_are_checked(encoded: dict) -> None:
+    model = small_model("concat", meta_dim=encoded["dim"])
+    groups = dict(encoded["groups"])
+    with pytest.raises(ConfigError, match="column 2 is in groups"):
+        GroupShapExplainer(model, encoded["background"], {**groups, "extra": [2]})
+    with pytest.raises(ConfigError, match="belongs to no feature group"):
+        GroupShapExplainer(model, encoded["background"], {k: v for k, v in groups.items() if k != "sex"})
+    explainer = GroupShapExplainer(model, encoded["background"], groups)
+    with pytest.raises(ConfigError, match="localization"):
+        explainer.explain(embeddings(model, 6), encoded["meta"], raw=encoded["raw"][["age", "sex"]])
+    with pytest.raises(ConfigError, match="embeddings"):
+        explainer.explain(None, encoded["meta"])
+
+
+def test_coalitions_enumerate_every_subset() -> None:
+    masks = coalition_masks(3)
+    assert masks.shape == (8, 3) and len({tuple(m) for m in masks}) == 8
+    assert not masks[0].any() and masks[-1].all()
