@@ -90,6 +90,7 @@ class AblationConfig:
     folds: int = 5  # lesion-grouped folds
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds per fold
     bootstrap: int = 2000  # bootstrap resamples for confidence intervals
+    workers: int = 2  # cells trained in parallel processes (one torch thread each); 1 = in this process
 
 
 @dataclass(frozen=True)

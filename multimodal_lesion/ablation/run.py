@@ -1,0 +1,211 @@
+"""Train every model of an ablation over K lesion-grouped folds x S seeds; one JSON file per cell.
+
+A cell (model, fold, seed) tests on fold k, stops early on fold k+1 and trains on the rest; the
+metadata encoder is fitted on the training folds only. Finished cells are kept on disk (written
+atomically), so re-running the command computes only what is missing.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..config import ExperimentConfig, replace, to_toml
+from ..data.constants import CLASSES
+from ..data.ham10000 import Ham10000
+from ..data.splits import fold_assignment
+from ..io import atomic_write, read_json, write_json
+from ..models import list_models
+from ..errors import ConfigError
+from ..training.engine import class_weights, fit, predict_logits
+from ..training.metrics import classification_metrics
+from ..training.runner import Prepared, library_versions, prepare, resolve_data
+from .summary import write_summaries
+
+GBM = "gbm_metadata"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One trained-and-tested model: which model, which test fold, which seed."""
+
+    model: str
+    fold: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}__fold{self.fold}__seed{self.seed}"
+
+
+def cell_splits(folds: pd.Series, k: int, n_folds: int) -> pd.DataFrame:
+    """Test on fold ``k``, validate on fold ``k+1``, train on the others."""
+    split = np.where(folds == k, "test", np.where(folds == (k + 1) % n_folds, "val", "train"))
+    return pd.DataFrame({"split": split}, index=folds.index)
+
+
+def _cells(cfg: ExperimentConfig) -> Iterator[Cell]:
+    names = list(cfg.ablation.models) + ([GBM] if cfg.ablation.gbm else [])
+    for fold in range(cfg.ablation.folds):
+        for seed in cfg.ablation.seeds:
+            for model in names:
+                yield Cell(model, fold, seed)
+
+
+def _check_models(cfg: ExperimentConfig) -> None:
+    known = set(list_models())
+    bad = [m for m in cfg.ablation.models if m not in known]
+    if bad:
+        raise ConfigError(f"ablation.models: unknown model(s) {', '.join(bad)} (valid: {', '.join(sorted(known))})")
+    if cfg.ablation.baseline not in cfg.ablation.models:
+        raise ConfigError(f"ablation.baseline: {cfg.ablation.baseline!r} is not one of ablation.models")
+
+
+def _train_neural(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, shared: Prepared | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train one registered model for a cell; returns (test rows, test targets, test probabilities)."""
+    cell_cfg = replace(cfg, model={"name": cell.model}, train={"seed": cell.seed})
+    branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
+    prep = prepare(cell_cfg, ham, splits, image_branch=branch)
+    if shared is not None and branch is not None:
+        prep._embeddings = shared.embeddings(show=False)
+    rows = prep.indices("train")
+    weights = class_weights(prep.targets[rows], len(CLASSES)) if cfg.train.balance == "weighted_loss" else None
+    fit(prep.model, prep.batches("train", train=True), prep.batches("val", train=False), cell_cfg.train,
+        weights=weights, show_progress=False)
+    logits, y, _ = predict_logits(prep.model, prep.batches("test", train=False), prep.device)
+    return prep.indices("test"), y, torch.softmax(torch.from_numpy(logits), 1).numpy()
+
+
+def _train_gbm(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradient boosting on the encoded patient features: the non-neural floor."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from ..data.encoder import MetadataEncoder
+
+    split = splits["split"].to_numpy()
+    train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    encoder = MetadataEncoder().fit(ham.metadata.iloc[train])
+    x = encoder.transform(ham.metadata)
+    y = ham.metadata["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    gbm = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, class_weight="balanced",
+                                         random_state=cell.seed).fit(x[train], y[train])
+    probs = np.zeros((len(test), len(CLASSES)))
+    probs[:, gbm.classes_] = gbm.predict_proba(x[test])
+    return test, y[test], probs
+
+
+def run_cell(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, shared: Prepared | None
+             ) -> dict[str, Any]:
+    """Train and test one cell; returns its record (metrics, out-of-fold predictions, seconds)."""
+    t0 = time.perf_counter()
+    splits = cell_splits(folds, cell.fold, cfg.ablation.folds)
+    if cell.model == GBM:
+        rows, y, probs = _train_gbm(cell, cfg, ham, splits)
+    else:
+        rows, y, probs = _train_neural(cell, cfg, ham, splits, shared)
+    lesions = ham.metadata["lesion_id"].to_numpy()[rows]
+    metrics = classification_metrics(y, probs, lesion_ids=lesions)
+    return {"model": cell.model, "fold": cell.fold, "seed": cell.seed, "seconds": time.perf_counter() - t0,
+            "metrics": metrics, "image_ids": ham.metadata["image_id"].to_numpy()[rows].tolist(),
+            "probs": np.round(probs, 6).tolist()}
+
+
+@dataclass
+class _CellContext:
+    """What every cell needs; handed to worker processes by fork (the embeddings are not copied)."""
+
+    cfg: ExperimentConfig
+    ham: Ham10000
+    folds: pd.Series
+    shared: Prepared | None
+    out: Path
+
+    def run(self, cell: Cell) -> str:
+        """Train, test and save one cell (atomically); returns its name."""
+        write_json(self.out / "cells" / f"{cell.name}.json", run_cell(cell, self.cfg, self.ham, self.folds, self.shared))
+        return cell.name
+
+
+class _Worker:
+    """Per-process holder of the cell context in a worker (set once by the pool's initializer)."""
+
+    context: _CellContext | None = None
+
+    @classmethod
+    def start(cls, context: _CellContext) -> None:
+        torch.set_num_threads(1)
+        cls.context = context
+
+    @classmethod
+    def run(cls, cell: Cell) -> str:
+        assert cls.context is not None
+        return cls.context.run(cell)
+
+
+def _run_cells(todo: list[Cell], context: _CellContext, workers: int, show: bool) -> None:
+    """Run the cells in this process, or in ``workers`` forked processes with one torch thread each.
+
+    Small heads on cached embeddings use a core far better one-per-process than two threads on one
+    model; a crash in a worker still leaves every finished cell on disk.
+    """
+    bar = tqdm(total=len(todo), desc="ablation", disable=not show, unit="cell")
+    if workers <= 1 or len(todo) <= 1:
+        for cell in todo:
+            context.run(cell)
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_Worker.start, initargs=(context,))
+        with pool:
+            for future in as_completed([pool.submit(_Worker.run, cell) for cell in todo]):
+                future.result()
+                bar.update()
+    bar.close()
+
+
+def _shared_backbone(cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, show: bool) -> Prepared | None:
+    """One frozen backbone and its cached embeddings, shared by every image model of the ablation."""
+    if cfg.train.mode != "frozen" or not any(m != "metadata_only" for m in cfg.ablation.models):
+        return None
+    prep = prepare(replace(cfg, model={"name": "image_only"}), ham, cell_splits(folds, 0, cfg.ablation.folds))
+    prep.embeddings(show=show)
+    return prep
+
+
+def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -> dict[str, Path]:
+    """Run (or finish) the ablation configured in ``cfg`` and write results, summaries and plots to ``out``."""
+    _check_models(cfg)
+    out = Path(out)
+    ham = resolve_data(cfg, show)
+    cfg = replace(cfg, data={"root": str(ham.root)})
+    folds = fold_assignment(ham.metadata, cfg.ablation.folds, cfg.data.split_seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "config.toml") as fh:
+        fh.write(to_toml(cfg))
+    with atomic_write(out / "folds.csv") as fh:
+        ham.metadata[["image_id", "lesion_id", "dx"]].assign(fold=folds.to_numpy()).to_csv(fh, index=False)
+    write_json(out / "versions.json", {**library_versions(), "torch_threads": torch.get_num_threads()})
+    t0 = time.perf_counter()
+    shared = _shared_backbone(cfg, ham, folds, show)
+    embed_seconds = time.perf_counter() - t0
+    cells = list(_cells(cfg))
+    todo = [c for c in cells if not (out / "cells" / f"{c.name}.json").is_file()]
+    if show and len(todo) < len(cells):
+        print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already done")
+    t1 = time.perf_counter()
+    _run_cells(todo, _CellContext(cfg, ham, folds, shared, out), cfg.ablation.workers, show)
+    timing = {"embedding_seconds": round(embed_seconds, 2), "cells_seconds": round(time.perf_counter() - t1, 2),
+              "cells_computed": len(todo), "cells_total": len(cells)}
+    records = [read_json(out / "cells" / f"{c.name}.json") for c in cells]
+    return write_summaries(records, cfg, ham, out, timing)
