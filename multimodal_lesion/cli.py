@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Callable
 
 from .errors import MMLesionError
@@ -103,9 +104,10 @@ def _models(args: argparse.Namespace) -> int:
          lambda p: (_config_args(p), p.add_argument("--out", required=True),
                     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")))
 def _train(args: argparse.Namespace) -> int:
+    cfg = _load_cfg(args)  # config mistakes fail before the heavy imports
     from .training.runner import train_run
 
-    metrics = train_run(_load_cfg(args), args.out, resume=args.resume)
+    metrics = train_run(cfg, args.out, resume=args.resume)
     _print_headline(metrics)
     print(f"wrote {args.out}")
     return 0
@@ -163,9 +165,10 @@ def _explain(args: argparse.Namespace) -> int:
 @command("ablate", "every model over lesion-grouped folds x seeds, with CIs and subgroups",
          lambda p: (_config_args(p), p.add_argument("--out", required=True)))
 def _ablate(args: argparse.Namespace) -> int:
+    cfg = _load_cfg(args)
     from .ablation import run_ablation
 
-    paths = run_ablation(_load_cfg(args), args.out)
+    paths = run_ablation(cfg, args.out)
     print(paths["summary_md"].read_text())
     print(f"wrote {args.out}")
     return 0
@@ -209,7 +212,9 @@ def _print_headline(metrics: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mmlesion`` argument parser with every registered sub-command."""
-    parser = argparse.ArgumentParser(prog="mmlesion", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="mmlesion", description="Skin-lesion classification from a dermoscopic image and patient metadata, "
+        "explained jointly (Grad-CAM + SHAP). Start with `mmlesion demo`.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, fn) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -221,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a sub-command; user mistakes become one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*decompression bomb.*")  # our own pixel limit reports it
     try:
         return args.func(args)
     except MMLesionError as exc:

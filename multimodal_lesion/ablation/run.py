@@ -16,11 +16,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ExperimentConfig, replace, to_toml
+from ..config import ExperimentConfig, replace, to_dict, to_toml
+from ..data.cache import cache_key
 from ..data.constants import CLASSES
 from ..data.ham10000 import Ham10000
 from ..data.splits import fold_assignment
-from ..io import atomic_write, read_json, write_json
+from ..io import atomic_write, read_json, remove_stale_temps, write_json
 from ..models import list_models
 from ..errors import ConfigError
 from ..training.engine import class_weights, fit, predict_logits
@@ -42,6 +43,21 @@ class Cell:
     @property
     def name(self) -> str:
         return f"{self.model}__fold{self.fold}__seed{self.seed}"
+
+
+def config_key(cfg: ExperimentConfig) -> str:
+    """What a finished cell depends on: the whole config except how many workers ran it."""
+    raw = to_dict(cfg)
+    raw["ablation"].pop("workers")
+    return cache_key(raw)
+
+
+def _done(path: Path, key: str) -> bool:
+    """A cell file that exists, parses and was computed under the same config."""
+    try:
+        return read_json(path).get("config_key") == key
+    except (OSError, ValueError):
+        return False
 
 
 def cell_splits(folds: pd.Series, k: int, n_folds: int) -> pd.DataFrame:
@@ -129,8 +145,9 @@ class _CellContext:
     out: Path
 
     def run(self, cell: Cell) -> str:
-        """Train, test and save one cell (atomically); returns its name."""
-        write_json(self.out / "cells" / f"{cell.name}.json", run_cell(cell, self.cfg, self.ham, self.folds, self.shared))
+        """Train, test and save one cell (atomically, stamped with the config key); returns its name."""
+        record = run_cell(cell, self.cfg, self.ham, self.folds, self.shared)
+        write_json(self.out / "cells" / f"{cell.name}.json", {**record, "config_key": config_key(self.cfg)})
         return cell.name
 
 
@@ -141,6 +158,7 @@ class _Worker:
 
     @classmethod
     def start(cls, context: _CellContext) -> None:
+        _die_with_parent()
         torch.set_num_threads(1)
         cls.context = context
 
@@ -148,6 +166,17 @@ class _Worker:
     def run(cls, cell: Cell) -> str:
         assert cls.context is not None
         return cls.context.run(cell)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when the parent dies, so a killed ablation leaves no orphans."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _run_cells(todo: list[Cell], context: _CellContext, workers: int, show: bool) -> None:
@@ -191,6 +220,7 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
     cfg = replace(cfg, data={"root": str(ham.root)})
     folds = fold_assignment(ham.metadata, cfg.ablation.folds, cfg.data.split_seed)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     with atomic_write(out / "config.toml") as fh:
         fh.write(to_toml(cfg))
     with atomic_write(out / "folds.csv") as fh:
@@ -200,7 +230,8 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
     shared = _shared_backbone(cfg, ham, folds, show)
     embed_seconds = time.perf_counter() - t0
     cells = list(_cells(cfg))
-    todo = [c for c in cells if not (out / "cells" / f"{c.name}.json").is_file()]
+    key = config_key(cfg)
+    todo = [c for c in cells if not _done(out / "cells" / f"{c.name}.json", key)]
     if show and len(todo) < len(cells):
         print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already done")
     t1 = time.perf_counter()

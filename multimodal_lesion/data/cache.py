@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..io import atomic_write
+from ..io import atomic_write, temp_name
 from .ham10000 import Ham10000, load_rgb
 
 CACHE_VERSION = 1
@@ -84,7 +84,7 @@ def image_array(ham: Ham10000, size: tuple[int, int], cache_dir: str | os.PathLi
 def _build(paths: list[str], size: tuple[int, int], array_path: Path, shape: tuple[int, ...],
            threads: int) -> None:
     """Decode all images into a temp .npy beside ``array_path`` and rename it into place."""
-    tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
+    tmp = temp_name(array_path)
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     try:
         with ThreadPoolExecutor(max_workers=threads) as pool:

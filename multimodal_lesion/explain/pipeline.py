@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from ..data.constants import CLASSES, PATIENT_FEATURES
 from ..data.ham10000 import load_mask
@@ -116,8 +117,10 @@ def lesion_mask(prep: Prepared, row: int) -> np.ndarray | None:
     path = prep.ham.metadata["mask_path"].iloc[row]
     if not path:
         return None
+    with Image.open(prep.ham.metadata["path"].iloc[row]) as img:
+        original = img.size  # a mask must match its image before both are resized
     height, width = prep.cfg.data.image_size
-    return load_mask(path, size=(width, height))
+    return load_mask(path, size=(width, height), expected_size=original)
 
 
 def faithfulness(run: LoadedRun, batch: CaseBatch, cams: np.ndarray | None) -> list[dict[str, Any]]:

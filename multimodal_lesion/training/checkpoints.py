@@ -9,13 +9,14 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..io import temp_name
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` to a temp file beside ``path`` and rename it: never a half-written checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_name(path)
     try:
         torch.save(state, tmp)
         with open(tmp, "rb") as fh:
@@ -35,10 +36,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        raise CheckpointError(f"{path}: refused, not a plain weights file ({first[:160]})") from None
+        raise CheckpointError(f"{path}: refused, not a plain weights file ({_refusal_reason(exc)[:160]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:160]})") from None
+
+
+def _refusal_reason(exc: pickle.UnpicklingError) -> str:
+    """The line of torch's refusal that names what was found (e.g. 'unsupported GLOBAL posix.system').
+
+    Its first line is generic and goes on to suggest ``weights_only=False``: advice never to relay here.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "global" in ln.lower() or "unsupported" in ln.lower()]
+    return (named or lines or ["unsupported content"])[0]
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: str | os.PathLike) -> None:

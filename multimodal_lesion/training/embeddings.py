@@ -56,9 +56,12 @@ def cached_embeddings(branch: nn.Module, images: Callable[[], np.ndarray], n: in
     key = cache_key(fingerprint, sorted(identity.items()), flip_average, EMBED_VERSION)
     path, meta_path = folder / f"embeddings-{key}.npy", folder / f"embeddings-{key}.json"
     if path.is_file() and meta_path.is_file():
-        arr = np.load(path)
-        if arr.shape == (n, branch.num_features):
-            return arr
+        try:
+            arr = np.load(path)
+            if arr.shape == (n, branch.num_features) and np.isfinite(arr).all():
+                return arr
+        except (ValueError, OSError, EOFError):
+            pass  # damaged: computed again below and replaced atomically
     arr = compute_embeddings(branch, images(), normalize, flip_average=flip_average, batch_size=batch_size,
                              device=device, show=show)
     folder.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from ..data.ham10000 import Ham10000, read_ham10000
 from ..data.sampling import EpochSampler, TensorBatches
 from ..data.splits import split_lesions
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_write, read_json, write_json
+from ..io import atomic_write, read_json, remove_stale_temps, write_json
 from ..models import create_model
 from .calibration import TemperatureScaler
 from .checkpoints import load_checkpoint, load_model_state
@@ -254,6 +254,8 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, resume: bool = False, s
     if resume and not (out / "last.pt").is_file():
         raise CheckpointError(f"{out}: nothing to resume (no last.pt)")
     info = init_distributed(cfg.train.device)
+    if info.is_main and out.is_dir():
+        remove_stale_temps(out)
     with main_first(info):
         ham = resolve_data(cfg, show and info.is_main)
         cfg = replace(cfg, data={"root": str(ham.root)})
