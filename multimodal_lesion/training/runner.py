@@ -7,6 +7,7 @@ figures and ``versions.json``.
 from __future__ import annotations
 
 import platform
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -106,6 +107,7 @@ class Prepared:
     targets: np.ndarray
     model: torch.nn.Module
     device: torch.device
+    notes: list[str] = field(default_factory=list)  # e.g. categories unseen in training, encoded as unknown
     _images: np.ndarray | None = field(default=None, repr=False)
     _embeddings: np.ndarray | None = field(default=None, repr=False)
 
@@ -196,7 +198,9 @@ def prepare(cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, encoder:
         torch.set_num_threads(cfg.train.threads)
     train_rows = ham.metadata[splits["split"].to_numpy() == "train"]
     encoder = encoder or MetadataEncoder().fit(train_rows)
-    meta = encoder.transform(ham.metadata).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:  # categories unseen in training -> unknown
+        warnings.simplefilter("always", UserWarning)
+        meta = encoder.transform(ham.metadata).astype(np.float32)
     targets = ham.metadata["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(np.int64)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
@@ -207,7 +211,8 @@ def prepare(cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, encoder:
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    return Prepared(cfg, ham, splits, encoder, meta, targets, model, device)
+    notes = [str(w.message) for w in caught]
+    return Prepared(cfg, ham, splits, encoder, meta, targets, model, device, notes)
 
 
 def evaluate_prepared(prep: Prepared, out: Path, splits: tuple[str, ...] = ("val", "test"), tta: bool = False,
@@ -273,7 +278,7 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, resume: bool = False, s
     metrics: dict[str, Any] = {}
     if info.is_main:
         metrics = evaluate_prepared(prep, out, tta=cfg.train.tta, show=show)
-        metrics.update(best_epoch=result.best_epoch, model=cfg.model.name, mode=cfg.train.mode,
+        metrics.update(best_epoch=result.best_epoch, model=cfg.model.name, mode=cfg.train.mode, notes=prep.notes,
                        world_size=info.world_size, data_root=str(ham.root),
                        n_lesions={s: int(ham.metadata["lesion_id"][prep.indices(s)].nunique())
                                   for s in ("train", "val", "test")})
