@@ -306,15 +306,14 @@ class JpegImages:
 
 def _loader(ctx: BenchContext, images: Any, rows: np.ndarray) -> torch.utils.data.DataLoader:
     """A training-style DataLoader (LesionDataset, augmentation, shuffled epoch sampler) over any image source."""
-    from .data.datasets import LesionDataset, build_augmentation
+    from .data.datasets import LesionDataset, NormalizingCollate, build_augmentation
     from .data.sampling import EpochSampler
 
     prep, cfg = ctx.end2end, ctx.cfg
-    dataset = LesionDataset(images, prep.meta, prep.targets, prep.image_ids, rows, prep.normalize,
-                            build_augmentation(cfg.train.augment))
+    dataset = LesionDataset(images, prep.meta, prep.targets, prep.image_ids, rows, build_augmentation(cfg.train.augment))
     sampler = EpochSampler(len(rows), shuffle=True, seed=cfg.train.seed)
     return torch.utils.data.DataLoader(dataset, batch_size=ctx.sizes.train_batch, sampler=sampler,
-                                       num_workers=cfg.data.num_workers)
+                                       num_workers=cfg.data.num_workers, collate_fn=NormalizingCollate(prep.normalize))
 
 
 def _naive_images(ctx: BenchContext) -> JpegImages:
@@ -531,8 +530,7 @@ def _explain_inputs(ctx: BenchContext, run: Any) -> ExplainInputs:
     prep = run.prep
     cases = prep.indices("test")[:ctx.sizes.explain_cases]
     background = ctx.subsample(prep.indices("train"), prep.cfg.explain.background_size)
-    images = torch.stack([prep.normalize(torch.from_numpy(np.array(img)).permute(2, 0, 1))
-                          for img in prep.images()[cases]]).to(prep.device)
+    images = prep.normalize(torch.from_numpy(np.array(prep.images()[cases])).permute(0, 3, 1, 2)).to(prep.device)
     meta = torch.from_numpy(prep.meta[cases]).to(prep.device)
     emb = embed_images(prep.model.image_branch, images, flip_average=False)
     targets = prep.model.forward_head(emb, meta).argmax(1).tolist()

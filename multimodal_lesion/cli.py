@@ -197,6 +197,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--json", help="write the figures (with the machine) to this JSON file")
+    p.add_argument("--size", action="append", default=[], metavar="KEY=VALUE", help="sample sizes, e.g. train_steps=20")
+    p.add_argument("--sections", nargs="+", metavar="NAME", help="data training embeddings ablation explanations")
+    p.add_argument("--tiny", action="store_true", help="a tiny synthetic input (seconds): checks the harness runs")
+
+
+@command("bench", "throughput and memory of each stage against the naive way, measured in one run", _bench_args)
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import TINY_SIZES, format_table, parse_sizes, run_benchmark
+
+    sizes = parse_sizes(args.size, TINY_SIZES if args.tiny else None) if args.size else None
+    results = run_benchmark(args.data, args.json, tiny=args.tiny, config=args.config, overrides=args.overrides,
+                            sections=args.sections, sizes=sizes)
+    print(format_table(results))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _print_notes(notes: list[str]) -> None:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

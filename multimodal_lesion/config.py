@@ -76,9 +76,9 @@ class ExplainConfig:
     target_layer: str = ""  # dotted module path inside the backbone; empty = its last feature stage
     background_size: int = 50  # training cases used as the SHAP / modality background
     n_cases: int = 12  # cases explained when none are named
-    faithfulness_cases: int = 20  # cases that also get deletion/insertion curves (the costly part)
+    faithfulness_cases: int = 8  # cases that also get deletion/insertion curves (the costly part)
     randomisation_cases: int = 8  # cases that get the model-randomisation sanity check
-    steps: int = 20  # perturbation steps of the deletion / insertion curves
+    steps: int = 10  # perturbation steps of the deletion / insertion curves
     seed: int = 0  # seed of the case sample, the background sample and the random baseline map
 
 

@@ -36,27 +36,40 @@ def build_augmentation(name: str) -> Transform | None:
 
 
 class Normalize:
-    """uint8 CHW tensor -> float tensor normalised with the backbone's mean and std."""
+    """uint8 CHW (or NCHW) tensor -> float tensor normalised with the backbone's mean and std."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+        self.shift = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / torch.tensor(std).view(-1, 1, 1)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return (image.float().div_(255.0) - self.mean) / self.std
+        return image.to(torch.float32, copy=True).mul_(self.scale).sub_(self.shift)
+
+
+class NormalizingCollate:
+    """Stack uint8 samples into a batch and normalise it in one vectorised step (not per image)."""
+
+    def __init__(self, normalize: Normalize) -> None:
+        self.normalize = normalize
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = torch.utils.data.default_collate(samples)
+        batch["image"] = self.normalize(batch["image"])
+        return batch
 
 
 class LesionDataset(Dataset):
     """Images from a cached uint8 array (N, H, W, 3) with encoded metadata and targets.
 
-    ``indices`` selects the rows of the arrays that belong to this split.
+    ``indices`` selects the rows of the arrays that belong to this split. Samples carry the
+    (augmented) uint8 image; :class:`NormalizingCollate` normalises whole batches.
     """
 
     def __init__(self, images: np.ndarray, meta: np.ndarray, targets: np.ndarray, image_ids: Sequence[str],
-                 indices: Sequence[int], normalize: Normalize, augment: Transform | None = None) -> None:
+                 indices: Sequence[int], augment: Transform | None = None) -> None:
         self.images, self.meta, self.targets = images, meta, targets
         self.image_ids, self.indices = list(image_ids), np.asarray(indices, dtype=np.int64)
-        self.normalize, self.augment = normalize, augment
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -66,5 +79,5 @@ class LesionDataset(Dataset):
         image = torch.from_numpy(np.array(self.images[j])).permute(2, 0, 1)
         if self.augment is not None:
             image = self.augment(image)
-        return {"image": self.normalize(image), "meta": torch.from_numpy(self.meta[j]),
+        return {"image": image, "meta": torch.from_numpy(self.meta[j]),
                 "target": torch.tensor(int(self.targets[j])), "image_id": self.image_ids[j]}

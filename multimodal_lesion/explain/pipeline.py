@@ -78,7 +78,7 @@ def embeddings_of(prep: Prepared, rows: np.ndarray) -> torch.Tensor | None:
 
 def _images(prep: Prepared, rows: np.ndarray) -> torch.Tensor:
     pixels = torch.from_numpy(np.array(prep.images()[rows])).permute(0, 3, 1, 2)
-    return torch.stack([prep.normalize(p) for p in pixels]).to(prep.device)
+    return prep.normalize(pixels).to(prep.device)
 
 
 def load_cases(run: LoadedRun, rows: np.ndarray) -> CaseBatch:

@@ -39,7 +39,7 @@ def compute_embeddings(branch: nn.Module, images: np.ndarray, normalize: Normali
     out = np.empty((len(images), branch.num_features), dtype=np.float32)
     for start in tqdm(range(0, len(images), batch_size), desc="embedding", disable=not show, unit="batch"):
         chunk = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
-        x = torch.stack([normalize(img) for img in chunk]).to(device)
+        x = normalize(chunk).to(device)
         out[start:start + len(chunk)] = embed_images(branch, x, flip_average).float().cpu().numpy()
     return out
 

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..io import atomic_write
 from .checkpoints import load_checkpoint, save_checkpoint
-from .metrics import classification_metrics
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_balanced_accuracy", "val_macro_auroc", "lr",
                   "seconds", "images_per_s")
@@ -114,11 +113,28 @@ def predict_logits(model: nn.Module, batches: Iterable[dict], device: torch.devi
     return torch.cat(logits).numpy(), torch.cat(targets).numpy(), ids
 
 
+def validation_scores(y: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """What early stopping and history.csv need each epoch (the full metrics come at the end)."""
+    from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
+
+    probs = torch.softmax(torch.from_numpy(logits).double(), 1).numpy()
+    labels = np.arange(probs.shape[1])
+    present = np.unique(y)
+    auroc = float("nan")
+    if len(present) > 1:
+        auroc = float(roc_auc_score(y, probs[:, present] / probs[:, present].sum(1, keepdims=True),
+                                    multi_class="ovr", labels=present)) if len(present) > 2 else \
+            float(roc_auc_score(y == present[1], probs[:, present[1]]))
+    return {"balanced_accuracy": float(balanced_accuracy_score(y, probs.argmax(1))), "macro_auroc": auroc,
+            "nll": float(log_loss(y, probs, labels=labels))}
+
+
 def _train_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Module, optimizer, scheduler,
                  scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device, desc: str, show: bool
                  ) -> tuple[float, int, float]:
     """One pass over the training batches; returns (mean loss, images seen, seconds in forward/backward)."""
     _set_train_mode(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # not the frozen backbone, every step
     total, seen, compute = 0.0, 0, 0.0
     start = time.perf_counter()
     bar = tqdm(batches, desc=desc, leave=False, disable=not show, unit="batch")
@@ -131,7 +147,7 @@ def _train_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Module, 
         scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -201,8 +217,7 @@ def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[d
                                      f"epoch {epoch + 1}/{cfg.epochs}", show)
         seconds = time.perf_counter() - t0
         logits, y, _ = predict_logits(_unwrap(model), val_batches, device, amp=cfg.amp)
-        probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
-        val = classification_metrics(y, probs)
+        val = validation_scores(y, logits)
         state["history"].append({
             "epoch": epoch + 1, "train_loss": round(loss, 6), "val_loss": round(val["nll"], 6),
             "val_balanced_accuracy": round(val["balanced_accuracy"], 6),

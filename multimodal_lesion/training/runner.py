@@ -19,7 +19,7 @@ import torch
 
 from ..config import ExperimentConfig, load_config, replace, to_toml
 from ..data.constants import CLASSES, UNKNOWN
-from ..data.datasets import LesionDataset, Normalize, build_augmentation
+from ..data.datasets import LesionDataset, Normalize, NormalizingCollate, build_augmentation
 from ..data.encoder import MetadataEncoder
 from ..data.ham10000 import Ham10000, read_ham10000
 from ..data.sampling import EpochSampler, TensorBatches
@@ -164,10 +164,12 @@ class Prepared:
             tensors = {"meta": torch.from_numpy(self.meta[idx]), "target": torch.from_numpy(self.targets[idx])}
             if self.model.image_branch is not None:
                 tensors["embedding"] = torch.from_numpy(self.embeddings(show)[idx])
-            return TensorBatches(tensors, [self.image_ids[i] for i in idx], t.batch_size, sampler)
-        dataset = LesionDataset(self.images(), self.meta, self.targets, self.image_ids, idx, self.normalize,
+            ids = self.image_ids
+            return TensorBatches(tensors, [ids[i] for i in idx], t.batch_size, sampler)
+        dataset = LesionDataset(self.images(), self.meta, self.targets, self.image_ids, idx,
                                 build_augmentation(t.augment) if train else None)
         return _EpochLoader(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=sampler,
+                                                        collate_fn=NormalizingCollate(self.normalize),
                                                         num_workers=self.cfg.data.num_workers,
                                                         pin_memory=self.device.type == "cuda"), sampler)
 
