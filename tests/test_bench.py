@@ -1,0 +1,77 @@
+"""The benchmark harness runs end to end on a tiny input and writes every section; no timing assertions."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from multimodal_lesion.bench import (SECTIONS, BenchSizes, JpegImages, ReportTiming, StepTimer,
+                                     estimate_report_seconds, format_table, measured, parse_sizes, run_benchmark)
+from multimodal_lesion.data.cache import decode_resized
+from multimodal_lesion.errors import ConfigError
+from multimodal_lesion.io import read_json
+
+
+def test_tiny_benchmark_writes_json_with_all_sections(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MMLESION_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench.json"
+    results = run_benchmark(None, str(out), tiny=True, show=False)
+    saved = read_json(out)
+    assert set(saved["sections"]) == set(SECTIONS)
+    assert saved["machine"]["cores"] == os.cpu_count() and saved["tiny"] is True
+    for name, section in saved["sections"].items():
+        assert section["figures"], name
+        assert section["machine"]["torch_threads"] >= 1 and "peak_anon_mb" in section["memory"]
+        assert all(math.isfinite(f["value"]) for f in section["figures"]), name
+    names = {f["name"] for f in saved["targets"]}
+    assert any("outside forward/backward" in n for n in names) and any("full ablation" in n for n in names)
+    diff = next(f for f in saved["sections"]["explanations"]["figures"] if f["name"].startswith("max |grouped"))
+    assert diff["value"] <= 1e-4  # exact grouped SHAP equals KernelExplainer on the live two-input model
+    table = format_table(results)
+    assert all(name in table for name in SECTIONS)
+
+
+def test_measured_sees_numpy_and_torch_allocations() -> None:
+    with measured() as record:
+        a = np.ones(64 * 2**20 // 8)  # 64 MB, numpy
+        b = torch.ones(64 * 2**20 // 4)  # 64 MB, torch CPU
+    assert record["seconds"] >= 0 and a.size and b.numel()
+    if record["memory"]["peak_anon_mb"] is not None:  # Linux: /proc is there
+        assert record["memory"]["peak_anon_mb"] >= 100
+
+
+def test_step_timer_splits_forward_and_backward_and_removes_hooks() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 7))
+    with StepTimer(model, torch.device("cpu")) as timer:
+        for _ in range(3):
+            model(torch.randn(32, 64)).sum().backward()
+    assert timer.forward_seconds > 0 and len(timer.spans) == 3 and timer.backward_seconds > 0
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
+
+
+def test_naive_jpeg_source_decodes_the_same_pixels_as_the_cache(tiny_ham: Path) -> None:
+    path = str(next((tiny_ham / "HAM10000_images_part_1").glob("*.jpg")))
+    naive = JpegImages([path], (64, 96))
+    assert len(naive) == 1
+    np.testing.assert_array_equal(naive[0], decode_resized(path, (64, 96)))
+
+
+def test_parse_sizes_applies_pairs_and_names_bad_keys() -> None:
+    sizes = parse_sizes(["train_steps=5", "report_cases=2,6"])
+    assert sizes.train_steps == 5 and sizes.report_cases == (2, 6) and sizes.data_images == BenchSizes().data_images
+    with pytest.raises(ConfigError, match="nope"):
+        parse_sizes(["nope=1"])
+    with pytest.raises(ConfigError, match="train_steps=x"):
+        parse_sizes(["train_steps=x"])
+
+
+def test_report_estimate_caps_the_faithfulness_stage() -> None:
+    # fixed 5 s untimed + 0.1 s untimed per case; 1 s per case of other stages; faithfulness 2 s per case (cap 20)
+    small = ReportTiming(2, 5 + 0.2 + 2 + 4, {"gradcam": 2.0, "faithfulness": 4.0})
+    large = ReportTiming(10, 5 + 1.0 + 10 + 20, {"gradcam": 10.0, "faithfulness": 20.0})
+    assert math.isclose(estimate_report_seconds(small, large, 100, 20), 5 + 100 * 1.1 + 20 * 2)
