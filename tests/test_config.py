@@ -67,3 +67,18 @@ def test_invalid_toml_is_one_line(tmp_path: Path) -> None:
     path.write_text("[train\nlr=1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(path)
+
+
+SCRIPTS = sorted((Path(__file__).parents[1] / "experiments").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_experiment_scripts_have_usage_and_run_help(script: Path) -> None:
+    import ast
+    import subprocess
+    import sys
+
+    doc = ast.get_docstring(ast.parse(script.read_text()))
+    assert doc and "Usage:" in doc
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--data" in proc.stdout
