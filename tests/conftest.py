@@ -45,6 +45,17 @@ def write_tiny_ham(root: Path, n_lesions: int = 28, seed: int = 0) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for modules of tiny models: on a busy 2-core machine threads mostly wait."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_ham(tmp_path: Path) -> Path:
     """A fresh tiny dataset per test (tests may corrupt it)."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_gradcam import Planted, build_planted, single_thread  # noqa: F401  (shared test helpers)
+from test_gradcam import Planted, build_planted  # shared test helpers
 
 from multimodal_lesion.errors import ConfigError
 from multimodal_lesion.explain import (BoundMetadata, GradCamExplainer, centre_map, curve_auc, energy_inside,
                                        faithfulness_report, perturbation_curve, pointing_game, random_map,
                                        randomisation_check, randomised_cams, randomised_copy)
 from multimodal_lesion.explain.faithfulness import cascading_randomisation
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -24,13 +23,7 @@ def small_model(name: str = "gated", seed: int = 0, meta_dim: int = D, num_class
     return create_model(name, meta_dim=meta_dim, num_classes=num_classes, cfg=SMALL)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """One torch thread: these models are tiny, and on a busy 2-core machine threads mostly wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def hooks_of(layer: nn.Module) -> int:

@@ -8,13 +8,15 @@ import pytest
 import shap
 import torch
 from captum.attr import ShapleyValues
-from test_gradcam import single_thread, small_model  # noqa: F401  (shared test helpers)
+from test_gradcam import small_model  # shared test helpers
 from test_shap_groups import confident, patients
 
 from multimodal_lesion.data.encoder import MetadataEncoder
 from multimodal_lesion.errors import ConfigError
 from multimodal_lesion.explain import GroupShapExplainer, integrated_gradients, modality_shapley
 from multimodal_lesion.models import LesionModel, list_models
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 matplotlib.use("Agg")
 PLAYERS = ["image", "age", "sex", "localization"]

@@ -18,13 +18,7 @@ CFG = ModelConfig(backbone="tf_efficientnet_lite0", weights="none", meta_hidden=
 FUSION_MODELS = ("concat", "gated", "film")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one thread is faster and immune to OpenMP oversubscription on a busy 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,15 @@ import pandas as pd
 import pytest
 import shap
 import torch
-from test_gradcam import single_thread, small_model  # noqa: F401  (shared test helpers)
+from test_gradcam import small_model  # shared test helpers
 
 from multimodal_lesion.data.encoder import MetadataEncoder
 from multimodal_lesion.errors import ConfigError
 from multimodal_lesion.explain import GroupShapExplainer
 from multimodal_lesion.explain.shap_groups import coalition_masks, group_columns
 from multimodal_lesion.models import LesionModel, list_models
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 matplotlib.use("Agg")
 

@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from multimodal_lesion.data import synthetic
-from multimodal_lesion.data.constants import (CLASSES, LOCALIZATIONS, MASK_DIR, MASK_SUFFIX, METADATA_COLUMNS,
+from multimodal_lesion.data.constants import (LOCALIZATIONS, MASK_DIR, MASK_SUFFIX, METADATA_COLUMNS,
                                               METADATA_FILE, SEXES, UNKNOWN)
 from multimodal_lesion.data.ham10000 import read_ham10000
 from multimodal_lesion.data.synthetic import PLANTED, make_synthetic
