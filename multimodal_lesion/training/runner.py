@@ -80,7 +80,7 @@ def encoder_from_json(state: dict[str, Any]) -> MetadataEncoder:
     """Rebuild a fitted :class:`MetadataEncoder` from :func:`encoder_to_json`'s output."""
     encoder = MetadataEncoder(**state["params"])
     for k, v in state["learned"].items():
-        setattr(encoder, k, np.asarray(v, dtype=object) if k == "feature_names_out_" else v)
+        setattr(encoder, k, v)
     return encoder
 
 
