@@ -68,6 +68,7 @@ class TrainConfig:
     amp: bool = False  # mixed precision (GPU)
     channels_last: bool = False  # channels-last memory format (GPU)
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    ema_decay: float = 0.0  # >0: validate, keep and save an exponential moving average of the weights
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@ from multimodal_lesion.config import ExperimentConfig, load_config, to_toml
 from multimodal_lesion.data.constants import CLASSES
 from multimodal_lesion.training.embeddings import embed_images
 from multimodal_lesion.models import create_model
-from multimodal_lesion.training.engine import build_scheduler, class_weights, predict_logits, seed_everything
+from multimodal_lesion.errors import ConfigError
+from multimodal_lesion.training.checkpoints import load_checkpoint
+from multimodal_lesion.training.engine import (WeightAverage, build_scheduler, class_weights, predict_logits,
+                                               seed_everything)
 from multimodal_lesion.training.runner import evaluate_run, load_run, predict_image, train_run
 
 from conftest import write_tiny_ham
@@ -142,3 +145,35 @@ def test_distributed_data_parallel_on_cpu_with_two_processes(data_root: Path, tm
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert METRIC_KEYS <= set(metrics["test"]["calibrated"])
+
+
+def test_weight_average_follows_its_formula_and_copies_integer_buffers() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = WeightAverage(model, decay=0.9)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[1].num_batches_tracked += 5
+    ema.update(model)  # first update: decay ramps to min(0.9, 2 / 11)
+    keep = 2 / 11
+    expected = keep * start["0.weight"] + (1 - keep) * model[0].weight.detach()
+    assert torch.allclose(ema.state["0.weight"], expected)
+    assert ema.state["1.num_batches_tracked"] == 5
+    for _ in range(200):
+        ema.update(model)
+    assert torch.allclose(ema.state["0.weight"], model[0].weight.detach(), atol=1e-6)
+    with pytest.raises(ConfigError, match="train.ema_decay"):
+        WeightAverage(model, decay=1.5)
+
+
+def test_run_with_weight_averaging_keeps_the_average(data_root: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(data_root, 'model.name="concat"', "train.ema_decay=0.9", "train.epochs=3")
+    train_run(cfg, tmp_path / "ema", show=False)
+    last = load_checkpoint(tmp_path / "ema" / "last.pt")
+    best = load_checkpoint(tmp_path / "ema" / "best.pt")["model"]
+    assert last["ema_updates"] > 0
+    key = next(k for k, v in best.items() if v.is_floating_point() and k.startswith("head"))
+    if last["state"]["best_epoch"] == 3:  # the kept weights are the average, not the live weights
+        assert torch.equal(best[key], last["ema"][key]) and not torch.equal(best[key], last["model"][key])
+    else:
+        assert not torch.equal(best[key], last["model"][key])

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
+from ..errors import ConfigError
 from ..io import atomic_write
 from .checkpoints import load_checkpoint, save_checkpoint
 
@@ -34,6 +35,30 @@ class FitResult:
     best_epoch: int
     best_score: float
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+class WeightAverage:
+    """Exponential moving average of a model's state: parameters and batch-norm statistics.
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates (timm's ModelEma
+    warm-up) so the average is not dominated by the initial weights of a short run.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ConfigError(f"config key 'train.ema_decay': expected a number in (0, 1), got {decay!r}")
+        self.decay, self.updates = decay, 0
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        keep = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.state[k].lerp_(v.detach(), 1.0 - keep)
+            else:
+                self.state[k].copy_(v)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,8 +155,8 @@ def validation_scores(y: np.ndarray, logits: np.ndarray) -> dict[str, float]:
 
 
 def _train_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Module, optimizer, scheduler,
-                 scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device, desc: str, show: bool
-                 ) -> tuple[float, int, float]:
+                 scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device, desc: str, show: bool,
+                 ema: WeightAverage | None = None) -> tuple[float, int, float]:
     """One pass over the training batches; returns (mean loss, images seen, seconds in forward/backward)."""
     _set_train_mode(model)
     trainable = [p for p in model.parameters() if p.requires_grad]  # not the frozen backbone, every step
@@ -151,6 +176,8 @@ def _train_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Module, 
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update(_unwrap(model))
         if device.type == "cuda":
             torch.cuda.synchronize()
         compute += time.perf_counter() - t0
@@ -182,7 +209,8 @@ def _is_main() -> bool:
 def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[dict], cfg: TrainConfig,
         out_dir: str | Path | None = None, *, weights: torch.Tensor | None = None, resume: bool = False,
         show_progress: bool = True) -> FitResult:
-    """Train ``model`` and keep the weights of the epoch with the best validation balanced accuracy.
+    """Train ``model`` and keep the weights of the epoch with the best validation balanced accuracy
+    (with ``cfg.ema_decay`` > 0, the moving average of the weights is what is validated and kept).
 
     With ``out_dir`` it writes ``last.pt`` (everything needed to resume) and ``best.pt`` atomically
     each epoch, and ``history.csv``; ``resume=True`` continues from ``last.pt`` and, because every
@@ -196,6 +224,7 @@ def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[d
                                   label_smoothing=cfg.label_smoothing)
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     best_weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
+    ema = WeightAverage(_unwrap(model), cfg.ema_decay) if cfg.ema_decay != 0 else None
     if resume and out is not None and (out / "last.pt").is_file():
         ckpt = load_checkpoint(out / "last.pt")
         _unwrap(model).load_state_dict(ckpt["model"])
@@ -203,6 +232,8 @@ def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[d
         scheduler.load_state_dict(ckpt["scheduler"])
         best_weights = ckpt["best_model"]
         state = ckpt["state"]
+        if ema is not None:
+            ema.state, ema.updates = ckpt["ema"], ckpt["ema_updates"]
     show = show_progress and _is_main()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     for epoch in range(state["epoch"], cfg.epochs):
@@ -214,8 +245,12 @@ def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[d
                 b.set_epoch(epoch)
         t0 = time.perf_counter()
         loss, seen, _ = _train_epoch(model, train_batches, loss_fn, optimizer, scheduler, scaler, cfg, device,
-                                     f"epoch {epoch + 1}/{cfg.epochs}", show)
+                                     f"epoch {epoch + 1}/{cfg.epochs}", show, ema)
         seconds = time.perf_counter() - t0
+        live = None
+        if ema is not None:  # validate (and keep) the averaged weights
+            live = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
+            _unwrap(model).load_state_dict(ema.state)
         logits, y, _ = predict_logits(_unwrap(model), val_batches, device, amp=cfg.amp)
         val = validation_scores(y, logits)
         state["history"].append({
@@ -229,15 +264,18 @@ def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[d
             best_weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
         else:
             state["bad_epochs"] += 1
+        if live is not None:
+            _unwrap(model).load_state_dict(live)
         state["epoch"] = epoch + 1
         if show:
             h = state["history"][-1]
             tqdm.write(f"epoch {h['epoch']:3d}  loss {h['train_loss']:.4f}  val BA {h['val_balanced_accuracy']:.4f}"
                        f"  val AUROC {h['val_macro_auroc']:.4f}  {h['images_per_s']:.0f} img/s")
         if out is not None and _is_main():
+            extra = {} if ema is None else {"ema": ema.state, "ema_updates": ema.updates}
             save_checkpoint({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "best_model": best_weights, "state": state},
-                            out / "last.pt")
+                             "scheduler": scheduler.state_dict(), "best_model": best_weights, "state": state,
+                             **extra}, out / "last.pt")
             save_checkpoint({"model": best_weights, "epoch": state["best_epoch"]}, out / "best.pt")
             _write_history(out / "history.csv", state["history"])
     _unwrap(model).load_state_dict(best_weights)
