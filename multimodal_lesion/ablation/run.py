@@ -158,8 +158,13 @@ class _Worker:
 
     @classmethod
     def start(cls, context: _CellContext) -> None:
+        from threadpoolctl import threadpool_limits
+
         _die_with_parent()
         torch.set_num_threads(1)
+        # One thread in every OpenMP / BLAS pool too: a pool the parent had already started is not
+        # fork-safe, and scikit-learn's gradient boosting deadlocked on it in the forked worker.
+        threadpool_limits(1)
         cls.context = context
 
     @classmethod
