@@ -86,10 +86,12 @@ def test_shap_ranks_the_planted_feature_first(work: dict) -> None:
 
 
 def test_gradcam_falls_on_the_planted_lesion(work: dict) -> None:
-    """The lesion covers ~12% of the image: the CAM's share inside it must beat both the random map
-    (~ the area share) and the centred-Gaussian prior, and its maximum must usually fall inside."""
+    """Most of the CAM's energy falls inside the planted lesion (a median ~24% of the image, as in
+    the real masks), more than for the random map (~ the area share) and the centred-Gaussian prior,
+    and its maximum usually falls inside."""
     cases = json.loads((work["out"] / "report" / "explanations.json").read_text())["cases"]
     faith = pd.DataFrame([c["faithfulness"] for c in cases if c["faithfulness"]])
+    assert faith["energy_inside"].mean() > 0.5, faith.describe()
     assert faith["energy_inside"].mean() > 2 * faith["energy_inside_random"].mean(), faith.describe()
     assert faith["energy_inside"].mean() > faith["energy_inside_centre"].mean(), faith.describe()
     assert faith["pointing_game"].mean() >= 0.5

@@ -70,6 +70,7 @@ def test_metadata_values_follow_the_ham10000_vocabulary(meta: pd.DataFrame) -> N
 
 def test_images_are_200x150_rgb_and_masks_match(synth: Path, meta: pd.DataFrame) -> None:
     images = _image_paths(synth)
+    areas = []
     for image_id in meta.image_id[::25]:
         img = Image.open(images[image_id])
         assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (200, 150))
@@ -77,7 +78,9 @@ def test_images_are_200x150_rgb_and_masks_match(synth: Path, meta: pd.DataFrame)
         assert (mask.mode, mask.size) == ("L", (200, 150))
         values = np.asarray(mask)
         assert set(np.unique(values)) == {0, 255}
-        assert 300 < (values == 255).sum() < 0.5 * values.size
+        areas.append((values == 255).mean())
+    # lesions sized like the real masks (median 24% of the image), none filling the frame
+    assert 0.04 < min(areas) and max(areas) < 0.75 and 0.15 < np.median(areas) < 0.35, areas
 
 
 def test_every_class_present_with_flattened_real_imbalance(meta: pd.DataFrame) -> None:
