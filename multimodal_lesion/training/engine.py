@@ -40,13 +40,14 @@ class FitResult:
 class WeightAverage:
     """Exponential moving average of a model's state: parameters and batch-norm statistics.
 
-    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates (timm's ModelEma
-    warm-up) so the average is not dominated by the initial weights of a short run.
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates (the num_updates
+    warm-up of TensorFlow's ExponentialMovingAverage), so the initial weights fade out quickly.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
-            raise ConfigError(f"config key 'train.ema_decay': expected a number in (0, 1), got {decay!r}")
+            raise ConfigError(f"config key 'train.ema_decay': expected 0 (off) or a number in (0, 1), "
+                              f"got {decay!r}")
         self.decay, self.updates = decay, 0
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
