@@ -386,14 +386,13 @@ def bench_data(ctx: BenchContext) -> dict:
 def _train_steps(ctx: BenchContext, batches: Iterable[dict], steps: int) -> dict[str, Any]:
     """Run the engine's ``_train_epoch`` for one warm-up step and then ``steps`` timed steps."""
     from .data.constants import CLASSES
-    from .training.engine import _train_epoch, build_optimizer, build_scheduler, class_weights
+    from .training.engine import _train_epoch, build_loss, build_optimizer, build_scheduler, class_weights
 
     prep, t = ctx.end2end, ctx.end2end.cfg.train
     weights = class_weights(prep.targets[prep.indices("train")], len(CLASSES)) if t.balance == "weighted_loss" else None
     optimizer = build_optimizer(prep.model, t)
     scheduler = build_scheduler(optimizer, t, steps + 1)
-    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(prep.device),
-                                  label_smoothing=t.label_smoothing)
+    loss_fn = build_loss(t, weights, prep.device)
     scaler = torch.amp.GradScaler(prep.device.type, enabled=t.amp and prep.device.type == "cuda")
     args = (loss_fn, optimizer, scheduler, scaler, t, prep.device, "bench", False)
     iterator = iter(batches)

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from multimodal_lesion.config import ExperimentConfig, load_config, to_toml
+from multimodal_lesion.config import ExperimentConfig, TrainConfig, load_config, to_toml
 from multimodal_lesion.data.constants import CLASSES
 from multimodal_lesion.training.embeddings import embed_images
 from multimodal_lesion.models import create_model
 from multimodal_lesion.errors import ConfigError
 from multimodal_lesion.training.checkpoints import load_checkpoint
-from multimodal_lesion.training.engine import (WeightAverage, build_scheduler, class_weights, predict_logits,
-                                               seed_everything)
+from multimodal_lesion.training.engine import (WeightAverage, WeightedSmoothedCrossEntropy, build_loss,
+                                               build_scheduler, class_weights, predict_logits, seed_everything)
 from multimodal_lesion.training.runner import evaluate_run, load_run, predict_image, train_run
 
 from conftest import write_tiny_ham
@@ -58,9 +58,11 @@ def test_run_folder_is_complete(frozen_run: tuple[Path, dict]) -> None:
         assert len(list(csv.DictReader(fh))) == 3
     on_disk = json.loads((out / "metrics.json").read_text())
     for split in ("val", "test"):
-        for variant in ("uncalibrated", "calibrated"):
+        for variant in ("uncalibrated", "calibrated", "balanced"):
             assert METRIC_KEYS <= set(on_disk[split][variant])
-    assert on_disk["temperature"] > 0
+    assert on_disk["temperature"] > 0 and on_disk["balanced_temperature"] > 0
+    assert list(on_disk["balanced_bias"]) == list(CLASSES)
+    assert sum(on_disk["balanced_bias"].values()) == pytest.approx(0.0, abs=1e-3)
     assert set(metrics["n_lesions"]) == {"train", "val", "test"}
     versions = json.loads((out / "versions.json").read_text())
     assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"].startswith(torch.__version__[:4])
@@ -133,6 +135,47 @@ def test_class_weights_and_schedule() -> None:
 
 
 @pytest.mark.slow
+def test_smoothed_loss_matches_pytorch_where_pytorch_is_right() -> None:
+    """No class weights, or no smoothing: the loss is exactly torch's cross-entropy."""
+    gen = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(32, 7, generator=gen), torch.randint(0, 7, (32,), generator=gen)
+    weights = class_weights(np.array([0] * 50 + [1] * 5 + [2, 3, 4, 5, 6] * 3), 7)
+    assert torch.allclose(WeightedSmoothedCrossEntropy(None, 0.1)(logits, target),
+                          torch.nn.CrossEntropyLoss(label_smoothing=0.1)(logits, target))
+    assert torch.allclose(WeightedSmoothedCrossEntropy(weights, 0.0)(logits, target),
+                          torch.nn.CrossEntropyLoss(weight=weights)(logits, target))
+
+
+def _minimiser(loss_fn: torch.nn.Module, target: int, classes: int = 7) -> torch.Tensor:
+    """Softmax of the logits that minimise ``loss_fn`` for one image of class ``target``."""
+    logits = torch.zeros(1, classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([logits], max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(logits, torch.tensor([target]))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return torch.softmax(logits.detach(), 1)[0]
+
+
+def test_class_weights_do_not_move_the_smoothed_target() -> None:
+    """With inverse-frequency weights the best answer for a common-class image is still the smoothed
+    label (1 - e + e/K, and e/K for every other class); torch's weighted smoothing instead pushes it
+    towards the rare classes (pytorch/pytorch#104776), which is what flattened rare-class AUROC."""
+    weights = class_weights(np.array([0] * 670 + [1] * 110 + [2] * 110 + [3] * 50 + [4] * 30 + [5] * 14 + [6] * 11), 7).double()
+    e, k = 0.1, 7
+    ours = _minimiser(build_loss(TrainConfig(label_smoothing=e), weights, torch.device("cpu")), target=0)
+    expected = torch.full((k,), e / k)
+    expected[0] += 1 - e
+    assert torch.allclose(ours, expected.double(), atol=1e-6)
+    torchs = _minimiser(torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=e), target=0)
+    assert torchs[6] > 5 * expected[6]  # the rarest class gets several times its share
+
+
 def test_distributed_data_parallel_on_cpu_with_two_processes(data_root: Path, tmp_path: Path) -> None:
     config = tmp_path / "ddp.toml"
     config.write_text(to_toml(tiny_cfg(data_root, 'train.mode="end2end"', 'train.device="cpu"', "train.epochs=2")))

@@ -119,6 +119,37 @@ def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
 
 
+class WeightedSmoothedCrossEntropy(nn.Module):
+    """Cross-entropy with label smoothing where a class weight weighs the images of that class.
+
+    ``nn.CrossEntropyLoss(weight=w, label_smoothing=e)`` instead weighs the smoothing term of every
+    image by each *other* class's weight (pytorch/pytorch#104776): with inverse-frequency weights,
+    every common-class image is pushed to give the rare classes probability, which floors their
+    scores and costs their AUROC. Here the loss of image i is
+    ``w[y_i] * ((1 - e) * -log p[y_i] + e * mean_c(-log p[c]))``, averaged with weights ``w[y_i]``
+    as PyTorch averages a weighted loss; without weights it equals PyTorch's loss.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=1)
+        e = self.label_smoothing
+        per_image = -(1.0 - e) * logp.gather(1, target[:, None])[:, 0] - e * logp.mean(dim=1)
+        if self.weight is None:
+            return per_image.mean()
+        w = self.weight[target]
+        return (w * per_image).sum() / w.sum()
+
+
+def build_loss(cfg: TrainConfig, weights: torch.Tensor | None, device: torch.device) -> nn.Module:
+    """The training loss of ``cfg``: class-weighted (``weights``) or plain, with label smoothing."""
+    return WeightedSmoothedCrossEntropy(None if weights is None else weights.to(device), cfg.label_smoothing)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: Iterable[dict], device: torch.device, *, tta: bool = False,
                    amp: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -221,8 +252,7 @@ def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[d
     out = Path(out_dir) if out_dir is not None else None
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_batches))  # type: ignore[arg-type]
-    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
-                                  label_smoothing=cfg.label_smoothing)
+    loss_fn = build_loss(cfg, weights, device)
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     best_weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
     ema = WeightAverage(_unwrap(model), cfg.ema_decay) if cfg.ema_decay != 0 else None
