@@ -121,9 +121,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .training.runner import evaluate_run
 
     metrics, path = evaluate_run(args.run, args.split, args.data, tta=args.tta)
-    m = metrics[args.split]["calibrated"]
-    print(f"{args.split}: balanced accuracy {m['balanced_accuracy']:.4f}, macro AUROC {m['macro_auroc']:.4f}, "
-          f"{m['n_images']} images / {m['n_lesions']} lesions")
+    _print_headline(metrics, (args.split,))
     print(f"wrote {path}")
     return 0
 
@@ -223,12 +221,13 @@ def _print_notes(notes: list[str]) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
-def _print_headline(metrics: dict) -> None:
-    for split in ("val", "test"):
-        if split in metrics:
-            m = metrics[split]["calibrated"]
-            print(f"{split}: balanced accuracy {m['balanced_accuracy']:.4f}  macro AUROC {m['macro_auroc']:.4f}  "
-                  f"ECE {m['ece']:.4f}  ({m['n_images']} images, {m['n_lesions']} lesions)")
+def _print_headline(metrics: dict, splits: tuple[str, ...] = ("val", "test")) -> None:
+    for split in (s for s in splits if s in metrics):
+        m, b = metrics[split]["calibrated"], metrics[split]["balanced"]
+        print(f"{split}: balanced accuracy {m['balanced_accuracy']:.4f} ({b['balanced_accuracy']:.4f} with the "
+              f"balanced decision)  macro AUROC {m['macro_auroc']:.4f}  melanoma AUROC "
+              f"{m['melanoma_auroc']:.4f}  ECE {m['ece']:.4f}  ({m['n_images']} images, "
+              f"{m['n_lesions']} lesions)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Temperature scaling recovers a known over-confidence factor and improves calibration, not accuracy."""
+"""Temperature scaling recovers a known over-confidence factor and improves calibration, not accuracy;
+the balanced scaler recovers a known class-prior shift and with it balanced accuracy."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +7,9 @@ import pytest
 import torch
 from scipy.special import softmax
 from sklearn.exceptions import NotFittedError
-from sklearn.metrics import log_loss
+from sklearn.metrics import balanced_accuracy_score, log_loss
 
-from multimodal_lesion.training.calibration import TemperatureScaler
+from multimodal_lesion.training.calibration import BalancedScaler, TemperatureScaler
 from multimodal_lesion.training.metrics import classification_metrics, expected_calibration_error
 
 
@@ -67,3 +68,50 @@ def test_transform_before_fit_and_bad_input_are_refused() -> None:
     with pytest.raises(ValueError):
         TemperatureScaler(bounds=(2.0, 1.0)).fit(logits, y)
     assert TemperatureScaler(bounds=(0.1, 10.0)).get_params() == {"bounds": (0.1, 10.0)}
+
+
+PRIOR = np.array([0.62, 0.12, 0.11, 0.06, 0.05, 0.02, 0.02])
+
+
+def _prior_shifted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits z of a model that is calibrated on data where class 0 is common and 5-6 are rare, y ~ softmax(z)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(scale=2.0, size=(n, 7)) + np.log(PRIOR)
+    y = (softmax(z, axis=1).cumsum(1) > rng.random((n, 1))).argmax(1)
+    return z, y
+
+
+def test_balanced_scaler_recovers_a_prior_shift_and_balanced_accuracy() -> None:
+    """For a calibrated model, reweighting every class to the same total turns p(y|x) into
+    p(y|x) / p(y) (renormalised): the fitted biases must be -log of the class frequencies (up to a
+    constant), the temperature must stay 1, and test balanced accuracy must reach that of the
+    exact prior correction."""
+    z_val, y_val = _prior_shifted(30000, seed=0)
+    z, y = _prior_shifted(30000, seed=1)
+    log_freq = np.log(np.bincount(y_val, minlength=7) / len(y_val))
+    scaler = BalancedScaler().fit(z_val, y_val)
+    assert np.allclose(scaler.bias_, -log_freq + log_freq.mean(), atol=0.1)
+    assert scaler.temperature_ == pytest.approx(1.0, abs=0.05)
+    before = balanced_accuracy_score(y, z.argmax(1))
+    after = balanced_accuracy_score(y, scaler.transform(z).argmax(1))
+    exact = balanced_accuracy_score(y, (z - log_freq).argmax(1))
+    assert after > before + 0.05
+    assert after == pytest.approx(exact, abs=0.01)
+
+
+def test_balanced_scaler_leaves_calibrated_balanced_logits_alone_and_survives_an_absent_class() -> None:
+    logits, y = _calibrated_logits(20000, seed=3)
+    counts = np.bincount(y, minlength=7)
+    keep = np.concatenate([np.flatnonzero(y == c)[: counts.min()] for c in range(7)])  # balanced classes
+    scaler = BalancedScaler().fit(logits[keep], y[keep])
+    assert np.abs(scaler.bias_).max() < 0.2 and scaler.temperature_ == pytest.approx(1.0, abs=0.1)
+    present = y != 6
+    scaler = BalancedScaler().fit(logits[present], y[present])
+    assert np.all(np.isfinite(scaler.bias_)) and scaler.bias_.argmin() == 6
+    assert np.allclose(scaler.transform(logits).sum(1), 1.0)
+    with pytest.raises(NotFittedError):
+        BalancedScaler().transform(logits)
+    with pytest.raises(ValueError, match="logit columns"):
+        scaler.transform(logits[:, :5])
+    with pytest.raises(ValueError, match="class indices"):
+        BalancedScaler().fit(logits, y[:10])

@@ -1,8 +1,14 @@
-"""Temperature scaling (Guo et al. 2017): one scalar that divides the logits to calibrate them.
+"""Post-hoc calibration fitted on the validation split only.
 
-Fitted on the validation split only. Dividing every logit by the same positive T never changes the
-arg-max, so accuracy, balanced accuracy and the confusion matrix are untouched; only confidence
-(ECE, NLL, Brier) moves.
+- :class:`TemperatureScaler` (Guo et al. 2017): one scalar divides the logits. It never changes the
+  arg-max, so accuracy, balanced accuracy and the confusion matrix are untouched; only confidence
+  (ECE, NLL, Brier) moves.
+- :class:`BalancedScaler`: a temperature and one bias per class, fitted by *class-balanced* NLL, so
+  the probabilities are those of a uniform class prior and their arg-max is the decision that
+  balanced accuracy rewards. Balanced sampling and class weights aim at this during training, but a
+  network that memorises its few rare-class images still under-predicts those classes on new ones;
+  the biases correct that on held-out data (the prior-shift correction of Saerens et al. 2002,
+  with the shift estimated rather than assumed).
 """
 from __future__ import annotations
 
@@ -35,12 +41,10 @@ class TemperatureScaler(TransformerMixin, BaseEstimator):
         """Fit the temperature on (validation) logits (N, C) and integer targets (N,)."""
         from scipy.optimize import minimize_scalar
 
-        z, y = _as_logits(logits), np.asarray(_to_numpy(y)).reshape(-1).astype(np.int64)
         low, high = self.bounds
         if not 0 < low < high:
             raise ValueError(f"bounds must satisfy 0 < low < high, got {self.bounds}")
-        if len(y) != len(z) or y.min() < 0 or y.max() >= z.shape[1]:
-            raise ValueError(f"y must hold {len(z)} class indices in [0, {z.shape[1]}), got {len(y)} values")
+        z, y = _as_logits(logits), _as_targets(y, logits)
         result = minimize_scalar(lambda log_t: _nll(z / np.exp(log_t), y), method="bounded",
                                  bounds=(np.log(low), np.log(high)), options={"xatol": 1e-6})
         self.temperature_ = float(np.exp(result.x))
@@ -58,6 +62,64 @@ class TemperatureScaler(TransformerMixin, BaseEstimator):
         if z.shape[1] != self.n_classes_:
             raise ValueError(f"expected {self.n_classes_} logit columns, got {z.shape[1]}")
         return softmax(z / self.temperature_, axis=1)
+
+
+class BalancedScaler(TransformerMixin, BaseEstimator):
+    """Learn T > 0 and class biases b minimising the class-balanced NLL of ``softmax(logits / T + b)``.
+
+    Each class's images weigh 1 / (its count) in total, so every class counts as much as any other,
+    as in balanced accuracy; a small ridge on ``b`` fixes the softmax's shift invariance and keeps
+    a class absent from the fitting split at a finite bias.
+
+    Attributes:
+        temperature_, bias_: the fitted temperature and the per-class biases (mean zero).
+        n_classes_: number of logit columns seen in ``fit``.
+    """
+
+    def __init__(self, ridge: float = 1e-3) -> None:
+        self.ridge = ridge
+
+    def fit(self, logits: Any, y: Any) -> "BalancedScaler":
+        """Fit on (validation) logits (N, C) and integer targets (N,)."""
+        from scipy.optimize import minimize
+
+        z, y = _as_logits(logits), _as_targets(y, logits)
+        n, c = z.shape
+        counts = np.bincount(y, minlength=c)
+        w = 1.0 / counts[y]
+        w /= w.sum()
+        onehot = np.eye(c)[y]
+
+        def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            a, b = np.exp(theta[0]), theta[1:]
+            logp = log_softmax(z * a + b, axis=1)
+            d = w[:, None] * (np.exp(logp) - onehot)  # d loss / d (z a + b)
+            loss = float(-(w * logp[np.arange(n), y]).sum() + self.ridge * b @ b)
+            return loss, np.concatenate([[a * (d * z).sum()], d.sum(0) + 2 * self.ridge * b])
+
+        result = minimize(loss_grad, np.zeros(c + 1), jac=True, method="L-BFGS-B",
+                          options={"maxiter": 1000, "gtol": 1e-10})
+        self.temperature_ = float(np.exp(-result.x[0]))
+        self.bias_ = result.x[1:] - result.x[1:].mean()
+        self.n_classes_ = c
+        return self
+
+    def transform(self, logits: Any) -> np.ndarray:
+        """Probabilities under a uniform class prior, ``softmax(logits / temperature_ + bias_)``."""
+        check_is_fitted(self, "bias_")
+        z = _as_logits(logits)
+        if z.shape[1] != self.n_classes_:
+            raise ValueError(f"expected {self.n_classes_} logit columns, got {z.shape[1]}")
+        return softmax(z / self.temperature_ + self.bias_, axis=1)
+
+
+def _as_targets(y: Any, logits: Any) -> np.ndarray:
+    """Integer class indices matching ``logits`` row for row."""
+    z = _as_logits(logits)
+    y = np.asarray(_to_numpy(y)).reshape(-1).astype(np.int64)
+    if len(y) != len(z) or y.min() < 0 or y.max() >= z.shape[1]:
+        raise ValueError(f"y must hold {len(z)} class indices in [0, {z.shape[1]}), got {len(y)} values")
+    return y
 
 
 def _nll(logits: np.ndarray, y: np.ndarray) -> float:

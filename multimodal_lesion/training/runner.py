@@ -27,7 +27,7 @@ from ..data.splits import split_lesions
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write, read_json, remove_stale_temps, write_json
 from ..models import create_model
-from .calibration import TemperatureScaler
+from .calibration import BalancedScaler, TemperatureScaler
 from .checkpoints import load_checkpoint, load_model_state
 from .embeddings import cached_embeddings, embed_images
 from .distributed import finish, init_distributed, main_first, wrap_model
@@ -219,13 +219,21 @@ def prepare(cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, encoder:
 
 def evaluate_prepared(prep: Prepared, out: Path, splits: tuple[str, ...] = ("val", "test"), tta: bool = False,
                       show: bool = True) -> dict[str, Any]:
-    """Metrics on each split before and after temperature scaling (fitted on val), with figures."""
+    """Metrics on each split before and after temperature scaling (fitted on val), with figures.
+
+    A third set, ``balanced``, scores the decisions of the :class:`BalancedScaler` fitted on val
+    (uniform class prior: the arg-max that balanced accuracy rewards); ``calibrated`` stays the
+    probabilities of the data's own class mix.
+    """
     from ..report.figures import plot_confusion, plot_reliability, plot_roc
 
     logits = {s: predict_logits(prep.model, prep.batches(s, train=False, show=show), prep.device, tta=tta)
               for s in dict.fromkeys(("val",) + tuple(splits))}
     scaler = TemperatureScaler().fit(logits["val"][0], logits["val"][1])
-    results: dict[str, Any] = {"temperature": float(scaler.temperature_), "tta": tta}
+    balanced = BalancedScaler().fit(logits["val"][0], logits["val"][1])
+    results: dict[str, Any] = {"temperature": float(scaler.temperature_), "tta": tta,
+                               "balanced_temperature": balanced.temperature_,
+                               "balanced_bias": dict(zip(CLASSES, np.round(balanced.bias_, 4).tolist()))}
     lesions = prep.ham.metadata["lesion_id"].to_numpy()
     for split in splits:
         z, y, ids = logits[split]
@@ -233,7 +241,8 @@ def evaluate_prepared(prep: Prepared, out: Path, splits: tuple[str, ...] = ("val
         raw = torch.softmax(torch.from_numpy(z), 1).numpy()
         cal = scaler.transform(z)
         results[split] = {"uncalibrated": classification_metrics(y, raw, lesion_ids=lesions[rows]),
-                          "calibrated": classification_metrics(y, cal, lesion_ids=lesions[rows])}
+                          "calibrated": classification_metrics(y, cal, lesion_ids=lesions[rows]),
+                          "balanced": classification_metrics(y, balanced.transform(z), lesion_ids=lesions[rows])}
         fig = out / "figures"
         fig.mkdir(parents=True, exist_ok=True)
         plot_confusion(np.array(results[split]["calibrated"]["confusion_matrix"]), CLASSES, fig / f"confusion_{split}.png")
