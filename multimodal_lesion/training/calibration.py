@@ -57,11 +57,7 @@ class TemperatureScaler(TransformerMixin, BaseEstimator):
 
     def transform(self, logits: Any) -> np.ndarray:
         """Calibrated probabilities ``softmax(logits / temperature_)``, shape (N, C), float64."""
-        check_is_fitted(self, "temperature_")
-        z = _as_logits(logits)
-        if z.shape[1] != self.n_classes_:
-            raise ValueError(f"expected {self.n_classes_} logit columns, got {z.shape[1]}")
-        return softmax(z / self.temperature_, axis=1)
+        return softmax(_fitted_logits(self, logits, "temperature_") / self.temperature_, axis=1)
 
 
 class BalancedScaler(TransformerMixin, BaseEstimator):
@@ -106,11 +102,16 @@ class BalancedScaler(TransformerMixin, BaseEstimator):
 
     def transform(self, logits: Any) -> np.ndarray:
         """Probabilities under a uniform class prior, ``softmax(logits / temperature_ + bias_)``."""
-        check_is_fitted(self, "bias_")
-        z = _as_logits(logits)
-        if z.shape[1] != self.n_classes_:
-            raise ValueError(f"expected {self.n_classes_} logit columns, got {z.shape[1]}")
-        return softmax(z / self.temperature_ + self.bias_, axis=1)
+        return softmax(_fitted_logits(self, logits, "bias_") / self.temperature_ + self.bias_, axis=1)
+
+
+def _fitted_logits(scaler: BaseEstimator, logits: Any, attribute: str) -> np.ndarray:
+    """``logits`` as float64 once ``scaler`` is fitted (``attribute`` set) and the class count matches."""
+    check_is_fitted(scaler, attribute)
+    z = _as_logits(logits)
+    if z.shape[1] != scaler.n_classes_:
+        raise ValueError(f"expected {scaler.n_classes_} logit columns, got {z.shape[1]}")
+    return z
 
 
 def _as_targets(y: Any, logits: Any) -> np.ndarray:
