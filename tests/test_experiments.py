@@ -35,3 +35,19 @@ def test_recipe_sweep_trains_each_variant_in_parallel_and_tabulates_val_and_test
     configs = {name: (out / name / "config.toml").read_text() for name in ("e8_sampler", "e8_weighted")}
     assert 'balance = "sampler"' in configs["e8_sampler"] and 'balance = "weighted_loss"' in configs["e8_weighted"]
     assert "e8_sampler" in proc.stdout and "test_ba_balanced" in proc.stdout
+
+
+def test_finetune_script_prints_both_balanced_accuracies_with_counts(tmp_path: Path) -> None:
+    data = write_tiny_ham(tmp_path / "ham")
+    args = [sys.executable, str(REPO / "experiments" / "real_finetune.py"), "--data", str(data),
+            "--config", str(REPO / "experiments" / "configs" / "real_end2end_cpu.toml"), "--out", str(tmp_path / "runs"),
+            "--models", "image_only"]
+    for item in TINY:
+        args += ["--set", item]
+    env = {**os.environ, "MMLESION_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("image_only:"))
+    assert "with the balanced decision" in line and "lesions" in line
+    assert '"balanced"' in (tmp_path / "runs" / "e2e_image_only" / "metrics.json").read_text()
+    assert 'balance = "sampler"' in (tmp_path / "runs" / "e2e_image_only" / "config.toml").read_text()
