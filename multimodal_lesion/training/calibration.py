@@ -44,7 +44,8 @@ class TemperatureScaler(TransformerMixin, BaseEstimator):
         low, high = self.bounds
         if not 0 < low < high:
             raise ValueError(f"bounds must satisfy 0 < low < high, got {self.bounds}")
-        z, y = _as_logits(logits), _as_targets(y, logits)
+        z = _as_logits(logits)
+        y = _as_targets(y, z)
         result = minimize_scalar(lambda log_t: _nll(z / np.exp(log_t), y), method="bounded",
                                  bounds=(np.log(low), np.log(high)), options={"xatol": 1e-6})
         self.temperature_ = float(np.exp(result.x))
@@ -79,7 +80,8 @@ class BalancedScaler(TransformerMixin, BaseEstimator):
         """Fit on (validation) logits (N, C) and integer targets (N,)."""
         from scipy.optimize import minimize
 
-        z, y = _as_logits(logits), _as_targets(y, logits)
+        z = _as_logits(logits)
+        y = _as_targets(y, z)
         n, c = z.shape
         counts = np.bincount(y, minlength=c)
         w = 1.0 / counts[y]
@@ -114,9 +116,8 @@ def _fitted_logits(scaler: BaseEstimator, logits: Any, attribute: str) -> np.nda
     return z
 
 
-def _as_targets(y: Any, logits: Any) -> np.ndarray:
-    """Integer class indices matching ``logits`` row for row."""
-    z = _as_logits(logits)
+def _as_targets(y: Any, z: np.ndarray) -> np.ndarray:
+    """Integer class indices matching the logit array ``z`` row for row."""
     y = np.asarray(_to_numpy(y)).reshape(-1).astype(np.int64)
     if len(y) != len(z) or y.min() < 0 or y.max() >= z.shape[1]:
         raise ValueError(f"y must hold {len(z)} class indices in [0, {z.shape[1]}), got {len(y)} values")
