@@ -132,13 +132,16 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--age", type=float)
     p.add_argument("--sex")
     p.add_argument("--localization")
+    p.add_argument("--balanced", action="store_true",
+                   help="probabilities of the balanced decision fitted on val (uniform class prior)")
 
 
 @command("predict", "class probabilities of one image (+ optional patient fields) as JSON", _predict_args)
 def _predict(args: argparse.Namespace) -> int:
     from .training.runner import predict_image
 
-    print(json.dumps(predict_image(args.run, args.image, args.age, args.sex, args.localization), indent=2))
+    print(json.dumps(predict_image(args.run, args.image, args.age, args.sex, args.localization,
+                                   balanced=args.balanced), indent=2))
     return 0
 
 

@@ -17,7 +17,7 @@ from multimodal_lesion.config import ExperimentConfig, TrainConfig, load_config,
 from multimodal_lesion.data.constants import CLASSES
 from multimodal_lesion.training.embeddings import embed_images
 from multimodal_lesion.models import create_model
-from multimodal_lesion.errors import ConfigError
+from multimodal_lesion.errors import CheckpointError, ConfigError
 from multimodal_lesion.training.checkpoints import load_checkpoint
 from multimodal_lesion.training.engine import (WeightAverage, WeightedSmoothedCrossEntropy, build_loss,
                                                build_scheduler, class_weights, predict_logits, seed_everything)
@@ -105,6 +105,28 @@ def test_predict_with_and_without_patient_fields(frozen_run: tuple[Path, dict], 
         assert list(probs) == list(CLASSES)
         assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
     assert full != bare  # the concat model looks at the metadata
+
+
+def test_predict_balanced_applies_the_run_s_temperature_and_biases(frozen_run: tuple[Path, dict], data_root: Path,
+                                                                     tmp_path: Path) -> None:
+    """softmax(z / T_b + b), z = T * log p being the calibrated probabilities' logits (up to a constant).
+    T_b and b are set by hand in a copy of the run, so the check does not hang on what a tiny run fits."""
+    run = tmp_path / "run"
+    shutil.copytree(frozen_run[0], run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["balanced_bias"]) == set(CLASSES) and metrics["balanced_temperature"] > 0  # written by train
+    bias = np.array([2.0, -1.0, 0.5, 0.0, -0.5, 0.0, -1.0])
+    metrics.update(balanced_temperature=0.5, balanced_bias=dict(zip(CLASSES, bias.tolist())))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    image = next(data_root.rglob("*.jpg"))
+    calibrated = np.array(list(predict_image(run, image, age=45).values()))
+    balanced = np.array(list(predict_image(run, image, age=45, balanced=True).values()))
+    expected = np.exp(metrics["temperature"] * np.log(calibrated) / 0.5 + bias)
+    assert np.allclose(balanced, expected / expected.sum(), atol=1e-4)
+    assert balanced.argmax() == 0 and balanced.sum() == pytest.approx(1.0, abs=1e-5)
+    (run / "metrics.json").unlink()
+    with pytest.raises(CheckpointError, match="no balanced decision"):
+        predict_image(run, image, balanced=True)
 
 
 def test_end_to_end_training_with_augmentation_and_tta(data_root: Path, tmp_path: Path) -> None:

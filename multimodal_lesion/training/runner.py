@@ -375,13 +375,31 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | Path | No
     return metrics, out / "metrics.json"
 
 
+def _balanced_scaling(run_dir: Path) -> tuple[float, np.ndarray]:
+    """(temperature, class biases) of the balanced decision that ``train_run`` fitted on val."""
+    path = run_dir / "metrics.json"
+    metrics = read_json(path) if path.is_file() else {}
+    if "balanced_bias" not in metrics:
+        raise CheckpointError(f"{path}: no balanced decision in this run (trained before it existed); "
+                              "retrain, or predict without --balanced")
+    bias = metrics["balanced_bias"]
+    return float(metrics["balanced_temperature"]), np.array([bias[c] for c in CLASSES], dtype=np.float32)
+
+
 @torch.no_grad()
 def predict_image(run_dir: str | Path, image: str | Path, age: float | None = None, sex: str | None = None,
-                  localization: str | None = None) -> dict[str, float]:
-    """Calibrated class probabilities for one image and optional patient fields (missing = unknown)."""
+                  localization: str | None = None, balanced: bool = False) -> dict[str, float]:
+    """Calibrated class probabilities for one image and optional patient fields (missing = unknown).
+
+    ``balanced`` gives the probabilities of the balanced decision instead (uniform class prior,
+    fitted on val; their arg-max is the decision the run's balanced accuracy was scored on).
+    """
     from ..data.cache import decode_resized
 
     cfg, encoder, model, temperature = load_model(run_dir)
+    bias = np.zeros(len(CLASSES), dtype=np.float32)
+    if balanced:
+        temperature, bias = _balanced_scaling(Path(run_dir))
     device = next(model.parameters()).device
     row = pd.DataFrame([{"age": np.nan if age is None else float(age), "sex": sex or UNKNOWN,
                          "localization": localization or UNKNOWN}])
@@ -392,6 +410,6 @@ def predict_image(run_dir: str | Path, image: str | Path, age: float | None = No
         dc = model.image_branch.data_config
         x = Normalize(dc["mean"], dc["std"])(pixels).unsqueeze(0).to(device)
         embedding = embed_images(model.image_branch, x, cfg.train.flip_average and cfg.train.mode == "frozen")
-    logits = model.forward_head(embedding, meta) / temperature
+    logits = model.forward_head(embedding, meta) / temperature + torch.from_numpy(bias).to(device)
     probs = torch.softmax(logits.float(), 1)[0].cpu().numpy()
     return {c: round(float(p), 6) for c, p in zip(CLASSES, probs)}
