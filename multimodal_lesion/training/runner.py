@@ -233,7 +233,7 @@ def evaluate_prepared(prep: Prepared, out: Path, splits: tuple[str, ...] = ("val
     balanced = BalancedScaler().fit(logits["val"][0], logits["val"][1])
     results: dict[str, Any] = {"temperature": float(scaler.temperature_), "tta": tta,
                                "balanced_temperature": balanced.temperature_,
-                               "balanced_bias": dict(zip(CLASSES, np.round(balanced.bias_, 4).tolist()))}
+                               "balanced_bias": dict(zip(CLASSES, balanced.bias_.tolist()))}
     lesions = prep.ham.metadata["lesion_id"].to_numpy()
     for split in splits:
         z, y, ids = logits[split]
