@@ -19,7 +19,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from multimodal_lesion.config import load_config, replace
-from multimodal_lesion.training.runner import train_run
+from multimodal_lesion.workflows import train_run
 
 CONFIG = Path(__file__).parent / "configs" / "real_end2end_cpu.toml"
 WEIGHTED = ['train.balance="weighted_loss"']

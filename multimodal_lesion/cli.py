@@ -105,7 +105,7 @@ def _models(args: argparse.Namespace) -> int:
                     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")))
 def _train(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)  # config mistakes fail before the heavy imports
-    from .training.runner import train_run
+    from .workflows import train_run
 
     metrics = train_run(cfg, args.out, resume=args.resume)
     _print_headline(metrics)
@@ -118,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
                     p.add_argument("--split", default="test", choices=["train", "val", "test"]),
                     p.add_argument("--tta", action="store_true", help="average over flips")))
 def _evaluate(args: argparse.Namespace) -> int:
-    from .training.runner import evaluate_run
+    from .workflows import evaluate_run
 
     metrics, path = evaluate_run(args.run, args.split, args.data, tta=args.tta)
     _print_headline(metrics, (args.split,))
@@ -138,7 +138,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 @command("predict", "class probabilities of one image (+ optional patient fields) as JSON", _predict_args)
 def _predict(args: argparse.Namespace) -> int:
-    from .training.runner import predict_image
+    from .runs import predict_image
 
     print(json.dumps(predict_image(args.run, args.image, args.age, args.sex, args.localization,
                                    balanced=args.balanced), indent=2))
@@ -156,7 +156,7 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
 
 @command("explain", "Grad-CAM + grouped SHAP + image-vs-metadata report of a run", _explain_args)
 def _explain(args: argparse.Namespace) -> int:
-    from .explain.pipeline import explain_run
+    from .workflows import explain_run
 
     index = explain_run(args.run, args.out, data=args.data, split=args.split, cases=args.cases, n=args.n)
     print(f"wrote {index}")

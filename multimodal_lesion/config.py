@@ -15,9 +15,15 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ConfigError
+
+TrainMode = Literal["frozen", "end2end"]
+Balance = Literal["weighted_loss", "sampler", "none"]
+Augment = Literal["none", "light", "strong"]
+Device = Literal["auto", "cpu", "cuda"]
+CamMethodName = Literal["gradcam", "gradcam++", "hirescam", "scorecam"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mode: str = "frozen"  # frozen: heads on cached embeddings | end2end: fine-tune the whole network
+    mode: TrainMode = "frozen"  # frozen: heads on cached embeddings | end2end: fine-tune the whole network
     epochs: int = 60  # maximum epochs (early stopping may end sooner)
     batch_size: int = 64  # images per step
     lr: float = 3e-3  # peak learning rate of the heads
@@ -57,14 +63,14 @@ class TrainConfig:
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
     warmup_epochs: int = 2  # linear warm-up before the cosine decay
     label_smoothing: float = 0.05  # cross-entropy label smoothing
-    balance: str = "weighted_loss"  # weighted_loss | sampler | none: how class imbalance is handled
+    balance: Balance = "weighted_loss"  # weighted_loss | sampler | none: how class imbalance is handled
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     patience: int = 10  # early stopping on validation balanced accuracy
     seed: int = 0  # seed of initialisation, shuffling and augmentation
-    augment: str = "light"  # none | light (flips) | strong (flips, rotations, colour jitter)
+    augment: Augment = "light"  # none | light (flips) | strong (flips, rotations, colour jitter)
     flip_average: bool = True  # frozen path: average embeddings over flips
     tta: bool = False  # evaluate with flip test-time augmentation
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = "auto"  # auto | cpu | cuda
     amp: bool = False  # mixed precision (GPU)
     channels_last: bool = False  # channels-last memory format (GPU)
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -73,7 +79,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ExplainConfig:
-    method: str = "gradcam"  # gradcam | gradcam++ | hirescam | scorecam
+    method: CamMethodName = "gradcam"  # gradcam | gradcam++ | hirescam | scorecam
     target_layer: str = ""  # dotted module path inside the backbone; empty = its last feature stage
     background_size: int = 50  # training cases used as the SHAP / modality background
     n_cases: int = 12  # cases explained when none are named
@@ -106,6 +112,11 @@ class ExperimentConfig:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotated type ``tp``; convert lists to tuples."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

@@ -11,10 +11,9 @@ from .config import ExperimentConfig, replace
 def run_demo(cfg: ExperimentConfig, out: str | Path, show: bool = True) -> dict[str, Any]:
     """Run the whole pipeline into ``out/{eda,ablation,run,report}`` and return the headline numbers."""
     from .ablation import run_ablation
-    from .explain.pipeline import explain_run
-    from .io import read_json
     from .report.eda import run_eda
-    from .training.runner import resolve_data, train_run
+    from .runs import RunFolder, resolve_data
+    from .workflows import explain_run, train_run
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -33,7 +32,7 @@ def run_demo(cfg: ExperimentConfig, out: str | Path, show: bool = True) -> dict[
     train_run(replace(cfg, model={"name": best}), out / "run", show=show)
     say(4)
     report = explain_run(out / "run", out / "report", n=cfg.explain.n_cases, show=show)
-    summary = read_json(out / "run" / "metrics.json")
+    summary = RunFolder(out / "run").read_metrics()
     return {"seconds": round(time.perf_counter() - t0, 1), "n_images": eda["n_images"], "best_fusion": best,
             "ablation_summary": str(paths["summary_md"]), "report": str(report), "eda": str(out / "eda"),
             "test": summary["test"]["calibrated"], "comparison": str(paths["comparison"])}

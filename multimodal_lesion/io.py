@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -66,6 +67,19 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def safe_stem(name: str) -> str:
+    """A file-name stem for any string: a sanitised, bounded prefix plus a hash of the full string.
+
+    Hostile ids (``../x``, ``a/b``, markup) never reach a path, and two ids never share a stem.
+    """
+    stem = _UNSAFE_CHARS.sub("_", str(name)).strip("_-")[:40] or "case"  # never a leading "-"
+    digest = hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{stem}-{digest}"
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -14,8 +14,7 @@ import pytest
 from multimodal_lesion.ablation import run_ablation
 from multimodal_lesion.config import load_config
 from multimodal_lesion.data.constants import CLASSES
-from multimodal_lesion.explain.pipeline import explain_run
-from multimodal_lesion.training.runner import train_run
+from multimodal_lesion.workflows import explain_run, train_run
 
 pytestmark = pytest.mark.slow
 SETTINGS = ["data.synthetic_n=600", "data.image_size=[120, 160]", "train.batch_size=128", "train.epochs=40",

@@ -15,13 +15,12 @@ import torch
 
 from multimodal_lesion.config import ExperimentConfig, TrainConfig, load_config, to_toml
 from multimodal_lesion.data.constants import CLASSES
-from multimodal_lesion.training.embeddings import embed_images
-from multimodal_lesion.models import create_model
 from multimodal_lesion.errors import CheckpointError, ConfigError
-from multimodal_lesion.training.checkpoints import load_checkpoint
+from multimodal_lesion.models import create_model, embed_images
+from multimodal_lesion.runs import load_checkpoint, load_run, predict_image, predict_logits, seed_everything
 from multimodal_lesion.training.engine import (WeightAverage, WeightedSmoothedCrossEntropy, build_loss,
-                                               build_scheduler, class_weights, predict_logits, seed_everything)
-from multimodal_lesion.training.runner import evaluate_run, load_run, predict_image, train_run
+                                               build_scheduler, class_weights)
+from multimodal_lesion.workflows import evaluate_run, train_run
 
 from conftest import write_tiny_ham
 
@@ -75,7 +74,7 @@ def test_resolved_config_is_written(frozen_run: tuple[Path, dict], data_root: Pa
 
 def test_frozen_cache_gives_the_same_predictions_as_the_live_backbone(frozen_run: tuple[Path, dict]) -> None:
     run = load_run(frozen_run[0])
-    prep = run.prep
+    prep = run.inputs
     rows = prep.indices("test")
     cached, _, ids = predict_logits(prep.model, prep.batches("test", train=False, show=False), prep.device)
     pixels = torch.from_numpy(np.array(prep.images()[rows])).permute(0, 3, 1, 2)
@@ -134,7 +133,7 @@ def test_end_to_end_training_with_augmentation_and_tta(data_root: Path, tmp_path
                    'train.balance="sampler"', 'model.name="film"', "train.epochs=2")
     metrics = train_run(cfg, tmp_path / "e2e", show=False)
     assert metrics["tta"] is True and METRIC_KEYS <= set(metrics["test"]["calibrated"])
-    trained = load_run(tmp_path / "e2e").prep.model
+    trained = load_run(tmp_path / "e2e").inputs.model
     seed_everything(cfg.train.seed)  # the initial weights, as prepare() builds them
     initial = create_model("film", meta_dim=trained.meta_branch.in_dim, cfg=cfg.model)
     # end-to-end training changed the backbone, and the saved checkpoint holds the fine-tuned one

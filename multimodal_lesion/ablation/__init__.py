@@ -1,4 +1,5 @@
 """Ablations: every model over lesion-grouped folds x seeds, with statistics and subgroup analysis."""
-from .run import run_ablation
 
-__all__ = ["run_ablation"]
+from .run import GBM, Cell, CellContext, cell_splits, run_ablation, run_cells, shared_backbone
+
+__all__ = ["run_ablation", "run_cells", "shared_backbone", "Cell", "CellContext", "cell_splits", "GBM"]

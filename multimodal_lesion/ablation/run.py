@@ -16,17 +16,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ExperimentConfig, replace, to_dict, to_toml
+from ..config import ExperimentConfig, replace, to_dict
 from ..data.cache import cache_key
 from ..data.constants import CLASSES
 from ..data.ham10000 import Ham10000
 from ..data.splits import fold_assignment
+from ..errors import ConfigError
 from ..io import atomic_write, read_json, remove_stale_temps, write_json
 from ..models import list_models
-from ..errors import ConfigError
-from ..training.engine import class_weights, fit, predict_logits
+from ..runs import RunInputs, predict_logits, prepare_inputs, resolve_data, write_provenance
 from ..training.metrics import classification_metrics
-from ..training.runner import Prepared, library_versions, prepare, resolve_data
+from ..training.runner import train_model
 from .summary import write_summaries
 
 GBM = "gbm_metadata"
@@ -83,20 +83,14 @@ def _check_models(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"ablation.baseline: {cfg.ablation.baseline!r} is not one of ablation.models")
 
 
-def _train_neural(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, shared: Prepared | None
+def _train_neural(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, shared: RunInputs | None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train one registered model for a cell; returns (test rows, test targets, test probabilities)."""
     cell_cfg = replace(cfg, model={"name": cell.model}, train={"seed": cell.seed})
-    branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
-    prep = prepare(cell_cfg, ham, splits, image_branch=branch)
-    if shared is not None and branch is not None:
-        prep._embeddings = shared.embeddings(show=False)
-    rows = prep.indices("train")
-    weights = class_weights(prep.targets[rows], len(CLASSES)) if cfg.train.balance == "weighted_loss" else None
-    fit(prep.model, prep.batches("train", train=True), prep.batches("val", train=False), cell_cfg.train,
-        weights=weights, show_progress=False)
-    logits, y, _ = predict_logits(prep.model, prep.batches("test", train=False), prep.device)
-    return prep.indices("test"), y, torch.softmax(torch.from_numpy(logits), 1).numpy()
+    inputs = prepare_inputs(cell_cfg, ham, splits, shared=shared)
+    train_model(inputs, show=False)
+    logits, y, _ = predict_logits(inputs.model, inputs.batches("test", train=False), inputs.device)
+    return inputs.indices("test"), y, torch.softmax(torch.from_numpy(logits), 1).numpy()
 
 
 def _train_gbm(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame
@@ -118,7 +112,7 @@ def _train_gbm(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.Data
     return test, y[test], probs
 
 
-def run_cell(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, shared: Prepared | None
+def run_cell(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, shared: RunInputs | None
              ) -> dict[str, Any]:
     """Train and test one cell; returns its record (metrics, out-of-fold predictions, seconds)."""
     t0 = time.perf_counter()
@@ -135,13 +129,13 @@ def run_cell(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series,
 
 
 @dataclass
-class _CellContext:
+class CellContext:
     """What every cell needs; handed to worker processes by fork (the embeddings are not copied)."""
 
     cfg: ExperimentConfig
     ham: Ham10000
     folds: pd.Series
-    shared: Prepared | None
+    shared: RunInputs | None
     out: Path
 
     def run(self, cell: Cell) -> str:
@@ -154,10 +148,10 @@ class _CellContext:
 class _Worker:
     """Per-process holder of the cell context in a worker (set once by the pool's initializer)."""
 
-    context: _CellContext | None = None
+    context: CellContext | None = None
 
     @classmethod
-    def start(cls, context: _CellContext) -> None:
+    def start(cls, context: CellContext) -> None:
         from threadpoolctl import threadpool_limits
 
         _die_with_parent()
@@ -184,7 +178,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def _run_cells(todo: list[Cell], context: _CellContext, workers: int, show: bool) -> None:
+def run_cells(todo: list[Cell], context: CellContext, workers: int, show: bool) -> None:
     """Run the cells in this process, or in ``workers`` forked processes with one torch thread each.
 
     Small heads on cached embeddings use a core far better one-per-process than two threads on one
@@ -208,13 +202,13 @@ def _run_cells(todo: list[Cell], context: _CellContext, workers: int, show: bool
     bar.close()
 
 
-def _shared_backbone(cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, show: bool) -> Prepared | None:
+def shared_backbone(cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, show: bool) -> RunInputs | None:
     """One frozen backbone and its cached embeddings, shared by every image model of the ablation."""
     if cfg.train.mode != "frozen" or not any(m != "metadata_only" for m in cfg.ablation.models):
         return None
-    prep = prepare(replace(cfg, model={"name": "image_only"}), ham, cell_splits(folds, 0, cfg.ablation.folds))
-    prep.embeddings(show=show)
-    return prep
+    inputs = prepare_inputs(replace(cfg, model={"name": "image_only"}), ham, cell_splits(folds, 0, cfg.ablation.folds))
+    inputs.embeddings(show=show)
+    return inputs
 
 
 def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -> dict[str, Path]:
@@ -226,13 +220,11 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
     folds = fold_assignment(ham.metadata, cfg.ablation.folds, cfg.data.split_seed)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    with atomic_write(out / "config.toml") as fh:
-        fh.write(to_toml(cfg))
+    write_provenance(out, cfg, torch_threads=torch.get_num_threads())
     with atomic_write(out / "folds.csv") as fh:
         ham.metadata[["image_id", "lesion_id", "dx"]].assign(fold=folds.to_numpy()).to_csv(fh, index=False)
-    write_json(out / "versions.json", {**library_versions(), "torch_threads": torch.get_num_threads()})
     t0 = time.perf_counter()
-    shared = _shared_backbone(cfg, ham, folds, show)
+    shared = shared_backbone(cfg, ham, folds, show)
     embed_seconds = time.perf_counter() - t0
     cells = list(_cells(cfg))
     key = config_key(cfg)
@@ -240,7 +232,7 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
     if show and len(todo) < len(cells):
         print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already done")
     t1 = time.perf_counter()
-    _run_cells(todo, _CellContext(cfg, ham, folds, shared, out), cfg.ablation.workers, show)
+    run_cells(todo, CellContext(cfg, ham, folds, shared, out), cfg.ablation.workers, show)
     timing = {"embedding_seconds": round(embed_seconds, 2), "cells_seconds": round(time.perf_counter() - t1, 2),
               "cells_computed": len(todo), "cells_total": len(cells)}
     records = [read_json(out / "cells" / f"{c.name}.json") for c in cells]

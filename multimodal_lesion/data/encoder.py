@@ -6,6 +6,7 @@ label away) cannot leak into a model through this encoder.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -60,6 +61,23 @@ class MetadataEncoder(TransformerMixin, BaseEstimator):
         names = ["age_z", "age_missing"]
         names += [f"{column}={c}" for column, cats in self.categories_.items() for c in cats]
         return np.asarray(names, dtype=object)
+
+    def to_json(self) -> dict[str, Any]:
+        """Parameters and learned attributes as plain JSON (a run folder's ``encoder.json``; no pickle)."""
+        check_is_fitted(self, "categories_")
+        learned = {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
+        return {"params": self.get_params(), "learned": learned}
+
+    @classmethod
+    def from_json(cls, state: dict[str, Any]) -> "MetadataEncoder":
+        """Rebuild a fitted encoder from :meth:`to_json`'s output; a malformed state is a DataError."""
+        try:
+            encoder = cls(**state["params"])
+            for key in ("age_mean_", "age_std_", "categories_", "feature_groups_"):
+                setattr(encoder, key, state["learned"][key])
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"not a saved MetadataEncoder (missing or bad {exc})") from None
+        return encoder
 
     def _one_hot(self, column: str, values: np.ndarray) -> np.ndarray:
         """One-hot ``values`` over the fitted categories; values not seen in fit become unknown."""

@@ -155,3 +155,18 @@ class ImageBranch(nn.Module):
 
 
 __all__ = ["ImageBranch", "MULTISCALE_EXTRA_STAGES"]
+
+
+#: The four flips of an image batch (N, C, H, W): none, horizontal, vertical, both.
+FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
+
+
+def embed_images(branch: nn.Module, images: Tensor, flip_average: bool) -> Tensor:
+    """Pooled embedding of normalised images; ``flip_average`` averages over the 4 :data:`FLIPS`.
+
+    The cached frozen path and every live use (prediction, explanation) go through this one
+    function, so a head sees the same embedding of an image either way.
+    """
+    if not flip_average:
+        return branch.embed(images)
+    return torch.stack([branch.embed(images.flip(d) if d else images) for d in FLIPS]).mean(0)

@@ -142,15 +142,10 @@ FIGURES: dict[str, tuple[Callable[[pd.DataFrame, object], None], tuple[float, fl
 
 
 def _save_figure(painter: Callable, df: pd.DataFrame, size: tuple[float, float], path: Path) -> None:
-    """Draw one figure on an Agg canvas and write it atomically as PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
+    """Draw one EDA figure and write it as PNG."""
+    fig = new_figure(size, dpi=110)
     painter(df, fig.add_subplot())
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png")
+    save_figure(fig, path, dpi="figure")
 
 
 def run_eda(metadata: pd.DataFrame, out: str | Path) -> dict:

@@ -2,7 +2,6 @@
 modality split, and the cohort's beeswarm / bar / modality-by-class plots (PNG, written atomically)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -10,7 +9,8 @@ import numpy as np
 from PIL import Image
 
 from ..data.constants import CLASS_NAMES
-from .figures import _new_figure, _save
+from ..io import atomic_write
+from .figures import new_figure, save_figure
 
 PLAYER_COLOURS = {"image": "#4c72b0", "age": "#dd8452", "sex": "#55a868", "localization": "#c44e52"}
 
@@ -29,12 +29,9 @@ def overlay_png(pixels: np.ndarray, cam: np.ndarray, path: str | Path, weight: f
 
 
 def _save_image(img: Image.Image, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path, "wb") as fh:
+        img.save(fh, format="PNG")
+    return Path(path)
 
 
 def _pyplot_png(draw, path: str | Path, size: tuple[float, float]) -> Path:
@@ -47,14 +44,9 @@ def _pyplot_png(draw, path: str | Path, size: tuple[float, float]) -> Path:
         fig = plt.gcf()
         fig.set_size_inches(*size)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        return save_figure(fig, path, dpi=100)
     finally:
         plt.close("all")
-    return path
 
 
 def waterfall_png(explanation: Any, path: str | Path, target: str) -> Path:
@@ -85,7 +77,7 @@ def shap_bar_png(explanation: Any, path: str | Path) -> Path:
 
 def modality_bar_png(values: Mapping[str, float], path: str | Path, target: str) -> Path:
     """Horizontal bars of the image / age / sex / localization Shapley values of one case."""
-    fig = _new_figure((6.0, 2.8))
+    fig = new_figure((6.0, 2.8))
     ax = fig.subplots()
     names = list(values)
     vals = [values[n] for n in names]
@@ -93,12 +85,12 @@ def modality_bar_png(values: Mapping[str, float], path: str | Path, target: str)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel(f"Shapley value (change in P({target}))")
     ax.set_title("Where this prediction came from: image vs patient features")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def modality_by_class_png(shares: Mapping[str, Mapping[str, float]], path: str | Path) -> Path:
     """Stacked bars: share of |attribution| per player for each explained class (and all cases)."""
-    fig = _new_figure((7.0, 3.4))
+    fig = new_figure((7.0, 3.4))
     ax = fig.subplots()
     labels = list(shares)
     left = np.zeros(len(labels))
@@ -112,4 +104,4 @@ def modality_by_class_png(shares: Mapping[str, Mapping[str, float]], path: str |
     ax.set_ylabel("explained class")
     ax.set_title("Image versus patient features, per explained class")
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

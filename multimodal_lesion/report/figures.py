@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from multimodal_lesion.data.constants import CLASS_NAMES, CLASSES
-from multimodal_lesion.io import atomic_write
-from multimodal_lesion.training.metrics import expected_calibration_error, reliability_curve
+from ..data.constants import CLASS_NAMES, CLASSES
+from ..io import atomic_write
+from ..training.metrics import expected_calibration_error, reliability_curve
 
 if TYPE_CHECKING:
+    from ..training.runner import Evaluation
     import pandas as pd
     from matplotlib.figure import Figure
 
@@ -32,7 +33,7 @@ def plot_confusion(cm: Any, classes: Sequence[str], path: str | Path, normalize:
         raise ValueError(f"cm must be {len(classes)}x{len(classes)}, got shape {counts.shape}")
     support = counts.sum(axis=1, keepdims=True)
     shown = np.divide(counts, support, out=np.zeros_like(counts), where=support > 0) if normalize else counts
-    fig = _new_figure((9.5, 8))
+    fig = new_figure((9.5, 8))
     ax = fig.add_subplot()
     image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(shown.max(), 1))
     fig.colorbar(image, ax=ax, label="Share of true class" if normalize else "Images")
@@ -46,7 +47,7 @@ def plot_confusion(cm: Any, classes: Sequence[str], path: str | Path, normalize:
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
     ax.set_title("Confusion matrix" + (" (row-normalised; counts in brackets)" if normalize else ""))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc(y_true: Any, probs: Any, classes: Sequence[str], path: str | Path) -> Path:
@@ -54,7 +55,7 @@ def plot_roc(y_true: Any, probs: Any, classes: Sequence[str], path: str | Path) 
     from sklearn.metrics import roc_auc_score, roc_curve
 
     y, p = np.asarray(y_true).reshape(-1), np.asarray(probs, dtype=float)
-    fig = _new_figure((8, 7))
+    fig = new_figure((8, 7))
     ax = fig.add_subplot()
     for k, name in enumerate(_names(classes)):
         positive = y == k
@@ -67,7 +68,7 @@ def plot_roc(y_true: Any, probs: Any, classes: Sequence[str], path: str | Path) 
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 - specificity)",
            ylabel="True positive rate (sensitivity)", title="One-vs-rest ROC curves")
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reliability(y_true: Any, probs: Any, path: str | Path, bins: int = 15) -> Path:
@@ -76,7 +77,7 @@ def plot_reliability(y_true: Any, probs: Any, path: str | Path, bins: int = 15) 
     ece = expected_calibration_error(y_true, probs, bins=bins)
     width = 1.0 / bins
     filled = curve.counts > 0
-    fig = _new_figure((7, 8))
+    fig = new_figure((7, 8))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.bar(curve.centers[filled], curve.accuracies[filled], width=width, edgecolor="black",
             color="tab:blue", alpha=0.8, label="Accuracy")
@@ -88,7 +89,7 @@ def plot_reliability(y_true: Any, probs: Any, path: str | Path, bins: int = 15) 
     top.legend(loc="upper left", fontsize=8)
     bottom.bar(curve.centers, curve.counts, width=width, edgecolor="black", color="tab:grey")
     bottom.set(xlabel="Confidence (top-1 probability)", ylabel="Images")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bars_with_ci(df: "pd.DataFrame", metric: str, path: str | Path) -> Path:
@@ -107,7 +108,7 @@ def plot_bars_with_ci(df: "pd.DataFrame", metric: str, path: str | Path) -> Path
     mean = rows["mean"].to_numpy(float)
     errors = np.nan_to_num(np.vstack([mean - rows["ci_low"].to_numpy(float),
                                       rows["ci_high"].to_numpy(float) - mean]), nan=0.0)
-    fig = _new_figure((max(5, 1.3 * len(rows) + 2), 5))
+    fig = new_figure((max(5, 1.3 * len(rows) + 2), 5))
     ax = fig.add_subplot()
     x = np.arange(len(rows))
     ax.bar(x, mean, yerr=errors, capsize=5, color="tab:blue", edgecolor="black", alpha=0.85)
@@ -116,7 +117,7 @@ def plot_bars_with_ci(df: "pd.DataFrame", metric: str, path: str | Path) -> Path
     ax.set_xticks(x, rows["model"].astype(str), rotation=30, ha="right")
     label = metric.replace("_", " ")
     ax.set(xlabel="Model", ylabel=label, title=f"{label.capitalize()} by model (mean and 95% CI)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_class_sensitivity(df: "pd.DataFrame", path: str | Path) -> Path:
@@ -132,7 +133,7 @@ def plot_per_class_sensitivity(df: "pd.DataFrame", path: str | Path) -> Path:
     present = set(df["class"])
     classes = [c for c in CLASSES if c in present] + sorted(present - set(CLASSES))
     width = 0.8 / len(models)
-    fig = _new_figure((max(8, 1.4 * len(classes) + 2), 5.5))
+    fig = new_figure((max(8, 1.4 * len(classes) + 2), 5.5))
     ax = fig.add_subplot()
     for i, model in enumerate(models):
         sub = df[df["model"] == model].set_index("class").reindex(classes)
@@ -143,7 +144,7 @@ def plot_per_class_sensitivity(df: "pd.DataFrame", path: str | Path) -> Path:
     ax.set(ylim=(0, 1.05), xlabel="True class", ylabel="Sensitivity (recall)",
            title="Per-class sensitivity by model")
     ax.legend(title="Model", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _errors(rows: "pd.DataFrame") -> np.ndarray | None:
@@ -167,20 +168,32 @@ def _names(classes: Sequence[str]) -> list[str]:
     return [CLASS_NAMES.get(c, c) for c in classes]
 
 
-def _new_figure(size: tuple[float, float]) -> "Figure":
+def new_figure(size: tuple[float, float], dpi: float | None = None) -> "Figure":
     """A pyplot-free figure on an Agg canvas with constrained layout."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=size, layout="constrained")
+    fig = Figure(figsize=size, dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: "Figure", path: str | Path) -> Path:
-    """Write the figure atomically in the format named by the suffix, then release it."""
+def save_figure(fig: "Figure", path: str | Path, dpi: float | str = _DPI) -> Path:
+    """Write a figure atomically in the format named by the suffix, then release it: every figure
+    of the package is saved here."""
     path = Path(path)
     with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format=path.suffix.lstrip(".").lower() or "png", dpi=_DPI)
+        fig.savefig(fh, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi)
     fig.clear()
     return path
+
+
+def save_evaluation_figures(evaluation: Evaluation) -> list[Path]:
+    """The confusion matrix, ROC curves and reliability diagram of each evaluated split, in its folder."""
+    paths = []
+    for split, scores in evaluation.scores.items():
+        cm = np.array(evaluation.metrics[split]["calibrated"]["confusion_matrix"])
+        paths += [plot_confusion(cm, CLASSES, evaluation.folder.figure(f"confusion_{split}.png")),
+                  plot_roc(scores.targets, scores.calibrated, CLASSES, evaluation.folder.figure(f"roc_{split}.png")),
+                  plot_reliability(scores.targets, scores.raw, evaluation.folder.figure(f"reliability_{split}.png"))]
+    return paths

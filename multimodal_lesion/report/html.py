@@ -10,52 +10,28 @@ Case page file names are a sanitised prefix of the id plus a hash of the full id
 ``image_id`` (``../x``, ``a/b``, HTML) never reaches a path. Files are written atomically, case
 pages before the index, so the index never links to a page that is not there.
 
-Input schema (``explain/pipeline.py`` builds it; keys marked * are required, others may be
-absent, e.g. an ``image_only`` model has no SHAP, a ``metadata_only`` model no Grad-CAM):
-
-``cohort`` (mapping):
-    - ``title``: str, the page heading (default "Explanation report").
-    - ``provenance``: {str: str} model name, backbone, weights, run folder, data root, data
-      fingerprint, split, number of cases, package versions... (a nested mapping is shown as
-      ``k: v; ...``).
-    - ``mean_abs_shap``: {class: {feature: float}} global mean |SHAP| per patient feature, with an
-      ``"all"`` entry over every case.
-    - ``modality_share``: {class: {player: float}} share of |attribution| per player
-      (``image``, ``age``, ``sex``, ``localization``), with an optional ``"all"`` entry.
-    - ``faithfulness``: list of {``metric``, ``cam``, ``random``, ``centre``, ``note``}; the three
-      values are float, bool or None (a baseline that does not apply).
-    - ``figures``: {name: path to a PNG on disk} e.g. ``beeswarm``, ``shap_bar``,
-      ``modality_by_class``; None values are skipped.
-    - ``notes``: list of str.
-
-``cases`` (list of mappings, one per case, unique ``image_id``):
-    - ``image_id``\\*: str. ``target_class``\\*: str, the explained class.
-      ``probabilities``\\*: {class: float}; the predicted class is its argmax.
-    - ``true_label``: str or None (unknown). ``patient``: {``age``, ``sex``, ``localization``: str}.
-    - ``shap``: {group: float}; ``shap_base_value``: float; ``model_output``: float (the explained
-      output, base + sum of SHAP).
-    - ``modality``: {player: float} Shapley values of ``image`` and the patient features.
-    - ``faithfulness``: {name: float or bool}.
-    - ``figures``: {name: path to a PNG on disk}: ``image``, ``overlay``, ``waterfall``,
-      ``modality`` (others are shown after these); None values are skipped.
+Input: a :class:`~multimodal_lesion.explain.results.CohortExplanation` (typed; explain builds it)
+and the :class:`ReportFigures` drawn for it (PNG paths on disk, embedded as data URIs). Parts may be
+absent: an ``image_only`` model has no SHAP, a ``metadata_only`` model no Grad-CAM. Values are still
+checked as they are rendered (a non-number where a number belongs is a DataError naming the case).
 
 Class codes are shown with their full names (``CLASS_NAMES``) where they are known classes.
 """
 from __future__ import annotations
 
 import base64
-import hashlib
 import math
 import numbers
 import os
-import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from multimodal_lesion import __version__
-from multimodal_lesion.data.constants import CLASS_NAMES, CLASSES
-from multimodal_lesion.errors import DataError
-from multimodal_lesion.io import atomic_write
+from .. import __version__
+from ..data.constants import CLASS_NAMES, CLASSES
+from ..errors import DataError
+from ..explain.results import CaseExplanation, CohortExplanation, FaithfulnessRow
+from ..io import atomic_write, safe_stem
 
 #: Figure names in the order they appear, with their captions; other names follow, humanised.
 CASE_FIGURES: dict[str, str] = {
@@ -73,16 +49,26 @@ COHORT_FIGURES: dict[str, str] = {
 IMAGE_SIGNATURES: dict[bytes, str] = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
 ALL_KEY = "all"
 CASES_DIR = "cases"
-_SAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 
 
-def write_report(out: str | Path, cohort: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> Path:
+@dataclass
+class ReportFigures:
+    """The PNG files drawn for a report: cohort figures by name, case figures by image id then name."""
+
+    cohort: dict[str, Path | None] = field(default_factory=dict)
+    cases: dict[str, dict[str, Path | None]] = field(default_factory=dict)
+
+
+def write_report(out: str | Path, cohort: CohortExplanation, figures: ReportFigures | None = None) -> Path:
     """Render ``out/index.html`` and one ``out/cases/<name>.html`` per case; returns the index path."""
     out = Path(out)
+    figures = figures or ReportFigures()
     env = _environment()
+    cases = cohort.cases
     pages = _page_names(cases)
-    views = [_case_view(case, pages[i], i, len(cases), pages) for i, case in enumerate(cases)]
-    cohort_view = _cohort_view(cohort, views)  # everything is validated before the first file is written
+    views = [_case_view(case, figures.cases.get(_text(case.image_id)), pages[i], i, len(cases), pages)
+             for i, case in enumerate(cases)]
+    cohort_view = _cohort_view(cohort, figures.cohort, views)  # all validated before the first file is written
     for view in views:
         _write(out / CASES_DIR / view["page"], env.get_template("case.html").render(case=view, **_common()))
     index = out / "index.html"
@@ -92,9 +78,7 @@ def write_report(out: str | Path, cohort: Mapping[str, Any], cases: Sequence[Map
 
 def case_page_name(image_id: str) -> str:
     """File name of a case page: a sanitised, bounded prefix of the id plus a hash of the full id."""
-    stem = _SAFE_CHARS.sub("_", str(image_id)).strip("_-")[:40] or "case"  # never a leading "-"
-    digest = hashlib.sha256(str(image_id).encode("utf-8", "surrogatepass")).hexdigest()[:10]
-    return f"{stem}-{digest}.html"
+    return f"{safe_stem(image_id)}.html"
 
 
 def _environment() -> Any:
@@ -219,45 +203,43 @@ def _figures(figures: Mapping[str, Any] | None, captions: Mapping[str, str], whe
 
 # ----------------------------------------------------------------------------- cases
 
-def _page_names(cases: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Validate the required keys and unique ids; return each case's page file name."""
+def _page_names(cases: Sequence[CaseExplanation]) -> list[str]:
+    """Validate the cases and their unique ids; return each case's page file name."""
     seen: dict[str, int] = {}
     for i, case in enumerate(cases):
-        if not isinstance(case, Mapping):
-            raise DataError(f"case {i}: expected a mapping, got {type(case).__name__}")
-        missing = [k for k in ("image_id", "target_class", "probabilities") if k not in case]
-        if missing:
-            raise DataError(f"case {i}: missing key {missing[0]!r}")
-        image_id = _text(case["image_id"])
+        if not isinstance(case, CaseExplanation):
+            raise DataError(f"case {i}: expected a CaseExplanation, got {type(case).__name__}")
+        image_id = _text(case.image_id)
         if image_id in seen:
             raise DataError(f"case {i}: duplicate image_id {image_id[:60]!r} (also case {seen[image_id]})")
         seen[image_id] = i
-    return [case_page_name(_text(case["image_id"])) for case in cases]
+    return [case_page_name(_text(case.image_id)) for case in cases]
 
 
-def _case_view(case: Mapping[str, Any], page: str, i: int, n: int, pages: Sequence[str]) -> dict:
+def _case_view(case: CaseExplanation, figures: Mapping[str, Any] | None, page: str, i: int, n: int,
+               pages: Sequence[str]) -> dict:
     """Everything a case page and its index row show, as plain strings and numbers."""
-    where = f"case {i} ({_text(case['image_id'])[:40]!r})"
-    probs = _probabilities(case["probabilities"], where)
-    predicted = max(probs, key=probs.get) if probs else None
-    true_label = None if case.get("true_label") is None else _text(case["true_label"])
-    shap_rows = _shap_rows(case.get("shap") or {}, case.get("patient") or {}, where)
-    modality = _share_rows(case.get("modality") or {}, where)
+    where = f"case {i} ({_text(case.image_id)[:40]!r})"
+    probs = _probabilities(case.probabilities, where)
+    predicted = max(probs, key=probs.__getitem__) if probs else None
+    true_label = None if case.true_label is None else _text(case.true_label)
+    shap_rows = _shap_rows(case.shap or {}, case.patient or {}, where)
+    modality = _share_rows(case.modality or {}, where)
     return {
-        "page": page, "image_id": _text(case["image_id"]),
-        "target": class_label(case["target_class"]), "predicted": class_label(predicted),
+        "page": page, "image_id": _text(case.image_id),
+        "target": class_label(case.target_class), "predicted": class_label(predicted),
         "probability": _num(probs.get(predicted)) if predicted else "\u2014",
         "probability_width": _percent(probs.get(predicted, 0.0)),
         "true_label": class_label(true_label), "known_truth": true_label is not None,
         "correct": true_label is not None and true_label == predicted,
         "prob_rows": _prob_rows(probs, predicted, true_label),
-        "patient": [{"name": _text(k), "value": _text(v)} for k, v in (case.get("patient") or {}).items()],
+        "patient": [{"name": _text(k), "value": _text(v)} for k, v in (case.patient or {}).items()],
         "shap": shap_rows, "top_feature": _top_feature(shap_rows),
-        "shap_base": _num(case.get("shap_base_value")), "model_output": _num(case.get("model_output")),
+        "shap_base": _num(case.shap_base_value), "model_output": _num(case.model_output),
         "shap_sum": _shap_total(case, where),
         "modality": modality, "image_share": _player_share(modality, "image"),
-        "faithfulness": [{"name": _text(k), "value": _num(v)} for k, v in (case.get("faithfulness") or {}).items()],
-        "figures": _figures(case.get("figures"), CASE_FIGURES, where),
+        "faithfulness": [{"name": _text(k), "value": _num(v)} for k, v in (case.faithfulness or {}).items()],
+        "figures": _figures(figures, CASE_FIGURES, where),
         "prev": pages[i - 1] if i > 0 else None, "next": pages[i + 1] if i + 1 < n else None,
         "position": f"{i + 1} of {n}",
     }
@@ -294,12 +276,12 @@ def _top_feature(rows: Sequence[Mapping[str, Any]]) -> str:
     return f"{top['name']} ({top['value']})"
 
 
-def _shap_total(case: Mapping[str, Any], where: str) -> str:
+def _shap_total(case: CaseExplanation, where: str) -> str:
     """Base value + sum of SHAP values, shown beside the model output as an additivity check."""
-    if case.get("shap_base_value") is None or not case.get("shap"):
+    if case.shap_base_value is None or not case.shap:
         return "\u2014"
-    total = _float(case["shap_base_value"], f"{where}: shap_base_value")
-    return _num(total + sum(_float(v, f"{where}: shap") for v in case["shap"].values()))
+    total = _float(case.shap_base_value, f"{where}: shap_base_value")
+    return _num(total + sum(_float(v, f"{where}: shap") for v in case.shap.values()))
 
 
 def _share_rows(values: Mapping[str, Any], where: str) -> list[dict]:
@@ -319,21 +301,28 @@ def _player_share(rows: Sequence[Mapping[str, Any]], player: str) -> str:
 
 # ----------------------------------------------------------------------------- cohort
 
-def _cohort_view(cohort: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> dict:
+def _cohort_view(cohort: CohortExplanation, figures: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> dict:
     """Everything the index page shows about the cohort, as plain strings and numbers."""
-    if not isinstance(cohort, Mapping):
-        raise DataError(f"cohort: expected a mapping, got {type(cohort).__name__}")
+    if not isinstance(cohort, CohortExplanation):
+        raise DataError(f"cohort: expected a CohortExplanation, got {type(cohort).__name__}")
     return {
-        "title": _text(cohort.get("title") or "Explanation report"),
+        "title": _text(cohort.title or "Explanation report"),
         "n_cases": len(cases),
         "n_correct": sum(c["correct"] for c in cases), "n_known": sum(c["known_truth"] for c in cases),
-        "provenance": [{"key": _text(k), "value": _text(v)} for k, v in (cohort.get("provenance") or {}).items()],
-        "shap": _heat_table(cohort.get("mean_abs_shap") or {}),
-        "modality": _modality_table(cohort.get("modality_share") or {}),
-        "faithfulness": [_faith_row(r, j) for j, r in enumerate(cohort.get("faithfulness") or [])],
-        "figures": _figures(cohort.get("figures"), COHORT_FIGURES, "cohort"),
-        "notes": [_text(n) for n in cohort.get("notes") or []],
+        "provenance": [{"key": _text(k), "value": _text(v)} for k, v in (cohort.provenance or {}).items()],
+        "shap": _heat_table(cohort.mean_abs_shap or {}),
+        "modality": _modality_table(cohort.modality_share or {}),
+        "faithfulness": [_faith_row(r, j) for j, r in enumerate(cohort.faithfulness or [])],
+        "figures": _figures(figures, COHORT_FIGURES, "cohort"),
+        "notes": [_text(n) for n in cohort.notes or []] + _timing_notes(cohort.timings, len(cases)),
     }
+
+
+def _timing_notes(timings: Mapping[str, float], n_cases: int) -> list[str]:
+    """Seconds per case of each stage, when the cohort was timed."""
+    if not timings or not n_cases:
+        return []
+    return ["Seconds per case: " + ", ".join(f"{k} {v / n_cases:.3f}" for k, v in timings.items())]
 
 
 def _heat_table(table: Mapping[str, Mapping[str, Any]]) -> dict:
@@ -364,7 +353,7 @@ def _modality_table(table: Mapping[str, Mapping[str, Any]]) -> dict:
 
 def _faith_row(row: Any, j: int) -> dict:
     """One faithfulness metric with its baselines."""
-    if not isinstance(row, Mapping):
-        raise DataError(f"cohort: faithfulness[{j}] must be a mapping with metric/cam/random/centre/note")
-    return {"metric": _text(row.get("metric")), "cam": _num(row.get("cam")), "random": _num(row.get("random")),
-            "centre": _num(row.get("centre")), "note": _text(row.get("note"))}
+    if not isinstance(row, FaithfulnessRow):
+        raise DataError(f"cohort: faithfulness[{j}] must be a FaithfulnessRow, got {type(row).__name__}")
+    return {"metric": _text(row.metric), "cam": _num(row.cam), "random": _num(row.random),
+            "centre": _num(row.centre), "note": _text(row.note)}

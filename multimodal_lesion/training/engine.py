@@ -6,7 +6,6 @@ cached ``"embedding"``; the model's ``forward(batch)`` handles either.
 """
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,11 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..errors import ConfigError
-from ..io import atomic_write
-from .checkpoints import load_checkpoint, save_checkpoint
-
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_balanced_accuracy", "val_macro_auroc", "lr",
-                  "seconds", "images_per_s")
+from ..runs import RunFolder, predict_logits, seed_everything, to_device
 
 
 @dataclass
@@ -60,27 +55,6 @@ class WeightAverage:
                 self.state[k].lerp_(v.detach(), 1.0 - keep)
             else:
                 self.state[k].copy_(v)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch and numpy's legacy global generator (the loaders use their own epoch-seeded ones)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
-    """Move the tensors of a batch dict to ``device``."""
-    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if channels_last and "image" in out:
-        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
-    return out
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -150,26 +124,6 @@ def build_loss(cfg: TrainConfig, weights: torch.Tensor | None, device: torch.dev
     return WeightedSmoothedCrossEntropy(None if weights is None else weights.to(device), cfg.label_smoothing)
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, batches: Iterable[dict], device: torch.device, *, tta: bool = False,
-                   amp: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Logits, targets and image ids over ``batches``; ``tta`` averages the logits over image flips."""
-    model.eval()
-    logits, targets, ids = [], [], []
-    for batch in batches:
-        batch = to_device(batch, device)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            out = model(batch).float()
-            if tta and "image" in batch:
-                for dims in ((3,), (2,), (2, 3)):
-                    out = out + model({**batch, "image": batch["image"].flip(dims)}).float()
-                out = out / 4
-        logits.append(out.cpu())
-        targets.append(batch["target"].cpu())
-        ids += list(batch["image_id"])
-    return torch.cat(logits).numpy(), torch.cat(targets).numpy(), ids
-
-
 def validation_scores(y: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     """What early stopping and history.csv need each epoch (the full metrics come at the end)."""
     from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
@@ -186,7 +140,7 @@ def validation_scores(y: np.ndarray, logits: np.ndarray) -> dict[str, float]:
             "nll": float(log_loss(y, probs, labels=labels))}
 
 
-def _train_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Module, optimizer, scheduler,
+def train_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Module, optimizer, scheduler,
                  scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device, desc: str, show: bool,
                  ema: WeightAverage | None = None) -> tuple[float, int, float]:
     """One pass over the training batches; returns (mean loss, images seen, seconds in forward/backward)."""
@@ -227,37 +181,30 @@ def _set_train_mode(model: nn.Module) -> None:
         branch.eval()
 
 
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
-    with atomic_write(path) as fh:
-        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
-
-
 def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[dict], cfg: TrainConfig,
-        out_dir: str | Path | None = None, *, weights: torch.Tensor | None = None, resume: bool = False,
+        folder: RunFolder | str | Path | None = None, *, weights: torch.Tensor | None = None, resume: bool = False,
         show_progress: bool = True) -> FitResult:
     """Train ``model`` and keep the weights of the epoch with the best validation balanced accuracy
     (with ``cfg.ema_decay`` > 0, the moving average of the weights is what is validated and kept).
 
-    With ``out_dir`` it writes ``last.pt`` (everything needed to resume) and ``best.pt`` atomically
+    With a run ``folder`` it writes ``last.pt`` (everything needed to resume) and ``best.pt`` atomically
     each epoch, and ``history.csv``; ``resume=True`` continues from ``last.pt`` and, because every
     epoch is seeded by (seed, epoch), ends with the same weights as an uninterrupted run.
     """
     device = next(model.parameters()).device
-    out = Path(out_dir) if out_dir is not None else None
+    out = RunFolder(folder) if folder is not None and not isinstance(folder, RunFolder) else folder
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_batches))  # type: ignore[arg-type]
     loss_fn = build_loss(cfg, weights, device)
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     best_weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
     ema = WeightAverage(_unwrap(model), cfg.ema_decay) if cfg.ema_decay != 0 else None
-    if resume and out is not None and (out / "last.pt").is_file():
-        ckpt = load_checkpoint(out / "last.pt")
+    if resume and out is not None and out.has_last():
+        ckpt = out.load_last()
         _unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -275,7 +222,7 @@ def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[d
             if hasattr(b, "set_epoch"):
                 b.set_epoch(epoch)
         t0 = time.perf_counter()
-        loss, seen, _ = _train_epoch(model, train_batches, loss_fn, optimizer, scheduler, scaler, cfg, device,
+        loss, seen, _ = train_epoch(model, train_batches, loss_fn, optimizer, scheduler, scaler, cfg, device,
                                      f"epoch {epoch + 1}/{cfg.epochs}", show, ema)
         seconds = time.perf_counter() - t0
         live = None
@@ -304,10 +251,10 @@ def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[d
                        f"  val AUROC {h['val_macro_auroc']:.4f}  {h['images_per_s']:.0f} img/s")
         if out is not None and _is_main():
             extra = {} if ema is None else {"ema": ema.state, "ema_updates": ema.updates}
-            save_checkpoint({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "best_model": best_weights, "state": state,
-                             **extra}, out / "last.pt")
-            save_checkpoint({"model": best_weights, "epoch": state["best_epoch"]}, out / "best.pt")
-            _write_history(out / "history.csv", state["history"])
+            out.save_last({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "best_model": best_weights, "state": state,
+                           **extra})
+            out.save_best(best_weights, state["best_epoch"])
+            out.write_history(state["history"])
     _unwrap(model).load_state_dict(best_weights)
     return FitResult(state["best_epoch"], state["best_score"], state["history"])

@@ -18,16 +18,9 @@ from tqdm.auto import tqdm
 from ..data.cache import cache_key
 from ..data.datasets import Normalize
 from ..io import atomic_write
+from ..models import embed_images
 
 EMBED_VERSION = 1
-FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
-
-
-def embed_images(branch: nn.Module, images: torch.Tensor, flip_average: bool) -> torch.Tensor:
-    """Pooled embedding of normalised images; ``flip_average`` averages over the 4 flips."""
-    if not flip_average:
-        return branch.embed(images)
-    return torch.stack([branch.embed(images.flip(d) if d else images) for d in FLIPS]).mean(0)
 
 
 @torch.no_grad()

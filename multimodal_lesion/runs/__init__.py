@@ -1,0 +1,19 @@
+"""The run-folder contract: assemble a run's inputs, the files of a run folder, load a run, predict.
+
+Training, evaluation, explanation, ablation and the benchmark all go through this package; nothing
+else reads or writes the files of a run folder.
+"""
+
+from .checkpoints import load_checkpoint, load_model_state, save_checkpoint
+from .embeddings import cached_embeddings, compute_embeddings
+from .folder import RunFolder, library_versions, write_provenance
+from .inputs import (EpochLoader, RunInputs, inputs_from_config, make_splits, prepare_inputs, resolve_data,
+                     resolve_device, seed_everything, synthetic_root)
+from .load import LoadedRun, balanced_scaling, load_model, load_run
+from .predict import predict_image, predict_logits, to_device
+
+__all__ = ["RunFolder", "RunInputs", "LoadedRun", "EpochLoader", "prepare_inputs", "inputs_from_config",
+           "resolve_data", "make_splits", "resolve_device", "seed_everything", "synthetic_root", "load_run",
+           "load_model", "balanced_scaling", "predict_image", "predict_logits", "to_device", "library_versions",
+           "write_provenance", "save_checkpoint", "load_checkpoint", "load_model_state", "cached_embeddings",
+           "compute_embeddings"]

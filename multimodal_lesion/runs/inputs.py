@@ -1,0 +1,228 @@
+"""Assembling the inputs of a run from a config: data, splits, encoder, model, device, cached arrays.
+
+:class:`RunInputs` is what training, evaluation, explanation, ablation and the benchmark share: the
+encoded metadata and targets of every image, the model on its device, the cached uint8 images and
+frozen-backbone embeddings (built on first use), and dict batches of any split.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..config import ExperimentConfig, replace
+from ..data.cache import cache_home, default_cache_dir, image_array
+from ..data.constants import CLASSES
+from ..data.datasets import LesionDataset, Normalize, NormalizingCollate, build_augmentation
+from ..data.encoder import MetadataEncoder
+from ..data.ham10000 import Ham10000, read_ham10000
+from ..data.sampling import EpochSampler, TensorBatches
+from ..data.splits import split_lesions
+from ..data.synthetic import make_synthetic
+from ..errors import ConfigError
+from ..models import LesionModel, create_model, embed_images
+from .embeddings import cached_embeddings
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy's legacy global generator (the loaders use their own epoch-seeded ones)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def synthetic_root(cfg: ExperimentConfig) -> Path:
+    """Where the embedded synthetic dataset lives (generated on first use)."""
+    return cache_home() / f"synthetic-n{cfg.data.synthetic_n}-seed{cfg.data.synthetic_seed}"
+
+
+def resolve_data(cfg: ExperimentConfig, show: bool = True) -> Ham10000:
+    """Read the configured HAM10000 root, or generate / reuse the synthetic default."""
+    root = Path(cfg.data.root) if cfg.data.root else synthetic_root(cfg)
+    if not cfg.data.root:  # returns at once when the dataset there is current
+        if show and not (root / "HAM10000_metadata.csv").is_file():
+            print(f"generating the synthetic dataset in {root}")
+        make_synthetic(root, n=cfg.data.synthetic_n, seed=cfg.data.synthetic_seed)
+    return read_ham10000(root, drop_missing=cfg.data.drop_missing)
+
+
+def make_splits(cfg: ExperimentConfig, ham: Ham10000) -> pd.DataFrame:
+    """Lesion-grouped, stratified split of ``ham``; with folds, ``data.fold`` is the validation fold."""
+    d = cfg.data
+    splits = split_lesions(ham.metadata, test_size=d.test_size, val_size=d.val_size, folds=d.folds,
+                           seed=d.split_seed)
+    if d.folds:
+        if not 0 <= d.fold < d.folds:
+            raise ConfigError(f"data.fold: {d.fold} is not in 0..{d.folds - 1}")
+        splits["split"] = np.where(splits["fold"] < 0, "test", np.where(splits["fold"] == d.fold, "val", "train"))
+    return splits
+
+
+def class_targets(metadata: pd.DataFrame) -> np.ndarray:
+    """Class indices (int64) of the ``dx`` column."""
+    return metadata["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(np.int64)
+
+
+@dataclass
+class RunInputs:
+    """Everything built from a config and a dataset that training, evaluation and explanation share."""
+
+    cfg: ExperimentConfig
+    ham: Ham10000
+    splits: pd.DataFrame
+    encoder: MetadataEncoder
+    meta: np.ndarray
+    targets: np.ndarray
+    model: LesionModel
+    device: torch.device
+    notes: list[str] = field(default_factory=list)  # e.g. categories unseen in training, encoded as unknown
+    cached_images: np.ndarray | None = field(default=None, repr=False)
+    cached_embeddings: np.ndarray | None = field(default=None, repr=False)
+
+    def indices(self, split: str) -> np.ndarray:
+        """Row numbers of one split (``train``, ``val`` or ``test``)."""
+        idx = np.flatnonzero(self.splits["split"].to_numpy() == split)
+        if len(idx) == 0:
+            raise ConfigError(f"split '{split}' has no images")
+        return idx
+
+    @property
+    def image_ids(self) -> list[str]:
+        return self.ham.metadata["image_id"].tolist()
+
+    @property
+    def normalize(self) -> Normalize:
+        if self.model.image_branch is None:
+            raise ConfigError(f"model '{self.cfg.model.name}' has no image branch")
+        dc = self.model.image_branch.data_config
+        return Normalize(dc["mean"], dc["std"])
+
+    def n_lesions(self, split: str) -> int:
+        return int(self.ham.metadata["lesion_id"].iloc[self.indices(split)].nunique())
+
+    def images(self) -> np.ndarray:
+        """The cached uint8 image array (N, H, W, 3), built on first use."""
+        if self.cached_images is None:
+            self.cached_images = image_array(self.ham, self.cfg.data.image_size, self.cfg.data.cache_dir or None)
+        return self.cached_images
+
+    def normalized_images(self, rows: np.ndarray) -> torch.Tensor:
+        """The model's input (B, 3, H, W) for ``rows``: cached pixels, normalised, on the device."""
+        pixels = torch.from_numpy(np.array(self.images()[rows])).permute(0, 3, 1, 2)
+        return self.normalize(pixels).to(self.device)
+
+    def embeddings(self, show: bool = True) -> np.ndarray:
+        """Frozen-backbone embeddings of every image, cached on disk."""
+        branch = self.model.image_branch
+        if self.cached_embeddings is None and branch is not None:
+            m = self.cfg.model
+            identity = {"backbone": m.backbone, "weights": m.weights, "multiscale": m.multiscale,
+                        "size": list(self.cfg.data.image_size)}
+            self.cached_embeddings = cached_embeddings(
+                branch, self.images, len(self.ham.metadata), self.normalize,
+                folder=default_cache_dir(self.ham, self.cfg.data.cache_dir or None),
+                fingerprint=self.ham.fingerprint, identity=identity, flip_average=self.cfg.train.flip_average,
+                batch_size=self.cfg.train.batch_size, device=self.device, show=show)
+        if self.cached_embeddings is None:
+            raise ConfigError(f"model '{self.cfg.model.name}' has no image branch")
+        return self.cached_embeddings
+
+    def embeddings_of(self, rows: np.ndarray) -> torch.Tensor | None:
+        """Image embeddings of ``rows`` as the model sees them: cached (frozen) or computed live (end-to-end)."""
+        branch = self.model.image_branch
+        if branch is None:
+            return None
+        if self.cfg.train.mode == "frozen":
+            return torch.from_numpy(self.embeddings(show=False)[rows]).to(self.device)
+        with torch.no_grad():
+            return torch.cat([embed_images(branch, self.normalized_images(rows[i:i + 32]), False)
+                              for i in range(0, len(rows), 32)])
+
+    def batches(self, split: str, *, train: bool, show: bool = True, rank: int = 0,
+                world_size: int = 1) -> TensorBatches | EpochLoader:
+        """Dict batches of one split: cached embeddings (frozen) or augmented images (end2end)."""
+        t = self.cfg.train
+        idx = self.indices(split)
+        weights = None
+        if train and t.balance == "sampler":
+            counts = np.bincount(self.targets[idx], minlength=len(CLASSES))
+            weights = 1.0 / counts[self.targets[idx]]
+        sampler = EpochSampler(len(idx), shuffle=train, seed=t.seed, weights=weights, rank=rank,
+                               world_size=world_size)
+        if t.mode == "frozen" or self.model.image_branch is None:
+            tensors = {"meta": torch.from_numpy(self.meta[idx]), "target": torch.from_numpy(self.targets[idx])}
+            if self.model.image_branch is not None:
+                tensors["embedding"] = torch.from_numpy(self.embeddings(show)[idx])
+            ids = self.image_ids
+            return TensorBatches(tensors, [ids[i] for i in idx], t.batch_size, sampler)
+        dataset = LesionDataset(self.images(), self.meta, self.targets, self.image_ids, idx,
+                                build_augmentation(t.augment) if train else None)
+        return EpochLoader(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=sampler,
+                                                       collate_fn=NormalizingCollate(self.normalize),
+                                                       num_workers=self.cfg.data.num_workers,
+                                                       pin_memory=self.device.type == "cuda"), sampler)
+
+
+class EpochLoader:
+    """A DataLoader whose sampler is re-seeded each epoch by the engine."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, sampler: EpochSampler) -> None:
+        self.loader, self.sampler = loader, sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.loader)
+
+
+def prepare_inputs(cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, encoder: MetadataEncoder | None = None,
+                   *, shared: RunInputs | None = None) -> RunInputs:
+    """Fit the encoder on the training split (unless given), encode everything and build the model.
+
+    ``shared`` lends its frozen backbone and cached embeddings (an ablation trains many heads on one).
+    """
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    train_rows = ham.metadata[splits["split"].to_numpy() == "train"]
+    encoder = encoder or MetadataEncoder().fit(train_rows)
+    with warnings.catch_warnings(record=True) as caught:  # categories unseen in training -> unknown
+        warnings.simplefilter("always", UserWarning)
+        meta = encoder.transform(ham.metadata).astype(np.float32)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
+    model = create_model(cfg.model.name, meta_dim=meta.shape[1], num_classes=len(CLASSES), cfg=cfg.model,
+                         image_branch=branch)
+    if cfg.train.mode == "frozen" and model.image_branch is not None:
+        model.image_branch.requires_grad_(False)
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    inputs = RunInputs(cfg, ham, splits, encoder, meta, class_targets(ham.metadata), model, device,
+                       [str(w.message) for w in caught])
+    if branch is not None and shared is not None:
+        inputs.cached_embeddings = shared.cached_embeddings
+    return inputs
+
+
+def inputs_from_config(cfg: ExperimentConfig, show: bool = True) -> tuple[ExperimentConfig, RunInputs]:
+    """Data, split and model of a new run as configured; the returned config names the resolved data root."""
+    ham = resolve_data(cfg, show)
+    cfg = replace(cfg, data={"root": str(ham.root)})
+    return cfg, prepare_inputs(cfg, ham, make_splits(cfg, ham))

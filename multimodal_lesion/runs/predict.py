@@ -1,0 +1,72 @@
+"""Predicting with a model: logits over dict batches, and one image of a loaded run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..data.cache import decode_resized
+from ..data.constants import CLASSES, UNKNOWN
+from ..data.datasets import Normalize
+from ..models import embed_images
+from .load import balanced_scaling, load_model
+
+
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
+    """Move the tensors of a batch dict to ``device``."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if channels_last and "image" in out:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches: Iterable[dict], device: torch.device, *, tta: bool = False,
+                   amp: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Logits, targets and image ids over ``batches``; ``tta`` averages the logits over image flips."""
+    model.eval()
+    logits, targets, ids = [], [], []
+    for batch in batches:
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            out = model(batch).float()
+            if tta and "image" in batch:
+                for dims in ((3,), (2,), (2, 3)):
+                    out = out + model({**batch, "image": batch["image"].flip(dims)}).float()
+                out = out / 4
+        logits.append(out.cpu())
+        targets.append(batch["target"].cpu())
+        ids += list(batch["image_id"])
+    return torch.cat(logits).numpy(), torch.cat(targets).numpy(), ids
+
+
+@torch.no_grad()
+def predict_image(run_dir: str | Path, image: str | Path, age: float | None = None, sex: str | None = None,
+                  localization: str | None = None, balanced: bool = False) -> dict[str, float]:
+    """Calibrated class probabilities for one image and optional patient fields (missing = unknown).
+
+    ``balanced`` gives the probabilities of the balanced decision instead (uniform class prior,
+    fitted on val; their arg-max is the decision the run's balanced accuracy was scored on).
+    """
+    cfg, encoder, model, temperature = load_model(run_dir)
+    bias = np.zeros(len(CLASSES), dtype=np.float32)
+    if balanced:
+        temperature, bias = balanced_scaling(run_dir)
+    device = next(model.parameters()).device
+    row = pd.DataFrame([{"age": np.nan if age is None else float(age), "sex": sex or UNKNOWN,
+                         "localization": localization or UNKNOWN}])
+    meta = torch.from_numpy(encoder.transform(row).astype(np.float32)).to(device)
+    embedding = None
+    if model.image_branch is not None:
+        pixels = torch.from_numpy(decode_resized(str(image), cfg.data.image_size)).permute(2, 0, 1)
+        dc = model.image_branch.data_config
+        x = Normalize(dc["mean"], dc["std"])(pixels).unsqueeze(0).to(device)
+        embedding = embed_images(model.image_branch, x, cfg.train.flip_average and cfg.train.mode == "frozen")
+    logits = model.forward_head(embedding, meta) / temperature + torch.from_numpy(bias).to(device)
+    probs = torch.softmax(logits.float(), 1)[0].cpu().numpy()
+    return {c: round(float(p), 6) for c, p in zip(CLASSES, probs)}

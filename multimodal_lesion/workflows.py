@@ -1,0 +1,56 @@
+"""The wiring that the CLI, the demo and the benchmark share: compute with one layer, draw with another.
+
+Training and explanation return results; the report layer draws them; these functions run one
+after the other so that ``mmlesion train`` / ``evaluate`` / ``explain`` write complete folders.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import ExperimentConfig
+
+
+def train_run(cfg: ExperimentConfig, out: str | Path, *, resume: bool = False, show: bool = True) -> dict[str, Any]:
+    """Train one model into the run folder ``out`` with its evaluation figures; returns ``metrics.json``."""
+    from .report.figures import save_evaluation_figures
+    from .training.runner import train_run as train
+
+    evaluation = train(cfg, out, resume=resume, show=show)
+    save_evaluation_figures(evaluation)
+    return evaluation.metrics
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", data: str | Path | None = None, tta: bool = False,
+                 show: bool = True) -> tuple[dict[str, Any], Path]:
+    """Evaluate a run on one split with figures; returns (metrics, path of ``eval/<split>/metrics.json``)."""
+    from .report.figures import save_evaluation_figures
+    from .training.runner import evaluate_run as evaluate
+
+    evaluation = evaluate(run_dir, split, data, tta=tta, show=show)
+    save_evaluation_figures(evaluation)
+    return evaluation.metrics, evaluation.folder / "metrics.json"
+
+
+def explain_run(run_dir: str | Path, out: str | Path, *, data: str | Path | None = None, split: str = "test",
+                cases: Sequence[str] | None = None, n: int | None = None, show: bool = True) -> Path:
+    """Explain cases of a run, draw them, write ``explanations.json`` and the HTML report; returns the index."""
+    from .explain.pipeline import explain_run as explain
+    from .explain.pipeline import save_explanations
+    from .report.explanations import draw_explanation_figures
+    from .report.html import write_report
+
+    t0 = time.perf_counter()
+    cohort = explain(run_dir, data=data, split=split, cases=cases, n=n)
+    t1 = time.perf_counter()
+    figures = draw_explanation_figures(out, cohort)
+    cohort.timings["figures"] = time.perf_counter() - t1
+    save_explanations(out, cohort)
+    index = write_report(out, cohort, figures)
+    if show:
+        total, k = time.perf_counter() - t0, len(cohort.cases)
+        per = ", ".join(f"{name} {v / k:.3f}" for name, v in cohort.timings.items())
+        print(f"explained {k} cases in {total:.1f} s ({total / k:.2f} s per case; per case: {per})")
+    return index
