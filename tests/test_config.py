@@ -82,3 +82,45 @@ def test_experiment_scripts_have_usage_and_run_help(script: Path) -> None:
     assert doc and "Usage:" in doc
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--data" in proc.stdout
+
+
+WORD_SETTINGS = [("train", "mode"), ("train", "balance"), ("train", "augment"), ("train", "device"),
+                 ("explain", "method")]
+
+
+@pytest.mark.parametrize("section,key", WORD_SETTINGS)
+def test_settings_that_take_a_word_refuse_any_other_word(section: str, key: str) -> None:
+    import typing
+
+    cls = type(getattr(ExperimentConfig(), section))
+    choices = typing.get_args(typing.get_type_hints(cls)[key])
+    assert len(choices) >= 2  # a Literal, not a plain str
+    for word in choices:  # every valid word loads
+        assert getattr(getattr(load_config(None, [f'{section}.{key}="{word}"']), section), key) == word
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f'{section}.{key}="{choices[0]}x"'])
+    message = str(err.value)
+    assert f"{section}.{key}" in message and all(repr(c) in message for c in choices)
+
+
+def test_cam_method_words_are_the_registered_methods() -> None:
+    import typing
+
+    from multimodal_lesion.config import CamMethodName
+    from multimodal_lesion.explain import CAM_METHODS
+
+    assert set(typing.get_args(CamMethodName)) == set(CAM_METHODS)
+
+
+def test_cli_refuses_a_mistyped_mode_before_any_work(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "multimodal_lesion.cli", "train", "--set", 'train.mode="frozne"',
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "train.mode" in lines[0] and "'frozen'" in lines[0] and "'end2end'" in lines[0]
+    assert not out.exists()
