@@ -1,6 +1,9 @@
 """The benchmark harness runs end to end on a tiny input and writes every section; no timing assertions."""
+
 from __future__ import annotations
 
+import ast
+import itertools
 import math
 import os
 from pathlib import Path
@@ -9,8 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from multimodal_lesion.bench import (SECTIONS, BenchSizes, JpegImages, ReportTiming, StepTimer,
-                                     estimate_report_seconds, format_table, measured, parse_sizes, run_benchmark)
+import multimodal_lesion.bench
+from multimodal_lesion.bench import (
+    SECTIONS,
+    BenchSizes,
+    JpegImages,
+    ReportTiming,
+    StepTimer,
+    estimate_report_seconds,
+    format_table,
+    kernel_group_shap,
+    measured,
+    parse_sizes,
+    run_benchmark,
+)
 from multimodal_lesion.data.cache import decode_resized
 from multimodal_lesion.errors import ConfigError
 from multimodal_lesion.io import read_json
@@ -40,7 +55,7 @@ def test_measured_sees_numpy_and_torch_allocations() -> None:
         a = np.ones(64 * 2**20 // 8)  # 64 MB, numpy
         b = torch.ones(64 * 2**20 // 4)  # 64 MB, torch CPU
     assert record["seconds"] >= 0 and a.size and b.numel()
-    if record["memory"]["peak_anon_mb"] is not None:  # Linux: /proc is there
+    if record["memory"]["peak_anon_mb"] is not None:  # Linux: psutil splits anonymous and file-backed
         assert record["memory"]["peak_anon_mb"] >= 100
 
 
@@ -75,3 +90,67 @@ def test_report_estimate_caps_the_faithfulness_stage() -> None:
     small = ReportTiming(2, 5 + 0.2 + 2 + 4, {"gradcam": 2.0, "faithfulness": 4.0})
     large = ReportTiming(10, 5 + 1.0 + 10 + 20, {"gradcam": 10.0, "faithfulness": 20.0})
     assert math.isclose(estimate_report_seconds(small, large, 100, 20), 5 + 100 * 1.1 + 20 * 2)
+
+
+def test_kernel_baseline_equals_exact_interventional_group_shapley() -> None:
+    # a non-additive function of 4 encoded columns in 3 groups; Shapley values by brute force over coalitions
+    groups = {"age": [0], "sex": [1, 2], "site": [3]}
+    rng = np.random.default_rng(0)
+    case, background = rng.normal(size=4), rng.normal(size=(5, 4))
+
+    def f(rows: np.ndarray) -> np.ndarray:
+        return np.tanh(rows @ [0.5, -1.0, 0.3, 2.0] + rows[:, 0] * rows[:, 3] - rows[:, 1] * rows[:, 2])
+
+    def value(coalition: set[str]) -> float:
+        rows = background.copy()
+        for name in coalition:
+            rows[:, groups[name]] = case[groups[name]]
+        return float(f(rows).mean())
+
+    names, g = list(groups), len(groups)
+    exact = [
+        sum(
+            math.factorial(len(s))
+            * math.factorial(g - len(s) - 1)
+            / math.factorial(g)
+            * (value(set(s) | {name}) - value(set(s)))
+            for k in range(g)
+            for s in itertools.combinations([n for n in names if n != name], k)
+        )
+        for name in names
+    ]
+    np.testing.assert_allclose(kernel_group_shap(f, case, background, groups), exact, atol=1e-8)
+
+
+def _private_imports(tree: ast.Module) -> list[str]:
+    """Private names this module takes from another module: imported, or read as an imported module's attribute."""
+    found, imported = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found += [alias.name] if any(p.startswith("_") for p in alias.name.split(".")) else []
+                imported.add((alias.asname or alias.name).split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            parts = (node.module or "").split(".")
+            found += [
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if a.name.startswith("_") or any(p.startswith("_") for p in parts)
+            ]
+            imported.update(a.asname or a.name for a in node.names)
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in imported
+            and node.attr.startswith("_")
+            and not node.attr.endswith("__")
+        ):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_bench_package_uses_no_private_name_of_another_module() -> None:
+    folder = Path(multimodal_lesion.bench.__file__).parent
+    offenders = {p.name: _private_imports(ast.parse(p.read_text())) for p in sorted(folder.glob("*.py"))}
+    assert len(offenders) >= 5 and not any(offenders.values()), offenders
