@@ -9,15 +9,16 @@ import argparse
 import json
 import sys
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import MMLesionError
 
 Command = Callable[[argparse.Namespace], int]
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = {}
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], object], Command]] = {}
 
 
-def command(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None]):
+def command(name: str, help: str,
+            add_args: Callable[[argparse.ArgumentParser], object]) -> Callable[[Command], Command]:
     """Register a sub-command: its help line, its arguments and the function that runs it."""
     def wrap(fn: Command) -> Command:
         COMMANDS[name] = (help, add_args, fn)
@@ -100,9 +101,13 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("train", "train one model and write a run folder",
-         lambda p: (_config_args(p), p.add_argument("--out", required=True),
-                    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")))
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+
+
+@command("train", "train one model and write a run folder", _train_args)
 def _train(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)  # config mistakes fail before the heavy imports
     from .workflows import train_run
@@ -163,8 +168,12 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("ablate", "every model over lesion-grouped folds x seeds, with CIs and subgroups",
-         lambda p: (_config_args(p), p.add_argument("--out", required=True)))
+def _ablate_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--out", required=True)
+
+
+@command("ablate", "every model over lesion-grouped folds x seeds, with CIs and subgroups", _ablate_args)
 def _ablate(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
     from .ablation import run_ablation
@@ -181,12 +190,13 @@ def _ablate(args: argparse.Namespace) -> int:
                     p.add_argument("--set", dest="overrides", action="append", default=[],
                                    metavar="SECTION.KEY=VALUE")))
 def _demo(args: argparse.Namespace) -> int:
-    from importlib.resources import files
+    from importlib.resources import as_file, files
 
     from .config import load_config, replace
     from .demo import run_demo
 
-    cfg = load_config(files("multimodal_lesion").joinpath("demo.toml"), args.overrides)
+    with as_file(files("multimodal_lesion").joinpath("demo.toml")) as demo_toml:
+        cfg = load_config(demo_toml, args.overrides)
     cfg = replace(cfg, data={"root": str(args.data)}) if args.data else cfg
     result = run_demo(cfg, args.out)
     test = result.pop("test")

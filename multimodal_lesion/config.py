@@ -10,12 +10,12 @@ Unknown sections, unknown keys and values of the wrong type are a :class:`Config
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from .errors import ConfigError
 
@@ -38,7 +38,7 @@ class DataConfig:
     fold: int = 0  # which fold is validation when folds > 0
     split_seed: int = 0  # seed of the lesion-grouped split
     drop_missing: bool = False  # drop (and report) listed images that are missing on disk
-    cache_dir: str = ""  # where decoded images / embeddings are cached; empty = $MMLESION_CACHE or ~/.cache/multimodal_lesion
+    cache_dir: str = ""  # decoded images / embeddings cache; empty = $MMLESION_CACHE or ~/.cache/multimodal_lesion
     num_workers: int = 0  # DataLoader workers; 0 keeps everything in-process (fast on cached arrays)
 
 
@@ -125,7 +125,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"config key '{key}': expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
@@ -256,6 +256,16 @@ def to_toml(cfg: ExperimentConfig) -> str:
 
 
 __all__ = [
-    "DataConfig", "ModelConfig", "TrainConfig", "ExplainConfig", "AblationConfig", "ExperimentConfig",
-    "load_config", "from_dict", "to_dict", "to_toml", "replace", "parse_overrides"
+    "AblationConfig",
+    "DataConfig",
+    "ExperimentConfig",
+    "ExplainConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "from_dict",
+    "load_config",
+    "parse_overrides",
+    "replace",
+    "to_dict",
+    "to_toml"
 ]

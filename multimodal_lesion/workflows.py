@@ -7,8 +7,9 @@ after the other so that ``mmlesion train`` / ``evaluate`` / ``explain`` write co
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .config import ExperimentConfig
 

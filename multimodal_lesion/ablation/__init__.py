@@ -2,4 +2,4 @@
 
 from .run import GBM, Cell, CellContext, cell_splits, run_ablation, run_cells, shared_backbone
 
-__all__ = ["run_ablation", "run_cells", "shared_backbone", "Cell", "CellContext", "cell_splits", "GBM"]
+__all__ = ["GBM", "Cell", "CellContext", "cell_splits", "run_ablation", "run_cells", "shared_backbone"]

@@ -45,7 +45,7 @@ def subgroup_frame(records: list[dict[str, Any]], ham: Ham10000) -> pd.DataFrame
     attributes = {"sex": meta["sex"], "age_band": age_band(meta["age"]), "localization": meta["localization"]}
     rows = []
     pooled = pd.DataFrame([{"model": r["model"], "seed": r["seed"], "image_id": i, "pred": int(np.argmax(p))}
-                           for r in records for i, p in zip(r["image_ids"], r["probs"])])
+                           for r in records for i, p in zip(r["image_ids"], r["probs"], strict=True)])
     pooled["target"] = meta["dx"].map({c: i for i, c in enumerate(CLASSES)}).reindex(pooled["image_id"]).to_numpy()
     pooled["lesion_id"] = meta["lesion_id"].reindex(pooled["image_id"]).to_numpy()
     for attr, values in attributes.items():

@@ -14,7 +14,7 @@ from ..training.stats import corrected_ttest, paired_comparison, summarise
 from .subgroups import write_subgroups
 
 HEADLINE = ("balanced_accuracy", "macro_auroc", "melanoma_auroc", "ece")
-SCALARS = HEADLINE + ("accuracy", "macro_f1", "nll", "brier", "melanoma_sensitivity_at_specificity_0.80")
+SCALARS = (*HEADLINE, "accuracy", "macro_f1", "nll", "brier", "melanoma_sensitivity_at_specificity_0.80")
 
 
 def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:

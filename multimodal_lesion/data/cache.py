@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -44,7 +44,7 @@ def decode_resized(path: str, size: tuple[int, int]) -> np.ndarray:
     img = load_rgb(path)
     height, width = size
     if img.size != (width, height):
-        img = img.resize((width, height), Image.BILINEAR)
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
     return np.array(img, dtype=np.uint8)
 
 

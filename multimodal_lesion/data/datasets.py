@@ -1,7 +1,7 @@
 """Torch dataset over the cached image array that yields dict samples ``{"image", "meta", "target", "image_id"}``."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ class LesionDataset(Dataset):
     """
 
     def __init__(self, images: np.ndarray, meta: np.ndarray, targets: np.ndarray, image_ids: Sequence[str],
-                 indices: Sequence[int], augment: Transform | None = None) -> None:
+                 indices: Sequence[int] | np.ndarray, augment: Transform | None = None) -> None:
         self.images, self.meta, self.targets = images, meta, targets
         self.image_ids, self.indices = list(image_ids), np.asarray(indices, dtype=np.int64)
         self.augment = augment

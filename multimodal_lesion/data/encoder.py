@@ -34,7 +34,7 @@ class MetadataEncoder(TransformerMixin, BaseEstimator):
         feature_groups_: patient feature -> output column indices (for grouped SHAP).
     """
 
-    def fit(self, X: pd.DataFrame, y: object = None) -> "MetadataEncoder":
+    def fit(self, X: pd.DataFrame, y: object = None) -> MetadataEncoder:
         """Learn age mean/std and the categories from ``X`` (a DataFrame with age, sex, localization)."""
         age, cats = _patient_columns(X)
         known = age[~np.isnan(age)]
@@ -69,7 +69,7 @@ class MetadataEncoder(TransformerMixin, BaseEstimator):
         return {"params": self.get_params(), "learned": learned}
 
     @classmethod
-    def from_json(cls, state: dict[str, Any]) -> "MetadataEncoder":
+    def from_json(cls, state: dict[str, Any]) -> MetadataEncoder:
         """Rebuild a fitted encoder from :meth:`to_json`'s output; a malformed state is a DataError."""
         try:
             encoder = cls(**state["params"])

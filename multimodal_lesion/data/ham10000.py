@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -326,7 +326,7 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None, *,
         raise DataError(f"{path}: mask is {grey.size[0]}x{grey.size[1]} but its image is "
                         f"{expected_size[0]}x{expected_size[1]} (W x H)")
     if size is not None and grey.size != tuple(size):
-        grey = grey.resize(tuple(size), Image.Resampling.NEAREST)
+        grey = grey.resize(size, Image.Resampling.NEAREST)
     return np.asarray(grey) >= 128
 
 

@@ -5,7 +5,8 @@ an uninterrupted one would, and data-parallel ranks take disjoint shards of the 
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +59,6 @@ class TensorBatches:
         order = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            batch = {k: v[idx] for k, v in self.tensors.items()}
+            batch: dict[str, Any] = {k: v[idx] for k, v in self.tensors.items()}
             batch["image_id"] = [self.image_ids[i] for i in idx.tolist()]
             yield batch

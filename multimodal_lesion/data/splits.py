@@ -124,7 +124,7 @@ def _assign_lesions(lesions: pd.DataFrame, fractions: np.ndarray, rng: np.random
         targets = fractions * group["n"].sum()
         priority = rng.permutation(len(fractions))
         assigned = np.zeros(len(fractions))
-        for lesion_id, n in zip(group.index, group["n"].to_numpy()):
+        for lesion_id, n in zip(group.index, group["n"].to_numpy(), strict=True):
             b = _most_behind(assigned, targets, priority)
             assigned[b] += n
             out[lesion_id] = b

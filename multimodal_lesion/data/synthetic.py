@@ -49,9 +49,9 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -201,7 +201,7 @@ def class_image_counts(n: int) -> dict[str, int]:
     while n >= len(CLASSES) and (counts == 0).any():
         counts[np.argmax(counts)] -= 1
         counts[np.argmin(counts)] += 1
-    return dict(zip(CLASSES, counts.tolist()))
+    return dict(zip(CLASSES, counts.tolist(), strict=True))
 
 
 def _pick(rng: np.random.Generator, table: dict[str, int]) -> str:
@@ -388,7 +388,7 @@ def _lesion_frame(lesion: dict, rng: np.random.Generator) -> tuple:
     u, v = dx * cos + dy * sin, dy * cos - dx * sin
     phi = np.arctan2(v, u)
     wobble = np.ones_like(phi)
-    for k, (amp, phase) in enumerate(zip(lesion["amps"].tolist(), lesion["phases"].tolist()), start=2):
+    for k, (amp, phase) in enumerate(zip(lesion["amps"].tolist(), lesion["phases"].tolist(), strict=True), start=2):
         wobble += amp * np.cos(k * phi + phase)
     edge = float(lesion["radius"]) * wobble
     rho = np.hypot(u, v) / edge
@@ -398,7 +398,7 @@ def _lesion_frame(lesion: dict, rng: np.random.Generator) -> tuple:
 def _background(lesion: dict, rng: np.random.Generator) -> np.ndarray:
     """Class-independent skin: the patient's tone, smooth shading and fine grain."""
     coarse = Image.fromarray(rng.random((4, 5), dtype=np.float32), mode="F")
-    shade = 0.9 + 0.2 * np.asarray(coarse.resize((WIDTH, HEIGHT), Image.BILINEAR))
+    shade = 0.9 + 0.2 * np.asarray(coarse.resize((WIDTH, HEIGHT), Image.Resampling.BILINEAR))
     grain = 0.025 * rng.standard_normal((HEIGHT, WIDTH), dtype=np.float32)
     return lesion["skin"] * rng.normal(1.0, 0.03) * (shade + grain)[..., None]
 

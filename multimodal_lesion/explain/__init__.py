@@ -6,13 +6,39 @@
 - :mod:`.faithfulness`: whether the maps are faithful (deletion/insertion, pointing game,
   energy inside the lesion, model randomisation), each against random and centre baselines.
 """
-from .faithfulness import (centre_map, curve_auc, energy_inside, faithfulness_report, perturbation_curve,
-                           pointing_game, random_map, randomisation_check, randomised_cams, randomised_copy)
+from .faithfulness import (
+    centre_map,
+    curve_auc,
+    energy_inside,
+    faithfulness_report,
+    perturbation_curve,
+    pointing_game,
+    random_map,
+    randomisation_check,
+    randomised_cams,
+    randomised_copy,
+)
 from .gradcam import CAM_METHODS, BoundMetadata, GradCamExplainer
 from .modality import GradientAttribution, ModalityAttribution, integrated_gradients, modality_shapley
 from .shap_groups import GroupShapExplainer
 
-__all__ = ["GradCamExplainer", "BoundMetadata", "CAM_METHODS", "GroupShapExplainer", "modality_shapley",
-           "ModalityAttribution", "integrated_gradients", "GradientAttribution", "perturbation_curve",
-           "curve_auc", "random_map", "centre_map", "pointing_game", "energy_inside", "randomisation_check",
-           "faithfulness_report", "randomised_copy", "randomised_cams"]
+__all__ = [
+    "CAM_METHODS",
+    "BoundMetadata",
+    "GradCamExplainer",
+    "GradientAttribution",
+    "GroupShapExplainer",
+    "ModalityAttribution",
+    "centre_map",
+    "curve_auc",
+    "energy_inside",
+    "faithfulness_report",
+    "integrated_gradients",
+    "modality_shapley",
+    "perturbation_curve",
+    "pointing_game",
+    "random_map",
+    "randomisation_check",
+    "randomised_cams",
+    "randomised_copy",
+]

@@ -14,8 +14,8 @@ Gaussian (dermoscopy lesions are usually central, so beating the centre prior is
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -170,7 +170,7 @@ def faithfulness_report(model: LesionModel, image: Tensor, meta: Tensor | None, 
     Returns ``{"map"|"random"|"centre": {"deletion_auc", "insertion_auc"[, "pointing_game", "energy_inside"]}}``.
     ``image`` (3, H, W) is normalised, ``meta`` (D,) or (1, D) is bound to every perturbed copy.
     """
-    shape = tuple(image.shape[-2:])
+    shape = (image.shape[-2], image.shape[-1])
     image = image.to(next(model.parameters()).device)
     maps = {"map": np.asarray(saliency), "random": random_map(shape, seed), "centre": centre_map(shape)}
     predict = BoundMetadata(model, None if meta is None else meta.reshape(1, -1))
@@ -187,16 +187,24 @@ def faithfulness_report(model: LesionModel, image: Tensor, meta: Tensor | None, 
     return out
 
 
+def _backbone(model: LesionModel) -> nn.Module:
+    """The timm backbone of ``model``'s image branch."""
+    if model.image_branch is None:
+        raise ConfigError("model randomisation needs a model with an image branch")
+    return model.image_branch.model
+
+
 def _backbone_blocks(model: LesionModel) -> list[nn.Module]:
     """Top-level backbone children that hold parameters, input side first."""
-    return [m for m in model.image_branch.model.children() if any(True for _ in m.parameters())]
+    return [m for m in _backbone(model).children() if any(True for _ in m.parameters())]
 
 
 def _reinitialise(module: nn.Module) -> None:
     """Fresh random parameters (and BatchNorm statistics) for every submodule of ``module``."""
     for sub in module.modules():
-        if hasattr(sub, "reset_parameters"):
-            sub.reset_parameters()
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
         elif any(True for _ in sub.parameters(recurse=False)):
             for p in sub.parameters(recurse=False):
                 nn.init.normal_(p, std=0.02)
@@ -227,7 +235,7 @@ def cascading_randomisation(model: LesionModel, seed: int = 0) -> Iterator[tuple
 
 def layer_path(model: LesionModel, layer: nn.Module) -> str:
     """Dotted path of ``layer`` inside the backbone (so the same layer can be found in a copy)."""
-    for name, module in model.image_branch.model.named_modules():
+    for name, module in _backbone(model).named_modules():
         if module is layer:
             return name
     raise ConfigError("the target layer is not part of the backbone")
@@ -245,6 +253,19 @@ def randomised_cams(model: LesionModel, images: Tensor, meta: Tensor | None, tar
     return GradCamExplainer(clone, method, path).explain(images, meta, list(targets))
 
 
-__all__ = ["perturbation_curve", "curve_auc", "random_map", "centre_map", "pointing_game", "energy_inside",
-           "randomisation_check", "faithfulness_report", "randomised_copy", "cascading_randomisation",
-           "randomised_cams", "layer_path", "BASELINES", "Predictor"]
+__all__ = [
+    "BASELINES",
+    "Predictor",
+    "cascading_randomisation",
+    "centre_map",
+    "curve_auc",
+    "energy_inside",
+    "faithfulness_report",
+    "layer_path",
+    "perturbation_curve",
+    "pointing_game",
+    "random_map",
+    "randomisation_check",
+    "randomised_cams",
+    "randomised_copy",
+]

@@ -9,8 +9,9 @@ the hooks are removed and every module's train/eval flag and every ``requires_gr
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType, TracebackType
-from typing import Iterator, Mapping, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -90,6 +91,8 @@ class BoundMetadata(nn.Module):
 def resolve_target_layer(model: LesionModel, target_layer: str | nn.Module | None) -> nn.Module:
     """The CAM layer: a module of the backbone, a dotted path inside it, or its last stage (None / "")."""
     branch = model.image_branch
+    if branch is None:
+        raise ConfigError("Grad-CAM needs a model that looks at the image; this one uses metadata only")
     if isinstance(target_layer, nn.Module):
         if not any(target_layer is m for m in branch.modules()):
             raise ConfigError("explain.target_layer: the given module is not part of the image branch")
@@ -135,7 +138,7 @@ class GradCamExplainer:
         self._cam: BaseCAM | None = None
         self._stack: contextlib.ExitStack | None = None
 
-    def __enter__(self) -> "GradCamExplainer":
+    def __enter__(self) -> GradCamExplainer:
         if self._stack is not None:
             raise RuntimeError("GradCamExplainer is already open")
         with contextlib.ExitStack() as stack:
@@ -177,12 +180,15 @@ class GradCamExplainer:
         return np.concatenate(maps).astype(np.float32)
 
     def _run(self, images: Tensor, meta: Tensor | None, targets: list[ClassifierOutputTarget] | None) -> np.ndarray:
+        cam = self._cam
+        if cam is None:
+            raise RuntimeError("GradCamExplainer is not open")
         self._view.meta = meta
         try:
             with torch.enable_grad():  # also under a caller's no_grad()
-                return self._cam(input_tensor=images, targets=targets)
+                return cam(input_tensor=images, targets=targets)
         finally:
-            self._cam.outputs = None  # drop the graph the library keeps
+            cam.outputs = None  # drop the graph the library keeps
 
     def _num_classes(self) -> int:
         """Width of the logits: the out_features of the head's last linear layer."""
@@ -190,5 +196,11 @@ class GradCamExplainer:
         return linears[-1].out_features
 
 
-__all__ = ["GradCamExplainer", "BoundMetadata", "CAM_METHODS", "CamMethod", "preserved_state",
-           "resolve_target_layer"]
+__all__ = [
+    "CAM_METHODS",
+    "BoundMetadata",
+    "CamMethod",
+    "GradCamExplainer",
+    "preserved_state",
+    "resolve_target_layer",
+]

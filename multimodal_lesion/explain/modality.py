@@ -9,8 +9,8 @@ explained output is the same softmax probability as the grouped SHAP values. Int
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import shap
@@ -131,7 +131,7 @@ def integrated_gradients(model: LesionModel, embedding: np.ndarray | Tensor | No
     names = list(inputs)
 
     def forward(*tensors: Tensor) -> Tensor:
-        given = dict(zip(names, tensors))
+        given = dict(zip(names, tensors, strict=True))
         logits = model.forward_head(given.get("embedding"), given.get("meta"))
         return torch.softmax(logits / temperature, dim=-1)
 
@@ -142,7 +142,7 @@ def integrated_gradients(model: LesionModel, embedding: np.ndarray | Tensor | No
         attrs, delta = IntegratedGradients(forward).attribute(
             tuple(x for x, _ in inputs.values()), baselines=tuple(b for _, b in inputs.values()),
             target=target_list, n_steps=n_steps, return_convergence_delta=True)
-    found = {k: a.detach().double().cpu().numpy() for k, a in zip(names, attrs)}
+    found = {k: a.detach().double().cpu().numpy() for k, a in zip(names, attrs, strict=True)}
     players, values = _ig_players(found, groups, n)
     return GradientAttribution(players=players, values=values, embedding=found.get("embedding"),
                                meta=found.get("meta"), delta=delta.detach().double().cpu().numpy())
@@ -157,5 +157,10 @@ def _ig_players(found: dict[str, np.ndarray], groups: Mapping[str, Sequence[int]
     return list(cols), np.stack(values, axis=1)
 
 
-__all__ = ["ModalityAttribution", "modality_shapley", "GradientAttribution", "integrated_gradients",
-           "IMAGE_PLAYER"]
+__all__ = [
+    "IMAGE_PLAYER",
+    "GradientAttribution",
+    "ModalityAttribution",
+    "integrated_gradients",
+    "modality_shapley",
+]

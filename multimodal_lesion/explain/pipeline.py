@@ -10,9 +10,10 @@ maps and ``explanations.json``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -176,10 +177,10 @@ def _case(run: LoadedRun, batch: CaseBatch, i: int, cams: np.ndarray | None, sha
     target = batch.targets[i]
     return CaseExplanation(
         image_id=str(row_meta["image_id"]), target_class=CLASSES[target], true_label=str(row_meta["dx"]),
-        probabilities=dict(zip(CLASSES, map(float, batch.probs[i]))), patient=_patient(row_meta),
-        shap=dict(zip(shap_exp.feature_names, map(float, shap_exp.values[i]))),
+        probabilities=dict(zip(CLASSES, map(float, batch.probs[i]), strict=True)), patient=_patient(row_meta),
+        shap=dict(zip(shap_exp.feature_names, map(float, shap_exp.values[i]), strict=True)),
         shap_base_value=float(shap_exp.base_values[i]), model_output=float(batch.probs[i][target]),
-        modality=dict(zip(modality.players, map(float, modality.values[i]))),
+        modality=dict(zip(modality.players, map(float, modality.values[i]), strict=True)),
         modality_base_value=float(modality.base_values[i]), faithfulness=faith,
         pixels=np.array(run.inputs.images()[row]), cam=None if cams is None else cams[i])
 

@@ -9,8 +9,9 @@ in a few batched calls. The coalition machinery here is shared with :mod:`.modal
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from math import factorial
-from typing import Mapping, Sequence
+from typing import overload
 
 import numpy as np
 import pandas as pd
@@ -72,6 +73,14 @@ def group_columns(groups: Mapping[str, Sequence[int]], meta_dim: int) -> np.ndar
     return out
 
 
+@overload
+def as_input_tensor(x: np.ndarray | Tensor, model: torch.nn.Module) -> Tensor: ...
+
+
+@overload
+def as_input_tensor(x: np.ndarray | Tensor | None, model: torch.nn.Module) -> Tensor | None: ...
+
+
 def as_input_tensor(x: np.ndarray | Tensor | None, model: torch.nn.Module) -> Tensor | None:
     """``x`` as a tensor with the model's device and floating dtype (None stays None)."""
     if x is None:
@@ -94,6 +103,15 @@ def _mix(own: Tensor | None, background: Tensor | None, present: Tensor, n_bg: i
     return mixed.reshape(b * k * n_bg, -1)
 
 
+def _given(first: Tensor | None, second: Tensor | None) -> Tensor:
+    """``first``, or ``second`` when it is None: every model reads the image, the metadata or both."""
+    if first is not None:
+        return first
+    if second is None:
+        raise ConfigError("neither image embeddings nor metadata given")
+    return second
+
+
 def coalition_probabilities(model: LesionModel, embeddings: Tensor | None, meta: Tensor | None,
                             background_embeddings: Tensor | None, background_meta: Tensor | None,
                             embedding_present: Tensor, meta_present: Tensor,
@@ -104,10 +122,10 @@ def coalition_probabilities(model: LesionModel, embeddings: Tensor | None, meta:
     rest comes from background row m (embeddings: M rows or 1 row shared). Inputs the model ignores
     may be None.
     """
-    n_bg = len(background_meta) if background_meta is not None else len(background_embeddings)
+    n_bg = len(_given(background_meta, background_embeddings))
     if background_embeddings is not None and len(background_embeddings) == 1:
         background_embeddings = background_embeddings.expand(n_bg, -1)
-    n_cases, n_coal = len(embeddings if embeddings is not None else meta), len(meta_present)
+    n_cases, n_coal = len(_given(embeddings, meta)), len(meta_present)
     step = max(1, MAX_ROWS_PER_CALL // (n_coal * n_bg))
     out = []
     emb_present = embedding_present[:, None]
@@ -223,5 +241,14 @@ class GroupShapExplainer:
         return raw[self.feature_names].to_numpy(dtype=object)
 
 
-__all__ = ["GroupShapExplainer", "coalition_masks", "shapley_values", "coalition_probabilities",
-           "exact_shapley", "check_groups", "group_columns", "as_input_tensor", "MAX_ROWS_PER_CALL"]
+__all__ = [
+    "MAX_ROWS_PER_CALL",
+    "GroupShapExplainer",
+    "as_input_tensor",
+    "check_groups",
+    "coalition_masks",
+    "coalition_probabilities",
+    "exact_shapley",
+    "group_columns",
+    "shapley_values",
+]

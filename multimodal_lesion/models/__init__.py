@@ -8,5 +8,15 @@ from .metadata_branch import MetadataBranch
 from .registry import create_model, list_models, model_description, register_model
 from .weights import load_image_weights
 
-__all__ = ["create_model", "list_models", "register_model", "model_description", "LesionModel",
-           "ImageBranch", "embed_images", "FLIPS", "MetadataBranch", "load_image_weights"]
+__all__ = [
+    "FLIPS",
+    "ImageBranch",
+    "LesionModel",
+    "MetadataBranch",
+    "create_model",
+    "embed_images",
+    "list_models",
+    "load_image_weights",
+    "model_description",
+    "register_model",
+]

@@ -7,7 +7,8 @@ commutes with a per-channel affine map): the frozen-embedding path and the live 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +76,7 @@ class ConcatHead(FusionHead):
         self.classifier = mlp_classifier(image_dim + meta_dim, hidden, num_classes, dropout)
 
     def forward(self, image: Tensor | None, meta: Tensor | None) -> Tensor:
+        assert image is not None and meta is not None  # uses_image and uses_meta: LesionModel passes both
         return self.classifier(torch.cat([image, meta], dim=1))
 
 
@@ -89,6 +91,7 @@ class GatedHead(FusionHead):
         self.classifier = mlp_classifier(image_dim, hidden, num_classes, dropout)
 
     def forward(self, image: Tensor | None, meta: Tensor | None) -> Tensor:
+        assert image is not None and meta is not None  # uses_image and uses_meta: LesionModel passes both
         return self.classifier(image * torch.sigmoid(self.gate(meta)) + self.shift(meta))
 
 
@@ -107,6 +110,7 @@ class FiLMHead(FusionHead):
         self.classifier = mlp_classifier(image_dim, hidden, num_classes, dropout)
 
     def forward(self, image: Tensor | None, meta: Tensor | None) -> Tensor:
+        assert image is not None and meta is not None  # uses_image and uses_meta: LesionModel passes both
         gamma, beta = self.film(meta).chunk(2, dim=1)
         return self.classifier(image * (1 + gamma) + beta)
 
@@ -144,7 +148,7 @@ class LesionModel(nn.Module):
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Logits (B, C) from a batch dict: ``embedding`` (cached) or ``image``, and ``meta``."""
         embedding = batch.get("embedding")
-        if embedding is None and self.uses_image:
+        if embedding is None and self.image_branch is not None:
             embedding = self.image_branch.embed(_require(batch.get("image"), "image"))
         return self.forward_head(embedding, batch.get("meta"))
 
@@ -155,7 +159,7 @@ class LesionModel(nn.Module):
         does not use may be None.
         """
         image = _require(embedding, "embedding or image") if self.uses_image else None
-        meta_emb = self.meta_branch(_require(meta, "meta")) if self.uses_meta else None
+        meta_emb = self.meta_branch(_require(meta, "meta")) if self.meta_branch is not None else None
         return self.head(image, meta_emb)
 
 
@@ -203,5 +207,14 @@ def film(**kwargs: Any) -> LesionModel:
     return build_lesion_model(FiLMHead, **kwargs)
 
 
-__all__ = ["LesionModel", "FusionHead", "LinearImageHead", "MetadataHead", "ConcatHead", "GatedHead",
-           "FiLMHead", "mlp_classifier", "build_lesion_model"]
+__all__ = [
+    "ConcatHead",
+    "FiLMHead",
+    "FusionHead",
+    "GatedHead",
+    "LesionModel",
+    "LinearImageHead",
+    "MetadataHead",
+    "build_lesion_model",
+    "mlp_classifier",
+]

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any, Protocol, cast
 
 import timm
 import torch
@@ -14,6 +15,22 @@ from .weights import load_image_weights, weights_normalisation
 
 MULTISCALE_EXTRA_STAGES = 2  # earlier stages pooled next to the final embedding when multiscale=True
 _POOL_CHILDREN = ("global_pool", "head")  # timm's pooling / head children follow the last map module
+
+
+class _TimmInterface(Protocol):
+    """The part of timm's common model interface the branch reads; timm's builder sets these at run time."""
+
+    num_features: int
+    feature_info: list[dict[str, Any]]
+
+    def forward_features(self, x: Tensor) -> Tensor: ...
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor: ...
+
+
+def _timm(model: nn.Module) -> _TimmInterface:
+    """``model`` seen through timm's interface, which nn.Module's ``__getattr__`` typing cannot see."""
+    return cast(_TimmInterface, model)
 
 
 def _create_backbone(name: str) -> nn.Module:
@@ -37,17 +54,17 @@ def _get_module(model: nn.Module, path: str, backbone: str) -> nn.Module:
 
 def _pooled_width(model: nn.Module) -> int:
     """Declared width of timm's pre-logits embedding (``head_hidden_size`` where it differs)."""
-    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+    return int(getattr(model, "head_hidden_size", None) or _timm(model).num_features)
 
 
 def _last_stage_is_final_map(model: nn.Module) -> bool:
     """True when the last feature_info stage already is ``forward_features``' output (no conv head after)."""
-    return model.feature_info[-1]["num_chs"] == model.num_features
+    return _timm(model).feature_info[-1]["num_chs"] == _timm(model).num_features
 
 
 def _extra_stages(model: nn.Module, n: int = MULTISCALE_EXTRA_STAGES) -> tuple[tuple[str, int], ...]:
     """(module path, channels) of the ``n`` stages before the final map, from timm's feature_info."""
-    info = list(model.feature_info)
+    info = list(_timm(model).feature_info)
     if _last_stage_is_final_map(model):
         info = info[:-1]
     return tuple((d["module"], int(d["num_chs"])) for d in info[-n:])
@@ -109,12 +126,12 @@ class ImageBranch(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Last feature maps (B, C, h, w): timm's ``forward_features`` (conv head included where it has one)."""
-        return self.model.forward_features(x)
+        return _timm(self.model).forward_features(x)
 
     def pool(self, maps: Tensor) -> Tensor:
         """Global average pool + timm's pre-logits head (e.g. MobileNetV3's conv head): (B, width)."""
         pooled = _avg_pool(maps, self.backbone)
-        return self.model.forward_head(pooled, pre_logits=True).flatten(1)
+        return _timm(self.model).forward_head(pooled, pre_logits=True).flatten(1)
 
     def embed(self, x: Tensor) -> Tensor:
         """Pooled embedding (B, num_features); multiscale appends the pooled earlier stages."""
@@ -137,7 +154,7 @@ class ImageBranch(nn.Module):
         the last stage (EfficientNet: ``conv_head`` -> ``bn2``), the module just before the pooling.
         """
         if _last_stage_is_final_map(self.model):
-            return _get_module(self.model, self.model.feature_info[-1]["module"], self.backbone)
+            return _get_module(self.model, _timm(self.model).feature_info[-1]["module"], self.backbone)
         names = [name for name, _ in self.model.named_children()]
         pool_at = next((i for i, n in enumerate(names) if n in _POOL_CHILDREN), 0)
         if pool_at == 0:
@@ -154,14 +171,14 @@ class ImageBranch(nn.Module):
                 f"num_features={self.num_features}")
 
 
-__all__ = ["ImageBranch", "MULTISCALE_EXTRA_STAGES"]
+__all__ = ["MULTISCALE_EXTRA_STAGES", "ImageBranch"]
 
 
 #: The four flips of an image batch (N, C, H, W): none, horizontal, vertical, both.
 FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
 
 
-def embed_images(branch: nn.Module, images: Tensor, flip_average: bool) -> Tensor:
+def embed_images(branch: ImageBranch, images: Tensor, flip_average: bool) -> Tensor:
     """Pooled embedding of normalised images; ``flip_average`` averages over the 4 :data:`FLIPS`.
 
     The cached frozen path and every live use (prediction, explanation) go through this one

@@ -6,7 +6,8 @@ the model's description (``mmlesion models`` prints it).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..config import ModelConfig
 from ..errors import ConfigError
@@ -74,4 +75,4 @@ def create_model(
                    image_branch=image_branch)
 
 
-__all__ = ["register_model", "list_models", "model_description", "create_model", "ModelFactory"]
+__all__ = ["ModelFactory", "create_model", "list_models", "model_description", "register_model"]

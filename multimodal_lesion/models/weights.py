@@ -9,9 +9,10 @@ carrying a pickled payload is refused, never executed.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, cast
 
 import timm
 import torch
@@ -37,8 +38,13 @@ def weights_normalisation(weights: str) -> dict[str, tuple[float, ...]]:
     return dict(_NORMALISATION.get(weights, {}))
 
 
+def _pretrained_cfg(model: nn.Module) -> Mapping[str, Any]:
+    """timm's ``pretrained_cfg`` of ``model``: set by timm's builder, so nn.Module's typing cannot see it."""
+    return cast("Mapping[str, Any]", model.pretrained_cfg)
+
+
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    names = model.pretrained_cfg.get("classifier") or ()
+    names = _pretrained_cfg(model).get("classifier") or ()
     return tuple(f"{n}." for n in ((names,) if isinstance(names, str) else names))
 
 
@@ -60,7 +66,7 @@ def _has_pretrained_source(cfg: Mapping[str, Any]) -> bool:
 
 def _load_timm(model: nn.Module, weights: str) -> None:
     """timm's own pretrained weights (Hugging Face hub or timm's URL), as ``pretrained=True`` gives."""
-    cfg = model.pretrained_cfg
+    cfg = _pretrained_cfg(model)
     name = ".".join(p for p in (cfg.get("architecture"), cfg.get("tag")) if p)
     if not _has_pretrained_source(cfg):
         raise ConfigError(f"weights 'timm': timm has no pretrained weights for '{name}'")
@@ -90,7 +96,7 @@ def _check_same_layout(source: Mapping[str, Tensor], target: Mapping[str, Tensor
     if len(source) != len(target):
         raise CheckpointError(f"{path}: {len(source)} tensors, timm's {OFFLINE_IMAGENET_ARCH} "
                               f"expects {len(target)}")
-    for (sk, sv), (tk, tv) in zip(source.items(), target.items()):
+    for (sk, sv), (tk, tv) in zip(source.items(), target.items(), strict=True):
         if sv.shape != tv.shape:
             raise CheckpointError(f"{path}: '{sk}' has shape {tuple(sv.shape)} but timm's '{tk}' "
                                   f"has {tuple(tv.shape)}")
@@ -109,15 +115,15 @@ def offline_imagenet_state_dict(model: nn.Module) -> dict[str, Tensor]:
     src_body, src_head = _split_head(source, (_OFFLINE_HEAD_PREFIX,))
     tgt_body, tgt_head = _split_head(target, _classifier_prefixes(model))
     _check_same_layout(src_body, tgt_body, path)
-    mapped = dict(zip(tgt_body, src_body.values()))
+    mapped = dict(zip(tgt_body, src_body.values(), strict=True))
     heads_fit = len(src_head) == len(tgt_head) and all(
-        s.shape == t.shape for s, t in zip(src_head.values(), tgt_head.values()))
-    mapped.update(dict(zip(tgt_head, src_head.values())) if heads_fit else tgt_head)
+        s.shape == t.shape for s, t in zip(src_head.values(), tgt_head.values(), strict=True))
+    mapped.update(dict(zip(tgt_head, src_head.values(), strict=True)) if heads_fit else tgt_head)
     return mapped
 
 
 def _load_offline_imagenet(model: nn.Module, weights: str) -> None:
-    arch = model.pretrained_cfg.get("architecture")
+    arch = _pretrained_cfg(model).get("architecture")
     if arch != OFFLINE_IMAGENET_ARCH:
         raise ConfigError(f"weights 'offline-imagenet' fit backbone '{OFFLINE_IMAGENET_ARCH}' only, "
                           f"not '{arch}'")
@@ -184,7 +190,7 @@ def _load_checkpoint(model: nn.Module, weights: str) -> None:
         state, _ = _split_head(state, head_prefixes)
     problem = _mismatch(state, target)
     if problem:
-        arch = model.pretrained_cfg.get("architecture")
+        arch = _pretrained_cfg(model).get("architecture")
         raise CheckpointError(f"{path}: does not fit backbone '{arch}': {problem}")
     model.load_state_dict(state)
 
@@ -211,5 +217,12 @@ def load_image_weights(model: nn.Module, weights: str) -> None:
     _NAMED_LOADERS.get(weights, _load_checkpoint)(model, weights)
 
 
-__all__ = ["load_image_weights", "offline_imagenet_state_dict", "offline_imagenet_file",
-           "read_state_dict", "weights_normalisation", "OFFLINE_IMAGENET_ARCH", "INSTALL_HINT"]
+__all__ = [
+    "INSTALL_HINT",
+    "OFFLINE_IMAGENET_ARCH",
+    "load_image_weights",
+    "offline_imagenet_file",
+    "offline_imagenet_state_dict",
+    "read_state_dict",
+    "weights_normalisation",
+]

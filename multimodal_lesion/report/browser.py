@@ -24,9 +24,10 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from multimodal_lesion.errors import MMLesionError
 from multimodal_lesion.io import atomic_write
@@ -106,7 +107,7 @@ class HeadlessChromium:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def __enter__(self) -> "HeadlessChromium":
+    def __enter__(self) -> HeadlessChromium:
         try:
             self.start()
         except BaseException:

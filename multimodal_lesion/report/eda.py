@@ -8,8 +8,8 @@ is written atomically.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -17,6 +17,7 @@ import pandas as pd
 from ..data.constants import CLASS_NAMES, CLASSES, METADATA_COLUMNS, UNKNOWN
 from ..errors import DataError
 from ..io import atomic_write, write_json
+from .figures import new_figure, save_figure
 
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx", "age", "sex", "localization")
 #: Columns whose missing value is the string "unknown" rather than an empty cell.
@@ -54,7 +55,7 @@ def summarise(df: pd.DataFrame) -> dict:
     """The numbers of ``summary.json``; class counts in ``CLASSES`` order, zero classes included."""
     per_lesion = df.groupby("lesion_id").size()
     return {
-        "n_images": int(len(df)),
+        "n_images": len(df),
         "n_lesions": int(per_lesion.size),
         "n_lesions_with_several_images": int((per_lesion > 1).sum()),
         "class_counts": {c: int((df["dx"] == c).sum()) for c in CLASSES},
@@ -95,7 +96,7 @@ def _age_by_class(df: pd.DataFrame, ax) -> None:
     ax.boxplot([d if d.size else np.array([np.nan]) for d in data], patch_artist=True,
                boxprops={"facecolor": "#c6dbef"}, medianprops={"color": "black"})
     ax.set_xticks(range(1, len(CLASSES) + 1),
-                  [f"{_label(c)}\nn = {d.size:,}" for c, d in zip(CLASSES, data)], rotation=25, ha="right")
+                  [f"{_label(c)}\nn = {d.size:,}" for c, d in zip(CLASSES, data, strict=True)], rotation=25, ha="right")
     ax.set(title=f"Age by diagnosis ({int(df['age'].isna().sum())} images without age left out)",
            xlabel="Diagnosis", ylabel="Age (years)")
 

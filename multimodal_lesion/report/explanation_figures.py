@@ -2,8 +2,9 @@
 modality split, and the cohort's beeswarm / bar / modality-by-class plots (PNG, written atomically)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image

@@ -6,8 +6,15 @@ from pathlib import Path
 
 from ..explain.results import CohortExplanation
 from ..io import safe_stem
-from .explanation_figures import (beeswarm_png, modality_bar_png, modality_by_class_png, overlay_png, rgb_png,
-                                  shap_bar_png, waterfall_png)
+from .explanation_figures import (
+    beeswarm_png,
+    modality_bar_png,
+    modality_by_class_png,
+    overlay_png,
+    rgb_png,
+    shap_bar_png,
+    waterfall_png,
+)
 from .html import ReportFigures
 
 

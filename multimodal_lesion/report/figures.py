@@ -9,8 +9,9 @@ svg). Each function returns the written path.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,9 +20,10 @@ from ..io import atomic_write
 from ..training.metrics import expected_calibration_error, reliability_curve
 
 if TYPE_CHECKING:
-    from ..training.runner import Evaluation
     import pandas as pd
     from matplotlib.figure import Figure
+
+    from ..training.runner import Evaluation
 
 _DPI = 150
 
@@ -92,7 +94,7 @@ def plot_reliability(y_true: Any, probs: Any, path: str | Path, bins: int = 15) 
     return save_figure(fig, path)
 
 
-def plot_bars_with_ci(df: "pd.DataFrame", metric: str, path: str | Path) -> Path:
+def plot_bars_with_ci(df: pd.DataFrame, metric: str, path: str | Path) -> Path:
     """Bar per model of a metric's mean with its confidence interval as error bars.
 
     Args:
@@ -112,7 +114,7 @@ def plot_bars_with_ci(df: "pd.DataFrame", metric: str, path: str | Path) -> Path
     ax = fig.add_subplot()
     x = np.arange(len(rows))
     ax.bar(x, mean, yerr=errors, capsize=5, color="tab:blue", edgecolor="black", alpha=0.85)
-    for xi, m in zip(x, mean):
+    for xi, m in zip(x, mean, strict=True):
         ax.annotate(f"{m:.3f}", (xi, m), xytext=(6, 3), textcoords="offset points", fontsize=8)
     ax.set_xticks(x, rows["model"].astype(str), rotation=30, ha="right")
     label = metric.replace("_", " ")
@@ -120,7 +122,7 @@ def plot_bars_with_ci(df: "pd.DataFrame", metric: str, path: str | Path) -> Path
     return save_figure(fig, path)
 
 
-def plot_per_class_sensitivity(df: "pd.DataFrame", path: str | Path) -> Path:
+def plot_per_class_sensitivity(df: pd.DataFrame, path: str | Path) -> Path:
     """Grouped bars: per-class sensitivity (x = class, one bar per model), to show where metadata hurts.
 
     Args:
@@ -147,7 +149,7 @@ def plot_per_class_sensitivity(df: "pd.DataFrame", path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def _errors(rows: "pd.DataFrame") -> np.ndarray | None:
+def _errors(rows: pd.DataFrame) -> np.ndarray | None:
     """Asymmetric error bars from ci_low/ci_high columns, or None when they are absent."""
     if not {"ci_low", "ci_high"} <= set(rows.columns):
         return None
@@ -156,7 +158,7 @@ def _errors(rows: "pd.DataFrame") -> np.ndarray | None:
                                     rows["ci_high"].to_numpy(float) - mean]), nan=0.0)
 
 
-def _require(df: "pd.DataFrame", columns: Sequence[str]) -> None:
+def _require(df: pd.DataFrame, columns: Sequence[str]) -> None:
     """Raise ValueError naming the missing columns of a plotting table."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -168,7 +170,7 @@ def _names(classes: Sequence[str]) -> list[str]:
     return [CLASS_NAMES.get(c, c) for c in classes]
 
 
-def new_figure(size: tuple[float, float], dpi: float | None = None) -> "Figure":
+def new_figure(size: tuple[float, float], dpi: float | None = None) -> Figure:
     """A pyplot-free figure on an Agg canvas with constrained layout."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -178,7 +180,7 @@ def new_figure(size: tuple[float, float], dpi: float | None = None) -> "Figure":
     return fig
 
 
-def save_figure(fig: "Figure", path: str | Path, dpi: float | str = _DPI) -> Path:
+def save_figure(fig: Figure, path: str | Path, dpi: float | str = _DPI) -> Path:
     """Write a figure atomically in the format named by the suffix, then release it: every figure
     of the package is saved here."""
     path = Path(path)

@@ -23,9 +23,10 @@ import base64
 import math
 import numbers
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from .. import __version__
 from ..data.constants import CLASS_NAMES, CLASSES
@@ -229,7 +230,7 @@ def _case_view(case: CaseExplanation, figures: Mapping[str, Any] | None, page: s
         "page": page, "image_id": _text(case.image_id),
         "target": class_label(case.target_class), "predicted": class_label(predicted),
         "probability": _num(probs.get(predicted)) if predicted else "\u2014",
-        "probability_width": _percent(probs.get(predicted, 0.0)),
+        "probability_width": _percent(probs.get(predicted, 0.0) if predicted is not None else 0.0),
         "true_label": class_label(true_label), "known_truth": true_label is not None,
         "correct": true_label is not None and true_label == predicted,
         "prob_rows": _prob_rows(probs, predicted, true_label),

@@ -7,13 +7,43 @@ else reads or writes the files of a run folder.
 from .checkpoints import load_checkpoint, load_model_state, save_checkpoint
 from .embeddings import cached_embeddings, compute_embeddings
 from .folder import RunFolder, library_versions, write_provenance
-from .inputs import (EpochLoader, RunInputs, inputs_from_config, make_splits, prepare_inputs, resolve_data,
-                     resolve_device, seed_everything, synthetic_root)
+from .inputs import (
+    EpochLoader,
+    RunInputs,
+    inputs_from_config,
+    make_splits,
+    prepare_inputs,
+    resolve_data,
+    resolve_device,
+    seed_everything,
+    synthetic_root,
+)
 from .load import LoadedRun, balanced_scaling, load_model, load_run
 from .predict import predict_image, predict_logits, to_device
 
-__all__ = ["RunFolder", "RunInputs", "LoadedRun", "EpochLoader", "prepare_inputs", "inputs_from_config",
-           "resolve_data", "make_splits", "resolve_device", "seed_everything", "synthetic_root", "load_run",
-           "load_model", "balanced_scaling", "predict_image", "predict_logits", "to_device", "library_versions",
-           "write_provenance", "save_checkpoint", "load_checkpoint", "load_model_state", "cached_embeddings",
-           "compute_embeddings"]
+__all__ = [
+    "EpochLoader",
+    "LoadedRun",
+    "RunFolder",
+    "RunInputs",
+    "balanced_scaling",
+    "cached_embeddings",
+    "compute_embeddings",
+    "inputs_from_config",
+    "library_versions",
+    "load_checkpoint",
+    "load_model",
+    "load_model_state",
+    "load_run",
+    "make_splits",
+    "predict_image",
+    "predict_logits",
+    "prepare_inputs",
+    "resolve_data",
+    "resolve_device",
+    "save_checkpoint",
+    "seed_everything",
+    "synthetic_root",
+    "to_device",
+    "write_provenance",
+]

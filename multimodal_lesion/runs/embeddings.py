@@ -7,24 +7,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.cache import cache_key
 from ..data.datasets import Normalize
 from ..io import atomic_write
-from ..models import embed_images
+from ..models import ImageBranch, embed_images
 
 EMBED_VERSION = 1
 
 
 @torch.no_grad()
-def compute_embeddings(branch: nn.Module, images: np.ndarray, normalize: Normalize, *, flip_average: bool,
+def compute_embeddings(branch: ImageBranch, images: np.ndarray, normalize: Normalize, *, flip_average: bool,
                        batch_size: int = 64, device: torch.device | None = None, show: bool = True) -> np.ndarray:
     """Embeddings (N, F) float32 of a uint8 image array (N, H, W, 3)."""
     device = device or torch.device("cpu")
@@ -37,8 +36,8 @@ def compute_embeddings(branch: nn.Module, images: np.ndarray, normalize: Normali
     return out
 
 
-def cached_embeddings(branch: nn.Module, images: Callable[[], np.ndarray], n: int, normalize: Normalize, *, folder: Path,
-                      fingerprint: str, identity: dict, flip_average: bool, batch_size: int = 64,
+def cached_embeddings(branch: ImageBranch, images: Callable[[], np.ndarray], n: int, normalize: Normalize, *,
+                      folder: Path, fingerprint: str, identity: dict, flip_average: bool, batch_size: int = 64,
                       device: torch.device | None = None, show: bool = True) -> np.ndarray:
     """Load the embeddings for (data fingerprint, backbone identity, flips) from ``folder`` or compute them.
 

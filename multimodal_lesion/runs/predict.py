@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -69,4 +70,4 @@ def predict_image(run_dir: str | Path, image: str | Path, age: float | None = No
         embedding = embed_images(model.image_branch, x, cfg.train.flip_average and cfg.train.mode == "frozen")
     logits = model.forward_head(embedding, meta) / temperature + torch.from_numpy(bias).to(device)
     probs = torch.softmax(logits.float(), 1)[0].cpu().numpy()
-    return {c: round(float(p), 6) for c, p in zip(CLASSES, probs)}
+    return {c: round(float(p), 6) for c, p in zip(CLASSES, probs, strict=True)}

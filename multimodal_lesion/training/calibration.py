@@ -37,7 +37,7 @@ class TemperatureScaler(TransformerMixin, BaseEstimator):
     def __init__(self, bounds: tuple[float, float] = (0.05, 20.0)) -> None:
         self.bounds = bounds
 
-    def fit(self, logits: Any, y: Any) -> "TemperatureScaler":
+    def fit(self, logits: Any, y: Any) -> TemperatureScaler:
         """Fit the temperature on (validation) logits (N, C) and integer targets (N,)."""
         from scipy.optimize import minimize_scalar
 
@@ -53,7 +53,8 @@ class TemperatureScaler(TransformerMixin, BaseEstimator):
         self.nll_before_ = _nll(z, y)
         self.nll_after_ = _nll(z / self.temperature_, y)
         if np.isclose(self.temperature_, low, rtol=1e-3) or np.isclose(self.temperature_, high, rtol=1e-3):
-            warnings.warn(f"temperature {self.temperature_:.4g} is at the edge of bounds {self.bounds}")
+            warnings.warn(f"temperature {self.temperature_:.4g} is at the edge of bounds {self.bounds}",
+                          stacklevel=2)
         return self
 
     def transform(self, logits: Any) -> np.ndarray:
@@ -76,7 +77,7 @@ class BalancedScaler(TransformerMixin, BaseEstimator):
     def __init__(self, ridge: float = 1e-3) -> None:
         self.ridge = ridge
 
-    def fit(self, logits: Any, y: Any) -> "BalancedScaler":
+    def fit(self, logits: Any, y: Any) -> BalancedScaler:
         """Fit on (validation) logits (N, C) and integer targets (N,)."""
         from scipy.optimize import minimize
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -30,6 +31,16 @@ class FitResult:
     best_epoch: int
     best_score: float
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+class _FitState(TypedDict):
+    """The loop's progress, saved in ``last.pt`` so that a resumed run continues where it stopped."""
+
+    epoch: int  # epochs done
+    best_score: float  # best validation balanced accuracy so far
+    best_epoch: int  # the epoch that scored it
+    bad_epochs: int  # epochs since then without improvement (early stopping)
+    history: list[dict[str, float]]  # one row of history.csv per epoch
 
 
 class WeightAverage:
@@ -103,6 +114,8 @@ class WeightedSmoothedCrossEntropy(nn.Module):
     ``w[y_i] * ((1 - e) * -log p[y_i] + e * mean_c(-log p[c]))``, averaged with weights ``w[y_i]``
     as PyTorch averages a weighted loss; without weights it equals PyTorch's loss.
     """
+
+    weight: torch.Tensor | None  # a buffer: moves with the module, saved in its state dict
 
     def __init__(self, weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__()
@@ -200,7 +213,7 @@ def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[d
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_batches))  # type: ignore[arg-type]
     loss_fn = build_loss(cfg, weights, device)
-    state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    state: _FitState = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     best_weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
     ema = WeightAverage(_unwrap(model), cfg.ema_decay) if cfg.ema_decay != 0 else None
     if resume and out is not None and out.has_last():
@@ -238,7 +251,7 @@ def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[d
             "lr": optimizer.param_groups[-1]["lr"], "seconds": round(seconds, 3),
             "images_per_s": round(seen / max(seconds, 1e-9), 1)})
         if val["balanced_accuracy"] > state["best_score"]:
-            state.update(best_score=val["balanced_accuracy"], best_epoch=epoch + 1, bad_epochs=0)
+            state.update({"best_score": val["balanced_accuracy"], "best_epoch": epoch + 1, "bad_epochs": 0})
             best_weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
         else:
             state["bad_epochs"] += 1

@@ -9,7 +9,8 @@ dictionary holds plain Python floats and ints only, so it can go straight to ``w
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from sklearn.metrics import (
@@ -74,8 +75,8 @@ def classification_metrics(
         "nll": float(log_loss(y, p, labels=np.arange(len(classes)))),
         "brier": brier_score(y, p),
         "confusion_matrix": confusion_matrix(y, pred, labels=np.arange(len(classes))).tolist(),
-        "n_images": int(len(y)),
-        "n_lesions": int(len(set(lesion_ids))) if lesion_ids is not None else int(len(y)),
+        "n_images": len(y),
+        "n_lesions": len(set(lesion_ids)) if lesion_ids is not None else len(y),
     }
 
 
@@ -128,7 +129,7 @@ def _per_class(y: np.ndarray, p: np.ndarray, pred: np.ndarray, classes: Sequence
     """Sensitivity, specificity, one-vs-rest AUROC and support for every class (NaN when undefined)."""
     counts = multilabel_confusion_matrix(y, pred, labels=np.arange(len(classes)))
     out = {}
-    for k, (name, ((tn, fp), (fn, tp))) in enumerate(zip(classes, counts)):
+    for k, (name, ((tn, fp), (fn, tp))) in enumerate(zip(classes, counts, strict=True)):
         out[name] = {
             "sensitivity": _ratio(tp, tp + fn),
             "specificity": _ratio(tn, tn + fp),

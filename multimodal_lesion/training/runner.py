@@ -66,12 +66,12 @@ def evaluate(inputs: RunInputs, folder: RunFolder, splits: tuple[str, ...] = ("v
     probabilities of the data's own class mix.
     """
     logits = {s: predict_logits(inputs.model, inputs.batches(s, train=False, show=show), inputs.device, tta=tta)
-              for s in dict.fromkeys(("val",) + tuple(splits))}
+              for s in dict.fromkeys(("val", *splits))}
     scaler = TemperatureScaler().fit(logits["val"][0], logits["val"][1])
     balanced = BalancedScaler().fit(logits["val"][0], logits["val"][1])
     results: dict[str, Any] = {"temperature": float(scaler.temperature_), "tta": tta,
                                "balanced_temperature": balanced.temperature_,
-                               "balanced_bias": dict(zip(CLASSES, balanced.bias_.tolist()))}
+                               "balanced_bias": dict(zip(CLASSES, balanced.bias_.tolist(), strict=True))}
     lesions = inputs.ham.metadata["lesion_id"].to_numpy()
     scores = {}
     for split in splits:

@@ -10,16 +10,17 @@ reports how many values were used.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 
 #: Fewest paired differences for the Wilcoxon test: with n <= 5 its smallest two-sided p is >= 0.0625.
 MIN_WILCOXON_N = 6
 
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(values: ArrayLike, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean; (v, v) for one value, NaNs for none."""
     x = _finite(values)
     if not 0 < ci < 1:
@@ -33,7 +34,7 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, ci: float = 0.95, 
     return float(low), float(high)
 
 
-def summarise(values: Sequence[float], n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
+def summarise(values: ArrayLike, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
     """Mean, sample standard deviation (ddof=1; NaN for n < 2), bootstrap CI of the mean and n."""
     x = _finite(values)
     low, high = bootstrap_ci(x, n_boot=n_boot, ci=ci, seed=seed)
@@ -42,11 +43,11 @@ def summarise(values: Sequence[float], n_boot: int = 2000, ci: float = 0.95, see
         "std": float(x.std(ddof=1)) if len(x) > 1 else float("nan"),
         "ci_low": low,
         "ci_high": high,
-        "n": int(len(x)),
+        "n": len(x),
     }
 
 
-def paired_comparison(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+def paired_comparison(a: ArrayLike, b: ArrayLike, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Compare two models scored on the same (fold, seed) cells through the differences ``a - b``.
 
     Returns mean_diff, its bootstrap 95% CI, a two-sided p-value, n and ``test``: "wilcoxon"
@@ -67,12 +68,12 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], n_boot: int = 2000
         "ci_low": low,
         "ci_high": high,
         "p_value": p_value,
-        "n": int(len(diffs)),
+        "n": len(diffs),
         "test": test,
     }
 
 
-def corrected_ttest(diffs: Sequence[float], n_train: int, n_test: int, ci: float = 0.95) -> dict[str, Any]:
+def corrected_ttest(diffs: ArrayLike, n_train: int, n_test: int, ci: float = 0.95) -> dict[str, Any]:
     """Corrected resampled t-test (Nadeau & Bengio 2003) on per-split score differences.
 
     The variance of the mean difference is inflated from var/J to (1/J + n_test/n_train) * var to
@@ -95,7 +96,7 @@ def corrected_ttest(diffs: Sequence[float], n_train: int, n_test: int, ci: float
         "p_value": float(2.0 * stats.t.sf(abs(t), df)),
         "ci_low": mean - half,
         "ci_high": mean + half,
-        "n": int(len(d)),
+        "n": len(d),
     }
 
 
@@ -110,7 +111,7 @@ def _paired_test(diffs: np.ndarray) -> tuple[str, float]:
     return "paired_t", float(stats.ttest_1samp(diffs, 0.0).pvalue)
 
 
-def _finite(values: Sequence[float]) -> np.ndarray:
+def _finite(values: ArrayLike) -> np.ndarray:
     """The finite values as a 1-D float array."""
     x = np.asarray(values, dtype=float).reshape(-1)
     return x[np.isfinite(x)]
