@@ -1,17 +1,26 @@
-"""Shared fixtures: a tiny HAM10000-shaped folder written for real, and the real data when available."""
+"""Shared fixtures: a tiny HAM10000-shaped folder written for real, the real data when available, and a
+real headless browser (Debian's chromium driven by Playwright)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Collection, ContextManager, Iterator
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from multimodal_lesion.data.constants import CLASSES, DATA_ENV, MASK_DIR, MASK_SUFFIX, METADATA_FILE
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Playwright, Route
 
 
 def write_tiny_ham(root: Path, n_lesions: int = 28, seed: int = 0) -> Path:
@@ -72,3 +81,156 @@ def real_data_root() -> Path:
     if not (root / METADATA_FILE).is_file():
         pytest.fail(f"{DATA_ENV}={value} has no {METADATA_FILE}")
     return root
+
+
+# --- a real browser: Debian's chromium, driven by Playwright (never a downloaded browser) -------------
+
+#: Flags for a quiet headless browser that reaches no network on its own.
+CHROMIUM_ARGS: tuple[str, ...] = ("--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                                  "--disable-component-update", "--disable-sync")
+#: Every browser wait (start-up, navigation, evaluation) ends within this many milliseconds.
+BROWSER_TIMEOUT_MS = 20_000
+#: Viewport of the test pages, in CSS pixels.
+VIEWPORT = {"width": 1280, "height": 900}
+
+
+def _descendants(before: Collection[int] = ()) -> list[psutil.Process]:
+    """Processes below this one, except the pids in ``before``."""
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+
+
+def _with_children(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """``processes`` and everything they have started since (a browser's renderers, say)."""
+    found = {p.pid: p for p in processes}
+    for proc in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.update({child.pid: child for child in proc.children(recursive=True)})
+    return list(found.values())
+
+
+def _end_processes(processes: list[psutil.Process], grace: float = 10.0) -> None:
+    """Wait for ``processes`` to exit, then kill whatever is left of them."""
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def _chromium_executable() -> str:
+    """Debian's ``chromium`` on PATH; skips the test with the reason when it is not installed."""
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.skip("Debian's chromium is not on PATH (apt-get install chromium)")
+    return executable
+
+
+@contextlib.contextmanager
+def playwright_driver() -> Iterator[Playwright]:
+    """Playwright's synchronous API; on exit its driver process has ended. Skips without chromium or Playwright."""
+    _chromium_executable()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install -e '.[test]')")
+    before = {p.pid for p in _descendants()}
+    try:
+        with sync_api.sync_playwright() as playwright:
+            yield playwright
+    finally:
+        _end_processes(_descendants(before))
+
+
+@contextlib.contextmanager
+def headless_chromium(playwright: Playwright) -> Iterator[Browser]:
+    """Debian's ``chromium``, headless, launched by ``playwright`` (no browser is ever downloaded).
+
+    On exit the browser is closed and every process it started (the browser, its helpers and
+    renderers) has ended, also when the body raised.
+    """
+    before = {p.pid for p in _descendants()}
+    browser = playwright.chromium.launch(executable_path=_chromium_executable(), headless=True,
+                                         args=list(CHROMIUM_ARGS), timeout=BROWSER_TIMEOUT_MS)
+    started = _descendants(before)
+    try:
+        yield browser
+    finally:
+        started = _with_children(started)
+        try:
+            browser.close()
+        finally:
+            _end_processes(started)
+
+
+class WatchedPage:
+    """A Playwright page that records what a clean page must not do.
+
+    ``errors`` gets console errors, uncaught exceptions and failed loads; ``requests`` every URL the
+    page asked for (anything but ``file:`` and ``data:`` is aborted before it leaves the browser, as
+    ``net::ERR_BLOCKED_BY_CLIENT``); ``dialogs`` the message of every alert / confirm / prompt
+    (dismissed). :meth:`open` starts the records afresh.
+    """
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.dialogs: list[str] = []
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda exc: self.errors.append(f"exception: {exc}"))
+        page.on("requestfailed", lambda req: self.errors.append(f"failed: {req.url} {req.failure}"))
+        page.on("request", lambda req: self.requests.append(req.url))
+        page.on("dialog", self._on_dialog)
+
+    def open(self, target: str | Path) -> None:
+        """Navigate to a file path or URL, wait for its load event, then let pending timers run."""
+        url = target if isinstance(target, str) and "://" in target else Path(target).resolve().as_uri()
+        for record in (self.errors, self.requests, self.dialogs):
+            record.clear()
+        self.page.goto(url, wait_until="load")
+        self.page.evaluate("() => new Promise(resolve => setTimeout(resolve, 50))")
+
+    def _on_console(self, message: ConsoleMessage) -> None:
+        if message.type in ("error", "assert"):
+            self.errors.append(f"console: {message.text}")
+
+    def _on_dialog(self, dialog: Dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+
+def _is_remote(url: str) -> bool:
+    return not url.startswith(("file:", "data:"))
+
+
+def _block(route: Route) -> None:
+    route.abort("blockedbyclient")
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    """Playwright's driver for a module's browser tests (one per thread: the sync API cannot nest)."""
+    with playwright_driver() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def chromium(playwright: Playwright) -> Iterator[Browser]:
+    """One headless chromium for a module's browser tests; always ended with the module."""
+    with headless_chromium(playwright) as browser:
+        yield browser
+
+
+@pytest.fixture
+def chromium_page(chromium: Browser) -> Iterator[WatchedPage]:
+    """A fresh page (its own context: no shared storage) with 1280x900 CSS pixels, no network."""
+    context = chromium.new_context(viewport=VIEWPORT, device_scale_factor=1, service_workers="block")
+    context.set_default_timeout(BROWSER_TIMEOUT_MS)
+    context.route(_is_remote, _block)
+    try:
+        yield WatchedPage(context.new_page())
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def launch_chromium(playwright: Playwright) -> Callable[[], ContextManager[Browser]]:
+    """Start another browser as :func:`headless_chromium` does, for tests of the browser's life cycle."""
+    return functools.partial(headless_chromium, playwright)

@@ -1,25 +1,27 @@
-"""HTML report: real PNG files, real pages on disk, opened in a real headless Chromium (no mocks)."""
+"""HTML report: real PNG files, real pages on disk, opened in a real headless Chromium (no mocks).
+
+The browser is Debian's ``chromium`` driven by Playwright (the ``chromium`` / ``chromium_page``
+fixtures in conftest.py): every image must load, the console stay quiet, nothing but ``file:`` /
+``data:`` be requested, and hostile metadata stay inert text.
+"""
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import markupsafe
 import numpy as np
+import psutil
 import pytest
 from PIL import Image, ImageDraw
 
 from multimodal_lesion.data.constants import CLASS_NAMES, CLASSES
 from multimodal_lesion.errors import DataError
-from multimodal_lesion.report.browser import HeadlessChromium
 from multimodal_lesion.report.html import case_page_name, write_report
-
-needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None,
-                                    reason="Debian's chromium is not on PATH (apt-get install chromium)")
 
 #: Markup a hostile metadata CSV could carry; each must reach the page as text, never as markup.
 PAYLOADS = (
@@ -131,15 +133,6 @@ def hostile_report(tmp_path_factory: pytest.TempPathFactory, figure_dir: Path) -
     """A report whose ids, labels, patient values, provenance and notes carry markup."""
     cases = [make_case(figure_dir, k, iid, _hostile_text()) for k, iid in enumerate(HOSTILE_IDS)]
     return write_report(tmp_path_factory.mktemp("hostile"), make_cohort(figure_dir, _hostile_text()), cases), cases
-
-
-@pytest.fixture(scope="module")
-def chromium() -> HeadlessChromium:
-    """One headless Chromium for the module's browser tests; always ended."""
-    if shutil.which("chromium") is None:
-        pytest.skip("Debian's chromium is not on PATH (apt-get install chromium)")
-    with HeadlessChromium(timeout=20) as browser:
-        yield browser
 
 
 # ----------------------------------------------------------------------------- HTML parsing
@@ -302,59 +295,97 @@ def test_optional_parts_may_be_absent(tmp_path, figure_dir):
 
 # ----------------------------------------------------------------------------- real browser
 
+#: Every <img> with whether it loaded (``complete`` and ``naturalWidth > 0``).
+IMAGES_JS = """Array.from(document.images).map(i => ({
+  src: (i.currentSrc || i.src || '').slice(0, 120), complete: i.complete,
+  naturalWidth: i.naturalWidth, naturalHeight: i.naturalHeight}))"""
+
+
+def broken_images(images: list[dict]) -> list[str]:
+    """The ``src`` of every image that did not load."""
+    return [img["src"] for img in images if not (img["complete"] and img["naturalWidth"] > 0)]
+
+
 @pytest.mark.browser
-@needs_chromium
-def test_browser_helper_catches_errors_broken_images_and_network(chromium, tmp_path):
+def test_browser_harness_catches_errors_broken_images_network_and_dialogs(chromium_page, tmp_path):
     """The harness itself: a page that misbehaves is reported as misbehaving (so 'no errors' means something)."""
-    page = tmp_path / "bad.html"
-    page.write_text("<!DOCTYPE html><title>bad</title><h1>x</h1><img src='missing.png'>"
-                    "<script>console.error('boom'); setTimeout(() => { throw new Error('late') }, 0);"
-                    "fetch('http://example.invalid/x').catch(() => {});</script>")
-    load = chromium.open(page)
-    assert load.title == "bad" and chromium.broken_images() == [(tmp_path / "missing.png").as_uri()]
-    errors = " | ".join(chromium.console_errors)
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!DOCTYPE html><title>bad</title><h1>x</h1><img src='missing.png'>"
+                   "<script>console.error('boom'); setTimeout(() => { throw new Error('late') }, 0);"
+                   "fetch('http://example.invalid/x').catch(() => {}); alert('pwned');</script>")
+    chromium_page.open(bad)
+    page = chromium_page.page
+    assert page.title() == "bad" and broken_images(page.evaluate(IMAGES_JS)) == [(tmp_path / "missing.png").as_uri()]
+    errors = " | ".join(chromium_page.errors)
     assert "boom" in errors and "late" in errors and "ERR_FILE_NOT_FOUND" in errors
-    assert "http://example.invalid/x" in chromium.requests
-    assert chromium.pid is not None
+    assert "http://example.invalid/x" in chromium_page.requests
+    assert "http://example.invalid/x net::ERR_BLOCKED_BY_CLIENT" in errors  # stopped inside the browser
+    assert chromium_page.dialogs == ["pwned"]
+    assert page.context.browser.is_connected()
 
 
 @pytest.mark.browser
-@needs_chromium
-def test_browser_is_always_ended():
-    with HeadlessChromium(timeout=20) as browser:
-        pid = browser.pid
-        assert browser.evaluate("1 + 1") == 2
-    assert browser.pid is None and not Path(f"/proc/{pid}").exists()
+def test_browser_is_always_ended(launch_chromium):
+    """Leaving the browser's context ends every process it started, also when the body raised."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+
+    def started() -> list[psutil.Process]:
+        return [p for p in me.children(recursive=True) if p.pid not in before]
+
+    def running(processes: list[psutil.Process]) -> list[psutil.Process]:
+        alive = []
+        for proc in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+        return alive
+
+    with launch_chromium() as browser:
+        page = browser.new_page()
+        assert page.evaluate("1 + 1") == 2
+        processes = started()
+        assert any("chromium" in p.name() for p in processes), processes
+    assert not browser.is_connected() and running(processes) == []
+
+    with pytest.raises(RuntimeError, match="test failed"):
+        with launch_chromium() as browser:
+            processes = started()
+            assert browser.new_page().evaluate("2 + 2") == 4
+            raise RuntimeError("test failed")
+    assert processes and running(processes) == []
 
 
-def _assert_clean(chromium: HeadlessChromium, load, n_images: int) -> None:
-    assert load.console_errors == [], load.console_errors
-    assert {urlparse(u).scheme for u in load.requests} <= {"file", "data"}, load.requests
-    images = chromium.images()
-    assert len(images) == n_images and all(i["complete"] and i["naturalWidth"] > 0 for i in images), images
-    assert chromium.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways overflow
+def _assert_clean(watched, n_images: int) -> None:
+    assert watched.errors == [], watched.errors
+    assert {urlparse(u).scheme for u in watched.requests} <= {"file", "data"}, watched.requests
+    assert watched.dialogs == [], watched.dialogs
+    images = watched.page.evaluate(IMAGES_JS)
+    assert len(images) == n_images and not broken_images(images), images
+    assert watched.page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways overflow
 
 
 @pytest.mark.browser
-@needs_chromium
-def test_report_renders_in_chromium(report, chromium, tmp_path):
+def test_report_renders_in_chromium(report, chromium_page, tmp_path):
     index, cases = report
-    load = chromium.open(index)
-    assert load.title.startswith("Explanations: concat / resnet18")
-    assert chromium.evaluate("document.querySelector('h1').textContent").startswith("Explanations")
-    assert chromium.evaluate("document.querySelectorAll('#cases-table tbody tr').length") == len(cases)
-    _assert_clean(chromium, load, len(COHORT_FIGURES))
-    shot = chromium.screenshot(tmp_path / "index.png")
-    links = chromium.evaluate("Array.from(document.querySelectorAll('#cases-table a')).map(a => a.href)")
+    page = chromium_page.page
+    chromium_page.open(index)
+    assert page.title().startswith("Explanations: concat / resnet18")
+    assert page.evaluate("document.querySelector('h1').textContent").startswith("Explanations")
+    assert page.evaluate("document.querySelectorAll('#cases-table tbody tr').length") == len(cases)
+    _assert_clean(chromium_page, len(COHORT_FIGURES))
+    shot = tmp_path / "index.png"
+    page.screenshot(path=shot, full_page=True)
+    links = page.evaluate("Array.from(document.querySelectorAll('#cases-table a')).map(a => a.href)")
     assert len(links) == len(cases) and all(Path(unquote(urlparse(u).path)).is_file() for u in links)
 
-    load = chromium.open(links[0])  # follow the link
-    assert load.title == f"Case {cases[0]['image_id']}"
-    assert chromium.evaluate("document.getElementById('case-title').textContent") == f"Case {cases[0]['image_id']}"
-    _assert_clean(chromium, load, len(CASE_FIGURES))
-    back = chromium.evaluate("document.getElementById('back').href")
+    chromium_page.open(links[0])  # follow the link
+    assert page.title() == f"Case {cases[0]['image_id']}"
+    assert page.evaluate("document.getElementById('case-title').textContent") == f"Case {cases[0]['image_id']}"
+    _assert_clean(chromium_page, len(CASE_FIGURES))
+    back = page.evaluate("document.getElementById('back').href")
     assert Path(unquote(urlparse(back).path)).resolve() == index.resolve()
-    chromium.screenshot(tmp_path / "case.png")
+    page.screenshot(path=tmp_path / "case.png", full_page=True)
 
     with Image.open(shot) as img:
         rgb = img.convert("RGB")
@@ -364,19 +395,19 @@ def test_report_renders_in_chromium(report, chromium, tmp_path):
 
 
 @pytest.mark.browser
-@needs_chromium
-def test_hostile_metadata_is_inert_in_chromium(hostile_report, chromium):
+def test_hostile_metadata_is_inert_in_chromium(hostile_report, chromium_page):
     index, cases = hostile_report
+    page = chromium_page.page
     titles = []
-    for page in _pages(index):
-        load = chromium.open(page)
-        _assert_clean(chromium, load, len(COHORT_FIGURES) if page == index else len(CASE_FIGURES))
-        assert chromium.evaluate("typeof window.__pwned") == "undefined"
-        assert chromium.evaluate("document.scripts.length") == 0
-        assert chromium.evaluate(
+    for path in _pages(index):
+        chromium_page.open(path)
+        _assert_clean(chromium_page, len(COHORT_FIGURES) if path == index else len(CASE_FIGURES))
+        assert page.evaluate("typeof window.__pwned") == "undefined"
+        assert page.evaluate("document.scripts.length") == 0
+        assert page.evaluate(
             "document.querySelectorAll('[onerror],[onload],[onclick],svg,iframe,object,embed').length") == 0
-        assert chromium.evaluate("Array.from(document.images).every(i => i.src.startsWith('data:image/png;base64,'))")
-        assert chromium.evaluate("Array.from(document.links).every(a => a.protocol === 'file:')")
-        assert PAYLOADS[0] in chromium.evaluate("document.body.innerText")  # visible, as text
-        titles.append(load.title)
+        assert page.evaluate("Array.from(document.images).every(i => i.src.startsWith('data:image/png;base64,'))")
+        assert page.evaluate("Array.from(document.links).every(a => a.protocol === 'file:')")
+        assert PAYLOADS[0] in page.evaluate("document.body.innerText")  # visible, as text
+        titles.append(page.title())
     assert set(titles[1:]) == {f"Case {c['image_id']}" for c in cases}
