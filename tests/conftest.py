@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Collection, ContextManager, Iterator
 
@@ -20,7 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from multimodal_lesion.data.constants import CLASSES, DATA_ENV, MASK_DIR, MASK_SUFFIX, METADATA_FILE
 
 if TYPE_CHECKING:
+    import torch
     from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Playwright, Route
+
+    from multimodal_lesion.models import LesionModel
 
 
 def write_tiny_ham(root: Path, n_lesions: int = 28, seed: int = 0) -> Path:
@@ -83,6 +87,137 @@ def real_data_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_ham_factory() -> Callable[..., Path]:
+    """:func:`write_tiny_ham` itself, for fixtures that need a dataset of their own size or scope."""
+    return write_tiny_ham
+
+
+# --- small real models and patient tables for the explanation tests ----------------------------------
+
+#: Meta width of :func:`make_small_model` models unless told otherwise.
+SMALL_META_DIM = 6
+
+
+def make_small_model(name: str = "gated", seed: int = 0, meta_dim: int = SMALL_META_DIM,
+                     num_classes: int = 7) -> LesionModel:
+    """A registered model on a random-weight resnet18 with small heads."""
+    import torch
+
+    from multimodal_lesion.config import ModelConfig
+    from multimodal_lesion.models import create_model
+
+    cfg = ModelConfig(backbone="resnet18", weights="none", head_hidden=32, meta_hidden=8, dropout=0.0)
+    torch.manual_seed(seed)
+    return create_model(name, meta_dim=meta_dim, num_classes=num_classes, cfg=cfg)
+
+
+PATIENT_SEXES = ["male", "female", "unknown"]
+PATIENT_SITES = ["back", "face", "trunk", "lower extremity", "unknown"]
+
+
+def make_patients(n: int, seed: int) -> pd.DataFrame:
+    """``n`` random patients (age, sex, localization); about one age in ten is missing."""
+    rng = np.random.default_rng(seed)
+    age = rng.integers(1, 18, n) * 5.0
+    age[rng.random(n) < 0.1] = np.nan
+    return pd.DataFrame({"age": age, "sex": rng.choice(PATIENT_SEXES, n), "localization": rng.choice(PATIENT_SITES, n)})
+
+
+def make_confident(model: LesionModel) -> LesionModel:
+    """Head weights 3x the default init, so the metadata moves the probabilities by ~0.1."""
+    import torch
+
+    with torch.no_grad():
+        for module in [*model.head.modules(), *(model.meta_branch.modules() if model.uses_meta else [])]:
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(3)
+    return model
+
+
+@pytest.fixture(scope="session")
+def small_model() -> Callable[..., LesionModel]:
+    """:func:`make_small_model`: ``small_model(name, seed=0, meta_dim=6, num_classes=7)``."""
+    return make_small_model
+
+
+@pytest.fixture(scope="session")
+def patients() -> Callable[[int, int], pd.DataFrame]:
+    """:func:`make_patients`: ``patients(n, seed)``."""
+    return make_patients
+
+
+@pytest.fixture(scope="session")
+def confident() -> Callable[[LesionModel], LesionModel]:
+    """:func:`make_confident`: scales a model's head weights in place and returns it."""
+    return make_confident
+
+
+# --- a planted case: the class is decided by a bright square in a fixed corner -----------------------
+
+PLANTED_SIZE = (64, 64)
+PLANTED_SQUARE = (slice(4, 24), slice(4, 24))
+
+
+@dataclass
+class Planted:
+    """A model trained on a task whose evidence is known, and held-out cases of the positive class."""
+
+    model: LesionModel  # concat, frozen random resnet18, head trained on the planted task
+    images: torch.Tensor  # (4, 3, 64, 64) held-out images of class 1 (square present)
+    meta: torch.Tensor  # (4, 2) zeros
+    mask: np.ndarray  # (64, 64) the square
+    size: tuple[int, int] = PLANTED_SIZE  # (height, width) of the images
+
+
+def planted_images(n: int, label: int, g: torch.Generator) -> torch.Tensor:
+    """Noise of random strength; class 1 adds a bright square in the top-left corner."""
+    import torch
+
+    amp = torch.rand(n, 1, 1, 1, generator=g) * 0.6
+    x = torch.randn(n, 3, *PLANTED_SIZE, generator=g) * amp
+    if label:
+        x[:, :, PLANTED_SQUARE[0], PLANTED_SQUARE[1]] += 2.5
+    return x
+
+
+def build_planted(n: int = 32, steps: int = 100) -> Planted:
+    """Train the head of a frozen random resnet18 (the frozen path) to tell squares from noise."""
+    import torch
+
+    model = make_small_model("concat", meta_dim=2, num_classes=2)
+    model.image_branch.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([planted_images(n, 0, g), planted_images(n, 1, g)])
+    y = torch.arange(2).repeat_interleave(n)
+    meta = torch.zeros(2 * n, 2)
+    with torch.no_grad():
+        emb = model.eval().image_branch.embed(x)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model.forward_head(emb, meta), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().requires_grad_(True)
+    mask = np.zeros(PLANTED_SIZE, dtype=bool)
+    mask[PLANTED_SQUARE] = True
+    return Planted(model, planted_images(4, 1, g), torch.zeros(4, 2), mask)
+
+
+@pytest.fixture(scope="session")
+def planted() -> Planted:
+    """One planted case for the session (Grad-CAM and faithfulness tests read it, never change it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model on a busy machine, as ``single_thread``
+    try:
+        return build_planted()
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --- a real browser: Debian's chromium, driven by Playwright (never a downloaded browser) -------------
 
 #: Flags for a quiet headless browser that reaches no network on its own.
@@ -129,7 +264,8 @@ def _chromium_executable() -> str:
 def playwright_driver() -> Iterator[Playwright]:
     """Playwright's synchronous API; on exit its driver process has ended. Skips without chromium or Playwright."""
     _chromium_executable()
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install -e '.[test]')")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="Playwright is not installed (pip install -e '.[test]')")
     before = {p.pid for p in _descendants()}
     try:
         with sync_api.sync_playwright() as playwright:
