@@ -93,6 +93,52 @@ def tiny_ham_factory() -> Callable[..., Path]:
     return write_tiny_ham
 
 
+
+# --- the model registry: tests are parametrised over it, never over a hand-kept list of names ---------
+
+ModelInputs = frozenset[str]  # what a registered model reads: a subset of {"image", "meta"}
+
+
+@functools.cache
+def registered_inputs() -> dict[str, ModelInputs]:
+    """What each registered model reads ("image", "meta"), asked of a small instance of it."""
+    from multimodal_lesion.models import ImageBranch, create_model, list_models
+
+    branch = ImageBranch("test_resnet", weights="none")  # one tiny backbone shared by the image models
+    inputs = {}
+    for name in list_models():
+        model = create_model(name, meta_dim=1, image_branch=branch)
+        inputs[name] = ModelInputs(kind for kind, used in (("image", model.uses_image), ("meta", model.uses_meta))
+                                   if used)
+    return inputs
+
+
+#: Test arguments filled with the registered models that read exactly these inputs.
+MODEL_KINDS: dict[str, ModelInputs] = {
+    "fusion_model": ModelInputs({"image", "meta"}),
+    "image_only_model": ModelInputs({"image"}),
+    "metadata_only_model": ModelInputs({"meta"}),
+}
+
+
+def models_reading(inputs: ModelInputs) -> list[str]:
+    """Registered models that read exactly ``inputs``, sorted."""
+    return [name for name, reads in registered_inputs().items() if reads == inputs]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test argument named in :data:`MODEL_KINDS` runs once per registered model of that kind."""
+    for argname, inputs in MODEL_KINDS.items():
+        if argname in metafunc.fixturenames:
+            metafunc.parametrize(argname, models_reading(inputs))
+
+
+@pytest.fixture(scope="session")
+def model_inputs() -> dict[str, ModelInputs]:
+    """Registered model name -> what it reads (a subset of {"image", "meta"})."""
+    return registered_inputs()
+
+
 # --- small real models and patient tables for the explanation tests ----------------------------------
 
 #: Meta width of :func:`make_small_model` models unless told otherwise.

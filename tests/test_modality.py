@@ -86,9 +86,10 @@ def test_agrees_with_captum_shapley_values(name: str, data: dict, model_for: Mod
     np.testing.assert_allclose(res.values, captum_values, atol=1e-6)
 
 
-def test_patient_players_match_grouped_shap_when_the_image_is_ignored(data: dict, model_for: ModelFor) -> None:
+def test_patient_players_match_grouped_shap_when_the_image_is_ignored(metadata_only_model: str, data: dict,
+                                                                       model_for: ModelFor) -> None:
     """Same output space: for a model that ignores the image, the 4-player values are the 3-group SHAP values."""
-    model = model_for("metadata_only")
+    model = model_for(metadata_only_model)
     res = modality_shapley(model, None, data["meta"], None, data["bg_meta"], data["groups"])
     exp = GroupShapExplainer(model, data["bg_meta"], data["groups"]).explain(None, data["meta"])
     np.testing.assert_allclose(res.values[:, 1:], exp.values, atol=1e-12)

@@ -125,13 +125,13 @@ def test_one_batched_head_call_and_no_backbone(encoded: dict, small_model: Small
     assert calls == {"head": 1, "backbone": 0}  # 6 cases x 8 coalitions x 20 background rows in one call
 
 
-def test_planted_feature_ranks_first(encoded: dict, small_model: SmallModel, patients: Patients) -> None:
+def test_planted_feature_ranks_first(metadata_only_model: str, small_model: SmallModel, patients: Patients) -> None:
     """A metadata model trained to read only sex gives sex the largest |SHAP| on every case."""
     train = patients(200, 2)
     encoder = MetadataEncoder().fit(train)
     x = torch.as_tensor(encoder.transform(train))
     y = torch.as_tensor((train.sex == "male").to_numpy().astype(np.int64))
-    model = small_model("metadata_only", meta_dim=x.shape[1], num_classes=2)
+    model = small_model(metadata_only_model, meta_dim=x.shape[1], num_classes=2)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(150):
         loss = torch.nn.functional.cross_entropy(model.train()(({"meta": x})), y)
