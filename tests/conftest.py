@@ -5,7 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Collection, ContextManager, Iterator
@@ -92,6 +97,146 @@ def tiny_ham_factory() -> Callable[..., Path]:
     """:func:`write_tiny_ham` itself, for fixtures that need a dataset of their own size or scope."""
     return write_tiny_ham
 
+
+
+
+# --- the mmlesion command line, run for real in subprocesses ------------------------------------------
+
+#: ``mmlesion`` as a subprocess of this interpreter.
+CLI: tuple[str, ...] = (sys.executable, "-m", "multimodal_lesion.cli")
+#: A Python warning as printed on stderr: "FILE:LINE: CategoryWarning: text" + an indented source line.
+_WARNING = re.compile(r"^\S.*:\d+: \w*Warning: ")
+
+
+class Cli:
+    """Runs ``mmlesion`` in subprocesses with a private cache, and checks how a command ended.
+
+    ``cli(*args)`` runs a command to its end; :meth:`start` runs one in the background.
+    """
+
+    def __init__(self, cache: Path) -> None:
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMLESION_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+
+    def __call__(self, *args: object, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Run ``mmlesion ARGS`` and return the finished process (stdout and stderr as text)."""
+        return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=self.env, timeout=timeout)
+
+    def start(self, log: Path, *args: object, new_session: bool = False) -> subprocess.Popen:
+        """Start ``mmlesion ARGS`` in the background, output to ``log`` (a pipe could fill and block it)."""
+        with open(log, "w") as fh:
+            return subprocess.Popen([*CLI, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT, env=self.env,
+                                    start_new_session=new_session)
+
+    @staticmethod
+    def wait_for(condition: Callable[[], object], proc: subprocess.Popen, log: Path, timeout: float = 300,
+                 what: str = "") -> None:
+        """Poll ``condition()`` every 20 ms while ``proc`` runs; fail clearly if it ends or times out first."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if proc.poll() is not None:
+                pytest.fail(f"process ended (exit {proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.02)
+
+    @staticmethod
+    def sigkill(proc: subprocess.Popen) -> None:
+        """Kill ``proc`` with SIGKILL (no clean-up of its own) and check that this is how it ended."""
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=300) == -signal.SIGKILL
+
+    @staticmethod
+    def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+        """Exit code 0 and no traceback; returns ``proc``."""
+        detail = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        assert proc.returncode == 0, detail
+        assert "Traceback" not in proc.stderr, detail
+        return proc
+
+    @classmethod
+    def error(cls, proc: subprocess.CompletedProcess, command: str, *needles: str) -> str:
+        """Exit code 2, no traceback, exactly one stderr line ``mmlesion COMMAND: error: ...`` naming ``needles``."""
+        detail = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        assert proc.returncode == 2, detail
+        assert "Traceback" not in proc.stderr, detail
+        lines = cls.own_lines(proc.stderr)
+        assert len(lines) == 1, detail
+        line = lines[0]
+        assert line.startswith(f"mmlesion {command}: error: "), detail
+        for needle in needles:
+            assert needle in line, f"{needle!r} not in {line!r}"
+        return line
+
+    @classmethod
+    def notes(cls, proc: subprocess.CompletedProcess) -> list[str]:
+        """The ``note: ...`` lines the command printed on stderr."""
+        return [line for line in cls.own_lines(proc.stderr) if line.startswith("note: ")]
+
+    @staticmethod
+    def own_lines(stderr: str) -> list[str]:
+        """stderr without Python warning blocks (library warnings are not the command's own output)."""
+        lines, skipping = [], False
+        for line in stderr.splitlines():
+            if _WARNING.match(line):
+                skipping = True
+            elif skipping and line.startswith((" ", "\t")):
+                continue
+            else:
+                skipping = False
+                if line.strip():
+                    lines.append(line)
+        return lines
+
+
+@pytest.fixture(scope="session")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
+    """``mmlesion`` in subprocesses, with one private cache for the session's commands."""
+    return Cli(tmp_path_factory.mktemp("cli-cache"))
+
+
+def list_temp_files(folder: Path) -> list[str]:
+    """Files under a temporary name (``.NAME.*.tmp``, as io.atomic_write / save_checkpoint write them)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if p.name.endswith(".tmp"))
+
+
+@pytest.fixture(scope="session")
+def temp_files() -> Callable[[Path], list[str]]:
+    """:func:`list_temp_files`: what a crash or an unfinished write left under a temporary name."""
+    return list_temp_files
+
+
+@pytest.fixture(scope="session")
+def cli_ham(tiny_ham_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny dataset shared by the session's CLI runs; tests must not change it."""
+    return tiny_ham_factory(tmp_path_factory.mktemp("cli-data") / "ham")
+
+
+#: End-to-end fine-tuning of a ~0.4M-parameter timm test network on 48x64 images: each epoch is
+#: a few CPU seconds, so a kill lands inside training, and 4 epochs stay quick.
+END2END_EPOCHS = 4
+END2END_SETTINGS = tuple(arg for pair in (
+    'model.name="concat"', 'model.backbone="test_resnet"', 'model.weights="none"', "data.image_size=[48, 64]",
+    'train.mode="end2end"', f"train.epochs={END2END_EPOCHS}", "train.batch_size=8", "train.patience=100",
+    'train.device="cpu"', "train.threads=1") for arg in ("--set", pair))
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A finished ``mmlesion train`` run folder and the command that made it (``--out`` aside)."""
+
+    folder: Path
+    args: tuple[object, ...]
+    epochs: int
+
+
+@pytest.fixture(scope="session")
+def end2end_run(cli: Cli, cli_ham: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """One uninterrupted tiny end-to-end training run, shared by the resume and checkpoint tests."""
+    args = ("train", "--data", cli_ham, *END2END_SETTINGS)
+    folder = tmp_path_factory.mktemp("end2end") / "run"
+    cli.ok(cli(*args, "--out", folder))
+    return TrainedRun(folder, args, END2END_EPOCHS)
 
 
 # --- the model registry: tests are parametrised over it, never over a hand-kept list of names ---------
