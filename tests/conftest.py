@@ -1,5 +1,12 @@
-"""Shared fixtures: a tiny HAM10000-shaped folder written for real, the real data when available, and a
-real headless browser (Debian's chromium driven by Playwright)."""
+"""Shared fixtures and helpers of the test suite; test modules reach them as fixtures, never by import.
+
+- data: a tiny HAM10000-shaped folder written for real, and the real data when available;
+- the ``mmlesion`` CLI run in subprocesses (``cli``), and one tiny end-to-end run shared by the session;
+- the model registry: ``fusion_model`` / ``image_only_model`` / ``metadata_only_model`` arguments run over
+  every registered model that reads those inputs, never over a hand-kept list;
+- small real models, patient tables and a planted case for the explanation tests;
+- a real headless browser: Debian's chromium driven by Playwright (no browser download).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Collection, ContextManager, Iterator
+from typing import TYPE_CHECKING, Callable, Collection, Iterator
 
 import numpy as np
 import pandas as pd
@@ -96,8 +103,6 @@ def real_data_root() -> Path:
 def tiny_ham_factory() -> Callable[..., Path]:
     """:func:`write_tiny_ham` itself, for fixtures that need a dataset of their own size or scope."""
     return write_tiny_ham
-
-
 
 
 # --- the mmlesion command line, run for real in subprocesses ------------------------------------------
@@ -312,7 +317,8 @@ def make_patients(n: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     age = rng.integers(1, 18, n) * 5.0
     age[rng.random(n) < 0.1] = np.nan
-    return pd.DataFrame({"age": age, "sex": rng.choice(PATIENT_SEXES, n), "localization": rng.choice(PATIENT_SITES, n)})
+    return pd.DataFrame({"age": age, "sex": rng.choice(PATIENT_SEXES, n),
+                         "localization": rng.choice(PATIENT_SITES, n)})
 
 
 def make_confident(model: LesionModel) -> LesionModel:
@@ -558,6 +564,6 @@ def chromium_page(chromium: Browser) -> Iterator[WatchedPage]:
 
 
 @pytest.fixture
-def launch_chromium(playwright: Playwright) -> Callable[[], ContextManager[Browser]]:
+def launch_chromium(playwright: Playwright) -> Callable[[], contextlib.AbstractContextManager[Browser]]:
     """Start another browser as :func:`headless_chromium` does, for tests of the browser's life cycle."""
     return functools.partial(headless_chromium, playwright)
