@@ -1,17 +1,42 @@
-"""Shared fixtures: a tiny HAM10000-shaped folder written for real, and the real data when available."""
+"""Shared fixtures and helpers of the test suite; test modules reach them as fixtures, never by import.
+
+- data: a tiny HAM10000-shaped folder written for real, and the real data when available;
+- the ``mmlesion`` CLI run in subprocesses (``cli``), and one tiny end-to-end run shared by the session;
+- the model registry: ``fusion_model`` / ``image_only_model`` / ``metadata_only_model`` arguments run over
+  every registered model that reads those inputs, never over a hand-kept list;
+- small real models, patient tables and a planted case for the explanation tests;
+- a real headless browser: Debian's chromium driven by Playwright (no browser download).
+"""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Collection, Iterator
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from multimodal_lesion.data.constants import CLASSES, DATA_ENV, MASK_DIR, MASK_SUFFIX, METADATA_FILE
+
+if TYPE_CHECKING:
+    import torch
+    from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Playwright, Route
+
+    from multimodal_lesion.models import LesionModel
 
 
 def write_tiny_ham(root: Path, n_lesions: int = 28, seed: int = 0) -> Path:
@@ -72,3 +97,473 @@ def real_data_root() -> Path:
     if not (root / METADATA_FILE).is_file():
         pytest.fail(f"{DATA_ENV}={value} has no {METADATA_FILE}")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_ham_factory() -> Callable[..., Path]:
+    """:func:`write_tiny_ham` itself, for fixtures that need a dataset of their own size or scope."""
+    return write_tiny_ham
+
+
+# --- the mmlesion command line, run for real in subprocesses ------------------------------------------
+
+#: ``mmlesion`` as a subprocess of this interpreter.
+CLI: tuple[str, ...] = (sys.executable, "-m", "multimodal_lesion.cli")
+#: A Python warning as printed on stderr: "FILE:LINE: CategoryWarning: text" + an indented source line.
+_WARNING = re.compile(r"^\S.*:\d+: \w*Warning: ")
+
+
+class Cli:
+    """Runs ``mmlesion`` in subprocesses with a private cache, and checks how a command ended.
+
+    ``cli(*args)`` runs a command to its end; :meth:`start` runs one in the background.
+    """
+
+    def __init__(self, cache: Path) -> None:
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMLESION_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+
+    def __call__(self, *args: object, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Run ``mmlesion ARGS`` and return the finished process (stdout and stderr as text)."""
+        return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=self.env, timeout=timeout)
+
+    def start(self, log: Path, *args: object, new_session: bool = False) -> subprocess.Popen:
+        """Start ``mmlesion ARGS`` in the background, output to ``log`` (a pipe could fill and block it)."""
+        with open(log, "w") as fh:
+            return subprocess.Popen([*CLI, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT, env=self.env,
+                                    start_new_session=new_session)
+
+    @staticmethod
+    def wait_for(condition: Callable[[], object], proc: subprocess.Popen, log: Path, timeout: float = 300,
+                 what: str = "") -> None:
+        """Poll ``condition()`` every 20 ms while ``proc`` runs; fail clearly if it ends or times out first."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if proc.poll() is not None:
+                pytest.fail(f"process ended (exit {proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.02)
+
+    @staticmethod
+    def sigkill(proc: subprocess.Popen) -> None:
+        """Kill ``proc`` with SIGKILL (no clean-up of its own) and check that this is how it ended."""
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=300) == -signal.SIGKILL
+
+    @staticmethod
+    def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+        """Exit code 0 and no traceback; returns ``proc``."""
+        detail = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        assert proc.returncode == 0, detail
+        assert "Traceback" not in proc.stderr, detail
+        return proc
+
+    @classmethod
+    def error(cls, proc: subprocess.CompletedProcess, command: str, *needles: str) -> str:
+        """Exit code 2, no traceback, exactly one stderr line ``mmlesion COMMAND: error: ...`` naming ``needles``."""
+        detail = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        assert proc.returncode == 2, detail
+        assert "Traceback" not in proc.stderr, detail
+        lines = cls.own_lines(proc.stderr)
+        assert len(lines) == 1, detail
+        line = lines[0]
+        assert line.startswith(f"mmlesion {command}: error: "), detail
+        for needle in needles:
+            assert needle in line, f"{needle!r} not in {line!r}"
+        return line
+
+    @classmethod
+    def notes(cls, proc: subprocess.CompletedProcess) -> list[str]:
+        """The ``note: ...`` lines the command printed on stderr."""
+        return [line for line in cls.own_lines(proc.stderr) if line.startswith("note: ")]
+
+    @staticmethod
+    def own_lines(stderr: str) -> list[str]:
+        """stderr without Python warning blocks (library warnings are not the command's own output)."""
+        lines, skipping = [], False
+        for line in stderr.splitlines():
+            if _WARNING.match(line):
+                skipping = True
+            elif skipping and line.startswith((" ", "\t")):
+                continue
+            else:
+                skipping = False
+                if line.strip():
+                    lines.append(line)
+        return lines
+
+
+@pytest.fixture(scope="session")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
+    """``mmlesion`` in subprocesses, with one private cache for the session's commands."""
+    return Cli(tmp_path_factory.mktemp("cli-cache"))
+
+
+def list_temp_files(folder: Path) -> list[str]:
+    """Files under a temporary name (``.NAME.*.tmp``, as io.atomic_write / save_checkpoint write them)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if p.name.endswith(".tmp"))
+
+
+@pytest.fixture(scope="session")
+def temp_files() -> Callable[[Path], list[str]]:
+    """:func:`list_temp_files`: what a crash or an unfinished write left under a temporary name."""
+    return list_temp_files
+
+
+@pytest.fixture(scope="session")
+def cli_ham(tiny_ham_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny dataset shared by the session's CLI runs; tests must not change it."""
+    return tiny_ham_factory(tmp_path_factory.mktemp("cli-data") / "ham")
+
+
+#: End-to-end fine-tuning of a ~0.4M-parameter timm test network on 48x64 images: each epoch is
+#: a few CPU seconds, so a kill lands inside training, and 4 epochs stay quick.
+END2END_EPOCHS = 4
+END2END_SETTINGS = tuple(arg for pair in (
+    'model.name="concat"', 'model.backbone="test_resnet"', 'model.weights="none"', "data.image_size=[48, 64]",
+    'train.mode="end2end"', f"train.epochs={END2END_EPOCHS}", "train.batch_size=8", "train.patience=100",
+    'train.device="cpu"', "train.threads=1") for arg in ("--set", pair))
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A finished ``mmlesion train`` run folder and the command that made it (``--out`` aside)."""
+
+    folder: Path
+    args: tuple[object, ...]
+    epochs: int
+
+
+@pytest.fixture(scope="session")
+def end2end_run(cli: Cli, cli_ham: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """One uninterrupted tiny end-to-end training run, shared by the resume and checkpoint tests."""
+    args = ("train", "--data", cli_ham, *END2END_SETTINGS)
+    folder = tmp_path_factory.mktemp("end2end") / "run"
+    cli.ok(cli(*args, "--out", folder))
+    return TrainedRun(folder, args, END2END_EPOCHS)
+
+
+# --- the model registry: tests are parametrised over it, never over a hand-kept list of names ---------
+
+ModelInputs = frozenset[str]  # what a registered model reads: a subset of {"image", "meta"}
+
+
+@functools.cache
+def registered_inputs() -> dict[str, ModelInputs]:
+    """What each registered model reads ("image", "meta"), asked of a small instance of it."""
+    from multimodal_lesion.models import ImageBranch, create_model, list_models
+
+    branch = ImageBranch("test_resnet", weights="none")  # one tiny backbone shared by the image models
+    inputs = {}
+    for name in list_models():
+        model = create_model(name, meta_dim=1, image_branch=branch)
+        inputs[name] = ModelInputs(kind for kind, used in (("image", model.uses_image), ("meta", model.uses_meta))
+                                   if used)
+    return inputs
+
+
+#: Test arguments filled with the registered models that read exactly these inputs.
+MODEL_KINDS: dict[str, ModelInputs] = {
+    "fusion_model": ModelInputs({"image", "meta"}),
+    "image_only_model": ModelInputs({"image"}),
+    "metadata_only_model": ModelInputs({"meta"}),
+}
+
+
+def models_reading(inputs: ModelInputs) -> list[str]:
+    """Registered models that read exactly ``inputs``, sorted."""
+    return [name for name, reads in registered_inputs().items() if reads == inputs]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test argument named in :data:`MODEL_KINDS` runs once per registered model of that kind."""
+    for argname, inputs in MODEL_KINDS.items():
+        if argname in metafunc.fixturenames:
+            metafunc.parametrize(argname, models_reading(inputs))
+
+
+@pytest.fixture(scope="session")
+def model_inputs() -> dict[str, ModelInputs]:
+    """Registered model name -> what it reads (a subset of {"image", "meta"})."""
+    return registered_inputs()
+
+
+# --- small real models and patient tables for the explanation tests ----------------------------------
+
+#: Meta width of :func:`make_small_model` models unless told otherwise.
+SMALL_META_DIM = 6
+
+
+def make_small_model(name: str = "gated", seed: int = 0, meta_dim: int = SMALL_META_DIM,
+                     num_classes: int = 7) -> LesionModel:
+    """A registered model on a random-weight resnet18 with small heads."""
+    import torch
+
+    from multimodal_lesion.config import ModelConfig
+    from multimodal_lesion.models import create_model
+
+    cfg = ModelConfig(backbone="resnet18", weights="none", head_hidden=32, meta_hidden=8, dropout=0.0)
+    torch.manual_seed(seed)
+    return create_model(name, meta_dim=meta_dim, num_classes=num_classes, cfg=cfg)
+
+
+PATIENT_SEXES = ["male", "female", "unknown"]
+PATIENT_SITES = ["back", "face", "trunk", "lower extremity", "unknown"]
+
+
+def make_patients(n: int, seed: int) -> pd.DataFrame:
+    """``n`` random patients (age, sex, localization); about one age in ten is missing."""
+    rng = np.random.default_rng(seed)
+    age = rng.integers(1, 18, n) * 5.0
+    age[rng.random(n) < 0.1] = np.nan
+    return pd.DataFrame({"age": age, "sex": rng.choice(PATIENT_SEXES, n),
+                         "localization": rng.choice(PATIENT_SITES, n)})
+
+
+def make_confident(model: LesionModel) -> LesionModel:
+    """Head weights 3x the default init, so the metadata moves the probabilities by ~0.1."""
+    import torch
+
+    with torch.no_grad():
+        for module in [*model.head.modules(), *(model.meta_branch.modules() if model.uses_meta else [])]:
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(3)
+    return model
+
+
+@pytest.fixture(scope="session")
+def small_model() -> Callable[..., LesionModel]:
+    """:func:`make_small_model`: ``small_model(name, seed=0, meta_dim=6, num_classes=7)``."""
+    return make_small_model
+
+
+@pytest.fixture(scope="session")
+def patients() -> Callable[[int, int], pd.DataFrame]:
+    """:func:`make_patients`: ``patients(n, seed)``."""
+    return make_patients
+
+
+@pytest.fixture(scope="session")
+def confident() -> Callable[[LesionModel], LesionModel]:
+    """:func:`make_confident`: scales a model's head weights in place and returns it."""
+    return make_confident
+
+
+# --- a planted case: the class is decided by a bright square in a fixed corner -----------------------
+
+PLANTED_SIZE = (64, 64)
+PLANTED_SQUARE = (slice(4, 24), slice(4, 24))
+
+
+@dataclass
+class Planted:
+    """A model trained on a task whose evidence is known, and held-out cases of the positive class."""
+
+    model: LesionModel  # concat, frozen random resnet18, head trained on the planted task
+    images: torch.Tensor  # (4, 3, 64, 64) held-out images of class 1 (square present)
+    meta: torch.Tensor  # (4, 2) zeros
+    mask: np.ndarray  # (64, 64) the square
+    size: tuple[int, int] = PLANTED_SIZE  # (height, width) of the images
+
+
+def planted_images(n: int, label: int, g: torch.Generator) -> torch.Tensor:
+    """Noise of random strength; class 1 adds a bright square in the top-left corner."""
+    import torch
+
+    amp = torch.rand(n, 1, 1, 1, generator=g) * 0.6
+    x = torch.randn(n, 3, *PLANTED_SIZE, generator=g) * amp
+    if label:
+        x[:, :, PLANTED_SQUARE[0], PLANTED_SQUARE[1]] += 2.5
+    return x
+
+
+def build_planted(n: int = 32, steps: int = 100) -> Planted:
+    """Train the head of a frozen random resnet18 (the frozen path) to tell squares from noise."""
+    import torch
+
+    model = make_small_model("concat", meta_dim=2, num_classes=2)
+    model.image_branch.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([planted_images(n, 0, g), planted_images(n, 1, g)])
+    y = torch.arange(2).repeat_interleave(n)
+    meta = torch.zeros(2 * n, 2)
+    with torch.no_grad():
+        emb = model.eval().image_branch.embed(x)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model.forward_head(emb, meta), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().requires_grad_(True)
+    mask = np.zeros(PLANTED_SIZE, dtype=bool)
+    mask[PLANTED_SQUARE] = True
+    return Planted(model, planted_images(4, 1, g), torch.zeros(4, 2), mask)
+
+
+@pytest.fixture(scope="session")
+def planted() -> Planted:
+    """One planted case for the session (Grad-CAM and faithfulness tests read it, never change it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model on a busy machine, as ``single_thread``
+    try:
+        return build_planted()
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --- a real browser: Debian's chromium, driven by Playwright (never a downloaded browser) -------------
+
+#: Flags for a quiet headless browser that reaches no network on its own.
+CHROMIUM_ARGS: tuple[str, ...] = ("--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                                  "--disable-component-update", "--disable-sync")
+#: Every browser wait (start-up, navigation, evaluation) ends within this many milliseconds.
+BROWSER_TIMEOUT_MS = 20_000
+#: Viewport of the test pages, in CSS pixels.
+VIEWPORT = {"width": 1280, "height": 900}
+
+
+def _descendants(before: Collection[int] = ()) -> list[psutil.Process]:
+    """Processes below this one, except the pids in ``before``."""
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+
+
+def _with_children(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """``processes`` and everything they have started since (a browser's renderers, say)."""
+    found = {p.pid: p for p in processes}
+    for proc in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.update({child.pid: child for child in proc.children(recursive=True)})
+    return list(found.values())
+
+
+def _end_processes(processes: list[psutil.Process], grace: float = 10.0) -> None:
+    """Wait for ``processes`` to exit, then kill whatever is left of them."""
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def _chromium_executable() -> str:
+    """Debian's ``chromium`` on PATH; skips the test with the reason when it is not installed."""
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.skip("Debian's chromium is not on PATH (apt-get install chromium)")
+    return executable
+
+
+@contextlib.contextmanager
+def playwright_driver() -> Iterator[Playwright]:
+    """Playwright's synchronous API; on exit its driver process has ended. Skips without chromium or Playwright."""
+    _chromium_executable()
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="Playwright is not installed (pip install -e '.[test]')")
+    before = {p.pid for p in _descendants()}
+    try:
+        with sync_api.sync_playwright() as playwright:
+            yield playwright
+    finally:
+        _end_processes(_descendants(before))
+
+
+@contextlib.contextmanager
+def headless_chromium(playwright: Playwright) -> Iterator[Browser]:
+    """Debian's ``chromium``, headless, launched by ``playwright`` (no browser is ever downloaded).
+
+    On exit the browser is closed and every process it started (the browser, its helpers and
+    renderers) has ended, also when the body raised.
+    """
+    before = {p.pid for p in _descendants()}
+    browser = playwright.chromium.launch(executable_path=_chromium_executable(), headless=True,
+                                         args=list(CHROMIUM_ARGS), timeout=BROWSER_TIMEOUT_MS)
+    started = _descendants(before)
+    try:
+        yield browser
+    finally:
+        started = _with_children(started)
+        try:
+            browser.close()
+        finally:
+            _end_processes(started)
+
+
+class WatchedPage:
+    """A Playwright page that records what a clean page must not do.
+
+    ``errors`` gets console errors, uncaught exceptions and failed loads; ``requests`` every URL the
+    page asked for (anything but ``file:`` and ``data:`` is aborted before it leaves the browser, as
+    ``net::ERR_BLOCKED_BY_CLIENT``); ``dialogs`` the message of every alert / confirm / prompt
+    (dismissed). :meth:`open` starts the records afresh.
+    """
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.dialogs: list[str] = []
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda exc: self.errors.append(f"exception: {exc}"))
+        page.on("requestfailed", lambda req: self.errors.append(f"failed: {req.url} {req.failure}"))
+        page.on("request", lambda req: self.requests.append(req.url))
+        page.on("dialog", self._on_dialog)
+
+    def open(self, target: str | Path) -> None:
+        """Navigate to a file path or URL, wait for its load event, then let pending timers run."""
+        url = target if isinstance(target, str) and "://" in target else Path(target).resolve().as_uri()
+        for record in (self.errors, self.requests, self.dialogs):
+            record.clear()
+        self.page.goto(url, wait_until="load")
+        self.page.evaluate("() => new Promise(resolve => setTimeout(resolve, 50))")
+
+    def _on_console(self, message: ConsoleMessage) -> None:
+        if message.type in ("error", "assert"):
+            self.errors.append(f"console: {message.text}")
+
+    def _on_dialog(self, dialog: Dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+
+def _is_remote(url: str) -> bool:
+    return not url.startswith(("file:", "data:"))
+
+
+def _block(route: Route) -> None:
+    route.abort("blockedbyclient")
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    """Playwright's driver for a module's browser tests (one per thread: the sync API cannot nest)."""
+    with playwright_driver() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def chromium(playwright: Playwright) -> Iterator[Browser]:
+    """One headless chromium for a module's browser tests; always ended with the module."""
+    with headless_chromium(playwright) as browser:
+        yield browser
+
+
+@pytest.fixture
+def chromium_page(chromium: Browser) -> Iterator[WatchedPage]:
+    """A fresh page (its own context: no shared storage) with 1280x900 CSS pixels, no network."""
+    context = chromium.new_context(viewport=VIEWPORT, device_scale_factor=1, service_workers="block")
+    context.set_default_timeout(BROWSER_TIMEOUT_MS)
+    context.route(_is_remote, _block)
+    try:
+        yield WatchedPage(context.new_page())
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def launch_chromium(playwright: Playwright) -> Callable[[], contextlib.AbstractContextManager[Browser]]:
+    """Start another browser as :func:`headless_chromium` does, for tests of the browser's life cycle."""
+    return functools.partial(headless_chromium, playwright)

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -21,74 +19,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import write_tiny_ham
 from multimodal_lesion.data.constants import MASK_DIR, MASK_SUFFIX, METADATA_FILE
-
-CLI = [sys.executable, "-m", "multimodal_lesion.cli"]
 
 #: Tiny, fast training settings (a ~0.4M-parameter timm test network, 48x64 images, CPU).
 TINY = ["--set", 'model.backbone="test_resnet"', "--set", 'model.weights="none"',
         "--set", "data.image_size=[48, 64]", "--set", "train.epochs=2", "--set", "train.batch_size=16",
         "--set", 'train.device="cpu"']
 
-#: A Python warning as printed on stderr: "FILE:LINE: CategoryWarning: text" + an indented source line.
-_WARNING = re.compile(r"^\S.*:\d+: \w*Warning: ")
 
-Cli = Callable[..., subprocess.CompletedProcess]
-
-
-# --- helpers ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
-    """Run ``mmlesion ARGS`` in a subprocess with a private cache; returns the finished process."""
-    cache = tmp_path_factory.mktemp("cache")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMLESION_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-
-    def run(*args: object, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
-
-    return run
-
-
-def own_lines(stderr: str) -> list[str]:
-    """stderr without Python warning blocks (library warnings are not the command's own output)."""
-    lines, skipping = [], False
-    for line in stderr.splitlines():
-        if _WARNING.match(line):
-            skipping = True
-        elif skipping and line.startswith((" ", "\t")):
-            continue
-        else:
-            skipping = False
-            if line.strip():
-                lines.append(line)
-    return lines
-
-
-def assert_error(proc: subprocess.CompletedProcess, command: str, *needles: str) -> str:
-    """Exit code 2, no traceback, exactly one stderr line ``mmlesion COMMAND: error: ...`` naming ``needles``."""
-    detail = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    assert proc.returncode == 2, detail
-    assert "Traceback" not in proc.stderr, detail
-    lines = own_lines(proc.stderr)
-    assert len(lines) == 1, detail
-    line = lines[0]
-    assert line.startswith(f"mmlesion {command}: error: "), detail
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    return line
-
-
-def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    detail = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    assert proc.returncode == 0, detail
-    assert "Traceback" not in proc.stderr
-
-
-def notes(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in own_lines(proc.stderr) if line.startswith("note: ")]
-
+# --- helpers (conftest's ``cli`` runs mmlesion and checks how it ended) --------------------------------
 
 def read_csv(root: Path) -> pd.DataFrame:
     return pd.read_csv(root / METADATA_FILE, dtype=str, keep_default_na=False)
@@ -104,7 +43,7 @@ def image_path(root: Path, image_id: str) -> Path:
     return next(root.rglob(f"{image_id}.*"))
 
 
-def split(cli: Cli, root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def split(cli, root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return cli("split", "--data", root, "--out", out / "splits.csv", *extra)
 
 
@@ -125,62 +64,62 @@ def jpeg_bytes(seed: int = 0) -> bytes:
 # --- the CSV -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["split", "eda"])
-def test_empty_csv(cli: Cli, tiny_ham: Path, tmp_path: Path, command: str) -> None:
+def test_empty_csv(cli, tiny_ham: Path, tmp_path: Path, command: str) -> None:
     csv = tiny_ham / METADATA_FILE
     csv.write_text("")
     proc = cli(command, "--data", tiny_ham, "--out", tmp_path / "out")
-    assert_error(proc, command, str(csv), "empty")
+    cli.error(proc, command, str(csv), "empty")
 
 
-def test_header_only_csv(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_header_only_csv(cli, tiny_ham: Path, tmp_path: Path) -> None:
     csv = write_csv(tiny_ham, read_csv(tiny_ham).iloc[:0])
-    assert_error(split(cli, tiny_ham, tmp_path), "split", str(csv), "no rows")
+    cli.error(split(cli, tiny_ham, tmp_path), "split", str(csv), "no rows")
 
 
-def test_missing_column(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_missing_column(cli, tiny_ham: Path, tmp_path: Path) -> None:
     csv = write_csv(tiny_ham, read_csv(tiny_ham).drop(columns=["age"]))
-    assert_error(split(cli, tiny_ham, tmp_path), "split", str(csv), "not HAM10000-shaped", "missing column(s) 'age'")
+    cli.error(split(cli, tiny_ham, tmp_path), "split", str(csv), "not HAM10000-shaped", "missing column(s) 'age'")
 
 
-def test_renamed_column(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_renamed_column(cli, tiny_ham: Path, tmp_path: Path) -> None:
     csv = write_csv(tiny_ham, read_csv(tiny_ham).rename(columns={"dx": "diagnosis"}))
-    assert_error(split(cli, tiny_ham, tmp_path), "split", str(csv), "missing column(s) 'dx'",
+    cli.error(split(cli, tiny_ham, tmp_path), "split", str(csv), "missing column(s) 'dx'",
                  "unexpected column(s) 'diagnosis'")
 
 
-def test_not_a_csv_at_all(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_not_a_csv_at_all(cli, tiny_ham: Path, tmp_path: Path) -> None:
     csv = tiny_ham / METADATA_FILE
     csv.write_bytes(jpeg_bytes())
-    assert_error(split(cli, tiny_ham, tmp_path), "split", str(csv), "not a readable CSV")
+    cli.error(split(cli, tiny_ham, tmp_path), "split", str(csv), "not a readable CSV")
 
 
 @pytest.mark.parametrize("command", ["split", "eda"])
-def test_unknown_dx(cli: Cli, tiny_ham: Path, tmp_path: Path, command: str) -> None:
+def test_unknown_dx(cli, tiny_ham: Path, tmp_path: Path, command: str) -> None:
     csv = set_cell(tiny_ham, 3, "dx", "melanoma")
     proc = cli(command, "--data", tiny_ham, "--out", tmp_path / "out")
-    assert_error(proc, command, str(csv), "row 4 (line 5), column 'dx'", "'melanoma'", "expected one of akiec")
+    cli.error(proc, command, str(csv), "row 4 (line 5), column 'dx'", "'melanoma'", "expected one of akiec")
 
 
-def test_duplicate_image_id(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_duplicate_image_id(cli, tiny_ham: Path, tmp_path: Path) -> None:
     df = read_csv(tiny_ham)
     df.loc[5, "image_id"] = df.loc[4, "image_id"]
     csv = write_csv(tiny_ham, df)
-    assert_error(split(cli, tiny_ham, tmp_path), "split", str(csv), "column 'image_id'", "duplicated",
+    cli.error(split(cli, tiny_ham, tmp_path), "split", str(csv), "column 'image_id'", "duplicated",
                  df.loc[4, "image_id"], "rows 5, 6")
 
 
 @pytest.mark.parametrize("value", ["-5", "150", "forty", "inf", "1e9"])
-def test_bad_age(cli: Cli, tiny_ham: Path, tmp_path: Path, value: str) -> None:
+def test_bad_age(cli, tiny_ham: Path, tmp_path: Path, value: str) -> None:
     csv = set_cell(tiny_ham, 7, "age", value)
-    assert_error(split(cli, tiny_ham, tmp_path), "split", str(csv), "row 8 (line 9), column 'age'", repr(value))
+    cli.error(split(cli, tiny_ham, tmp_path), "split", str(csv), "row 8 (line 9), column 'age'", repr(value))
 
 
 @pytest.mark.parametrize("value", ["", "NA", "unknown", "nan"])
-def test_missing_age_is_allowed(cli: Cli, tiny_ham: Path, tmp_path: Path, value: str) -> None:
+def test_missing_age_is_allowed(cli, tiny_ham: Path, tmp_path: Path, value: str) -> None:
     set_cell(tiny_ham, 7, "age", value)
     proc = split(cli, tiny_ham, tmp_path)
-    assert_ok(proc)
-    assert notes(proc) == []
+    cli.ok(proc)
+    assert cli.notes(proc) == []
 
     from multimodal_lesion.data.ham10000 import read_ham10000
 
@@ -188,12 +127,12 @@ def test_missing_age_is_allowed(cli: Cli, tiny_ham: Path, tmp_path: Path, value:
 
 
 @pytest.mark.parametrize("column, value", [("sex", "robot"), ("localization", "moon")])
-def test_unknown_category_is_read_as_unknown_with_a_note(cli: Cli, tiny_ham: Path, tmp_path: Path, column: str,
+def test_unknown_category_is_read_as_unknown_with_a_note(cli, tiny_ham: Path, tmp_path: Path, column: str,
                                                          value: str) -> None:
     set_cell(tiny_ham, 2, column, value)
     proc = split(cli, tiny_ham, tmp_path)
-    assert_ok(proc)
-    (note,) = notes(proc)
+    cli.ok(proc)
+    (note,) = cli.notes(proc)
     assert f"column '{column}'" in note and repr(value) in note and "'unknown'" in note and "rows 3" in note
     splits = pd.read_csv(tmp_path / "splits.csv", dtype=str)
     assert len(splits) == len(read_csv(tiny_ham))  # kept, not dropped
@@ -206,53 +145,53 @@ def test_unknown_category_is_read_as_unknown_with_a_note(cli: Cli, tiny_ham: Pat
 @pytest.mark.parametrize("bad_id", ["sub/ISIC_0024306", "../ISIC_0024306", "..\\ISIC_0024306", "ISIC..0024306",
                                     "<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "ISIC\n0024306",
                                     "/etc/passwd", ""])
-def test_image_id_that_is_a_path_or_markup(cli: Cli, tiny_ham: Path, tmp_path: Path, bad_id: str) -> None:
+def test_image_id_that_is_a_path_or_markup(cli, tiny_ham: Path, tmp_path: Path, bad_id: str) -> None:
     csv = set_cell(tiny_ham, 6, "image_id", bad_id)
-    assert_error(split(cli, tiny_ham, tmp_path), "split", str(csv), "row 7 (line 8), column 'image_id'",
+    cli.error(split(cli, tiny_ham, tmp_path), "split", str(csv), "row 7 (line 8), column 'image_id'",
                  "not a plain id")
 
 
 # --- the image files --------------------------------------------------------------------------------
 
-def test_listed_image_missing(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_listed_image_missing(cli, tiny_ham: Path, tmp_path: Path) -> None:
     image_id = read_csv(tiny_ham).loc[9, "image_id"]
     image_path(tiny_ham, image_id).unlink()
-    assert_error(split(cli, tiny_ham, tmp_path), "split", image_id, "not found", "--drop-missing")
+    cli.error(split(cli, tiny_ham, tmp_path), "split", image_id, "not found", "--drop-missing")
 
 
-def test_listed_image_missing_dropped_and_reported(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_listed_image_missing_dropped_and_reported(cli, tiny_ham: Path, tmp_path: Path) -> None:
     image_id = read_csv(tiny_ham).loc[9, "image_id"]
     image_path(tiny_ham, image_id).unlink()
     proc = split(cli, tiny_ham, tmp_path, "--drop-missing")
-    assert_ok(proc)
-    (note,) = notes(proc)
+    cli.ok(proc)
+    (note,) = cli.notes(proc)
     assert note.startswith("note: dropped 1 image(s)") and image_id in note
     splits = pd.read_csv(tmp_path / "splits.csv", dtype=str)
     assert image_id not in set(splits.image_id) and len(splits) == len(read_csv(tiny_ham)) - 1
 
 
-def test_image_present_but_unlisted(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_image_present_but_unlisted(cli, tiny_ham: Path, tmp_path: Path) -> None:
     (tiny_ham / "HAM10000_images_part_1" / "ISIC_9999999.jpg").write_bytes(jpeg_bytes(1))
     proc = split(cli, tiny_ham, tmp_path)
-    assert_ok(proc)
-    (note,) = notes(proc)
+    cli.ok(proc)
+    (note,) = cli.notes(proc)
     assert "1 image(s) found but not listed" in note and "ISIC_9999999" in note and "ignored" in note
     assert "ISIC_9999999" not in set(pd.read_csv(tmp_path / "splits.csv", dtype=str).image_id)
 
 
-def test_empty_image_file(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_empty_image_file(cli, tiny_ham: Path, tmp_path: Path) -> None:
     path = image_path(tiny_ham, read_csv(tiny_ham).loc[1, "image_id"])
     path.write_bytes(b"")
-    assert_error(split(cli, tiny_ham, tmp_path), "split", str(path), "empty")
+    cli.error(split(cli, tiny_ham, tmp_path), "split", str(path), "empty")
 
 
-def test_image_linking_outside_the_data_root(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_image_linking_outside_the_data_root(cli, tiny_ham: Path, tmp_path: Path) -> None:
     secret = tmp_path / "outside.jpg"
     secret.write_bytes(jpeg_bytes(2))
     path = image_path(tiny_ham, read_csv(tiny_ham).loc[0, "image_id"])
     path.unlink()
     path.symlink_to(secret)
-    assert_error(split(cli, tiny_ham, tmp_path), "split", str(path), "outside the data root")
+    cli.error(split(cli, tiny_ham, tmp_path), "split", str(path), "outside the data root")
 
 
 # --- decoding: one trained run with an image branch, asked to predict odd files ---------------------
@@ -278,9 +217,9 @@ def write_odd_image(path_without_suffix: Path, mode: str, seed: int = 0) -> Path
 
 
 @pytest.fixture(scope="module")
-def odd_ham(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def odd_ham(tmp_path_factory: pytest.TempPathFactory, tiny_ham_factory: Callable[..., Path]) -> Path:
     """The tiny dataset with five images replaced by grey / RGBA / CMYK / 16-bit / palette files."""
-    root = write_tiny_ham(tmp_path_factory.mktemp("odd") / "ham")
+    root = tiny_ham_factory(tmp_path_factory.mktemp("odd") / "ham")
     ids = read_csv(root).image_id
     for k, mode in enumerate(ODD_MODES):
         old = image_path(root, ids[k])
@@ -291,18 +230,18 @@ def odd_ham(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def concat_run(cli: Cli, odd_ham: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def concat_run(cli, odd_ham: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny frozen concat run trained on the odd-mode dataset (so training itself converts them)."""
     out = tmp_path_factory.mktemp("runs") / "concat"
     proc = cli("train", "--data", odd_ham, "--out", out, *TINY, "--set", 'model.name="concat"')
-    assert_ok(proc)
+    cli.ok(proc)
     return out
 
 
 @pytest.fixture(scope="module")
-def metadata_run(cli: Cli, odd_ham: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def metadata_run(cli, odd_ham: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "metadata_only"
-    assert_ok(cli("train", "--data", odd_ham, "--out", out, *TINY, "--set", 'model.name="metadata_only"'))
+    cli.ok(cli("train", "--data", odd_ham, "--out", out, *TINY, "--set", 'model.name="metadata_only"'))
     return out
 
 
@@ -330,10 +269,10 @@ def test_odd_image_mode_is_converted(tmp_path: Path, mode: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["cmyk", "16-bit"])
-def test_odd_image_mode_predicts(cli: Cli, concat_run: Path, tmp_path: Path, mode: str) -> None:
+def test_odd_image_mode_predicts(cli, concat_run: Path, tmp_path: Path, mode: str) -> None:
     image = write_odd_image(tmp_path / f"case_{mode.replace('-', '')}", mode, seed=10)
     proc = cli("predict", "--run", concat_run, "--image", image, "--age", 55, "--sex", "female")
-    assert_ok(proc)
+    cli.ok(proc)
     probs = json.loads(proc.stdout)
     assert len(probs) == 7 and abs(sum(probs.values()) - 1) < 1e-4 and all(np.isfinite(list(probs.values())))
 
@@ -363,19 +302,19 @@ BAD_IMAGES = {"truncated": (_truncated, "truncated or corrupt"), "corrupt": (_co
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", BAD_IMAGES)
-def test_bad_image_predict(cli: Cli, concat_run: Path, tmp_path: Path, kind: str) -> None:
+def test_bad_image_predict(cli, concat_run: Path, tmp_path: Path, kind: str) -> None:
     write, words = BAD_IMAGES[kind]
     image = tmp_path / ("bomb.png" if kind == "bomb" else f"{kind}.jpg")
     write(image)
-    assert_error(cli("predict", "--run", concat_run, "--image", image), "predict", str(image), words)
+    cli.error(cli("predict", "--run", concat_run, "--image", image), "predict", str(image), words)
 
 
 @pytest.mark.slow
-def test_truncated_jpeg_in_dataset_train(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_truncated_jpeg_in_dataset_train(cli, tiny_ham: Path, tmp_path: Path) -> None:
     path = image_path(tiny_ham, read_csv(tiny_ham).loc[12, "image_id"])
     _truncated(path)
     proc = cli("train", "--data", tiny_ham, "--out", tmp_path / "run", *TINY, "--set", 'model.name="image_only"')
-    assert_error(proc, "train", str(path), "truncated or corrupt")
+    cli.error(proc, "train", str(path), "truncated or corrupt")
 
 
 # --- masks ------------------------------------------------------------------------------------------
@@ -392,7 +331,7 @@ def test_mask_of_wrong_size_is_refused_by_load_mask(tiny_ham: Path) -> None:
 
 
 @pytest.mark.slow
-def test_mask_of_wrong_size_explain(cli: Cli, concat_run: Path, odd_ham: Path, tmp_path: Path) -> None:
+def test_mask_of_wrong_size_explain(cli, concat_run: Path, odd_ham: Path, tmp_path: Path) -> None:
     pytest.importorskip("multimodal_lesion.explain.pipeline", reason="explain pipeline not written yet")
     data = shutil.copytree(odd_ham, tmp_path / "ham")
     splits = pd.read_csv(concat_run / "splits.csv", dtype=str)
@@ -400,7 +339,7 @@ def test_mask_of_wrong_size_explain(cli: Cli, concat_run: Path, odd_ham: Path, t
     mask = data / MASK_DIR / f"{image_id}{MASK_SUFFIX}"
     Image.fromarray(np.zeros((40, 50), np.uint8)).save(mask)
     proc = cli("explain", "--run", concat_run, "--data", data, "--cases", image_id, "--out", tmp_path / "explain")
-    assert_error(proc, "explain", str(mask))
+    cli.error(proc, "explain", str(mask))
 
 
 # --- configs ----------------------------------------------------------------------------------------
@@ -412,85 +351,85 @@ def _toml(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.slow
-def test_config_unknown_key(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_config_unknown_key(cli, tiny_ham: Path, tmp_path: Path) -> None:
     cfg = _toml(tmp_path, "[train]\nepoch = 3\n")
     proc = cli("train", "--config", cfg, "--data", tiny_ham, "--out", tmp_path / "run")
-    assert_error(proc, "train", str(cfg), "unknown config key 'train.epoch'", "valid:", "epochs")
+    cli.error(proc, "train", str(cfg), "unknown config key 'train.epoch'", "valid:", "epochs")
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
-def test_config_unknown_section(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_config_unknown_section(cli, tiny_ham: Path, tmp_path: Path) -> None:
     cfg = _toml(tmp_path, "[training]\nepochs = 3\n")
     proc = cli("train", "--config", cfg, "--data", tiny_ham, "--out", tmp_path / "run")
-    assert_error(proc, "train", str(cfg), "unknown config section 'training'", "valid:", "train")
+    cli.error(proc, "train", str(cfg), "unknown config section 'training'", "valid:", "train")
 
 
 @pytest.mark.slow
-def test_config_wrong_type(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_config_wrong_type(cli, tiny_ham: Path, tmp_path: Path) -> None:
     cfg = _toml(tmp_path, '[train]\nepochs = "ten"\n')
     proc = cli("train", "--config", cfg, "--data", tiny_ham, "--out", tmp_path / "run")
-    assert_error(proc, "train", str(cfg), "train.epochs", "expected an integer", "'ten'")
+    cli.error(proc, "train", str(cfg), "train.epochs", "expected an integer", "'ten'")
 
 
 @pytest.mark.slow
-def test_config_not_toml(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_config_not_toml(cli, tiny_ham: Path, tmp_path: Path) -> None:
     cfg = _toml(tmp_path, "[train\nepochs = 3\n")
     proc = cli("train", "--config", cfg, "--data", tiny_ham, "--out", tmp_path / "run")
-    assert_error(proc, "train", str(cfg), "not valid TOML")
+    cli.error(proc, "train", str(cfg), "not valid TOML")
 
 
 @pytest.mark.slow
-def test_config_unknown_model_lists_valid_names(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_config_unknown_model_lists_valid_names(cli, tiny_ham: Path, tmp_path: Path) -> None:
     from multimodal_lesion.models import list_models
 
     proc = cli("train", "--data", tiny_ham, "--out", tmp_path / "run", *TINY, "--set", 'model.name="transformer"')
-    line = assert_error(proc, "train", "'transformer'", "valid:")
+    line = cli.error(proc, "train", "'transformer'", "valid:")
     assert all(name in line for name in list_models()), line
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pair", ["train.epochs", "epochs=3", "train.lr=[1,"])
-def test_malformed_set_pair(cli: Cli, tiny_ham: Path, tmp_path: Path, pair: str) -> None:
+def test_malformed_set_pair(cli, tiny_ham: Path, tmp_path: Path, pair: str) -> None:
     proc = cli("train", "--data", tiny_ham, "--out", tmp_path / "run", "--set", pair)
-    assert_error(proc, "train", "--set", repr(pair) if "[" not in pair else "train.lr")
+    cli.error(proc, "train", "--set", repr(pair) if "[" not in pair else "train.lr")
 
 
 # --- run folders and checkpoints --------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.parametrize("what", ["empty folder", "a file"])
-def test_not_a_run_folder(cli: Cli, tmp_path: Path, what: str) -> None:
+def test_not_a_run_folder(cli, tmp_path: Path, what: str) -> None:
     run = tmp_path / "run"
     if what == "empty folder":
         run.mkdir()
     elif what == "a file":
         run.write_text("hello")
     proc = cli("evaluate", "--run", run)
-    assert_error(proc, "evaluate", str(run), "not a run folder", "config.toml")
+    cli.error(proc, "evaluate", str(run), "not a run folder", "config.toml")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["evaluate", "predict"])
-def test_checkpoint_of_another_model(cli: Cli, concat_run: Path, metadata_run: Path, odd_ham: Path, tmp_path: Path,
+def test_checkpoint_of_another_model(cli, concat_run: Path, metadata_run: Path, odd_ham: Path, tmp_path: Path,
                                      command: str) -> None:
     run = shutil.copytree(concat_run, tmp_path / "concat")
     shutil.copy(metadata_run / "best.pt", run / "best.pt")
     args = ["--image", image_path(odd_ham, read_csv(odd_ham).image_id[20])] if command == "predict" else []
     proc = cli(command, "--run", run, *args)
-    assert_error(proc, command, str(run / "best.pt"), "does not fit this model")
+    cli.error(proc, command, str(run / "best.pt"), "does not fit this model")
 
 
 @pytest.mark.slow
-def test_truncated_checkpoint(cli: Cli, metadata_run: Path, odd_ham: Path, tmp_path: Path) -> None:
+def test_truncated_checkpoint(cli, metadata_run: Path, odd_ham: Path, tmp_path: Path) -> None:
     run = shutil.copytree(metadata_run, tmp_path / "run")
     data = (run / "best.pt").read_bytes()
     (run / "best.pt").write_bytes(data[: len(data) // 2])
     proc = cli("predict", "--run", run, "--image", image_path(odd_ham, read_csv(odd_ham).image_id[20]))
-    assert_error(proc, "predict", str(run / "best.pt"), "not a readable checkpoint")
+    cli.error(proc, "predict", str(run / "best.pt"), "not a readable checkpoint")
 
 
 @pytest.mark.slow
-def test_resume_without_last_checkpoint(cli: Cli, tiny_ham: Path, tmp_path: Path) -> None:
+def test_resume_without_last_checkpoint(cli, tiny_ham: Path, tmp_path: Path) -> None:
     proc = cli("train", "--data", tiny_ham, "--out", tmp_path / "run", *TINY, "--resume")
-    assert_error(proc, "train", str(tmp_path / "run"), "nothing to resume")
+    cli.error(proc, "train", str(tmp_path / "run"), "nothing to resume")

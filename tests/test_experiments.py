@@ -7,16 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import write_tiny_ham
-
 REPO = Path(__file__).resolve().parents[1]
 TINY = ['model.backbone="resnet18"', 'model.weights="none"', "data.image_size=[48, 64]", "train.epochs=1",
         "train.patience=1", "train.batch_size=16", "data.test_size=0.25", "data.val_size=0.25",
         "train.channels_last=false", "train.threads=1", "train.tta=false"]
 
 
-def test_recipe_sweep_trains_each_variant_in_parallel_and_tabulates_val_and_test(tmp_path: Path) -> None:
-    data = write_tiny_ham(tmp_path / "ham")
+def test_recipe_sweep_trains_each_variant_in_parallel_and_tabulates_val_and_test(tiny_ham: Path,
+                                                                                  tmp_path: Path) -> None:
+    data = tiny_ham
     out = tmp_path / "sweep"
     args = [sys.executable, str(REPO / "experiments" / "real_sweep.py"), "--data", str(data), "--out", str(out),
             "--parallel", "2", "--only", "e8_sampler", "e8_weighted"]
@@ -37,8 +36,8 @@ def test_recipe_sweep_trains_each_variant_in_parallel_and_tabulates_val_and_test
     assert "e8_sampler" in proc.stdout and "test_ba_balanced" in proc.stdout
 
 
-def test_finetune_script_prints_both_balanced_accuracies_with_counts(tmp_path: Path) -> None:
-    data = write_tiny_ham(tmp_path / "ham")
+def test_finetune_script_prints_both_balanced_accuracies_with_counts(tiny_ham: Path, tmp_path: Path) -> None:
+    data = tiny_ham
     args = [sys.executable, str(REPO / "experiments" / "real_finetune.py"), "--data", str(data),
             "--config", str(REPO / "experiments" / "configs" / "real_end2end_cpu.toml"), "--out", str(tmp_path / "runs"),
             "--models", "image_only"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_gradcam import Planted, build_planted  # shared test helpers
 
 from multimodal_lesion.errors import ConfigError
 from multimodal_lesion.explain import (BoundMetadata, GradCamExplainer, centre_map, curve_auc, energy_inside,
@@ -15,12 +14,7 @@ from multimodal_lesion.explain.faithfulness import cascading_randomisation
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(scope="module")
-def planted() -> Planted:
-    return build_planted()
-
-
-def test_true_map_beats_random_map_on_the_planted_case(planted: Planted) -> None:
+def test_true_map_beats_random_map_on_the_planted_case(planted) -> None:
     truth = planted.mask.astype(float)
     for image, meta in zip(planted.images[:2], planted.meta[:2]):
         # zeros (the training mean) for both curves: a blurred bright square is still a bright square
@@ -32,7 +26,7 @@ def test_true_map_beats_random_map_on_the_planted_case(planted: Planted) -> None
         assert report["centre"]["pointing_game"] == 0.0  # the planted square is not central
 
 
-def test_cam_beats_random_and_centre_on_deletion(planted: Planted) -> None:
+def test_cam_beats_random_and_centre_on_deletion(planted) -> None:
     cams = GradCamExplainer(planted.model).explain(planted.images[:2], planted.meta[:2], [1, 1])
     for cam, image, meta in zip(cams, planted.images, planted.meta):
         report = faithfulness_report(planted.model, image, meta, cam, 1, mask=planted.mask, seed=1)
@@ -41,7 +35,7 @@ def test_cam_beats_random_and_centre_on_deletion(planted: Planted) -> None:
         assert report["map"]["energy_inside"] > report["centre"]["energy_inside"]
 
 
-def test_curves_start_and_end_where_they_should(planted: Planted) -> None:
+def test_curves_start_and_end_where_they_should(planted) -> None:
     image, meta = planted.images[0], planted.meta[:1]
     predict = BoundMetadata(planted.model.eval(), meta)
     with torch.no_grad():
@@ -95,7 +89,7 @@ def test_randomisation_check_is_a_rank_correlation() -> None:
     assert randomisation_check(a, np.zeros((8, 8))) == 0.0
 
 
-def test_randomised_copy_reinitialises_only_the_backbone(planted: Planted) -> None:
+def test_randomised_copy_reinitialises_only_the_backbone(planted) -> None:
     model = planted.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     full = randomised_copy(model, seed=5)
@@ -113,7 +107,7 @@ def test_randomised_copy_reinitialises_only_the_backbone(planted: Planted) -> No
     assert torch.equal(new.layer3[0].conv1.weight, old.layer3[0].conv1.weight)  # the rest kept
 
 
-def test_cam_changes_when_the_backbone_is_randomised(planted: Planted) -> None:
+def test_cam_changes_when_the_backbone_is_randomised(planted) -> None:
     images, meta = planted.images[:2], planted.meta[:2]
     trained = GradCamExplainer(planted.model).explain(images, meta, [1, 1])
     again = GradCamExplainer(planted.model).explain(images, meta, [1, 1])

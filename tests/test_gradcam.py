@@ -1,27 +1,18 @@
 """Grad-CAM on real (small, random-weight) registered models: maps, binding, hooks, state, a planted case."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from multimodal_lesion.config import ModelConfig
 from multimodal_lesion.errors import ConfigError
 from multimodal_lesion.explain import CAM_METHODS, GradCamExplainer, energy_inside, pointing_game
-from multimodal_lesion.models import LesionModel, create_model, list_models
+from multimodal_lesion.models import LesionModel, list_models
 
-H, W, D = 64, 48, 6
-SMALL = ModelConfig(backbone="resnet18", weights="none", head_hidden=32, meta_hidden=8, dropout=0.0)
-
-
-def small_model(name: str = "gated", seed: int = 0, meta_dim: int = D, num_classes: int = 7) -> LesionModel:
-    """A registered model on a random-weight resnet18 with small heads."""
-    torch.manual_seed(seed)
-    return create_model(name, meta_dim=meta_dim, num_classes=num_classes, cfg=SMALL)
-
+H, W, D = 64, 48, 6  # image height and width; D: the metadata width of conftest's small models
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -31,8 +22,8 @@ def hooks_of(layer: nn.Module) -> int:
 
 
 @pytest.fixture(scope="module")
-def gated() -> LesionModel:
-    return small_model("gated")
+def gated(small_model: Callable[..., LesionModel]) -> LesionModel:
+    return small_model("gated", meta_dim=D)
 
 
 @pytest.fixture
@@ -97,8 +88,8 @@ def test_works_under_no_grad_and_with_a_frozen_backbone(gated: LesionModel, batc
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_every_registered_model(name: str, batch) -> None:
-    model = small_model(name)
+def test_every_registered_model(name: str, batch, small_model: Callable[..., LesionModel]) -> None:
+    model = small_model(name, meta_dim=D)
     images, meta = batch
     if not model.uses_image:
         with pytest.raises(ConfigError, match="image"):
@@ -143,64 +134,18 @@ def test_exceptions_propagate_and_hooks_are_released(gated: LesionModel) -> None
     gated.eval()
 
 
-# --- a planted case: the class is decided by a bright square in a fixed corner -------------------------
-
-PLANTED_SIZE = (64, 64)
-PLANTED_SQUARE = (slice(4, 24), slice(4, 24))
+# --- a planted case (conftest's ``planted``): the class is decided by a bright square in a fixed corner ---
 
 
-@dataclass
-class Planted:
-    model: LesionModel  # concat, frozen random resnet18, head trained on the planted task
-    images: torch.Tensor  # (4, 3, 64, 64) held-out images of class 1 (square present)
-    meta: torch.Tensor  # (4, 2) zeros
-    mask: np.ndarray  # (64, 64) the square
-
-
-def planted_images(n: int, label: int, g: torch.Generator) -> torch.Tensor:
-    """Noise of random strength; class 1 adds a bright square in the top-left corner."""
-    amp = torch.rand(n, 1, 1, 1, generator=g) * 0.6
-    x = torch.randn(n, 3, *PLANTED_SIZE, generator=g) * amp
-    if label:
-        x[:, :, PLANTED_SQUARE[0], PLANTED_SQUARE[1]] += 2.5
-    return x
-
-
-def build_planted(n: int = 32, steps: int = 100) -> Planted:
-    """Train the head of a frozen random resnet18 (the frozen path) to tell squares from noise."""
-    model = small_model("concat", meta_dim=2, num_classes=2)
-    model.image_branch.requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    x = torch.cat([planted_images(n, 0, g), planted_images(n, 1, g)])
-    y = torch.arange(2).repeat_interleave(n)
-    meta = torch.zeros(2 * n, 2)
-    with torch.no_grad():
-        emb = model.eval().image_branch.embed(x)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model.forward_head(emb, meta), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval().requires_grad_(True)
-    mask = np.zeros(PLANTED_SIZE, dtype=bool)
-    mask[PLANTED_SQUARE] = True
-    return Planted(model, planted_images(4, 1, g), torch.zeros(4, 2), mask)
-
-
-@pytest.fixture(scope="module")
-def planted() -> Planted:
-    return build_planted()
-
-
-def test_planted_square_gets_the_cam_energy(planted: Planted) -> None:
+def test_planted_square_gets_the_cam_energy(planted) -> None:
     with torch.no_grad():
         probs = torch.softmax(planted.model({"image": planted.images, "meta": planted.meta}), -1)
     assert (probs[:, 1] > 0.5).all()  # the model did learn the square
     maps = GradCamExplainer(planted.model).explain(planted.images, planted.meta, [1] * 4)
     area = planted.mask.mean()  # ~10% of the image
-    quadrant = np.zeros(PLANTED_SIZE, dtype=bool)
-    quadrant[:32, :32] = True
+    height, width = planted.size
+    quadrant = np.zeros(planted.size, dtype=bool)
+    quadrant[:height // 2, :width // 2] = True
     for cam in maps:
         assert energy_inside(cam, planted.mask) > 2.5 * area
         assert energy_inside(cam, quadrant) > 0.5

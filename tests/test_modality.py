@@ -1,15 +1,16 @@
 """Image versus metadata: exact 4-player Shapley values, captum cross-check, Integrated Gradients."""
 from __future__ import annotations
 
+from typing import Callable
+
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import shap
 import torch
 from captum.attr import ShapleyValues
-from test_gradcam import small_model  # shared test helpers
-from test_shap_groups import confident, patients
 
 from multimodal_lesion.data.encoder import MetadataEncoder
 from multimodal_lesion.errors import ConfigError
@@ -20,10 +21,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 matplotlib.use("Agg")
 PLAYERS = ["image", "age", "sex", "localization"]
+ModelFor = Callable[[str], LesionModel]  # the ``model_for`` fixture: registered name -> small confident model
 
 
 @pytest.fixture(scope="module")
-def data() -> dict:
+def data(patients: Callable[[int, int], pd.DataFrame]) -> dict:
     """Encoded metadata of 20 background 'training' rows and 5 cases, plus random embeddings."""
     train, cases = patients(80, 0), patients(5, 1)
     encoder = MetadataEncoder().fit(train)
@@ -34,14 +36,19 @@ def data() -> dict:
             "emb": (rng.normal(size=(5, 512)) * 1.5).astype(np.float32)}
 
 
-def model_for(name: str, data: dict) -> LesionModel:
-    return confident(small_model(name, meta_dim=data["dim"]))
+@pytest.fixture(scope="module")
+def model_for(data: dict, small_model: Callable[..., LesionModel],
+              confident: Callable[[LesionModel], LesionModel]) -> ModelFor:
+    """Registered model ``name``, small, with confident heads, sized for ``data``'s metadata."""
+    def build(name: str) -> LesionModel:
+        return confident(small_model(name, meta_dim=data["dim"]))
+    return build
 
 
 @pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize("paired", [True, False], ids=["paired-embeddings", "mean-embedding"])
-def test_efficiency_and_dummy_players(name: str, paired: bool, data: dict) -> None:
-    model = model_for(name, data)
+def test_efficiency_and_dummy_players(name: str, paired: bool, data: dict, model_for: ModelFor) -> None:
+    model = model_for(name)
     bg_emb = data["bg_emb"] if paired else data["bg_emb"].mean(0, keepdims=True)
     res = modality_shapley(model, data["emb"], data["meta"], bg_emb, data["bg_meta"], data["groups"])
     assert res.players == PLAYERS and res.values.shape == (5, 4)
@@ -55,13 +62,13 @@ def test_efficiency_and_dummy_players(name: str, paired: bool, data: dict) -> No
         assert (res.values[:, 0] == 0).all()
 
 
-@pytest.mark.parametrize("name", ["concat", "gated", "image_only", "metadata_only"])
-def test_agrees_with_captum_shapley_values(name: str, data: dict) -> None:
+@pytest.mark.parametrize("name", list_models())
+def test_agrees_with_captum_shapley_values(name: str, data: dict, model_for: ModelFor) -> None:
     """With one background row the interventional game is captum's baseline game: exact agreement.
 
     Both run in float64; captum accumulates its attributions in float32, hence the 1e-6.
     """
-    model = model_for(name, data).double()
+    model = model_for(name).double()
     bg_emb, bg_meta = data["bg_emb"][:1], data["bg_meta"][:1]
     res = modality_shapley(model, data["emb"], data["meta"], bg_emb, bg_meta, data["groups"])
     player_of_column = np.zeros(data["dim"], dtype=np.int64)
@@ -79,17 +86,18 @@ def test_agrees_with_captum_shapley_values(name: str, data: dict) -> None:
     np.testing.assert_allclose(res.values, captum_values, atol=1e-6)
 
 
-def test_patient_players_match_grouped_shap_when_the_image_is_ignored(data: dict) -> None:
+def test_patient_players_match_grouped_shap_when_the_image_is_ignored(metadata_only_model: str, data: dict,
+                                                                       model_for: ModelFor) -> None:
     """Same output space: for a model that ignores the image, the 4-player values are the 3-group SHAP values."""
-    model = model_for("metadata_only", data)
+    model = model_for(metadata_only_model)
     res = modality_shapley(model, None, data["meta"], None, data["bg_meta"], data["groups"])
     exp = GroupShapExplainer(model, data["bg_meta"], data["groups"]).explain(None, data["meta"])
     np.testing.assert_allclose(res.values[:, 1:], exp.values, atol=1e-12)
     np.testing.assert_allclose(res.base_values, exp.base_values, atol=1e-12)
 
 
-def test_to_explanation_plots(data: dict) -> None:
-    model = model_for("gated", data)
+def test_to_explanation_plots(data: dict, model_for: ModelFor) -> None:
+    model = model_for("gated")
     res = modality_shapley(model, data["emb"], data["meta"], data["bg_emb"], data["bg_meta"], data["groups"])
     exp = res.to_explanation()
     assert list(exp.feature_names) == PLAYERS
@@ -98,17 +106,17 @@ def test_to_explanation_plots(data: dict) -> None:
     plt.close("all")
 
 
-def test_background_checks(data: dict) -> None:
-    model = model_for("concat", data)
+def test_background_checks(data: dict, model_for: ModelFor) -> None:
+    model = model_for("concat")
     with pytest.raises(ConfigError, match="background_embeddings has 3 rows"):
         modality_shapley(model, data["emb"], data["meta"], data["bg_emb"][:3], data["bg_meta"], data["groups"])
     with pytest.raises(ConfigError, match="embeddings"):
         modality_shapley(model, None, data["meta"], None, data["bg_meta"], data["groups"])
 
 
-@pytest.mark.parametrize("name", ["gated", "image_only", "metadata_only"])
-def test_integrated_gradients_completeness(name: str, data: dict) -> None:
-    model = model_for(name, data).double()
+@pytest.mark.parametrize("name", list_models())
+def test_integrated_gradients_completeness(name: str, data: dict, model_for: ModelFor) -> None:
+    model = model_for(name).double()
     base_emb, base_meta = data["bg_emb"].mean(0), data["bg_meta"].mean(0)
     res = modality_shapley(model, data["emb"], data["meta"], data["bg_emb"], data["bg_meta"], data["groups"])
     ig = integrated_gradients(model, data["emb"], data["meta"], res.targets.tolist(), baseline_embedding=base_emb,

@@ -5,17 +5,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multimodal_lesion.config import ModelConfig
+from multimodal_lesion.config import AblationConfig, ModelConfig
 from multimodal_lesion.errors import ConfigError
 from multimodal_lesion.models import (ImageBranch, LesionModel, create_model, list_models,
                                       model_description)
+
+#: Registered model -> what it reads (conftest's ``model_inputs``): a subset of {"image", "meta"}.
+InputsByModel = dict[str, frozenset[str]]
 
 META_DIM = 12
 BATCH = 4
 IMAGE_SHAPE = (3, 48, 64)  # small real images: (C, H, W)
 CFG = ModelConfig(backbone="tf_efficientnet_lite0", weights="none", meta_hidden=16, head_hidden=32,
                   dropout=0.1)
-FUSION_MODELS = ("concat", "gated", "film")
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -44,10 +46,13 @@ def head_params(model: LesionModel) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if not n.startswith("image_branch.")]
 
 
-def test_registry_has_the_five_models_with_descriptions() -> None:
+def test_registry_has_the_configured_models_of_every_kind_with_descriptions(model_inputs: InputsByModel) -> None:
     names = list_models()
     assert names == sorted(names)
-    assert {"image_only", "metadata_only", "concat", "gated", "film"} <= set(names)
+    ablation = AblationConfig()
+    assert {ModelConfig().name, ablation.baseline, *ablation.models} <= set(names)  # the defaults are registered
+    assert set(model_inputs) == set(names)
+    assert {frozenset({"image"}), frozenset({"meta"}), frozenset({"image", "meta"})} <= set(model_inputs.values())
     for name in names:
         description = model_description(name)
         assert description and "\n" not in description
@@ -103,9 +108,8 @@ def trained(name: str, branch: ImageBranch, steps: int = 5) -> tuple[LesionModel
     return model.eval(), embedding
 
 
-@pytest.mark.parametrize("name", FUSION_MODELS)
-def test_fusion_models_depend_on_metadata(name: str, branch: ImageBranch) -> None:
-    model, embedding = trained(name, branch)
+def test_fusion_models_depend_on_metadata(fusion_model: str, branch: ImageBranch) -> None:
+    model, embedding = trained(fusion_model, branch)
     meta = make_batch()["meta"]
     with torch.no_grad():
         a = model.forward_head(embedding, meta)
@@ -115,8 +119,8 @@ def test_fusion_models_depend_on_metadata(name: str, branch: ImageBranch) -> Non
     assert not torch.allclose(a, c, atol=1e-4), "output ignores the image"
 
 
-def test_image_only_ignores_metadata(branch: ImageBranch) -> None:
-    model, embedding = trained("image_only", branch)
+def test_image_only_ignores_metadata(image_only_model: str, branch: ImageBranch) -> None:
+    model, embedding = trained(image_only_model, branch)
     assert model.meta_branch is None and not model.uses_meta
     meta = make_batch()["meta"]
     with torch.no_grad():
@@ -127,10 +131,10 @@ def test_image_only_ignores_metadata(branch: ImageBranch) -> None:
     torch.testing.assert_close(a, c)
 
 
-def test_metadata_only_never_looks_at_the_image() -> None:
+def test_metadata_only_never_looks_at_the_image(metadata_only_model: str) -> None:
     # a backbone name that does not exist proves no image branch is ever built
     cfg = ModelConfig(backbone="no_such_backbone", meta_hidden=16)
-    model = create_model("metadata_only", meta_dim=META_DIM, cfg=cfg).eval()
+    model = create_model(metadata_only_model, meta_dim=META_DIM, cfg=cfg).eval()
     assert model.image_branch is None and not model.uses_image
     batch = make_batch()
     with torch.no_grad():

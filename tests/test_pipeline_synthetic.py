@@ -12,16 +12,19 @@ import pandas as pd
 import pytest
 
 from multimodal_lesion.ablation import run_ablation
-from multimodal_lesion.config import load_config
+from multimodal_lesion.config import ModelConfig, load_config
 from multimodal_lesion.data.constants import CLASSES
+from multimodal_lesion.models import list_models
 from multimodal_lesion.workflows import explain_run, train_run
 
 pytestmark = pytest.mark.slow
 SETTINGS = ["data.synthetic_n=600", "data.image_size=[120, 160]", "train.batch_size=128", "train.epochs=40",
             "train.patience=8", "ablation.folds=3", "ablation.seeds=[0]", "ablation.bootstrap=500",
-            'ablation.models=["image_only", "metadata_only", "concat", "gated", "film"]', "explain.n_cases=14",
+            f"ablation.models={json.dumps(list_models())}", "explain.n_cases=14",  # every registered model
             "explain.faithfulness_cases=6", "explain.randomisation_cases=3", "explain.steps=8",
             'explain.target_layer="blocks.5"']  # stride 16: twice the resolution of the last stage
+FUSION = ModelConfig().name  # the default model (a fusion model: checked below) is trained and explained
+GBM = "gbm_metadata"  # the ablation's gradient-boosting floor on the patient features
 
 
 @pytest.fixture(scope="module")
@@ -30,29 +33,34 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("synthetic")
     cfg = load_config(None, SETTINGS)
     paths = run_ablation(cfg, out / "ablation", show=False)
-    train_run(load_config(None, SETTINGS + ['model.name="concat"']), out / "run", show=False)
+    train_run(load_config(None, SETTINGS + [f"model.name={json.dumps(FUSION)}"]), out / "run", show=False)
     index = explain_run(out / "run", out / "report", show=False)
     return {"out": out, "paths": paths, "index": index, "cfg": cfg}
 
 
-def test_fusion_beats_image_only_by_a_clear_margin(work: dict) -> None:
+def test_fusion_beats_image_only_by_a_clear_margin(work: dict, model_inputs: dict[str, frozenset[str]]) -> None:
+    baseline = work["cfg"].ablation.baseline
+    assert model_inputs[FUSION] == {"image", "meta"} and model_inputs[baseline] == {"image"}
     comparison = pd.read_csv(work["paths"]["comparison"]).set_index("model")
-    assert comparison.loc["concat", "mean_diff"] > 0.10, comparison
+    assert comparison.loc[FUSION, "mean_diff"] > 0.10, comparison
     results = pd.read_csv(work["paths"]["results"])
     ba = results.groupby("model")["balanced_accuracy"].mean()
-    assert ba["concat"] > ba["image_only"] and ba["concat"] > ba["metadata_only"]
-    assert ba["gbm_metadata"] < ba["concat"]
+    single = [name for name, reads in model_inputs.items() if len(reads) == 1]  # image only or metadata only
+    assert baseline in single and any(model_inputs[name] == {"meta"} for name in single)
+    assert all(ba[FUSION] > ba[name] for name in single), ba
+    assert ba[GBM] < ba[FUSION]
 
 
 def test_ablation_outputs_are_complete(work: dict) -> None:
     cfg, paths = work["cfg"], work["paths"]
     results = pd.read_csv(paths["results"])
-    assert len(results) == 6 * cfg.ablation.folds * len(cfg.ablation.seeds)
+    assert cfg.ablation.models == tuple(list_models()) and cfg.ablation.gbm
+    assert len(results) == (len(cfg.ablation.models) + 1) * cfg.ablation.folds * len(cfg.ablation.seeds)  # + GBM
     # every lesion is tested exactly once per seed
     assert results.groupby(["model", "seed"])["n_images"].sum().nunique() == 1
     summary = pd.read_csv(paths["summary"])
     assert {"mean", "std", "ci_low", "ci_high"} <= set(summary.columns)
-    row = summary[(summary.model == "concat") & (summary.metric == "balanced_accuracy")].iloc[0]
+    row = summary[(summary.model == FUSION) & (summary.metric == "balanced_accuracy")].iloc[0]
     assert row.ci_low <= row["mean"] <= row.ci_high
     text = Path(paths["summary_md"]).read_text()
     assert "lesions" in text and "where metadata helps and where it hurts" in text

@@ -1,25 +1,28 @@
-"""HTML report: real PNG files, real pages on disk, opened in a real headless Chromium (no mocks)."""
+"""HTML report: real PNG files, real pages on disk, opened in a real headless Chromium (no mocks).
+
+The browser is Debian's ``chromium`` driven by Playwright (the ``chromium`` / ``chromium_page``
+fixtures in conftest.py): every image must load, the console stay quiet, nothing but ``file:`` /
+``data:`` be requested, and hostile metadata stay inert text.
+"""
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import markupsafe
 import numpy as np
+import psutil
 import pytest
 from PIL import Image, ImageDraw
 
 from multimodal_lesion.data.constants import CLASS_NAMES, CLASSES
 from multimodal_lesion.errors import DataError
-from multimodal_lesion.report.browser import HeadlessChromium
-from multimodal_lesion.report.html import case_page_name, write_report
-
-needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None,
-                                    reason="Debian's chromium is not on PATH (apt-get install chromium)")
+from multimodal_lesion.explain.results import CaseExplanation, CohortExplanation, FaithfulnessRow
+from multimodal_lesion.report.html import ReportFigures, case_page_name, write_report
 
 #: Markup a hostile metadata CSV could carry; each must reach the page as text, never as markup.
 PAYLOADS = (
@@ -77,42 +80,49 @@ def figure_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def make_cohort(figs: Path, text: str = "") -> dict:
-    """A valid cohort structure; ``text`` is appended to every free-text field (hostile tests)."""
-    return {
-        "title": f"Explanations: concat / resnet18 {text}",
-        "provenance": {"model": f"concat{text}", "backbone": "resnet18", "weights": "none", "run folder": "/runs/a",
-                       "data fingerprint": "0123abcd", "split": "test", "n cases": "3",
-                       "versions": {"torch": "2.4.0", "shap": "0.46.0"}, f"key{text}": f"value{text}"},
-        "mean_abs_shap": {**{c: {"age": 0.01 * i, "sex": 0.02, "localization": 0.04 * i}
-                             for i, c in enumerate(CLASSES)},
-                          "all": {"age": 0.031, "sex": 0.02, "localization": 0.123}},
-        "modality_share": {**{c: {"image": 0.6, "age": 0.1, "sex": 0.05, "localization": 0.25} for c in CLASSES},
-                           "all": {"image": 0.55, "age": 0.15, "sex": 0.05, "localization": 0.25}},
-        "faithfulness": [
-            {"metric": "deletion AUC (lower is better)", "cam": 0.212, "random": 0.341, "centre": 0.254,
-             "note": f"n=3{text}"},
-            {"metric": "pointing game", "cam": 0.8, "random": None, "centre": 0.6, "note": "cases with a mask"},
-        ],
-        "figures": {name: figs / f"{name}.png" for name in COHORT_FIGURES},
-        "notes": ["Background: 100 training cases.", f"note{text}"],
-    }
+def make_cohort(text: str = "", cases: list[CaseExplanation] | None = None) -> CohortExplanation:
+    """A valid cohort; ``text`` is appended to every free-text field (hostile tests)."""
+    return CohortExplanation(
+        title=f"Explanations: concat / resnet18 {text}",
+        provenance={"model": f"concat{text}", "backbone": "resnet18", "weights": "none", "run folder": "/runs/a",
+                    "data fingerprint": "0123abcd", "split": "test", "n cases": "3",
+                    "versions": {"torch": "2.4.0", "shap": "0.46.0"}, f"key{text}": f"value{text}"},  # type: ignore[dict-item]
+        cases=cases or [],
+        mean_abs_shap={**{c: {"age": 0.01 * i, "sex": 0.02, "localization": 0.04 * i} for i, c in enumerate(CLASSES)},
+                       "all": {"age": 0.031, "sex": 0.02, "localization": 0.123}},
+        modality_share={**{c: {"image": 0.6, "age": 0.1, "sex": 0.05, "localization": 0.25} for c in CLASSES},
+                        "all": {"image": 0.55, "age": 0.15, "sex": 0.05, "localization": 0.25}},
+        faithfulness=[FaithfulnessRow("deletion AUC (lower is better)", 0.212, 0.341, 0.254, f"n=3{text}"),
+                      FaithfulnessRow("pointing game", 0.8, None, 0.6, "cases with a mask")],
+        notes=["Background: 100 training cases.", f"note{text}"],
+    )
 
 
-def make_case(figs: Path, k: int, image_id: str, text: str = "") -> dict:
+def make_case(k: int, image_id: str, text: str = "") -> CaseExplanation:
     """A valid case; ``text`` goes into sex, localization and the true label."""
     probs = np.random.default_rng(k).dirichlet(np.ones(len(CLASSES)))
     predicted = CLASSES[int(probs.argmax())]
     shap = {"age": 0.02, "sex": -0.01, "localization": 0.11 + 0.01 * k}
-    return {
-        "image_id": image_id, "true_label": (f"mel{text}" if text else CLASSES[k % 7]) if k != 1 else None,
-        "target_class": predicted, "probabilities": dict(zip(CLASSES, probs.tolist())),
-        "patient": {"age": "45", "sex": f"male{text}", "localization": f"back{text}"},
-        "shap": shap, "shap_base_value": 0.3, "model_output": 0.3 + sum(shap.values()),
-        "modality": {"image": 0.2, **shap},
-        "faithfulness": {"deletion_auc": 0.2, "insertion_auc": 0.61, "pointing_game": True},
-        "figures": {name: figs / f"case{k}_{name}.png" for name in CASE_FIGURES},
-    }
+    return CaseExplanation(
+        image_id=image_id, true_label=(f"mel{text}" if text else CLASSES[k % 7]) if k != 1 else None,
+        target_class=predicted, probabilities=dict(zip(CLASSES, probs.tolist(), strict=True)),
+        patient={"age": "45", "sex": f"male{text}", "localization": f"back{text}"},
+        shap=shap, shap_base_value=0.3, model_output=0.3 + sum(shap.values()),
+        modality={"image": 0.2, **shap},
+        faithfulness={"deletion_auc": 0.2, "insertion_auc": 0.61, "pointing_game": True},
+    )
+
+
+def make_figures(figs: Path, cases: list[CaseExplanation]) -> ReportFigures:
+    """The real PNG files of the cohort and of each case (case k gets the k-th set)."""
+    return ReportFigures(cohort={name: figs / f"{name}.png" for name in COHORT_FIGURES},
+                         cases={c.image_id: {name: figs / f"case{k}_{name}.png" for name in CASE_FIGURES}
+                                for k, c in enumerate(cases)})
+
+
+def render(out: Path, figs: Path, cases: list[CaseExplanation], text: str = "") -> Path:
+    """Write the report of ``cases`` with a valid cohort and real figures."""
+    return write_report(out, make_cohort(text, cases), make_figures(figs, cases))
 
 
 def _hostile_text() -> str:
@@ -120,26 +130,17 @@ def _hostile_text() -> str:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory, figure_dir: Path) -> tuple[Path, list[dict]]:
+def report(tmp_path_factory: pytest.TempPathFactory, figure_dir: Path) -> tuple[Path, list[CaseExplanation]]:
     """A three-case report written for real; returns (index path, cases)."""
-    cases = [make_case(figure_dir, k, f"ISIC_{24306 + k:07d}") for k in range(3)]
-    return write_report(tmp_path_factory.mktemp("report"), make_cohort(figure_dir), cases), cases
+    cases = [make_case(k, f"ISIC_{24306 + k:07d}") for k in range(3)]
+    return render(tmp_path_factory.mktemp("report"), figure_dir, cases), cases
 
 
 @pytest.fixture(scope="module")
-def hostile_report(tmp_path_factory: pytest.TempPathFactory, figure_dir: Path) -> tuple[Path, list[dict]]:
+def hostile_report(tmp_path_factory: pytest.TempPathFactory, figure_dir: Path) -> tuple[Path, list[CaseExplanation]]:
     """A report whose ids, labels, patient values, provenance and notes carry markup."""
-    cases = [make_case(figure_dir, k, iid, _hostile_text()) for k, iid in enumerate(HOSTILE_IDS)]
-    return write_report(tmp_path_factory.mktemp("hostile"), make_cohort(figure_dir, _hostile_text()), cases), cases
-
-
-@pytest.fixture(scope="module")
-def chromium() -> HeadlessChromium:
-    """One headless Chromium for the module's browser tests; always ended."""
-    if shutil.which("chromium") is None:
-        pytest.skip("Debian's chromium is not on PATH (apt-get install chromium)")
-    with HeadlessChromium(timeout=20) as browser:
-        yield browser
+    cases = [make_case(k, iid, _hostile_text()) for k, iid in enumerate(HOSTILE_IDS)]
+    return render(tmp_path_factory.mktemp("hostile"), figure_dir, cases, _hostile_text()), cases
 
 
 # ----------------------------------------------------------------------------- HTML parsing
@@ -181,7 +182,7 @@ def test_report_writes_index_and_one_page_per_case_with_working_links(report):
     index, cases = report
     pages = sorted((index.parent / "cases").glob("*.html"))
     assert index.is_file() and len(pages) == len(cases)
-    assert {p.name for p in pages} == {case_page_name(c["image_id"]) for c in cases}
+    assert {p.name for p in pages} == {case_page_name(c.image_id) for c in cases}
     index_links = _local_links(index)
     assert {p.resolve() for p in pages} <= {p.resolve() for p in index_links}
     for page in _pages(index):
@@ -210,14 +211,15 @@ def test_report_shows_full_class_names_tables_and_provenance(report):
     index, cases = report
     text = " ".join(parse(index).text)
     for needle in (CLASS_NAMES["mel"], CLASS_NAMES["nv"], "All cases", "deletion AUC (lower is better)", "0.341",
-                   "0123abcd", "torch: 2.4.0; shap: 0.46.0", "localization (+0.110)", "59%", cases[0]["image_id"]):
+                   "0123abcd", "torch: 2.4.0; shap: 0.46.0", "localization (+0.110)", "59%", cases[0].image_id):
         assert needle in text, needle
-    case_text = " ".join(parse(index.parent / "cases" / case_page_name(cases[0]["image_id"])).text)
-    predicted = max(cases[0]["probabilities"], key=cases[0]["probabilities"].get)
-    for needle in (CLASS_NAMES[predicted], f"{cases[0]['probabilities'][predicted]:.3f}", "Base + sum of SHAP", "0.420",
+    case_text = " ".join(parse(index.parent / "cases" / case_page_name(cases[0].image_id)).text)
+    probs = cases[0].probabilities
+    predicted = max(probs, key=probs.__getitem__)
+    for needle in (CLASS_NAMES[predicted], f"{probs[predicted]:.3f}", "Base + sum of SHAP", "0.420",
                    "back", "pointing_game", "yes"):
         assert needle in case_text, needle
-    widths = [a["style"] for t, a in parse(index.parent / "cases" / case_page_name(cases[0]["image_id"])).tags
+    widths = [a["style"] for t, a in parse(index.parent / "cases" / case_page_name(cases[0].image_id)).tags
               if t == "span" and "width" in (a.get("style") or "")]
     assert len(widths) >= len(CLASSES)
 
@@ -261,11 +263,11 @@ def test_markup_objects_from_data_are_still_escaped(tmp_path, figure_dir):
         def __str__(self) -> str:
             return "<b>sneaky</b>"
 
-    case = make_case(figure_dir, 0, markupsafe.Markup("<script>window.__pwned=7</script>"))
-    case["patient"]["localization"] = markupsafe.Markup("<img src=x onerror=alert(1)>")
-    cohort = make_cohort(figure_dir)
-    cohort["provenance"]["sneaky"] = Sneaky()
-    index = write_report(tmp_path, cohort, [case])
+    case = make_case(0, markupsafe.Markup("<script>window.__pwned=7</script>"))
+    case.patient["localization"] = markupsafe.Markup("<img src=x onerror=alert(1)>")
+    cohort = make_cohort(cases=[case])
+    cohort.provenance["sneaky"] = Sneaky()  # type: ignore[assignment]
+    index = write_report(tmp_path, cohort, make_figures(figure_dir, [case]))
     for page in _pages(index):
         source = page.read_text(encoding="utf-8")
         assert "<script>window" not in source and "<img src=x" not in source and "<b>sneaky" not in source
@@ -274,27 +276,29 @@ def test_markup_objects_from_data_are_still_escaped(tmp_path, figure_dir):
 
 
 @pytest.mark.parametrize("breakage, message", [
-    (lambda cohort, cases: cases[0]["figures"].update(image=Path("/nonexistent/img.png")), "nonexistent/img.png"),
-    (lambda cohort, cases: cohort["figures"].update(beeswarm=Path(__file__)), "is not a PNG or JPEG"),
-    (lambda cohort, cases: cases[1].update(image_id=cases[0]["image_id"]), "duplicate image_id"),
-    (lambda cohort, cases: cases[1].pop("probabilities"), "case 1: missing key 'probabilities'"),
-    (lambda cohort, cases: cases[0]["probabilities"].update(mel="high"), "probabilities['mel']"),
-    (lambda cohort, cases: cohort["mean_abs_shap"]["all"].update(age="x"), "mean_abs_shap['all']['age']"),
+    (lambda cohort, figs: figs.cases["ISIC_0"].update(image=Path("/nonexistent/img.png")), "nonexistent/img.png"),
+    (lambda cohort, figs: figs.cohort.update(beeswarm=Path(__file__)), "is not a PNG or JPEG"),
+    (lambda cohort, figs: setattr(cohort.cases[1], "image_id", "ISIC_0"), "duplicate image_id"),
+    (lambda cohort, figs: cohort.cases.__setitem__(1, {"image_id": "ISIC_1"}),
+     "case 1: expected a CaseExplanation, got dict"),
+    (lambda cohort, figs: cohort.cases[0].probabilities.update(mel="high"), "probabilities['mel']"),
+    (lambda cohort, figs: cohort.mean_abs_shap["all"].update(age="x"), "mean_abs_shap['all']['age']"),
+    (lambda cohort, figs: cohort.faithfulness.append({"metric": "x"}), "faithfulness[2] must be a FaithfulnessRow"),
 ])
 def test_bad_report_input_fails_with_a_clear_error(tmp_path, figure_dir, breakage, message):
-    cohort = make_cohort(figure_dir)
-    cases = [make_case(figure_dir, k, f"ISIC_{k}") for k in range(2)]
-    breakage(cohort, cases)
+    cases = [make_case(k, f"ISIC_{k}") for k in range(2)]
+    cohort, figures = make_cohort(cases=cases), make_figures(figure_dir, cases)
+    breakage(cohort, figures)
     with pytest.raises(DataError, match=re.escape(message)):
-        write_report(tmp_path / "out", cohort, cases)
+        write_report(tmp_path / "out", cohort, figures)
     assert not (tmp_path / "out" / "index.html").exists()
 
 
 def test_optional_parts_may_be_absent(tmp_path, figure_dir):
     """An image-only model has no SHAP and no patient data; a metadata-only one has no Grad-CAM."""
-    image_only = {"image_id": "ISIC_1", "target_class": "nv", "probabilities": {"nv": 0.7, "mel": 0.3},
-                  "figures": {"image": figure_dir / "case0_image.png", "overlay": None}}
-    index = write_report(tmp_path, {"title": "Minimal"}, [image_only])
+    image_only = CaseExplanation(image_id="ISIC_1", target_class="nv", probabilities={"nv": 0.7, "mel": 0.3})
+    figures = ReportFigures(cases={"ISIC_1": {"image": figure_dir / "case0_image.png", "overlay": None}})
+    index = write_report(tmp_path, CohortExplanation("Minimal", {}, [image_only]), figures)
     case_text = " ".join(parse(tmp_path / "cases" / case_page_name("ISIC_1")).text)
     assert "No SHAP values" in case_text and "No modality attribution" in case_text
     assert "No faithfulness measurements" in " ".join(parse(index).text)
@@ -302,59 +306,97 @@ def test_optional_parts_may_be_absent(tmp_path, figure_dir):
 
 # ----------------------------------------------------------------------------- real browser
 
+#: Every <img> with whether it loaded (``complete`` and ``naturalWidth > 0``).
+IMAGES_JS = """Array.from(document.images).map(i => ({
+  src: (i.currentSrc || i.src || '').slice(0, 120), complete: i.complete,
+  naturalWidth: i.naturalWidth, naturalHeight: i.naturalHeight}))"""
+
+
+def broken_images(images: list[dict]) -> list[str]:
+    """The ``src`` of every image that did not load."""
+    return [img["src"] for img in images if not (img["complete"] and img["naturalWidth"] > 0)]
+
+
 @pytest.mark.browser
-@needs_chromium
-def test_browser_helper_catches_errors_broken_images_and_network(chromium, tmp_path):
+def test_browser_harness_catches_errors_broken_images_network_and_dialogs(chromium_page, tmp_path):
     """The harness itself: a page that misbehaves is reported as misbehaving (so 'no errors' means something)."""
-    page = tmp_path / "bad.html"
-    page.write_text("<!DOCTYPE html><title>bad</title><h1>x</h1><img src='missing.png'>"
-                    "<script>console.error('boom'); setTimeout(() => { throw new Error('late') }, 0);"
-                    "fetch('http://example.invalid/x').catch(() => {});</script>")
-    load = chromium.open(page)
-    assert load.title == "bad" and chromium.broken_images() == [(tmp_path / "missing.png").as_uri()]
-    errors = " | ".join(chromium.console_errors)
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!DOCTYPE html><title>bad</title><h1>x</h1><img src='missing.png'>"
+                   "<script>console.error('boom'); setTimeout(() => { throw new Error('late') }, 0);"
+                   "fetch('http://example.invalid/x').catch(() => {}); alert('pwned');</script>")
+    chromium_page.open(bad)
+    page = chromium_page.page
+    assert page.title() == "bad" and broken_images(page.evaluate(IMAGES_JS)) == [(tmp_path / "missing.png").as_uri()]
+    errors = " | ".join(chromium_page.errors)
     assert "boom" in errors and "late" in errors and "ERR_FILE_NOT_FOUND" in errors
-    assert "http://example.invalid/x" in chromium.requests
-    assert chromium.pid is not None
+    assert "http://example.invalid/x" in chromium_page.requests
+    assert "http://example.invalid/x net::ERR_BLOCKED_BY_CLIENT" in errors  # stopped inside the browser
+    assert chromium_page.dialogs == ["pwned"]
+    assert page.context.browser.is_connected()
 
 
 @pytest.mark.browser
-@needs_chromium
-def test_browser_is_always_ended():
-    with HeadlessChromium(timeout=20) as browser:
-        pid = browser.pid
-        assert browser.evaluate("1 + 1") == 2
-    assert browser.pid is None and not Path(f"/proc/{pid}").exists()
+def test_browser_is_always_ended(launch_chromium):
+    """Leaving the browser's context ends every process it started, also when the body raised."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+
+    def started() -> list[psutil.Process]:
+        return [p for p in me.children(recursive=True) if p.pid not in before]
+
+    def running(processes: list[psutil.Process]) -> list[psutil.Process]:
+        alive = []
+        for proc in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+        return alive
+
+    with launch_chromium() as browser:
+        page = browser.new_page()
+        assert page.evaluate("1 + 1") == 2
+        processes = started()
+        assert any("chromium" in p.name() for p in processes), processes
+    assert not browser.is_connected() and running(processes) == []
+
+    with pytest.raises(RuntimeError, match="test failed"):
+        with launch_chromium() as browser:
+            processes = started()
+            assert browser.new_page().evaluate("2 + 2") == 4
+            raise RuntimeError("test failed")
+    assert processes and running(processes) == []
 
 
-def _assert_clean(chromium: HeadlessChromium, load, n_images: int) -> None:
-    assert load.console_errors == [], load.console_errors
-    assert {urlparse(u).scheme for u in load.requests} <= {"file", "data"}, load.requests
-    images = chromium.images()
-    assert len(images) == n_images and all(i["complete"] and i["naturalWidth"] > 0 for i in images), images
-    assert chromium.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways overflow
+def _assert_clean(watched, n_images: int) -> None:
+    assert watched.errors == [], watched.errors
+    assert {urlparse(u).scheme for u in watched.requests} <= {"file", "data"}, watched.requests
+    assert watched.dialogs == [], watched.dialogs
+    images = watched.page.evaluate(IMAGES_JS)
+    assert len(images) == n_images and not broken_images(images), images
+    assert watched.page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways overflow
 
 
 @pytest.mark.browser
-@needs_chromium
-def test_report_renders_in_chromium(report, chromium, tmp_path):
+def test_report_renders_in_chromium(report, chromium_page, tmp_path):
     index, cases = report
-    load = chromium.open(index)
-    assert load.title.startswith("Explanations: concat / resnet18")
-    assert chromium.evaluate("document.querySelector('h1').textContent").startswith("Explanations")
-    assert chromium.evaluate("document.querySelectorAll('#cases-table tbody tr').length") == len(cases)
-    _assert_clean(chromium, load, len(COHORT_FIGURES))
-    shot = chromium.screenshot(tmp_path / "index.png")
-    links = chromium.evaluate("Array.from(document.querySelectorAll('#cases-table a')).map(a => a.href)")
+    page = chromium_page.page
+    chromium_page.open(index)
+    assert page.title().startswith("Explanations: concat / resnet18")
+    assert page.evaluate("document.querySelector('h1').textContent").startswith("Explanations")
+    assert page.evaluate("document.querySelectorAll('#cases-table tbody tr').length") == len(cases)
+    _assert_clean(chromium_page, len(COHORT_FIGURES))
+    shot = tmp_path / "index.png"
+    page.screenshot(path=shot, full_page=True)
+    links = page.evaluate("Array.from(document.querySelectorAll('#cases-table a')).map(a => a.href)")
     assert len(links) == len(cases) and all(Path(unquote(urlparse(u).path)).is_file() for u in links)
 
-    load = chromium.open(links[0])  # follow the link
-    assert load.title == f"Case {cases[0]['image_id']}"
-    assert chromium.evaluate("document.getElementById('case-title').textContent") == f"Case {cases[0]['image_id']}"
-    _assert_clean(chromium, load, len(CASE_FIGURES))
-    back = chromium.evaluate("document.getElementById('back').href")
+    chromium_page.open(links[0])  # follow the link
+    assert page.title() == f"Case {cases[0].image_id}"
+    assert page.evaluate("document.getElementById('case-title').textContent") == f"Case {cases[0].image_id}"
+    _assert_clean(chromium_page, len(CASE_FIGURES))
+    back = page.evaluate("document.getElementById('back').href")
     assert Path(unquote(urlparse(back).path)).resolve() == index.resolve()
-    chromium.screenshot(tmp_path / "case.png")
+    page.screenshot(path=tmp_path / "case.png", full_page=True)
 
     with Image.open(shot) as img:
         rgb = img.convert("RGB")
@@ -364,19 +406,19 @@ def test_report_renders_in_chromium(report, chromium, tmp_path):
 
 
 @pytest.mark.browser
-@needs_chromium
-def test_hostile_metadata_is_inert_in_chromium(hostile_report, chromium):
+def test_hostile_metadata_is_inert_in_chromium(hostile_report, chromium_page):
     index, cases = hostile_report
+    page = chromium_page.page
     titles = []
-    for page in _pages(index):
-        load = chromium.open(page)
-        _assert_clean(chromium, load, len(COHORT_FIGURES) if page == index else len(CASE_FIGURES))
-        assert chromium.evaluate("typeof window.__pwned") == "undefined"
-        assert chromium.evaluate("document.scripts.length") == 0
-        assert chromium.evaluate(
+    for path in _pages(index):
+        chromium_page.open(path)
+        _assert_clean(chromium_page, len(COHORT_FIGURES) if path == index else len(CASE_FIGURES))
+        assert page.evaluate("typeof window.__pwned") == "undefined"
+        assert page.evaluate("document.scripts.length") == 0
+        assert page.evaluate(
             "document.querySelectorAll('[onerror],[onload],[onclick],svg,iframe,object,embed').length") == 0
-        assert chromium.evaluate("Array.from(document.images).every(i => i.src.startsWith('data:image/png;base64,'))")
-        assert chromium.evaluate("Array.from(document.links).every(a => a.protocol === 'file:')")
-        assert PAYLOADS[0] in chromium.evaluate("document.body.innerText")  # visible, as text
-        titles.append(load.title)
-    assert set(titles[1:]) == {f"Case {c['image_id']}" for c in cases}
+        assert page.evaluate("Array.from(document.images).every(i => i.src.startsWith('data:image/png;base64,'))")
+        assert page.evaluate("Array.from(document.links).every(a => a.protocol === 'file:')")
+        assert PAYLOADS[0] in page.evaluate("document.body.innerText")  # visible, as text
+        titles.append(page.title())
+    assert set(titles[1:]) == {f"Case {c.image_id}" for c in cases}

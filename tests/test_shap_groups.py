@@ -1,6 +1,8 @@
 """Grouped SHAP of the patient features: exactness, additivity, KernelExplainer agreement, plots, speed."""
 from __future__ import annotations
 
+from typing import Callable
+
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -8,7 +10,6 @@ import pandas as pd
 import pytest
 import shap
 import torch
-from test_gradcam import small_model  # shared test helpers
 
 from multimodal_lesion.data.encoder import MetadataEncoder
 from multimodal_lesion.errors import ConfigError
@@ -20,19 +21,13 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 matplotlib.use("Agg")
 
-SEXES = ["male", "female", "unknown"]
-SITES = ["back", "face", "trunk", "lower extremity", "unknown"]
-
-
-def patients(n: int, seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    age = rng.integers(1, 18, n) * 5.0
-    age[rng.random(n) < 0.1] = np.nan
-    return pd.DataFrame({"age": age, "sex": rng.choice(SEXES, n), "localization": rng.choice(SITES, n)})
+SmallModel = Callable[..., LesionModel]  # conftest's ``small_model``: (name, seed, meta_dim, num_classes) -> model
+Patients = Callable[[int, int], pd.DataFrame]  # conftest's ``patients``: (n, seed) -> patient table
+Confident = Callable[[LesionModel], LesionModel]  # conftest's ``confident``: scales a model's heads
 
 
 @pytest.fixture(scope="module")
-def encoded() -> dict:
+def encoded(patients: Patients) -> dict:
     """A fitted MetadataEncoder, 20 background rows from 'training', 6 cases with their raw values."""
     train, cases = patients(80, 0), patients(6, 1)
     encoder = MetadataEncoder().fit(train)
@@ -44,15 +39,6 @@ def embeddings(model: LesionModel, n: int, seed: int = 0) -> np.ndarray | None:
     if not model.uses_image:
         return None
     return np.random.default_rng(seed).normal(size=(n, model.image_branch.num_features)).astype(np.float32)
-
-
-def confident(model: LesionModel) -> LesionModel:
-    """Head weights 3x the default init, so the metadata moves the probabilities by ~0.1."""
-    with torch.no_grad():
-        for module in [*model.head.modules(), *(model.meta_branch.modules() if model.uses_meta else [])]:
-            if isinstance(module, torch.nn.Linear):
-                module.weight.mul_(3)
-    return model
 
 
 def switch_game(model: LesionModel, emb: np.ndarray | None, meta: np.ndarray, background: np.ndarray,
@@ -73,7 +59,7 @@ def switch_game(model: LesionModel, emb: np.ndarray | None, meta: np.ndarray, ba
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_additivity_for_every_model(name: str, encoded: dict) -> None:
+def test_additivity_for_every_model(name: str, encoded: dict, small_model: SmallModel) -> None:
     model = small_model(name, meta_dim=encoded["dim"])
     explainer = GroupShapExplainer(model, encoded["background"], encoded["groups"])
     emb = embeddings(model, 6)
@@ -86,7 +72,7 @@ def test_additivity_for_every_model(name: str, encoded: dict) -> None:
         assert (exp.values == 0).all()
 
 
-def test_agrees_with_kernel_explainer(encoded: dict) -> None:
+def test_agrees_with_kernel_explainer(encoded: dict, small_model: SmallModel, confident: Confident) -> None:
     model = confident(small_model("gated", meta_dim=encoded["dim"]))
     emb, meta, bg = embeddings(model, 3), encoded["meta"][:3], encoded["background"]
     explainer = GroupShapExplainer(model, bg, encoded["groups"])
@@ -101,7 +87,7 @@ def test_agrees_with_kernel_explainer(encoded: dict) -> None:
         assert abs(kernel.expected_value - exp.base_values[i]) < 1e-6
 
 
-def test_explanation_plots_directly(encoded: dict) -> None:
+def test_explanation_plots_directly(encoded: dict, small_model: SmallModel) -> None:
     model = small_model("concat", meta_dim=encoded["dim"])
     explainer = GroupShapExplainer(model, encoded["background"], encoded["groups"])
     exp = explainer.explain(embeddings(model, 6), encoded["meta"], raw=encoded["raw"])
@@ -115,7 +101,7 @@ def test_explanation_plots_directly(encoded: dict) -> None:
     plt.close("all")
 
 
-def test_predicted_class_by_default_and_explicit_targets(encoded: dict) -> None:
+def test_predicted_class_by_default_and_explicit_targets(encoded: dict, small_model: SmallModel) -> None:
     model = small_model("film", meta_dim=encoded["dim"])
     explainer = GroupShapExplainer(model, encoded["background"], encoded["groups"])
     emb = embeddings(model, 6)
@@ -126,7 +112,7 @@ def test_predicted_class_by_default_and_explicit_targets(encoded: dict) -> None:
     assert not np.allclose(other.base_values, default.base_values)
 
 
-def test_one_batched_head_call_and_no_backbone(encoded: dict) -> None:
+def test_one_batched_head_call_and_no_backbone(encoded: dict, small_model: SmallModel) -> None:
     model = small_model("concat", meta_dim=encoded["dim"])
     calls = {"head": 0, "backbone": 0}
     handles = [model.head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1)),
@@ -139,13 +125,13 @@ def test_one_batched_head_call_and_no_backbone(encoded: dict) -> None:
     assert calls == {"head": 1, "backbone": 0}  # 6 cases x 8 coalitions x 20 background rows in one call
 
 
-def test_planted_feature_ranks_first(encoded: dict) -> None:
+def test_planted_feature_ranks_first(metadata_only_model: str, small_model: SmallModel, patients: Patients) -> None:
     """A metadata model trained to read only sex gives sex the largest |SHAP| on every case."""
     train = patients(200, 2)
     encoder = MetadataEncoder().fit(train)
     x = torch.as_tensor(encoder.transform(train))
     y = torch.as_tensor((train.sex == "male").to_numpy().astype(np.int64))
-    model = small_model("metadata_only", meta_dim=x.shape[1], num_classes=2)
+    model = small_model(metadata_only_model, meta_dim=x.shape[1], num_classes=2)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(150):
         loss = torch.nn.functional.cross_entropy(model.train()(({"meta": x})), y)
@@ -158,7 +144,7 @@ def test_planted_feature_ranks_first(encoded: dict) -> None:
     assert (np.abs(exp.values).argmax(1) == 1).all()
 
 
-def test_groups_are_checked(encoded: dict) -> None:
+def test_groups_are_checked(encoded: dict, small_model: SmallModel) -> None:
     model = small_model("concat", meta_dim=encoded["dim"])
     groups = dict(encoded["groups"])
     with pytest.raises(ConfigError, match="column 2 is in groups"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -10,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multimodal_lesion.data.constants import CLASSES
+from multimodal_lesion.data.constants import CLASSES, METADATA_FILE
 from multimodal_lesion.data.ham10000 import read_ham10000
-from multimodal_lesion.data.splits import fold_assignment, split_lesions
+from multimodal_lesion.data.splits import fold_assignment, lesion_grouped_subset, split_lesions
 from multimodal_lesion.errors import ConfigError, DataError
 
 
@@ -120,6 +121,41 @@ def test_real_data_splits(real_data_root: Path) -> None:
         assert _max_class_deviation(frame, column) < 0.02
     shares = split_lesions(meta, seed=0).split.value_counts(normalize=True)
     assert abs(shares["test"] - 0.15) < 0.01 and abs(shares["val"] - 0.15) < 0.01
+
+
+def test_lesion_grouped_subset_writes_whole_lesions_as_a_readable_root(tiny_ham_factory: Callable[..., Path],
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tiny_ham_factory(tmp_path / "ham", n_lesions=40)  # >= 5 lesions per class, some with 2 images
+    full = read_ham10000(source).metadata
+    out = lesion_grouped_subset(source, 4, seed=1, parent=tmp_path / "subsets")
+    assert out.parent == tmp_path / "subsets" and (out / METADATA_FILE).is_file()
+
+    subset = read_ham10000(out).metadata  # the reader's checks: CSV, every image and mask, paths in the root
+    kept = set(subset.lesion_id)
+    assert kept == set(full.lesion_id[fold_assignment(full, 4, seed=1).to_numpy() == 0])  # fold 0 of 4
+    assert 0 < len(kept) < full.lesion_id.nunique() and set(subset.dx) == set(CLASSES)  # stratified
+    whole = full[full.lesion_id.isin(kept)]
+    assert sorted(subset.image_id) == sorted(whole.image_id)  # every image of a kept lesion, no other
+    images_per_lesion = subset.groupby("lesion_id").size()
+    assert images_per_lesion.equals(whole.groupby("lesion_id").size()) and (images_per_lesion > 1).any()
+    original = whole.set_index("image_id")
+    for row in subset.itertuples():
+        assert Path(row.path).read_bytes() == Path(original.loc[row.image_id, "path"]).read_bytes()
+        assert Path(row.mask_path).read_bytes() == Path(original.loc[row.image_id, "mask_path"]).read_bytes()
+    raw = pd.read_csv(source / METADATA_FILE, dtype=str, keep_default_na=False)
+    written = pd.read_csv(out / METADATA_FILE, dtype=str, keep_default_na=False)
+    expected = raw[raw.image_id.isin(set(subset.image_id))].reset_index(drop=True)
+    pd.testing.assert_frame_equal(written, expected)  # the original rows, unchanged, in their order
+    assert not list(out.rglob(".*.tmp"))
+
+    stamp = (out / METADATA_FILE).stat().st_mtime_ns
+    assert lesion_grouped_subset(source, 4, seed=1, parent=tmp_path / "subsets") == out  # reused, not rewritten
+    assert (out / METADATA_FILE).stat().st_mtime_ns == stamp
+    assert lesion_grouped_subset(source, 4, seed=2, parent=tmp_path / "subsets") != out
+    assert lesion_grouped_subset(source, 1) == source  # 1 in 1: the whole root, nothing written
+    monkeypatch.setenv("MMLESION_CACHE", str(tmp_path / "cache"))
+    assert lesion_grouped_subset(source, 4, seed=1).parent == tmp_path / "cache" / "notebooks"
 
 
 # --- properties ------------------------------------------------------------------------------------

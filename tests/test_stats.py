@@ -10,6 +10,7 @@ from PIL import Image
 from scipy import stats
 
 from multimodal_lesion.data.constants import CLASSES
+from multimodal_lesion.models import list_models
 from multimodal_lesion.report.figures import plot_bars_with_ci, plot_per_class_sensitivity
 from multimodal_lesion.training.stats import bootstrap_ci, corrected_ttest, paired_comparison, summarise
 
@@ -108,7 +109,7 @@ def _png_ok(path: Path) -> bool:
 
 
 def test_ablation_figures_are_written(tmp_path: Path) -> None:
-    models = ["image_only", "metadata_only", "concat", "gated", "film"]
+    models = list_models()
     rng = np.random.default_rng(5)
     rows = []
     for model in models:

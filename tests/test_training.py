@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -22,8 +23,6 @@ from multimodal_lesion.training.engine import (WeightAverage, WeightedSmoothedCr
                                                build_scheduler, class_weights)
 from multimodal_lesion.workflows import evaluate_run, train_run
 
-from conftest import write_tiny_ham
-
 TINY = ['model.backbone="resnet18"', 'model.weights="none"', "data.image_size=[48, 64]", "train.epochs=3",
         "train.batch_size=16", "train.warmup_epochs=1", "data.test_size=0.25", "data.val_size=0.25"]
 METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "per_class",
@@ -36,9 +35,9 @@ def tiny_cfg(root: Path, *extra: str) -> ExperimentConfig:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data_root(tmp_path_factory: pytest.TempPathFactory, tiny_ham_factory: Callable[..., Path]) -> Path:
     os.environ["MMLESION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    return write_tiny_ham(tmp_path_factory.mktemp("data") / "ham", n_lesions=42)
+    return tiny_ham_factory(tmp_path_factory.mktemp("data") / "ham", n_lesions=42)
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,19 @@ image proportions end within one lesion of their targets.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, DataError
+from ..io import atomic_write
+from .cache import cache_home, cache_key
+from .constants import METADATA_FILE
+from .ham10000 import read_ham10000
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
@@ -137,3 +144,43 @@ def _most_behind(assigned: np.ndarray, targets: np.ndarray, priority: np.ndarray
     fill = assigned[active] / targets[active]
     keys = np.lexsort((priority[active], -targets[active], fill))
     return int(active[keys[0]])
+
+
+def lesion_grouped_subset(source: str | os.PathLike, keep_one_in: int, seed: int = 0, *,
+                          parent: str | os.PathLike | None = None) -> Path:
+    """Write one of ``keep_one_in`` lesion-grouped, class-stratified folds of a HAM10000 root as a HAM10000 root.
+
+    Whole lesions are kept, with their original CSV rows; their images and masks are hard-linked (else
+    copied: the reader refuses links out of a data root). The CSV is written last, so a half-written
+    folder is never taken for a finished one, and a finished one is reused.
+
+    Args:
+        source: the HAM10000 root to subsample.
+        keep_one_in: K, to keep fold 0 of :func:`fold_assignment`'s K folds; 1 or less keeps everything.
+        seed: seed of the fold assignment.
+        parent: folder that receives the subset (default: ``notebooks`` under ``cache_home()``).
+
+    Returns:
+        The subset's root, or ``source`` itself when ``keep_one_in <= 1``.
+    """
+    source = Path(source)
+    if keep_one_in <= 1:
+        return source
+    parent = Path(parent) if parent is not None else cache_home() / "notebooks"
+    out = parent / f"ham10000-{cache_key(source.resolve())}-1in{keep_one_in}-seed{seed}"
+    if (out / METADATA_FILE).is_file():
+        return out
+    ham = read_ham10000(source)
+    keep = ham.metadata[fold_assignment(ham.metadata, keep_one_in, seed).to_numpy() == 0]
+    for src in [p for p in (*keep["path"], *keep["mask_path"]) if p]:
+        dest = out / Path(src).relative_to(ham.root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists():
+            try:
+                os.link(src, dest)
+            except OSError:
+                shutil.copyfile(src, dest)
+    raw = pd.read_csv(source / METADATA_FILE, dtype=str, keep_default_na=False)
+    with atomic_write(out / METADATA_FILE) as fh:
+        raw[raw["image_id"].isin(set(keep["image_id"]))].to_csv(fh, index=False)
+    return out
