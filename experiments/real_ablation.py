@@ -6,6 +6,7 @@ Usage:
 Same as `mmlesion ablate --config experiments/ablation.toml --data DIR --out DIR`; prints the
 summary table and how long the embedding pass and the cells took. Re-running it resumes.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -9,6 +9,7 @@ Trains each model with experiments/configs/real_end2end_cpu.toml (150x200, the R
 240x320, 16 epochs, for a GPU) and prints the test split's balanced accuracy (temperature-scaled arg-max and
 the balanced decision fitted on val), macro AUROC and melanoma AUROC with its image and lesion counts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,12 @@ def main() -> None:
         cfg = replace(load_config(args.config, args.overrides), data={"root": args.data}, model={"name": name})
         metrics = train_run(cfg, Path(args.out) / f"e2e_{name}")["test"]
         test, balanced = metrics["calibrated"], metrics["balanced"]["balanced_accuracy"]
-        print(f"{name}: balanced accuracy {test['balanced_accuracy']:.3f} ({balanced:.3f} with the balanced "
-              f"decision), macro AUROC {test['macro_auroc']:.3f}, "
-              f"melanoma AUROC {test['melanoma_auroc']:.3f} on {test['n_images']} images / {test['n_lesions']} "
-              f"lesions ({time.perf_counter() - start:.0f} s)")
+        print(
+            f"{name}: balanced accuracy {test['balanced_accuracy']:.3f} ({balanced:.3f} with the balanced "
+            f"decision), macro AUROC {test['macro_auroc']:.3f}, "
+            f"melanoma AUROC {test['melanoma_auroc']:.3f} on {test['n_images']} images / {test['n_lesions']} "
+            f"lesions ({time.perf_counter() - start:.0f} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Heavy libraries (torch, timm, shap, grad-cam) are imported inside the commands, so ``--help`` is instant.
 A user's mistake (bad data, bad config, not a run folder) ends with one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,20 +18,29 @@ Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], object], Command]] = {}
 
 
-def command(name: str, help: str,
-            add_args: Callable[[argparse.ArgumentParser], object]) -> Callable[[Command], Command]:
+def command(
+    name: str, help: str, add_args: Callable[[argparse.ArgumentParser], object]
+) -> Callable[[Command], Command]:
     """Register a sub-command: its help line, its arguments and the function that runs it."""
+
     def wrap(fn: Command) -> Command:
         COMMANDS[name] = (help, add_args, fn)
         return fn
+
     return wrap
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML experiment file (default: built-in defaults)")
     p.add_argument("--data", help="HAM10000 root (default: the synthetic dataset)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value; repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value; repeatable",
+    )
 
 
 def _load_cfg(args: argparse.Namespace):
@@ -40,9 +50,15 @@ def _load_cfg(args: argparse.Namespace):
     return replace(cfg, data={"root": str(args.data)}) if getattr(args, "data", None) else cfg
 
 
-@command("synth", "write the synthetic HAM10000-shaped dataset",
-         lambda p: (p.add_argument("--out", required=True), p.add_argument("--n", type=int, default=1000),
-                    p.add_argument("--seed", type=int, default=0)))
+@command(
+    "synth",
+    "write the synthetic HAM10000-shaped dataset",
+    lambda p: (
+        p.add_argument("--out", required=True),
+        p.add_argument("--n", type=int, default=1000),
+        p.add_argument("--seed", type=int, default=0),
+    ),
+)
 def _synth(args: argparse.Namespace) -> int:
     from .data.synthetic import make_synthetic
 
@@ -50,9 +66,15 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("eda", "class balance, age / sex / localization by class, missing values",
-         lambda p: (p.add_argument("--data", required=True), p.add_argument("--out", required=True),
-                    p.add_argument("--drop-missing", action="store_true")))
+@command(
+    "eda",
+    "class balance, age / sex / localization by class, missing values",
+    lambda p: (
+        p.add_argument("--data", required=True),
+        p.add_argument("--out", required=True),
+        p.add_argument("--drop-missing", action="store_true"),
+    ),
+)
 def _eda(args: argparse.Namespace) -> int:
     from .data.ham10000 import read_ham10000
     from .report.eda import run_eda
@@ -83,8 +105,9 @@ def _split(args: argparse.Namespace) -> int:
 
     ham = read_ham10000(args.data, drop_missing=args.drop_missing)
     _print_notes(ham.notes)
-    splits = split_lesions(ham.metadata, test_size=args.test_size, val_size=args.val_size, folds=args.folds,
-                           seed=args.seed)
+    splits = split_lesions(
+        ham.metadata, test_size=args.test_size, val_size=args.val_size, folds=args.folds, seed=args.seed
+    )
     with atomic_write(args.out) as fh:
         splits.to_csv(fh, index=False)
     counts = splits.groupby("split")["lesion_id"].nunique().to_dict()
@@ -118,10 +141,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("evaluate", "metrics and figures of a run on one split",
-         lambda p: (p.add_argument("--run", required=True), p.add_argument("--data"),
-                    p.add_argument("--split", default="test", choices=["train", "val", "test"]),
-                    p.add_argument("--tta", action="store_true", help="average over flips")))
+@command(
+    "evaluate",
+    "metrics and figures of a run on one split",
+    lambda p: (
+        p.add_argument("--run", required=True),
+        p.add_argument("--data"),
+        p.add_argument("--split", default="test", choices=["train", "val", "test"]),
+        p.add_argument("--tta", action="store_true", help="average over flips"),
+    ),
+)
 def _evaluate(args: argparse.Namespace) -> int:
     from .workflows import evaluate_run
 
@@ -137,16 +166,22 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--age", type=float)
     p.add_argument("--sex")
     p.add_argument("--localization")
-    p.add_argument("--balanced", action="store_true",
-                   help="probabilities of the balanced decision fitted on val (uniform class prior)")
+    p.add_argument(
+        "--balanced",
+        action="store_true",
+        help="probabilities of the balanced decision fitted on val (uniform class prior)",
+    )
 
 
 @command("predict", "class probabilities of one image (+ optional patient fields) as JSON", _predict_args)
 def _predict(args: argparse.Namespace) -> int:
     from .runs import predict_image
 
-    print(json.dumps(predict_image(args.run, args.image, args.age, args.sex, args.localization,
-                                   balanced=args.balanced), indent=2))
+    print(
+        json.dumps(
+            predict_image(args.run, args.image, args.age, args.sex, args.localization, balanced=args.balanced), indent=2
+        )
+    )
     return 0
 
 
@@ -184,11 +219,15 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("demo", "synthetic data -> EDA -> small ablation -> explanation report (the README's main job)",
-         lambda p: (p.add_argument("--data", help="HAM10000 root (default: the synthetic dataset)"),
-                    p.add_argument("--out", default="mmlesion-demo"),
-                    p.add_argument("--set", dest="overrides", action="append", default=[],
-                                   metavar="SECTION.KEY=VALUE")))
+@command(
+    "demo",
+    "synthetic data -> EDA -> small ablation -> explanation report (the README's main job)",
+    lambda p: (
+        p.add_argument("--data", help="HAM10000 root (default: the synthetic dataset)"),
+        p.add_argument("--out", default="mmlesion-demo"),
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"),
+    ),
+)
 def _demo(args: argparse.Namespace) -> int:
     from importlib.resources import as_file, files
 
@@ -201,8 +240,10 @@ def _demo(args: argparse.Namespace) -> int:
     result = run_demo(cfg, args.out)
     test = result.pop("test")
     print(f"\ndone in {result['seconds']} s on {result['n_images']} images")
-    print(f"best fusion model: {result['best_fusion']}: test balanced accuracy {test['balanced_accuracy']:.3f}, "
-          f"macro AUROC {test['macro_auroc']:.3f} ({test['n_images']} images, {test['n_lesions']} lesions)")
+    print(
+        f"best fusion model: {result['best_fusion']}: test balanced accuracy {test['balanced_accuracy']:.3f}, "
+        f"macro AUROC {test['macro_auroc']:.3f} ({test['n_images']} images, {test['n_lesions']} lesions)"
+    )
     for key in ("eda", "ablation_summary", "comparison", "report"):
         print(f"{key:17s} {result[key]}")
     return 0
@@ -221,8 +262,15 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import TINY_SIZES, format_table, parse_sizes, run_benchmark
 
     sizes = parse_sizes(args.size, TINY_SIZES if args.tiny else None) if args.size else None
-    results = run_benchmark(args.data, args.json, tiny=args.tiny, config=args.config, overrides=args.overrides,
-                            sections=args.sections, sizes=sizes)
+    results = run_benchmark(
+        args.data,
+        args.json,
+        tiny=args.tiny,
+        config=args.config,
+        overrides=args.overrides,
+        sections=args.sections,
+        sizes=sizes,
+    )
     print(format_table(results))
     if args.json:
         print(f"wrote {args.json}")
@@ -237,17 +285,21 @@ def _print_notes(notes: list[str]) -> None:
 def _print_headline(metrics: dict, splits: tuple[str, ...] = ("val", "test")) -> None:
     for split in (s for s in splits if s in metrics):
         m, b = metrics[split]["calibrated"], metrics[split]["balanced"]
-        print(f"{split}: balanced accuracy {m['balanced_accuracy']:.4f} ({b['balanced_accuracy']:.4f} with the "
-              f"balanced decision)  macro AUROC {m['macro_auroc']:.4f}  melanoma AUROC "
-              f"{m['melanoma_auroc']:.4f}  ECE {m['ece']:.4f}  ({m['n_images']} images, "
-              f"{m['n_lesions']} lesions)")
+        print(
+            f"{split}: balanced accuracy {m['balanced_accuracy']:.4f} ({b['balanced_accuracy']:.4f} with the "
+            f"balanced decision)  macro AUROC {m['macro_auroc']:.4f}  melanoma AUROC "
+            f"{m['melanoma_auroc']:.4f}  ECE {m['ece']:.4f}  ({m['n_images']} images, "
+            f"{m['n_lesions']} lesions)"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mmlesion`` argument parser with every registered sub-command."""
     parser = argparse.ArgumentParser(
-        prog="mmlesion", description="Skin-lesion classification from a dermoscopic image and patient metadata, "
-        "explained jointly (Grad-CAM + SHAP). Start with `mmlesion demo`.")
+        prog="mmlesion",
+        description="Skin-lesion classification from a dermoscopic image and patient metadata, "
+        "explained jointly (Grad-CAM + SHAP). Start with `mmlesion demo`.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, fn) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -7,6 +7,7 @@ An experiment file is a short list of overrides of these defaults, e.g.::
 
 Unknown sections, unknown keys and values of the wrong type are a :class:`ConfigError` naming the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -227,10 +228,14 @@ def replace(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConf
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """Nested plain-dict form of a config (tuples become lists)."""
+
     def plain(v: Any) -> Any:
         return list(v) if isinstance(v, tuple) else v
-    return {f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
-            for f in dataclasses.fields(cfg)}
+
+    return {
+        f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
+        for f in dataclasses.fields(cfg)
+    }
 
 
 def _toml_value(v: Any) -> str:
@@ -267,5 +272,5 @@ __all__ = [
     "parse_overrides",
     "replace",
     "to_dict",
-    "to_toml"
+    "to_toml",
 ]

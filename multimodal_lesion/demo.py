@@ -1,4 +1,5 @@
 """``mmlesion demo``: synthetic data (or ``--data``) -> EDA -> a small ablation -> an explanation report."""
+
 from __future__ import annotations
 
 import time
@@ -18,8 +19,11 @@ def run_demo(cfg: ExperimentConfig, out: str | Path, show: bool = True) -> dict[
     out = Path(out)
     t0 = time.perf_counter()
     steps = ["data", "eda", "ablation", "train the best fusion model", "explanation report"]
-    say = (lambda i: print(f"[{i + 1}/{len(steps)}] {steps[i]}  ({time.perf_counter() - t0:.0f} s)", flush=True)) \
-        if show else (lambda i: None)
+    say = (
+        (lambda i: print(f"[{i + 1}/{len(steps)}] {steps[i]}  ({time.perf_counter() - t0:.0f} s)", flush=True))
+        if show
+        else (lambda i: None)
+    )
     say(0)
     ham = resolve_data(cfg, show)
     cfg = replace(cfg, data={"root": str(ham.root)})
@@ -33,9 +37,16 @@ def run_demo(cfg: ExperimentConfig, out: str | Path, show: bool = True) -> dict[
     say(4)
     report = explain_run(out / "run", out / "report", n=cfg.explain.n_cases, show=show)
     summary = RunFolder(out / "run").read_metrics()
-    return {"seconds": round(time.perf_counter() - t0, 1), "n_images": eda["n_images"], "best_fusion": best,
-            "ablation_summary": str(paths["summary_md"]), "report": str(report), "eda": str(out / "eda"),
-            "test": summary["test"]["calibrated"], "comparison": str(paths["comparison"])}
+    return {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "n_images": eda["n_images"],
+        "best_fusion": best,
+        "ablation_summary": str(paths["summary_md"]),
+        "report": str(report),
+        "eda": str(out / "eda"),
+        "test": summary["test"]["calibrated"],
+        "comparison": str(paths["comparison"]),
+    }
 
 
 def _best_fusion(comparison_csv: Path) -> str:

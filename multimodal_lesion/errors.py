@@ -1,4 +1,5 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero, no traceback."""
+
 from __future__ import annotations
 
 

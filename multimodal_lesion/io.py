@@ -1,4 +1,5 @@
 """Atomic file writes: a crash never leaves a half-written artefact that a later run trusts."""
+
 from __future__ import annotations
 
 import contextlib

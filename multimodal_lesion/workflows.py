@@ -24,8 +24,9 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, resume: bool = False, s
     return evaluation.metrics
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", data: str | Path | None = None, tta: bool = False,
-                 show: bool = True) -> tuple[dict[str, Any], Path]:
+def evaluate_run(
+    run_dir: str | Path, split: str = "test", data: str | Path | None = None, tta: bool = False, show: bool = True
+) -> tuple[dict[str, Any], Path]:
     """Evaluate a run on one split with figures; returns (metrics, path of ``eval/<split>/metrics.json``)."""
     from .report.figures import save_evaluation_figures
     from .training.runner import evaluate_run as evaluate
@@ -35,8 +36,16 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | Path | No
     return evaluation.metrics, evaluation.folder / "metrics.json"
 
 
-def explain_run(run_dir: str | Path, out: str | Path, *, data: str | Path | None = None, split: str = "test",
-                cases: Sequence[str] | None = None, n: int | None = None, show: bool = True) -> Path:
+def explain_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    data: str | Path | None = None,
+    split: str = "test",
+    cases: Sequence[str] | None = None,
+    n: int | None = None,
+    show: bool = True,
+) -> Path:
     """Explain cases of a run, draw them, write ``explanations.json`` and the HTML report; returns the index."""
     from .explain.pipeline import explain_run as explain
     from .explain.pipeline import save_explanations

@@ -7,6 +7,7 @@
 - small real models, patient tables and a planted case for the explanation tests;
 - a real headless browser: Debian's chromium driven by Playwright (no browser download).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,9 +19,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Collection, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -51,8 +53,17 @@ def write_tiny_ham(root: Path, n_lesions: int = 28, seed: int = 0) -> Path:
         sex = ["male", "female", "unknown"][i % 3] if i % 5 else "male"
         loc = ["back", "face", "lower extremity", "unknown", "trunk"][i % 5]
         for _ in range(n_img):
-            rows.append(dict(lesion_id=f"HAM_{i:07d}", image_id=f"ISIC_{img_no:07d}", dx=dx,
-                             dx_type="histo", age=age, sex=sex, localization=loc))
+            rows.append(
+                dict(
+                    lesion_id=f"HAM_{i:07d}",
+                    image_id=f"ISIC_{img_no:07d}",
+                    dx=dx,
+                    dx_type="histo",
+                    age=age,
+                    sex=sex,
+                    localization=loc,
+                )
+            )
             img_no += 1
     df = pd.DataFrame(rows)
     root.mkdir(parents=True, exist_ok=True)
@@ -129,12 +140,18 @@ class Cli:
     def start(self, log: Path, *args: object, new_session: bool = False) -> subprocess.Popen:
         """Start ``mmlesion ARGS`` in the background, output to ``log`` (a pipe could fill and block it)."""
         with open(log, "w") as fh:
-            return subprocess.Popen([*CLI, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT, env=self.env,
-                                    start_new_session=new_session)
+            return subprocess.Popen(
+                [*CLI, *map(str, args)],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=new_session,
+            )
 
     @staticmethod
-    def wait_for(condition: Callable[[], object], proc: subprocess.Popen, log: Path, timeout: float = 300,
-                 what: str = "") -> None:
+    def wait_for(
+        condition: Callable[[], object], proc: subprocess.Popen, log: Path, timeout: float = 300, what: str = ""
+    ) -> None:
         """Poll ``condition()`` every 20 ms while ``proc`` runs; fail clearly if it ends or times out first."""
         deadline = time.monotonic() + timeout
         while not condition():
@@ -220,10 +237,22 @@ def cli_ham(tiny_ham_factory: Callable[..., Path], tmp_path_factory: pytest.Temp
 #: End-to-end fine-tuning of a ~0.4M-parameter timm test network on 48x64 images: each epoch is
 #: a few CPU seconds, so a kill lands inside training, and 4 epochs stay quick.
 END2END_EPOCHS = 4
-END2END_SETTINGS = tuple(arg for pair in (
-    'model.name="concat"', 'model.backbone="test_resnet"', 'model.weights="none"', "data.image_size=[48, 64]",
-    'train.mode="end2end"', f"train.epochs={END2END_EPOCHS}", "train.batch_size=8", "train.patience=100",
-    'train.device="cpu"', "train.threads=1") for arg in ("--set", pair))
+END2END_SETTINGS = tuple(
+    arg
+    for pair in (
+        'model.name="concat"',
+        'model.backbone="test_resnet"',
+        'model.weights="none"',
+        "data.image_size=[48, 64]",
+        'train.mode="end2end"',
+        f"train.epochs={END2END_EPOCHS}",
+        "train.batch_size=8",
+        "train.patience=100",
+        'train.device="cpu"',
+        "train.threads=1",
+    )
+    for arg in ("--set", pair)
+)
 
 
 @dataclass(frozen=True)
@@ -258,8 +287,9 @@ def registered_inputs() -> dict[str, ModelInputs]:
     inputs = {}
     for name in list_models():
         model = create_model(name, meta_dim=1, image_branch=branch)
-        inputs[name] = ModelInputs(kind for kind, used in (("image", model.uses_image), ("meta", model.uses_meta))
-                                   if used)
+        inputs[name] = ModelInputs(
+            kind for kind, used in (("image", model.uses_image), ("meta", model.uses_meta)) if used
+        )
     return inputs
 
 
@@ -295,8 +325,9 @@ def model_inputs() -> dict[str, ModelInputs]:
 SMALL_META_DIM = 6
 
 
-def make_small_model(name: str = "gated", seed: int = 0, meta_dim: int = SMALL_META_DIM,
-                     num_classes: int = 7) -> LesionModel:
+def make_small_model(
+    name: str = "gated", seed: int = 0, meta_dim: int = SMALL_META_DIM, num_classes: int = 7
+) -> LesionModel:
     """A registered model on a random-weight resnet18 with small heads."""
     import torch
 
@@ -317,8 +348,7 @@ def make_patients(n: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     age = rng.integers(1, 18, n) * 5.0
     age[rng.random(n) < 0.1] = np.nan
-    return pd.DataFrame({"age": age, "sex": rng.choice(PATIENT_SEXES, n),
-                         "localization": rng.choice(PATIENT_SITES, n)})
+    return pd.DataFrame({"age": age, "sex": rng.choice(PATIENT_SEXES, n), "localization": rng.choice(PATIENT_SITES, n)})
 
 
 def make_confident(model: LesionModel) -> LesionModel:
@@ -418,8 +448,14 @@ def planted() -> Planted:
 # --- a real browser: Debian's chromium, driven by Playwright (never a downloaded browser) -------------
 
 #: Flags for a quiet headless browser that reaches no network on its own.
-CHROMIUM_ARGS: tuple[str, ...] = ("--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                                  "--disable-component-update", "--disable-sync")
+CHROMIUM_ARGS: tuple[str, ...] = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 #: Every browser wait (start-up, navigation, evaluation) ends within this many milliseconds.
 BROWSER_TIMEOUT_MS = 20_000
 #: Viewport of the test pages, in CSS pixels.
@@ -461,8 +497,9 @@ def _chromium_executable() -> str:
 def playwright_driver() -> Iterator[Playwright]:
     """Playwright's synchronous API; on exit its driver process has ended. Skips without chromium or Playwright."""
     _chromium_executable()
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="Playwright is not installed (pip install -e '.[test]')")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="Playwright is not installed (pip install -e '.[test]')"
+    )
     before = {p.pid for p in _descendants()}
     try:
         with sync_api.sync_playwright() as playwright:
@@ -479,8 +516,9 @@ def headless_chromium(playwright: Playwright) -> Iterator[Browser]:
     renderers) has ended, also when the body raised.
     """
     before = {p.pid for p in _descendants()}
-    browser = playwright.chromium.launch(executable_path=_chromium_executable(), headless=True,
-                                         args=list(CHROMIUM_ARGS), timeout=BROWSER_TIMEOUT_MS)
+    browser = playwright.chromium.launch(
+        executable_path=_chromium_executable(), headless=True, args=list(CHROMIUM_ARGS), timeout=BROWSER_TIMEOUT_MS
+    )
     started = _descendants(before)
     try:
         yield browser

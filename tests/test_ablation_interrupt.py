@@ -4,16 +4,18 @@
 - its workers do not outlive a killed parent;
 - forked workers survive a parent that already used OpenMP (scikit-learn).
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -77,10 +79,8 @@ def ablation(cli, cli_ham: Path, tmp_path: Path) -> Iterator[tuple[Callable[[], 
 
     yield start, args, out, log
     for proc in started:  # orphaned workers stay in the session: end them, whatever the test found
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def finished_cells(out: Path) -> dict[str, tuple[int, bytes]]:
@@ -88,8 +88,9 @@ def finished_cells(out: Path) -> dict[str, tuple[int, bytes]]:
 
 
 @pytest.mark.slow
-def test_killed_ablation_keeps_finished_cells_and_computes_the_rest(cli, ablation,
-                                                                    temp_files: Callable[[Path], list[str]]) -> None:
+def test_killed_ablation_keeps_finished_cells_and_computes_the_rest(
+    cli, ablation, temp_files: Callable[[Path], list[str]]
+) -> None:
     """The whole job dies (SIGKILL to its process group, as a scheduler or a lost terminal does)."""
     start, args, out, log = ablation
     proc = start()
@@ -143,12 +144,18 @@ print("done")
 """
 
 
-def test_forked_ablation_workers_survive_a_parent_that_used_openmp(cli, tiny_ham_factory: Callable[..., Path],
-                                                                   tmp_path: Path) -> None:
+def test_forked_ablation_workers_survive_a_parent_that_used_openmp(
+    cli, tiny_ham_factory: Callable[..., Path], tmp_path: Path
+) -> None:
     """A notebook that fitted a scikit-learn model before ablating used to hang forever: the forked
     workers inherited the parent's OpenMP pool and the gradient-boosting floor deadlocked on it."""
     root = tiny_ham_factory(tmp_path / "ham", n_lesions=30)
-    proc = subprocess.run([sys.executable, "-c", FORKED_GBM_AFTER_PARENT_OPENMP, str(root), str(tmp_path / "abl")],
-                          env=cli.env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", FORKED_GBM_AFTER_PARENT_OPENMP, str(root), str(tmp_path / "abl")],
+        env=cli.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
     assert len(list((tmp_path / "abl" / "cells").glob("gbm*.json"))) == 3

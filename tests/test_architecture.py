@@ -33,8 +33,14 @@ def test_a_violation_would_be_caught(tmp_path: Path) -> None:
     shutil.copy(PACKAGE.parent / "pyproject.toml", tmp_path / "pyproject.toml")
     runner = copy / "training" / "runner.py"
     runner.write_text(runner.read_text() + "\nfrom ..report.figures import plot_roc  # noqa\n")
-    proc = subprocess.run(_lint_imports(), cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        _lint_imports(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode != 0
     assert "multimodal_lesion.training.runner -> multimodal_lesion.report.figures" in proc.stdout
 
@@ -52,8 +58,9 @@ def _private_imports(path: Path, source: str | None = None) -> list[str]:
         if not isinstance(node, ast.ImportFrom) or node.module == "__future__":
             continue
         if node.level:
-            base = path.parent.relative_to(PACKAGE.parent).parts[:len(path.parent.relative_to(PACKAGE.parent).parts)
-                                                                  - node.level + 1]
+            base = path.parent.relative_to(PACKAGE.parent).parts[
+                : len(path.parent.relative_to(PACKAGE.parent).parts) - node.level + 1
+            ]
             target = ".".join(base + tuple((node.module or "").split(".")))
         else:
             target = node.module or ""

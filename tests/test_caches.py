@@ -1,10 +1,11 @@
 """Stale or damaged caches are detected and rebuilt, never read as data (issue 7)."""
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -23,15 +24,26 @@ def _damage_npy(folder: Path, how: str) -> None:
         "description missing": meta.unlink,
         "description not JSON": lambda: meta.write_text("{"),
         "description of other images": lambda: meta.write_text(
-            json.dumps({**json.loads(meta.read_text()), "image_ids": ["ISIC_0000000"]})),
+            json.dumps({**json.loads(meta.read_text()), "image_ids": ["ISIC_0000000"]})
+        ),
     }
     damage[how]()
 
 
-@pytest.mark.parametrize("how", ["truncated array", "garbage array", "array missing", "description missing",
-                                 "description not JSON", "description of other images"])
-def test_damaged_image_cache_is_detected_and_rebuilt(tiny_ham: Path, tmp_path: Path, how: str,
-                                                     temp_files: Callable[[Path], list[str]]) -> None:
+@pytest.mark.parametrize(
+    "how",
+    [
+        "truncated array",
+        "garbage array",
+        "array missing",
+        "description missing",
+        "description not JSON",
+        "description of other images",
+    ],
+)
+def test_damaged_image_cache_is_detected_and_rebuilt(
+    tiny_ham: Path, tmp_path: Path, how: str, temp_files: Callable[[Path], list[str]]
+) -> None:
     from multimodal_lesion.data.cache import image_array
     from multimodal_lesion.data.ham10000 import read_ham10000
 
@@ -74,8 +86,13 @@ def test_damaged_embedding_cache_is_detected_and_rebuilt(tiny_ham: Path, tmp_pat
     images = image_array(data, SIZE, tmp_path / "images")
     torch.manual_seed(0)
     branch = ImageBranch("test_resnet", "none")
-    kwargs = dict(folder=tmp_path / "emb", fingerprint=data.fingerprint, identity={"backbone": "test_resnet"},
-                  flip_average=False, show=False)
+    kwargs = dict(
+        folder=tmp_path / "emb",
+        fingerprint=data.fingerprint,
+        identity={"backbone": "test_resnet"},
+        flip_average=False,
+        show=False,
+    )
     normalize = Normalize(branch.data_config["mean"], branch.data_config["std"])
     clean = cached_embeddings(branch, lambda: images, len(images), normalize, **kwargs)
     (npy,) = (tmp_path / "emb").glob("embeddings-*.npy")

@@ -1,5 +1,6 @@
 """Temperature scaling recovers a known over-confidence factor and improves calibration, not accuracy;
 the balanced scaler recovers a known class-prior shift and with it balanced accuracy."""
+
 from __future__ import annotations
 
 import numpy as np

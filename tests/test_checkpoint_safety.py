@@ -1,4 +1,5 @@
 """A checkpoint that carries a pickled payload is refused before the payload runs (issue 7)."""
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,9 @@ def poisoned(end2end_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
-def test_malicious_checkpoint_is_refused_before_it_runs(cli, poisoned: tuple[Path, Path], cli_ham: Path,
-                                                        command: str) -> None:
+def test_malicious_checkpoint_is_refused_before_it_runs(
+    cli, poisoned: tuple[Path, Path], cli_ham: Path, command: str
+) -> None:
     run, marker = poisoned
     extra = ["--image", next(cli_ham.rglob("*.jpg"))] if command == "predict" else []
     line = cli.error(cli(command, "--run", run, *extra), command, str(run / "best.pt"), "refused")

@@ -4,6 +4,7 @@ Each case ends either in exit code 2 and one line on stderr naming the file / ro
 traceback), or in the documented handling (a ``note:`` line, a conversion) with exit code 0.
 docs/bad_input.md is the table of these cases; keep the two in step.
 """
+
 from __future__ import annotations
 
 import io
@@ -11,8 +12,8 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -22,12 +23,24 @@ from PIL import Image
 from multimodal_lesion.data.constants import MASK_DIR, MASK_SUFFIX, METADATA_FILE
 
 #: Tiny, fast training settings (a ~0.4M-parameter timm test network, 48x64 images, CPU).
-TINY = ["--set", 'model.backbone="test_resnet"', "--set", 'model.weights="none"',
-        "--set", "data.image_size=[48, 64]", "--set", "train.epochs=2", "--set", "train.batch_size=16",
-        "--set", 'train.device="cpu"']
+TINY = [
+    "--set",
+    'model.backbone="test_resnet"',
+    "--set",
+    'model.weights="none"',
+    "--set",
+    "data.image_size=[48, 64]",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    'train.device="cpu"',
+]
 
 
 # --- helpers (conftest's ``cli`` runs mmlesion and checks how it ended) --------------------------------
+
 
 def read_csv(root: Path) -> pd.DataFrame:
     return pd.read_csv(root / METADATA_FILE, dtype=str, keep_default_na=False)
@@ -63,6 +76,7 @@ def jpeg_bytes(seed: int = 0) -> bytes:
 
 # --- the CSV -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("command", ["split", "eda"])
 def test_empty_csv(cli, tiny_ham: Path, tmp_path: Path, command: str) -> None:
     csv = tiny_ham / METADATA_FILE
@@ -83,8 +97,9 @@ def test_missing_column(cli, tiny_ham: Path, tmp_path: Path) -> None:
 
 def test_renamed_column(cli, tiny_ham: Path, tmp_path: Path) -> None:
     csv = write_csv(tiny_ham, read_csv(tiny_ham).rename(columns={"dx": "diagnosis"}))
-    cli.error(split(cli, tiny_ham, tmp_path), "split", str(csv), "missing column(s) 'dx'",
-                 "unexpected column(s) 'diagnosis'")
+    cli.error(
+        split(cli, tiny_ham, tmp_path), "split", str(csv), "missing column(s) 'dx'", "unexpected column(s) 'diagnosis'"
+    )
 
 
 def test_not_a_csv_at_all(cli, tiny_ham: Path, tmp_path: Path) -> None:
@@ -104,8 +119,15 @@ def test_duplicate_image_id(cli, tiny_ham: Path, tmp_path: Path) -> None:
     df = read_csv(tiny_ham)
     df.loc[5, "image_id"] = df.loc[4, "image_id"]
     csv = write_csv(tiny_ham, df)
-    cli.error(split(cli, tiny_ham, tmp_path), "split", str(csv), "column 'image_id'", "duplicated",
-                 df.loc[4, "image_id"], "rows 5, 6")
+    cli.error(
+        split(cli, tiny_ham, tmp_path),
+        "split",
+        str(csv),
+        "column 'image_id'",
+        "duplicated",
+        df.loc[4, "image_id"],
+        "rows 5, 6",
+    )
 
 
 @pytest.mark.parametrize("value", ["-5", "150", "forty", "inf", "1e9"])
@@ -127,8 +149,9 @@ def test_missing_age_is_allowed(cli, tiny_ham: Path, tmp_path: Path, value: str)
 
 
 @pytest.mark.parametrize("column, value", [("sex", "robot"), ("localization", "moon")])
-def test_unknown_category_is_read_as_unknown_with_a_note(cli, tiny_ham: Path, tmp_path: Path, column: str,
-                                                         value: str) -> None:
+def test_unknown_category_is_read_as_unknown_with_a_note(
+    cli, tiny_ham: Path, tmp_path: Path, column: str, value: str
+) -> None:
     set_cell(tiny_ham, 2, column, value)
     proc = split(cli, tiny_ham, tmp_path)
     cli.ok(proc)
@@ -142,16 +165,27 @@ def test_unknown_category_is_read_as_unknown_with_a_note(cli, tiny_ham: Path, tm
     assert read_ham10000(tiny_ham).metadata.loc[2, column] == "unknown"
 
 
-@pytest.mark.parametrize("bad_id", ["sub/ISIC_0024306", "../ISIC_0024306", "..\\ISIC_0024306", "ISIC..0024306",
-                                    "<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "ISIC\n0024306",
-                                    "/etc/passwd", ""])
+@pytest.mark.parametrize(
+    "bad_id",
+    [
+        "sub/ISIC_0024306",
+        "../ISIC_0024306",
+        "..\\ISIC_0024306",
+        "ISIC..0024306",
+        "<script>alert(1)</script>",
+        '"><img src=x onerror=alert(1)>',
+        "ISIC\n0024306",
+        "/etc/passwd",
+        "",
+    ],
+)
 def test_image_id_that_is_a_path_or_markup(cli, tiny_ham: Path, tmp_path: Path, bad_id: str) -> None:
     csv = set_cell(tiny_ham, 6, "image_id", bad_id)
-    cli.error(split(cli, tiny_ham, tmp_path), "split", str(csv), "row 7 (line 8), column 'image_id'",
-                 "not a plain id")
+    cli.error(split(cli, tiny_ham, tmp_path), "split", str(csv), "row 7 (line 8), column 'image_id'", "not a plain id")
 
 
 # --- the image files --------------------------------------------------------------------------------
+
 
 def test_listed_image_missing(cli, tiny_ham: Path, tmp_path: Path) -> None:
     image_id = read_csv(tiny_ham).loc[9, "image_id"]
@@ -260,9 +294,13 @@ def test_odd_image_mode_is_converted(tmp_path: Path, mode: str) -> None:
     rgb = np.asarray(load_rgb(path))
     assert rgb.dtype == np.uint8 and rgb.shape == (150, 200, 3)
     source = np.random.default_rng(3).integers(0, 255, (150, 200, 3), dtype=np.uint8)
-    expected = {"grey": lambda: np.asarray(Image.open(path).convert("L"))[..., None].repeat(3, 2),
-                "rgba": lambda: source, "16-bit": lambda: source[..., :1].repeat(3, 2),
-                "cmyk": lambda: source, "palette": lambda: np.asarray(Image.open(path).convert("RGB"))}[mode]()
+    expected = {
+        "grey": lambda: np.asarray(Image.open(path).convert("L"))[..., None].repeat(3, 2),
+        "rgba": lambda: source,
+        "16-bit": lambda: source[..., :1].repeat(3, 2),
+        "cmyk": lambda: source,
+        "palette": lambda: np.asarray(Image.open(path).convert("RGB")),
+    }[mode]()
     tolerance = 12 if mode == "cmyk" else 0  # CMYK JPEG is lossy; the others are exact
     assert np.abs(rgb.astype(int) - expected.astype(int)).mean() <= tolerance
 
@@ -296,8 +334,12 @@ def _bomb(path: Path) -> None:
     Image.new("1", (10_000, 10_000)).save(path, "PNG")  # 1e8 pixels in ~12 kB
 
 
-BAD_IMAGES = {"truncated": (_truncated, "truncated or corrupt"), "corrupt": (_corrupt_stream, "truncated or corrupt"),
-              "not-an-image": (_not_an_image, "truncated or corrupt"), "bomb": (_bomb, "decompression bomb")}
+BAD_IMAGES = {
+    "truncated": (_truncated, "truncated or corrupt"),
+    "corrupt": (_corrupt_stream, "truncated or corrupt"),
+    "not-an-image": (_not_an_image, "truncated or corrupt"),
+    "bomb": (_bomb, "decompression bomb"),
+}
 
 
 @pytest.mark.slow
@@ -318,6 +360,7 @@ def test_truncated_jpeg_in_dataset_train(cli, tiny_ham: Path, tmp_path: Path) ->
 
 
 # --- masks ------------------------------------------------------------------------------------------
+
 
 def test_mask_of_wrong_size_is_refused_by_load_mask(tiny_ham: Path) -> None:
     """No CLI command reads masks yet except ``explain``; the reader's contract is checked directly."""
@@ -343,6 +386,7 @@ def test_mask_of_wrong_size_explain(cli, concat_run: Path, odd_ham: Path, tmp_pa
 
 
 # --- configs ----------------------------------------------------------------------------------------
+
 
 def _toml(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "experiment.toml"
@@ -397,6 +441,7 @@ def test_malformed_set_pair(cli, tiny_ham: Path, tmp_path: Path, pair: str) -> N
 
 # --- run folders and checkpoints --------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("what", ["empty folder", "a file"])
 def test_not_a_run_folder(cli, tmp_path: Path, what: str) -> None:
@@ -411,8 +456,9 @@ def test_not_a_run_folder(cli, tmp_path: Path, what: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["evaluate", "predict"])
-def test_checkpoint_of_another_model(cli, concat_run: Path, metadata_run: Path, odd_ham: Path, tmp_path: Path,
-                                     command: str) -> None:
+def test_checkpoint_of_another_model(
+    cli, concat_run: Path, metadata_run: Path, odd_ham: Path, tmp_path: Path, command: str
+) -> None:
     run = shutil.copytree(concat_run, tmp_path / "concat")
     shutil.copy(metadata_run / "best.pt", run / "best.pt")
     args = ["--image", image_path(odd_ham, read_csv(odd_ham).image_id[20])] if command == "predict" else []

@@ -1,4 +1,5 @@
 """Paths from the data never leave the data root: links, linked folders, hostile image ids (issue 7)."""
+
 from __future__ import annotations
 
 import shutil

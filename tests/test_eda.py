@@ -1,4 +1,5 @@
 """EDA: figures, missing values and summary, on the real HAM10000 and on small synthetic tables."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,7 +30,7 @@ def _check_outputs(out: Path, summary: dict) -> None:
     assert read_json(out / "summary.json") == summary
     missing = pd.read_csv(out / "missing_values.csv")
     assert list(missing.columns) == ["column", "count"]
-    assert dict(zip(missing["column"], missing["count"])) == summary["missing"]
+    assert dict(zip(missing["column"], missing["count"], strict=True)) == summary["missing"]
 
 
 @pytest.mark.real_data
@@ -37,12 +38,22 @@ def test_eda_on_real_ham10000(real_data_root: Path, tmp_path: Path) -> None:
     metadata = read_ham10000(real_data_root).metadata
     summary = run_eda(metadata, tmp_path / "eda")
     assert summary["n_images"] == 10015 and summary["n_lesions"] == 7470
-    assert summary["class_counts"] == {"akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113,
-                                       "nv": 6705, "vasc": 142}
+    assert summary["class_counts"] == {
+        "akiec": 327,
+        "bcc": 514,
+        "bkl": 1099,
+        "df": 115,
+        "mel": 1113,
+        "nv": 6705,
+        "vasc": 142,
+    }
     assert list(summary["class_counts"]) == list(CLASSES)
     assert summary["n_lesions_with_several_images"] == 1956
     assert {k: summary["missing"][k] for k in ("age", "sex", "localization")} == {
-        "age": 57, "sex": 57, "localization": 234}
+        "age": 57,
+        "sex": 57,
+        "localization": 234,
+    }
     _check_outputs(tmp_path / "eda", summary)
 
 
@@ -51,11 +62,17 @@ def _table(n_lesions: int = 30) -> pd.DataFrame:
     rows = []
     for i in range(n_lesions):
         for view in range(1 + (i % 4 == 0)):
-            rows.append(dict(lesion_id=f"HAM_{i:07d}", image_id=f"ISIC_{i:05d}{view:02d}",
-                             dx=CLASSES[i % 6], dx_type="histo",
-                             age=np.nan if i % 10 == 3 else float(20 + 5 * (i % 12)),
-                             sex=("male", "female", "unknown")[i % 3],
-                             localization=("back", "face", "unknown", "trunk")[i % 4]))
+            rows.append(
+                dict(
+                    lesion_id=f"HAM_{i:07d}",
+                    image_id=f"ISIC_{i:05d}{view:02d}",
+                    dx=CLASSES[i % 6],
+                    dx_type="histo",
+                    age=np.nan if i % 10 == 3 else float(20 + 5 * (i % 12)),
+                    sex=("male", "female", "unknown")[i % 3],
+                    localization=("back", "face", "unknown", "trunk")[i % 4],
+                )
+            )
     return pd.DataFrame(rows)
 
 

@@ -1,4 +1,5 @@
 """MetadataEncoder: fitted statistics, explicit unknowns, no label leakage, scikit-learn behaviour."""
+
 from __future__ import annotations
 
 import warnings
@@ -86,8 +87,9 @@ def test_unseen_category_maps_to_unknown_with_warning() -> None:
 
 def test_never_reads_dx_or_dx_type(meta: pd.DataFrame) -> None:
     rng = np.random.default_rng(0)
-    leaky = meta.assign(dx=rng.permutation(meta.dx.to_numpy()),
-                        dx_type=rng.choice(["histo", "follow_up", "confocal"], len(meta)))
+    leaky = meta.assign(
+        dx=rng.permutation(meta.dx.to_numpy()), dx_type=rng.choice(["histo", "follow_up", "confocal"], len(meta))
+    )
     plain = meta[["age", "sex", "localization"]]
     enc_plain, enc_leaky = MetadataEncoder().fit(plain), MetadataEncoder().fit(leaky)
     assert list(enc_plain.get_feature_names_out()) == list(enc_leaky.get_feature_names_out())
@@ -143,12 +145,14 @@ _AGE = st.one_of(st.just(np.nan), st.floats(0, 120, allow_nan=False), st.integer
 def patient_tables(draw: st.DrawFn) -> pd.DataFrame:
     """Any valid patient table, with missing ages, unknowns and odd categories."""
     n = draw(st.integers(1, 40))
-    return pd.DataFrame({
-        "age": draw(st.lists(_AGE, min_size=n, max_size=n)),
-        "sex": draw(st.lists(_SEX, min_size=n, max_size=n)),
-        "localization": draw(st.lists(_LOC, min_size=n, max_size=n)),
-        "dx": draw(st.lists(st.sampled_from(CLASSES), min_size=n, max_size=n)),
-    })
+    return pd.DataFrame(
+        {
+            "age": draw(st.lists(_AGE, min_size=n, max_size=n)),
+            "sex": draw(st.lists(_SEX, min_size=n, max_size=n)),
+            "localization": draw(st.lists(_LOC, min_size=n, max_size=n)),
+            "dx": draw(st.lists(st.sampled_from(CLASSES), min_size=n, max_size=n)),
+        }
+    )
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,4 +1,5 @@
 """The experiment scripts behind the README's real-data figures, run on a tiny real-format dataset."""
+
 from __future__ import annotations
 
 import csv
@@ -8,17 +9,39 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ['model.backbone="resnet18"', 'model.weights="none"', "data.image_size=[48, 64]", "train.epochs=1",
-        "train.patience=1", "train.batch_size=16", "data.test_size=0.25", "data.val_size=0.25",
-        "train.channels_last=false", "train.threads=1", "train.tta=false"]
+TINY = [
+    'model.backbone="resnet18"',
+    'model.weights="none"',
+    "data.image_size=[48, 64]",
+    "train.epochs=1",
+    "train.patience=1",
+    "train.batch_size=16",
+    "data.test_size=0.25",
+    "data.val_size=0.25",
+    "train.channels_last=false",
+    "train.threads=1",
+    "train.tta=false",
+]
 
 
-def test_recipe_sweep_trains_each_variant_in_parallel_and_tabulates_val_and_test(tiny_ham: Path,
-                                                                                  tmp_path: Path) -> None:
+def test_recipe_sweep_trains_each_variant_in_parallel_and_tabulates_val_and_test(
+    tiny_ham: Path, tmp_path: Path
+) -> None:
     data = tiny_ham
     out = tmp_path / "sweep"
-    args = [sys.executable, str(REPO / "experiments" / "real_sweep.py"), "--data", str(data), "--out", str(out),
-            "--parallel", "2", "--only", "e8_sampler", "e8_weighted"]
+    args = [
+        sys.executable,
+        str(REPO / "experiments" / "real_sweep.py"),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--parallel",
+        "2",
+        "--only",
+        "e8_sampler",
+        "e8_weighted",
+    ]
     for item in TINY:
         args += ["--set", item]
     env = {**os.environ, "MMLESION_CACHE": str(tmp_path / "cache")}
@@ -38,9 +61,18 @@ def test_recipe_sweep_trains_each_variant_in_parallel_and_tabulates_val_and_test
 
 def test_finetune_script_prints_both_balanced_accuracies_with_counts(tiny_ham: Path, tmp_path: Path) -> None:
     data = tiny_ham
-    args = [sys.executable, str(REPO / "experiments" / "real_finetune.py"), "--data", str(data),
-            "--config", str(REPO / "experiments" / "configs" / "real_end2end_cpu.toml"), "--out", str(tmp_path / "runs"),
-            "--models", "image_only"]
+    args = [
+        sys.executable,
+        str(REPO / "experiments" / "real_finetune.py"),
+        "--data",
+        str(data),
+        "--config",
+        str(REPO / "experiments" / "configs" / "real_end2end_cpu.toml"),
+        "--out",
+        str(tmp_path / "runs"),
+        "--models",
+        "image_only",
+    ]
     for item in TINY:
         args += ["--set", item]
     env = {**os.environ, "MMLESION_CACHE": str(tmp_path / "cache")}

@@ -1,4 +1,5 @@
 """Faithfulness measures on hand-made maps and on a planted case (a trained model with known evidence)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +7,20 @@ import pytest
 import torch
 
 from multimodal_lesion.errors import ConfigError
-from multimodal_lesion.explain import (BoundMetadata, GradCamExplainer, centre_map, curve_auc, energy_inside,
-                                       faithfulness_report, perturbation_curve, pointing_game, random_map,
-                                       randomisation_check, randomised_cams, randomised_copy)
+from multimodal_lesion.explain import (
+    BoundMetadata,
+    GradCamExplainer,
+    centre_map,
+    curve_auc,
+    energy_inside,
+    faithfulness_report,
+    perturbation_curve,
+    pointing_game,
+    random_map,
+    randomisation_check,
+    randomised_cams,
+    randomised_copy,
+)
 from multimodal_lesion.explain.faithfulness import cascading_randomisation
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -16,10 +28,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def test_true_map_beats_random_map_on_the_planted_case(planted) -> None:
     truth = planted.mask.astype(float)
-    for image, meta in zip(planted.images[:2], planted.meta[:2]):
+    for image, meta in zip(planted.images[:2], planted.meta[:2], strict=True):
         # zeros (the training mean) for both curves: a blurred bright square is still a bright square
-        report = faithfulness_report(planted.model, image, meta, truth, 1, mask=planted.mask, baseline="zero",
-                                     steps=10)
+        report = faithfulness_report(planted.model, image, meta, truth, 1, mask=planted.mask, baseline="zero", steps=10)
         assert report["map"]["deletion_auc"] < report["random"]["deletion_auc"] - 0.2
         assert report["map"]["insertion_auc"] > report["random"]["insertion_auc"] + 0.1
         assert report["map"]["pointing_game"] == 1.0 and report["map"]["energy_inside"] == 1.0
@@ -28,7 +39,7 @@ def test_true_map_beats_random_map_on_the_planted_case(planted) -> None:
 
 def test_cam_beats_random_and_centre_on_deletion(planted) -> None:
     cams = GradCamExplainer(planted.model).explain(planted.images[:2], planted.meta[:2], [1, 1])
-    for cam, image, meta in zip(cams, planted.images, planted.meta):
+    for cam, image, meta in zip(cams, planted.images, planted.meta, strict=True):
         report = faithfulness_report(planted.model, image, meta, cam, 1, mask=planted.mask, seed=1)
         assert report["map"]["deletion_auc"] < report["random"]["deletion_auc"]
         assert report["map"]["deletion_auc"] < report["centre"]["deletion_auc"]
@@ -85,7 +96,7 @@ def test_randomisation_check_is_a_rank_correlation() -> None:
     a = random_map((8, 8), seed=0)
     assert randomisation_check(a, a) == pytest.approx(1.0)
     assert randomisation_check(a, -a) == pytest.approx(-1.0)
-    assert randomisation_check(a, a ** 3) == pytest.approx(1.0)  # monotone: same ranks
+    assert randomisation_check(a, a**3) == pytest.approx(1.0)  # monotone: same ranks
     assert randomisation_check(a, np.zeros((8, 8))) == 0.0
 
 
@@ -100,8 +111,9 @@ def test_randomised_copy_reinitialises_only_the_backbone(planted) -> None:
     assert convs and all(not torch.equal(w, original[name].weight) for name, w in convs)
     steps = list(cascading_randomisation(model, seed=5))
     top = steps[0][1]
-    assert steps[0][0] == 1 and len(steps) == len([m for m in model.image_branch.model.children()
-                                                   if any(True for _ in m.parameters())])
+    assert steps[0][0] == 1 and len(steps) == len(
+        [m for m in model.image_branch.model.children() if any(True for _ in m.parameters())]
+    )
     new, old = top.image_branch.model, model.image_branch.model
     assert not torch.equal(new.layer4[0].conv1.weight, old.layer4[0].conv1.weight)  # top block re-initialised
     assert torch.equal(new.layer3[0].conv1.weight, old.layer3[0].conv1.weight)  # the rest kept

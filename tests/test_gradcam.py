@@ -1,7 +1,8 @@
 """Grad-CAM on real (small, random-weight) registered models: maps, binding, hooks, state, a planted case."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -59,7 +60,9 @@ def test_each_case_uses_its_own_metadata(gated: LesionModel, batch) -> None:
     targets = [2, 4, 5]
     explainer = GradCamExplainer(gated)
     together = explainer.explain(images, meta, targets)
-    alone = np.concatenate([explainer.explain(images[i:i + 1], meta[i:i + 1], targets[i:i + 1]) for i in range(3)])
+    alone = np.concatenate(
+        [explainer.explain(images[i : i + 1], meta[i : i + 1], targets[i : i + 1]) for i in range(3)]
+    )
     np.testing.assert_allclose(together, alone, atol=1e-5)
     swapped = explainer.explain(images[:1], meta[1:2], targets[:1])
     assert np.abs(swapped[0] - together[0]).max() > 1e-3  # the gate sees the metadata
@@ -71,8 +74,10 @@ def test_default_target_is_the_predicted_class(gated: LesionModel, batch) -> Non
         predicted = gated.eval()({"image": images, "meta": meta}).argmax(1).tolist()
     with GradCamExplainer(gated, "gradcam") as explainer:
         np.testing.assert_allclose(explainer.explain(images, meta), explainer.explain(images, meta, predicted))
-        assert not np.allclose(explainer.explain(images, meta, [(p + 1) % 7 for p in predicted]),
-                               explainer.explain(images, meta, predicted))
+        assert not np.allclose(
+            explainer.explain(images, meta, [(p + 1) % 7 for p in predicted]),
+            explainer.explain(images, meta, predicted),
+        )
 
 
 def test_works_under_no_grad_and_with_a_frozen_backbone(gated: LesionModel, batch) -> None:
@@ -96,7 +101,7 @@ def test_every_registered_model(name: str, batch, small_model: Callable[..., Les
             GradCamExplainer(model)
         return
     maps = GradCamExplainer(model).explain(images, meta if model.uses_meta else None, [0, 1, 2])
-    assert maps.shape == (3, H, W) and 0 <= maps.min() and maps.max() <= 1
+    assert maps.shape == (3, H, W) and maps.min() >= 0 and maps.max() <= 1
 
 
 def test_scorecam_binds_each_cases_metadata(gated: LesionModel, batch) -> None:
@@ -127,9 +132,8 @@ def test_exceptions_propagate_and_hooks_are_released(gated: LesionModel) -> None
     layer = gated.image_branch.default_target_layer()
     gated.train()
     for error in (RuntimeError, IndexError):  # the library's own __exit__ would swallow IndexError
-        with pytest.raises(error):
-            with GradCamExplainer(gated):
-                raise error("boom")
+        with pytest.raises(error), GradCamExplainer(gated):
+            raise error("boom")
         assert hooks_of(layer) == 0 and gated.training
     gated.eval()
 
@@ -145,7 +149,7 @@ def test_planted_square_gets_the_cam_energy(planted) -> None:
     area = planted.mask.mean()  # ~10% of the image
     height, width = planted.size
     quadrant = np.zeros(planted.size, dtype=bool)
-    quadrant[:height // 2, :width // 2] = True
+    quadrant[: height // 2, : width // 2] = True
     for cam in maps:
         assert energy_inside(cam, planted.mask) > 2.5 * area
         assert energy_inside(cam, quadrant) > 0.5

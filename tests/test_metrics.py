@@ -1,4 +1,5 @@
 """Metrics against scikit-learn computed directly, hand-checkable cases, edge cases; evaluation figures."""
+
 from __future__ import annotations
 
 import inspect

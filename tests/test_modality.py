@@ -1,7 +1,8 @@
 """Image versus metadata: exact 4-player Shapley values, captum cross-check, Integrated Gradients."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -30,18 +31,25 @@ def data(patients: Callable[[int, int], pd.DataFrame]) -> dict:
     train, cases = patients(80, 0), patients(5, 1)
     encoder = MetadataEncoder().fit(train)
     rng = np.random.default_rng(3)
-    return {"groups": encoder.feature_groups_, "dim": len(encoder.get_feature_names_out()),
-            "bg_meta": encoder.transform(train.iloc[:20]), "meta": encoder.transform(cases),
-            "bg_emb": rng.normal(size=(20, 512)).astype(np.float32),
-            "emb": (rng.normal(size=(5, 512)) * 1.5).astype(np.float32)}
+    return {
+        "groups": encoder.feature_groups_,
+        "dim": len(encoder.get_feature_names_out()),
+        "bg_meta": encoder.transform(train.iloc[:20]),
+        "meta": encoder.transform(cases),
+        "bg_emb": rng.normal(size=(20, 512)).astype(np.float32),
+        "emb": (rng.normal(size=(5, 512)) * 1.5).astype(np.float32),
+    }
 
 
 @pytest.fixture(scope="module")
-def model_for(data: dict, small_model: Callable[..., LesionModel],
-              confident: Callable[[LesionModel], LesionModel]) -> ModelFor:
+def model_for(
+    data: dict, small_model: Callable[..., LesionModel], confident: Callable[[LesionModel], LesionModel]
+) -> ModelFor:
     """Registered model ``name``, small, with confident heads, sized for ``data``'s metadata."""
+
     def build(name: str) -> LesionModel:
         return confident(small_model(name, meta_dim=data["dim"]))
+
     return build
 
 
@@ -79,15 +87,18 @@ def test_agrees_with_captum_shapley_values(name: str, data: dict, model_for: Mod
     attr = ShapleyValues(lambda e, m: torch.softmax(model.forward_head(e, m), -1)).attribute(
         (torch.as_tensor(data["emb"]).double(), torch.as_tensor(data["meta"]).double()),
         baselines=(torch.as_tensor(bg_emb).double(), torch.as_tensor(bg_meta).double()),
-        target=res.targets.tolist(), feature_mask=mask)
+        target=res.targets.tolist(),
+        feature_mask=mask,
+    )
     first_column = [data["groups"][g][0] for g in PLAYERS[1:]]
     captum_values = torch.cat([attr[0][:, :1], attr[1][:, first_column]], 1).double().numpy()
     assert np.abs(res.values).max() > 0.01
     np.testing.assert_allclose(res.values, captum_values, atol=1e-6)
 
 
-def test_patient_players_match_grouped_shap_when_the_image_is_ignored(metadata_only_model: str, data: dict,
-                                                                       model_for: ModelFor) -> None:
+def test_patient_players_match_grouped_shap_when_the_image_is_ignored(
+    metadata_only_model: str, data: dict, model_for: ModelFor
+) -> None:
     """Same output space: for a model that ignores the image, the 4-player values are the 3-group SHAP values."""
     model = model_for(metadata_only_model)
     res = modality_shapley(model, None, data["meta"], None, data["bg_meta"], data["groups"])
@@ -119,8 +130,16 @@ def test_integrated_gradients_completeness(name: str, data: dict, model_for: Mod
     model = model_for(name).double()
     base_emb, base_meta = data["bg_emb"].mean(0), data["bg_meta"].mean(0)
     res = modality_shapley(model, data["emb"], data["meta"], data["bg_emb"], data["bg_meta"], data["groups"])
-    ig = integrated_gradients(model, data["emb"], data["meta"], res.targets.tolist(), baseline_embedding=base_emb,
-                              baseline_meta=base_meta, groups=data["groups"], n_steps=128)
+    ig = integrated_gradients(
+        model,
+        data["emb"],
+        data["meta"],
+        res.targets.tolist(),
+        baseline_embedding=base_emb,
+        baseline_meta=base_meta,
+        groups=data["groups"],
+        n_steps=128,
+    )
     assert ig.players == PLAYERS and ig.values.shape == (5, 4)
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
 """Registered models: one forward path, heads sized from declared widths, real dependence on the inputs."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,7 @@ import torch.nn.functional as F
 
 from multimodal_lesion.config import AblationConfig, ModelConfig
 from multimodal_lesion.errors import ConfigError
-from multimodal_lesion.models import (ImageBranch, LesionModel, create_model, list_models,
-                                      model_description)
+from multimodal_lesion.models import ImageBranch, LesionModel, create_model, list_models, model_description
 
 #: Registered model -> what it reads (conftest's ``model_inputs``): a subset of {"image", "meta"}.
 InputsByModel = dict[str, frozenset[str]]
@@ -16,8 +16,7 @@ InputsByModel = dict[str, frozenset[str]]
 META_DIM = 12
 BATCH = 4
 IMAGE_SHAPE = (3, 48, 64)  # small real images: (C, H, W)
-CFG = ModelConfig(backbone="tf_efficientnet_lite0", weights="none", meta_hidden=16, head_hidden=32,
-                  dropout=0.1)
+CFG = ModelConfig(backbone="tf_efficientnet_lite0", weights="none", meta_hidden=16, head_hidden=32, dropout=0.1)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -33,8 +32,11 @@ def branch() -> ImageBranch:
 def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     meta = torch.randn(BATCH, META_DIM, generator=g)
-    return {"image": torch.randn(BATCH, *IMAGE_SHAPE, generator=g), "meta": meta,
-            "target": torch.randint(0, 7, (BATCH,), generator=g)}
+    return {
+        "image": torch.randn(BATCH, *IMAGE_SHAPE, generator=g),
+        "meta": meta,
+        "target": torch.randint(0, 7, (BATCH,), generator=g),
+    }
 
 
 def build(name: str, branch: ImageBranch) -> LesionModel:
@@ -188,11 +190,13 @@ def test_multiscale_width_adds_the_pooled_earlier_stages(backbone: str, width: i
     assert embedding.shape == (2, branch.num_features)
     torch.testing.assert_close(embedding[:, :width], single)  # the final embedding comes first
     assert not branch.model._forward_hooks and all(
-        not m._forward_hooks for m in branch.model.modules())  # capture hooks were removed
+        not m._forward_hooks for m in branch.model.modules()
+    )  # capture hooks were removed
 
 
-@pytest.mark.parametrize("backbone,layer", [("resnet18", "layer4"), ("tf_efficientnet_lite0", "bn2"),
-                                            ("mobilenetv3_small_050", "blocks.5")])
+@pytest.mark.parametrize(
+    "backbone,layer", [("resnet18", "layer4"), ("tf_efficientnet_lite0", "bn2"), ("mobilenetv3_small_050", "blocks.5")]
+)
 def test_default_target_layer_outputs_the_last_feature_map(backbone: str, layer: str) -> None:
     branch = ImageBranch(backbone).eval()
     target = branch.default_target_layer()
@@ -212,7 +216,7 @@ def test_default_target_layer_outputs_the_last_feature_map(backbone: str, layer:
 
 
 def test_bad_backbones_and_meta_dims_are_config_errors(branch: ImageBranch) -> None:
-    with pytest.raises(ConfigError, match="unknown timm backbone 'resnet81'.*resnet18"):
+    with pytest.raises(ConfigError, match=r"unknown timm backbone 'resnet81'.*resnet18"):
         ImageBranch("resnet81")
     with pytest.raises(ConfigError, match="meta_dim >= 1"):
         create_model("gated", meta_dim=0, image_branch=branch)

@@ -5,6 +5,7 @@ packages are the ones used, whatever kernelspecs the machine has), on the synthe
 real-data variable is removed from the kernel's environment), with caches and outputs in temp
 folders. The kernel reports its ``sys.prefix`` and CPU seconds in an appended cell.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,20 +25,33 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 KERNEL_NAME = "mmlesion-test-python"
 TIMEOUT_S = 900  # per cell; each notebook takes ~1-3 min on two idle cores
-PROBE = "import json, resource, sys\n" \
-        "_usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]\n" \
-        "print('KERNEL_PROBE ' + json.dumps({'prefix': sys.prefix, " \
-        "'cpu_s': sum(u.ru_utime + u.ru_stime for u in _usage)}))"
+PROBE = (
+    "import json, resource, sys\n"
+    "_usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]\n"
+    "print('KERNEL_PROBE ' + json.dumps({'prefix': sys.prefix, "
+    "'cpu_s': sum(u.ru_utime + u.ru_stime for u in _usage)}))"
+)
 
 #: Per notebook: files it must write under its output folder, and text its outputs must contain.
 EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "01_eda.ipynb": (("eda/summary.json", "eda/missing_values.csv", "eda/class_counts.png", "eda/age_by_class.png"),
-                     ("lesions have several images", "lesions in more than one split: 0")),
-    "02_ablation.ipynb": (("ablation/summary.md", "ablation/comparison.csv", "ablation/subgroups.md",
-                           "ablation/per_class_sensitivity.csv", "ablation/balanced_accuracy.png"),
-                          ("ablation done in", "balanced accuracy vs image_only")),
-    "03_explanations.ipynb": (("run/best.pt", "run/metrics.json", "report/index.html", "report/explanations.json"),
-                              ("recomputed SHAP values equal the report's", "planted signal recovered: age ranks first")),
+    "01_eda.ipynb": (
+        ("eda/summary.json", "eda/missing_values.csv", "eda/class_counts.png", "eda/age_by_class.png"),
+        ("lesions have several images", "lesions in more than one split: 0"),
+    ),
+    "02_ablation.ipynb": (
+        (
+            "ablation/summary.md",
+            "ablation/comparison.csv",
+            "ablation/subgroups.md",
+            "ablation/per_class_sensitivity.csv",
+            "ablation/balanced_accuracy.png",
+        ),
+        ("ablation done in", "balanced accuracy vs image_only"),
+    ),
+    "03_explanations.ipynb": (
+        ("run/best.pt", "run/metrics.json", "report/index.html", "report/explanations.json"),
+        ("recomputed SHAP values equal the report's", "planted signal recovered: age ranks first"),
+    ),
 }
 
 #: Code that would mean a notebook trains or defines a model itself instead of calling the package.
@@ -47,8 +61,13 @@ MODEL_CODE = re.compile(r"^\s*class\s|nn\.Module|torch\.optim|\.backward\(|def f
 def repo_notebooks() -> list[Path]:
     """Every notebook in the repository: tracked or untracked-but-not-ignored (git), else a folder walk."""
     try:
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", "*.ipynb"],
-                                cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", "*.ipynb"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
         paths = [ROOT / p for p in listed]
     except (OSError, subprocess.CalledProcessError):
         paths = [p for p in ROOT.rglob("*.ipynb") if not any(s.startswith(".") for s in p.relative_to(ROOT).parts)]
@@ -94,8 +113,11 @@ def kernel_spec_dir(tmp_path_factory) -> Path:
     """A kernelspec that starts ipykernel with this interpreter (not whatever "python3" resolves to)."""
     folder = tmp_path_factory.mktemp("kernels")
     (folder / KERNEL_NAME).mkdir()
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "multimodal_lesion tests", "language": "python"}
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "multimodal_lesion tests",
+        "language": "python",
+    }
     (folder / KERNEL_NAME / "kernel.json").write_text(json.dumps(spec))
     return folder
 
@@ -114,10 +136,13 @@ def execute(path: Path, workdir: Path, env: dict[str, str], spec_dir: Path) -> t
 
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
-    km = KernelManager(kernel_name=KERNEL_NAME,
-                       kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir)], ensure_native_kernel=False))
-    client = NotebookClient(nb, km=km, timeout=TIMEOUT_S, kernel_name=KERNEL_NAME,
-                            resources={"metadata": {"path": str(workdir)}})
+    km = KernelManager(
+        kernel_name=KERNEL_NAME,
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir)], ensure_native_kernel=False),
+    )
+    client = NotebookClient(
+        nb, km=km, timeout=TIMEOUT_S, kernel_name=KERNEL_NAME, resources={"metadata": {"path": str(workdir)}}
+    )
     client.execute(env=env)
     probe = next(o.text for o in nb.cells[-1].outputs if o.output_type == "stream" and "KERNEL_PROBE" in o.text)
     return nb, json.loads(probe.split("KERNEL_PROBE ", 1)[1])
@@ -128,14 +153,22 @@ def output_text(nb: nbformat.NotebookNode) -> str:
     parts = []
     for cell in code_cells(nb):
         for out in cell.outputs:
-            parts.append(out.get("text", "") if out.output_type == "stream" else out.get("data", {}).get("text/plain", ""))
+            parts.append(
+                out.get("text", "") if out.output_type == "stream" else out.get("data", {}).get("text/plain", "")
+            )
     return "\n".join(parts)
 
 
 def kernel_env(cache: Path, out: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != DATA_ENV}
-    env.update(MMLESION_CACHE=str(cache), MMLESION_NB_OUT=str(out), HF_HUB_OFFLINE="1", MPLBACKEND="Agg",
-               PYTHONWARNINGS="ignore::DeprecationWarning", **extra)
+    env.update(
+        MMLESION_CACHE=str(cache),
+        MMLESION_NB_OUT=str(out),
+        HF_HUB_OFFLINE="1",
+        MPLBACKEND="Agg",
+        PYTHONWARNINGS="ignore::DeprecationWarning",
+        **extra,
+    )
     return env
 
 
@@ -166,7 +199,7 @@ def test_notebook_runs(name: str, tmp_path: Path, shared_cache: Path, kernel_spe
 def test_eda_notebook_runs_on_real_data(real_data_root: Path, tmp_path: Path, kernel_spec_dir: Path):
     out = tmp_path / "out"
     env = kernel_env(tmp_path / "cache", out, **{DATA_ENV: str(real_data_root)})
-    nb, probe = execute(NOTEBOOK_DIR / "01_eda.ipynb", tmp_path, env, kernel_spec_dir)
+    nb, _ = execute(NOTEBOOK_DIR / "01_eda.ipynb", tmp_path, env, kernel_spec_dir)
     text = output_text(nb)
     assert "real HAM10000: 10,015 images of 7,470 lesions" in text
     assert "1,956 of 7,470 lesions have several images" in text

@@ -4,6 +4,7 @@ The browser is Debian's ``chromium`` driven by Playwright (the ``chromium`` / ``
 fixtures in conftest.py): every image must load, the console stay quiet, nothing but ``file:`` /
 ``data:`` be requested, and hostile metadata stay inert text.
 """
+
 from __future__ import annotations
 
 import base64
@@ -39,6 +40,7 @@ COHORT_FIGURES = ("beeswarm", "shap_bar", "modality_by_class")
 
 
 # ----------------------------------------------------------------------------- real inputs
+
 
 def _lesion_png(path: Path, seed: int, size: tuple[int, int] = (300, 225)) -> Path:
     """A small dermoscopy-like PNG: skin-coloured background, a dark blob."""
@@ -84,16 +86,30 @@ def make_cohort(text: str = "", cases: list[CaseExplanation] | None = None) -> C
     """A valid cohort; ``text`` is appended to every free-text field (hostile tests)."""
     return CohortExplanation(
         title=f"Explanations: concat / resnet18 {text}",
-        provenance={"model": f"concat{text}", "backbone": "resnet18", "weights": "none", "run folder": "/runs/a",
-                    "data fingerprint": "0123abcd", "split": "test", "n cases": "3",
-                    "versions": {"torch": "2.4.0", "shap": "0.46.0"}, f"key{text}": f"value{text}"},  # type: ignore[dict-item]
+        provenance={
+            "model": f"concat{text}",
+            "backbone": "resnet18",
+            "weights": "none",
+            "run folder": "/runs/a",
+            "data fingerprint": "0123abcd",
+            "split": "test",
+            "n cases": "3",
+            "versions": {"torch": "2.4.0", "shap": "0.46.0"},
+            f"key{text}": f"value{text}",
+        },  # type: ignore[dict-item]
         cases=cases or [],
-        mean_abs_shap={**{c: {"age": 0.01 * i, "sex": 0.02, "localization": 0.04 * i} for i, c in enumerate(CLASSES)},
-                       "all": {"age": 0.031, "sex": 0.02, "localization": 0.123}},
-        modality_share={**{c: {"image": 0.6, "age": 0.1, "sex": 0.05, "localization": 0.25} for c in CLASSES},
-                        "all": {"image": 0.55, "age": 0.15, "sex": 0.05, "localization": 0.25}},
-        faithfulness=[FaithfulnessRow("deletion AUC (lower is better)", 0.212, 0.341, 0.254, f"n=3{text}"),
-                      FaithfulnessRow("pointing game", 0.8, None, 0.6, "cases with a mask")],
+        mean_abs_shap={
+            **{c: {"age": 0.01 * i, "sex": 0.02, "localization": 0.04 * i} for i, c in enumerate(CLASSES)},
+            "all": {"age": 0.031, "sex": 0.02, "localization": 0.123},
+        },
+        modality_share={
+            **{c: {"image": 0.6, "age": 0.1, "sex": 0.05, "localization": 0.25} for c in CLASSES},
+            "all": {"image": 0.55, "age": 0.15, "sex": 0.05, "localization": 0.25},
+        },
+        faithfulness=[
+            FaithfulnessRow("deletion AUC (lower is better)", 0.212, 0.341, 0.254, f"n=3{text}"),
+            FaithfulnessRow("pointing game", 0.8, None, 0.6, "cases with a mask"),
+        ],
         notes=["Background: 100 training cases.", f"note{text}"],
     )
 
@@ -104,10 +120,14 @@ def make_case(k: int, image_id: str, text: str = "") -> CaseExplanation:
     predicted = CLASSES[int(probs.argmax())]
     shap = {"age": 0.02, "sex": -0.01, "localization": 0.11 + 0.01 * k}
     return CaseExplanation(
-        image_id=image_id, true_label=(f"mel{text}" if text else CLASSES[k % 7]) if k != 1 else None,
-        target_class=predicted, probabilities=dict(zip(CLASSES, probs.tolist(), strict=True)),
+        image_id=image_id,
+        true_label=(f"mel{text}" if text else CLASSES[k % 7]) if k != 1 else None,
+        target_class=predicted,
+        probabilities=dict(zip(CLASSES, probs.tolist(), strict=True)),
         patient={"age": "45", "sex": f"male{text}", "localization": f"back{text}"},
-        shap=shap, shap_base_value=0.3, model_output=0.3 + sum(shap.values()),
+        shap=shap,
+        shap_base_value=0.3,
+        model_output=0.3 + sum(shap.values()),
         modality={"image": 0.2, **shap},
         faithfulness={"deletion_auc": 0.2, "insertion_auc": 0.61, "pointing_game": True},
     )
@@ -115,9 +135,10 @@ def make_case(k: int, image_id: str, text: str = "") -> CaseExplanation:
 
 def make_figures(figs: Path, cases: list[CaseExplanation]) -> ReportFigures:
     """The real PNG files of the cohort and of each case (case k gets the k-th set)."""
-    return ReportFigures(cohort={name: figs / f"{name}.png" for name in COHORT_FIGURES},
-                         cases={c.image_id: {name: figs / f"case{k}_{name}.png" for name in CASE_FIGURES}
-                                for k, c in enumerate(cases)})
+    return ReportFigures(
+        cohort={name: figs / f"{name}.png" for name in COHORT_FIGURES},
+        cases={c.image_id: {name: figs / f"case{k}_{name}.png" for name in CASE_FIGURES} for k, c in enumerate(cases)},
+    )
 
 
 def render(out: Path, figs: Path, cases: list[CaseExplanation], text: str = "") -> Path:
@@ -144,6 +165,7 @@ def hostile_report(tmp_path_factory: pytest.TempPathFactory, figure_dir: Path) -
 
 
 # ----------------------------------------------------------------------------- HTML parsing
+
 
 class _Tags(HTMLParser):
     """Every start tag with its attributes, and the page's text."""
@@ -178,6 +200,7 @@ def _local_links(page: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- files and source
 
+
 def test_report_writes_index_and_one_page_per_case_with_working_links(report):
     index, cases = report
     pages = sorted((index.parent / "cases").glob("*.html"))
@@ -210,22 +233,56 @@ def test_report_is_self_contained(report, figure_dir):
 def test_report_shows_full_class_names_tables_and_provenance(report):
     index, cases = report
     text = " ".join(parse(index).text)
-    for needle in (CLASS_NAMES["mel"], CLASS_NAMES["nv"], "All cases", "deletion AUC (lower is better)", "0.341",
-                   "0123abcd", "torch: 2.4.0; shap: 0.46.0", "localization (+0.110)", "59%", cases[0].image_id):
+    for needle in (
+        CLASS_NAMES["mel"],
+        CLASS_NAMES["nv"],
+        "All cases",
+        "deletion AUC (lower is better)",
+        "0.341",
+        "0123abcd",
+        "torch: 2.4.0; shap: 0.46.0",
+        "localization (+0.110)",
+        "59%",
+        cases[0].image_id,
+    ):
         assert needle in text, needle
     case_text = " ".join(parse(index.parent / "cases" / case_page_name(cases[0].image_id)).text)
     probs = cases[0].probabilities
     predicted = max(probs, key=probs.__getitem__)
-    for needle in (CLASS_NAMES[predicted], f"{probs[predicted]:.3f}", "Base + sum of SHAP", "0.420",
-                   "back", "pointing_game", "yes"):
+    for needle in (
+        CLASS_NAMES[predicted],
+        f"{probs[predicted]:.3f}",
+        "Base + sum of SHAP",
+        "0.420",
+        "back",
+        "pointing_game",
+        "yes",
+    ):
         assert needle in case_text, needle
-    widths = [a["style"] for t, a in parse(index.parent / "cases" / case_page_name(cases[0].image_id)).tags
-              if t == "span" and "width" in (a.get("style") or "")]
+    widths = [
+        a["style"]
+        for t, a in parse(index.parent / "cases" / case_page_name(cases[0].image_id)).tags
+        if t == "span" and "width" in (a.get("style") or "")
+    ]
     assert len(widths) >= len(CLASSES)
 
 
-@pytest.mark.parametrize("image_id", ["ISIC_0024306", "../../etc/passwd", "a/b\\c", "<script>x</script>", "",
-                                      ".hidden", "-rf", "CON", "é" * 80, "x" * 500, "a\x00b"])
+@pytest.mark.parametrize(
+    "image_id",
+    [
+        "ISIC_0024306",
+        "../../etc/passwd",
+        "a/b\\c",
+        "<script>x</script>",
+        "",
+        ".hidden",
+        "-rf",
+        "CON",
+        "é" * 80,
+        "x" * 500,
+        "a\x00b",
+    ],
+)
 def test_case_page_names_are_safe_for_hostile_ids(image_id):
     name = case_page_name(image_id)
     assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,39}-[0-9a-f]{10}\.html", name), name
@@ -234,11 +291,14 @@ def test_case_page_names_are_safe_for_hostile_ids(image_id):
 
 
 def test_hostile_strings_are_escaped_in_source(hostile_report):
-    index, cases = hostile_report
+    index, _ = hostile_report
     pages = _pages(index)
     assert len(pages) == 1 + len(HOSTILE_IDS)
-    assert all(p.resolve().parent in (index.parent.resolve(), (index.parent / "cases").resolve())
-               for p in index.parent.rglob("*") if p.is_file())
+    assert all(
+        p.resolve().parent in (index.parent.resolve(), (index.parent / "cases").resolve())
+        for p in index.parent.rglob("*")
+        if p.is_file()
+    )
     for page in pages:
         source = page.read_text(encoding="utf-8")
         parsed = parse(page)
@@ -275,16 +335,21 @@ def test_markup_objects_from_data_are_still_escaped(tmp_path, figure_dir):
     assert "&lt;b&gt;sneaky&lt;/b&gt;" in index.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda cohort, figs: figs.cases["ISIC_0"].update(image=Path("/nonexistent/img.png")), "nonexistent/img.png"),
-    (lambda cohort, figs: figs.cohort.update(beeswarm=Path(__file__)), "is not a PNG or JPEG"),
-    (lambda cohort, figs: setattr(cohort.cases[1], "image_id", "ISIC_0"), "duplicate image_id"),
-    (lambda cohort, figs: cohort.cases.__setitem__(1, {"image_id": "ISIC_1"}),
-     "case 1: expected a CaseExplanation, got dict"),
-    (lambda cohort, figs: cohort.cases[0].probabilities.update(mel="high"), "probabilities['mel']"),
-    (lambda cohort, figs: cohort.mean_abs_shap["all"].update(age="x"), "mean_abs_shap['all']['age']"),
-    (lambda cohort, figs: cohort.faithfulness.append({"metric": "x"}), "faithfulness[2] must be a FaithfulnessRow"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda cohort, figs: figs.cases["ISIC_0"].update(image=Path("/nonexistent/img.png")), "nonexistent/img.png"),
+        (lambda cohort, figs: figs.cohort.update(beeswarm=Path(__file__)), "is not a PNG or JPEG"),
+        (lambda cohort, figs: setattr(cohort.cases[1], "image_id", "ISIC_0"), "duplicate image_id"),
+        (
+            lambda cohort, figs: cohort.cases.__setitem__(1, {"image_id": "ISIC_1"}),
+            "case 1: expected a CaseExplanation, got dict",
+        ),
+        (lambda cohort, figs: cohort.cases[0].probabilities.update(mel="high"), "probabilities['mel']"),
+        (lambda cohort, figs: cohort.mean_abs_shap["all"].update(age="x"), "mean_abs_shap['all']['age']"),
+        (lambda cohort, figs: cohort.faithfulness.append({"metric": "x"}), "faithfulness[2] must be a FaithfulnessRow"),
+    ],
+)
 def test_bad_report_input_fails_with_a_clear_error(tmp_path, figure_dir, breakage, message):
     cases = [make_case(k, f"ISIC_{k}") for k in range(2)]
     cohort, figures = make_cohort(cases=cases), make_figures(figure_dir, cases)
@@ -321,9 +386,11 @@ def broken_images(images: list[dict]) -> list[str]:
 def test_browser_harness_catches_errors_broken_images_network_and_dialogs(chromium_page, tmp_path):
     """The harness itself: a page that misbehaves is reported as misbehaving (so 'no errors' means something)."""
     bad = tmp_path / "bad.html"
-    bad.write_text("<!DOCTYPE html><title>bad</title><h1>x</h1><img src='missing.png'>"
-                   "<script>console.error('boom'); setTimeout(() => { throw new Error('late') }, 0);"
-                   "fetch('http://example.invalid/x').catch(() => {}); alert('pwned');</script>")
+    bad.write_text(
+        "<!DOCTYPE html><title>bad</title><h1>x</h1><img src='missing.png'>"
+        "<script>console.error('boom'); setTimeout(() => { throw new Error('late') }, 0);"
+        "fetch('http://example.invalid/x').catch(() => {}); alert('pwned');</script>"
+    )
     chromium_page.open(bad)
     page = chromium_page.page
     assert page.title() == "bad" and broken_images(page.evaluate(IMAGES_JS)) == [(tmp_path / "missing.png").as_uri()]
@@ -359,11 +426,10 @@ def test_browser_is_always_ended(launch_chromium):
         assert any("chromium" in p.name() for p in processes), processes
     assert not browser.is_connected() and running(processes) == []
 
-    with pytest.raises(RuntimeError, match="test failed"):
-        with launch_chromium() as browser:
-            processes = started()
-            assert browser.new_page().evaluate("2 + 2") == 4
-            raise RuntimeError("test failed")
+    with pytest.raises(RuntimeError, match="test failed"), launch_chromium() as browser:
+        processes = started()
+        assert browser.new_page().evaluate("2 + 2") == 4
+        raise RuntimeError("test failed")
     assert processes and running(processes) == []
 
 
@@ -415,8 +481,10 @@ def test_hostile_metadata_is_inert_in_chromium(hostile_report, chromium_page):
         _assert_clean(chromium_page, len(COHORT_FIGURES) if path == index else len(CASE_FIGURES))
         assert page.evaluate("typeof window.__pwned") == "undefined"
         assert page.evaluate("document.scripts.length") == 0
-        assert page.evaluate(
-            "document.querySelectorAll('[onerror],[onload],[onclick],svg,iframe,object,embed').length") == 0
+        assert (
+            page.evaluate("document.querySelectorAll('[onerror],[onload],[onclick],svg,iframe,object,embed').length")
+            == 0
+        )
         assert page.evaluate("Array.from(document.images).every(i => i.src.startsWith('data:image/png;base64,'))")
         assert page.evaluate("Array.from(document.links).every(a => a.protocol === 'file:')")
         assert PAYLOADS[0] in page.evaluate("document.body.innerText")  # visible, as text

@@ -4,6 +4,7 @@
 - same seed, data and config give byte-identical metrics in two processes (CPU);
 - a crash leaves no half-written artefact under a final name (and no stray temp file after resuming).
 """
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import pytest
@@ -33,8 +34,13 @@ def check_complete(path: Path) -> None:
 
     from multimodal_lesion.runs import load_checkpoint
 
-    readers = {".pt": load_checkpoint, ".json": lambda p: json.loads(p.read_text()), ".csv": pd.read_csv,
-               ".toml": lambda p: tomllib.loads(p.read_text()), ".png": lambda p: Image.open(p).load()}
+    readers = {
+        ".pt": load_checkpoint,
+        ".json": lambda p: json.loads(p.read_text()),
+        ".csv": pd.read_csv,
+        ".toml": lambda p: tomllib.loads(p.read_text()),
+        ".png": lambda p: Image.open(p).load(),
+    }
     readers.get(path.suffix, lambda p: None)(path)
 
 
@@ -46,6 +52,7 @@ def state_dicts_equal(a: Path, b: Path) -> bool:
 
 
 # --- one set of real runs: an uninterrupted one (conftest's end2end_run), a second one, a killed one ---
+
 
 @dataclass
 class Runs:
@@ -73,8 +80,7 @@ with atomic_write(sys.argv[1]) as fh:
 
 
 @pytest.fixture(scope="module")
-def runs(cli, end2end_run, temp_files: Callable[[Path], list[str]],
-         tmp_path_factory: pytest.TempPathFactory) -> Runs:
+def runs(cli, end2end_run, temp_files: Callable[[Path], list[str]], tmp_path_factory: pytest.TempPathFactory) -> Runs:
     """Two uninterrupted runs (separate processes) and one killed mid-epoch, damaged, then resumed."""
     base = tmp_path_factory.mktemp("runs")
     r = Runs(end2end_run.folder, base / "second", base / "resumed", end2end_run.epochs)
@@ -93,7 +99,7 @@ def runs(cli, end2end_run, temp_files: Callable[[Path], list[str]],
             try:
                 check_complete(path)
                 r.after_kill[path.name] = ""
-            except Exception as exc:  # noqa: BLE001 - recorded and asserted in a test
+            except Exception as exc:
                 r.after_kill[path.name] = f"{type(exc).__name__}: {exc}"
     r.temp_after_kill = temp_files(r.resumed)
 

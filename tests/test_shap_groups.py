@@ -1,7 +1,8 @@
 """Grouped SHAP of the patient features: exactness, additivity, KernelExplainer agreement, plots, speed."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -31,8 +32,13 @@ def encoded(patients: Patients) -> dict:
     """A fitted MetadataEncoder, 20 background rows from 'training', 6 cases with their raw values."""
     train, cases = patients(80, 0), patients(6, 1)
     encoder = MetadataEncoder().fit(train)
-    return {"groups": encoder.feature_groups_, "background": encoder.transform(train.iloc[:20]),
-            "meta": encoder.transform(cases), "raw": cases, "dim": len(encoder.get_feature_names_out())}
+    return {
+        "groups": encoder.feature_groups_,
+        "background": encoder.transform(train.iloc[:20]),
+        "meta": encoder.transform(cases),
+        "raw": cases,
+        "dim": len(encoder.get_feature_names_out()),
+    }
 
 
 def embeddings(model: LesionModel, n: int, seed: int = 0) -> np.ndarray | None:
@@ -41,8 +47,9 @@ def embeddings(model: LesionModel, n: int, seed: int = 0) -> np.ndarray | None:
     return np.random.default_rng(seed).normal(size=(n, model.image_branch.num_features)).astype(np.float32)
 
 
-def switch_game(model: LesionModel, emb: np.ndarray | None, meta: np.ndarray, background: np.ndarray,
-                groups: dict, target: int):
+def switch_game(
+    model: LesionModel, emb: np.ndarray | None, meta: np.ndarray, background: np.ndarray, groups: dict, target: int
+):
     """f(z) for z in {0,1}^3: group g from the case when z_g = 1, else from each background row (mean)."""
     owns = group_columns(groups, background.shape[1])
 
@@ -55,6 +62,7 @@ def switch_game(model: LesionModel, emb: np.ndarray | None, meta: np.ndarray, ba
                 p = torch.softmax(model.eval().forward_head(e, torch.as_tensor(x)).double(), -1)[:, target]
             out.append(p.mean().item())
         return np.array(out)
+
     return f
 
 
@@ -80,8 +88,9 @@ def test_agrees_with_kernel_explainer(encoded: dict, small_model: SmallModel, co
     exp = explainer.explain(emb, meta)
     assert np.abs(exp.values).max() > 0.05
     for i, target in enumerate(targets):
-        kernel = shap.KernelExplainer(switch_game(model, emb[i], meta[i], bg, encoded["groups"], target),
-                                      np.zeros((1, 3)))
+        kernel = shap.KernelExplainer(
+            switch_game(model, emb[i], meta[i], bg, encoded["groups"], target), np.zeros((1, 3))
+        )
         values = kernel.shap_values(np.ones((1, 3)), silent=True, l1_reg=False)
         np.testing.assert_allclose(values[0], exp.values[i], atol=1e-4)
         assert abs(kernel.expected_value - exp.base_values[i]) < 1e-6
@@ -92,8 +101,12 @@ def test_explanation_plots_directly(encoded: dict, small_model: SmallModel) -> N
     explainer = GroupShapExplainer(model, encoded["background"], encoded["groups"])
     exp = explainer.explain(embeddings(model, 6), encoded["meta"], raw=encoded["raw"])
     assert exp.data[0, 1] == encoded["raw"].sex.iloc[0]
-    for plot in (lambda: shap.plots.waterfall(exp[0], show=False), lambda: shap.plots.bar(exp, show=False),
-                 lambda: shap.plots.bar(exp[1], show=False), lambda: shap.plots.beeswarm(exp, show=False)):
+    for plot in (
+        lambda: shap.plots.waterfall(exp[0], show=False),
+        lambda: shap.plots.bar(exp, show=False),
+        lambda: shap.plots.bar(exp[1], show=False),
+        lambda: shap.plots.beeswarm(exp, show=False),
+    ):
         plot()
         plt.close("all")
     bare = explainer.explain(embeddings(model, 6), encoded["meta"])
@@ -115,9 +128,10 @@ def test_predicted_class_by_default_and_explicit_targets(encoded: dict, small_mo
 def test_one_batched_head_call_and_no_backbone(encoded: dict, small_model: SmallModel) -> None:
     model = small_model("concat", meta_dim=encoded["dim"])
     calls = {"head": 0, "backbone": 0}
-    handles = [model.head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1)),
-               model.image_branch.register_forward_pre_hook(
-                   lambda *_: calls.__setitem__("backbone", calls["backbone"] + 1))]
+    handles = [
+        model.head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1)),
+        model.image_branch.register_forward_pre_hook(lambda *_: calls.__setitem__("backbone", calls["backbone"] + 1)),
+    ]
     explainer = GroupShapExplainer(model, encoded["background"], encoded["groups"])
     explainer.explain(embeddings(model, 6), encoded["meta"])
     for h in handles:
@@ -134,13 +148,14 @@ def test_planted_feature_ranks_first(metadata_only_model: str, small_model: Smal
     model = small_model(metadata_only_model, meta_dim=x.shape[1], num_classes=2)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(150):
-        loss = torch.nn.functional.cross_entropy(model.train()(({"meta": x})), y)
+        loss = torch.nn.functional.cross_entropy(model.train()({"meta": x}), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
     cases = train.iloc[-20:]
     exp = GroupShapExplainer(model, encoder.transform(train.iloc[:30]), encoder.feature_groups_).explain(
-        None, encoder.transform(cases))
+        None, encoder.transform(cases)
+    )
     assert (np.abs(exp.values).argmax(1) == 1).all()
 
 

@@ -1,9 +1,10 @@
 """Lesion-grouped, dx-stratified splits and folds: disjoint, reproducible, proportional."""
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -74,10 +75,16 @@ def test_mixed_dx_lesion_stays_together(meta: pd.DataFrame) -> None:
     assert out.loc[out.lesion_id == lesion, "split"].nunique() == 1
 
 
-@pytest.mark.parametrize("kwargs,key", [
-    (dict(test_size=1.2), "test_size"), (dict(val_size=-0.1), "val_size"), (dict(folds=1), "folds"),
-    (dict(test_size=0.5, val_size=0.5), "test_size + val_size"), (dict(folds=2.5), "folds"),
-])
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        (dict(test_size=1.2), "test_size"),
+        (dict(val_size=-0.1), "val_size"),
+        (dict(folds=1), "folds"),
+        (dict(test_size=0.5, val_size=0.5), "test_size + val_size"),
+        (dict(folds=2.5), "folds"),
+    ],
+)
 def test_bad_sizes_name_the_key(meta: pd.DataFrame, kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=f"^{key.replace('+', '[+]')}:"):
         split_lesions(meta, **kwargs)
@@ -112,9 +119,11 @@ def test_rare_class_warns(meta: pd.DataFrame) -> None:
 def test_real_data_splits(real_data_root: Path) -> None:
     meta = read_ham10000(real_data_root).metadata
     assert len(meta) == 10015 and meta.lesion_id.nunique() == 7470
-    for frame, column in ((split_lesions(meta, seed=0), "split"),
-                          (split_lesions(meta, folds=5, seed=0), "fold"),
-                          (meta.assign(fold=fold_assignment(meta, 5, seed=0)), "fold")):
+    for frame, column in (
+        (split_lesions(meta, seed=0), "split"),
+        (split_lesions(meta, folds=5, seed=0), "fold"),
+        (meta.assign(fold=fold_assignment(meta, 5, seed=0)), "fold"),
+    ):
         assert len(frame) == 10015 and frame.lesion_id.nunique() == 7470
         assert _lesions_shared(frame, column) == 0
         assert (frame.groupby(column).dx.nunique() == len(CLASSES)).all()
@@ -123,9 +132,9 @@ def test_real_data_splits(real_data_root: Path) -> None:
     assert abs(shares["test"] - 0.15) < 0.01 and abs(shares["val"] - 0.15) < 0.01
 
 
-def test_lesion_grouped_subset_writes_whole_lesions_as_a_readable_root(tiny_ham_factory: Callable[..., Path],
-                                                                       tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lesion_grouped_subset_writes_whole_lesions_as_a_readable_root(
+    tiny_ham_factory: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = tiny_ham_factory(tmp_path / "ham", n_lesions=40)  # >= 5 lesions per class, some with 2 images
     full = read_ham10000(source).metadata
     out = lesion_grouped_subset(source, 4, seed=1, parent=tmp_path / "subsets")
@@ -160,6 +169,7 @@ def test_lesion_grouped_subset_writes_whole_lesions_as_a_readable_root(tiny_ham_
 
 # --- properties ------------------------------------------------------------------------------------
 
+
 @st.composite
 def image_tables(draw: st.DrawFn) -> pd.DataFrame:
     """Any valid table: 4-60 lesions of random dx, 1-4 images each, random patient fields."""
@@ -168,9 +178,15 @@ def image_tables(draw: st.DrawFn) -> pd.DataFrame:
     for lesion in range(n_lesions):
         dx = draw(st.sampled_from(CLASSES))
         for _ in range(draw(st.integers(1, 4))):
-            rows.append({"lesion_id": f"HAM_{lesion:07d}", "image_id": f"ISIC_{len(rows):07d}", "dx": dx,
-                         "age": draw(st.one_of(st.just(np.nan), st.floats(0, 120))),
-                         "sex": draw(st.sampled_from(["female", "male", "unknown"]))})
+            rows.append(
+                {
+                    "lesion_id": f"HAM_{lesion:07d}",
+                    "image_id": f"ISIC_{len(rows):07d}",
+                    "dx": dx,
+                    "age": draw(st.one_of(st.just(np.nan), st.floats(0, 120))),
+                    "sex": draw(st.sampled_from(["female", "male", "unknown"])),
+                }
+            )
     order = draw(st.permutations(range(len(rows))))
     return pd.DataFrame(rows).iloc[list(order)].reset_index(drop=True)
 

@@ -1,4 +1,5 @@
 """Ablation statistics (bootstrap CIs, paired tests, corrected t-test) and the ablation figures."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -117,12 +118,14 @@ def test_ablation_figures_are_written(tmp_path: Path) -> None:
         rows.append({"model": model, "metric": "balanced_accuracy", **summarise(values)})
         rows.append({"model": model, "metric": "macro_auroc", **summarise(values + 0.3)})
     summary = pd.DataFrame(rows)
-    per_class = pd.DataFrame([{"model": m, "class": c, **summarise(rng.uniform(0.2, 0.9, 15))}
-                              for m in models for c in CLASSES])
+    per_class = pd.DataFrame(
+        [{"model": m, "class": c, **summarise(rng.uniform(0.2, 0.9, 15))} for m in models for c in CLASSES]
+    )
     paths = [
         plot_bars_with_ci(summary, "balanced_accuracy", tmp_path / "ba.png"),
-        plot_bars_with_ci(summary[summary.metric == "macro_auroc"].drop(columns="metric"),
-                          "macro_auroc", tmp_path / "auroc.png"),
+        plot_bars_with_ci(
+            summary[summary.metric == "macro_auroc"].drop(columns="metric"), "macro_auroc", tmp_path / "auroc.png"
+        ),
         plot_per_class_sensitivity(per_class, tmp_path / "per_class.png"),
         plot_per_class_sensitivity(per_class[["model", "class", "mean"]], tmp_path / "per_class_noci.png"),
     ]

@@ -1,4 +1,5 @@
 """The synthetic default dataset: official layout, determinism, and the planted structure."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,15 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from multimodal_lesion.data import synthetic
-from multimodal_lesion.data.constants import (LOCALIZATIONS, MASK_DIR, MASK_SUFFIX, METADATA_COLUMNS,
-                                              METADATA_FILE, SEXES, UNKNOWN)
+from multimodal_lesion.data.constants import (
+    LOCALIZATIONS,
+    MASK_DIR,
+    MASK_SUFFIX,
+    METADATA_COLUMNS,
+    METADATA_FILE,
+    SEXES,
+    UNKNOWN,
+)
 from multimodal_lesion.data.ham10000 import read_ham10000
 from multimodal_lesion.data.synthetic import PLANTED, make_synthetic
 from multimodal_lesion.errors import ConfigError
@@ -80,7 +88,7 @@ def test_images_are_200x150_rgb_and_masks_match(synth: Path, meta: pd.DataFrame)
         assert set(np.unique(values)) == {0, 255}
         areas.append((values == 255).mean())
     # lesions sized like the real masks (median 24% of the image), none filling the frame
-    assert 0.04 < min(areas) and max(areas) < 0.75 and 0.15 < np.median(areas) < 0.35, areas
+    assert min(areas) > 0.04 and max(areas) < 0.75 and 0.15 < np.median(areas) < 0.35, areas
 
 
 def test_every_class_present_with_flattened_real_imbalance(meta: pd.DataFrame) -> None:

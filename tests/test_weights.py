@@ -1,7 +1,9 @@
 """Image-branch weights: the offline ImageNet mapping proven on real photographs, checkpoints loaded safely."""
+
 from __future__ import annotations
 
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -71,7 +73,7 @@ def test_image_branch_embedding_matches_the_full_imagenet_model(imagenet_lite0) 
 
 
 def test_offline_imagenet_fits_lite0_only() -> None:
-    with pytest.raises(ConfigError, match="tf_efficientnet_lite0.*resnet18"):
+    with pytest.raises(ConfigError, match=r"tf_efficientnet_lite0.*resnet18"):
         ImageBranch("resnet18", weights="offline-imagenet")
 
 
@@ -88,7 +90,7 @@ def test_timm_hub_weights_offline_suggest_offline_imagenet() -> None:
         pytest.skip("the hub is reachable: HF_HUB_OFFLINE is not set")
     if isinstance(hub.try_to_load_from_cache(cfg["hf_hub_id"], "model.safetensors"), str):
         pytest.skip("resnet10t weights are in the local hub cache")
-    with pytest.raises(ConfigError, match="hub.*offline-imagenet"):
+    with pytest.raises(ConfigError, match=r"hub.*offline-imagenet"):
         ImageBranch("resnet10t", weights="timm")
 
 
@@ -145,7 +147,7 @@ def test_malicious_checkpoint_is_refused_not_executed(tmp_path: Path, writer: st
     else:
         path.write_bytes(pickle.dumps(payload, protocol=2))  # protocol torch reads
     model = timm.create_model(ARCH, num_classes=0, global_pool="")
-    with pytest.raises(CheckpointError, match="evil.pt: refused.*nothing was executed"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt: refused.*nothing was executed"):
         load_image_weights(model, str(path))
     assert not marker.exists()
 
@@ -153,16 +155,16 @@ def test_malicious_checkpoint_is_refused_not_executed(tmp_path: Path, writer: st
 def test_unreadable_or_missing_checkpoint(tmp_path: Path) -> None:
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="notes.pt: refused: not a plain tensor checkpoint"):
+    with pytest.raises(CheckpointError, match=re.escape("notes.pt: refused: not a plain tensor checkpoint")):
         ImageBranch(ARCH, weights=str(text))
     good, _ = saved_backbone(tmp_path, "plain")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated.pt: not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match=re.escape("truncated.pt: not a readable torch checkpoint")):
         ImageBranch(ARCH, weights=str(truncated))
-    with pytest.raises(CheckpointError, match="missing.pt: checkpoint file not found.*offline-imagenet"):
+    with pytest.raises(CheckpointError, match=r"missing\.pt: checkpoint file not found.*offline-imagenet"):
         ImageBranch(ARCH, weights=str(tmp_path / "missing.pt"))
     tensor_only = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), tensor_only)
-    with pytest.raises(CheckpointError, match="tensor.pt: not a state dict"):
+    with pytest.raises(CheckpointError, match=re.escape("tensor.pt: not a state dict")):
         ImageBranch(ARCH, weights=str(tensor_only))

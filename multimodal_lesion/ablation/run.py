@@ -4,6 +4,7 @@ A cell (model, fold, seed) tests on fold k, stops early on fold k+1 and trains o
 metadata encoder is fitted on the training folds only. Finished cells are kept on disk (written
 atomically), so re-running the command computes only what is missing.
 """
+
 from __future__ import annotations
 
 import time
@@ -84,8 +85,9 @@ def _check_models(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"ablation.baseline: {cfg.ablation.baseline!r} is not one of ablation.models")
 
 
-def _train_neural(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, shared: RunInputs | None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _train_neural(
+    cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, shared: RunInputs | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train one registered model for a cell; returns (test rows, test targets, test probabilities)."""
     cell_cfg = replace(cfg, model={"name": cell.model}, train={"seed": cell.seed})
     inputs = prepare_inputs(cell_cfg, ham, splits, shared=shared)
@@ -94,8 +96,9 @@ def _train_neural(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.D
     return inputs.indices("test"), y, torch.softmax(torch.from_numpy(logits), 1).numpy()
 
 
-def _train_gbm(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _train_gbm(
+    cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradient boosting on the encoded patient features: the non-neural floor."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
@@ -106,15 +109,17 @@ def _train_gbm(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.Data
     encoder = MetadataEncoder().fit(ham.metadata.iloc[train])
     x = encoder.transform(ham.metadata)
     y = ham.metadata["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-    gbm = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, class_weight="balanced",
-                                         random_state=cell.seed).fit(x[train], y[train])
+    gbm = HistGradientBoostingClassifier(
+        max_iter=200, learning_rate=0.05, class_weight="balanced", random_state=cell.seed
+    ).fit(x[train], y[train])
     probs = np.zeros((len(test), len(CLASSES)))
     probs[:, gbm.classes_] = gbm.predict_proba(x[test])
     return test, y[test], probs
 
 
-def run_cell(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, shared: RunInputs | None
-             ) -> dict[str, Any]:
+def run_cell(
+    cell: Cell, cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, shared: RunInputs | None
+) -> dict[str, Any]:
     """Train and test one cell; returns its record (metrics, out-of-fold predictions, seconds)."""
     t0 = time.perf_counter()
     splits = cell_splits(folds, cell.fold, cfg.ablation.folds)
@@ -124,9 +129,15 @@ def run_cell(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series,
         rows, y, probs = _train_neural(cell, cfg, ham, splits, shared)
     lesions = ham.metadata["lesion_id"].to_numpy()[rows]
     metrics = classification_metrics(y, probs, lesion_ids=lesions)
-    return {"model": cell.model, "fold": cell.fold, "seed": cell.seed, "seconds": time.perf_counter() - t0,
-            "metrics": metrics, "image_ids": ham.metadata["image_id"].to_numpy()[rows].tolist(),
-            "probs": np.round(probs, 6).tolist()}
+    return {
+        "model": cell.model,
+        "fold": cell.fold,
+        "seed": cell.seed,
+        "seconds": time.perf_counter() - t0,
+        "metrics": metrics,
+        "image_ids": ham.metadata["image_id"].to_numpy()[rows].tolist(),
+        "probs": np.round(probs, 6).tolist(),
+    }
 
 
 @dataclass
@@ -194,8 +205,9 @@ def run_cells(todo: list[Cell], context: CellContext, workers: int, show: bool) 
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_Worker.start, initargs=(context,))
+        pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"), initializer=_Worker.start, initargs=(context,)
+        )
         with pool:
             for future in as_completed([pool.submit(_Worker.run, cell) for cell in todo]):
                 future.result()
@@ -234,7 +246,11 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
         print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already done")
     t1 = time.perf_counter()
     run_cells(todo, CellContext(cfg, ham, folds, shared, out), cfg.ablation.workers, show)
-    timing = {"embedding_seconds": round(embed_seconds, 2), "cells_seconds": round(time.perf_counter() - t1, 2),
-              "cells_computed": len(todo), "cells_total": len(cells)}
+    timing = {
+        "embedding_seconds": round(embed_seconds, 2),
+        "cells_seconds": round(time.perf_counter() - t1, 2),
+        "cells_computed": len(todo),
+        "cells_total": len(cells),
+    }
     records = [read_json(out / "cells" / f"{c.name}.json") for c in cells]
     return write_summaries(records, cfg, ham, out, timing)

@@ -3,6 +3,7 @@
 Within a seed every image is tested exactly once (its fold's cell), so the pooled out-of-fold
 predictions cover the whole dataset; each subgroup's metrics are computed per seed and averaged.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,10 +34,14 @@ def _subgroup_metrics(frame: pd.DataFrame) -> dict[str, Any]:
     y, pred = frame["target"].to_numpy(), frame["pred"].to_numpy()
     mel = CLASSES.index("mel")
     has_mel = bool((y == mel).any())
-    return {"n_images": len(frame), "n_lesions": frame["lesion_id"].nunique(), "n_classes": len(np.unique(y)),
-            "accuracy": accuracy_score(y, pred),
-            "balanced_accuracy": balanced_accuracy_score(y, pred) if len(np.unique(y)) >= MIN_CLASSES else np.nan,
-            "melanoma_sensitivity": recall_score(y == mel, pred == mel, zero_division=0) if has_mel else np.nan}
+    return {
+        "n_images": len(frame),
+        "n_lesions": frame["lesion_id"].nunique(),
+        "n_classes": len(np.unique(y)),
+        "accuracy": accuracy_score(y, pred),
+        "balanced_accuracy": balanced_accuracy_score(y, pred) if len(np.unique(y)) >= MIN_CLASSES else np.nan,
+        "melanoma_sensitivity": recall_score(y == mel, pred == mel, zero_division=0) if has_mel else np.nan,
+    }
 
 
 def subgroup_frame(records: list[dict[str, Any]], ham: Ham10000) -> pd.DataFrame:
@@ -44,16 +49,26 @@ def subgroup_frame(records: list[dict[str, Any]], ham: Ham10000) -> pd.DataFrame
     meta = ham.metadata.set_index("image_id")
     attributes = {"sex": meta["sex"], "age_band": age_band(meta["age"]), "localization": meta["localization"]}
     rows = []
-    pooled = pd.DataFrame([{"model": r["model"], "seed": r["seed"], "image_id": i, "pred": int(np.argmax(p))}
-                           for r in records for i, p in zip(r["image_ids"], r["probs"], strict=True)])
+    pooled = pd.DataFrame(
+        [
+            {"model": r["model"], "seed": r["seed"], "image_id": i, "pred": int(np.argmax(p))}
+            for r in records
+            for i, p in zip(r["image_ids"], r["probs"], strict=True)
+        ]
+    )
     pooled["target"] = meta["dx"].map({c: i for i, c in enumerate(CLASSES)}).reindex(pooled["image_id"]).to_numpy()
     pooled["lesion_id"] = meta["lesion_id"].reindex(pooled["image_id"]).to_numpy()
     for attr, values in attributes.items():
         pooled["value"] = values.reindex(pooled["image_id"]).to_numpy()
         for (model, value), group in pooled.groupby(["model", "value"], sort=True):
             per_seed = pd.DataFrame([_subgroup_metrics(g) for _, g in group.groupby("seed")])
-            row = {"model": model, "attribute": attr, "value": value, **per_seed.mean(numeric_only=True).to_dict(),
-                   "balanced_accuracy_std": per_seed["balanced_accuracy"].std(ddof=1) if len(per_seed) > 1 else np.nan}
+            row = {
+                "model": model,
+                "attribute": attr,
+                "value": value,
+                **per_seed.mean(numeric_only=True).to_dict(),
+                "balanced_accuracy_std": per_seed["balanced_accuracy"].std(ddof=1) if len(per_seed) > 1 else np.nan,
+            }
             row["too_small"] = bool(row["n_lesions"] < MIN_LESIONS or row["n_classes"] < MIN_CLASSES)
             rows.append(row)
     out = pd.DataFrame(rows)
@@ -63,12 +78,21 @@ def subgroup_frame(records: list[dict[str, Any]], ham: Ham10000) -> pd.DataFrame
 
 def subgroup_markdown(table: pd.DataFrame) -> str:
     """Balanced accuracy per model (columns) for every subgroup (rows), small cells marked."""
-    lines = ["# Subgroups", "", f"Balanced accuracy, mean over seeds of the pooled out-of-fold predictions. "
-             f"'(too small)': fewer than {MIN_LESIONS} lesions or one class only.", ""]
+    lines = [
+        "# Subgroups",
+        "",
+        f"Balanced accuracy, mean over seeds of the pooled out-of-fold predictions. "
+        f"'(too small)': fewer than {MIN_LESIONS} lesions or one class only.",
+        "",
+    ]
     models = list(dict.fromkeys(table["model"]))
     for attr, group in table.groupby("attribute", sort=False):
-        lines += [f"## {attr}", "", "| value | lesions | " + " | ".join(models) + " |",
-                  "|---" * (len(models) + 2) + "|"]
+        lines += [
+            f"## {attr}",
+            "",
+            "| value | lesions | " + " | ".join(models) + " |",
+            "|---" * (len(models) + 2) + "|",
+        ]
         for value, g in group.groupby("value", sort=True):
             g = g.set_index("model")
             flag = " (too small)" if bool(g["too_small"].iloc[0]) else ""

@@ -1,4 +1,5 @@
 """Tables, statistics and plots of an ablation: results.csv, summary.csv/.md, comparison.csv, figures."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,15 @@ def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for r in records:
         m = r["metrics"]
-        row = {"model": r["model"], "fold": r["fold"], "seed": r["seed"], "n_images": m["n_images"],
-               "n_lesions": m["n_lesions"], **{k: m[k] for k in SCALARS}, "seconds": round(r["seconds"], 3)}
+        row = {
+            "model": r["model"],
+            "fold": r["fold"],
+            "seed": r["seed"],
+            "n_images": m["n_images"],
+            "n_lesions": m["n_lesions"],
+            **{k: m[k] for k in SCALARS},
+            "seconds": round(r["seconds"], 3),
+        }
         for c in CLASSES:
             row[f"sensitivity_{c}"] = m["per_class"][c]["sensitivity"]
             row[f"auroc_{c}"] = m["per_class"][c]["auroc"]
@@ -34,13 +42,17 @@ def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 def summary_frame(results: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     """Per model and metric: mean, standard deviation, 95% bootstrap CI over folds x seeds."""
     metrics = list(HEADLINE) + [f"sensitivity_{c}" for c in CLASSES]
-    rows = [{"model": model, "metric": metric, **summarise(group[metric].to_numpy(float), n_boot=n_boot)}
-            for model, group in results.groupby("model", sort=False) for metric in metrics]
+    rows = [
+        {"model": model, "metric": metric, **summarise(group[metric].to_numpy(float), n_boot=n_boot)}
+        for model, group in results.groupby("model", sort=False)
+        for metric in metrics
+    ]
     return pd.DataFrame(rows)
 
 
-def comparison_frame(results: pd.DataFrame, baseline: str, n_folds: int, n_boot: int,
-                     metrics: tuple[str, ...] = ("balanced_accuracy",)) -> pd.DataFrame:
+def comparison_frame(
+    results: pd.DataFrame, baseline: str, n_folds: int, n_boot: int, metrics: tuple[str, ...] = ("balanced_accuracy",)
+) -> pd.DataFrame:
     """Each model against ``baseline`` on the same folds and seeds: paired difference, 95% CI, p-values.
 
     ``p_value`` is the paired test over cells; ``p_corrected`` is Nadeau & Bengio's corrected
@@ -54,8 +66,9 @@ def comparison_frame(results: pd.DataFrame, baseline: str, n_folds: int, n_boot:
             a, b = g[metric].to_numpy(float), base[metric].to_numpy(float)
             paired = paired_comparison(a, b, n_boot=n_boot)
             corrected = corrected_ttest(a - b, n_train=max(n_folds - 2, 1), n_test=1)
-            rows.append({"model": model, "baseline": baseline, "metric": metric, **paired,
-                         "p_corrected": corrected["p_value"]})
+            rows.append(
+                {"model": model, "baseline": baseline, "metric": metric, **paired, "p_corrected": corrected["p_value"]}
+            )
     return pd.DataFrame(rows)
 
 
@@ -63,29 +76,58 @@ def _fmt(row: pd.Series) -> str:
     return f"{row['mean']:.3f} ± {row['std']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
 
 
-def summary_markdown(summary: pd.DataFrame, comparison: pd.DataFrame, per_class: pd.DataFrame,
-                     cfg: ExperimentConfig, n_lesions: int, timing: dict[str, Any]) -> str:
+def summary_markdown(
+    summary: pd.DataFrame,
+    comparison: pd.DataFrame,
+    per_class: pd.DataFrame,
+    cfg: ExperimentConfig,
+    n_lesions: int,
+    timing: dict[str, Any],
+) -> str:
     """The human-readable summary: headline table, comparison with the baseline, where metadata hurts."""
     wide = summary.assign(text=summary.apply(_fmt, axis=1)).pivot(index="model", columns="metric", values="text")
     order = [m for m in summary.model.unique()]
-    lines = [f"# Ablation: {len(order)} models x {cfg.ablation.folds} lesion-grouped folds x "
-             f"{len(cfg.ablation.seeds)} seeds", "",
-             f"Test sets: each fold in turn ({n_lesions} lesions in all, every lesion tested once per seed). "
-             f"Values: mean ± std [95% bootstrap CI] over folds x seeds. Path: {cfg.train.mode} "
-             f"({cfg.model.backbone}, weights {cfg.model.weights}).", "",
-             "| model | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
+    lines = [
+        f"# Ablation: {len(order)} models x {cfg.ablation.folds} lesion-grouped folds x "
+        f"{len(cfg.ablation.seeds)} seeds",
+        "",
+        f"Test sets: each fold in turn ({n_lesions} lesions in all, every lesion tested once per seed). "
+        f"Values: mean ± std [95% bootstrap CI] over folds x seeds. Path: {cfg.train.mode} "
+        f"({cfg.model.backbone}, weights {cfg.model.weights}).",
+        "",
+        "| model | " + " | ".join(HEADLINE) + " |",
+        "|---" * (len(HEADLINE) + 1) + "|",
+    ]
     lines += [f"| {m} | " + " | ".join(wide.loc[m, k] for k in HEADLINE) + " |" for m in order]
-    lines += ["", f"## Against {cfg.ablation.baseline} (paired over the same folds and seeds)", "",
-              "| model | Δ balanced accuracy | 95% CI | p (paired) | p (corrected t) |", "|---|---|---|---|---|"]
-    lines += [f"| {r.model} | {r.mean_diff:+.3f} | [{r.ci_low:+.3f}, {r.ci_high:+.3f}] | {r.p_value:.3g} "
-              f"({r.test}) | {r.p_corrected:.3g} |" for r in comparison.itertuples()]
-    lines += ["", "## Per-class sensitivity: where metadata helps and where it hurts", "",
-              "| model | " + " | ".join(CLASSES) + " |", "|---" * (len(CLASSES) + 1) + "|"]
+    lines += [
+        "",
+        f"## Against {cfg.ablation.baseline} (paired over the same folds and seeds)",
+        "",
+        "| model | Δ balanced accuracy | 95% CI | p (paired) | p (corrected t) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.model} | {r.mean_diff:+.3f} | [{r.ci_low:+.3f}, {r.ci_high:+.3f}] | {r.p_value:.3g} "
+        f"({r.test}) | {r.p_corrected:.3g} |"
+        for r in comparison.itertuples()
+    ]
+    lines += [
+        "",
+        "## Per-class sensitivity: where metadata helps and where it hurts",
+        "",
+        "| model | " + " | ".join(CLASSES) + " |",
+        "|---" * (len(CLASSES) + 1) + "|",
+    ]
     for model, group in per_class.groupby("model", sort=False):
         cells = {r["class"]: f"{r['diff']:+.3f}{' ↓' if r['diff'] < 0 else ''}" for _, r in group.iterrows()}
         lines.append(f"| {model} | " + " | ".join(cells.get(c, "") for c in CLASSES) + " |")
-    lines += ["", f"(difference in mean sensitivity against {cfg.ablation.baseline}; ↓ marks a class that loses)",
-              "", f"Timing: {timing}", ""]
+    lines += [
+        "",
+        f"(difference in mean sensitivity against {cfg.ablation.baseline}; ↓ marks a class that loses)",
+        "",
+        f"Timing: {timing}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -96,7 +138,8 @@ def per_class_differences(summary: pd.DataFrame, baseline: str) -> pd.DataFrame:
     base = sens[sens.model == baseline].set_index("class")["mean"]
     other = sens[sens.model != baseline]
     return other.assign(diff=other["mean"].to_numpy() - base.reindex(other["class"]).to_numpy())[
-        ["model", "class", "mean", "diff"]]
+        ["model", "class", "mean", "diff"]
+    ]
 
 
 def _csv(df: pd.DataFrame, path: Path) -> Path:
@@ -105,8 +148,9 @@ def _csv(df: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def write_summaries(records: list[dict[str, Any]], cfg: ExperimentConfig, ham: Ham10000, out: Path,
-                    timing: dict[str, Any]) -> dict[str, Path]:
+def write_summaries(
+    records: list[dict[str, Any]], cfg: ExperimentConfig, ham: Ham10000, out: Path, timing: dict[str, Any]
+) -> dict[str, Path]:
     """Write every ablation output and return their paths by name."""
     from ..report.figures import plot_bars_with_ci, plot_per_class_sensitivity
 
@@ -115,18 +159,21 @@ def write_summaries(records: list[dict[str, Any]], cfg: ExperimentConfig, ham: H
     comparison = comparison_frame(results, cfg.ablation.baseline, cfg.ablation.folds, cfg.ablation.bootstrap)
     per_class = per_class_differences(summary, cfg.ablation.baseline)
     n_lesions = int(ham.metadata["lesion_id"].nunique())
-    paths = {"results": _csv(results, out / "results.csv"), "summary": _csv(summary, out / "summary.csv"),
-             "comparison": _csv(comparison, out / "comparison.csv"),
-             "per_class": _csv(per_class, out / "per_class_sensitivity.csv")}
+    paths = {
+        "results": _csv(results, out / "results.csv"),
+        "summary": _csv(summary, out / "summary.csv"),
+        "comparison": _csv(comparison, out / "comparison.csv"),
+        "per_class": _csv(per_class, out / "per_class_sensitivity.csv"),
+    }
     with atomic_write(out / "summary.md") as fh:
         fh.write(summary_markdown(summary, comparison, per_class, cfg, n_lesions, timing))
     paths["summary_md"] = out / "summary.md"
     for metric in ("balanced_accuracy", "macro_auroc"):
-        paths[f"plot_{metric}"] = plot_bars_with_ci(summary[summary.metric == metric], metric,
-                                                    out / f"{metric}.png")
+        paths[f"plot_{metric}"] = plot_bars_with_ci(summary[summary.metric == metric], metric, out / f"{metric}.png")
     sens = summary[summary.metric.str.startswith("sensitivity_")]
     paths["plot_per_class"] = plot_per_class_sensitivity(
-        sens.assign(**{"class": sens.metric.str.removeprefix("sensitivity_")}), out / "per_class_sensitivity.png")
+        sens.assign(**{"class": sens.metric.str.removeprefix("sensitivity_")}), out / "per_class_sensitivity.png"
+    )
     paths.update(write_subgroups(records, ham, out))
     write_json(out / "timing.json", timing)
     return paths

@@ -3,6 +3,7 @@
 The cache is keyed by the data's fingerprint and the target size, verified before use (image ids,
 shape) and written atomically: a crash mid-build leaves no file that a later run trusts.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,8 +61,9 @@ def _valid(array_path: Path, meta_path: Path, ids: Sequence[str], shape: tuple[i
     return meta.get("image_ids") == list(ids) and tuple(arr.shape) == shape and meta.get("version") == CACHE_VERSION
 
 
-def image_array(ham: Ham10000, size: tuple[int, int], cache_dir: str | os.PathLike | None = None,
-                threads: int = 4) -> np.ndarray:
+def image_array(
+    ham: Ham10000, size: tuple[int, int], cache_dir: str | os.PathLike | None = None, threads: int = 4
+) -> np.ndarray:
     """Return all images of ``ham`` as a read-only memory-mapped uint8 array (N, H, W, 3).
 
     Built on first use (decoded in a few threads), reused while the data's fingerprint and the
@@ -76,13 +78,13 @@ def image_array(ham: Ham10000, size: tuple[int, int], cache_dir: str | os.PathLi
     if not _valid(array_path, meta_path, ids, shape):
         _build(ham.metadata["path"].tolist(), size, array_path, shape, threads)
         with atomic_write(meta_path) as fh:
-            json.dump({"version": CACHE_VERSION, "size": list(size), "fingerprint": ham.fingerprint,
-                       "image_ids": ids}, fh)
+            json.dump(
+                {"version": CACHE_VERSION, "size": list(size), "fingerprint": ham.fingerprint, "image_ids": ids}, fh
+            )
     return np.load(array_path, mmap_mode="r")
 
 
-def _build(paths: list[str], size: tuple[int, int], array_path: Path, shape: tuple[int, ...],
-           threads: int) -> None:
+def _build(paths: list[str], size: tuple[int, int], array_path: Path, shape: tuple[int, ...], threads: int) -> None:
     """Decode all images into a temp .npy beside ``array_path`` and rename it into place."""
     tmp = temp_name(array_path)
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)

@@ -1,4 +1,5 @@
 """HAM10000 vocabulary shared by every module: classes, columns and category values."""
+
 from __future__ import annotations
 
 #: Diagnosis codes in the fixed order used for logits, targets and reports.
@@ -27,8 +28,20 @@ UNKNOWN = "unknown"
 SEXES: tuple[str, ...] = ("female", "male")
 
 LOCALIZATIONS: tuple[str, ...] = (
-    "abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
-    "lower extremity", "neck", "scalp", "trunk", "upper extremity",
+    "abdomen",
+    "acral",
+    "back",
+    "chest",
+    "ear",
+    "face",
+    "foot",
+    "genital",
+    "hand",
+    "lower extremity",
+    "neck",
+    "scalp",
+    "trunk",
+    "upper extremity",
 )
 
 #: Subfolder name of the lesion masks in the official release.

@@ -1,4 +1,5 @@
 """Torch dataset over the cached image array that yields dict samples ``{"image", "meta", "target", "image_id"}``."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -17,11 +18,14 @@ def _augmentations() -> dict[str, Callable[[], Transform | None]]:
     return {
         "none": lambda: None,
         "light": lambda: v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]),
-        "strong": lambda: v2.Compose([
-            v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
-            v2.RandomAffine(degrees=30, scale=(0.9, 1.1)),
-            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
-        ]),
+        "strong": lambda: v2.Compose(
+            [
+                v2.RandomHorizontalFlip(),
+                v2.RandomVerticalFlip(),
+                v2.RandomAffine(degrees=30, scale=(0.9, 1.1)),
+                v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+            ]
+        ),
     }
 
 
@@ -65,8 +69,15 @@ class LesionDataset(Dataset):
     (augmented) uint8 image; :class:`NormalizingCollate` normalises whole batches.
     """
 
-    def __init__(self, images: np.ndarray, meta: np.ndarray, targets: np.ndarray, image_ids: Sequence[str],
-                 indices: Sequence[int] | np.ndarray, augment: Transform | None = None) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        meta: np.ndarray,
+        targets: np.ndarray,
+        image_ids: Sequence[str],
+        indices: Sequence[int] | np.ndarray,
+        augment: Transform | None = None,
+    ) -> None:
         self.images, self.meta, self.targets = images, meta, targets
         self.image_ids, self.indices = list(image_ids), np.asarray(indices, dtype=np.int64)
         self.augment = augment
@@ -79,5 +90,9 @@ class LesionDataset(Dataset):
         image = torch.from_numpy(np.array(self.images[j])).permute(2, 0, 1)
         if self.augment is not None:
             image = self.augment(image)
-        return {"image": image, "meta": torch.from_numpy(self.meta[j]),
-                "target": torch.tensor(int(self.targets[j])), "image_id": self.image_ids[j]}
+        return {
+            "image": image,
+            "meta": torch.from_numpy(self.meta[j]),
+            "target": torch.tensor(int(self.targets[j])),
+            "image_id": self.image_ids[j],
+        }

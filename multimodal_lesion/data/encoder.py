@@ -3,6 +3,7 @@
 Only the columns in :data:`PATIENT_FEATURES` are ever read: ``dx`` and ``dx_type`` (which gives the
 label away) cannot leak into a model through this encoder.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -86,8 +87,11 @@ class MetadataEncoder(TransformerMixin, BaseEstimator):
         unseen = sorted(set(values) - index.keys())
         if unseen:
             shown = ", ".join(repr(v) for v in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
-            warnings.warn(f"MetadataEncoder: column '{column}': value(s) {shown} not seen in fit; "
-                          f"encoded as '{UNKNOWN}'", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"MetadataEncoder: column '{column}': value(s) {shown} not seen in fit; encoded as '{UNKNOWN}'",
+                UserWarning,
+                stacklevel=3,
+            )
         codes = np.fromiter((index.get(v, index[UNKNOWN]) for v in values), dtype=np.int64, count=len(values))
         return np.eye(len(cats))[codes]
 
@@ -95,8 +99,10 @@ class MetadataEncoder(TransformerMixin, BaseEstimator):
 def _patient_columns(X: pd.DataFrame) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Read only the patient columns: ages as float (NaN = missing), categories normalised to str."""
     if not isinstance(X, pd.DataFrame):
-        raise DataError(f"MetadataEncoder expects a pandas DataFrame with columns {', '.join(PATIENT_FEATURES)}, "
-                        f"got {type(X).__name__}")
+        raise DataError(
+            f"MetadataEncoder expects a pandas DataFrame with columns {', '.join(PATIENT_FEATURES)}, "
+            f"got {type(X).__name__}"
+        )
     absent = [c for c in PATIENT_FEATURES if c not in X.columns]
     if absent:
         raise DataError(f"MetadataEncoder: missing column(s) {', '.join(map(repr, absent))}")
@@ -112,8 +118,9 @@ def _ages(column: pd.Series) -> np.ndarray:
     bad = ~blank.to_numpy() & ~np.isfinite(ages)
     if bad.any():
         pos = int(np.flatnonzero(bad)[0])
-        raise DataError(f"MetadataEncoder: row {column.index[pos]!r}, column 'age': "
-                        f"{column.iloc[pos]!r} is not a finite number")
+        raise DataError(
+            f"MetadataEncoder: row {column.index[pos]!r}, column 'age': {column.iloc[pos]!r} is not a finite number"
+        )
     return ages
 
 

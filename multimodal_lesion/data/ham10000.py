@@ -5,6 +5,7 @@ are paths, impossible ages, files outside the data root) with a one-line :class:
 the file, row and column, and reports what it tolerates (unlisted images, unknown categories,
 dropped rows) in :attr:`Ham10000.notes`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,13 +88,15 @@ def read_ham10000(root: str | Path, *, drop_missing: bool = False) -> Ham10000:
 
 # --- CSV -------------------------------------------------------------------------------------------
 
+
 def _read_csv(csv_path: Path) -> pd.DataFrame:
     """Read every cell as a string (no type guessing) and check the header."""
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: metadata file not found")
     try:
-        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_filter=False,
-                          encoding="utf-8-sig", skipinitialspace=True)
+        raw = pd.read_csv(
+            csv_path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig", skipinitialspace=True
+        )
     except pd.errors.EmptyDataError:
         raise DataError(f"{csv_path}: file is empty (expected a header and one row per image)") from None
     except (pd.errors.ParserError, ValueError, OSError) as exc:
@@ -115,8 +118,9 @@ def _check_columns(found: list[str], csv_path: Path) -> None:
     if extra:
         problems.append(f"unexpected column(s) {_names(extra)}")
     if problems:
-        raise DataError(f"{csv_path}: not HAM10000-shaped: {' and '.join(problems)}; "
-                        f"expected exactly {_names(METADATA_COLUMNS)}")
+        raise DataError(
+            f"{csv_path}: not HAM10000-shaped: {' and '.join(problems)}; expected exactly {_names(METADATA_COLUMNS)}"
+        )
 
 
 def _validate_table(raw: pd.DataFrame, csv_path: Path, notes: list[str]) -> pd.DataFrame:
@@ -144,9 +148,11 @@ def _check_ids(values: pd.Series, column: str, csv_path: Path) -> None:
     bad = ~values.map(lambda v: bool(_PLAIN_ID.fullmatch(v)) and ".." not in v)
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{_where(csv_path, pos, column)}: {_short(values.iloc[pos])} is not a plain id "
-                        f"(letters, digits, '_', '-', '.'; no path separators, '..' or markup)"
-                        f"{_more(int(bad.sum()))}")
+        raise DataError(
+            f"{_where(csv_path, pos, column)}: {_short(values.iloc[pos])} is not a plain id "
+            f"(letters, digits, '_', '-', '.'; no path separators, '..' or markup)"
+            f"{_more(int(bad.sum()))}"
+        )
 
 
 def _check_dx(dx: pd.Series, csv_path: Path) -> None:
@@ -154,8 +160,10 @@ def _check_dx(dx: pd.Series, csv_path: Path) -> None:
     bad = ~dx.isin(CLASSES)
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{_where(csv_path, pos, 'dx')}: unknown diagnosis {_short(dx.iloc[pos])} "
-                        f"(expected one of {', '.join(CLASSES)}){_more(int(bad.sum()))}")
+        raise DataError(
+            f"{_where(csv_path, pos, 'dx')}: unknown diagnosis {_short(dx.iloc[pos])} "
+            f"(expected one of {', '.join(CLASSES)}){_more(int(bad.sum()))}"
+        )
 
 
 def _check_unique(image_ids: pd.Series, csv_path: Path) -> None:
@@ -164,8 +172,10 @@ def _check_unique(image_ids: pd.Series, csv_path: Path) -> None:
     if dup.any():
         ids = list(dict.fromkeys(image_ids[dup]))
         rows = [int(p) + 1 for p in np.flatnonzero(dup.to_numpy())[:_SHOW]]
-        raise DataError(f"{csv_path}: column 'image_id': {len(ids)} duplicated id(s): {_first(ids)} "
-                        f"(rows {', '.join(map(str, rows))}{', ...' if dup.sum() > _SHOW else ''})")
+        raise DataError(
+            f"{csv_path}: column 'image_id': {len(ids)} duplicated id(s): {_first(ids)} "
+            f"(rows {', '.join(map(str, rows))}{', ...' if dup.sum() > _SHOW else ''})"
+        )
 
 
 def _parse_age(ages: pd.Series, csv_path: Path) -> pd.Series:
@@ -175,22 +185,27 @@ def _parse_age(ages: pd.Series, csv_path: Path) -> pd.Series:
     bad = ~missing & ~(np.isfinite(numbers) & (numbers >= 0) & (numbers <= MAX_AGE))
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{_where(csv_path, pos, 'age')}: {_short(ages.iloc[pos])} is not an age "
-                        f"(a number from 0 to {MAX_AGE:g}, or empty when unknown){_more(int(bad.sum()))}")
+        raise DataError(
+            f"{_where(csv_path, pos, 'age')}: {_short(ages.iloc[pos])} is not an age "
+            f"(a number from 0 to {MAX_AGE:g}, or empty when unknown){_more(int(bad.sum()))}"
+        )
     return numbers.where(~missing, np.nan)
 
 
-def _known_or_unknown(values: pd.Series, column: str, known: tuple[str, ...], csv_path: Path,
-                      notes: list[str]) -> pd.Series:
+def _known_or_unknown(
+    values: pd.Series, column: str, known: tuple[str, ...], csv_path: Path, notes: list[str]
+) -> pd.Series:
     """Lower-case; empty and values outside the vocabulary become 'unknown' (the latter noted)."""
     values = values.str.lower().replace("", UNKNOWN)
     odd = ~values.isin((*known, UNKNOWN))
     if odd.any():
         seen = sorted(set(values[odd]))
         rows = [int(p) + 1 for p in np.flatnonzero(odd.to_numpy())[:_SHOW]]
-        notes.append(f"{csv_path.name}: column '{column}': {int(odd.sum())} row(s) with unrecognised "
-                     f"value(s) {_first([_short(v) for v in seen])} read as '{UNKNOWN}' "
-                     f"(rows {', '.join(map(str, rows))}{', ...' if odd.sum() > _SHOW else ''})")
+        notes.append(
+            f"{csv_path.name}: column '{column}': {int(odd.sum())} row(s) with unrecognised "
+            f"value(s) {_first([_short(v) for v in seen])} read as '{UNKNOWN}' "
+            f"(rows {', '.join(map(str, rows))}{', ...' if odd.sum() > _SHOW else ''})"
+        )
     return values.where(~odd, UNKNOWN)
 
 
@@ -199,11 +214,14 @@ def _note_mixed_dx(df: pd.DataFrame, csv_path: Path, notes: list[str]) -> None:
     n_dx = df.groupby("lesion_id", sort=True)["dx"].nunique()
     mixed = list(n_dx.index[n_dx > 1])
     if mixed:
-        notes.append(f"{csv_path.name}: {len(mixed)} lesion(s) with images of different 'dx': "
-                     f"{_first(mixed)} (splits use each lesion's most frequent dx)")
+        notes.append(
+            f"{csv_path.name}: {len(mixed)} lesion(s) with images of different 'dx': "
+            f"{_first(mixed)} (splits use each lesion's most frequent dx)"
+        )
 
 
 # --- files -----------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Scan:
@@ -260,8 +278,7 @@ def _add_file(scan: _Scan, path: Path, root: Path) -> None:
         scan.sizes[stem] = path.stat().st_size
 
 
-def _attach_files(df: pd.DataFrame, scan: _Scan, csv_path: Path, drop_missing: bool,
-                  notes: list[str]) -> pd.DataFrame:
+def _attach_files(df: pd.DataFrame, scan: _Scan, csv_path: Path, drop_missing: bool, notes: list[str]) -> pd.DataFrame:
     """Add ``path``/``mask_path``; fail (or drop, when asked) on listed images that are not found."""
     found = df["image_id"].isin(scan.images.keys())
     if not found.all():
@@ -277,8 +294,10 @@ def _attach_files(df: pd.DataFrame, scan: _Scan, csv_path: Path, drop_missing: b
     if unlisted:
         notes.append(f"{len(unlisted)} image(s) found but not listed in {csv_path.name} (ignored): {_first(unlisted)}")
     _check_not_empty(df["image_id"], scan)
-    df = df.assign(path=df["image_id"].map(lambda i: str(scan.images[i])),
-                   mask_path=df["image_id"].map(lambda i: str(scan.masks[i]) if i in scan.masks else ""))
+    df = df.assign(
+        path=df["image_id"].map(lambda i: str(scan.images[i])),
+        mask_path=df["image_id"].map(lambda i: str(scan.masks[i]) if i in scan.masks else ""),
+    )
     return df
 
 
@@ -286,15 +305,19 @@ def _check_not_empty(image_ids: pd.Series, scan: _Scan) -> None:
     """A zero-byte image is an interrupted copy: refuse it by name now rather than mid-epoch."""
     empty = [i for i in image_ids if scan.sizes[i] == 0]
     if empty:
-        raise DataError(f"{scan.images[empty[0]]}: image file is empty (0 bytes)"
-                        f"{_more(len(empty), 'file')}")
+        raise DataError(f"{scan.images[empty[0]]}: image file is empty (0 bytes){_more(len(empty), 'file')}")
 
 
 # --- decoding --------------------------------------------------------------------------------------
 
 #: Full-scale value of the wide (16/32-bit, float) modes that ``Image.convert`` cannot take to RGB.
 _WIDE_MODE_SCALE: dict[str, float] = {
-    "I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0,
+    "I;16": 65535.0,
+    "I;16L": 65535.0,
+    "I;16B": 65535.0,
+    "I;16N": 65535.0,
+    "I": 65535.0,
+    "F": 1.0,
 }
 
 
@@ -308,8 +331,9 @@ def load_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return _decode(Path(path), _to_rgb, max_pixels)
 
 
-def load_mask(path: str | Path, size: tuple[int, int] | None = None, *,
-              expected_size: tuple[int, int] | None = None) -> np.ndarray:
+def load_mask(
+    path: str | Path, size: tuple[int, int] | None = None, *, expected_size: tuple[int, int] | None = None
+) -> np.ndarray:
     """Read a lesion mask as a boolean (H, W) array, thresholded at 128.
 
     Args:
@@ -323,8 +347,10 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None, *,
     path = Path(path)
     grey = _decode(path, _to_grey, MAX_PIXELS)
     if expected_size is not None and grey.size != tuple(expected_size):
-        raise DataError(f"{path}: mask is {grey.size[0]}x{grey.size[1]} but its image is "
-                        f"{expected_size[0]}x{expected_size[1]} (W x H)")
+        raise DataError(
+            f"{path}: mask is {grey.size[0]}x{grey.size[1]} but its image is "
+            f"{expected_size[0]}x{expected_size[1]} (W x H)"
+        )
     if size is not None and grey.size != tuple(size):
         grey = grey.resize(size, Image.Resampling.NEAREST)
     return np.asarray(grey) >= 128
@@ -341,8 +367,10 @@ def _decode(path: Path, convert: Callable[[Image.Image], Image.Image], max_pixel
         with Image.open(path) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise DataError(f"{path}: image is {width}x{height} pixels, over the "
-                                f"{max_pixels:,}-pixel limit (possible decompression bomb)")
+                raise DataError(
+                    f"{path}: image is {width}x{height} pixels, over the "
+                    f"{max_pixels:,}-pixel limit (possible decompression bomb)"
+                )
             img.load()
             return convert(img)
     except FileNotFoundError:
@@ -369,6 +397,7 @@ def _to_grey(img: Image.Image) -> Image.Image:
 
 
 # --- message helpers -------------------------------------------------------------------------------
+
 
 def _size_or_missing(path: str) -> int:
     """File size, or -1 when the file has gone (so the fingerprint changes)."""

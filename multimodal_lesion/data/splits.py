@@ -9,6 +9,7 @@ seeded random order), each go to the split that is furthest below its share of t
 split gets a lesion of every class that has at least as many lesions as there are splits, and the
 image proportions end within one lesion of their targets.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,9 @@ from .ham10000 import read_ham10000
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
 
-def split_lesions(df: pd.DataFrame, *, test_size: float = 0.15, val_size: float = 0.15, folds: int = 0,
-                  seed: int = 0) -> pd.DataFrame:
+def split_lesions(
+    df: pd.DataFrame, *, test_size: float = 0.15, val_size: float = 0.15, folds: int = 0, seed: int = 0
+) -> pd.DataFrame:
     """Assign every image to ``train``/``val``/``test``, grouped by lesion and stratified by ``dx``.
 
     Args:
@@ -117,8 +119,11 @@ def _warn_thin_classes(lesions: pd.DataFrame, active: int) -> None:
     thin = per_class[per_class < active]
     if len(thin):
         listed = ", ".join(f"{dx} ({n})" for dx, n in thin.items())
-        warnings.warn(f"split: class(es) with fewer lesions than the {active} splits/folds cannot be in "
-                      f"every one: {listed}", UserWarning, stacklevel=4)
+        warnings.warn(
+            f"split: class(es) with fewer lesions than the {active} splits/folds cannot be in every one: {listed}",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _assign_lesions(lesions: pd.DataFrame, fractions: np.ndarray, rng: np.random.Generator) -> pd.Series:
@@ -146,8 +151,9 @@ def _most_behind(assigned: np.ndarray, targets: np.ndarray, priority: np.ndarray
     return int(active[keys[0]])
 
 
-def lesion_grouped_subset(source: str | os.PathLike, keep_one_in: int, seed: int = 0, *,
-                          parent: str | os.PathLike | None = None) -> Path:
+def lesion_grouped_subset(
+    source: str | os.PathLike, keep_one_in: int, seed: int = 0, *, parent: str | os.PathLike | None = None
+) -> Path:
     """Write one of ``keep_one_in`` lesion-grouped, class-stratified folds of a HAM10000 root as a HAM10000 root.
 
     Whole lesions are kept, with their original CSV rows; their images and masks are hard-linked (else

@@ -44,6 +44,7 @@ texture statistics inside the mask 0.71 image-only, 0.94 with the patient featur
 features only; frozen ImageNet EfficientNet-Lite0 embeddings (224x168, flip-averaged, PCA to 32)
 0.71 image-only and 0.92 with the patient features.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,7 +73,14 @@ IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 
 #: Real image counts per class; the priors are these flattened by ``PRIOR_EXPONENT``.
 REAL_CLASS_COUNTS: dict[str, int] = {
-    "akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113, "nv": 6705, "vasc": 142}
+    "akiec": 327,
+    "bcc": 514,
+    "bkl": 1099,
+    "df": 115,
+    "mel": 1113,
+    "nv": 6705,
+    "vasc": 142,
+}
 PRIOR_EXPONENT = 0.75
 
 #: Ages are multiples of five in HAM10000.
@@ -98,22 +106,94 @@ SEX_COUNTS: dict[str, dict[str, int]] = {
     "vasc": {"female": 73, "male": 69},
 }
 LOCALIZATION_COUNTS: dict[str, dict[str, int]] = {
-    "akiec": {"face": 113, "lower extremity": 65, "upper extremity": 62, "back": 29, "scalp": 14,
-              "hand": 13, "chest": 12, "neck": 10, "abdomen": 5, "ear": 3, "trunk": 1},
-    "bcc": {"back": 186, "face": 101, "lower extremity": 58, "upper extremity": 49, "chest": 47,
-            "scalp": 19, "abdomen": 18, "neck": 14, "trunk": 11, "unknown": 5, "foot": 4, "hand": 2},
-    "bkl": {"face": 319, "back": 202, "lower extremity": 174, "upper extremity": 104, "chest": 74,
-            "trunk": 73, "abdomen": 42, "scalp": 34, "neck": 31, "unknown": 23, "hand": 14, "ear": 6,
-            "genital": 2, "foot": 1},
+    "akiec": {
+        "face": 113,
+        "lower extremity": 65,
+        "upper extremity": 62,
+        "back": 29,
+        "scalp": 14,
+        "hand": 13,
+        "chest": 12,
+        "neck": 10,
+        "abdomen": 5,
+        "ear": 3,
+        "trunk": 1,
+    },
+    "bcc": {
+        "back": 186,
+        "face": 101,
+        "lower extremity": 58,
+        "upper extremity": 49,
+        "chest": 47,
+        "scalp": 19,
+        "abdomen": 18,
+        "neck": 14,
+        "trunk": 11,
+        "unknown": 5,
+        "foot": 4,
+        "hand": 2,
+    },
+    "bkl": {
+        "face": 319,
+        "back": 202,
+        "lower extremity": 174,
+        "upper extremity": 104,
+        "chest": 74,
+        "trunk": 73,
+        "abdomen": 42,
+        "scalp": 34,
+        "neck": 31,
+        "unknown": 23,
+        "hand": 14,
+        "ear": 6,
+        "genital": 2,
+        "foot": 1,
+    },
     "df": {"lower extremity": 82, "upper extremity": 24, "abdomen": 4, "back": 2, "foot": 2, "genital": 1},
-    "mel": {"back": 324, "upper extremity": 213, "lower extremity": 192, "face": 104, "chest": 68,
-            "abdomen": 66, "trunk": 47, "neck": 29, "foot": 28, "ear": 17, "scalp": 14, "unknown": 10,
-            "hand": 1},
-    "nv": {"lower extremity": 1479, "back": 1427, "trunk": 1241, "abdomen": 860, "upper extremity": 655,
-           "foot": 284, "chest": 200, "unknown": 196, "face": 100, "neck": 81, "hand": 55, "genital": 45,
-           "scalp": 45, "ear": 30, "acral": 7},
-    "vasc": {"trunk": 31, "lower extremity": 27, "abdomen": 27, "back": 22, "upper extremity": 11,
-             "face": 8, "chest": 6, "hand": 5, "neck": 3, "scalp": 2},
+    "mel": {
+        "back": 324,
+        "upper extremity": 213,
+        "lower extremity": 192,
+        "face": 104,
+        "chest": 68,
+        "abdomen": 66,
+        "trunk": 47,
+        "neck": 29,
+        "foot": 28,
+        "ear": 17,
+        "scalp": 14,
+        "unknown": 10,
+        "hand": 1,
+    },
+    "nv": {
+        "lower extremity": 1479,
+        "back": 1427,
+        "trunk": 1241,
+        "abdomen": 860,
+        "upper extremity": 655,
+        "foot": 284,
+        "chest": 200,
+        "unknown": 196,
+        "face": 100,
+        "neck": 81,
+        "hand": 55,
+        "genital": 45,
+        "scalp": 45,
+        "ear": 30,
+        "acral": 7,
+    },
+    "vasc": {
+        "trunk": 31,
+        "lower extremity": 27,
+        "abdomen": 27,
+        "back": 22,
+        "upper extremity": 11,
+        "face": 8,
+        "chest": 6,
+        "hand": 5,
+        "neck": 3,
+        "scalp": 2,
+    },
 }
 DX_TYPE_COUNTS: dict[str, dict[str, int]] = {
     "akiec": {"histo": 327},
@@ -140,12 +220,17 @@ IMAGES_PER_LESION: dict[str, tuple[int, ...]] = {
 #: Which look (image distribution) each class is drawn from; a look shared by two classes is an
 #: ambiguous pair that only metadata can resolve.
 VISUAL_GROUP: dict[str, str] = {
-    "akiec": "keratotic", "bkl": "keratotic", "mel": "pigmented", "nv": "pigmented",
-    "bcc": "bcc", "df": "df", "vasc": "vasc"}
+    "akiec": "keratotic",
+    "bkl": "keratotic",
+    "mel": "pigmented",
+    "nv": "pigmented",
+    "bcc": "bcc",
+    "df": "df",
+    "vasc": "vasc",
+}
 
 #: Planted age likelihood: class -> (threshold in years, +1 older / -1 younger than it).
-AGE_PLANT: dict[str, tuple[float, int]] = {
-    "mel": (47.5, +1), "nv": (47.5, -1), "akiec": (62.5, +1), "bkl": (62.5, -1)}
+AGE_PLANT: dict[str, tuple[float, int]] = {"mel": (47.5, +1), "nv": (47.5, -1), "akiec": (62.5, +1), "bkl": (62.5, -1)}
 AGE_PLANT_SCALE = 2.5
 
 #: The documented truth that explanations are checked against.
@@ -192,6 +277,7 @@ LOOKS: dict[str, Look] = {
 
 # ---- drawing the metadata -----------------------------------------------------------------------
 
+
 def class_image_counts(n: int) -> dict[str, int]:
     """Images per class for ``n`` images: flattened real priors, largest remainder, >= 1 each if n >= 7."""
     prior = np.array([REAL_CLASS_COUNTS[c] for c in CLASSES], float) ** PRIOR_EXPONENT
@@ -235,9 +321,16 @@ def _draw_lesions(rng: np.random.Generator, n: int) -> list[dict]:
         while target > 0:
             k = min(int(rng.choice(len(per_lesion), p=per_lesion / per_lesion.sum())) + 1, target)
             target -= k
-            lesions.append(dict(dx=dx, n_images=k, dx_type=_pick(rng, DX_TYPE_COUNTS[dx]),
-                                age=_draw_age(rng, dx), sex=_pick(rng, SEX_COUNTS[dx]),
-                                localization=_pick(rng, LOCALIZATION_COUNTS[dx])))
+            lesions.append(
+                dict(
+                    dx=dx,
+                    n_images=k,
+                    dx_type=_pick(rng, DX_TYPE_COUNTS[dx]),
+                    age=_draw_age(rng, dx),
+                    sex=_pick(rng, SEX_COUNTS[dx]),
+                    localization=_pick(rng, LOCALIZATION_COUNTS[dx]),
+                )
+            )
     return [lesions[i] for i in rng.permutation(len(lesions))]
 
 
@@ -250,11 +343,19 @@ def synthetic_metadata(n: int, seed: int) -> pd.DataFrame:
     lesion_numbers = rng.choice(np.arange(10 * len(lesions) + 10), size=len(lesions), replace=False)
     for i, lesion in enumerate(lesions):
         for view in range(lesion["n_images"]):
-            rows.append(dict(lesion_id=f"HAM_{lesion_numbers[i]:07d}",
-                             image_id=f"ISIC_{image_numbers[k]:07d}",
-                             dx=lesion["dx"], dx_type=lesion["dx_type"], age=lesion["age"],
-                             sex=lesion["sex"], localization=lesion["localization"],
-                             lesion_index=i, view=view))
+            rows.append(
+                dict(
+                    lesion_id=f"HAM_{lesion_numbers[i]:07d}",
+                    image_id=f"ISIC_{image_numbers[k]:07d}",
+                    dx=lesion["dx"],
+                    dx_type=lesion["dx_type"],
+                    age=lesion["age"],
+                    sex=lesion["sex"],
+                    localization=lesion["localization"],
+                    lesion_index=i,
+                    view=view,
+                )
+            )
             k += 1
     return pd.DataFrame(rows)
 
@@ -273,8 +374,9 @@ def _rgb(r: float, g: float, b: float) -> np.ndarray:
     return np.array([r, g, b], np.float32)[None, None, :]
 
 
-def _smooth_noise(rng: np.random.Generator, cells: tuple[int, int], u: np.ndarray, v: np.ndarray,
-                  cell: float) -> np.ndarray:
+def _smooth_noise(
+    rng: np.random.Generator, cells: tuple[int, int], u: np.ndarray, v: np.ndarray, cell: float
+) -> np.ndarray:
     """Value noise: a random grid of ``cells`` sampled bilinearly at (u, v) / cell (wraps around)."""
     rows, cols = cells
     grid = np.pad(rng.random(cells).astype(np.float32), ((0, 1), (0, 1)), mode="wrap").ravel()
@@ -286,8 +388,9 @@ def _smooth_noise(rng: np.random.Generator, cells: tuple[int, int], u: np.ndarra
     return top * (1 - fy) + bottom * fy
 
 
-def _dots(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, count: int, spread: float,
-          size: tuple[float, float]) -> np.ndarray:
+def _dots(
+    rng: np.random.Generator, u: np.ndarray, v: np.ndarray, count: int, spread: float, size: tuple[float, float]
+) -> np.ndarray:
     """Soft round dots at random lesion-frame positions; returns coverage in [0, 1]."""
     cover = np.zeros_like(u)
     for _ in range(count):
@@ -298,8 +401,7 @@ def _dots(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, count: int, sp
     return cover
 
 
-def _network(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.ndarray,
-             colour: np.ndarray) -> np.ndarray:
+def _network(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.ndarray, colour: np.ndarray) -> np.ndarray:
     """Pigment network: a honeycomb of darker lines plus mottled shading."""
     f, p1, p2 = rng.uniform(0.5, 0.7), rng.uniform(0, 6.3), rng.uniform(0, 6.3)
     wu, wv = 4 * _smooth_noise(rng, (8, 8), u, v, 6.0), 4 * _smooth_noise(rng, (8, 8), u, v, 6.0)
@@ -310,8 +412,7 @@ def _network(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.nda
     return colour * shade[..., None]
 
 
-def _scaly(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.ndarray,
-           colour: np.ndarray) -> np.ndarray:
+def _scaly(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.ndarray, colour: np.ndarray) -> np.ndarray:
     """Keratotic scale: blocky high-contrast speckle with white-yellow keratin flecks."""
     speck = _smooth_noise(rng, (24, 24), u, v, 2.5)
     flecks = np.clip((_smooth_noise(rng, (16, 16), u, v, 3.5) - 0.72) * 6, 0, 1)
@@ -319,8 +420,7 @@ def _scaly(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.ndarr
     return body * (1 - flecks[..., None]) + _rgb(240, 232, 200) * flecks[..., None]
 
 
-def _vessels(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.ndarray,
-             colour: np.ndarray) -> np.ndarray:
+def _vessels(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.ndarray, colour: np.ndarray) -> np.ndarray:
     """Pearly pink with a glossy highlight, red branching vessels and blue-grey nests."""
     out = colour * (0.95 + 0.12 * _smooth_noise(rng, (6, 6), u, v, 10.0)[..., None])
     for _ in range(int(rng.integers(4, 8))):
@@ -333,8 +433,7 @@ def _vessels(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.nda
     return out * (1 - nests) + _rgb(95, 105, 130) * nests
 
 
-def _scar(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.ndarray,
-          colour: np.ndarray) -> np.ndarray:
+def _scar(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.ndarray, colour: np.ndarray) -> np.ndarray:
     """Dermatofibroma: fine brown ring around a white central scar-like patch."""
     fine = _smooth_noise(rng, (10, 10), u, v, 3.0)
     out = colour * (0.85 + 0.3 * fine[..., None])
@@ -342,8 +441,7 @@ def _scar(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.ndarra
     return out * (1 - centre) + _rgb(238, 226, 215) * centre
 
 
-def _lacunae(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.ndarray,
-             colour: np.ndarray) -> np.ndarray:
+def _lacunae(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.ndarray, colour: np.ndarray) -> np.ndarray:
     """Vascular lesion: red-purple body with dark red round lacunae."""
     out = colour * (0.9 + 0.2 * _smooth_noise(rng, (6, 6), u, v, 8.0)[..., None])
     lac = _dots(rng, u, v, int(rng.integers(6, 12)), 20, (2.5, 5.0))[..., None]
@@ -352,7 +450,12 @@ def _lacunae(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, rho: np.nda
 
 #: Texture painters by name: (rng, u, v, rho, colour) -> RGB field (H, W, 3).
 TEXTURES: dict[str, Callable[..., np.ndarray]] = {
-    "network": _network, "scaly": _scaly, "vessels": _vessels, "scar": _scar, "lacunae": _lacunae}
+    "network": _network,
+    "scaly": _scaly,
+    "vessels": _vessels,
+    "scar": _scar,
+    "lacunae": _lacunae,
+}
 
 
 def _lesion_params(rng: np.random.Generator, dx: str) -> dict:
@@ -381,8 +484,10 @@ def _lesion_frame(lesion: dict, rng: np.random.Generator) -> tuple:
     cx, cy = (lesion["centre"] + rng.normal(0, 3, 2)).tolist()
     angle, scale = float(lesion["angle"] + rng.normal(0, 0.15)), float(rng.normal(1.0, 0.05))
     reach = lesion["radius"] * (1 + lesion["amps"].sum()) * scale + 2
-    box = (slice(max(int(cy - reach), 0), max(int(cy + reach) + 2, 0)),
-           slice(max(int(cx - reach), 0), max(int(cx + reach) + 2, 0)))
+    box = (
+        slice(max(int(cy - reach), 0), max(int(cy + reach) + 2, 0)),
+        slice(max(int(cx - reach), 0), max(int(cx + reach) + 2, 0)),
+    )
     dx, dy = _XX[box] - cx, _YY[box] - cy
     cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
     u, v = dx * cos + dy * sin, dy * cos - dx * sin
@@ -409,7 +514,7 @@ def _hair(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         p0, p2 = rng.uniform([0, 0], [WIDTH, HEIGHT]), rng.uniform([0, 0], [WIDTH, HEIGHT])
         p1 = (p0 + p2) / 2 + rng.normal(0, 30, 2)
         t = np.linspace(0, 1, 600)[:, None]
-        pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
+        pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
         colour = rng.uniform(25, 70) * np.array([1.0, 0.85, 0.75])
         for off in ((0, 0), (1, 0), (0, 1)) if rng.random() < 0.5 else ((0, 0),):
             x = np.clip(np.round(pts[:, 0]).astype(int) + off[0], 0, WIDTH - 1)
@@ -445,6 +550,7 @@ def render_image(lesion: dict, rng: np.random.Generator) -> tuple[np.ndarray, np
 
 # ---- writing the dataset ------------------------------------------------------------------------
 
+
 def _write_images(root: Path, meta: pd.DataFrame, seed: int) -> None:
     """Render and save every image and mask; each lesion's appearance is seeded by its index."""
     half = (len(meta) + 1) // 2
@@ -460,8 +566,9 @@ def _write_images(root: Path, meta: pd.DataFrame, seed: int) -> None:
 
 def _provenance(n: int, seed: int) -> dict:
     """What ``synthetic.json`` records: enough to tell whether an existing folder can be reused."""
-    return dict(generator="multimodal_lesion.data.synthetic", version=GENERATOR_VERSION, n=n, seed=seed,
-                planted=PLANTED)
+    return dict(
+        generator="multimodal_lesion.data.synthetic", version=GENERATOR_VERSION, n=n, seed=seed, planted=PLANTED
+    )
 
 
 def _is_current(out: Path, n: int, seed: int) -> bool:

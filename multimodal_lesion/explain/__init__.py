@@ -6,6 +6,7 @@
 - :mod:`.faithfulness`: whether the maps are faithful (deletion/insertion, pointing game,
   energy inside the lesion, model randomisation), each against random and centre baselines.
 """
+
 from .faithfulness import (
     centre_map,
     curve_auc,

@@ -11,6 +11,7 @@ Gaussian (dermoscopy lesions are usually central, so beating the centre prior is
 - Model randomisation (Adebayo et al. 2018): the map should change when the backbone is
   re-initialised; reported as the Spearman rank correlation between the two maps (low = faithful).
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,7 +55,8 @@ def _mean_image(image: Tensor) -> Tensor:
 
 
 BASELINES: Mapping[str, Callable[[Tensor], Tensor]] = MappingProxyType(
-    {"zero": _zero_image, "mean": _mean_image, "blur": _blurred})
+    {"zero": _zero_image, "mean": _mean_image, "blur": _blurred}
+)
 
 
 def _baseline(image: Tensor, baseline: str | Tensor) -> Tensor:
@@ -75,9 +77,16 @@ def _step_masks(saliency: np.ndarray, steps: int) -> np.ndarray:
     return rank.reshape(saliency.shape)[None] < counts[:, None, None]
 
 
-def perturbation_curve(predict: Predictor, image: Tensor, saliency: np.ndarray, target: int, *,
-                       mode: str = "deletion", steps: int = DEFAULT_STEPS,
-                       baseline: str | Tensor | None = None) -> np.ndarray:
+def perturbation_curve(
+    predict: Predictor,
+    image: Tensor,
+    saliency: np.ndarray,
+    target: int,
+    *,
+    mode: str = "deletion",
+    steps: int = DEFAULT_STEPS,
+    baseline: str | Tensor | None = None,
+) -> np.ndarray:
     """Target-class probabilities (steps+1,) as the most salient pixels are deleted or inserted.
 
     Args:
@@ -162,9 +171,18 @@ def randomisation_check(cam_trained: np.ndarray, cam_random: np.ndarray) -> floa
     return float(stats.spearmanr(a, b).statistic)
 
 
-def faithfulness_report(model: LesionModel, image: Tensor, meta: Tensor | None, saliency: np.ndarray,
-                        target: int, *, mask: np.ndarray | None = None, steps: int = DEFAULT_STEPS,
-                        baseline: str | Tensor | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
+def faithfulness_report(
+    model: LesionModel,
+    image: Tensor,
+    meta: Tensor | None,
+    saliency: np.ndarray,
+    target: int,
+    *,
+    mask: np.ndarray | None = None,
+    steps: int = DEFAULT_STEPS,
+    baseline: str | Tensor | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """Deletion/insertion AUCs (and with a mask: pointing game, energy inside) for the map and its baselines.
 
     Returns ``{"map"|"random"|"centre": {"deletion_auc", "insertion_auc"[, "pointing_game", "energy_inside"]}}``.
@@ -178,9 +196,12 @@ def faithfulness_report(model: LesionModel, image: Tensor, meta: Tensor | None, 
     with preserved_state(model):
         model.eval()
         for name, sal in maps.items():
-            out[name] = {f"{mode}_auc": curve_auc(perturbation_curve(predict, image, sal, target, mode=mode,
-                                                                       steps=steps, baseline=baseline))
-                         for mode in CURVE_MODES}
+            out[name] = {
+                f"{mode}_auc": curve_auc(
+                    perturbation_curve(predict, image, sal, target, mode=mode, steps=steps, baseline=baseline)
+                )
+                for mode in CURVE_MODES
+            }
             if mask is not None:
                 out[name]["pointing_game"] = float(pointing_game(sal, mask))
                 out[name]["energy_inside"] = energy_inside(sal, mask)
@@ -241,9 +262,17 @@ def layer_path(model: LesionModel, layer: nn.Module) -> str:
     raise ConfigError("the target layer is not part of the backbone")
 
 
-def randomised_cams(model: LesionModel, images: Tensor, meta: Tensor | None, targets: Sequence[int], *,
-                    method: str = "gradcam", target_layer: str | nn.Module | None = None,
-                    blocks: int | None = None, seed: int = 0) -> np.ndarray:
+def randomised_cams(
+    model: LesionModel,
+    images: Tensor,
+    meta: Tensor | None,
+    targets: Sequence[int],
+    *,
+    method: str = "gradcam",
+    target_layer: str | nn.Module | None = None,
+    blocks: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
     """CAMs (B, H, W) of the same targets after re-initialising the backbone of a copy of ``model``.
 
     Pass the trained model's explained classes as ``targets`` so both maps explain the same class.

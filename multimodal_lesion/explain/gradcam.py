@@ -6,6 +6,7 @@ explainer's ``with`` block no parameter requires grad and the input does instead
 the target layer even for frozen backbones while the model's ``.grad`` buffers stay untouched; on exit
 the hooks are removed and every module's train/eval flag and every ``requires_grad`` flag restored.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,12 +34,14 @@ class CamMethod(NamedTuple):
     batched: bool  # ScoreCAM feeds one case's masked copies per call, so it needs that case's metadata
 
 
-CAM_METHODS: Mapping[str, CamMethod] = MappingProxyType({
-    "gradcam": CamMethod(GradCAM, batched=True),
-    "gradcam++": CamMethod(GradCAMPlusPlus, batched=True),
-    "hirescam": CamMethod(HiResCAM, batched=True),
-    "scorecam": CamMethod(ScoreCAM, batched=False),
-})
+CAM_METHODS: Mapping[str, CamMethod] = MappingProxyType(
+    {
+        "gradcam": CamMethod(GradCAM, batched=True),
+        "gradcam++": CamMethod(GradCAMPlusPlus, batched=True),
+        "hirescam": CamMethod(HiResCAM, batched=True),
+        "scorecam": CamMethod(ScoreCAM, batched=False),
+    }
+)
 
 
 @contextlib.contextmanager
@@ -125,8 +128,9 @@ class GradCamExplainer:
             last feature stage (``ImageBranch.default_target_layer``).
     """
 
-    def __init__(self, model: LesionModel, method: str = "gradcam",
-                 target_layer: str | nn.Module | None = None) -> None:
+    def __init__(
+        self, model: LesionModel, method: str = "gradcam", target_layer: str | nn.Module | None = None
+    ) -> None:
         if not model.uses_image:
             raise ConfigError("Grad-CAM needs a model that looks at the image; this one uses metadata only")
         if method not in CAM_METHODS:
@@ -150,8 +154,9 @@ class GradCamExplainer:
             self._cam, self._stack = cam, stack.pop_all()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         """Remove the hooks and restore the model's flags; exceptions propagate."""
         stack, self._stack, self._cam = self._stack, None, None
         self._view.meta = None
@@ -174,9 +179,14 @@ class GradCamExplainer:
             raise ConfigError(f"{len(meta)} metadata rows for {n} images")
         cam_targets = _class_targets(targets, n, self._num_classes())
         step = n if CAM_METHODS[self.method].batched else 1
-        maps = [self._run(images[i:i + step], meta[i:i + step] if meta is not None else None,
-                          cam_targets[i:i + step] if cam_targets is not None else None)
-                for i in range(0, n, step)]
+        maps = [
+            self._run(
+                images[i : i + step],
+                meta[i : i + step] if meta is not None else None,
+                cam_targets[i : i + step] if cam_targets is not None else None,
+            )
+            for i in range(0, n, step)
+        ]
         return np.concatenate(maps).astype(np.float32)
 
     def _run(self, images: Tensor, meta: Tensor | None, targets: list[ClassifierOutputTarget] | None) -> np.ndarray:

@@ -7,6 +7,7 @@ case, paired with that case's metadata); absent patient features take the backgr
 explained output is the same softmax probability as the grouped SHAP values. Integrated Gradients
 (captum) on both inputs is offered as a gradient-based second opinion.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -44,8 +45,9 @@ class ModalityAttribution:
         return shap.Explanation(values=self.values, base_values=self.base_values, feature_names=self.players)
 
 
-def _background(model: LesionModel, embeddings: Tensor | None, background_embeddings: Tensor | None,
-                n_meta: int) -> Tensor | None:
+def _background(
+    model: LesionModel, embeddings: Tensor | None, background_embeddings: Tensor | None, n_meta: int
+) -> Tensor | None:
     """Checked background embeddings: None for metadata-only models, else 1 or ``n_meta`` rows."""
     if not model.uses_image:
         return None
@@ -54,15 +56,24 @@ def _background(model: LesionModel, embeddings: Tensor | None, background_embedd
     if background_embeddings.ndim == 1:
         background_embeddings = background_embeddings[None]
     if len(background_embeddings) not in (1, n_meta):
-        raise ConfigError(f"background_embeddings has {len(background_embeddings)} rows; "
-                          f"need 1 (the mean) or one per background metadata row ({n_meta})")
+        raise ConfigError(
+            f"background_embeddings has {len(background_embeddings)} rows; "
+            f"need 1 (the mean) or one per background metadata row ({n_meta})"
+        )
     return background_embeddings
 
 
-def modality_shapley(model: LesionModel, embeddings: np.ndarray | Tensor | None, meta: np.ndarray | Tensor,
-                     background_embeddings: np.ndarray | Tensor | None, background_meta: np.ndarray | Tensor,
-                     groups: Mapping[str, Sequence[int]], targets: Sequence[int] | None = None, *,
-                     temperature: float = 1.0) -> ModalityAttribution:
+def modality_shapley(
+    model: LesionModel,
+    embeddings: np.ndarray | Tensor | None,
+    meta: np.ndarray | Tensor,
+    background_embeddings: np.ndarray | Tensor | None,
+    background_meta: np.ndarray | Tensor,
+    groups: Mapping[str, Sequence[int]],
+    targets: Sequence[int] | None = None,
+    *,
+    temperature: float = 1.0,
+) -> ModalityAttribution:
     """Exact Shapley values over {image, *groups} (2^(1+G) coalitions) of the target-class probability.
 
     Args:
@@ -81,8 +92,7 @@ def modality_shapley(model: LesionModel, embeddings: np.ndarray | Tensor | None,
     bg_emb = _background(model, emb_t, as_input_tensor(background_embeddings, model), len(bg_meta))
     masks = coalition_masks(1 + len(groups))  # player 0 = image
     meta_present = masks[:, 1:] @ group_columns(groups, bg_meta.shape[1])
-    res = exact_shapley(model, emb_t, meta_t, bg_emb, bg_meta, masks[:, 0], meta_present, masks,
-                        targets, temperature)
+    res = exact_shapley(model, emb_t, meta_t, bg_emb, bg_meta, masks[:, 0], meta_present, masks, targets, temperature)
     return ModalityAttribution(players=[IMAGE_PLAYER, *groups], **res)
 
 
@@ -101,11 +111,18 @@ class GradientAttribution:
     delta: np.ndarray  # (B,)
 
 
-def _ig_inputs(model: LesionModel, embedding: Tensor | None, meta: Tensor | None,
-               baseline_embedding: Tensor | None, baseline_meta: Tensor | None) -> dict[str, tuple[Tensor, Tensor]]:
+def _ig_inputs(
+    model: LesionModel,
+    embedding: Tensor | None,
+    meta: Tensor | None,
+    baseline_embedding: Tensor | None,
+    baseline_meta: Tensor | None,
+) -> dict[str, tuple[Tensor, Tensor]]:
     """(input, baseline) per input the model uses; baselines default to zeros."""
-    pairs = {"embedding": (model.uses_image, embedding, baseline_embedding),
-             "meta": (model.uses_meta, meta, baseline_meta)}
+    pairs = {
+        "embedding": (model.uses_image, embedding, baseline_embedding),
+        "meta": (model.uses_meta, meta, baseline_meta),
+    }
     out = {}
     for name, (used, x, base) in pairs.items():
         if not used:
@@ -116,18 +133,30 @@ def _ig_inputs(model: LesionModel, embedding: Tensor | None, meta: Tensor | None
     return out
 
 
-def integrated_gradients(model: LesionModel, embedding: np.ndarray | Tensor | None, meta: np.ndarray | Tensor | None,
-                         target: Sequence[int] | int, *, baseline_embedding: np.ndarray | Tensor | None = None,
-                         baseline_meta: np.ndarray | Tensor | None = None,
-                         groups: Mapping[str, Sequence[int]] | None = None, n_steps: int = 64,
-                         temperature: float = 1.0) -> GradientAttribution:
+def integrated_gradients(
+    model: LesionModel,
+    embedding: np.ndarray | Tensor | None,
+    meta: np.ndarray | Tensor | None,
+    target: Sequence[int] | int,
+    *,
+    baseline_embedding: np.ndarray | Tensor | None = None,
+    baseline_meta: np.ndarray | Tensor | None = None,
+    groups: Mapping[str, Sequence[int]] | None = None,
+    n_steps: int = 64,
+    temperature: float = 1.0,
+) -> GradientAttribution:
     """captum Integrated Gradients on both head inputs, summed per player (image, each group or "meta").
 
     A second opinion to :func:`modality_shapley`: baselines are single points (pass the mean training
     embedding and metadata; zeros by default), so the values sum to ``f(x) - f(baseline)``.
     """
-    inputs = _ig_inputs(model, as_input_tensor(embedding, model), as_input_tensor(meta, model),
-                        as_input_tensor(baseline_embedding, model), as_input_tensor(baseline_meta, model))
+    inputs = _ig_inputs(
+        model,
+        as_input_tensor(embedding, model),
+        as_input_tensor(meta, model),
+        as_input_tensor(baseline_embedding, model),
+        as_input_tensor(baseline_meta, model),
+    )
     names = list(inputs)
 
     def forward(*tensors: Tensor) -> Tensor:
@@ -140,16 +169,26 @@ def integrated_gradients(model: LesionModel, embedding: np.ndarray | Tensor | No
     with preserved_state(model):
         model.eval()
         attrs, delta = IntegratedGradients(forward).attribute(
-            tuple(x for x, _ in inputs.values()), baselines=tuple(b for _, b in inputs.values()),
-            target=target_list, n_steps=n_steps, return_convergence_delta=True)
+            tuple(x for x, _ in inputs.values()),
+            baselines=tuple(b for _, b in inputs.values()),
+            target=target_list,
+            n_steps=n_steps,
+            return_convergence_delta=True,
+        )
     found = {k: a.detach().double().cpu().numpy() for k, a in zip(names, attrs, strict=True)}
     players, values = _ig_players(found, groups, n)
-    return GradientAttribution(players=players, values=values, embedding=found.get("embedding"),
-                               meta=found.get("meta"), delta=delta.detach().double().cpu().numpy())
+    return GradientAttribution(
+        players=players,
+        values=values,
+        embedding=found.get("embedding"),
+        meta=found.get("meta"),
+        delta=delta.detach().double().cpu().numpy(),
+    )
 
 
-def _ig_players(found: dict[str, np.ndarray], groups: Mapping[str, Sequence[int]] | None,
-                n: int) -> tuple[list[str], np.ndarray]:
+def _ig_players(
+    found: dict[str, np.ndarray], groups: Mapping[str, Sequence[int]] | None, n: int
+) -> tuple[list[str], np.ndarray]:
     """Per-player sums: image = all embedding dimensions; each group (or all of "meta") its columns."""
     cols: dict[str, tuple[str, Sequence[int] | slice]] = {IMAGE_PLAYER: ("embedding", slice(None))}
     cols.update({g: ("meta", c) for g, c in groups.items()} if groups else {"meta": ("meta", slice(None))})

@@ -93,9 +93,14 @@ def compute_cams(run: LoadedRun, batch: CaseBatch) -> np.ndarray | None:
         return None
     cfg = inputs.cfg.explain
     with GradCamExplainer(inputs.model, cfg.method, cfg.target_layer or None) as cam:
-        return np.concatenate([cam.explain(batch.images[i:i + CAM_BATCH], batch.meta[i:i + CAM_BATCH],
-                                           batch.targets[i:i + CAM_BATCH])
-                               for i in range(0, len(batch.rows), CAM_BATCH)])
+        return np.concatenate(
+            [
+                cam.explain(
+                    batch.images[i : i + CAM_BATCH], batch.meta[i : i + CAM_BATCH], batch.targets[i : i + CAM_BATCH]
+                )
+                for i in range(0, len(batch.rows), CAM_BATCH)
+            ]
+        )
 
 
 def lesion_mask(inputs: RunInputs, row: int) -> np.ndarray | None:
@@ -117,13 +122,28 @@ def faithfulness(run: LoadedRun, batch: CaseBatch, cams: np.ndarray | None) -> l
     if cams is None:
         return out
     for i in range(min(cfg.faithfulness_cases, len(batch.rows))):
-        report = faithfulness_report(inputs.model, batch.images[i], batch.meta[i], cams[i], batch.targets[i],
-                                     mask=lesion_mask(inputs, int(batch.rows[i])), steps=cfg.steps, seed=cfg.seed)
+        report = faithfulness_report(
+            inputs.model,
+            batch.images[i],
+            batch.meta[i],
+            cams[i],
+            batch.targets[i],
+            mask=lesion_mask(inputs, int(batch.rows[i])),
+            steps=cfg.steps,
+            seed=cfg.seed,
+        )
         out[i] = {f"{k}{'' if name == 'map' else '_' + name}": v for name, d in report.items() for k, v in d.items()}
     k = min(cfg.randomisation_cases, len(batch.rows))
     if k:
-        random_cams = randomised_cams(inputs.model, batch.images[:k], batch.meta[:k], batch.targets[:k],
-                                      method=cfg.method, target_layer=cfg.target_layer or None, seed=cfg.seed)
+        random_cams = randomised_cams(
+            inputs.model,
+            batch.images[:k],
+            batch.meta[:k],
+            batch.targets[:k],
+            method=cfg.method,
+            target_layer=cfg.target_layer or None,
+            seed=cfg.seed,
+        )
         for i in range(k):
             out[i]["randomisation_spearman"] = randomisation_check(cams[i], random_cams[i])
     return out
@@ -131,8 +151,11 @@ def faithfulness(run: LoadedRun, batch: CaseBatch, cams: np.ndarray | None) -> l
 
 def _patient(meta_row: pd.Series) -> dict[str, str]:
     age = meta_row["age"]
-    return {"age": "unknown" if pd.isna(age) else f"{age:g}", "sex": str(meta_row["sex"]),
-            "localization": str(meta_row["localization"])}
+    return {
+        "age": "unknown" if pd.isna(age) else f"{age:g}",
+        "sex": str(meta_row["sex"]),
+        "localization": str(meta_row["localization"]),
+    }
 
 
 class _Stopwatch:
@@ -148,8 +171,14 @@ class _Stopwatch:
         return result
 
 
-def explain_run(run_dir: str | Path, *, data: str | Path | None = None, split: str = "test",
-                cases: Sequence[str] | None = None, n: int | None = None) -> CohortExplanation:
+def explain_run(
+    run_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    split: str = "test",
+    cases: Sequence[str] | None = None,
+    n: int | None = None,
+) -> CohortExplanation:
     """Explain cases of a trained run: maps, SHAP and modality values, faithfulness and provenance."""
     run = load_run(run_dir, data)
     inputs, cfg = run.inputs, run.inputs.cfg.explain
@@ -160,35 +189,63 @@ def explain_run(run_dir: str | Path, *, data: str | Path | None = None, split: s
     bg_emb, bg_meta = background(inputs, cfg.background_size, cfg.seed)
     groups = inputs.encoder.feature_groups_
     raw = inputs.ham.metadata.iloc[rows][list(PATIENT_FEATURES)].reset_index(drop=True)
-    shap_exp = timed("shap", lambda: GroupShapExplainer(inputs.model, bg_meta, groups, temperature=run.temperature)
-                     .explain(batch.embeddings, batch.meta, batch.targets, raw=raw))
-    modality = timed("modality", lambda: modality_shapley(inputs.model, batch.embeddings, batch.meta, bg_emb,
-                                                          bg_meta, groups, batch.targets, temperature=run.temperature))
+    shap_exp = timed(
+        "shap",
+        lambda: GroupShapExplainer(inputs.model, bg_meta, groups, temperature=run.temperature).explain(
+            batch.embeddings, batch.meta, batch.targets, raw=raw
+        ),
+    )
+    modality = timed(
+        "modality",
+        lambda: modality_shapley(
+            inputs.model,
+            batch.embeddings,
+            batch.meta,
+            bg_emb,
+            bg_meta,
+            groups,
+            batch.targets,
+            temperature=run.temperature,
+        ),
+    )
     faith = timed("faithfulness", faithfulness, run, batch, cams)
     case_list = [_case(run, batch, i, cams, shap_exp, modality, faith[i]) for i in range(len(rows))]
     return _cohort(run, split, case_list, shap_exp, timed.seconds)
 
 
-def _case(run: LoadedRun, batch: CaseBatch, i: int, cams: np.ndarray | None, shap_exp: Any,
-          modality: ModalityAttribution, faith: dict[str, Any]) -> CaseExplanation:
+def _case(
+    run: LoadedRun,
+    batch: CaseBatch,
+    i: int,
+    cams: np.ndarray | None,
+    shap_exp: Any,
+    modality: ModalityAttribution,
+    faith: dict[str, Any],
+) -> CaseExplanation:
     """The typed result of case ``i``."""
     row = int(batch.rows[i])
     row_meta = run.inputs.ham.metadata.iloc[row]
     target = batch.targets[i]
     return CaseExplanation(
-        image_id=str(row_meta["image_id"]), target_class=CLASSES[target], true_label=str(row_meta["dx"]),
-        probabilities=dict(zip(CLASSES, map(float, batch.probs[i]), strict=True)), patient=_patient(row_meta),
+        image_id=str(row_meta["image_id"]),
+        target_class=CLASSES[target],
+        true_label=str(row_meta["dx"]),
+        probabilities=dict(zip(CLASSES, map(float, batch.probs[i]), strict=True)),
+        patient=_patient(row_meta),
         shap=dict(zip(shap_exp.feature_names, map(float, shap_exp.values[i]), strict=True)),
-        shap_base_value=float(shap_exp.base_values[i]), model_output=float(batch.probs[i][target]),
+        shap_base_value=float(shap_exp.base_values[i]),
+        model_output=float(batch.probs[i][target]),
         modality=dict(zip(modality.players, map(float, modality.values[i]), strict=True)),
-        modality_base_value=float(modality.base_values[i]), faithfulness=faith,
-        pixels=np.array(run.inputs.images()[row]), cam=None if cams is None else cams[i])
+        modality_base_value=float(modality.base_values[i]),
+        faithfulness=faith,
+        pixels=np.array(run.inputs.images()[row]),
+        cam=None if cams is None else cams[i],
+    )
 
 
 def _mean_abs(cases: list[CaseExplanation], key: str) -> dict[str, dict[str, float]]:
     """Mean |value| per feature, per explained class and over all cases."""
-    frame = pd.DataFrame([{**{k: abs(v) for k, v in getattr(c, key).items()}, "cls": c.target_class}
-                          for c in cases])
+    frame = pd.DataFrame([{**{k: abs(v) for k, v in getattr(c, key).items()}, "cls": c.target_class} for c in cases])
     table = {str(k): g.drop(columns="cls").mean().to_dict() for k, g in frame.groupby("cls")}
     table["all"] = frame.drop(columns="cls").mean().to_dict()
     return table
@@ -208,36 +265,70 @@ def _faith_rows(cases: list[CaseExplanation]) -> list[FaithfulnessRow]:
     frame = pd.DataFrame([c.faithfulness for c in cases if c.faithfulness])
     if frame.empty:
         return []
-    notes = {"deletion_auc": "lower is better", "insertion_auc": "higher is better",
-             "pointing_game": "share of cases with the maximum inside the lesion",
-             "energy_inside": "share of map mass inside the lesion"}
-    rows = [FaithfulnessRow(m, _mean_or_none(frame, m), _mean_or_none(frame, f"{m}_random"),
-                            _mean_or_none(frame, f"{m}_centre"), f"{note} (mean over {frame[m].notna().sum()} cases)")
-            for m, note in notes.items() if m in frame]
+    notes = {
+        "deletion_auc": "lower is better",
+        "insertion_auc": "higher is better",
+        "pointing_game": "share of cases with the maximum inside the lesion",
+        "energy_inside": "share of map mass inside the lesion",
+    }
+    rows = [
+        FaithfulnessRow(
+            m,
+            _mean_or_none(frame, m),
+            _mean_or_none(frame, f"{m}_random"),
+            _mean_or_none(frame, f"{m}_centre"),
+            f"{note} (mean over {frame[m].notna().sum()} cases)",
+        )
+        for m, note in notes.items()
+        if m in frame
+    ]
     if "randomisation_spearman" in frame:
-        rows.append(FaithfulnessRow("randomisation_spearman", _mean_or_none(frame, "randomisation_spearman"),
-                                    note="rank correlation with the CAM of a re-initialised backbone: low = the "
-                                         "map depends on the weights"))
+        rows.append(
+            FaithfulnessRow(
+                "randomisation_spearman",
+                _mean_or_none(frame, "randomisation_spearman"),
+                note="rank correlation with the CAM of a re-initialised backbone: low = the map depends on the weights",
+            )
+        )
     return rows
 
 
-def _cohort(run: LoadedRun, split: str, cases: list[CaseExplanation], shap_exp: Any,
-            timings: dict[str, float]) -> CohortExplanation:
+def _cohort(
+    run: LoadedRun, split: str, cases: list[CaseExplanation], shap_exp: Any, timings: dict[str, float]
+) -> CohortExplanation:
     """The cohort summary: SHAP and modality tables, faithfulness, provenance."""
     inputs = run.inputs
     cfg = inputs.cfg
-    provenance = {"run": str(run.run_dir), "model": cfg.model.name, "backbone": cfg.model.backbone,
-                  "weights": cfg.model.weights, "training": cfg.train.mode, "data root": str(inputs.ham.root),
-                  "data fingerprint": inputs.ham.fingerprint[:16], "split": split, "cases": str(len(cases)),
-                  "temperature": f"{run.temperature:.3f}", "CAM method": cfg.explain.method,
-                  "SHAP background": f"{cfg.explain.background_size} training cases (seed {cfg.explain.seed})"}
-    notes = [f"Explained output: the calibrated probability of the predicted class (temperature "
-             f"{run.temperature:.3f}). SHAP is exact over the 8 coalitions of age / sex / localization; the "
-             f"modality split is exact over the 16 coalitions of image / age / sex / localization."]
+    provenance = {
+        "run": str(run.run_dir),
+        "model": cfg.model.name,
+        "backbone": cfg.model.backbone,
+        "weights": cfg.model.weights,
+        "training": cfg.train.mode,
+        "data root": str(inputs.ham.root),
+        "data fingerprint": inputs.ham.fingerprint[:16],
+        "split": split,
+        "cases": str(len(cases)),
+        "temperature": f"{run.temperature:.3f}",
+        "CAM method": cfg.explain.method,
+        "SHAP background": f"{cfg.explain.background_size} training cases (seed {cfg.explain.seed})",
+    }
+    notes = [
+        f"Explained output: the calibrated probability of the predicted class (temperature "
+        f"{run.temperature:.3f}). SHAP is exact over the 8 coalitions of age / sex / localization; the "
+        f"modality split is exact over the 16 coalitions of image / age / sex / localization."
+    ]
     return CohortExplanation(
-        title=f"Explanations: {cfg.model.name} on {split}", provenance=provenance, cases=cases,
-        mean_abs_shap=_mean_abs(cases, "shap"), modality_share=_shares(_mean_abs(cases, "modality")),
-        faithfulness=_faith_rows(cases), notes=notes, timings=timings, shap_values=shap_exp)
+        title=f"Explanations: {cfg.model.name} on {split}",
+        provenance=provenance,
+        cases=cases,
+        mean_abs_shap=_mean_abs(cases, "shap"),
+        modality_share=_shares(_mean_abs(cases, "modality")),
+        faithfulness=_faith_rows(cases),
+        notes=notes,
+        timings=timings,
+        shap_values=shap_exp,
+    )
 
 
 def save_explanations(out: str | Path, cohort: CohortExplanation) -> Path:

@@ -33,11 +33,20 @@ class CaseExplanation:
 
     def to_json(self) -> dict[str, Any]:
         """The case's entry of ``explanations.json``."""
-        return {"image_id": self.image_id, "true_label": self.true_label, "target_class": self.target_class,
-                "probabilities": self.probabilities, "shap": self.shap, "shap_base_value": self.shap_base_value,
-                "model_output": self.model_output, "modality": self.modality,
-                "modality_base_value": self.modality_base_value, "faithfulness": self.faithfulness,
-                "cam": self.cam_file, "patient": self.patient}
+        return {
+            "image_id": self.image_id,
+            "true_label": self.true_label,
+            "target_class": self.target_class,
+            "probabilities": self.probabilities,
+            "shap": self.shap,
+            "shap_base_value": self.shap_base_value,
+            "model_output": self.model_output,
+            "modality": self.modality,
+            "modality_base_value": self.modality_base_value,
+            "faithfulness": self.faithfulness,
+            "cam": self.cam_file,
+            "patient": self.patient,
+        }
 
 
 @dataclass(frozen=True)
@@ -67,5 +76,8 @@ class CohortExplanation:
 
     def to_json(self) -> dict[str, Any]:
         """The content of ``explanations.json``."""
-        return {"provenance": self.provenance, "timings_seconds": self.timings,
-                "cases": [c.to_json() for c in self.cases]}
+        return {
+            "provenance": self.provenance,
+            "timings_seconds": self.timings,
+            "cases": [c.to_json() for c in self.cases],
+        }

@@ -7,6 +7,7 @@ softmax probability of the explained class from ``model.forward_head`` on the ca
 embedding (the backbone never runs). Every coalition, background row and case goes through the head
 in a few batched calls. The coalition machinery here is shared with :mod:`.modality`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,7 @@ MAX_ROWS_PER_CALL = 32768  # (case, coalition, background row) triples per forwa
 
 def coalition_masks(n_players: int) -> np.ndarray:
     """All 2^n coalitions as a bool matrix (2^n, n); row k holds the bits of k (row 0 = empty)."""
-    k = np.arange(2 ** n_players)[:, None]
+    k = np.arange(2**n_players)[:, None]
     return (k >> np.arange(n_players)[None, :]) & 1 == 1
 
 
@@ -40,8 +41,7 @@ def shapley_values(v: np.ndarray, n_players: int) -> np.ndarray:
     """
     k = np.arange(v.shape[1])
     size = coalition_masks(n_players).sum(1)
-    weight = np.array([factorial(s) * factorial(n_players - s - 1) / factorial(n_players)
-                       for s in range(n_players)])
+    weight = np.array([factorial(s) * factorial(n_players - s - 1) / factorial(n_players) for s in range(n_players)])
     phi = np.empty((v.shape[0], n_players))
     for i in range(n_players):
         without = k[(k >> i) & 1 == 0]
@@ -112,10 +112,16 @@ def _given(first: Tensor | None, second: Tensor | None) -> Tensor:
     return second
 
 
-def coalition_probabilities(model: LesionModel, embeddings: Tensor | None, meta: Tensor | None,
-                            background_embeddings: Tensor | None, background_meta: Tensor | None,
-                            embedding_present: Tensor, meta_present: Tensor,
-                            temperature: float = 1.0) -> Tensor:
+def coalition_probabilities(
+    model: LesionModel,
+    embeddings: Tensor | None,
+    meta: Tensor | None,
+    background_embeddings: Tensor | None,
+    background_meta: Tensor | None,
+    embedding_present: Tensor,
+    meta_present: Tensor,
+    temperature: float = 1.0,
+) -> Tensor:
     """Class probabilities (B, K, C) of every coalition, averaged over the paired background rows.
 
     ``embedding_present`` (K,) and ``meta_present`` (K, D) say which inputs come from the case; the
@@ -154,10 +160,18 @@ def _pick(probs: Tensor, targets: Sequence[int] | None) -> tuple[np.ndarray, np.
     return probs_np[np.arange(n), :, chosen], chosen
 
 
-def exact_shapley(model: LesionModel, embeddings: Tensor | None, meta: Tensor | None,
-                  background_embeddings: Tensor | None, background_meta: Tensor | None,
-                  embedding_present: np.ndarray, meta_present: np.ndarray, masks: np.ndarray,
-                  targets: Sequence[int] | None, temperature: float = 1.0) -> dict[str, np.ndarray]:
+def exact_shapley(
+    model: LesionModel,
+    embeddings: Tensor | None,
+    meta: Tensor | None,
+    background_embeddings: Tensor | None,
+    background_meta: Tensor | None,
+    embedding_present: np.ndarray,
+    meta_present: np.ndarray,
+    masks: np.ndarray,
+    targets: Sequence[int] | None,
+    temperature: float = 1.0,
+) -> dict[str, np.ndarray]:
     """Exact Shapley values over the players of ``masks`` (K, n): values, base, output, targets.
 
     The model runs in eval mode without gradients; its flags are restored afterwards.
@@ -166,12 +180,17 @@ def exact_shapley(model: LesionModel, embeddings: Tensor | None, meta: Tensor | 
     with preserved_state(model), torch.no_grad():
         model.eval()
         probs = coalition_probabilities(
-            model, embeddings, meta, background_embeddings, background_meta,
-            torch.as_tensor(embedding_present, device=device), torch.as_tensor(meta_present, device=device),
-            temperature)
+            model,
+            embeddings,
+            meta,
+            background_embeddings,
+            background_meta,
+            torch.as_tensor(embedding_present, device=device),
+            torch.as_tensor(meta_present, device=device),
+            temperature,
+        )
     v, chosen = _pick(probs, targets)
-    return {"values": shapley_values(v, masks.shape[1]), "base_values": v[:, 0], "outputs": v[:, -1],
-            "targets": chosen}
+    return {"values": shapley_values(v, masks.shape[1]), "base_values": v[:, 0], "outputs": v[:, -1], "targets": chosen}
 
 
 class GroupShapExplainer:
@@ -185,8 +204,14 @@ class GroupShapExplainer:
         temperature: logits are divided by it before the softmax (1 = raw probabilities).
     """
 
-    def __init__(self, model: LesionModel, background_meta: np.ndarray, groups: Mapping[str, Sequence[int]],
-                 *, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: LesionModel,
+        background_meta: np.ndarray,
+        groups: Mapping[str, Sequence[int]],
+        *,
+        temperature: float = 1.0,
+    ) -> None:
         background_meta = np.asarray(background_meta, dtype=np.float32)
         if background_meta.ndim != 2 or len(background_meta) == 0:
             raise ConfigError(f"background_meta must be a non-empty (M, D) array, got shape {background_meta.shape}")
@@ -203,12 +228,16 @@ class GroupShapExplainer:
         """The explained probabilities (B, C) of the cases as they are (same head, same temperature)."""
         with preserved_state(self.model), torch.no_grad():
             self.model.eval()
-            logits = self.model.forward_head(as_input_tensor(embeddings, self.model),
-                                             as_input_tensor(meta, self.model))
+            logits = self.model.forward_head(as_input_tensor(embeddings, self.model), as_input_tensor(meta, self.model))
             return torch.softmax(logits / self.temperature, dim=-1).double().cpu().numpy()
 
-    def explain(self, embeddings: np.ndarray | Tensor | None, meta: np.ndarray | Tensor,
-                targets: Sequence[int] | None = None, raw: pd.DataFrame | None = None) -> shap.Explanation:
+    def explain(
+        self,
+        embeddings: np.ndarray | Tensor | None,
+        meta: np.ndarray | Tensor,
+        targets: Sequence[int] | None = None,
+        raw: pd.DataFrame | None = None,
+    ) -> shap.Explanation:
         """SHAP values (B, G) of the target-class probability for cases with embeddings (B, F) and meta (B, D).
 
         ``targets`` None explains each case's predicted class. ``raw`` (B rows with the group names as
@@ -217,17 +246,31 @@ class GroupShapExplainer:
         """
         meta_t = as_input_tensor(meta, self.model)
         if meta_t is None or meta_t.ndim != 2 or meta_t.shape[1] != self.background_meta.shape[1]:
-            raise ConfigError(f"meta must be (B, {self.background_meta.shape[1]}), got "
-                              f"{None if meta_t is None else tuple(meta_t.shape)}")
+            raise ConfigError(
+                f"meta must be (B, {self.background_meta.shape[1]}), got "
+                f"{None if meta_t is None else tuple(meta_t.shape)}"
+            )
         if self.model.uses_image and embeddings is None:
             raise ConfigError("this model looks at the image: pass the cases' image embeddings")
         masks = coalition_masks(len(self.groups))
-        res = exact_shapley(self.model, as_input_tensor(embeddings, self.model), meta_t, None,
-                            as_input_tensor(self.background_meta, self.model), np.ones(len(masks), dtype=bool),
-                            masks @ group_columns(self.groups, meta_t.shape[1]), masks, targets,
-                            self.temperature)
-        return shap.Explanation(values=res["values"], base_values=res["base_values"],
-                                data=self._data(raw, len(meta_t)), feature_names=self.feature_names)
+        res = exact_shapley(
+            self.model,
+            as_input_tensor(embeddings, self.model),
+            meta_t,
+            None,
+            as_input_tensor(self.background_meta, self.model),
+            np.ones(len(masks), dtype=bool),
+            masks @ group_columns(self.groups, meta_t.shape[1]),
+            masks,
+            targets,
+            self.temperature,
+        )
+        return shap.Explanation(
+            values=res["values"],
+            base_values=res["base_values"],
+            data=self._data(raw, len(meta_t)),
+            feature_names=self.feature_names,
+        )
 
     def _data(self, raw: pd.DataFrame | None, n: int) -> np.ndarray | None:
         """The patient values shown next to the SHAP values (object array (B, G)), when given."""

@@ -2,6 +2,7 @@
 
 ``create_model(name, meta_dim=...)`` builds a registered model; ``list_models()`` names them.
 """
+
 from .fusion import LesionModel  # importing fusion registers the models
 from .image_branch import FLIPS, ImageBranch, embed_images
 from .metadata_branch import MetadataBranch

@@ -5,6 +5,7 @@ are None, and ``forward`` is the same code for all. Gating and FiLM act per chan
 to the pooled embedding equals applying them to the feature maps and pooling (average pooling
 commutes with a per-channel affine map): the frozen-embedding path and the live path agree.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -21,8 +22,9 @@ from .registry import register_model
 
 def mlp_classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
     """Dropout -> Linear -> ReLU -> Dropout -> Linear: the shared classifier of the fusion heads."""
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.ReLU(),
-                         nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+    return nn.Sequential(
+        nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+    )
 
 
 class FusionHead(nn.Module):
@@ -31,8 +33,7 @@ class FusionHead(nn.Module):
     uses_image: bool = True
     uses_meta: bool = True
 
-    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int,
-                 dropout: float) -> None:
+    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         super().__init__()
 
     def forward(self, image: Tensor | None, meta: Tensor | None) -> Tensor:
@@ -44,8 +45,7 @@ class LinearImageHead(FusionHead):
 
     uses_meta = False
 
-    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int,
-                 dropout: float) -> None:
+    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         super().__init__(image_dim, meta_dim, num_classes, hidden, dropout)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(image_dim, num_classes))
 
@@ -58,8 +58,7 @@ class MetadataHead(FusionHead):
 
     uses_image = False
 
-    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int,
-                 dropout: float) -> None:
+    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         super().__init__(image_dim, meta_dim, num_classes, hidden, dropout)
         self.classifier = nn.Linear(meta_dim, num_classes)
 
@@ -70,8 +69,7 @@ class MetadataHead(FusionHead):
 class ConcatHead(FusionHead):
     """Late fusion: MLP over the image features concatenated with the metadata embedding."""
 
-    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int,
-                 dropout: float) -> None:
+    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         super().__init__(image_dim, meta_dim, num_classes, hidden, dropout)
         self.classifier = mlp_classifier(image_dim + meta_dim, hidden, num_classes, dropout)
 
@@ -83,8 +81,7 @@ class ConcatHead(FusionHead):
 class GatedHead(FusionHead):
     """MetaBlock-style (Pacheco & Krohling 2021): a sigmoid gate and a bias per image channel from metadata."""
 
-    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int,
-                 dropout: float) -> None:
+    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         super().__init__(image_dim, meta_dim, num_classes, hidden, dropout)
         self.gate = nn.Linear(meta_dim, image_dim)
         self.shift = nn.Linear(meta_dim, image_dim)
@@ -101,8 +98,7 @@ class FiLMHead(FusionHead):
     The generator starts at zero, so an untrained head sees the image features unchanged.
     """
 
-    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int,
-                 dropout: float) -> None:
+    def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         super().__init__(image_dim, meta_dim, num_classes, hidden, dropout)
         self.film = nn.Linear(meta_dim, 2 * image_dim)
         nn.init.zeros_(self.film.weight)
@@ -130,8 +126,9 @@ class LesionModel(nn.Module):
         meta_branch: the metadata MLP, None when the head ignores the metadata.
     """
 
-    def __init__(self, head: FusionHead, image_branch: ImageBranch | None = None,
-                 meta_branch: MetadataBranch | None = None) -> None:
+    def __init__(
+        self, head: FusionHead, image_branch: ImageBranch | None = None, meta_branch: MetadataBranch | None = None
+    ) -> None:
         super().__init__()
         self.head = head
         self.image_branch = image_branch
@@ -163,17 +160,21 @@ class LesionModel(nn.Module):
         return self.head(image, meta_emb)
 
 
-def build_lesion_model(head_cls: type[FusionHead], *, meta_dim: int, num_classes: int,
-                       cfg: ModelConfig, image_branch: ImageBranch | None) -> LesionModel:
+def build_lesion_model(
+    head_cls: type[FusionHead], *, meta_dim: int, num_classes: int, cfg: ModelConfig, image_branch: ImageBranch | None
+) -> LesionModel:
     """The shared builder: branches the head reads (sized from their declared widths) + the head."""
     image = None
     if head_cls.uses_image:
-        image = image_branch if image_branch is not None else ImageBranch(cfg.backbone, cfg.weights,
-                                                                          cfg.multiscale)
+        image = image_branch if image_branch is not None else ImageBranch(cfg.backbone, cfg.weights, cfg.multiscale)
     meta = MetadataBranch(meta_dim, cfg.meta_hidden, cfg.dropout) if head_cls.uses_meta else None
-    head = head_cls(image.num_features if image is not None else 0,
-                    meta.output_dim if meta is not None else 0,
-                    num_classes, cfg.head_hidden, cfg.dropout)
+    head = head_cls(
+        image.num_features if image is not None else 0,
+        meta.output_dim if meta is not None else 0,
+        num_classes,
+        cfg.head_hidden,
+        cfg.dropout,
+    )
     return LesionModel(head, image, meta)
 
 

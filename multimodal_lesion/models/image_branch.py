@@ -1,4 +1,5 @@
 """The image branch: any timm CNN backbone, giving feature maps and a pooled embedding of declared width."""
+
 from __future__ import annotations
 
 import contextlib
@@ -74,8 +75,10 @@ def _extra_stages(model: nn.Module, n: int = MULTISCALE_EXTRA_STAGES) -> tuple[t
 def _capture_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
     """Record the outputs of ``modules`` during the forward passes inside the block; hooks always removed."""
     outputs: dict[str, Tensor] = {}
-    handles = [m.register_forward_hook(lambda _m, _i, out, key=key: outputs.__setitem__(key, out))
-               for key, m in modules.items()]
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out, key=key: outputs.__setitem__(key, out))
+        for key, m in modules.items()
+    ]
     try:
         yield outputs
     finally:
@@ -85,8 +88,10 @@ def _capture_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor
 
 def _avg_pool(maps: Tensor, backbone: str) -> Tensor:
     if maps.ndim != 4:
-        raise ConfigError(f"backbone '{backbone}' gives features of shape {tuple(maps.shape)}; "
-                          "the image branch needs (B, C, H, W) maps (a CNN backbone)")
+        raise ConfigError(
+            f"backbone '{backbone}' gives features of shape {tuple(maps.shape)}; "
+            "the image branch needs (B, C, H, W) maps (a CNN backbone)"
+        )
     return maps.mean(dim=(2, 3), keepdim=True)
 
 
@@ -158,8 +163,9 @@ class ImageBranch(nn.Module):
         names = [name for name, _ in self.model.named_children()]
         pool_at = next((i for i, n in enumerate(names) if n in _POOL_CHILDREN), 0)
         if pool_at == 0:
-            raise ConfigError(f"cannot find the last feature stage of backbone '{self.backbone}'; "
-                              "name it with explain.target_layer")
+            raise ConfigError(
+                f"cannot find the last feature stage of backbone '{self.backbone}'; name it with explain.target_layer"
+            )
         return getattr(self.model, names[pool_at - 1])
 
     def target_layer(self, path: str = "") -> nn.Module:
@@ -167,8 +173,10 @@ class ImageBranch(nn.Module):
         return _get_module(self.model, path, self.backbone) if path else self.default_target_layer()
 
     def extra_repr(self) -> str:
-        return (f"backbone={self.backbone!r}, weights={self.weights!r}, multiscale={self.multiscale}, "
-                f"num_features={self.num_features}")
+        return (
+            f"backbone={self.backbone!r}, weights={self.weights!r}, multiscale={self.multiscale}, "
+            f"num_features={self.num_features}"
+        )
 
 
 __all__ = ["MULTISCALE_EXTRA_STAGES", "ImageBranch"]

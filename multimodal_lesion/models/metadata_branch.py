@@ -1,4 +1,5 @@
 """The metadata branch: an MLP embedding of the encoded patient features (age, sex, localization)."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -24,8 +25,11 @@ class MetadataBranch(nn.Module):
         self.in_dim = in_dim
         self.output_dim = hidden
         self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(in_dim, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
         )
 
     def forward(self, meta: Tensor) -> Tensor:

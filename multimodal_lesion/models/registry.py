@@ -4,6 +4,7 @@ A factory is called as ``factory(meta_dim=..., num_classes=..., cfg=..., image_b
 returns a :class:`~multimodal_lesion.models.fusion.LesionModel`. The first line of its docstring is
 the model's description (``mmlesion models`` prints it).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -71,8 +72,7 @@ def create_model(
         raise ConfigError(f"model '{name}': num_classes must be >= 1, got {num_classes}")
     if meta_dim < 0:
         raise ConfigError(f"model '{name}': meta_dim must be >= 0, got {meta_dim}")
-    return factory(meta_dim=meta_dim, num_classes=num_classes, cfg=cfg or ModelConfig(),
-                   image_branch=image_branch)
+    return factory(meta_dim=meta_dim, num_classes=num_classes, cfg=cfg or ModelConfig(), image_branch=image_branch)
 
 
 __all__ = ["ModelFactory", "create_model", "list_models", "model_description", "register_model"]

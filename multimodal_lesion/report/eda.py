@@ -6,6 +6,7 @@
 explicit Agg canvases (no pyplot, so no global backend switch and nothing left open) and every file
 is written atomically.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -82,10 +83,15 @@ def _class_pie(df: pd.DataFrame, ax) -> None:
     """Pie of the class shares; names in a legend so small slices stay readable."""
     counts = df["dx"].value_counts().reindex(CLASSES, fill_value=0)
     share = counts / max(counts.sum(), 1) * 100
-    wedges, _ = ax.pie(counts.to_numpy(), startangle=90, counterclock=False,
-                       wedgeprops={"edgecolor": "white"})
-    ax.legend(wedges, [f"{_label(c)}: {share[c]:.1f}%" for c in CLASSES], title="Diagnosis",
-              loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    wedges, _ = ax.pie(counts.to_numpy(), startangle=90, counterclock=False, wedgeprops={"edgecolor": "white"})
+    ax.legend(
+        wedges,
+        [f"{_label(c)}: {share[c]:.1f}%" for c in CLASSES],
+        title="Diagnosis",
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        frameon=False,
+    )
     ax.set_title(f"Share of images per diagnosis (n = {len(df):,})")
     ax.axis("equal")
 
@@ -93,12 +99,23 @@ def _class_pie(df: pd.DataFrame, ax) -> None:
 def _age_by_class(df: pd.DataFrame, ax) -> None:
     """Box plot of age per class; missing ages are left out and counted in the title."""
     data = [df.loc[(df["dx"] == c) & df["age"].notna(), "age"].to_numpy() for c in CLASSES]
-    ax.boxplot([d if d.size else np.array([np.nan]) for d in data], patch_artist=True,
-               boxprops={"facecolor": "#c6dbef"}, medianprops={"color": "black"})
-    ax.set_xticks(range(1, len(CLASSES) + 1),
-                  [f"{_label(c)}\nn = {d.size:,}" for c, d in zip(CLASSES, data, strict=True)], rotation=25, ha="right")
-    ax.set(title=f"Age by diagnosis ({int(df['age'].isna().sum())} images without age left out)",
-           xlabel="Diagnosis", ylabel="Age (years)")
+    ax.boxplot(
+        [d if d.size else np.array([np.nan]) for d in data],
+        patch_artist=True,
+        boxprops={"facecolor": "#c6dbef"},
+        medianprops={"color": "black"},
+    )
+    ax.set_xticks(
+        range(1, len(CLASSES) + 1),
+        [f"{_label(c)}\nn = {d.size:,}" for c, d in zip(CLASSES, data, strict=True)],
+        rotation=25,
+        ha="right",
+    )
+    ax.set(
+        title=f"Age by diagnosis ({int(df['age'].isna().sum())} images without age left out)",
+        xlabel="Diagnosis",
+        ylabel="Age (years)",
+    )
 
 
 def _sex_by_class(df: pd.DataFrame, ax) -> None:
@@ -108,13 +125,11 @@ def _sex_by_class(df: pd.DataFrame, ax) -> None:
     share = table[order].div(table.sum(axis=1).replace(0, 1), axis=0) * 100
     left = np.zeros(len(CLASSES))
     for sex in order:
-        ax.barh([_label(c) for c in CLASSES], share[sex], left=left, label=sex,
-                color=SEX_COLOURS.get(sex, "#7570b3"))
+        ax.barh([_label(c) for c in CLASSES], share[sex], left=left, label=sex, color=SEX_COLOURS.get(sex, "#7570b3"))
         left += share[sex].to_numpy()
     ax.invert_yaxis()
     ax.legend(title="Sex", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    ax.set(title="Sex by diagnosis", xlabel="Share of the diagnosis' images (%)", ylabel="Diagnosis",
-           xlim=(0, 100))
+    ax.set(title="Sex by diagnosis", xlabel="Share of the diagnosis' images (%)", ylabel="Diagnosis", xlim=(0, 100))
 
 
 def _localization_by_class(df: pd.DataFrame, ax) -> None:
@@ -124,8 +139,15 @@ def _localization_by_class(df: pd.DataFrame, ax) -> None:
     share = table / table.sum(axis=0).replace(0, 1)
     image = ax.imshow(share.to_numpy() * 100, cmap="Blues", aspect="auto", vmin=0)
     for (i, j), value in np.ndenumerate(table.to_numpy()):
-        ax.text(j, i, f"{value:,}", ha="center", va="center", fontsize=8,
-                color="white" if share.iat[i, j] > 0.5 * share.to_numpy().max() else "black")
+        ax.text(
+            j,
+            i,
+            f"{value:,}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if share.iat[i, j] > 0.5 * share.to_numpy().max() else "black",
+        )
     ax.set_xticks(range(len(CLASSES)), [_label(c) for c in CLASSES], rotation=30, ha="right")
     ax.set_yticks(range(len(table.index)), table.index)
     ax.figure.colorbar(image, ax=ax, label="Share of the diagnosis' images (%)")

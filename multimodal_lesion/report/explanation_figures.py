@@ -1,5 +1,6 @@
 """Figures of the explanation report: the case image, its Grad-CAM overlay, the SHAP waterfall, the
 modality split, and the cohort's beeswarm / bar / modality-by-class plots (PNG, written atomically)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -57,6 +58,7 @@ def waterfall_png(explanation: Any, path: str | Path, target: str) -> Path:
     def draw() -> None:
         shap.plots.waterfall(explanation, show=False)
         import matplotlib.pyplot as plt
+
         plt.title(f"Patient features: P({CLASS_NAMES.get(target, target)})", fontsize=10)
 
     return _pyplot_png(draw, path, (6.0, 3.2))

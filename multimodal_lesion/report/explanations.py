@@ -31,8 +31,9 @@ def draw_explanation_figures(out: str | Path, cohort: CohortExplanation) -> Repo
             if case.cam is not None:
                 drawn["overlay"] = overlay_png(case.pixels, case.cam, assets / f"{stem}_overlay.png")
         if cohort.shap_values is not None:
-            drawn["waterfall"] = waterfall_png(cohort.shap_values[i], assets / f"{stem}_waterfall.png",
-                                               case.target_class)
+            drawn["waterfall"] = waterfall_png(
+                cohort.shap_values[i], assets / f"{stem}_waterfall.png", case.target_class
+            )
         if case.modality:
             drawn["modality"] = modality_bar_png(case.modality, assets / f"{stem}_modality.png", case.target_class)
         figures.cases[case.image_id] = drawn
@@ -41,7 +42,7 @@ def draw_explanation_figures(out: str | Path, cohort: CohortExplanation) -> Repo
         figures.cohort["beeswarm"] = beeswarm_png(cohort.shap_values, folder / "beeswarm.png")
         figures.cohort["shap_bar"] = shap_bar_png(cohort.shap_values, folder / "shap_bar.png")
     if cohort.modality_share:
-        figures.cohort["modality_by_class"] = modality_by_class_png(cohort.modality_share,
-                                                                    folder / "modality_by_class.png")
+        figures.cohort["modality_by_class"] = modality_by_class_png(
+            cohort.modality_share, folder / "modality_by_class.png"
+        )
     return figures
-

@@ -7,6 +7,7 @@ inside the functions to keep ``import multimodal_lesion`` fast. Every file is wr
 name beside its target and renamed (``atomic_write``); the format follows the suffix (png, pdf,
 svg). Each function returns the written path.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -67,8 +68,13 @@ def plot_roc(y_true: Any, probs: Any, classes: Sequence[str], path: str | Path) 
         fpr, tpr, _ = roc_curve(positive, p[:, k])
         ax.plot(fpr, tpr, lw=1.6, label=f"{name} (AUROC {roc_auc_score(positive, p[:, k]):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="Chance")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 - specificity)",
-           ylabel="True positive rate (sensitivity)", title="One-vs-rest ROC curves")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        xlabel="False positive rate (1 - specificity)",
+        ylabel="True positive rate (sensitivity)",
+        title="One-vs-rest ROC curves",
+    )
     ax.legend(loc="lower right", fontsize=8)
     return save_figure(fig, path)
 
@@ -81,13 +87,18 @@ def plot_reliability(y_true: Any, probs: Any, path: str | Path, bins: int = 15) 
     filled = curve.counts > 0
     fig = new_figure((7, 8))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    top.bar(curve.centers[filled], curve.accuracies[filled], width=width, edgecolor="black",
-            color="tab:blue", alpha=0.8, label="Accuracy")
-    top.plot(curve.centers[filled], curve.confidences[filled], "o", color="tab:red", ms=4,
-             label="Mean confidence")
+    top.bar(
+        curve.centers[filled],
+        curve.accuracies[filled],
+        width=width,
+        edgecolor="black",
+        color="tab:blue",
+        alpha=0.8,
+        label="Accuracy",
+    )
+    top.plot(curve.centers[filled], curve.confidences[filled], "o", color="tab:red", ms=4, label="Mean confidence")
     top.plot([0, 1], [0, 1], ls="--", color="grey", label="Perfect calibration")
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="Accuracy",
-            title=f"Reliability diagram (ECE {ece:.3f}, {bins} bins)")
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="Accuracy", title=f"Reliability diagram (ECE {ece:.3f}, {bins} bins)")
     top.legend(loc="upper left", fontsize=8)
     bottom.bar(curve.centers, curve.counts, width=width, edgecolor="black", color="tab:grey")
     bottom.set(xlabel="Confidence (top-1 probability)", ylabel="Images")
@@ -108,8 +119,9 @@ def plot_bars_with_ci(df: pd.DataFrame, metric: str, path: str | Path) -> Path:
     if rows.empty:
         raise ValueError(f"no rows to plot for metric {metric!r}")
     mean = rows["mean"].to_numpy(float)
-    errors = np.nan_to_num(np.vstack([mean - rows["ci_low"].to_numpy(float),
-                                      rows["ci_high"].to_numpy(float) - mean]), nan=0.0)
+    errors = np.nan_to_num(
+        np.vstack([mean - rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float) - mean]), nan=0.0
+    )
     fig = new_figure((max(5, 1.3 * len(rows) + 2), 5))
     ax = fig.add_subplot()
     x = np.arange(len(rows))
@@ -140,11 +152,18 @@ def plot_per_class_sensitivity(df: pd.DataFrame, path: str | Path) -> Path:
     for i, model in enumerate(models):
         sub = df[df["model"] == model].set_index("class").reindex(classes)
         x = np.arange(len(classes)) + (i - (len(models) - 1) / 2) * width
-        ax.bar(x, sub["mean"].to_numpy(float), width=width, yerr=_errors(sub), capsize=2,
-               edgecolor="black", linewidth=0.5, label=str(model))
+        ax.bar(
+            x,
+            sub["mean"].to_numpy(float),
+            width=width,
+            yerr=_errors(sub),
+            capsize=2,
+            edgecolor="black",
+            linewidth=0.5,
+            label=str(model),
+        )
     ax.set_xticks(np.arange(len(classes)), _names(classes), rotation=30, ha="right")
-    ax.set(ylim=(0, 1.05), xlabel="True class", ylabel="Sensitivity (recall)",
-           title="Per-class sensitivity by model")
+    ax.set(ylim=(0, 1.05), xlabel="True class", ylabel="Sensitivity (recall)", title="Per-class sensitivity by model")
     ax.legend(title="Model", fontsize=8)
     return save_figure(fig, path)
 
@@ -154,8 +173,9 @@ def _errors(rows: pd.DataFrame) -> np.ndarray | None:
     if not {"ci_low", "ci_high"} <= set(rows.columns):
         return None
     mean = rows["mean"].to_numpy(float)
-    return np.nan_to_num(np.vstack([mean - rows["ci_low"].to_numpy(float),
-                                    rows["ci_high"].to_numpy(float) - mean]), nan=0.0)
+    return np.nan_to_num(
+        np.vstack([mean - rows["ci_low"].to_numpy(float), rows["ci_high"].to_numpy(float) - mean]), nan=0.0
+    )
 
 
 def _require(df: pd.DataFrame, columns: Sequence[str]) -> None:
@@ -195,7 +215,9 @@ def save_evaluation_figures(evaluation: Evaluation) -> list[Path]:
     paths = []
     for split, scores in evaluation.scores.items():
         cm = np.array(evaluation.metrics[split]["calibrated"]["confusion_matrix"])
-        paths += [plot_confusion(cm, CLASSES, evaluation.folder.figure(f"confusion_{split}.png")),
-                  plot_roc(scores.targets, scores.calibrated, CLASSES, evaluation.folder.figure(f"roc_{split}.png")),
-                  plot_reliability(scores.targets, scores.raw, evaluation.folder.figure(f"reliability_{split}.png"))]
+        paths += [
+            plot_confusion(cm, CLASSES, evaluation.folder.figure(f"confusion_{split}.png")),
+            plot_roc(scores.targets, scores.calibrated, CLASSES, evaluation.folder.figure(f"roc_{split}.png")),
+            plot_reliability(scores.targets, scores.raw, evaluation.folder.figure(f"reliability_{split}.png")),
+        ]
     return paths

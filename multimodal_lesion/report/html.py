@@ -17,6 +17,7 @@ checked as they are rendered (a non-number where a number belongs is a DataError
 
 Class codes are shown with their full names (``CLASS_NAMES``) where they are known classes.
 """
+
 from __future__ import annotations
 
 import base64
@@ -67,8 +68,10 @@ def write_report(out: str | Path, cohort: CohortExplanation, figures: ReportFigu
     env = _environment()
     cases = cohort.cases
     pages = _page_names(cases)
-    views = [_case_view(case, figures.cases.get(_text(case.image_id)), pages[i], i, len(cases), pages)
-             for i, case in enumerate(cases)]
+    views = [
+        _case_view(case, figures.cases.get(_text(case.image_id)), pages[i], i, len(cases), pages)
+        for i, case in enumerate(cases)
+    ]
     cohort_view = _cohort_view(cohort, figures.cohort, views)  # all validated before the first file is written
     for view in views:
         _write(out / CASES_DIR / view["page"], env.get_template("case.html").render(case=view, **_common()))
@@ -88,7 +91,10 @@ def _environment() -> Any:
 
     return jinja2.Environment(
         loader=jinja2.PackageLoader("multimodal_lesion.report", "templates"),
-        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
 
 
@@ -105,6 +111,7 @@ def _write(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- plain values
+
 
 def _text(value: Any) -> str:
     """Any value as a plain ``str`` (never Markup); None -> "", mappings -> ``k: v; ...``."""
@@ -181,6 +188,7 @@ def _union(mappings: Iterable[Mapping[str, Any]]) -> list[str]:
 
 # ----------------------------------------------------------------------------- figures
 
+
 def _data_uri(path: Any, where: str) -> str:
     """Read an image file and return it as a base64 data URI; DataError when missing or not an image."""
     file = Path(_text(path))
@@ -198,11 +206,18 @@ def _figures(figures: Mapping[str, Any] | None, captions: Mapping[str, str], whe
     """Embedded figures, known names first in caption order, the rest humanised; None paths skipped."""
     figures = {_text(k): v for k, v in (figures or {}).items() if v is not None}
     names = [n for n in captions if n in figures] + [n for n in figures if n not in captions]
-    return [{"name": n, "caption": captions.get(n) or n.replace("_", " ").capitalize(),
-             "src": _data_uri(figures[n], f"{where}: figures[{n!r}]")} for n in names]
+    return [
+        {
+            "name": n,
+            "caption": captions.get(n) or n.replace("_", " ").capitalize(),
+            "src": _data_uri(figures[n], f"{where}: figures[{n!r}]"),
+        }
+        for n in names
+    ]
 
 
 # ----------------------------------------------------------------------------- cases
+
 
 def _page_names(cases: Sequence[CaseExplanation]) -> list[str]:
     """Validate the cases and their unique ids; return each case's page file name."""
@@ -217,8 +232,9 @@ def _page_names(cases: Sequence[CaseExplanation]) -> list[str]:
     return [case_page_name(_text(case.image_id)) for case in cases]
 
 
-def _case_view(case: CaseExplanation, figures: Mapping[str, Any] | None, page: str, i: int, n: int,
-               pages: Sequence[str]) -> dict:
+def _case_view(
+    case: CaseExplanation, figures: Mapping[str, Any] | None, page: str, i: int, n: int, pages: Sequence[str]
+) -> dict:
     """Everything a case page and its index row show, as plain strings and numbers."""
     where = f"case {i} ({_text(case.image_id)[:40]!r})"
     probs = _probabilities(case.probabilities, where)
@@ -227,21 +243,28 @@ def _case_view(case: CaseExplanation, figures: Mapping[str, Any] | None, page: s
     shap_rows = _shap_rows(case.shap or {}, case.patient or {}, where)
     modality = _share_rows(case.modality or {}, where)
     return {
-        "page": page, "image_id": _text(case.image_id),
-        "target": class_label(case.target_class), "predicted": class_label(predicted),
+        "page": page,
+        "image_id": _text(case.image_id),
+        "target": class_label(case.target_class),
+        "predicted": class_label(predicted),
         "probability": _num(probs.get(predicted)) if predicted else "\u2014",
         "probability_width": _percent(probs.get(predicted, 0.0) if predicted is not None else 0.0),
-        "true_label": class_label(true_label), "known_truth": true_label is not None,
+        "true_label": class_label(true_label),
+        "known_truth": true_label is not None,
         "correct": true_label is not None and true_label == predicted,
         "prob_rows": _prob_rows(probs, predicted, true_label),
         "patient": [{"name": _text(k), "value": _text(v)} for k, v in (case.patient or {}).items()],
-        "shap": shap_rows, "top_feature": _top_feature(shap_rows),
-        "shap_base": _num(case.shap_base_value), "model_output": _num(case.model_output),
+        "shap": shap_rows,
+        "top_feature": _top_feature(shap_rows),
+        "shap_base": _num(case.shap_base_value),
+        "model_output": _num(case.model_output),
         "shap_sum": _shap_total(case, where),
-        "modality": modality, "image_share": _player_share(modality, "image"),
+        "modality": modality,
+        "image_share": _player_share(modality, "image"),
         "faithfulness": [{"name": _text(k), "value": _num(v)} for k, v in (case.faithfulness or {}).items()],
         "figures": _figures(figures, CASE_FIGURES, where),
-        "prev": pages[i - 1] if i > 0 else None, "next": pages[i + 1] if i + 1 < n else None,
+        "prev": pages[i - 1] if i > 0 else None,
+        "next": pages[i + 1] if i + 1 < n else None,
         "position": f"{i + 1} of {n}",
     }
 
@@ -255,8 +278,16 @@ def _probabilities(probs: Any, where: str) -> dict[str, float]:
 
 def _prob_rows(probs: Mapping[str, float], predicted: str | None, true_label: str | None) -> list[dict]:
     """One bar per class, in class order, marking the predicted and the true class."""
-    return [{"label": class_label(c), "value": _num(probs[c]), "width": _percent(probs[c]),
-             "predicted": c == predicted, "true": c == true_label} for c in _ordered(probs)]
+    return [
+        {
+            "label": class_label(c),
+            "value": _num(probs[c]),
+            "width": _percent(probs[c]),
+            "predicted": c == predicted,
+            "true": c == true_label,
+        }
+        for c in _ordered(probs)
+    ]
 
 
 def _shap_rows(shap: Mapping[str, Any], patient: Mapping[str, Any], where: str) -> list[dict]:
@@ -264,8 +295,17 @@ def _shap_rows(shap: Mapping[str, Any], patient: Mapping[str, Any], where: str) 
     values = {_text(k): _float(v, f"{where}: shap[{_text(k)!r}]") for k, v in shap.items()}
     scale = max((abs(v) for v in values.values() if math.isfinite(v)), default=0.0) or 1.0
     patient = {_text(k): _text(v) for k, v in patient.items()}
-    return [{"name": k, "patient": patient.get(k, ""), "value": _num(v, signed=True), "raw": v,
-             "width": _percent(abs(v) / scale), "positive": v >= 0} for k, v in values.items()]
+    return [
+        {
+            "name": k,
+            "patient": patient.get(k, ""),
+            "value": _num(v, signed=True),
+            "raw": v,
+            "width": _percent(abs(v) / scale),
+            "positive": v >= 0,
+        }
+        for k, v in values.items()
+    ]
 
 
 def _top_feature(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -289,10 +329,17 @@ def _share_rows(values: Mapping[str, Any], where: str) -> list[dict]:
     """Players with their attribution and share of the total |attribution|."""
     values = {_text(k): _float(v, f"{where}: modality[{_text(k)!r}]") for k, v in values.items()}
     total = sum(abs(v) for v in values.values() if math.isfinite(v))
-    return [{"name": k, "value": _num(v, signed=True), "share": abs(v) / total if total else 0.0,
-             "share_text": f"{abs(v) / total:.0%}" if total else "\u2014",
-             "width": _percent(abs(v) / total if total else 0.0), "seg": j % 6}
-            for j, (k, v) in enumerate(values.items())]
+    return [
+        {
+            "name": k,
+            "value": _num(v, signed=True),
+            "share": abs(v) / total if total else 0.0,
+            "share_text": f"{abs(v) / total:.0%}" if total else "\u2014",
+            "width": _percent(abs(v) / total if total else 0.0),
+            "seg": j % 6,
+        }
+        for j, (k, v) in enumerate(values.items())
+    ]
 
 
 def _player_share(rows: Sequence[Mapping[str, Any]], player: str) -> str:
@@ -302,6 +349,7 @@ def _player_share(rows: Sequence[Mapping[str, Any]], player: str) -> str:
 
 # ----------------------------------------------------------------------------- cohort
 
+
 def _cohort_view(cohort: CohortExplanation, figures: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> dict:
     """Everything the index page shows about the cohort, as plain strings and numbers."""
     if not isinstance(cohort, CohortExplanation):
@@ -309,7 +357,8 @@ def _cohort_view(cohort: CohortExplanation, figures: Mapping[str, Any], cases: S
     return {
         "title": _text(cohort.title or "Explanation report"),
         "n_cases": len(cases),
-        "n_correct": sum(c["correct"] for c in cases), "n_known": sum(c["known_truth"] for c in cases),
+        "n_correct": sum(c["correct"] for c in cases),
+        "n_known": sum(c["known_truth"] for c in cases),
         "provenance": [{"key": _text(k), "value": _text(v)} for k, v in (cohort.provenance or {}).items()],
         "shap": _heat_table(cohort.mean_abs_shap or {}),
         "modality": _modality_table(cohort.modality_share or {}),
@@ -330,12 +379,23 @@ def _heat_table(table: Mapping[str, Mapping[str, Any]]) -> dict:
     """Mean |SHAP|: rows = classes (``all`` last), columns = features, cells shaded by value."""
     table = {_text(k): v for k, v in table.items()}
     features = _union(table.values())
-    values = {(c, f): _float(v, f"cohort: mean_abs_shap[{c!r}][{_text(f)!r}]")
-              for c, row in table.items() for f, v in row.items()}
+    values = {
+        (c, f): _float(v, f"cohort: mean_abs_shap[{c!r}][{_text(f)!r}]")
+        for c, row in table.items()
+        for f, v in row.items()
+    }
     top = max((v for v in values.values() if math.isfinite(v)), default=0.0) or 1.0
-    rows = [{"label": _row_label(c), "summary": c == ALL_KEY, "cells": [
-        {"value": _num(values.get((c, f))), "alpha": f"{_clip01(values.get((c, f), 0.0) / top) * 0.55:.3f}"}
-        for f in features]} for c in _ordered(table)]
+    rows = [
+        {
+            "label": _row_label(c),
+            "summary": c == ALL_KEY,
+            "cells": [
+                {"value": _num(values.get((c, f))), "alpha": f"{_clip01(values.get((c, f), 0.0) / top) * 0.55:.3f}"}
+                for f in features
+            ],
+        }
+        for c in _ordered(table)
+    ]
     return {"columns": features, "rows": rows}
 
 
@@ -346,8 +406,10 @@ def _modality_table(table: Mapping[str, Mapping[str, Any]]) -> dict:
     rows = []
     for c in _ordered(table):
         shares = {_text(p): _float(v, f"cohort: modality_share[{c!r}][{_text(p)!r}]") for p, v in table[c].items()}
-        segs = [{"player": p, "width": _percent(shares.get(p, 0.0)), "seg": j % 6,
-                 "text": _num(shares.get(p))} for j, p in enumerate(players)]
+        segs = [
+            {"player": p, "width": _percent(shares.get(p, 0.0)), "seg": j % 6, "text": _num(shares.get(p))}
+            for j, p in enumerate(players)
+        ]
         rows.append({"label": _row_label(c), "summary": c == ALL_KEY, "segs": segs})
     return {"columns": [{"name": p, "seg": j % 6} for j, p in enumerate(players)], "rows": rows}
 
@@ -356,5 +418,10 @@ def _faith_row(row: Any, j: int) -> dict:
     """One faithfulness metric with its baselines."""
     if not isinstance(row, FaithfulnessRow):
         raise DataError(f"cohort: faithfulness[{j}] must be a FaithfulnessRow, got {type(row).__name__}")
-    return {"metric": _text(row.metric), "cam": _num(row.cam), "random": _num(row.random),
-            "centre": _num(row.centre), "note": _text(row.note)}
+    return {
+        "metric": _text(row.metric),
+        "cam": _num(row.cam),
+        "random": _num(row.random),
+        "centre": _num(row.centre),
+        "note": _text(row.note),
+    }

@@ -1,4 +1,5 @@
 """Atomic, pickle-free checkpoints: ``torch.load(weights_only=True)`` refuses smuggled code."""
+
 from __future__ import annotations
 
 import os

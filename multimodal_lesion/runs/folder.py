@@ -37,10 +37,28 @@ FIGURES = "figures"
 EVAL = "eval"
 #: The files without which a folder is not a finished run.
 REQUIRED = (CONFIG, SPLITS, ENCODER, BEST)
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_balanced_accuracy", "val_macro_auroc", "lr",
-                  "seconds", "images_per_s")
-LIBRARIES = ("multimodal_lesion", "torch", "torchvision", "timm", "numpy", "pandas", "scikit-learn", "shap",
-             "captum", "grad-cam")
+HISTORY_FIELDS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_balanced_accuracy",
+    "val_macro_auroc",
+    "lr",
+    "seconds",
+    "images_per_s",
+)
+LIBRARIES = (
+    "multimodal_lesion",
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "shap",
+    "captum",
+    "grad-cam",
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -82,8 +100,9 @@ class RunFolder:
             remove_stale_temps(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def write_inputs(self, cfg: ExperimentConfig, splits: pd.DataFrame, encoder: MetadataEncoder,
-                     **machine: Any) -> None:
+    def write_inputs(
+        self, cfg: ExperimentConfig, splits: pd.DataFrame, encoder: MetadataEncoder, **machine: Any
+    ) -> None:
         """What a run was trained from: config, split, fitted encoder and the library versions."""
         write_provenance(self.path, cfg, **machine)
         with atomic_write(self.path / SPLITS) as fh:
@@ -107,8 +126,9 @@ class RunFolder:
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
         return write_json(self.path / METRICS, metrics)
 
-    def write_predictions(self, split: str, ids: Sequence[str], targets: Sequence[str], probs: np.ndarray,
-                          classes: Sequence[str]) -> Path:
+    def write_predictions(
+        self, split: str, ids: Sequence[str], targets: Sequence[str], probs: np.ndarray, classes: Sequence[str]
+    ) -> Path:
         """``predictions_<split>.csv``: image id, true class and one probability column per class."""
         df = pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])
         df.insert(0, "target", list(targets))

@@ -62,8 +62,7 @@ def resolve_data(cfg: ExperimentConfig, show: bool = True) -> Ham10000:
 def make_splits(cfg: ExperimentConfig, ham: Ham10000) -> pd.DataFrame:
     """Lesion-grouped, stratified split of ``ham``; with folds, ``data.fold`` is the validation fold."""
     d = cfg.data
-    splits = split_lesions(ham.metadata, test_size=d.test_size, val_size=d.val_size, folds=d.folds,
-                           seed=d.split_seed)
+    splits = split_lesions(ham.metadata, test_size=d.test_size, val_size=d.val_size, folds=d.folds, seed=d.split_seed)
     if d.folds:
         if not 0 <= d.fold < d.folds:
             raise ConfigError(f"data.fold: {d.fold} is not in 0..{d.folds - 1}")
@@ -129,13 +128,25 @@ class RunInputs:
         branch = self.model.image_branch
         if self.cached_embeddings is None and branch is not None:
             m = self.cfg.model
-            identity = {"backbone": m.backbone, "weights": m.weights, "multiscale": m.multiscale,
-                        "size": list(self.cfg.data.image_size)}
+            identity = {
+                "backbone": m.backbone,
+                "weights": m.weights,
+                "multiscale": m.multiscale,
+                "size": list(self.cfg.data.image_size),
+            }
             self.cached_embeddings = cached_embeddings(
-                branch, self.images, len(self.ham.metadata), self.normalize,
+                branch,
+                self.images,
+                len(self.ham.metadata),
+                self.normalize,
                 folder=default_cache_dir(self.ham, self.cfg.data.cache_dir or None),
-                fingerprint=self.ham.fingerprint, identity=identity, flip_average=self.cfg.train.flip_average,
-                batch_size=self.cfg.train.batch_size, device=self.device, show=show)
+                fingerprint=self.ham.fingerprint,
+                identity=identity,
+                flip_average=self.cfg.train.flip_average,
+                batch_size=self.cfg.train.batch_size,
+                device=self.device,
+                show=show,
+            )
         if self.cached_embeddings is None:
             raise ConfigError(f"model '{self.cfg.model.name}' has no image branch")
         return self.cached_embeddings
@@ -148,11 +159,13 @@ class RunInputs:
         if self.cfg.train.mode == "frozen":
             return torch.from_numpy(self.embeddings(show=False)[rows]).to(self.device)
         with torch.no_grad():
-            return torch.cat([embed_images(branch, self.normalized_images(rows[i:i + 32]), False)
-                              for i in range(0, len(rows), 32)])
+            return torch.cat(
+                [embed_images(branch, self.normalized_images(rows[i : i + 32]), False) for i in range(0, len(rows), 32)]
+            )
 
-    def batches(self, split: str, *, train: bool, show: bool = True, rank: int = 0,
-                world_size: int = 1) -> TensorBatches | EpochLoader:
+    def batches(
+        self, split: str, *, train: bool, show: bool = True, rank: int = 0, world_size: int = 1
+    ) -> TensorBatches | EpochLoader:
         """Dict batches of one split: cached embeddings (frozen) or augmented images (end2end)."""
         t = self.cfg.train
         idx = self.indices(split)
@@ -160,20 +173,32 @@ class RunInputs:
         if train and t.balance == "sampler":
             counts = np.bincount(self.targets[idx], minlength=len(CLASSES))
             weights = 1.0 / counts[self.targets[idx]]
-        sampler = EpochSampler(len(idx), shuffle=train, seed=t.seed, weights=weights, rank=rank,
-                               world_size=world_size)
+        sampler = EpochSampler(len(idx), shuffle=train, seed=t.seed, weights=weights, rank=rank, world_size=world_size)
         if t.mode == "frozen" or self.model.image_branch is None:
             tensors = {"meta": torch.from_numpy(self.meta[idx]), "target": torch.from_numpy(self.targets[idx])}
             if self.model.image_branch is not None:
                 tensors["embedding"] = torch.from_numpy(self.embeddings(show)[idx])
             ids = self.image_ids
             return TensorBatches(tensors, [ids[i] for i in idx], t.batch_size, sampler)
-        dataset = LesionDataset(self.images(), self.meta, self.targets, self.image_ids, idx,
-                                build_augmentation(t.augment) if train else None)
-        return EpochLoader(torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=sampler,
-                                                       collate_fn=NormalizingCollate(self.normalize),
-                                                       num_workers=self.cfg.data.num_workers,
-                                                       pin_memory=self.device.type == "cuda"), sampler)
+        dataset = LesionDataset(
+            self.images(),
+            self.meta,
+            self.targets,
+            self.image_ids,
+            idx,
+            build_augmentation(t.augment) if train else None,
+        )
+        return EpochLoader(
+            torch.utils.data.DataLoader(
+                dataset,
+                batch_size=t.batch_size,
+                sampler=sampler,
+                collate_fn=NormalizingCollate(self.normalize),
+                num_workers=self.cfg.data.num_workers,
+                pin_memory=self.device.type == "cuda",
+            ),
+            sampler,
+        )
 
 
 class EpochLoader:
@@ -192,8 +217,14 @@ class EpochLoader:
         return iter(self.loader)
 
 
-def prepare_inputs(cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, encoder: MetadataEncoder | None = None,
-                   *, shared: RunInputs | None = None) -> RunInputs:
+def prepare_inputs(
+    cfg: ExperimentConfig,
+    ham: Ham10000,
+    splits: pd.DataFrame,
+    encoder: MetadataEncoder | None = None,
+    *,
+    shared: RunInputs | None = None,
+) -> RunInputs:
     """Fit the encoder on the training split (unless given), encode everything and build the model.
 
     ``shared`` lends its frozen backbone and cached embeddings (an ablation trains many heads on one).
@@ -208,15 +239,17 @@ def prepare_inputs(cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, e
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
-    model = create_model(cfg.model.name, meta_dim=meta.shape[1], num_classes=len(CLASSES), cfg=cfg.model,
-                         image_branch=branch)
+    model = create_model(
+        cfg.model.name, meta_dim=meta.shape[1], num_classes=len(CLASSES), cfg=cfg.model, image_branch=branch
+    )
     if cfg.train.mode == "frozen" and model.image_branch is not None:
         model.image_branch.requires_grad_(False)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    inputs = RunInputs(cfg, ham, splits, encoder, meta, class_targets(ham.metadata), model, device,
-                       [str(w.message) for w in caught])
+    inputs = RunInputs(
+        cfg, ham, splits, encoder, meta, class_targets(ham.metadata), model, device, [str(w.message) for w in caught]
+    )
     if branch is not None and shared is not None:
         inputs.cached_embeddings = shared.cached_embeddings
     return inputs

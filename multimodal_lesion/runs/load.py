@@ -44,8 +44,12 @@ def load_model(run_dir: str | Path) -> tuple[ExperimentConfig, MetadataEncoder, 
     folder.check()
     cfg = folder.read_config()
     encoder = folder.read_encoder()
-    model = create_model(cfg.model.name, meta_dim=len(encoder.get_feature_names_out()), num_classes=len(CLASSES),
-                         cfg=replace(cfg, model={"weights": "none"}).model)
+    model = create_model(
+        cfg.model.name,
+        meta_dim=len(encoder.get_feature_names_out()),
+        num_classes=len(CLASSES),
+        cfg=replace(cfg, model={"weights": "none"}).model,
+    )
     model.to(resolve_device(cfg.train.device))
     return cfg, encoder, model, _load_weights(model, folder)
 
@@ -71,7 +75,9 @@ def balanced_scaling(run_dir: str | Path) -> tuple[float, np.ndarray]:
     folder = RunFolder(run_dir)
     metrics = folder.read_metrics()
     if "balanced_bias" not in metrics:
-        raise CheckpointError(f"{folder / 'metrics.json'}: no balanced decision in this run (trained before it "
-                              "existed); retrain, or predict without --balanced")
+        raise CheckpointError(
+            f"{folder / 'metrics.json'}: no balanced decision in this run (trained before it "
+            "existed); retrain, or predict without --balanced"
+        )
     bias = metrics["balanced_bias"]
     return float(metrics["balanced_temperature"]), np.array([bias[c] for c in CLASSES], dtype=np.float32)

@@ -27,8 +27,9 @@ def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool =
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, batches: Iterable[dict], device: torch.device, *, tta: bool = False,
-                   amp: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def predict_logits(
+    model: nn.Module, batches: Iterable[dict], device: torch.device, *, tta: bool = False, amp: bool = False
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Logits, targets and image ids over ``batches``; ``tta`` averages the logits over image flips."""
     model.eval()
     logits, targets, ids = [], [], []
@@ -47,8 +48,14 @@ def predict_logits(model: nn.Module, batches: Iterable[dict], device: torch.devi
 
 
 @torch.no_grad()
-def predict_image(run_dir: str | Path, image: str | Path, age: float | None = None, sex: str | None = None,
-                  localization: str | None = None, balanced: bool = False) -> dict[str, float]:
+def predict_image(
+    run_dir: str | Path,
+    image: str | Path,
+    age: float | None = None,
+    sex: str | None = None,
+    localization: str | None = None,
+    balanced: bool = False,
+) -> dict[str, float]:
     """Calibrated class probabilities for one image and optional patient fields (missing = unknown).
 
     ``balanced`` gives the probabilities of the balanced decision instead (uniform class prior,
@@ -59,8 +66,9 @@ def predict_image(run_dir: str | Path, image: str | Path, age: float | None = No
     if balanced:
         temperature, bias = balanced_scaling(run_dir)
     device = next(model.parameters()).device
-    row = pd.DataFrame([{"age": np.nan if age is None else float(age), "sex": sex or UNKNOWN,
-                         "localization": localization or UNKNOWN}])
+    row = pd.DataFrame(
+        [{"age": np.nan if age is None else float(age), "sex": sex or UNKNOWN, "localization": localization or UNKNOWN}]
+    )
     meta = torch.from_numpy(encoder.transform(row).astype(np.float32)).to(device)
     embedding = None
     if model.image_branch is not None:

@@ -10,6 +10,7 @@
   the biases correct that on held-out data (the prior-shift correction of Saerens et al. 2002,
   with the shift estimated rather than assumed).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -46,15 +47,18 @@ class TemperatureScaler(TransformerMixin, BaseEstimator):
             raise ValueError(f"bounds must satisfy 0 < low < high, got {self.bounds}")
         z = _as_logits(logits)
         y = _as_targets(y, z)
-        result = minimize_scalar(lambda log_t: _nll(z / np.exp(log_t), y), method="bounded",
-                                 bounds=(np.log(low), np.log(high)), options={"xatol": 1e-6})
+        result = minimize_scalar(
+            lambda log_t: _nll(z / np.exp(log_t), y),
+            method="bounded",
+            bounds=(np.log(low), np.log(high)),
+            options={"xatol": 1e-6},
+        )
         self.temperature_ = float(np.exp(result.x))
         self.n_classes_ = z.shape[1]
         self.nll_before_ = _nll(z, y)
         self.nll_after_ = _nll(z / self.temperature_, y)
         if np.isclose(self.temperature_, low, rtol=1e-3) or np.isclose(self.temperature_, high, rtol=1e-3):
-            warnings.warn(f"temperature {self.temperature_:.4g} is at the edge of bounds {self.bounds}",
-                          stacklevel=2)
+            warnings.warn(f"temperature {self.temperature_:.4g} is at the edge of bounds {self.bounds}", stacklevel=2)
         return self
 
     def transform(self, logits: Any) -> np.ndarray:
@@ -96,8 +100,9 @@ class BalancedScaler(TransformerMixin, BaseEstimator):
             loss = float(-(w * logp[np.arange(n), y]).sum() + self.ridge * b @ b)
             return loss, np.concatenate([[a * (d * z).sum()], d.sum(0) + 2 * self.ridge * b])
 
-        result = minimize(loss_grad, np.zeros(c + 1), jac=True, method="L-BFGS-B",
-                          options={"maxiter": 1000, "gtol": 1e-10})
+        result = minimize(
+            loss_grad, np.zeros(c + 1), jac=True, method="L-BFGS-B", options={"maxiter": 1000, "gtol": 1e-10}
+        )
         self.temperature_ = float(np.exp(-result.x[0]))
         self.bias_ = result.x[1:] - result.x[1:].mean()
         self.n_classes_ = c

@@ -1,4 +1,5 @@
 """Data-parallel training under ``torchrun``: gloo on the CPU, nccl on GPUs; a no-op otherwise."""
+
 from __future__ import annotations
 
 import contextlib

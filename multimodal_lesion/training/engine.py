@@ -4,6 +4,7 @@ gradient clipping, early stopping on validation balanced accuracy, atomic checkp
 It serves both training paths: end-to-end batches carry ``"image"``, frozen-path batches carry a
 cached ``"embedding"``; the model's ``forward(batch)`` handles either.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,7 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
-            raise ConfigError(f"config key 'train.ema_decay': expected 0 (off) or a number in (0, 1), "
-                              f"got {decay!r}")
+            raise ConfigError(f"config key 'train.ema_decay': expected 0 (off) or a number in (0, 1), got {decay!r}")
         self.decay, self.updates = decay, 0
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -146,16 +146,35 @@ def validation_scores(y: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     present = np.unique(y)
     auroc = float("nan")
     if len(present) > 1:
-        auroc = float(roc_auc_score(y, probs[:, present] / probs[:, present].sum(1, keepdims=True),
-                                    multi_class="ovr", labels=present)) if len(present) > 2 else \
-            float(roc_auc_score(y == present[1], probs[:, present[1]]))
-    return {"balanced_accuracy": float(balanced_accuracy_score(y, probs.argmax(1))), "macro_auroc": auroc,
-            "nll": float(log_loss(y, probs, labels=labels))}
+        auroc = (
+            float(
+                roc_auc_score(
+                    y, probs[:, present] / probs[:, present].sum(1, keepdims=True), multi_class="ovr", labels=present
+                )
+            )
+            if len(present) > 2
+            else float(roc_auc_score(y == present[1], probs[:, present[1]]))
+        )
+    return {
+        "balanced_accuracy": float(balanced_accuracy_score(y, probs.argmax(1))),
+        "macro_auroc": auroc,
+        "nll": float(log_loss(y, probs, labels=labels)),
+    }
 
 
-def train_epoch(model: nn.Module, batches: Iterable[dict], loss_fn: nn.Module, optimizer, scheduler,
-                 scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device, desc: str, show: bool,
-                 ema: WeightAverage | None = None) -> tuple[float, int, float]:
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[dict],
+    loss_fn: nn.Module,
+    optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler,
+    cfg: TrainConfig,
+    device: torch.device,
+    desc: str,
+    show: bool,
+    ema: WeightAverage | None = None,
+) -> tuple[float, int, float]:
     """One pass over the training batches; returns (mean loss, images seen, seconds in forward/backward)."""
     _set_train_mode(model)
     trainable = [p for p in model.parameters() if p.requires_grad]  # not the frozen backbone, every step
@@ -198,9 +217,17 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[dict], cfg: TrainConfig,
-        folder: RunFolder | str | Path | None = None, *, weights: torch.Tensor | None = None, resume: bool = False,
-        show_progress: bool = True) -> FitResult:
+def fit(
+    model: nn.Module,
+    train_batches: Iterable[dict],
+    val_batches: Iterable[dict],
+    cfg: TrainConfig,
+    folder: RunFolder | str | Path | None = None,
+    *,
+    weights: torch.Tensor | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> FitResult:
     """Train ``model`` and keep the weights of the epoch with the best validation balanced accuracy
     (with ``cfg.ema_decay`` > 0, the moving average of the weights is what is validated and kept).
 
@@ -235,8 +262,19 @@ def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[d
             if hasattr(b, "set_epoch"):
                 b.set_epoch(epoch)
         t0 = time.perf_counter()
-        loss, seen, _ = train_epoch(model, train_batches, loss_fn, optimizer, scheduler, scaler, cfg, device,
-                                     f"epoch {epoch + 1}/{cfg.epochs}", show, ema)
+        loss, seen, _ = train_epoch(
+            model,
+            train_batches,
+            loss_fn,
+            optimizer,
+            scheduler,
+            scaler,
+            cfg,
+            device,
+            f"epoch {epoch + 1}/{cfg.epochs}",
+            show,
+            ema,
+        )
         seconds = time.perf_counter() - t0
         live = None
         if ema is not None:  # validate (and keep) the averaged weights
@@ -244,12 +282,18 @@ def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[d
             _unwrap(model).load_state_dict(ema.state)
         logits, y, _ = predict_logits(_unwrap(model), val_batches, device, amp=cfg.amp)
         val = validation_scores(y, logits)
-        state["history"].append({
-            "epoch": epoch + 1, "train_loss": round(loss, 6), "val_loss": round(val["nll"], 6),
-            "val_balanced_accuracy": round(val["balanced_accuracy"], 6),
-            "val_macro_auroc": round(val["macro_auroc"], 6),
-            "lr": optimizer.param_groups[-1]["lr"], "seconds": round(seconds, 3),
-            "images_per_s": round(seen / max(seconds, 1e-9), 1)})
+        state["history"].append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": round(loss, 6),
+                "val_loss": round(val["nll"], 6),
+                "val_balanced_accuracy": round(val["balanced_accuracy"], 6),
+                "val_macro_auroc": round(val["macro_auroc"], 6),
+                "lr": optimizer.param_groups[-1]["lr"],
+                "seconds": round(seconds, 3),
+                "images_per_s": round(seen / max(seconds, 1e-9), 1),
+            }
+        )
         if val["balanced_accuracy"] > state["best_score"]:
             state.update({"best_score": val["balanced_accuracy"], "best_epoch": epoch + 1, "bad_epochs": 0})
             best_weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
@@ -260,13 +304,22 @@ def fit(model: nn.Module, train_batches: Iterable[dict], val_batches: Iterable[d
         state["epoch"] = epoch + 1
         if show:
             h = state["history"][-1]
-            tqdm.write(f"epoch {h['epoch']:3d}  loss {h['train_loss']:.4f}  val BA {h['val_balanced_accuracy']:.4f}"
-                       f"  val AUROC {h['val_macro_auroc']:.4f}  {h['images_per_s']:.0f} img/s")
+            tqdm.write(
+                f"epoch {h['epoch']:3d}  loss {h['train_loss']:.4f}  val BA {h['val_balanced_accuracy']:.4f}"
+                f"  val AUROC {h['val_macro_auroc']:.4f}  {h['images_per_s']:.0f} img/s"
+            )
         if out is not None and _is_main():
             extra = {} if ema is None else {"ema": ema.state, "ema_updates": ema.updates}
-            out.save_last({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "best_model": best_weights, "state": state,
-                           **extra})
+            out.save_last(
+                {
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "best_model": best_weights,
+                    "state": state,
+                    **extra,
+                }
+            )
             out.save_best(best_weights, state["best_epoch"])
             out.write_history(state["history"])
     _unwrap(model).load_state_dict(best_weights)

@@ -6,6 +6,7 @@ in ``per_class`` and left out of the macro average rather than counted as 0 or 1
 dictionary holds plain Python floats and ints only, so it can go straight to ``write_json``
 (NaN is written as ``NaN``, which Python's ``json`` reads back).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -181,8 +182,10 @@ def _validate(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> tuple[np
     if len(y) == 0:
         raise ValueError("no predictions to score (empty y_true)")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= n_classes:
-        raise ValueError(f"y_true must hold integer class indices in [0, {n_classes}), got {y.dtype} "
-                         f"values in [{y.min()}, {y.max()}]")
+        raise ValueError(
+            f"y_true must hold integer class indices in [0, {n_classes}), got {y.dtype} "
+            f"values in [{y.min()}, {y.max()}]"
+        )
     sums = p.sum(axis=1)
     if not np.all(np.isfinite(p)) or p.min() < 0 or np.max(np.abs(sums - 1.0)) > _SUM_TOLERANCE:
         raise ValueError("probs must be finite, non-negative and sum to 1 per row (pass softmax outputs, not logits)")

@@ -43,8 +43,14 @@ class Evaluation:
     scores: dict[str, SplitScores] = field(default_factory=dict)
 
 
-def train_model(inputs: RunInputs, folder: RunFolder | None = None, *, resume: bool = False, show: bool = True,
-                dist: DistInfo | None = None) -> FitResult:
+def train_model(
+    inputs: RunInputs,
+    folder: RunFolder | None = None,
+    *,
+    resume: bool = False,
+    show: bool = True,
+    dist: DistInfo | None = None,
+) -> FitResult:
     """Train ``inputs.model`` on its training split with early stopping on val: the one way to train a model."""
     t = inputs.cfg.train
     weights = None
@@ -57,21 +63,31 @@ def train_model(inputs: RunInputs, folder: RunFolder | None = None, *, resume: b
     return fit(model, train_b, val_b, t, folder, weights=weights, resume=resume, show_progress=show)
 
 
-def evaluate(inputs: RunInputs, folder: RunFolder, splits: tuple[str, ...] = ("val", "test"), tta: bool = False,
-             show: bool = True) -> Evaluation:
+def evaluate(
+    inputs: RunInputs,
+    folder: RunFolder,
+    splits: tuple[str, ...] = ("val", "test"),
+    tta: bool = False,
+    show: bool = True,
+) -> Evaluation:
     """Metrics on each split before and after temperature scaling (fitted on val); writes the predictions.
 
     A third set, ``balanced``, scores the decisions of the :class:`BalancedScaler` fitted on val
     (uniform class prior: the arg-max that balanced accuracy rewards); ``calibrated`` stays the
     probabilities of the data's own class mix.
     """
-    logits = {s: predict_logits(inputs.model, inputs.batches(s, train=False, show=show), inputs.device, tta=tta)
-              for s in dict.fromkeys(("val", *splits))}
+    logits = {
+        s: predict_logits(inputs.model, inputs.batches(s, train=False, show=show), inputs.device, tta=tta)
+        for s in dict.fromkeys(("val", *splits))
+    }
     scaler = TemperatureScaler().fit(logits["val"][0], logits["val"][1])
     balanced = BalancedScaler().fit(logits["val"][0], logits["val"][1])
-    results: dict[str, Any] = {"temperature": float(scaler.temperature_), "tta": tta,
-                               "balanced_temperature": balanced.temperature_,
-                               "balanced_bias": dict(zip(CLASSES, balanced.bias_.tolist(), strict=True))}
+    results: dict[str, Any] = {
+        "temperature": float(scaler.temperature_),
+        "tta": tta,
+        "balanced_temperature": balanced.temperature_,
+        "balanced_bias": dict(zip(CLASSES, balanced.bias_.tolist(), strict=True)),
+    }
     lesions = inputs.ham.metadata["lesion_id"].to_numpy()
     scores = {}
     for split in splits:
@@ -79,9 +95,11 @@ def evaluate(inputs: RunInputs, folder: RunFolder, splits: tuple[str, ...] = ("v
         rows = inputs.indices(split)
         raw = torch.softmax(torch.from_numpy(z), 1).numpy()
         cal = scaler.transform(z)
-        results[split] = {"uncalibrated": classification_metrics(y, raw, lesion_ids=lesions[rows]),
-                          "calibrated": classification_metrics(y, cal, lesion_ids=lesions[rows]),
-                          "balanced": classification_metrics(y, balanced.transform(z), lesion_ids=lesions[rows])}
+        results[split] = {
+            "uncalibrated": classification_metrics(y, raw, lesion_ids=lesions[rows]),
+            "calibrated": classification_metrics(y, cal, lesion_ids=lesions[rows]),
+            "balanced": classification_metrics(y, balanced.transform(z), lesion_ids=lesions[rows]),
+        }
         scores[split] = SplitScores(split, ids, y, raw, cal)
         folder.write_predictions(split, ids, [CLASSES[i] for i in y], cal, CLASSES)
     return Evaluation(folder, results, scores)
@@ -102,23 +120,30 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, resume: bool = False, s
         cfg, inputs = inputs_from_config(cfg, show and info.is_main)
         inputs.embeddings(show) if cfg.train.mode == "frozen" and inputs.model.image_branch else inputs.images()
     if info.is_main:
-        folder.write_inputs(cfg, inputs.splits, inputs.encoder, device=str(inputs.device),
-                            torch_threads=torch.get_num_threads())
+        folder.write_inputs(
+            cfg, inputs.splits, inputs.encoder, device=str(inputs.device), torch_threads=torch.get_num_threads()
+        )
     result = train_model(inputs, folder, resume=resume, show=show, dist=info)
     evaluation = Evaluation(folder, {})
     if info.is_main:
         evaluation = evaluate(inputs, folder, tta=cfg.train.tta, show=show)
         evaluation.metrics.update(
-            best_epoch=result.best_epoch, model=cfg.model.name, mode=cfg.train.mode, notes=inputs.notes,
-            world_size=info.world_size, data_root=str(inputs.ham.root),
-            n_lesions={s: inputs.n_lesions(s) for s in ("train", "val", "test")})
+            best_epoch=result.best_epoch,
+            model=cfg.model.name,
+            mode=cfg.train.mode,
+            notes=inputs.notes,
+            world_size=info.world_size,
+            data_root=str(inputs.ham.root),
+            n_lesions={s: inputs.n_lesions(s) for s in ("train", "val", "test")},
+        )
         folder.write_metrics(evaluation.metrics)
     finish(info)
     return evaluation
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", data: str | Path | None = None, tta: bool = False,
-                 show: bool = True) -> Evaluation:
+def evaluate_run(
+    run_dir: str | Path, split: str = "test", data: str | Path | None = None, tta: bool = False, show: bool = True
+) -> Evaluation:
     """Evaluate a run on one split; writes ``<run>/eval/<split>/metrics.json`` and the predictions."""
     run = load_run(run_dir, data, show)
     evaluation = evaluate(run.inputs, run.folder.evaluation(split), splits=(split,), tta=tta, show=show)

@@ -8,6 +8,7 @@ corrected resampled t-test, provided as :func:`corrected_ttest` for a more conse
 Non-finite values (e.g. an AUROC undefined in a fold) are dropped before any statistic; ``n``
 reports how many values were used.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -83,8 +84,9 @@ def corrected_ttest(diffs: ArrayLike, n_train: int, n_test: int, ci: float = 0.9
     """
     d = _finite(diffs)
     if len(d) < 2 or n_train <= 0 or n_test <= 0:
-        raise ValueError(f"need >= 2 differences and positive n_train/n_test, got n={len(d)}, "
-                         f"n_train={n_train}, n_test={n_test}")
+        raise ValueError(
+            f"need >= 2 differences and positive n_train/n_test, got n={len(d)}, n_train={n_train}, n_test={n_test}"
+        )
     mean, df = float(d.mean()), len(d) - 1
     se = float(np.sqrt((1.0 / len(d) + n_test / n_train) * d.var(ddof=1)))
     t = mean / se if se > 0 else (0.0 if mean == 0 else float(np.copysign(np.inf, mean)))
