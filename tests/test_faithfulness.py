@@ -39,7 +39,7 @@ def test_true_map_beats_random_map_on_the_planted_case(planted) -> None:
 
 def test_cam_beats_random_and_centre_on_deletion(planted) -> None:
     cams = GradCamExplainer(planted.model).explain(planted.images[:2], planted.meta[:2], [1, 1])
-    for cam, image, meta in zip(cams, planted.images, planted.meta, strict=True):
+    for cam, image, meta in zip(cams, planted.images[:2], planted.meta[:2], strict=True):
         report = faithfulness_report(planted.model, image, meta, cam, 1, mask=planted.mask, seed=1)
         assert report["map"]["deletion_auc"] < report["random"]["deletion_auc"]
         assert report["map"]["deletion_auc"] < report["centre"]["deletion_auc"]
