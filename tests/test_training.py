@@ -198,7 +198,7 @@ def test_class_weights_and_schedule() -> None:
         opt.step()
         sched.step()
     assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in itertools.pairwise(lrs)) and lrs[-1] < 0.01
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:])) and lrs[-1] < 0.01
 
 
 @pytest.mark.slow
