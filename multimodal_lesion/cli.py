@@ -11,8 +11,9 @@ import json
 import sys
 import warnings
 from collections.abc import Callable
+from typing import Any
 
-from .errors import MMLesionError
+from .errors import MMLesionError, Note
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], object], Command]] = {}
@@ -80,7 +81,6 @@ def _eda(args: argparse.Namespace) -> int:
     from .report.eda import run_eda
 
     ham = read_ham10000(args.data, drop_missing=args.drop_missing)
-    _print_notes(ham.notes)
     summary = run_eda(ham.metadata, args.out)
     print(json.dumps({k: summary[k] for k in ("n_images", "n_lesions", "class_counts")}))
     print(f"wrote {args.out}")
@@ -104,7 +104,6 @@ def _split(args: argparse.Namespace) -> int:
     from .io import atomic_write
 
     ham = read_ham10000(args.data, drop_missing=args.drop_missing)
-    _print_notes(ham.notes)
     splits = split_lesions(
         ham.metadata, test_size=args.test_size, val_size=args.val_size, folds=args.folds, seed=args.seed
     )
@@ -277,11 +276,6 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_notes(notes: list[str]) -> None:
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-
-
 def _print_headline(metrics: dict, splits: tuple[str, ...] = ("val", "test")) -> None:
     for split in (s for s in splits if s in metrics):
         m, b = metrics[split]["calibrated"], metrics[split]["balanced"]
@@ -308,10 +302,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NotePrinter:
+    """Prints each distinct :class:`Note` once as a ``note:`` line on stderr; other warnings as before."""
+
+    def __init__(self, fallback: Callable[..., None]) -> None:
+        self.fallback = fallback
+        self.seen: set[str] = set()
+
+    def __call__(self, message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if not issubclass(category, Note):
+            self.fallback(message, category, *args, **kwargs)
+        elif str(message) not in self.seen:
+            self.seen.add(str(message))
+            print(f"note: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run a sub-command; user mistakes become one line on stderr and exit code 2."""
+    """Entry point: run a sub-command; user mistakes become one line on stderr and exit code 2.
+
+    Whatever the command, every note the library emits (rows dropped, values read as unknown, files
+    ignored) reaches the user here, once each.
+    """
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*decompression bomb.*")  # our own pixel limit reports it
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*decompression bomb.*")  # our own pixel limit reports it
+        warnings.simplefilter("always", Note)
+        warnings.showwarning = _NotePrinter(warnings.showwarning)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed sub-command; user mistakes become one line on stderr and exit code 2."""
     try:
         return args.func(args)
     except MMLesionError as exc:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..errors import DataError
+from ..errors import DataError, note
 from .constants import CLASSES, LOCALIZATIONS, MASK_SUFFIX, METADATA_COLUMNS, METADATA_FILE, SEXES, UNKNOWN
 
 #: File extensions (lower case) taken as images by the folder scan.
@@ -83,6 +83,8 @@ def read_ham10000(root: str | Path, *, drop_missing: bool = False) -> Ham10000:
     table = _validate_table(raw, csv_path, notes)
     scan = _scan_files(root, notes)
     table = _attach_files(table, scan, csv_path, drop_missing, notes)
+    for message in notes:
+        note(message)
     return Ham10000(root=root, metadata=table.reset_index(drop=True), notes=notes)
 
 

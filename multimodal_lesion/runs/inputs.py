@@ -26,7 +26,7 @@ from ..data.ham10000 import Ham10000, read_ham10000
 from ..data.sampling import EpochSampler, TensorBatches
 from ..data.splits import split_lesions
 from ..data.synthetic import make_synthetic
-from ..errors import ConfigError
+from ..errors import ConfigError, Note, note
 from ..models import LesionModel, create_model, embed_images
 from .embeddings import cached_embeddings
 
@@ -234,8 +234,11 @@ def prepare_inputs(
     train_rows = ham.metadata[splits["split"].to_numpy() == "train"]
     encoder = encoder or MetadataEncoder().fit(train_rows)
     with warnings.catch_warnings(record=True) as caught:  # categories unseen in training -> unknown
-        warnings.simplefilter("always", UserWarning)
+        warnings.simplefilter("always", Note)
         meta = encoder.transform(ham.metadata).astype(np.float32)
+    notes = [str(w.message) for w in caught if issubclass(w.category, Note)]
+    for message in notes:  # kept in metrics.json and told to the user
+        note(message)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
@@ -247,9 +250,7 @@ def prepare_inputs(
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    inputs = RunInputs(
-        cfg, ham, splits, encoder, meta, class_targets(ham.metadata), model, device, [str(w.message) for w in caught]
-    )
+    inputs = RunInputs(cfg, ham, splits, encoder, meta, class_targets(ham.metadata), model, device, notes)
     if branch is not None and shared is not None:
         inputs.cached_embeddings = shared.cached_embeddings
     return inputs
