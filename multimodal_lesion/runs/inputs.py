@@ -32,9 +32,11 @@ from .embeddings import cached_embeddings
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
+    """``auto`` -> cuda when available, else cpu; ``cuda`` where torch finds no GPU is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError('train.device: \'cuda\' but torch finds no CUDA GPU on this machine; use "auto" or "cpu"')
     return torch.device(name)
 
 
@@ -63,9 +65,7 @@ def make_splits(cfg: ExperimentConfig, ham: Ham10000) -> pd.DataFrame:
     """Lesion-grouped, stratified split of ``ham``; with folds, ``data.fold`` is the validation fold."""
     d = cfg.data
     splits = split_lesions(ham.metadata, test_size=d.test_size, val_size=d.val_size, folds=d.folds, seed=d.split_seed)
-    if d.folds:
-        if not 0 <= d.fold < d.folds:
-            raise ConfigError(f"data.fold: {d.fold} is not in 0..{d.folds - 1}")
+    if d.folds:  # data.fold < data.folds: checked when the config was loaded
         splits["split"] = np.where(splits["fold"] < 0, "test", np.where(splits["fold"] == d.fold, "val", "train"))
     return splits
 
