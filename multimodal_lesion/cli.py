@@ -62,14 +62,21 @@ def _checked(kind: type[int] | type[float], allowed: Range) -> Callable[[str], i
     return parse
 
 
+def _path(text: str) -> str:
+    """An argparse ``type`` for paths: an empty one (``--out "$OUT"`` with OUT unset) is refused, not read as '.'."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    return text
+
+
 POSITIVE = _checked(int, Range(1))
 SEED = _checked(int, Range(0))
 SHARE = _checked(float, Range(0, 1, low_open=True, high_open=True))
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML experiment file (default: built-in defaults)")
-    p.add_argument("--data", help="HAM10000 root (default: the synthetic dataset)")
+    p.add_argument("--config", type=_path, help="TOML experiment file (default: built-in defaults)")
+    p.add_argument("--data", type=_path, help="HAM10000 root (default: the synthetic dataset)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -91,7 +98,7 @@ def _load_cfg(args: argparse.Namespace):
     "synth",
     "write the synthetic HAM10000-shaped dataset",
     lambda p: (
-        p.add_argument("--out", required=True),
+        p.add_argument("--out", type=_path, required=True),
         p.add_argument("--n", type=POSITIVE, default=1000, help=f"images (a run needs {MIN_SYNTHETIC_N} or more)"),
         p.add_argument("--seed", type=SEED, default=0),
     ),
@@ -108,8 +115,8 @@ def _synth(args: argparse.Namespace) -> int:
     "eda",
     "class balance, age / sex / localization by class, missing values",
     lambda p: (
-        p.add_argument("--data", required=True),
-        p.add_argument("--out", required=True),
+        p.add_argument("--data", type=_path, required=True),
+        p.add_argument("--out", type=_path, required=True),
         p.add_argument("--drop-missing", action="store_true"),
     ),
 )
@@ -126,8 +133,8 @@ def _eda(args: argparse.Namespace) -> int:
 
 
 def _split_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", type=_path, required=True)
+    p.add_argument("--out", type=_path, required=True)
     p.add_argument("--folds", type=_checked(int, Range(2, also=(0,))), default=0)
     p.add_argument("--test-size", type=SHARE, default=0.15)
     p.add_argument("--val-size", type=SHARE, default=0.15)
@@ -170,7 +177,7 @@ def _models(args: argparse.Namespace) -> int:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=_path, required=True)
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same settings and data)")
     again.add_argument("--overwrite", action="store_true", help="replace the run in OUT (its files are removed first)")
@@ -193,8 +200,8 @@ def _train(args: argparse.Namespace) -> int:
     "evaluate",
     "metrics and figures of a run on one split",
     lambda p: (
-        p.add_argument("--run", required=True),
-        p.add_argument("--data"),
+        p.add_argument("--run", type=_path, required=True),
+        p.add_argument("--data", type=_path),
         p.add_argument("--split", default="test", choices=["train", "val", "test"]),
         p.add_argument("--tta", action="store_true", help="average over flips"),
     ),
@@ -214,8 +221,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True)
-    p.add_argument("--image", required=True)
+    p.add_argument("--run", type=_path, required=True)
+    p.add_argument("--image", type=_path, required=True)
     p.add_argument("--age", type=_checked(float, Range(0, 120)), help="years (0 to 120); omit when unknown")
     p.add_argument("--sex")
     p.add_argument("--localization")
@@ -239,12 +246,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _explain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True)
-    p.add_argument("--data")
+    p.add_argument("--run", type=_path, required=True)
+    p.add_argument("--data", type=_path)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--cases", nargs="+", metavar="ID", help="image ids to explain")
     p.add_argument("--n", type=POSITIVE, help="number of cases (default: explain.n_cases of the run)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=_path, required=True)
 
 
 @command("explain", "Grad-CAM + grouped SHAP + image-vs-metadata report of a run", _explain_args)
@@ -259,7 +266,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _ablate_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=_path, required=True)
 
 
 @command("ablate", "every model over lesion-grouped folds x seeds, with CIs and subgroups", _ablate_args)
@@ -278,8 +285,8 @@ def _ablate(args: argparse.Namespace) -> int:
     "demo",
     "synthetic data -> EDA -> small ablation -> explanation report (the README's main job)",
     lambda p: (
-        p.add_argument("--data", help="HAM10000 root (default: the synthetic dataset)"),
-        p.add_argument("--out", default="mmlesion-demo"),
+        p.add_argument("--data", type=_path, help="HAM10000 root (default: the synthetic dataset)"),
+        p.add_argument("--out", type=_path, default="mmlesion-demo"),
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"),
     ),
 )
@@ -308,7 +315,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
-    p.add_argument("--json", help="write the figures (with the machine) to this JSON file")
+    p.add_argument("--json", type=_path, help="write the figures (with the machine) to this JSON file")
     p.add_argument("--size", action="append", default=[], metavar="KEY=VALUE", help="sample sizes, e.g. train_steps=20")
     p.add_argument("--sections", nargs="+", metavar="NAME", help="data training embeddings ablation explanations")
     p.add_argument("--tiny", action="store_true", help="a tiny synthetic input (seconds): checks the harness runs")

@@ -83,9 +83,10 @@ NonNegative = Annotated[float, Range(0)]
 Share = Annotated[float, Range(0, 1, low_open=True, high_open=True)]  # a share strictly between 0 and 1
 Probability0 = Annotated[float, Range(0, 1, high_open=True)]  # [0, 1)
 #: The smallest image side: the total stride (32) of the timm backbones used here (EfficientNet,
-#: ResNet), so their last feature map is at least one pixel.
-MIN_IMAGE_SIDE = 32
-ImageSide = Annotated[int, Range(MIN_IMAGE_SIDE)]
+#: ResNet), so their last feature map is at least one pixel. The largest: beyond it the image cache
+#: (N x H x W x 3 bytes) outgrows any memory (HAM10000's images are 600 x 450).
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 32, 4096
+ImageSide = Annotated[int, Range(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE)]
 #: The smallest synthetic dataset a run or an ablation splits into lesion-grouped train / val / test
 #: (or 5 folds) with every split non-empty.
 MIN_SYNTHETIC_N = 50
@@ -412,6 +413,7 @@ def to_toml(cfg: ExperimentConfig) -> str:
 
 
 __all__ = [
+    "MAX_IMAGE_SIDE",
     "MIN_IMAGE_SIDE",
     "MIN_SYNTHETIC_N",
     "RULES",

@@ -208,7 +208,8 @@ BAD_VALUES = [
     ("model.dropout=1.5", "[0, 1)"),
     ("model.meta_hidden=0", ">= 1"),
     ("model.head_hidden=-4", ">= 1"),
-    ("data.image_size=[16, 64]", ">= 32"),
+    ("data.image_size=[16, 64]", "[32, 4096]"),
+    ("data.image_size=[168, 100000]", "[32, 4096]"),
     ("data.test_size=0", "(0, 1)"),
     ("data.val_size=1", "(0, 1)"),
     ("data.folds=1", "0 or >= 2"),
@@ -304,6 +305,8 @@ OPTION_MISTAKES = [
     (["predict", "--run", "RUN", "--image", "IMAGE", "--age", "-5"], "--age"),
     (["predict", "--run", "RUN", "--image", "IMAGE", "--age", "nan"], "--age"),
     (["train", "--data", "DATA", "--out", "OUT", "--resume", "--overwrite"], "--overwrite"),
+    (["train", "--data", "DATA", "--out", ""], "--out"),  # --out "$OUT" with OUT unset: not the current folder
+    (["train", "--data", "", "--out", "OUT"], "--data"),  # not silently the synthetic dataset
     (["evaluate", "--run", "RUN", "--split", "tset"], "--split"),
     (["bench", "--tiny", "--size", "train_steps=0"], "train_steps"),
 ]
