@@ -87,8 +87,8 @@ Probability0 = Annotated[float, Range(0, 1, high_open=True)]  # [0, 1)
 #: (N x H x W x 3 bytes) outgrows any memory (HAM10000's images are 600 x 450).
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 32, 4096
 ImageSide = Annotated[int, Range(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE)]
-#: The smallest synthetic dataset a run or an ablation splits into lesion-grouped train / val / test
-#: (or 5 folds) with every split non-empty.
+#: The smallest synthetic dataset worth a run: each lesion-grouped split and each of 5 ablation folds
+#: gets several images (n=50: train / val / test 33 / 8 / 9, folds of 9 to 11; n=7 gives no val or test).
 MIN_SYNTHETIC_N = 50
 
 
