@@ -65,9 +65,10 @@ def config_key(cfg: ExperimentConfig) -> str:
 def _done(path: Path, key: str) -> bool:
     """A cell file that exists, parses and was computed under the same config."""
     try:
-        return read_json(path).get("config_key") == key
+        record = read_json(path)
     except (OSError, ValueError):
         return False
+    return isinstance(record, dict) and record.get("config_key") == key  # anything else is computed again
 
 
 def cell_splits(folds: pd.Series, k: int, n_folds: int) -> pd.DataFrame:
