@@ -62,6 +62,16 @@ def _checked(kind: type[int] | type[float], allowed: Range) -> Callable[[str], i
     return parse
 
 
+def _age(text: str) -> float:
+    """An argparse ``type`` for ``--age``: the data layer's one age rule (the CSV reader's), not a copy."""
+    from .data.patient import parse_age
+
+    try:
+        return parse_age(text, "", missing_ok=False)
+    except MMLesionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _path(text: str) -> str:
     """An argparse ``type`` for paths: an empty one (``--out "$OUT"`` with OUT unset) is refused, not read as '.'."""
     if not text.strip():
@@ -223,7 +233,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=_path, required=True)
     p.add_argument("--image", type=_path, required=True)
-    p.add_argument("--age", type=_checked(float, Range(0, 120)), help="years (0 to 120); omit when unknown")
+    p.add_argument("--age", type=_age, help="years (0 to 120); omit when unknown")
     p.add_argument("--sex")
     p.add_argument("--localization")
     p.add_argument(
