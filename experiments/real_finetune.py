@@ -29,11 +29,12 @@ def main() -> None:
     parser.add_argument("--out", default="runs")
     parser.add_argument("--models", nargs="+", default=["image_only", "concat"])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
     args = parser.parse_args()
     for name in args.models:
         start = time.perf_counter()
         cfg = replace(load_config(args.config, args.overrides), data={"root": args.data}, model={"name": name})
-        metrics = train_run(cfg, Path(args.out) / f"e2e_{name}")["test"]
+        metrics = train_run(cfg, Path(args.out) / f"e2e_{name}", overwrite=args.overwrite)["test"]
         test, balanced = metrics["calibrated"], metrics["balanced"]["balanced_accuracy"]
         print(
             f"{name}: balanced accuracy {test['balanced_accuracy']:.3f} ({balanced:.3f} with the balanced "

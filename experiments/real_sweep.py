@@ -53,10 +53,10 @@ COLUMNS = (
 )
 
 
-def run_variant(name: str, data: str, out: str, overrides: list[str]) -> dict[str, object]:
+def run_variant(name: str, data: str, out: str, overrides: list[str], overwrite: bool = False) -> dict[str, object]:
     """Train one variant into ``out/name`` and return its row of the sweep table."""
     cfg = replace(load_config(CONFIG, overrides + VARIANTS[name]), data={"root": data})
-    m = train_run(cfg, Path(out) / name, show=False)
+    m = train_run(cfg, Path(out) / name, overwrite=overwrite, show=False)
     val, test = m["val"], m["test"]
     return {
         "variant": name,
@@ -80,12 +80,18 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="variants trained at once")
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="a subset of the variants")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--overwrite", action="store_true", help="replace variants already in --out")
     args = parser.parse_args()
     names = args.only or list(VARIANTS)
     with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn")) as pool:
         rows = list(
             pool.map(
-                run_variant, names, [args.data] * len(names), [args.out] * len(names), [args.overrides] * len(names)
+                run_variant,
+                names,
+                [args.data] * len(names),
+                [args.out] * len(names),
+                [args.overrides] * len(names),
+                [args.overwrite] * len(names),
             )
         )
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,26 @@
 """``mmlesion``: thin sub-commands that parse, call the library and print.
 
 Heavy libraries (torch, timm, shap, grad-cam) are imported inside the commands, so ``--help`` is instant.
-A user's mistake (bad data, bad config, not a run folder) ends with one line on stderr and exit code 2.
+A user's mistake (bad data, bad config, bad option, bad output path, not a run folder) ends with one
+line on stderr and exit code 2. Every command checks its output path (and locks its output folder)
+before it reads data or trains anything; a config mistake is found before that.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
 
-from .errors import MMLesionError
+from .config import MIN_SYNTHETIC_N, Range
+from .errors import ConfigError, MMLesionError, Note
+from .io import output_file, output_folder
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], object], Command]] = {}
@@ -30,9 +38,55 @@ def command(
     return wrap
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are one line, ``mmlesion COMMAND: error: ...``, and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(kind: type[int] | type[float], allowed: Range) -> Callable[[str], int | float]:
+    """An argparse ``type``: the option's value parsed as ``kind`` and within ``allowed`` (the config's Range)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if not math.isfinite(value) or not allowed.holds(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _age(text: str) -> float:
+    """An argparse ``type`` for ``--age``: the data layer's one age rule (the CSV reader's), not a copy."""
+    from .data.patient import parse_age
+
+    try:
+        return parse_age(text, "", missing_ok=False)
+    except MMLesionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _path(text: str) -> str:
+    """An argparse ``type`` for paths: an empty one (``--out "$OUT"`` with OUT unset) is refused, not read as '.'."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    return text
+
+
+POSITIVE = _checked(int, Range(1))
+SEED = _checked(int, Range(0))
+SHARE = _checked(float, Range(0, 1, low_open=True, high_open=True))
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML experiment file (default: built-in defaults)")
-    p.add_argument("--data", help="HAM10000 root (default: the synthetic dataset)")
+    p.add_argument("--config", type=_path, help="TOML experiment file (default: built-in defaults)")
+    p.add_argument("--data", type=_path, help="HAM10000 root (default: the synthetic dataset)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -54,15 +108,16 @@ def _load_cfg(args: argparse.Namespace):
     "synth",
     "write the synthetic HAM10000-shaped dataset",
     lambda p: (
-        p.add_argument("--out", required=True),
-        p.add_argument("--n", type=int, default=1000),
-        p.add_argument("--seed", type=int, default=0),
+        p.add_argument("--out", type=_path, required=True),
+        p.add_argument("--n", type=POSITIVE, default=1000, help=f"images (a run needs {MIN_SYNTHETIC_N} or more)"),
+        p.add_argument("--seed", type=SEED, default=0),
     ),
 )
 def _synth(args: argparse.Namespace) -> int:
-    from .data.synthetic import make_synthetic
+    with output_folder(args.out, lock=False):  # the dataset is swapped into place as a whole
+        from .data.synthetic import make_synthetic
 
-    print(make_synthetic(args.out, n=args.n, seed=args.seed))
+        print(make_synthetic(args.out, n=args.n, seed=args.seed))
     return 0
 
 
@@ -70,46 +125,52 @@ def _synth(args: argparse.Namespace) -> int:
     "eda",
     "class balance, age / sex / localization by class, missing values",
     lambda p: (
-        p.add_argument("--data", required=True),
-        p.add_argument("--out", required=True),
+        p.add_argument("--data", type=_path, required=True),
+        p.add_argument("--out", type=_path, required=True),
         p.add_argument("--drop-missing", action="store_true"),
     ),
 )
 def _eda(args: argparse.Namespace) -> int:
-    from .data.ham10000 import read_ham10000
-    from .report.eda import run_eda
+    with output_folder(args.out):
+        from .data.ham10000 import read_ham10000
+        from .report.eda import run_eda
 
-    ham = read_ham10000(args.data, drop_missing=args.drop_missing)
-    _print_notes(ham.notes)
-    summary = run_eda(ham.metadata, args.out)
+        ham = read_ham10000(args.data, drop_missing=args.drop_missing)
+        summary = run_eda(ham.metadata, args.out)
     print(json.dumps({k: summary[k] for k in ("n_images", "n_lesions", "class_counts")}))
     print(f"wrote {args.out}")
     return 0
 
 
 def _split_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--folds", type=int, default=0)
-    p.add_argument("--test-size", type=float, default=0.15)
-    p.add_argument("--val-size", type=float, default=0.15)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=_path, required=True)
+    p.add_argument("--out", type=_path, required=True)
+    p.add_argument("--folds", type=_checked(int, Range(2, also=(0,))), default=0)
+    p.add_argument("--test-size", type=SHARE, default=0.15)
+    p.add_argument("--val-size", type=SHARE, default=0.15)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--drop-missing", action="store_true")
 
 
 @command("split", "lesion-grouped, class-stratified train/val/test split (and folds)", _split_args)
 def _split(args: argparse.Namespace) -> int:
-    from .data.ham10000 import read_ham10000
-    from .data.splits import split_lesions
+    from .data.constants import METADATA_FILE
     from .io import atomic_write
 
-    ham = read_ham10000(args.data, drop_missing=args.drop_missing)
-    _print_notes(ham.notes)
-    splits = split_lesions(
-        ham.metadata, test_size=args.test_size, val_size=args.val_size, folds=args.folds, seed=args.seed
-    )
-    with atomic_write(args.out) as fh:
-        splits.to_csv(fh, index=False)
+    if not args.folds and args.test_size + args.val_size >= 1:
+        raise ConfigError(
+            f"--test-size {args.test_size:g} + --val-size {args.val_size:g} must be < 1 to leave training data"
+        )
+    with output_file(args.out, option="--out", inputs=[Path(args.data) / METADATA_FILE]):
+        from .data.ham10000 import read_ham10000
+        from .data.splits import split_lesions
+
+        ham = read_ham10000(args.data, drop_missing=args.drop_missing)
+        splits = split_lesions(
+            ham.metadata, test_size=args.test_size, val_size=args.val_size, folds=args.folds, seed=args.seed
+        )
+        with atomic_write(args.out) as fh:
+            splits.to_csv(fh, index=False)
     counts = splits.groupby("split")["lesion_id"].nunique().to_dict()
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v} lesions" for k, v in sorted(counts.items())))
     return 0
@@ -126,16 +187,20 @@ def _models(args: argparse.Namespace) -> int:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--out", type=_path, required=True)
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same settings and data)")
+    again.add_argument("--overwrite", action="store_true", help="replace the run in OUT (its files are removed first)")
 
 
 @command("train", "train one model and write a run folder", _train_args)
 def _train(args: argparse.Namespace) -> int:
-    cfg = _load_cfg(args)  # config mistakes fail before the heavy imports
-    from .workflows import train_run
+    cfg = _load_cfg(args)  # config mistakes fail before the output is touched, and before the heavy imports
+    # under torchrun every process runs this; rank 0 alone writes the run, so it alone holds the lock
+    with output_folder(args.out, lock=os.environ.get("RANK", "0") == "0"):
+        from .workflows import train_run
 
-    metrics = train_run(cfg, args.out, resume=args.resume)
+        metrics = train_run(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     _print_headline(metrics)
     print(f"wrote {args.out}")
     return 0
@@ -145,25 +210,30 @@ def _train(args: argparse.Namespace) -> int:
     "evaluate",
     "metrics and figures of a run on one split",
     lambda p: (
-        p.add_argument("--run", required=True),
-        p.add_argument("--data"),
+        p.add_argument("--run", type=_path, required=True),
+        p.add_argument("--data", type=_path),
         p.add_argument("--split", default="test", choices=["train", "val", "test"]),
         p.add_argument("--tta", action="store_true", help="average over flips"),
     ),
 )
 def _evaluate(args: argparse.Namespace) -> int:
+    from .runs import RunFolder
     from .workflows import evaluate_run
 
-    metrics, path = evaluate_run(args.run, args.split, args.data, tta=args.tta)
+    run = RunFolder(args.run)
+    run.check()
+    evaluation = run.evaluation(args.split).path
+    with output_folder(args.run, option="--run"), output_folder(evaluation, option="--run", lock=False):
+        metrics, path = evaluate_run(args.run, args.split, args.data, tta=args.tta)
     _print_headline(metrics, (args.split,))
     print(f"wrote {path}")
     return 0
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True)
-    p.add_argument("--image", required=True)
-    p.add_argument("--age", type=float)
+    p.add_argument("--run", type=_path, required=True)
+    p.add_argument("--image", type=_path, required=True)
+    p.add_argument("--age", type=_age, help="years (0 to 120); omit when unknown")
     p.add_argument("--sex")
     p.add_argument("--localization")
     p.add_argument(
@@ -186,34 +256,36 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _explain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True)
-    p.add_argument("--data")
+    p.add_argument("--run", type=_path, required=True)
+    p.add_argument("--data", type=_path)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--cases", nargs="+", metavar="ID", help="image ids to explain")
-    p.add_argument("--n", type=int, help="number of cases (default: explain.n_cases of the run)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=POSITIVE, help="number of cases (default: explain.n_cases of the run)")
+    p.add_argument("--out", type=_path, required=True)
 
 
 @command("explain", "Grad-CAM + grouped SHAP + image-vs-metadata report of a run", _explain_args)
 def _explain(args: argparse.Namespace) -> int:
-    from .workflows import explain_run
+    with output_folder(args.out):
+        from .workflows import explain_run
 
-    index = explain_run(args.run, args.out, data=args.data, split=args.split, cases=args.cases, n=args.n)
+        index = explain_run(args.run, args.out, data=args.data, split=args.split, cases=args.cases, n=args.n)
     print(f"wrote {index}")
     return 0
 
 
 def _ablate_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=_path, required=True)
 
 
 @command("ablate", "every model over lesion-grouped folds x seeds, with CIs and subgroups", _ablate_args)
 def _ablate(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
-    from .ablation import run_ablation
+    with output_folder(args.out):
+        from .ablation import run_ablation
 
-    paths = run_ablation(cfg, args.out)
+        paths = run_ablation(cfg, args.out)
     print(paths["summary_md"].read_text())
     print(f"wrote {args.out}")
     return 0
@@ -223,8 +295,8 @@ def _ablate(args: argparse.Namespace) -> int:
     "demo",
     "synthetic data -> EDA -> small ablation -> explanation report (the README's main job)",
     lambda p: (
-        p.add_argument("--data", help="HAM10000 root (default: the synthetic dataset)"),
-        p.add_argument("--out", default="mmlesion-demo"),
+        p.add_argument("--data", type=_path, help="HAM10000 root (default: the synthetic dataset)"),
+        p.add_argument("--out", type=_path, default="mmlesion-demo"),
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE"),
     ),
 )
@@ -232,12 +304,14 @@ def _demo(args: argparse.Namespace) -> int:
     from importlib.resources import as_file, files
 
     from .config import load_config, replace
-    from .demo import run_demo
 
     with as_file(files("multimodal_lesion").joinpath("demo.toml")) as demo_toml:
         cfg = load_config(demo_toml, args.overrides)
     cfg = replace(cfg, data={"root": str(args.data)}) if args.data else cfg
-    result = run_demo(cfg, args.out)
+    with output_folder(args.out):
+        from .demo import run_demo
+
+        result = run_demo(cfg, args.out)
     test = result.pop("test")
     print(f"\ndone in {result['seconds']} s on {result['n_images']} images")
     print(
@@ -251,7 +325,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
-    p.add_argument("--json", help="write the figures (with the machine) to this JSON file")
+    p.add_argument("--json", type=_path, help="write the figures (with the machine) to this JSON file")
     p.add_argument("--size", action="append", default=[], metavar="KEY=VALUE", help="sample sizes, e.g. train_steps=20")
     p.add_argument("--sections", nargs="+", metavar="NAME", help="data training embeddings ablation explanations")
     p.add_argument("--tiny", action="store_true", help="a tiny synthetic input (seconds): checks the harness runs")
@@ -259,27 +333,29 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 @command("bench", "throughput and memory of each stage against the naive way, measured in one run", _bench_args)
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import TINY_SIZES, format_table, parse_sizes, run_benchmark
+    from contextlib import nullcontext
 
-    sizes = parse_sizes(args.size, TINY_SIZES if args.tiny else None) if args.size else None
-    results = run_benchmark(
-        args.data,
-        args.json,
-        tiny=args.tiny,
-        config=args.config,
-        overrides=args.overrides,
-        sections=args.sections,
-        sizes=sizes,
-    )
+    from .data.constants import METADATA_FILE
+
+    _load_cfg(args)  # config mistakes first (the benchmark loads it again with its tiny settings)
+    inputs = [p for p in (args.config, args.data and Path(args.data) / METADATA_FILE) if p]
+    with output_file(args.json, option="--json", inputs=inputs) if args.json else nullcontext():
+        from .bench import TINY_SIZES, format_table, parse_sizes, run_benchmark
+
+        sizes = parse_sizes(args.size, TINY_SIZES if args.tiny else None) if args.size else None
+        results = run_benchmark(
+            args.data,
+            args.json,
+            tiny=args.tiny,
+            config=args.config,
+            overrides=args.overrides,
+            sections=args.sections,
+            sizes=sizes,
+        )
     print(format_table(results))
     if args.json:
         print(f"wrote {args.json}")
     return 0
-
-
-def _print_notes(notes: list[str]) -> None:
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
 
 
 def _print_headline(metrics: dict, splits: tuple[str, ...] = ("val", "test")) -> None:
@@ -295,7 +371,7 @@ def _print_headline(metrics: dict, splits: tuple[str, ...] = ("val", "test")) ->
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mmlesion`` argument parser with every registered sub-command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mmlesion",
         description="Skin-lesion classification from a dermoscopic image and patient metadata, "
         "explained jointly (Grad-CAM + SHAP). Start with `mmlesion demo`.",
@@ -304,18 +380,48 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, add_args, fn) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
-        p.set_defaults(func=fn)
+        p.set_defaults(func=fn, parser=p)
     return parser
 
 
+class _NotePrinter:
+    """Prints each distinct :class:`Note` once as a ``note:`` line on stderr; other warnings as before."""
+
+    def __init__(self, fallback: Callable[..., None]) -> None:
+        self.fallback = fallback
+        self.seen: set[str] = set()
+
+    def __call__(self, message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if not issubclass(category, Note):
+            self.fallback(message, category, *args, **kwargs)
+        elif str(message) not in self.seen:
+            self.seen.add(str(message))
+            print(f"note: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run a sub-command; user mistakes become one line on stderr and exit code 2."""
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*decompression bomb.*")  # our own pixel limit reports it
+    """Entry point: run a sub-command; user mistakes become one line on stderr and exit code 2.
+
+    Whatever the command, every note the library emits (rows dropped, values read as unknown, files
+    ignored) reaches the user here, once each.
+    """
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # named by the sub-command's parser: ``mmlesion train: error: unrecognized arguments: ...``
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*decompression bomb.*")  # our own pixel limit reports it
+        warnings.simplefilter("always", Note)
+        warnings.showwarning = _NotePrinter(warnings.showwarning)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed sub-command; user mistakes become one line on stderr and exit code 2."""
     try:
         return args.func(args)
-    except MMLesionError as exc:
-        print(f"mmlesion {args.command}: error: {exc}", file=sys.stderr)
+    except MMLesionError as exc:  # one line, whatever the message holds (a library's multi-line text, say)
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"mmlesion {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mmlesion {args.command}: interrupted", file=sys.stderr)

@@ -5,16 +5,20 @@ An experiment file is a short list of overrides of these defaults, e.g.::
     [model]
     name = "gated"   # metadata gates the image channels
 
-Unknown sections, unknown keys and values of the wrong type are a :class:`ConfigError` naming the key.
+Unknown sections, unknown keys, values of the wrong type and values outside the range declared next to
+their field (``Annotated[int, Range(1)]``) are a :class:`ConfigError` naming the key, the value and
+where it came from: the ``--set`` pair or the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomllib
 
@@ -28,19 +32,80 @@ CamMethodName = Literal["gradcam", "gradcam++", "hirescam", "scorecam"]
 
 
 @dataclass(frozen=True)
+class Range:
+    """The valid values of a number, declared next to its field: ``epochs: Annotated[int, Range(1)] = 60``.
+
+    ``also`` lists single values allowed outside the range (``0`` meaning "off", say).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: ``low`` itself is not allowed
+    high_open: bool = False
+    also: tuple[float, ...] = ()
+
+    def holds(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+        return " or ".join([*(f"{v:g}" for v in self.also), text])
+
+
+@dataclass(frozen=True)
+class Distinct:
+    """A list with at least ``min_items`` items and no repeats: ``Annotated[tuple[str, ...], Distinct()]``."""
+
+    min_items: int = 1
+
+    def holds(self, value: tuple[Any, ...]) -> bool:
+        return len(value) >= self.min_items and len(set(value)) == len(value)
+
+    def __str__(self) -> str:
+        return f"a list of at least {self.min_items} item(s) without repeats"
+
+
+Constraint = Range | Distinct
+PositiveInt = Annotated[int, Range(1)]
+Count = Annotated[int, Range(0)]  # 0 allowed
+Seed = Annotated[int, Range(0)]  # numpy's generators take no negative seed
+Positive = Annotated[float, Range(0, low_open=True)]
+NonNegative = Annotated[float, Range(0)]
+Share = Annotated[float, Range(0, 1, low_open=True, high_open=True)]  # a share strictly between 0 and 1
+Probability0 = Annotated[float, Range(0, 1, high_open=True)]  # [0, 1)
+#: The smallest image side: the total stride (32) of the timm backbones used here (EfficientNet,
+#: ResNet), so their last feature map is at least one pixel. The largest: beyond it the image cache
+#: (N x H x W x 3 bytes) outgrows any memory (HAM10000's images are 600 x 450).
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 32, 4096
+ImageSide = Annotated[int, Range(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE)]
+#: The smallest synthetic dataset worth a run: each lesion-grouped split and each of 5 ablation folds
+#: gets several images (n=50: train / val / test 33 / 8 / 9, folds of 9 to 11; n=7 gives no val or test).
+MIN_SYNTHETIC_N = 50
+
+
+@dataclass(frozen=True)
 class DataConfig:
     root: str = ""  # HAM10000 root; empty = the synthetic dataset generated under the run folder
-    synthetic_n: int = 1000  # images in the synthetic dataset when root is empty
-    synthetic_seed: int = 0  # seed of the synthetic dataset
-    image_size: tuple[int, int] = (168, 224)  # (height, width) fed to the backbone; keeps the 3:4 aspect
-    test_size: float = 0.15  # share of lesions held out for test
-    val_size: float = 0.15  # share of lesions held out for validation (early stopping, calibration)
-    folds: int = 0  # >0: lesion-grouped K folds instead of a fixed val split
-    fold: int = 0  # which fold is validation when folds > 0
-    split_seed: int = 0  # seed of the lesion-grouped split
+    synthetic_n: Annotated[int, Range(MIN_SYNTHETIC_N)] = 1000  # images in the synthetic dataset when root is empty
+    synthetic_seed: Seed = 0  # seed of the synthetic dataset
+    image_size: tuple[ImageSide, ImageSide] = (168, 224)  # (height, width) fed to the backbone; keeps the 3:4 aspect
+    test_size: Share = 0.15  # share of lesions held out for test
+    val_size: Share = 0.15  # share of lesions held out for validation (early stopping, calibration)
+    folds: Annotated[int, Range(2, also=(0,))] = 0  # >0: lesion-grouped K folds instead of a fixed val split
+    fold: Count = 0  # which fold is validation when folds > 0
+    split_seed: Seed = 0  # seed of the lesion-grouped split
     drop_missing: bool = False  # drop (and report) listed images that are missing on disk
     cache_dir: str = ""  # decoded images / embeddings cache; empty = $MMLESION_CACHE or ~/.cache/multimodal_lesion
-    num_workers: int = 0  # DataLoader workers; 0 keeps everything in-process (fast on cached arrays)
+    num_workers: Count = 0  # DataLoader workers; 0 keeps everything in-process (fast on cached arrays)
 
 
 @dataclass(frozen=True)
@@ -48,57 +113,63 @@ class ModelConfig:
     name: str = "concat"  # a registered model (`mmlesion models` lists them)
     backbone: str = "tf_efficientnet_lite0"  # any timm model name
     weights: str = "offline-imagenet"  # none | timm (hub) | offline-imagenet | path to a checkpoint
-    meta_hidden: int = 64  # width of the metadata MLP embedding
-    head_hidden: int = 256  # width of the fusion MLP
-    dropout: float = 0.3  # dropout in the heads
+    meta_hidden: PositiveInt = 64  # width of the metadata MLP embedding
+    head_hidden: PositiveInt = 256  # width of the fusion MLP
+    dropout: Probability0 = 0.3  # dropout in the heads
     multiscale: bool = False  # concatenate pooled features of the last stages (frozen path)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     mode: TrainMode = "frozen"  # frozen: heads on cached embeddings | end2end: fine-tune the whole network
-    epochs: int = 60  # maximum epochs (early stopping may end sooner)
-    batch_size: int = 64  # images per step
-    lr: float = 3e-3  # peak learning rate of the heads
-    backbone_lr: float = 3e-4  # peak learning rate of the backbone (end2end)
-    weight_decay: float = 1e-4  # AdamW decoupled weight decay
-    warmup_epochs: int = 2  # linear warm-up before the cosine decay
-    label_smoothing: float = 0.05  # cross-entropy label smoothing
+    epochs: PositiveInt = 60  # maximum epochs (early stopping may end sooner)
+    batch_size: PositiveInt = 64  # images per step
+    lr: Positive = 3e-3  # peak learning rate of the heads
+    backbone_lr: Positive = 3e-4  # peak learning rate of the backbone (end2end)
+    weight_decay: NonNegative = 1e-4  # AdamW decoupled weight decay
+    warmup_epochs: Count = 2  # linear warm-up before the cosine decay
+    label_smoothing: Probability0 = 0.05  # cross-entropy label smoothing
     balance: Balance = "weighted_loss"  # weighted_loss | sampler | none: how class imbalance is handled
-    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    patience: int = 10  # early stopping on validation balanced accuracy
-    seed: int = 0  # seed of initialisation, shuffling and augmentation
+    grad_clip: NonNegative = 1.0  # max gradient norm; 0 disables clipping
+    patience: PositiveInt = 10  # early stopping on validation balanced accuracy
+    seed: Seed = 0  # seed of initialisation, shuffling and augmentation
     augment: Augment = "light"  # none | light (flips) | strong (flips, rotations, colour jitter)
     flip_average: bool = True  # frozen path: average embeddings over flips
     tta: bool = False  # evaluate with flip test-time augmentation
-    device: Device = "auto"  # auto | cpu | cuda
+    device: Device = "auto"  # auto | cpu | cuda (refused where no GPU is found)
     amp: bool = False  # mixed precision (GPU)
     channels_last: bool = False  # channels-last memory format (GPU)
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    ema_decay: float = 0.0  # >0: validate, keep and save an exponential moving average of the weights
+    threads: Count = 0  # torch CPU threads; 0 = torch's default
+    ema_decay: Probability0 = 0.0  # >0: validate, keep and save an exponential moving average of the weights
 
 
 @dataclass(frozen=True)
 class ExplainConfig:
     method: CamMethodName = "gradcam"  # gradcam | gradcam++ | hirescam | scorecam
     target_layer: str = ""  # dotted module path inside the backbone; empty = its last feature stage
-    background_size: int = 50  # training cases used as the SHAP / modality background
-    n_cases: int = 12  # cases explained when none are named
-    faithfulness_cases: int = 8  # cases that also get deletion/insertion curves (the costly part)
-    randomisation_cases: int = 8  # cases that get the model-randomisation sanity check
-    steps: int = 10  # perturbation steps of the deletion / insertion curves
-    seed: int = 0  # seed of the case sample, the background sample and the random baseline map
+    background_size: PositiveInt = 50  # training cases used as the SHAP / modality background
+    n_cases: PositiveInt = 12  # cases explained when none are named
+    faithfulness_cases: Count = 8  # cases that also get deletion/insertion curves (the costly part)
+    randomisation_cases: Count = 8  # cases that get the model-randomisation sanity check
+    steps: PositiveInt = 10  # perturbation steps of the deletion / insertion curves
+    seed: Seed = 0  # seed of the case sample, the background sample and the random baseline map
 
 
 @dataclass(frozen=True)
 class AblationConfig:
-    models: tuple[str, ...] = ("image_only", "metadata_only", "concat", "gated", "film")  # registered names
-    baseline: str = "image_only"  # what every fusion model is compared with
+    models: Annotated[tuple[str, ...], Distinct()] = (  # registered names
+        "image_only",
+        "metadata_only",
+        "concat",
+        "gated",
+        "film",
+    )
+    baseline: str = "image_only"  # what every fusion model is compared with (one of models)
     gbm: bool = True  # add scikit-learn gradient boosting on the patient features as the floor
-    folds: int = 5  # lesion-grouped folds
-    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds per fold
-    bootstrap: int = 2000  # bootstrap resamples for confidence intervals
-    workers: int = 2  # cells trained in parallel processes (one torch thread each); 1 = in this process
+    folds: Annotated[int, Range(3)] = 5  # lesion-grouped folds: a cell tests on one, validates on the next
+    seeds: Annotated[tuple[Seed, ...], Distinct()] = (0, 1, 2)  # training seeds per fold
+    bootstrap: PositiveInt = 2000  # bootstrap resamples for confidence intervals
+    workers: PositiveInt = 2  # cells trained in parallel processes (one torch thread each); 1 = in this process
 
 
 @dataclass(frozen=True)
@@ -110,64 +181,118 @@ class ExperimentConfig:
     ablation: AblationConfig = field(default_factory=AblationConfig)
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A constraint between keys of one config: ``holds(cfg)`` or a ConfigError naming ``keys``."""
+
+    keys: tuple[str, ...]
+    holds: Callable[[ExperimentConfig], bool]
+    message: Callable[[ExperimentConfig], str]
+
+
+#: Constraints between keys (a key's own range sits next to its field).
+RULES = (
+    Rule(
+        ("data.test_size", "data.val_size"),
+        lambda c: c.data.folds > 0 or c.data.test_size + c.data.val_size < 1,
+        lambda c: (
+            f"data.test_size + data.val_size must be < 1 to leave training data, got "
+            f"{c.data.test_size:g} + {c.data.val_size:g}"
+        ),
+    ),
+    Rule(
+        ("data.fold", "data.folds"),
+        lambda c: c.data.folds == 0 or c.data.fold < c.data.folds,
+        lambda c: f"data.fold must be in 0..{c.data.folds - 1} (data.folds = {c.data.folds}), got {c.data.fold}",
+    ),
+    Rule(
+        ("ablation.baseline", "ablation.models"),
+        lambda c: c.ablation.baseline in c.ablation.models,
+        lambda c: (
+            f"ablation.baseline {c.ablation.baseline!r} must be one of ablation.models ({', '.join(c.ablation.models)})"
+        ),
+    ),
+)
+
+
+class KeyedConfigError(ConfigError):
+    """A ConfigError about given keys: :func:`load_config` prefixes it with where their values came from."""
+
+    def __init__(self, message: str, keys: Iterable[str]) -> None:
+        super().__init__(message)
+        self.keys = tuple(keys)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotated type ``tp``; convert lists to tuples."""
+    """Check ``value`` against the annotated type ``tp`` and its declared constraints; lists become tuples."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *constraints = typing.get_args(tp)
+        value = _coerce(value, base, key)
+        for constraint in constraints:
+            if not constraint.holds(value):
+                shown = list(value) if isinstance(value, tuple) else value
+                raise KeyedConfigError(f"config key '{key}': must be {constraint}, got {shown!r}", [key])
+        return value
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices or not isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected one of {', '.join(map(repr, choices))}, got {value!r}")
+            raise KeyedConfigError(
+                f"config key '{key}': expected one of {', '.join(map(repr, choices))}, got {value!r}", [key]
+            )
         return value
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+            raise KeyedConfigError(f"config key '{key}': expected a list, got {value!r}", [key])
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
-            raise ConfigError(f"config key '{key}': expected {len(args)} values, got {value!r}")
+            raise KeyedConfigError(f"config key '{key}': expected {len(args)} values, got {value!r}", [key])
         return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"config key '{key}': unsupported type {tp}")  # pragma: no cover
+    expected = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    if tp not in expected:  # pragma: no cover
+        raise ConfigError(f"config key '{key}': unsupported type {tp}")
+    fits = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        str: isinstance(value, str),
+    }[tp]
+    if not fits:
+        raise KeyedConfigError(f"config key '{key}': expected {expected[tp]}, got {value!r}", [key])
+    return float(value) if tp is float else value
 
 
 def _section_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
-    """Build a config from nested ``{section: {key: value}}``, rejecting unknown keys by name."""
+    """Build a config from nested ``{section: {key: value}}``: unknown keys, wrong types and values out
+    of their declared range (or breaking a :data:`RULES` entry) are a ConfigError naming the key."""
     sections = {}
     top_types = _section_types(ExperimentConfig)
     for name, values in raw.items():
         if name not in top_types:
-            raise ConfigError(f"unknown config section '{name}' (valid: {', '.join(top_types)})")
+            raise KeyedConfigError(f"unknown config section '{name}' (valid: {', '.join(top_types)})", [name])
         if not isinstance(values, dict):
-            raise ConfigError(f"config section '{name}' must be a table")
+            raise KeyedConfigError(f"config section '{name}' must be a table", [name])
         cls = top_types[name]
         hints = _section_types(cls)
         kwargs = {}
         for key, value in values.items():
             if key not in hints:
-                raise ConfigError(f"unknown config key '{name}.{key}' (valid: {', '.join(hints)})")
+                raise KeyedConfigError(
+                    f"unknown config key '{name}.{key}' (valid: {', '.join(hints)})", [f"{name}.{key}"]
+                )
             kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
         sections[name] = cls(**kwargs)
-    return ExperimentConfig(**sections)
+    cfg = ExperimentConfig(**sections)
+    for rule in RULES:
+        if not rule.holds(cfg):
+            raise KeyedConfigError(rule.message(cfg), rule.keys)
+    return cfg
 
 
 def _parse_value(text: str, key: str) -> Any:
@@ -204,21 +329,36 @@ def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) ->
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a TOML experiment file (or the defaults) and apply ``--set`` overrides."""
+    """Read a TOML experiment file (or the defaults) and apply ``--set`` overrides.
+
+    A mistake names its source: ``--set train.lr=-1: ...`` for a value from an override, the file for
+    a value from the file.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+            raise ConfigError(f"{path}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
         try:
             raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    raw = _merge(raw, parse_overrides(overrides or []))
+    pairs = overrides or []
+    raw = _merge(raw, parse_overrides(pairs))
     try:
         return from_dict(raw)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    except KeyedConfigError as exc:
+        raise ConfigError(_with_sources(str(exc), exc.keys, path, pairs)) from None
+
+
+def _with_sources(message: str, keys: tuple[str, ...], path: Path | None, pairs: list[str]) -> str:
+    """``message`` prefixed with where the values of ``keys`` came from: their ``--set`` pairs, or the file."""
+    sources = []
+    for key in keys:
+        named = [pair.partition("=")[0].strip() for pair in pairs]  # a section's key names its section too
+        given = [p.strip() for p, k in zip(pairs, named, strict=True) if key in (k, k.split(".")[0])]
+        sources += [f"--set {given[-1]}"] if given else [str(path)] if path is not None else []
+    return f"{', '.join(dict.fromkeys(sources))}: {message}" if sources else message
 
 
 def replace(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConfig:
@@ -236,6 +376,18 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
         f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
         for f in dataclasses.fields(cfg)
     }
+
+
+def differences(old: ExperimentConfig, new: ExperimentConfig, ignore: Iterable[str] = ()) -> list[str]:
+    """``key old -> new`` for every key whose value differs, except keys (or whole sections) in ``ignore``."""
+    skip = tuple(ignore)
+    a, b = to_dict(old), to_dict(new)
+    return [
+        f"{section}.{key} {a[section][key]!r} -> {b[section][key]!r}"
+        for section in a
+        for key in a[section]
+        if a[section][key] != b[section][key] and section not in skip and f"{section}.{key}" not in skip
+    ]
 
 
 def _toml_value(v: Any) -> str:
@@ -261,12 +413,20 @@ def to_toml(cfg: ExperimentConfig) -> str:
 
 
 __all__ = [
+    "MAX_IMAGE_SIDE",
+    "MIN_IMAGE_SIDE",
+    "MIN_SYNTHETIC_N",
+    "RULES",
     "AblationConfig",
     "DataConfig",
+    "Distinct",
     "ExperimentConfig",
     "ExplainConfig",
+    "KeyedConfigError",
     "ModelConfig",
+    "Range",
     "TrainConfig",
+    "differences",
     "from_dict",
     "load_config",
     "parse_overrides",

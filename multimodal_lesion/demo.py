@@ -33,7 +33,7 @@ def run_demo(cfg: ExperimentConfig, out: str | Path, show: bool = True) -> dict[
     paths = run_ablation(cfg, out / "ablation", show=show)
     best = _best_fusion(paths["comparison"])
     say(3)
-    train_run(replace(cfg, model={"name": best}), out / "run", show=show)
+    train_run(replace(cfg, model={"name": best}), out / "run", overwrite=True, show=show)  # the demo's own run
     say(4)
     report = explain_run(out / "run", out / "report", n=cfg.explain.n_cases, show=show)
     summary = RunFolder(out / "run").read_metrics()

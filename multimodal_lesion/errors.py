@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 
 class MMLesionError(Exception):
     """Base class for mistakes a user can fix (bad data, bad config, bad run folder)."""
@@ -17,3 +19,16 @@ class ConfigError(MMLesionError):
 
 class CheckpointError(MMLesionError):
     """A checkpoint or run directory cannot be used (missing, unsafe, or from another model)."""
+
+
+class Note(UserWarning):
+    """Something the package handled for the user and must tell them (rows dropped, values read as unknown).
+
+    Every layer emits notes with :func:`note`; the CLI prints each distinct one once, on stderr, as a
+    ``note:`` line, whatever the command. Library users see them as ordinary warnings.
+    """
+
+
+def note(message: str) -> None:
+    """Tell the user about something handled on their behalf (see :class:`Note`)."""
+    warnings.warn(message, Note, stacklevel=2)

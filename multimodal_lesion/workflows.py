@@ -14,12 +14,17 @@ from typing import Any
 from .config import ExperimentConfig
 
 
-def train_run(cfg: ExperimentConfig, out: str | Path, *, resume: bool = False, show: bool = True) -> dict[str, Any]:
-    """Train one model into the run folder ``out`` with its evaluation figures; returns ``metrics.json``."""
+def train_run(
+    cfg: ExperimentConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False, show: bool = True
+) -> dict[str, Any]:
+    """Train one model into the run folder ``out`` with its evaluation figures; returns ``metrics.json``.
+
+    A folder that already holds a run needs ``resume`` or ``overwrite`` (see ``training.runner.train_run``).
+    """
     from .report.figures import save_evaluation_figures
     from .training.runner import train_run as train
 
-    evaluation = train(cfg, out, resume=resume, show=show)
+    evaluation = train(cfg, out, resume=resume, overwrite=overwrite, show=show)
     save_evaluation_figures(evaluation)
     return evaluation.metrics
 

@@ -18,15 +18,23 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ExperimentConfig, replace, to_dict
+from ..config import ExperimentConfig, differences, replace, to_dict
 from ..data.cache import cache_key
 from ..data.constants import CLASSES
 from ..data.ham10000 import Ham10000
 from ..data.splits import fold_assignment
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write, read_json, remove_stale_temps, write_json
 from ..models import list_models
-from ..runs import RunInputs, predict_logits, prepare_inputs, resolve_data, write_provenance
+from ..runs import (
+    RunFolder,
+    RunInputs,
+    predict_logits,
+    prepare_inputs,
+    resolve_data,
+    resolve_device,
+    write_provenance,
+)
 from ..training.metrics import classification_metrics
 from ..training.runner import train_model
 from .summary import write_summaries
@@ -57,9 +65,10 @@ def config_key(cfg: ExperimentConfig) -> str:
 def _done(path: Path, key: str) -> bool:
     """A cell file that exists, parses and was computed under the same config."""
     try:
-        return read_json(path).get("config_key") == key
+        record = read_json(path)
     except (OSError, ValueError):
         return False
+    return isinstance(record, dict) and record.get("config_key") == key  # anything else is computed again
 
 
 def cell_splits(folds: pd.Series, k: int, n_folds: int) -> pd.DataFrame:
@@ -224,12 +233,32 @@ def shared_backbone(cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, show
     return inputs
 
 
+def _check_same_ablation(out: Path, cfg: ExperimentConfig) -> None:
+    """Refuse to run into a folder whose finished cells were computed with other settings (they would be replaced)."""
+    if not (out / "config.toml").is_file() or not any((out / "cells").glob("*.json")):
+        return
+    changed = differences(RunFolder(out).read_config(), cfg, ignore=("ablation.workers",))
+    if changed:
+        raise CheckpointError(
+            f"{out}: holds an ablation with other settings ({'; '.join(changed[:4])}); re-running it there would "
+            "replace its cells; choose another --out"
+        )
+
+
 def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -> dict[str, Path]:
     """Run (or finish) the ablation configured in ``cfg`` and write results, summaries and plots to ``out``."""
     _check_models(cfg)
+    resolve_device(cfg.train.device)
     out = Path(out)
+    trained = RunFolder(out).trained_files()
+    if trained:
+        raise CheckpointError(
+            f"{out}: holds a training run ({', '.join(trained)}); an ablation there would replace its config.toml; "
+            "choose another --out"
+        )
     ham = resolve_data(cfg, show)
     cfg = replace(cfg, data={"root": str(ham.root)})
+    _check_same_ablation(out, cfg)
     folds = fold_assignment(ham.metadata, cfg.ablation.folds, cfg.data.split_seed)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)

@@ -52,18 +52,19 @@ def run_benchmark(
         data: a HAM10000 root, or None for the synthetic dataset.
         json_path: where to write the results (with the machine next to each section), or None.
         tiny: a tiny synthetic dataset and tiny sizes (seconds, for tests).
-        show: print progress and the table.
+        show: print progress (the caller prints :func:`format_table` of the results).
         config: an experiment TOML file.
         overrides: ``section.key=value`` overrides (e.g. the ablation's batch size).
         sections: a subset of :data:`SECTIONS` (None: all).
         sizes: the subsample sizes (:func:`parse_sizes` builds them from ``KEY=VALUE`` strings).
 
     Raises:
-        ConfigError: an unknown section name.
+        ConfigError: an unknown section name, or a size below 1.
     """
     unknown = [name for name in sections or () if name not in SECTIONS]
     if unknown:
         raise ConfigError(f"bench: unknown section(s) {', '.join(unknown)} (valid: {', '.join(SECTIONS)})")
+    _check_sizes(sizes)
     with tempfile.TemporaryDirectory(prefix="mmlesion-bench-") as tmp:
         ctx = build_context(data, tiny, show, Path(tmp), config, overrides, sizes)
         results: dict[str, Any] = {
@@ -93,9 +94,17 @@ def run_benchmark(
     ]
     if json_path:
         write_json(json_path, results)
-    if show:
-        print(format_table(results))
     return results
+
+
+def _check_sizes(sizes: BenchSizes | None) -> None:
+    """Every subsample size is at least 1, and the second report size is the larger (their difference is timed)."""
+    for key, value in asdict(sizes or BenchSizes()).items():
+        values = value if isinstance(value, tuple) else (value,)
+        if any(v < 1 for v in values):
+            raise ConfigError(f"bench size '{key}': must be >= 1, got {','.join(map(str, values))}")
+    if sizes is not None and sizes.report_cases[0] >= sizes.report_cases[1]:
+        raise ConfigError(f"bench size 'report_cases': the second must be the larger, got {sizes.report_cases}")
 
 
 def _fmt(value: float | None) -> str:

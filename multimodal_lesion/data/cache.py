@@ -42,7 +42,11 @@ def cache_key(*parts: object) -> str:
 
 def decode_resized(path: str, size: tuple[int, int]) -> np.ndarray:
     """Decode one image to RGB and resize it to ``size`` = (height, width) as uint8 HWC."""
-    img = load_rgb(path)
+    return resized(load_rgb(path), size)
+
+
+def resized(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """An RGB image resized (bilinear) to ``size`` = (height, width) as uint8 HWC: what the cache stores."""
     height, width = size
     if img.size != (width, height):
         img = img.resize((width, height), Image.Resampling.BILINEAR)

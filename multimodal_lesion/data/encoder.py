@@ -14,7 +14,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ..errors import DataError
+from ..errors import DataError, Note
 from .constants import PATIENT_FEATURES, UNKNOWN
 
 #: The one-hot encoded columns, in output order.
@@ -89,7 +89,7 @@ class MetadataEncoder(TransformerMixin, BaseEstimator):
             shown = ", ".join(repr(v) for v in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
             warnings.warn(
                 f"MetadataEncoder: column '{column}': value(s) {shown} not seen in fit; encoded as '{UNKNOWN}'",
-                UserWarning,
+                Note,
                 stacklevel=3,
             )
         codes = np.fromiter((index.get(v, index[UNKNOWN]) for v in values), dtype=np.int64, count=len(values))

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..data.constants import CLASSES, PATIENT_FEATURES
 from ..data.ham10000 import load_mask
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..io import atomic_write, safe_stem, write_json
 from ..runs import LoadedRun, RunInputs, load_run
 from .faithfulness import faithfulness_report, randomisation_check, randomised_cams
@@ -179,10 +179,15 @@ def explain_run(
     cases: Sequence[str] | None = None,
     n: int | None = None,
 ) -> CohortExplanation:
-    """Explain cases of a trained run: maps, SHAP and modality values, faithfulness and provenance."""
+    """Explain cases of a trained run: maps, SHAP and modality values, faithfulness and provenance.
+
+    ``n`` cases (default: the run's ``explain.n_cases``) unless ``cases`` names them.
+    """
+    if n is not None and n < 1:
+        raise ConfigError(f"n: the number of cases to explain must be >= 1, got {n}")
     run = load_run(run_dir, data)
     inputs, cfg = run.inputs, run.inputs.cfg.explain
-    rows = select_cases(inputs, split, cases, n or cfg.n_cases, cfg.seed)
+    rows = select_cases(inputs, split, cases, cfg.n_cases if n is None else n, cfg.seed)
     batch = load_cases(run, rows)
     timed = _Stopwatch()
     cams = timed("gradcam", compute_cams, run, batch)

@@ -26,15 +26,17 @@ from ..data.ham10000 import Ham10000, read_ham10000
 from ..data.sampling import EpochSampler, TensorBatches
 from ..data.splits import split_lesions
 from ..data.synthetic import make_synthetic
-from ..errors import ConfigError
+from ..errors import ConfigError, Note, note
 from ..models import LesionModel, create_model, embed_images
 from .embeddings import cached_embeddings
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
+    """``auto`` -> cuda when available, else cpu; ``cuda`` where torch finds no GPU is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError('train.device: \'cuda\' but torch finds no CUDA GPU on this machine; use "auto" or "cpu"')
     return torch.device(name)
 
 
@@ -63,9 +65,7 @@ def make_splits(cfg: ExperimentConfig, ham: Ham10000) -> pd.DataFrame:
     """Lesion-grouped, stratified split of ``ham``; with folds, ``data.fold`` is the validation fold."""
     d = cfg.data
     splits = split_lesions(ham.metadata, test_size=d.test_size, val_size=d.val_size, folds=d.folds, seed=d.split_seed)
-    if d.folds:
-        if not 0 <= d.fold < d.folds:
-            raise ConfigError(f"data.fold: {d.fold} is not in 0..{d.folds - 1}")
+    if d.folds:  # data.fold < data.folds: checked when the config was loaded
         splits["split"] = np.where(splits["fold"] < 0, "test", np.where(splits["fold"] == d.fold, "val", "train"))
     return splits
 
@@ -234,8 +234,11 @@ def prepare_inputs(
     train_rows = ham.metadata[splits["split"].to_numpy() == "train"]
     encoder = encoder or MetadataEncoder().fit(train_rows)
     with warnings.catch_warnings(record=True) as caught:  # categories unseen in training -> unknown
-        warnings.simplefilter("always", UserWarning)
+        warnings.simplefilter("always", Note)
         meta = encoder.transform(ham.metadata).astype(np.float32)
+    notes = [str(w.message) for w in caught if issubclass(w.category, Note)]
+    for message in notes:  # kept in metrics.json and told to the user
+        note(message)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
@@ -247,9 +250,7 @@ def prepare_inputs(
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    inputs = RunInputs(
-        cfg, ham, splits, encoder, meta, class_targets(ham.metadata), model, device, [str(w.message) for w in caught]
-    )
+    inputs = RunInputs(cfg, ham, splits, encoder, meta, class_targets(ham.metadata), model, device, notes)
     if branch is not None and shared is not None:
         inputs.cached_embeddings = shared.cached_embeddings
     return inputs

@@ -11,7 +11,7 @@ import torch
 from ..config import ExperimentConfig, replace
 from ..data.constants import CLASSES
 from ..data.encoder import MetadataEncoder
-from ..errors import CheckpointError
+from ..errors import CheckpointError, note
 from ..models import LesionModel, create_model
 from .checkpoints import load_model_state
 from .folder import RunFolder
@@ -35,7 +35,15 @@ def _load_weights(model: torch.nn.Module, folder: RunFolder) -> float:
     """Load ``best.pt`` into ``model`` (eval mode); returns the fitted temperature (1.0 if none)."""
     load_model_state(model, folder.load_best(), folder / "best.pt")
     model.eval()
-    return float(folder.read_metrics().get("temperature", 1.0))
+    return folder.read_temperature()
+
+
+def _device(cfg: ExperimentConfig, folder: RunFolder) -> torch.device:
+    """The run's device; a run trained on a GPU is used on the CPU where there is none (with a note)."""
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        note(f"{folder.path} was trained with train.device = 'cuda'; no GPU here, so it runs on the CPU")
+        return torch.device("cpu")
+    return resolve_device(cfg.train.device)
 
 
 def load_model(run_dir: str | Path) -> tuple[ExperimentConfig, MetadataEncoder, LesionModel, float]:
@@ -50,7 +58,7 @@ def load_model(run_dir: str | Path) -> tuple[ExperimentConfig, MetadataEncoder, 
         num_classes=len(CLASSES),
         cfg=replace(cfg, model={"weights": "none"}).model,
     )
-    model.to(resolve_device(cfg.train.device))
+    model.to(_device(cfg, folder))
     return cfg, encoder, model, _load_weights(model, folder)
 
 
@@ -65,7 +73,10 @@ def load_run(run_dir: str | Path, data: str | Path | None = None, show: bool = F
     saved = folder.read_splits()
     splits = ham.metadata[["image_id"]].merge(saved[["image_id", "split"]], on="image_id", how="left")
     splits["split"] = splits["split"].fillna("unassigned")
-    inputs = prepare_inputs(replace(cfg, model={"weights": "none"}), ham, splits, folder.read_encoder())
+    device = _device(cfg, folder)
+    inputs = prepare_inputs(
+        replace(cfg, model={"weights": "none"}, train={"device": device.type}), ham, splits, folder.read_encoder()
+    )
     inputs.cfg = cfg
     return LoadedRun(folder, inputs, _load_weights(inputs.model, folder))
 
@@ -73,11 +84,11 @@ def load_run(run_dir: str | Path, data: str | Path | None = None, show: bool = F
 def balanced_scaling(run_dir: str | Path) -> tuple[float, np.ndarray]:
     """(temperature, class biases) of the balanced decision that training fitted on val."""
     folder = RunFolder(run_dir)
-    metrics = folder.read_metrics()
-    if "balanced_bias" not in metrics:
+    balanced = folder.read_balanced()
+    if balanced is None:
         raise CheckpointError(
             f"{folder / 'metrics.json'}: no balanced decision in this run (trained before it "
             "existed); retrain, or predict without --balanced"
         )
-    bias = metrics["balanced_bias"]
-    return float(metrics["balanced_temperature"]), np.array([bias[c] for c in CLASSES], dtype=np.float32)
+    temperature, bias = balanced
+    return temperature, np.array([bias[c] for c in CLASSES], dtype=np.float32)

@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from ..data.cache import decode_resized
-from ..data.constants import CLASSES, UNKNOWN
+from ..data.cache import resized
+from ..data.constants import CLASSES
 from ..data.datasets import Normalize
+from ..data.ham10000 import load_rgb
+from ..data.patient import read_patient
+from ..errors import note
 from ..models import embed_images
 from .load import balanced_scaling, load_model
 
@@ -51,31 +53,37 @@ def predict_logits(
 def predict_image(
     run_dir: str | Path,
     image: str | Path,
-    age: float | None = None,
+    age: float | str | None = None,
     sex: str | None = None,
     localization: str | None = None,
     balanced: bool = False,
 ) -> dict[str, float]:
-    """Calibrated class probabilities for one image and optional patient fields (missing = unknown).
+    """Calibrated class probabilities for one image and optional patient fields (None = unknown).
+
+    The inputs follow the reader's rules (:func:`~multimodal_lesion.data.patient.read_patient`,
+    :func:`~multimodal_lesion.data.ham10000.load_rgb`) and are checked before the model is loaded:
+    an age outside 0-120 or a tiny, corrupt or missing image is a :class:`DataError` naming the field
+    or file; an unrecognised sex or localization is read as unknown, with a note.
 
     ``balanced`` gives the probabilities of the balanced decision instead (uniform class prior,
     fitted on val; their arg-max is the decision the run's balanced accuracy was scored on).
     """
+    row = read_patient(age, sex, localization)
+    picture = load_rgb(image)
     cfg, encoder, model, temperature = load_model(run_dir)
     bias = np.zeros(len(CLASSES), dtype=np.float32)
     if balanced:
         temperature, bias = balanced_scaling(run_dir)
     device = next(model.parameters()).device
-    row = pd.DataFrame(
-        [{"age": np.nan if age is None else float(age), "sex": sex or UNKNOWN, "localization": localization or UNKNOWN}]
-    )
     meta = torch.from_numpy(encoder.transform(row).astype(np.float32)).to(device)
     embedding = None
     if model.image_branch is not None:
-        pixels = torch.from_numpy(decode_resized(str(image), cfg.data.image_size)).permute(2, 0, 1)
+        pixels = torch.from_numpy(resized(picture, cfg.data.image_size)).permute(2, 0, 1)
         dc = model.image_branch.data_config
         x = Normalize(dc["mean"], dc["std"])(pixels).unsqueeze(0).to(device)
         embedding = embed_images(model.image_branch, x, cfg.train.flip_average and cfg.train.mode == "frozen")
+    else:
+        note(f"model '{cfg.model.name}' does not look at the image: its prediction comes from the patient fields")
     logits = model.forward_head(embedding, meta) / temperature + torch.from_numpy(bias).to(device)
     probs = torch.softmax(logits.float(), 1)[0].cpu().numpy()
     return {c: round(float(p), 6) for c, p in zip(CLASSES, probs, strict=True)}

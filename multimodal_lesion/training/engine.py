@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict
+from typing import TypedDict, cast
 
 import numpy as np
 import torch
@@ -21,8 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
-from ..errors import ConfigError
-from ..runs import RunFolder, predict_logits, seed_everything, to_device
+from ..errors import CheckpointError, ConfigError
+from ..runs import RunFolder, load_model_state, predict_logits, seed_everything, to_device
 
 
 @dataclass
@@ -217,6 +217,34 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _restore(
+    out: RunFolder,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: WeightAverage | None,
+) -> tuple[_FitState, dict[str, torch.Tensor]]:
+    """Load ``last.pt`` into the model, optimiser, scheduler (and average): (loop state, best weights so far).
+
+    A checkpoint that does not fit them (another model, another optimiser) is a one-line CheckpointError.
+    """
+    ckpt = out.load_last()
+    path = out / "last.pt"
+    load_model_state(model, ckpt["model"], path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = cast(_FitState, {k: ckpt["state"][k] for k in _FitState.__annotations__})
+        if ema is not None:
+            ema.state, ema.updates = ckpt["ema"], ckpt["ema_updates"]
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if {k: tuple(v.shape) for k, v in ckpt["best_model"].items()} != shapes:
+            raise ValueError("its best_model weights do not fit this model")
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: cannot resume from it ({type(exc).__name__}: {str(exc)[:160]})") from None
+    return state, ckpt["best_model"]
+
+
 def fit(
     model: nn.Module,
     train_batches: Iterable[dict],
@@ -244,14 +272,7 @@ def fit(
     best_weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
     ema = WeightAverage(_unwrap(model), cfg.ema_decay) if cfg.ema_decay != 0 else None
     if resume and out is not None and out.has_last():
-        ckpt = out.load_last()
-        _unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        best_weights = ckpt["best_model"]
-        state = ckpt["state"]
-        if ema is not None:
-            ema.state, ema.updates = ckpt["ema"], ckpt["ema_updates"]
+        state, best_weights = _restore(out, _unwrap(model), optimizer, scheduler, ema)
     show = show_progress and _is_main()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     for epoch in range(state["epoch"], cfg.epochs):

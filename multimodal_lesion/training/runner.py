@@ -15,8 +15,8 @@ import torch
 
 from ..config import ExperimentConfig
 from ..data.constants import CLASSES
-from ..errors import CheckpointError
-from ..runs import RunFolder, RunInputs, inputs_from_config, load_run, predict_logits
+from ..models import model_description
+from ..runs import RunFolder, RunInputs, inputs_from_config, load_run, predict_logits, resolve_device
 from .calibration import BalancedScaler, TemperatureScaler
 from .distributed import DistInfo, finish, init_distributed, main_first, wrap_model
 from .engine import FitResult, class_weights, fit
@@ -105,19 +105,31 @@ def evaluate(
     return Evaluation(folder, results, scores)
 
 
-def train_run(cfg: ExperimentConfig, out: str | Path, *, resume: bool = False, show: bool = True) -> Evaluation:
+def train_run(
+    cfg: ExperimentConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    show: bool = True,
+) -> Evaluation:
     """Train one model as configured and write a complete run folder to ``out`` (figures aside).
 
+    A folder already holding a run is refused unless ``resume`` (same settings and data, continued
+    from ``last.pt``) or ``overwrite`` (the old run removed first); the model name and the device are
+    checked too, all before the data are read or anything is written.
     Under ``torchrun`` every process trains on its shard of each epoch (DDP); rank 0 writes.
     """
     folder = RunFolder(out)
-    if resume and not folder.has_last():
-        raise CheckpointError(f"{out}: nothing to resume (no last.pt)")
+    model_description(cfg.model.name)  # an unknown model name is the registry's ConfigError
+    resolve_device(cfg.train.device)
     info = init_distributed(cfg.train.device)
     if info.is_main:
-        folder.prepare()
+        folder.begin_training(cfg, resume=resume, overwrite=overwrite)
     with main_first(info):
         cfg, inputs = inputs_from_config(cfg, show and info.is_main)
+        if resume and info.is_main:
+            folder.check_resume_splits(inputs.splits)
         inputs.embeddings(show) if cfg.train.mode == "frozen" and inputs.model.image_branch else inputs.images()
     if info.is_main:
         folder.write_inputs(
