@@ -277,11 +277,20 @@ def _explain(args: argparse.Namespace) -> int:
 def _ablate_args(p: argparse.ArgumentParser) -> None:
     _config_args(p)
     p.add_argument("--out", type=_path, required=True)
+    p.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the cells as Ray tasks on this cluster (sets ablation.backend = 'ray' and ray.address)",
+    )
 
 
 @command("ablate", "every model over lesion-grouped folds x seeds, with CIs and subgroups", _ablate_args)
 def _ablate(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
+    if args.ray_address:
+        from .config import replace
+
+        cfg = replace(cfg, ablation={"backend": "ray"}, ray={"address": args.ray_address})
     with output_folder(args.out):
         from .ablation import run_ablation
 

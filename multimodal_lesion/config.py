@@ -29,6 +29,7 @@ Balance = Literal["weighted_loss", "sampler", "none"]
 Augment = Literal["none", "light", "strong"]
 Device = Literal["auto", "cpu", "cuda"]
 CamMethodName = Literal["gradcam", "gradcam++", "hirescam", "scorecam"]
+AblationBackend = Literal["local", "ray"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,17 @@ class AblationConfig:
     seeds: Annotated[tuple[Seed, ...], Distinct()] = (0, 1, 2)  # training seeds per fold
     bootstrap: PositiveInt = 2000  # bootstrap resamples for confidence intervals
     workers: PositiveInt = 2  # cells trained in parallel processes (one torch thread each); 1 = in this process
+    mode: TrainMode = "frozen"  # frozen: heads on cached embeddings | end2end: every cell a full fine-tuning run
+    backend: AblationBackend = "local"  # local: a process pool on this machine | ray: Ray tasks (a cluster)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # an existing Ray cluster (e.g. "10.0.0.1:6379" or "auto"); empty = start a local one
+    num_cpus: Count = 0  # CPUs of the local instance when one is started; 0 = Ray's default (all)
+    cpus_per_cell: Positive = 1.0  # CPUs each cell asks for (also its torch threads, rounded up)
+    gpus_per_cell: NonNegative = 0.0  # GPUs (or a fraction of one) each cell asks for
+    max_retries: Count = 2  # times a cell whose worker died is run again
 
 
 @dataclass(frozen=True)
@@ -179,6 +191,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 @dataclass(frozen=True)
@@ -425,6 +438,7 @@ __all__ = [
     "KeyedConfigError",
     "ModelConfig",
     "Range",
+    "RayConfig",
     "TrainConfig",
     "differences",
     "from_dict",

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig, differences, replace, to_dict
 from ..data.cache import cache_key
@@ -37,6 +36,7 @@ from ..runs import (
 )
 from ..training.metrics import classification_metrics
 from ..training.runner import train_model
+from .backends import check_backend, run_cells
 from .summary import write_summaries
 
 GBM = "gbm_metadata"
@@ -55,10 +55,16 @@ class Cell:
         return f"{self.model}__fold{self.fold}__seed{self.seed}"
 
 
+#: Settings that say where and on how many workers the cells run, not what they compute.
+PLACEMENT = ("ablation.workers", "ablation.backend", "ray")
+
+
 def config_key(cfg: ExperimentConfig) -> str:
-    """What a finished cell depends on: the whole config except how many workers ran it."""
+    """What a finished cell depends on: the whole config except where and how many workers ran it."""
     raw = to_dict(cfg)
-    raw["ablation"].pop("workers")
+    for item in PLACEMENT:
+        section, _, key = item.partition(".")
+        raw[section].pop(key) if key else raw.pop(section)
     return cache_key(raw)
 
 
@@ -95,13 +101,26 @@ def _check_models(cfg: ExperimentConfig) -> None:
 
 
 def _train_neural(
-    cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, shared: RunInputs | None
+    cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, shared: RunInputs | None, out: Path
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train one registered model for a cell; returns (test rows, test targets, test probabilities)."""
+    """Train one registered model for a cell; returns (test rows, test targets, test probabilities).
+
+    A frozen cell trains its head in memory on the shared embeddings. An end-to-end cell is a full
+    training run with its own run folder (``OUT/runs/<cell>``: checkpoints each epoch), so a killed
+    cell resumes from its ``last.pt`` instead of starting again.
+    """
     cell_cfg = replace(cfg, model={"name": cell.model}, train={"seed": cell.seed})
     inputs = prepare_inputs(cell_cfg, ham, splits, shared=shared)
-    train_model(inputs, show=False)
-    logits, y, _ = predict_logits(inputs.model, inputs.batches("test", train=False), inputs.device)
+    folder = None
+    if cfg.ablation.mode == "end2end":
+        folder = RunFolder(out / "runs" / cell.name)
+        folder.prepare()
+        folder.write_inputs(
+            cell_cfg, splits.assign(image_id=ham.metadata["image_id"]), inputs.encoder, device=str(inputs.device)
+        )
+    train_model(inputs, folder, resume=folder is not None and folder.has_last(), show=False)
+    tta = cfg.ablation.mode == "end2end" and cfg.train.tta
+    logits, y, _ = predict_logits(inputs.model, inputs.batches("test", train=False), inputs.device, tta=tta)
     return inputs.indices("test"), y, torch.softmax(torch.from_numpy(logits), 1).numpy()
 
 
@@ -127,7 +146,7 @@ def _train_gbm(
 
 
 def run_cell(
-    cell: Cell, cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, shared: RunInputs | None
+    cell: Cell, cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, shared: RunInputs | None, out: Path
 ) -> dict[str, Any]:
     """Train and test one cell; returns its record (metrics, out-of-fold predictions, seconds)."""
     t0 = time.perf_counter()
@@ -135,7 +154,7 @@ def run_cell(
     if cell.model == GBM:
         rows, y, probs = _train_gbm(cell, cfg, ham, splits)
     else:
-        rows, y, probs = _train_neural(cell, cfg, ham, splits, shared)
+        rows, y, probs = _train_neural(cell, cfg, ham, splits, shared, out)
     lesions = ham.metadata["lesion_id"].to_numpy()[rows]
     metrics = classification_metrics(y, probs, lesion_ids=lesions)
     return {
@@ -151,7 +170,8 @@ def run_cell(
 
 @dataclass
 class CellContext:
-    """What every cell needs; handed to worker processes by fork (the embeddings are not copied)."""
+    """What every cell needs: handed to pool workers by fork (the embeddings are not copied), to Ray
+    workers through the object store (once)."""
 
     cfg: ExperimentConfig
     ham: Ham10000
@@ -161,72 +181,14 @@ class CellContext:
 
     def run(self, cell: Cell) -> str:
         """Train, test and save one cell (atomically, stamped with the config key); returns its name."""
-        record = run_cell(cell, self.cfg, self.ham, self.folds, self.shared)
+        record = run_cell(cell, self.cfg, self.ham, self.folds, self.shared, self.out)
         write_json(self.out / "cells" / f"{cell.name}.json", {**record, "config_key": config_key(self.cfg)})
         return cell.name
 
 
-class _Worker:
-    """Per-process holder of the cell context in a worker (set once by the pool's initializer)."""
-
-    context: CellContext | None = None
-
-    @classmethod
-    def start(cls, context: CellContext) -> None:
-        from threadpoolctl import threadpool_limits
-
-        _die_with_parent()
-        torch.set_num_threads(1)
-        # One thread in every OpenMP / BLAS pool too: a pool the parent had already started is not
-        # fork-safe, and scikit-learn's gradient boosting deadlocked on it in the forked worker.
-        threadpool_limits(1)
-        cls.context = context
-
-    @classmethod
-    def run(cls, cell: Cell) -> str:
-        assert cls.context is not None
-        return cls.context.run(cell)
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when the parent dies, so a killed ablation leaves no orphans."""
-    import ctypes
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def run_cells(todo: list[Cell], context: CellContext, workers: int, show: bool) -> None:
-    """Run the cells in this process, or in ``workers`` forked processes with one torch thread each.
-
-    Small heads on cached embeddings use a core far better one-per-process than two threads on one
-    model; a crash in a worker still leaves every finished cell on disk.
-    """
-    bar = tqdm(total=len(todo), desc="ablation", disable=not show, unit="cell")
-    if workers <= 1 or len(todo) <= 1:
-        for cell in todo:
-            context.run(cell)
-            bar.update()
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        pool = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("fork"), initializer=_Worker.start, initargs=(context,)
-        )
-        with pool:
-            for future in as_completed([pool.submit(_Worker.run, cell) for cell in todo]):
-                future.result()
-                bar.update()
-    bar.close()
-
-
 def shared_backbone(cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, show: bool) -> RunInputs | None:
     """One frozen backbone and its cached embeddings, shared by every image model of the ablation."""
-    if cfg.train.mode != "frozen" or not any(m != "metadata_only" for m in cfg.ablation.models):
+    if cfg.ablation.mode != "frozen" or not any(m != "metadata_only" for m in cfg.ablation.models):
         return None
     inputs = prepare_inputs(replace(cfg, model={"name": "image_only"}), ham, cell_splits(folds, 0, cfg.ablation.folds))
     inputs.embeddings(show=show)
@@ -237,7 +199,7 @@ def _check_same_ablation(out: Path, cfg: ExperimentConfig) -> None:
     """Refuse to run into a folder whose finished cells were computed with other settings (they would be replaced)."""
     if not (out / "config.toml").is_file() or not any((out / "cells").glob("*.json")):
         return
-    changed = differences(RunFolder(out).read_config(), cfg, ignore=("ablation.workers",))
+    changed = differences(RunFolder(out).read_config(), cfg, ignore=PLACEMENT)
     if changed:
         raise CheckpointError(
             f"{out}: holds an ablation with other settings ({'; '.join(changed[:4])}); re-running it there would "
@@ -249,6 +211,7 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
     """Run (or finish) the ablation configured in ``cfg`` and write results, summaries and plots to ``out``."""
     _check_models(cfg)
     resolve_device(cfg.train.device)
+    check_backend(cfg)
     out = Path(out)
     trained = RunFolder(out).trained_files()
     if trained:
@@ -257,7 +220,7 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
             "choose another --out"
         )
     ham = resolve_data(cfg, show)
-    cfg = replace(cfg, data={"root": str(ham.root)})
+    cfg = replace(cfg, data={"root": str(ham.root)}, train={"mode": cfg.ablation.mode})
     _check_same_ablation(out, cfg)
     folds = fold_assignment(ham.metadata, cfg.ablation.folds, cfg.data.split_seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -274,12 +237,14 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
     if show and len(todo) < len(cells):
         print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already done")
     t1 = time.perf_counter()
-    run_cells(todo, CellContext(cfg, ham, folds, shared, out), cfg.ablation.workers, show)
+    run_cells(todo, CellContext(cfg, ham, folds, shared, out), show)
     timing = {
         "embedding_seconds": round(embed_seconds, 2),
         "cells_seconds": round(time.perf_counter() - t1, 2),
         "cells_computed": len(todo),
         "cells_total": len(cells),
+        "backend": cfg.ablation.backend,
+        "mode": cfg.ablation.mode,
     }
     records = [read_json(out / "cells" / f"{c.name}.json") for c in cells]
     return write_summaries(records, cfg, ham, out, timing)

@@ -38,7 +38,7 @@ def bench_ablation(ctx: BenchContext) -> dict[str, Any]:
     out = ctx.work / "ablation"
     ctx.log(f"{len(cells)} ablation cells, {a.workers} worker process(es)")
     with measured() as grid_record:
-        run_cells(cells, CellContext(cfg, ctx.ham, folds, shared, out), a.workers, ctx.show)
+        run_cells(cells, CellContext(cfg, ctx.ham, folds, shared, out), ctx.show)
     records = [read_json(out / "cells" / f"{c.name}.json") for c in cells]
     figures = [
         figure(
