@@ -192,6 +192,7 @@ def shared_backbone(cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, show
         return None
     inputs = prepare_inputs(replace(cfg, model={"name": "image_only"}), ham, cell_splits(folds, 0, cfg.ablation.folds))
     inputs.embeddings(show=show)
+    inputs.cached_images = None  # frozen cells read embeddings only: never ship the image array to a worker
     return inputs
 
 
