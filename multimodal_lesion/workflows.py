@@ -38,7 +38,7 @@ def evaluate_run(
 
     evaluation = evaluate(run_dir, split, data, tta=tta, show=show)
     save_evaluation_figures(evaluation)
-    return evaluation.metrics, evaluation.folder / "metrics.json"
+    return evaluation.metrics, evaluation.folder.metrics_path
 
 
 def explain_run(

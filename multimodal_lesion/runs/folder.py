@@ -192,8 +192,13 @@ class RunFolder:
             writer.writeheader()
             writer.writerows(history)
 
+    @property
+    def metrics_path(self) -> Path:
+        """``metrics.json``: what a run (or one ``eval/<split>``) scored."""
+        return self.path / METRICS
+
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
-        return write_json(self.path / METRICS, metrics)
+        return write_json(self.metrics_path, metrics)
 
     def write_predictions(
         self, split: str, ids: Sequence[str], targets: Sequence[str], probs: np.ndarray, classes: Sequence[str]
@@ -270,13 +275,13 @@ class RunFolder:
 
     def read_metrics(self) -> dict[str, Any]:
         """``metrics.json``, or {} when the run has none yet."""
-        path = self.path / METRICS
+        path = self.metrics_path
         return _guarded(path, lambda p: _expect(read_json(p), dict, "a JSON object")) if path.is_file() else {}
 
     def read_temperature(self) -> float:
         """The temperature fitted on val (``metrics.json``), 1.0 when the run has none yet."""
         metrics = self.read_metrics()
-        return _guarded(self.path / METRICS, lambda p: _positive(metrics.get("temperature", 1.0), "temperature"))
+        return _guarded(self.metrics_path, lambda p: _positive(metrics.get("temperature", 1.0), "temperature"))
 
     def read_balanced(self) -> tuple[float, dict[str, float]] | None:
         """(temperature, bias per class) of the balanced decision in ``metrics.json``; None if it has none."""
@@ -293,7 +298,7 @@ class RunFolder:
                 c: _finite(bias[c], f"balanced_bias.{c}") for c in CLASSES
             }
 
-        return _guarded(self.path / METRICS, check)
+        return _guarded(self.metrics_path, check)
 
     def load_last(self) -> dict[str, Any]:
         """Everything needed to resume (``last.pt``); anything else is a CheckpointError."""

@@ -87,7 +87,7 @@ def balanced_scaling(run_dir: str | Path) -> tuple[float, np.ndarray]:
     balanced = folder.read_balanced()
     if balanced is None:
         raise CheckpointError(
-            f"{folder / 'metrics.json'}: no balanced decision in this run (trained before it "
+            f"{folder.metrics_path}: no balanced decision in this run (trained before it "
             "existed); retrain, or predict without --balanced"
         )
     temperature, bias = balanced
