@@ -154,10 +154,17 @@ def prepare_output(path: str | Path, *, kind: OutputKind, option: str, inputs: S
     elif not existing.is_dir():
         raise OutputError(f"{say}: {existing} is a file, so nothing can be created below it")
     folder = path if kind == "folder" else path.parent
-    created = [p for p in (*reversed(folder.parents), folder) if p not in existing.parents and p != existing]
+    missing = [p for p in (*reversed(folder.parents), folder) if p not in existing.parents and p != existing]
+    created: list[Path] = []
     try:
-        for level in created:
-            level.mkdir()
+        for level in missing:
+            try:
+                level.mkdir()
+            except FileExistsError:  # another process (a torchrun rank) made it meanwhile: not ours to remove
+                if not level.is_dir():
+                    raise
+                continue
+            created.append(level)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=f".mmlesion-probe.{os.getpid()}.", suffix=".tmp")
         os.close(fd)
         os.unlink(probe)

@@ -169,6 +169,32 @@ def test_a_failed_command_removes_the_folders_it_created(cli, tmp_path: Path) ->
     assert not (tmp_path / "new").exists()
 
 
+def _prepare_at(args: tuple[str, float]) -> str:
+    """Wait for the shared start time, then prepare ``path`` as an output folder; '' or the error."""
+    from multimodal_lesion.io import OutputError, prepare_output
+
+    path, start = args
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        prepare_output(path, kind="folder", option="--out")
+    except OutputError as exc:
+        return str(exc)
+    return ""
+
+
+def test_processes_preparing_the_same_new_folder_at_once_all_succeed(tmp_path: Path) -> None:
+    """torchrun's ranks all check ``--out``: one making the folder must not make another fail or remove it."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        for attempt in range(20):
+            out = tmp_path / f"try{attempt}" / "a" / "b"
+            start = time.time() + 0.3
+            errors = pool.map(_prepare_at, [(str(out), start)] * 4)
+            assert errors == [""] * 4
+            assert out.is_dir()
+
+
 # --- 2. config values: every range and set of choices checked when the config is loaded -------------
 
 
