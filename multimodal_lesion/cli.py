@@ -243,15 +243,15 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-@command("predict", "class probabilities of one image (+ optional patient fields) as JSON", _predict_args)
+@command(
+    "predict",
+    "class probabilities of one image (+ optional patient fields), its prediction sets and TTA spread, as JSON",
+    _predict_args,
+)
 def _predict(args: argparse.Namespace) -> int:
-    from .runs import predict_image
+    from .workflows import predict
 
-    print(
-        json.dumps(
-            predict_image(args.run, args.image, args.age, args.sex, args.localization, balanced=args.balanced), indent=2
-        )
-    )
+    print(json.dumps(predict(args.run, args.image, args.age, args.sex, args.localization, args.balanced), indent=2))
     return 0
 
 

@@ -30,6 +30,7 @@ Augment = Literal["none", "light", "strong"]
 Device = Literal["auto", "cpu", "cuda"]
 CamMethodName = Literal["gradcam", "gradcam++", "hirescam", "scorecam"]
 AblationBackend = Literal["local", "ray"]
+ConformalScore = Literal["aps", "raps", "lac"]
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,8 @@ class TrainConfig:
     channels_last: bool = False  # channels-last memory format (GPU)
     threads: Count = 0  # torch CPU threads; 0 = torch's default
     ema_decay: Probability0 = 0.0  # >0: validate, keep and save an exponential moving average of the weights
+    meta_dropout: Probability0 = 0.0  # training: each patient feature of an image read as missing with this probability
+    meta_dropout_all: Probability0 = 0.0  # training: all patient features of an image read as missing at once
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,16 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class UncertaintyConfig:
+    conformal_score: ConformalScore = "aps"  # aps | raps | lac: MAPIE's conformity score of the prediction sets
+    class_conditional: bool = True  # Mondrian by true class: each class covered, rare ones (df, vasc) too
+    levels: Annotated[tuple[Share, ...], Distinct()] = (0.90, 0.95)  # target coverages of the prediction sets
+    defer: Annotated[tuple[Share, ...], Distinct()] = (0.10, 0.20)  # shares of least-confident cases deferred
+    key_sensitivity: Share = 0.95  # melanoma sensitivity the triage threshold keeps (fitted on val)
+    bootstrap: Count = 200  # lesion-bootstrap resamples of the subgroup gaps' intervals; 0 = no interval
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -192,6 +205,7 @@ class ExperimentConfig:
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
 
 
 @dataclass(frozen=True)

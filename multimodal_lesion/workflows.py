@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import ExperimentConfig
 
 
@@ -69,3 +71,39 @@ def explain_run(
         per = ", ".join(f"{name} {v / k:.3f}" for name, v in cohort.timings.items())
         print(f"explained {k} cases in {total:.1f} s ({total / k:.2f} s per case; per case: {per})")
     return index
+
+
+def predict(
+    run_dir: str | Path,
+    image: str | Path,
+    age: float | str | None = None,
+    sex: str | None = None,
+    localization: str | None = None,
+    balanced: bool = False,
+) -> dict[str, Any]:
+    """One image's probabilities, its conformal prediction sets and the spread of its flipped views.
+
+    The sets are calibrated on the run's validation predictions (``predictions_val.csv``) as
+    configured in ``[uncertainty]``; they hold the true class with the target probability.
+    """
+    from .runs import RunFolder, predict_case
+    from .training.uncertainty import ConformalSets, tta_spread
+
+    folder = RunFolder(run_dir)
+    prediction = predict_case(run_dir, image, age, sex, localization, balanced)
+    u = folder.read_config().uncertainty
+    y_val, p_val = folder.read_predictions("val")
+    classes = list(prediction.probs)
+    probs = np.asarray([list(prediction.probs.values())])
+    if balanced:  # the sets are calibrated on the calibrated probabilities, not the balanced ones
+        probs = np.asarray([list(predict_case(run_dir, image, age, sex, localization).probs.values())])
+    sets = ConformalSets(u.conformal_score, u.levels, u.class_conditional).fit(p_val, y_val).predict(probs)[0]
+    views = prediction.view_probs
+    return {
+        "probabilities": prediction.probs,
+        "prediction_sets": {
+            f"{lv:.2f}": [c for c, keep in zip(classes, sets[:, k], strict=True) if keep]
+            for k, lv in enumerate(u.levels)
+        },
+        "tta_spread": round(float(tta_spread(views[:, None, :])[0]), 6) if len(views) else None,
+    }

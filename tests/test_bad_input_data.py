@@ -161,7 +161,7 @@ def hurried_run(
 def unknown_patient(cli, hurried_run: tuple[Path, subprocess.CompletedProcess], hurried_ham: Path) -> dict[str, float]:
     """What the run predicts for ISIC_0024306 with every patient field left out (unknown)."""
     proc = cli("predict", "--run", hurried_run[0], "--image", image_path(hurried_ham, "ISIC_0024306"))
-    return json.loads(cli.ok(proc).stdout)
+    return json.loads(cli.ok(proc).stdout)["probabilities"]
 
 
 def test_train_prints_the_reader_notes_and_keeps_every_row(
@@ -230,7 +230,7 @@ def test_category_unseen_in_training_is_a_note(
     image = image_path(hurried_ham, "ISIC_0024306")
     acral = cli.ok(cli("predict", "--run", run, "--image", image, "--localization", "acral"))
     assert_notes_once(acral, [expected])
-    assert json.loads(acral.stdout) == unknown_patient  # encoded exactly as unknown
+    assert json.loads(acral.stdout)["probabilities"] == unknown_patient  # encoded exactly as unknown
 
 
 # --- 8. the folder scan: links that loop or lead nowhere are skipped, and said --------------------------------
@@ -550,7 +550,7 @@ def test_predict_takes_every_age_the_csv_takes(
 ) -> None:
     image = image_path(hurried_ham, "ISIC_0024306")
     proc = cli.ok(cli("predict", "--run", hurried_run[0], "--image", image, "--age", value))
-    assert cli.notes(proc) == [] and abs(sum(json.loads(proc.stdout).values()) - 1) < 1e-4
+    assert cli.notes(proc) == [] and abs(sum(json.loads(proc.stdout)["probabilities"].values()) - 1) < 1e-4
 
 
 @pytest.mark.parametrize(
@@ -577,7 +577,7 @@ def test_predict_reads_an_unrecognised_category_as_unknown_with_a_note(
         )
     ]
     assert "Warning" not in proc.stderr
-    assert json.loads(proc.stdout) == unknown_patient  # encoded exactly as unknown
+    assert json.loads(proc.stdout)["probabilities"] == unknown_patient  # encoded exactly as unknown
 
 
 @pytest.mark.parametrize("size", [(1, 1), (15, 200)])
@@ -593,7 +593,7 @@ def test_predict_takes_an_image_of_the_minimum_side(
     cli, hurried_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
 ) -> None:
     proc = cli.ok(cli("predict", "--run", hurried_run[0], "--image", save_image(tmp_path / "small.png", (16, 16))))
-    assert len(json.loads(proc.stdout)) == 7
+    assert len(json.loads(proc.stdout)["probabilities"]) == 7
 
 
 @pytest.mark.parametrize("kind", ["empty file", "folder", "missing"])

@@ -311,7 +311,7 @@ def test_odd_image_mode_predicts(cli, concat_run: Path, tmp_path: Path, mode: st
     image = write_odd_image(tmp_path / f"case_{mode.replace('-', '')}", mode, seed=10)
     proc = cli("predict", "--run", concat_run, "--image", image, "--age", 55, "--sex", "female")
     cli.ok(proc)
-    probs = json.loads(proc.stdout)
+    probs = json.loads(proc.stdout)["probabilities"]
     assert len(probs) == 7 and abs(sum(probs.values()) - 1) < 1e-4 and all(np.isfinite(list(probs.values())))
 
 

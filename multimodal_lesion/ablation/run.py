@@ -28,6 +28,7 @@ from ..models import list_models
 from ..runs import (
     RunFolder,
     RunInputs,
+    class_targets,
     predict_logits,
     prepare_inputs,
     resolve_data,
@@ -57,12 +58,14 @@ class Cell:
 
 #: Settings that say where and on how many workers the cells run, not what they compute.
 PLACEMENT = ("ablation.workers", "ablation.backend", "ray")
+#: Settings that only change the summaries drawn from finished cells (never a cell's content).
+SUMMARY_ONLY = ("uncertainty",)
 
 
 def config_key(cfg: ExperimentConfig) -> str:
     """What a finished cell depends on: the whole config except where and how many workers ran it."""
     raw = to_dict(cfg)
-    for item in PLACEMENT:
+    for item in (*PLACEMENT, *SUMMARY_ONLY):
         section, _, key = item.partition(".")
         raw[section].pop(key) if key else raw.pop(section)
     return cache_key(raw)
@@ -100,10 +103,14 @@ def _check_models(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"ablation.baseline: {cfg.ablation.baseline!r} is not one of ablation.models")
 
 
+#: Per split (val, test): the row numbers and the predicted probabilities of a cell.
+Scored = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
 def _train_neural(
     cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, shared: RunInputs | None, out: Path
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train one registered model for a cell; returns (test rows, test targets, test probabilities).
+) -> Scored:
+    """Train one registered model for a cell; returns its val and test rows with their probabilities.
 
     A frozen cell trains its head in memory on the shared embeddings. An end-to-end cell is a full
     training run with its own run folder (``OUT/runs/<cell>``: checkpoints each epoch), so a killed
@@ -120,29 +127,34 @@ def _train_neural(
         )
     train_model(inputs, folder, resume=folder is not None and folder.has_last(), show=False)
     tta = cfg.ablation.mode == "end2end" and cfg.train.tta
-    logits, y, _ = predict_logits(inputs.model, inputs.batches("test", train=False), inputs.device, tta=tta)
-    return inputs.indices("test"), y, torch.softmax(torch.from_numpy(logits), 1).numpy()
+    probs = {}
+    for split in ("val", "test"):
+        logits, _, _ = predict_logits(inputs.model, inputs.batches(split, train=False), inputs.device, tta=tta)
+        probs[split] = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    return {split: (inputs.indices(split), p) for split, p in probs.items()}
 
 
-def _train_gbm(
-    cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _train_gbm(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame) -> Scored:
     """Gradient boosting on the encoded patient features: the non-neural floor."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     from ..data.encoder import MetadataEncoder
 
     split = splits["split"].to_numpy()
-    train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    train = np.flatnonzero(split == "train")
     encoder = MetadataEncoder().fit(ham.metadata.iloc[train])
     x = encoder.transform(ham.metadata)
     y = ham.metadata["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
     gbm = HistGradientBoostingClassifier(
         max_iter=200, learning_rate=0.05, class_weight="balanced", random_state=cell.seed
     ).fit(x[train], y[train])
-    probs = np.zeros((len(test), len(CLASSES)))
-    probs[:, gbm.classes_] = gbm.predict_proba(x[test])
-    return test, y[test], probs
+    out = {}
+    for name in ("val", "test"):
+        rows = np.flatnonzero(split == name)
+        probs = np.zeros((len(rows), len(CLASSES)))
+        probs[:, gbm.classes_] = gbm.predict_proba(x[rows])
+        out[name] = (rows, probs)
+    return out
 
 
 def run_cell(
@@ -152,19 +164,23 @@ def run_cell(
     t0 = time.perf_counter()
     splits = cell_splits(folds, cell.fold, cfg.ablation.folds)
     if cell.model == GBM:
-        rows, y, probs = _train_gbm(cell, cfg, ham, splits)
+        scored = _train_gbm(cell, cfg, ham, splits)
     else:
-        rows, y, probs = _train_neural(cell, cfg, ham, splits, shared, out)
+        scored = _train_neural(cell, cfg, ham, splits, shared, out)
+    (rows, probs), (val_rows, val_probs) = scored["test"], scored["val"]
     lesions = ham.metadata["lesion_id"].to_numpy()[rows]
-    metrics = classification_metrics(y, probs, lesion_ids=lesions)
+    metrics = classification_metrics(class_targets(ham.metadata)[rows], probs, lesion_ids=lesions)
+    ids = ham.metadata["image_id"].to_numpy()
     return {
         "model": cell.model,
         "fold": cell.fold,
         "seed": cell.seed,
         "seconds": time.perf_counter() - t0,
         "metrics": metrics,
-        "image_ids": ham.metadata["image_id"].to_numpy()[rows].tolist(),
+        "image_ids": ids[rows].tolist(),
         "probs": np.round(probs, 6).tolist(),
+        "val_image_ids": ids[val_rows].tolist(),  # the stopping fold: calibrates conformal sets of the ensembles
+        "val_probs": np.round(val_probs, 6).tolist(),
     }
 
 
@@ -200,7 +216,7 @@ def _check_same_ablation(out: Path, cfg: ExperimentConfig) -> None:
     """Refuse to run into a folder whose finished cells were computed with other settings (they would be replaced)."""
     if not (out / "config.toml").is_file() or not any((out / "cells").glob("*.json")):
         return
-    changed = differences(RunFolder(out).read_config(), cfg, ignore=PLACEMENT)
+    changed = differences(RunFolder(out).read_config(), cfg, ignore=(*PLACEMENT, *SUMMARY_ONLY))
     if changed:
         raise CheckpointError(
             f"{out}: holds an ablation with other settings ({'; '.join(changed[:4])}); re-running it there would "

@@ -12,6 +12,7 @@ from ..data.constants import CLASSES
 from ..data.ham10000 import Ham10000
 from ..io import atomic_write, write_json
 from ..training.stats import corrected_ttest, paired_comparison, summarise
+from .ensembles import ensemble_comparison, ensemble_frame, ensemble_markdown
 from .subgroups import write_subgroups
 
 HEADLINE = ("balanced_accuracy", "macro_auroc", "melanoma_auroc", "ece")
@@ -174,6 +175,14 @@ def write_summaries(
     paths["plot_per_class"] = plot_per_class_sensitivity(
         sens.assign(**{"class": sens.metric.str.removeprefix("sensitivity_")}), out / "per_class_sensitivity.png"
     )
-    paths.update(write_subgroups(records, ham, out))
+    paths.update(write_subgroups(records, ham, out, cfg.uncertainty.bootstrap))
+    ensembles = ensemble_frame(records, ham, cfg)
+    if not ensembles.empty:
+        paths["ensembles"] = _csv(ensembles, out / "ensembles.csv")
+        compared = ensemble_comparison(ensembles, cfg.ablation.bootstrap)
+        paths["ensemble_comparison"] = _csv(compared, out / "ensemble_comparison.csv")
+        with atomic_write(out / "ensembles.md") as fh:
+            fh.write(ensemble_markdown(compared, cfg))
+        paths["ensembles_md"] = out / "ensembles.md"
     write_json(out / "timing.json", timing)
     return paths

@@ -7,6 +7,7 @@ label away) cannot leak into a model through this encoder.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,30 @@ class MetadataEncoder(TransformerMixin, BaseEstimator):
         names = ["age_z", "age_missing"]
         names += [f"{column}={c}" for column, cats in self.categories_.items() for c in cats]
         return np.asarray(names, dtype=object)
+
+    def missing_row(self) -> np.ndarray:
+        """The encoding of a patient with every feature missing: age at the mean + flag, every category unknown."""
+        check_is_fitted(self, "categories_")
+        row = np.zeros(len(self.get_feature_names_out()), dtype=np.float32)
+        row[1] = 1.0  # age_missing
+        start = 2
+        for cats in self.categories_.values():
+            row[start + cats.index(UNKNOWN)] = 1.0
+            start += len(cats)
+        return row
+
+    def blank(self, meta: np.ndarray, features: Sequence[str]) -> np.ndarray:
+        """A copy of encoded rows ``meta`` with the patient ``features`` (e.g. ``["age"]``) read as missing."""
+        check_is_fitted(self, "categories_")
+        unknown = [f for f in features if f not in self.feature_groups_]
+        if unknown:
+            raise DataError(f"MetadataEncoder: unknown patient feature(s) {', '.join(map(repr, unknown))}")
+        out = np.array(meta, dtype=np.float32, copy=True)
+        missing = self.missing_row()
+        for feature in features:
+            columns = self.feature_groups_[feature]
+            out[:, columns] = missing[columns]
+        return out
 
     def to_json(self) -> dict[str, Any]:
         """Parameters and learned attributes as plain JSON (a run folder's ``encoder.json``; no pickle)."""

@@ -121,3 +121,20 @@ def _shown(value: object, limit: int = 60) -> str:
         return f"'{float(value):g}'"
     text = repr(str(value))
     return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+#: Age bands of the subgroup audit: (low, high, name), ``low <= age < high``.
+AGE_BANDS = ((0, 30, "<30"), (30, 50, "30-50"), (50, 70, "50-70"), (70, 200, ">=70"))
+
+
+def age_band(age: pd.Series) -> pd.Series:
+    """Age bands <30, 30-50, 50-70, >=70 and 'unknown' for a missing age."""
+    bands = pd.Series("unknown", index=age.index, dtype=object)
+    for low, high, name in AGE_BANDS:
+        bands[(age >= low) & (age < high)] = name
+    return bands
+
+
+def subgroup_attributes(metadata: pd.DataFrame) -> dict[str, pd.Series]:
+    """The patient attributes a model is audited over, one value per image: sex, age band, localization."""
+    return {"sex": metadata["sex"], "age_band": age_band(metadata["age"]), "localization": metadata["localization"]}

@@ -72,3 +72,54 @@ class TensorBatches:
             batch: dict[str, Any] = {k: v[idx] for k, v in self.tensors.items()}
             batch["image_id"] = [self.image_ids[i] for i in idx.tolist()]
             yield batch
+
+
+class MetaDropout:
+    """Training batches in which patient features are read as missing at random (robustness to absent metadata).
+
+    Each feature of each image is replaced by its "missing" encoding with probability ``p_each``, and all
+    of an image's features at once with probability ``p_all``, so that a model learns to predict from the
+    image alone when a user has no metadata. The draws are a pure function of (seed, epoch), like the order.
+
+    Args:
+        batches: the training batches (anything with ``set_epoch`` and ``__len__``) whose ``"meta"`` is encoded.
+        missing_row: the encoding of a patient with every feature missing (``MetadataEncoder.missing_row``).
+        groups: feature -> its encoded columns (``MetadataEncoder.feature_groups_``).
+    """
+
+    def __init__(
+        self,
+        batches: Any,
+        missing_row: np.ndarray,
+        groups: dict[str, list[int]],
+        p_each: float,
+        p_all: float,
+        seed: int,
+    ) -> None:
+        self.batches, self.missing_row, self.groups = batches, torch.from_numpy(missing_row), groups
+        self.p_each, self.p_all, self.seed, self.epoch = p_each, p_all, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        for batch in self.batches:
+            n = len(batch["meta"])
+            drop = (rng.random((n, len(self.groups))) < self.p_each) | (rng.random((n, 1)) < self.p_all)
+            yield {**batch, "meta": self._dropped(batch["meta"], drop)} if drop.any() else batch
+
+    def _dropped(self, meta: torch.Tensor, drop: np.ndarray) -> torch.Tensor:
+        """``meta`` with the encoded columns of each dropped (image, feature) set to the missing encoding."""
+        meta = meta.clone()
+        missing = self.missing_row.to(meta.dtype)
+        for j, columns in enumerate(self.groups.values()):
+            rows = torch.from_numpy(np.flatnonzero(drop[:, j]))
+            if len(rows):
+                cols = torch.as_tensor(columns)
+                meta[rows[:, None], cols] = missing[cols]
+        return meta

@@ -10,6 +10,7 @@ from .folder import RunFolder, library_versions, write_provenance
 from .inputs import (
     EpochLoader,
     RunInputs,
+    class_targets,
     inputs_from_config,
     make_splits,
     prepare_inputs,
@@ -19,15 +20,17 @@ from .inputs import (
     synthetic_root,
 )
 from .load import LoadedRun, balanced_scaling, load_model, load_run
-from .predict import predict_image, predict_logits, to_device
+from .predict import CasePrediction, predict_case, predict_image, predict_logits, to_device
 
 __all__ = [
+    "CasePrediction",
     "EpochLoader",
     "LoadedRun",
     "RunFolder",
     "RunInputs",
     "balanced_scaling",
     "cached_embeddings",
+    "class_targets",
     "compute_embeddings",
     "inputs_from_config",
     "library_versions",
@@ -36,6 +39,7 @@ __all__ = [
     "load_model_state",
     "load_run",
     "make_splits",
+    "predict_case",
     "predict_image",
     "predict_logits",
     "prepare_inputs",

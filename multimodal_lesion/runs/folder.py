@@ -300,6 +300,13 @@ class RunFolder:
 
         return _guarded(self.metrics_path, check)
 
+    def read_predictions(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(class indices, calibrated probabilities) of ``predictions_<split>.csv``; a DataError names a bad file."""
+        path = self.path / f"predictions_{split}.csv"
+        if not path.is_file():
+            raise DataError(f"{path}: missing (evaluate the run on {split} first)")
+        return _guarded(path, _read_predictions)
+
     def load_last(self) -> dict[str, Any]:
         """Everything needed to resume (``last.pt``); anything else is a CheckpointError."""
         ckpt = load_checkpoint(self.path / LAST)
@@ -343,6 +350,21 @@ def _positive(value: Any, key: str) -> float:
     if _finite(value, key) <= 0:
         raise ValueError(f"{key}: expected a number > 0, got {value!r}")
     return float(value)
+
+
+def _read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    frame = pd.read_csv(path)
+    columns = [f"p_{c}" for c in CLASSES]
+    absent = [c for c in ["target", *columns] if c not in frame.columns]
+    if absent:
+        raise ValueError(f"no column(s) {', '.join(absent)}")
+    unknown = sorted(set(frame["target"]) - set(CLASSES))
+    if unknown:
+        raise ValueError(f"unknown class(es) {', '.join(map(str, unknown[:5]))} in column 'target'")
+    probs = frame[columns].to_numpy(np.float64)
+    if not np.isfinite(probs).all():
+        raise ValueError("probabilities that are not finite numbers")
+    return frame["target"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(np.int64), probs
 
 
 def _read_splits(path: Path) -> pd.DataFrame:

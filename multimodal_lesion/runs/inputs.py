@@ -23,7 +23,7 @@ from ..data.constants import CLASSES
 from ..data.datasets import LesionDataset, Normalize, NormalizingCollate, build_augmentation
 from ..data.encoder import MetadataEncoder
 from ..data.ham10000 import Ham10000, read_ham10000
-from ..data.sampling import EpochSampler, TensorBatches
+from ..data.sampling import EpochSampler, MetaDropout, TensorBatches
 from ..data.splits import split_lesions
 from ..data.synthetic import make_synthetic
 from ..errors import ConfigError, Note, note
@@ -165,8 +165,23 @@ class RunInputs:
 
     def batches(
         self, split: str, *, train: bool, show: bool = True, rank: int = 0, world_size: int = 1
+    ) -> TensorBatches | EpochLoader | MetaDropout:
+        """Dict batches of one split: cached embeddings (frozen) or augmented images (end2end).
+
+        Training batches of a model that reads metadata go through :class:`MetaDropout` when
+        ``train.meta_dropout`` or ``train.meta_dropout_all`` is set.
+        """
+        batches = self._batches(split, train=train, show=show, rank=rank, world_size=world_size)
+        t = self.cfg.train
+        if not train or not (t.meta_dropout or t.meta_dropout_all) or self.model.meta_branch is None:
+            return batches
+        groups = self.encoder.feature_groups_
+        return MetaDropout(batches, self.encoder.missing_row(), groups, t.meta_dropout, t.meta_dropout_all, t.seed)
+
+    def _batches(
+        self, split: str, *, train: bool, show: bool = True, rank: int = 0, world_size: int = 1
     ) -> TensorBatches | EpochLoader:
-        """Dict batches of one split: cached embeddings (frozen) or augmented images (end2end)."""
+        """The batches of :meth:`batches` before metadata dropout."""
         t = self.cfg.train
         idx = self.indices(split)
         weights = None

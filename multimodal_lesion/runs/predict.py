@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from ..data.datasets import Normalize
 from ..data.ham10000 import load_rgb
 from ..data.patient import read_patient
 from ..errors import note
-from ..models import embed_images
+from ..models import FLIPS, embed_images
 from .load import balanced_scaling, load_model
 
 
@@ -49,7 +50,14 @@ def predict_logits(
     return torch.cat(logits).numpy(), torch.cat(targets).numpy(), ids
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class CasePrediction:
+    """One case's prediction: the probabilities shown and those of each flipped view (the TTA spread)."""
+
+    probs: dict[str, float]
+    view_probs: np.ndarray  # (views, classes): the image and its flips (models.FLIPS); (0, C) without image
+
+
 def predict_image(
     run_dir: str | Path,
     image: str | Path,
@@ -68,6 +76,19 @@ def predict_image(
     ``balanced`` gives the probabilities of the balanced decision instead (uniform class prior,
     fitted on val; their arg-max is the decision the run's balanced accuracy was scored on).
     """
+    return predict_case(run_dir, image, age, sex, localization, balanced).probs
+
+
+@torch.no_grad()
+def predict_case(
+    run_dir: str | Path,
+    image: str | Path,
+    age: float | str | None = None,
+    sex: str | None = None,
+    localization: str | None = None,
+    balanced: bool = False,
+) -> CasePrediction:
+    """:func:`predict_image` with the probabilities of each flipped view of the image as well."""
     row = read_patient(age, sex, localization)
     picture = load_rgb(image)
     cfg, encoder, model, temperature = load_model(run_dir)
@@ -76,14 +97,20 @@ def predict_image(
         temperature, bias = balanced_scaling(run_dir)
     device = next(model.parameters()).device
     meta = torch.from_numpy(encoder.transform(row).astype(np.float32)).to(device)
-    embedding = None
-    if model.image_branch is not None:
+    offset = torch.from_numpy(bias).to(device)
+
+    def probs_of(embedding: torch.Tensor | None) -> np.ndarray:
+        logits = model.forward_head(embedding, meta.expand(len(embedding) if embedding is not None else 1, -1))
+        return torch.softmax((logits / temperature + offset).float(), 1).cpu().numpy()
+
+    if model.image_branch is None:
+        note(f"model '{cfg.model.name}' does not look at the image: its prediction comes from the patient fields")
+        shown, views = probs_of(None)[0], np.zeros((0, len(CLASSES)))
+    else:
         pixels = torch.from_numpy(resized(picture, cfg.data.image_size)).permute(2, 0, 1)
         dc = model.image_branch.data_config
         x = Normalize(dc["mean"], dc["std"])(pixels).unsqueeze(0).to(device)
-        embedding = embed_images(model.image_branch, x, cfg.train.flip_average and cfg.train.mode == "frozen")
-    else:
-        note(f"model '{cfg.model.name}' does not look at the image: its prediction comes from the patient fields")
-    logits = model.forward_head(embedding, meta) / temperature + torch.from_numpy(bias).to(device)
-    probs = torch.softmax(logits.float(), 1)[0].cpu().numpy()
-    return {c: round(float(p), 6) for c, p in zip(CLASSES, probs, strict=True)}
+        shown = probs_of(embed_images(model.image_branch, x, cfg.train.flip_average and cfg.train.mode == "frozen"))[0]
+        flipped = torch.cat([x.flip(d) if d else x for d in FLIPS])
+        views = probs_of(embed_images(model.image_branch, flipped, False))
+    return CasePrediction({c: round(float(p), 6) for c, p in zip(CLASSES, shown, strict=True)}, views)

@@ -15,12 +15,16 @@ import torch
 
 from ..config import ExperimentConfig
 from ..data.constants import CLASSES
+from ..data.patient import subgroup_attributes
 from ..models import model_description
 from ..runs import RunFolder, RunInputs, inputs_from_config, load_run, predict_logits, resolve_device
+from .audit import subgroup_audit
 from .calibration import BalancedScaler, TemperatureScaler
 from .distributed import DistInfo, finish, init_distributed, main_first, wrap_model
 from .engine import FitResult, class_weights, fit
-from .metrics import classification_metrics
+from .metrics import MELANOMA, classification_metrics
+from .robustness import missing_metadata_scores
+from .uncertainty import uncertainty_summary
 
 
 @dataclass(frozen=True)
@@ -100,9 +104,44 @@ def evaluate(
             "calibrated": classification_metrics(y, cal, lesion_ids=lesions[rows]),
             "balanced": classification_metrics(y, balanced.transform(z), lesion_ids=lesions[rows]),
         }
+        if split != "val":  # the sets and thresholds are fitted on val: scoring them there says nothing
+            val = (logits["val"][1], scaler.transform(logits["val"][0]))
+            results[split].update(trust_report(inputs, split, val, (y, cal), balanced))
         scores[split] = SplitScores(split, ids, y, raw, cal)
         folder.write_predictions(split, ids, [CLASSES[i] for i in y], cal, CLASSES)
     return Evaluation(folder, results, scores)
+
+
+def trust_report(
+    inputs: RunInputs,
+    split: str,
+    val: tuple[np.ndarray, np.ndarray],
+    scored: tuple[np.ndarray, np.ndarray],
+    balanced: BalancedScaler,
+) -> dict[str, Any]:
+    """When not to trust the run on ``split``: conformal sets and deferral (calibrated on val), the
+    subgroup audit, and the metrics with patient features absent (models that read metadata)."""
+    u = inputs.cfg.uncertainty
+    rows = inputs.indices(split)
+    meta = inputs.ham.metadata.iloc[rows]
+    key = CLASSES.index(MELANOMA)
+    return {
+        "uncertainty": uncertainty_summary(
+            val,
+            scored,
+            CLASSES,
+            MELANOMA,
+            score=u.conformal_score,
+            levels=u.levels,
+            class_conditional=u.class_conditional,
+            defer=u.defer,
+            key_sensitivity=u.key_sensitivity,
+        ),
+        "subgroups": subgroup_audit(
+            scored[0], scored[1], subgroup_attributes(meta), meta["lesion_id"].to_numpy(), key, n_boot=u.bootstrap
+        ),
+        "missing_metadata": missing_metadata_scores(inputs, split, balanced.transform),
+    }
 
 
 def train_run(

@@ -1,0 +1,80 @@
+"""What-if for the patient features: a case's prediction across each feature's possible values.
+
+For one case, every value of one feature is substituted while the image and the other features stay
+as they are: age from 0 to 90 (an individual conditional expectation curve, ICE), each sex, each
+localization (each value of each feature the encoder declares). Cheap: the image embedding is
+computed once and only the fusion head runs again. The probabilities are the run's calibrated ones
+(the same temperature as the displayed prediction), so the curve passes through the shown value at
+the case's own age.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.encoder import MetadataEncoder
+from ..models import LesionModel
+
+#: Ages of the ICE curve (years).
+AGES: tuple[float, ...] = tuple(float(a) for a in range(0, 91, 5))
+
+
+@dataclass(frozen=True)
+class WhatIf:
+    """One case's probabilities (of every class) for each value of each patient feature."""
+
+    classes: list[str]
+    values: dict[str, list[str]] = field(default_factory=dict)  # feature -> values tried (ages as text)
+    probs: dict[str, list[list[float]]] = field(default_factory=dict)  # feature -> one row of probs per value
+    observed: dict[str, str] = field(default_factory=dict)  # feature -> the case's own value
+
+    def curve(self, feature: str, cls: str) -> list[float]:
+        """The probability of ``cls`` across the values of ``feature``."""
+        k = self.classes.index(cls)
+        return [row[k] for row in self.probs[feature]]
+
+    def to_json(self) -> dict[str, object]:
+        return {"classes": self.classes, "values": self.values, "probs": self.probs, "observed": self.observed}
+
+
+def feature_values(encoder: MetadataEncoder, ages: Sequence[float] = AGES) -> dict[str, list[object]]:
+    """The values tried per feature: ``ages`` for age, each fitted category (unknown included) otherwise."""
+    out: dict[str, list[object]] = {"age": list(ages)}
+    out.update({column: list(cats) for column, cats in encoder.categories_.items()})
+    return out
+
+
+@torch.no_grad()
+def what_if(
+    model: LesionModel,
+    encoder: MetadataEncoder,
+    patient: pd.DataFrame,
+    embedding: torch.Tensor | None,
+    temperature: float,
+    classes: Sequence[str],
+    ages: Sequence[float] = AGES,
+) -> WhatIf:
+    """The case's calibrated probabilities for every value of every feature (the others held fixed).
+
+    Args:
+        patient: the case's raw patient row (one-row DataFrame with the encoder's columns).
+        embedding: the case's image embedding (1, D) as the model sees it; None for metadata-only models.
+    """
+    device = next(model.parameters()).device
+    result = WhatIf(list(classes))
+    for feature, values in feature_values(encoder, ages).items():
+        rows = pd.concat([patient] * len(values), ignore_index=True)
+        rows[feature] = values
+        meta = torch.from_numpy(encoder.transform(rows).astype(np.float32)).to(device)
+        image = None if embedding is None else embedding.expand(len(values), -1)
+        probs = torch.softmax(model.forward_head(image, meta).float() / temperature, 1).cpu().numpy()
+        result.values[feature] = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
+        result.probs[feature] = np.round(probs, 6).tolist()
+        own = patient[feature].iloc[0]
+        result.observed[feature] = "unknown" if pd.isna(own) else (f"{own:g}" if isinstance(own, float) else str(own))
+    return result
