@@ -87,6 +87,7 @@ def test_run_folder_is_complete(frozen_run: tuple[Path, dict]) -> None:
         "figures/confusion_test.png",
         "figures/roc_test.png",
         "figures/reliability_test.png",
+        "figures/risk_coverage_test.png",
     ):
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.tmp")), "a temp file was left behind"

@@ -15,6 +15,7 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
+from multimodal_lesion.data.constants import CLASSES as CLASSES
 from multimodal_lesion.data.encoder import MetadataEncoder
 from multimodal_lesion.data.patient import read_patient
 from multimodal_lesion.data.sampling import EpochSampler, MetaDropout, TensorBatches
@@ -229,7 +230,6 @@ def test_predict_prints_nested_sets_and_the_spread_of_flipped_views(cli, end2end
 
 
 def test_the_what_if_curve_passes_through_the_shown_prediction(end2end_run) -> None:
-    from multimodal_lesion.data.constants import CLASSES
     from multimodal_lesion.explain.whatif import what_if
     from multimodal_lesion.runs import load_run
 
@@ -247,3 +247,43 @@ def test_the_what_if_curve_passes_through_the_shown_prediction(end2end_run) -> N
     assert np.allclose(result.probs["age"][at_45], shown, atol=1e-5)
     assert set(result.values["sex"]) == set(inputs.encoder.categories_["sex"])
     assert len(result.probs["localization"]) == len(inputs.encoder.categories_["localization"])
+
+
+# --- an ablation's seeds as an ensemble ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_ablation_scores_the_ensemble_of_its_seeds_against_each_seed(tiny_ham_factory, tmp_path: Path) -> None:
+    from multimodal_lesion.ablation import run_ablation
+    from multimodal_lesion.config import load_config
+
+    data = tiny_ham_factory(tmp_path / "ham", n_lesions=60)
+    pairs = [
+        f'data.root="{data}"',
+        'model.backbone="test_resnet"',
+        'model.weights="none"',
+        "data.image_size=[48, 64]",
+        'data.cache_dir="' + str(tmp_path / "cache") + '"',
+        "train.epochs=3",
+        'train.device="cpu"',
+        "ablation.folds=3",
+        "ablation.seeds=[0, 1]",
+        'ablation.models=["image_only", "concat"]',
+        "ablation.gbm=false",
+        "ablation.workers=1",
+        "ablation.bootstrap=200",
+    ]
+    out = tmp_path / "ablation"
+    paths = run_ablation(load_config(None, pairs), out, show=False)
+    frame = pd.read_csv(paths["ensembles"])
+    assert len(frame[frame.kind == "ensemble"]) == 2 * 3 and len(frame[frame.kind == "member"]) == 2 * 3 * 2
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    targets = pd.read_csv(out / "folds.csv").set_index("image_id")["dx"]
+    a, b = cells["concat__fold1__seed0"], cells["concat__fold1__seed1"]
+    mean = (np.asarray(a["probs"]) + np.asarray(b["probs"])) / 2
+    y = targets.reindex(a["image_ids"]).map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    row = frame[(frame.model == "concat") & (frame.fold == 1) & (frame.kind == "ensemble")].iloc[0]
+    assert row["accuracy"] == pytest.approx(float((mean.argmax(1) == y).mean()))
+    compared = pd.read_csv(paths["ensemble_comparison"])
+    assert set(compared.metric) >= {"accuracy", "nll", "ece", "set_size"} and (compared["n"] == 3).all()
+    assert "single seed" in Path(paths["ensembles_md"]).read_text()

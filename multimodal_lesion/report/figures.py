@@ -19,6 +19,7 @@ import numpy as np
 from ..data.constants import CLASS_NAMES, CLASSES
 from ..io import atomic_write
 from ..training.metrics import expected_calibration_error, reliability_curve
+from ..training.uncertainty import risk_coverage
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -102,6 +103,29 @@ def plot_reliability(y_true: Any, probs: Any, path: str | Path, bins: int = 15) 
     top.legend(loc="upper left", fontsize=8)
     bottom.bar(curve.centers, curve.counts, width=width, edgecolor="black", color="tab:grey")
     bottom.set(xlabel="Confidence (top-1 probability)", ylabel="Images")
+    return save_figure(fig, path)
+
+
+def plot_risk_coverage(y_true: Any, probs: Any, path: str | Path, deferred: Sequence[float] = (0.1, 0.2)) -> Path:
+    """Risk (error of the kept cases) against coverage as the least confident are deferred, with the oracle."""
+    rc = risk_coverage(np.asarray(y_true), np.asarray(probs))
+    coverage, risk = np.asarray(rc["coverage"]), np.asarray(rc["risk"])
+    errors = np.sort(np.asarray(probs).argmax(1) != np.asarray(y_true))
+    oracle = np.cumsum(errors) / np.arange(1, len(errors) + 1)
+    fig = new_figure((6, 4.5))
+    ax = fig.subplots()
+    ax.plot(coverage, risk, color="tab:blue", label=f"calibrated confidence (AURC {rc['aurc']:.3f})")
+    ax.plot(coverage, oracle, ls="--", color="grey", label=f"oracle ranking (AURC {rc['aurc_oracle']:.3f})")
+    for share in deferred:
+        ax.axvline(1 - share, color="tab:red", lw=0.8, ls=":")
+        ax.text(1 - share, ax.get_ylim()[1] * 0.95, f" defer {share:.0%}", color="tab:red", fontsize=8, va="top")
+    ax.set(
+        xlabel="Coverage (share of cases the model keeps)",
+        ylabel="Risk (error rate of the kept cases)",
+        title=f"Risk-coverage ({rc['n_images']} images)",
+        xlim=(0, 1),
+    )
+    ax.legend(loc="upper left", fontsize=8)
     return save_figure(fig, path)
 
 
@@ -211,7 +235,7 @@ def save_figure(fig: Figure, path: str | Path, dpi: float | str = _DPI) -> Path:
 
 
 def save_evaluation_figures(evaluation: Evaluation) -> list[Path]:
-    """The confusion matrix, ROC curves and reliability diagram of each evaluated split, in its folder."""
+    """The confusion matrix, ROC curves, reliability diagram and risk-coverage curve of each evaluated split."""
     paths = []
     for split, scores in evaluation.scores.items():
         cm = np.array(evaluation.metrics[split]["calibrated"]["confusion_matrix"])
@@ -219,5 +243,8 @@ def save_evaluation_figures(evaluation: Evaluation) -> list[Path]:
             plot_confusion(cm, CLASSES, evaluation.folder.figure(f"confusion_{split}.png")),
             plot_roc(scores.targets, scores.calibrated, CLASSES, evaluation.folder.figure(f"roc_{split}.png")),
             plot_reliability(scores.targets, scores.raw, evaluation.folder.figure(f"reliability_{split}.png")),
+            plot_risk_coverage(
+                scores.targets, scores.calibrated, evaluation.folder.figure(f"risk_coverage_{split}.png")
+            ),
         ]
     return paths
