@@ -23,7 +23,11 @@ from multimodal_lesion.workflows import train_run
 
 PRESET = Path(__file__).parent / "configs" / "real_frozen.toml"
 MODELS = ("image_only", "concat", "gated", "film")
-SETTINGS = {"before": {}, "dropout": {"meta_dropout": 0.1, "meta_dropout_all": 0.1}}
+SETTINGS = {
+    "before": {"meta_dropout": 0.0, "meta_dropout_all": 0.0},
+    "dropout": {"meta_dropout": 0.1, "meta_dropout_all": 0.1},
+    "dropout_all_0.3": {"meta_dropout": 0.1, "meta_dropout_all": 0.3},
+}
 
 
 def run(data: str, out: Path, overrides: list[str]) -> dict[tuple[str, str], dict[str, Any]]:

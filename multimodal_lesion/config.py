@@ -143,8 +143,8 @@ class TrainConfig:
     channels_last: bool = False  # channels-last memory format (GPU)
     threads: Count = 0  # torch CPU threads; 0 = torch's default
     ema_decay: Probability0 = 0.0  # >0: validate, keep and save an exponential moving average of the weights
-    meta_dropout: Probability0 = 0.0  # training: each patient feature of an image read as missing with this probability
-    meta_dropout_all: Probability0 = 0.0  # training: all patient features of an image read as missing at once
+    meta_dropout: Probability0 = 0.1  # training: each patient feature of an image read as missing with this probability
+    meta_dropout_all: Probability0 = 0.1  # training: all patient features of an image read as missing at once
 
 
 @dataclass(frozen=True)
