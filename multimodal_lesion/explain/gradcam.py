@@ -18,7 +18,6 @@ restored.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -156,14 +155,22 @@ class ViewAveragedCam:
         height, width = input_tensor.shape[-2:]
         up = np.stack([cv2.resize(m, (width, height)) for m in np.maximum(raw, 0)])
         up = up.reshape(len(flips), len(input_tensor), height, width)
-        back = [np.flip(view, axis=tuple(d - 1 for d in flip)) if flip else view for view, flip in zip(up, flips, strict=True)]
+        back = [
+            np.flip(view, axis=tuple(d - 1 for d in flip)) if flip else view
+            for view, flip in zip(up, flips, strict=True)
+        ]
         return [scale_cam_image(np.mean(back, axis=0))[:, None]]
 
 
-@functools.cache
 def view_averaged(cam: type[BaseCAM]) -> type[BaseCAM]:
     """``cam`` with :class:`ViewAveragedCam` mixed in."""
     return type(f"ViewAveraged{cam.__name__}", (ViewAveragedCam, cam), {})
+
+
+#: The classes the explainer instantiates: each registered method with the view averaging mixed in.
+VIEW_AVERAGED_CAMS: Mapping[str, type[BaseCAM]] = MappingProxyType(
+    {name: view_averaged(m.cam) for name, m in CAM_METHODS.items()}
+)
 
 
 def resolve_target_layer(model: LesionModel, target_layer: str | nn.Module | None) -> nn.Module:
@@ -240,8 +247,7 @@ class GradCamExplainer:
         with contextlib.ExitStack() as stack:
             stack.enter_context(preserved_state(self.model))
             self.model.requires_grad_(False)
-            cam_class = view_averaged(CAM_METHODS[self.method].cam)
-            cam = cam_class(model=self._view, target_layers=[self.layer])  # sets eval()
+            cam = VIEW_AVERAGED_CAMS[self.method](model=self._view, target_layers=[self.layer])  # sets eval()
             cam.batch_size = SCORECAM_BATCH
             stack.callback(cam.activations_and_grads.release)
             self._cam, self._stack = cam, stack.pop_all()
@@ -332,7 +338,9 @@ def layer_path(model: LesionModel, layer: nn.Module) -> str:
     raise ConfigError("the target layer is not part of the backbone")
 
 
-def layer_geometry(model: LesionModel, target_layer: str | nn.Module | None, image_size: tuple[int, int]) -> LayerGeometry:
+def layer_geometry(
+    model: LesionModel, target_layer: str | nn.Module | None, image_size: tuple[int, int]
+) -> LayerGeometry:
     """The CAM layer's name, stride and grid at ``image_size`` (height, width), from one forward pass.
 
     The stride is the power of two nearest the ratio of image to map height (TF-style padding rounds
@@ -358,6 +366,7 @@ def layer_geometry(model: LesionModel, target_layer: str | nn.Module | None, ima
 __all__ = [
     "CAM_METHODS",
     "NO_FLIP",
+    "VIEW_AVERAGED_CAMS",
     "BoundMetadata",
     "CamMethod",
     "GradCamExplainer",
