@@ -272,7 +272,11 @@ def faithfulness_report(
     """
     names = list(maps)
     with torch.no_grad():
-        road = road_scores(predict, image, np.stack([maps[n] for n in names]), target, road_percentiles, seed) if road_percentiles else None
+        road = (
+            road_scores(predict, image, np.stack([maps[n] for n in names]), target, road_percentiles, seed)
+            if road_percentiles
+            else None
+        )
     out: dict[str, dict[str, float]] = {}
     for j, name in enumerate(names):
         sal = np.asarray(maps[name])
@@ -333,7 +337,9 @@ def paired_comparison(
     boots = d[idx].mean(1)
     low, high = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
     verdict = "better" if low > TIE_TOLERANCE else "worse" if high < -TIE_TOLERANCE else "tie"
-    return PairedComparison(metric, baseline, len(d), _mean(a), _mean(b), float(d.mean()), float(low), float(high), verdict)
+    return PairedComparison(
+        metric, baseline, len(d), _mean(a), _mean(b), float(d.mean()), float(low), float(high), verdict
+    )
 
 
 def _mean(x: np.ndarray) -> float:

@@ -65,8 +65,10 @@ def _stage_modules(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
         if not any(True for _ in child.parameters()):
             continue
         parts = list(child.named_children())
-        if isinstance(child, (nn.Sequential, nn.ModuleList)) and parts and all(
-            isinstance(c, (nn.Sequential, nn.ModuleList)) for _, c in parts
+        if (
+            isinstance(child, (nn.Sequential, nn.ModuleList))
+            and parts
+            and all(isinstance(c, (nn.Sequential, nn.ModuleList)) for _, c in parts)
         ):
             out += [(f"{name}.{k}", c) for k, c in parts if any(True for _ in c.parameters())]
         else:
@@ -79,7 +81,7 @@ def randomisation_stages(model: LesionModel) -> list[tuple[str, list[nn.Module]]
     backbone's stages from the top."""
     if model.image_branch is None:
         raise ConfigError("model randomisation needs a model with an image branch")
-    head = [model.head] + ([model.meta_branch] if model.meta_branch is not None else [])
+    head: list[nn.Module] = [model.head, *([model.meta_branch] if model.meta_branch is not None else [])]
     backbone = [(name, [m]) for name, m in _stage_modules(model.image_branch.model)[::-1]]
     return [("head", head), *backbone]
 
@@ -211,7 +213,9 @@ def cascading_randomisation(
                 redraw(module)
             ratio = activation_std(clone, resolve_target_layer(clone, path), images) / max(reference, 1e-30)
             randomised = replace(setup, target_layer=path).maps(clone, images, meta, targets)
-            results.append(StageResult(name, [map_similarity(c, r, ratio) for c, r in zip(cams, randomised, strict=True)]))
+            results.append(
+                StageResult(name, [map_similarity(c, r, ratio) for c, r in zip(cams, randomised, strict=True)])
+            )
     return results
 
 
