@@ -91,3 +91,17 @@ def test_real_faithfulness_script_on_synthetic_data(frozen_run: Path, cli_ham: P
     assert any(line.startswith("road,centre,5,") for line in table)
     assert "| head |" in (folder / "randomisation.md").read_text()
     assert (folder / "index.html").is_file() and "| energy_inside | mean_mask |" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "pair,needles",
+    [
+        ("train.epochs=3", ("--set train.epochs=3", "explain.* settings only")),
+        ("explain.shap_scale=odds", ("--set explain.shap_scale=odds", "'probability', 'log_odds'")),
+        ("explain.road_percentiles=[0]", ("explain.road_percentiles", "in [1, 99]")),
+    ],
+)
+def test_explain_settings_are_checked_before_any_work(cli, tmp_path: Path, pair: str, needles: tuple[str, ...]) -> None:
+    proc = cli("explain", "--run", tmp_path / "no-run", "--out", tmp_path / "out", "--set", pair)
+    cli.error(proc, "explain", *needles)
+    assert not (tmp_path / "out").exists()

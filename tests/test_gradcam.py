@@ -171,7 +171,9 @@ def test_cam_explains_the_displayed_flip_averaged_calibrated_probability(gated: 
     images, meta = batch
     targets, temperature = [1, 2, 3], 1.7
     with torch.no_grad():
-        shown = torch.softmax(gated.eval().forward_head(embed_images(gated.image_branch, images, True), meta) / temperature, -1)
+        shown = torch.softmax(
+            gated.eval().forward_head(embed_images(gated.image_branch, images, True), meta) / temperature, -1
+        )
     shown_p = shown[torch.arange(3), targets].double().numpy()
     scored = GradCamExplainer(gated, flip_average=True, temperature=temperature).explain_scored(images, meta, targets)
     np.testing.assert_allclose(scored.probabilities, shown_p, atol=1e-5)
