@@ -93,6 +93,14 @@ def test_road_prefers_the_true_map_and_is_seeded(planted) -> None:
     again = road_scores(predict, planted.images[0], maps, 1, (20, 50, 80), seed=3)
     np.testing.assert_array_equal(first, again)
     assert first[0] > first[1]
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    torch.manual_seed(3)  # the library's own metric, same noise: the same scores
+    theirs = ROADCombined(percentiles=[20, 50, 80])(
+        planted.images[0][None].expand(2, -1, -1, -1), maps, [ClassifierOutputSoftmaxTarget(1)] * 2, predict
+    )
+    np.testing.assert_allclose(first, theirs, atol=1e-5)
 
 
 def test_curve_auc() -> None:
