@@ -262,14 +262,37 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", nargs="+", metavar="ID", help="image ids to explain")
     p.add_argument("--n", type=POSITIVE, help="number of cases (default: explain.n_cases of the run)")
     p.add_argument("--out", type=_path, required=True)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="explain.KEY=VALUE",
+        help="override one explain setting of the run (e.g. explain.faithfulness_cases=100); repeatable",
+    )
+
+
+def _explain_settings(pairs: list[str]) -> dict[str, Any]:
+    """The ``explain.*`` overrides, checked like any config value; another section is refused."""
+    from .config import load_config, parse_overrides
+
+    sections = parse_overrides(pairs)
+    other = next((p for p in pairs if p.partition("=")[0].strip().split(".")[0] != "explain"), None)
+    if other is not None:
+        raise ConfigError(f"--set {other}: mmlesion explain takes explain.* settings only (the run fixes the rest)")
+    load_config(None, pairs)  # ranges and types, naming the pair
+    return sections.get("explain", {})
 
 
 @command("explain", "Grad-CAM + grouped SHAP + image-vs-metadata report of a run", _explain_args)
 def _explain(args: argparse.Namespace) -> int:
+    settings = _explain_settings(args.overrides)
     with output_folder(args.out):
         from .workflows import explain_run
 
-        index = explain_run(args.run, args.out, data=args.data, split=args.split, cases=args.cases, n=args.n)
+        index = explain_run(
+            args.run, args.out, data=args.data, split=args.split, cases=args.cases, n=args.n, settings=settings
+        )
     print(f"wrote {index}")
     return 0
 

@@ -7,7 +7,7 @@ after the other so that ``mmlesion train`` / ``evaluate`` / ``explain`` write co
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +51,24 @@ def explain_run(
     split: str = "test",
     cases: Sequence[str] | None = None,
     n: int | None = None,
+    settings: Mapping[str, Any] | None = None,
     show: bool = True,
 ) -> Path:
-    """Explain cases of a run, draw them, write ``explanations.json`` and the HTML report; returns the index."""
+    """Explain cases of a run, draw them, write ``explanations.json``, the faithfulness and randomisation
+    tables (CSV + markdown) and the HTML report; returns the index. ``settings`` overrides ``explain.*``."""
     from .explain.pipeline import explain_run as explain
     from .explain.pipeline import save_explanations
     from .report.explanations import draw_explanation_figures
+    from .report.faithfulness_tables import write_faithfulness_tables
     from .report.html import write_report
 
     t0 = time.perf_counter()
-    cohort = explain(run_dir, data=data, split=split, cases=cases, n=n)
+    cohort = explain(run_dir, data=data, split=split, cases=cases, n=n, settings=settings)
     t1 = time.perf_counter()
     figures = draw_explanation_figures(out, cohort)
     cohort.timings["figures"] = time.perf_counter() - t1
     save_explanations(out, cohort)
+    write_faithfulness_tables(out, cohort)
     index = write_report(out, cohort, figures)
     if show:
         total, k = time.perf_counter() - t0, len(cohort.cases)

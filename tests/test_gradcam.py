@@ -158,3 +158,53 @@ def test_planted_square_gets_the_cam_energy(planted) -> None:
 
 def test_cam_methods_registry() -> None:
     assert set(CAM_METHODS) == {"gradcam", "gradcam++", "hirescam", "scorecam"}
+
+
+# --- the CAM explains the shown prediction: same flips, same temperature ---------------------------
+
+
+def test_cam_explains_the_displayed_flip_averaged_calibrated_probability(gated: LesionModel, batch) -> None:
+    """The shown probability averages the embedding over 4 flips and is temperature-scaled; the old CAM
+    explained one unflipped view through an uncalibrated softmax (0.107 apart on the demo)."""
+    from multimodal_lesion.models import embed_images
+
+    images, meta = batch
+    targets, temperature = [1, 2, 3], 1.7
+    with torch.no_grad():
+        shown = torch.softmax(
+            gated.eval().forward_head(embed_images(gated.image_branch, images, True), meta) / temperature, -1
+        )
+    shown_p = shown[torch.arange(3), targets].double().numpy()
+    scored = GradCamExplainer(gated, flip_average=True, temperature=temperature).explain_scored(images, meta, targets)
+    np.testing.assert_allclose(scored.probabilities, shown_p, atol=1e-5)
+    plain = GradCamExplainer(gated).explain_scored(images, meta, targets)
+    assert np.abs(plain.probabilities - shown_p).max() > 1e-3  # the old target differs
+    flipped = GradCamExplainer(gated, flip_average=True).explain(images.flip(3), meta, targets)
+    np.testing.assert_allclose(flipped[..., ::-1], scored.maps, atol=1e-4)  # one map of a flip-invariant output
+
+
+def test_layer_geometry_names_stride_and_grid(gated: LesionModel) -> None:
+    from multimodal_lesion.explain import layer_geometry
+
+    assert str(layer_geometry(gated, None, (64, 48))) == "layer4 (stride 32, 2x2 grid)"
+    assert layer_geometry(gated, "layer3", (64, 48)).stride == 16
+
+
+def test_the_demo_layer_has_the_stride_its_config_says() -> None:
+    """demo.toml's comment once called blocks.5 stride 16; at 168x224 it is stride 32 (blocks.4 is 16)."""
+    import dataclasses
+    import re
+    from importlib.resources import as_file, files
+
+    from multimodal_lesion.config import load_config
+    from multimodal_lesion.explain import layer_geometry
+    from multimodal_lesion.models import create_model
+
+    with as_file(files("multimodal_lesion").joinpath("demo.toml")) as path:
+        cfg, text = load_config(path), path.read_text()
+    claimed = re.search(rf"{re.escape(cfg.explain.target_layer)}: stride (\d+)", text)
+    assert claimed, "demo.toml must say the stride of its target layer"
+    model = create_model("image_only", meta_dim=1, cfg=dataclasses.replace(cfg.model, weights="none"))
+    geometry = layer_geometry(model, cfg.explain.target_layer, cfg.data.image_size)
+    assert geometry.stride == int(claimed.group(1)), geometry
+    assert layer_geometry(model, "blocks.4", cfg.data.image_size).stride == 16

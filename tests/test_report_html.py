@@ -22,6 +22,8 @@ from PIL import Image, ImageDraw
 
 from multimodal_lesion.data.constants import CLASS_NAMES, CLASSES
 from multimodal_lesion.errors import DataError
+from multimodal_lesion.explain.faithfulness import PairedComparison
+from multimodal_lesion.explain.randomisation import MapSimilarity, StageResult
 from multimodal_lesion.explain.results import CaseExplanation, CohortExplanation, FaithfulnessRow
 from multimodal_lesion.report.html import ReportFigures, case_page_name, write_report
 
@@ -107,9 +109,20 @@ def make_cohort(text: str = "", cases: list[CaseExplanation] | None = None) -> C
             "all": {"image": 0.55, "age": 0.15, "sex": 0.05, "localization": 0.25},
         },
         faithfulness=[
-            FaithfulnessRow("deletion AUC (lower is better)", 0.212, 0.341, 0.254, f"n=3{text}"),
-            FaithfulnessRow("pointing game", 0.8, None, 0.6, "cases with a mask"),
+            FaithfulnessRow(
+                "deletion AUC (lower is better)", 0.212, {"smooth_random": 0.341, "centre": 0.254}, f"n=3{text}"
+            ),
+            FaithfulnessRow("pointing game", 0.8, {"smooth_random": None, "centre": 0.6}, "cases with a mask"),
         ],
+        comparisons=[
+            PairedComparison("energy_inside", "centre", 12, 0.79, 0.70, 0.09, 0.04, 0.14, "better"),
+            PairedComparison("deletion_auc", "mean_mask", 12, 0.31, 0.25, -0.06, -0.1, -0.02, "worse"),
+        ],
+        randomisation=[
+            StageResult("head", [MapSimilarity(0.2, 0.3, True), MapSimilarity(0.1, 0.2, True)]),
+            StageResult("conv_stem", [MapSimilarity(float("nan"), float("nan"), False, "constant map")] * 2),
+        ],
+        class_counts={c: 1 for c in CLASSES} | {"all": 7},
         notes=["Background: 100 training cases.", f"note{text}"],
     )
 
@@ -130,6 +143,9 @@ def make_case(k: int, image_id: str, text: str = "") -> CaseExplanation:
         model_output=0.3 + sum(shap.values()),
         modality={"image": 0.2, **shap},
         faithfulness={"deletion_auc": 0.2, "insertion_auc": 0.61, "pointing_game": True},
+        shap_error={"age": 0.004, "sex": 0.0004, "localization": 0.01},
+        explained_probability=float(probs.max()),
+        selection=["correct", "error", "least confident"][k % 3],
     )
 
 
@@ -490,3 +506,22 @@ def test_hostile_metadata_is_inert_in_chromium(hostile_report, chromium_page):
         assert PAYLOADS[0] in page.evaluate("document.body.innerText")  # visible, as text
         titles.append(page.title())
     assert set(titles[1:]) == {f"Case {c.image_id}" for c in cases}
+
+
+def test_no_scientific_notation_and_losing_verdicts_in_red(tmp_path: Path, figure_dir: Path) -> None:
+    case = make_case(0, "ISIC_0024306")
+    case.probabilities = {c: (0.00004 if c != case.target_class else 0.99996) for c in CLASSES}
+    cohort = make_cohort(cases=[case])
+    cohort.mean_abs_shap["all"]["sex"] = 0.0002
+    index = write_report(tmp_path, cohort, make_figures(figure_dir, [case]))
+    pages = [index.read_text(), *(p.read_text() for p in (tmp_path / "cases").glob("*.html"))]
+    for html in pages:
+        assert not re.search(r"\d\.\d+e[-+]\d", html), "a number in scientific notation"
+    assert "&lt;0.001" in pages[1] and "&lt;0.001" in pages[0]  # probability and mean |SHAP| below 0.001
+    assert "±0.004" in pages[1] and "Background error" in pages[1]
+    text = " ".join(parse(index).text)
+    assert "does worse than a baseline on 1 comparison" in text
+    worse = [a for tag, a in parse(index).tags if tag == "tr" and "worse" in (a.get("class") or "")]
+    assert len(worse) == 1
+    assert "invalid" in text and "different games" in pages[1]
+    assert "Explained class" in text and "Selected as" in text  # per-class tables with n; the selection column

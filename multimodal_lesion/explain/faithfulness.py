@@ -1,40 +1,59 @@
-"""Is a saliency map faithful? Deletion / insertion curves, localisation, model randomisation.
+"""Is a saliency map faithful? Perturbation curves, ROAD, localisation, baselines with paired verdicts.
 
-Every measure is reported next to two baselines of the same size: a random map and a centred
-Gaussian (dermoscopy lesions are usually central, so beating the centre prior is the bar).
+Every measure runs on the *shown prediction* (:func:`~.gradcam.shown_view`: the same flips and
+temperature as the displayed probability), for the CAM and for baseline maps of the same size that
+know nothing about the model:
 
-- Deletion / insertion (Petsiuk et al. 2018, RISE): remove (insert) the most salient pixels first in
-  ~20 steps and follow the target-class probability; a faithful map gives a low deletion AUC and a
-  high insertion AUC. Removed pixels take the training mean colour (deletion) or start from a strong
-  blur (insertion), as in RISE; the image's own mean colour can be chosen too.
+- the mean training lesion mask (where lesions usually are),
+- a centred Gaussian whose width is fitted to the mean training mask (:func:`fit_centre_sigma`),
+- a smooth random map (white noise blurred to the CAM's own resolution).
+
+Measures:
+
+- Deletion / insertion (Petsiuk et al. 2018, RISE): delete (insert) the most salient pixels first
+  and follow the explained class's probability; a faithful map gives a low deletion AUC and a high
+  insertion AUC. Deleted pixels take the image's own mean colour (``mean``); insertion starts from
+  a strongly blurred copy (``blur``), as in RISE. ``zero`` (the normalisation mean, ImageNet's mean
+  colour: a mid-grey) can be chosen instead.
+- ROAD (Rong et al. 2022, pytorch-grad-cam's ``ROADCombined`` arithmetic and imputer): removed pixels
+  are imputed from their neighbours, which avoids the out-of-distribution artefacts of a constant
+  fill; the score is (least-relevant-first minus most-relevant-first) / 2, higher is better.
 - Pointing game (Zhang et al. 2016) and energy inside the lesion mask.
-- Model randomisation (Adebayo et al. 2018): the map should change when the backbone is
-  re-initialised; reported as the Spearman rank correlation between the two maps (low = faithful).
+
+:func:`compare_to_baselines` turns per-case values into paired differences (CAM minus baseline,
+signed so that positive means the CAM did better) with a bootstrap CI and a verdict: better, tie or
+worse. Model randomisation lives in :mod:`.randomisation`.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
 import torch
-from scipy import ndimage, stats
-from torch import Tensor, nn
+from pytorch_grad_cam.metrics.perturbation_confidence import RemoveLeastRelevantFirst, RemoveMostRelevantFirst
+from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+from scipy import ndimage
+from torch import Tensor
 
 from ..errors import ConfigError
-from ..models.fusion import LesionModel
-from .gradcam import BoundMetadata, GradCamExplainer, preserved_state, resolve_target_layer
 
 Predictor = Callable[[Tensor], Tensor]  # images (N, 3, H, W) -> logits (N, C)
 BLUR_SIGMA = 0.1  # blur baseline: Gaussian sigma as a fraction of the longer image side
-CENTRE_SIGMA = 0.25  # centre baseline: Gaussian sigma as a fraction of each image side
+CENTRE_SIGMA = 0.25  # centre Gaussian's sigma (fraction of each side) when no training masks are there to fit it
+CENTRE_SIGMAS = tuple(np.round(np.arange(0.05, 0.51, 0.01), 2))  # the widths :func:`fit_centre_sigma` tries
 DEFAULT_STEPS = 20
-# deletion: image -> baseline, removed pixels take the training mean colour (zeros once normalised);
-# insertion: baseline -> image, starting from a blurred copy. Both as in RISE (Petsiuk et al. 2018).
-DEFAULT_BASELINES: Mapping[str, str] = MappingProxyType({"deletion": "zero", "insertion": "blur"})
+# deletion: image -> its own mean colour; insertion: a blurred copy -> image (as in RISE).
+DEFAULT_BASELINES: Mapping[str, str] = MappingProxyType({"deletion": "mean", "insertion": "blur"})
 CURVE_MODES = tuple(DEFAULT_BASELINES)
+#: Each measure and whether a higher value means a more faithful map.
+HIGHER_IS_BETTER: Mapping[str, bool] = MappingProxyType(
+    {"energy_inside": True, "pointing_game": True, "deletion_auc": False, "insertion_auc": True, "road": True}
+)
+MAP_NAMES = ("cam", "mean_mask", "centre", "smooth_random")  # the CAM, then the baselines
+TIE_TOLERANCE = 1e-9  # a CI bound this close to 0 counts as 0 (identical maps differ by float noise only)
 
 
 def _blurred(image: Tensor) -> Tensor:
@@ -45,12 +64,12 @@ def _blurred(image: Tensor) -> Tensor:
 
 
 def _zero_image(image: Tensor) -> Tensor:
-    """Zeros: the training mean colour once normalised (RISE's deletion substrate)."""
+    """Zeros once normalised: the normalisation's mean colour (ImageNet's, a mid-grey), not the image's."""
     return torch.zeros_like(image)
 
 
 def _mean_image(image: Tensor) -> Tensor:
-    """The image's per-channel mean everywhere."""
+    """The image's own per-channel mean colour everywhere."""
     return image.mean(dim=(-2, -1), keepdim=True).expand_as(image).clone()
 
 
@@ -90,13 +109,13 @@ def perturbation_curve(
     """Target-class probabilities (steps+1,) as the most salient pixels are deleted or inserted.
 
     Args:
-        predict: normalised images (N, 3, H, W) -> logits (N, C), e.g. a :class:`BoundMetadata`.
+        predict: normalised images (N, 3, H, W) -> logits (N, C), e.g. :func:`~.gradcam.shown_view`.
         image: one normalised image (3, H, W).
         saliency: (H, W) map; higher = more important.
         target: class whose softmax probability is followed.
         mode: ``deletion`` (image -> baseline) or ``insertion`` (baseline -> image).
         steps: number of steps; all steps go through ``predict`` in one batch.
-        baseline: ``zero`` | ``mean`` | ``blur`` | an image (3, H, W) that replaces removed pixels;
+        baseline: ``mean`` | ``zero`` | ``blur`` | an image (3, H, W) that replaces removed pixels;
             None = the mode's default (:data:`DEFAULT_BASELINES`).
     """
     if saliency.shape != tuple(image.shape[-2:]):
@@ -118,9 +137,46 @@ def curve_auc(scores: np.ndarray) -> float:
     return float(np.trapezoid(scores, np.linspace(0.0, 1.0, len(scores))))
 
 
+def road_scores(
+    predict: Predictor,
+    image: Tensor,
+    maps: np.ndarray,
+    target: int,
+    percentiles: Sequence[int] = (20, 50, 80),
+    seed: int = 0,
+) -> np.ndarray:
+    """The combined ROAD score (K,) of K maps (K, H, W) of one image (higher = more faithful).
+
+    pytorch-grad-cam's ``ROADCombined`` arithmetic with its own imputer and removal classes, in the
+    same order (so the seeded imputation noise is the same): for each percentile, the probability
+    after removing the least relevant pixels minus that after removing the most relevant, halved,
+    averaged over ``percentiles``. The unperturbed score cancels, so all K x 2 x P imputed images go
+    through ``predict`` in one batch (``ROADCombined`` runs the original image 2 x P times more).
+    """
+    base = image.detach().cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        imputed = [
+            order(p, NoisyLinearImputer())(base, torch.from_numpy(np.asarray(m, dtype=np.float32)))
+            for order in (RemoveLeastRelevantFirst, RemoveMostRelevantFirst)
+            for p in percentiles
+            for m in maps
+        ]
+    with torch.no_grad():
+        probs = torch.softmax(predict(torch.stack(imputed).to(image.device)).double(), -1)[:, target]
+    lerf, morf = probs.cpu().numpy().reshape(2, len(percentiles), len(maps))
+    return ((lerf - morf) / 2).mean(0)
+
+
 def random_map(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
-    """Uniform random saliency (H, W): the chance baseline."""
+    """Uniform random saliency (H, W): white noise."""
     return np.random.default_rng(seed).random(shape)
+
+
+def smooth_random_map(shape: tuple[int, int], sigma: float, seed: int = 0) -> np.ndarray:
+    """White noise blurred with a Gaussian of ``sigma`` pixels, scaled to [0, 1]: a random map as smooth as a CAM."""
+    noise = ndimage.gaussian_filter(random_map(shape, seed), sigma=max(sigma, 1e-6), mode="reflect")
+    return (noise - noise.min()) / max(float(np.ptp(noise)), 1e-12)
 
 
 def centre_map(shape: tuple[int, int], sigma: float = CENTRE_SIGMA) -> np.ndarray:
@@ -129,6 +185,54 @@ def centre_map(shape: tuple[int, int], sigma: float = CENTRE_SIGMA) -> np.ndarra
     y = (np.arange(h) - (h - 1) / 2) / (sigma * h)
     x = (np.arange(w) - (w - 1) / 2) / (sigma * w)
     return np.exp(-0.5 * (y[:, None] ** 2 + x[None, :] ** 2))
+
+
+def fit_centre_sigma(masks: np.ndarray, sigmas: Sequence[float] = CENTRE_SIGMAS) -> float:
+    """The width of the centred Gaussian that best fits the mean of the training masks (N, H, W).
+
+    Least squares over ``sigmas``, each Gaussian with its best height: the mean mask is how often a
+    pixel is lesion, so the fitted Gaussian is where lesions are, as a reviewer would draw the prior.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 3 or not len(masks):
+        raise ConfigError(f"training masks must be (N, H, W) with N >= 1, got shape {masks.shape}")
+    mean = masks.mean(0)
+    shape = (masks.shape[1], masks.shape[2])
+
+    def residual(sigma: float) -> float:
+        g = centre_map(shape, sigma)
+        height = float((g * mean).sum() / (g * g).sum())
+        return float(((mean - height * g) ** 2).sum())
+
+    return float(sigmas[int(np.argmin([residual(s) for s in sigmas]))])
+
+
+@dataclass(frozen=True)
+class BaselineMaps:
+    """The baseline maps of one image size: the mean training mask, the fitted centre, a smooth random map.
+
+    Build it with :func:`baseline_maps`; :meth:`maps` gives the maps of one case (the random one seeded).
+    """
+
+    mean_mask: np.ndarray | None  # (H, W) mean of the training masks; None without masks
+    centre_sigma: float  # fitted on the training masks, or CENTRE_SIGMA without them
+    smooth_sigma: float  # pixels: the CAM layer's stride, so the random map has the CAM's resolution
+    n_masks: int  # training masks behind mean_mask and centre_sigma
+
+    def maps(self, shape: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
+        """Baseline name -> (H, W) map (the mean mask only when there were training masks)."""
+        out = {"mean_mask": self.mean_mask} if self.mean_mask is not None else {}
+        out["centre"] = centre_map(shape, self.centre_sigma)
+        out["smooth_random"] = smooth_random_map(shape, self.smooth_sigma, seed)
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def baseline_maps(training_masks: np.ndarray | None, smooth_sigma: float) -> BaselineMaps:
+    """Baselines from training-split masks (N, H, W) at the model's input size (None: no masks)."""
+    if training_masks is None or not len(training_masks):
+        return BaselineMaps(None, CENTRE_SIGMA, smooth_sigma, 0)
+    masks = np.asarray(training_masks, dtype=bool)
+    return BaselineMaps(masks.mean(0), fit_centre_sigma(masks), smooth_sigma, len(masks))
 
 
 def pointing_game(saliency: np.ndarray, mask: np.ndarray, tolerance: float = 0.0) -> bool:
@@ -158,143 +262,136 @@ def energy_inside(saliency: np.ndarray, mask: np.ndarray) -> float:
     return float(saliency[mask].sum() / total) if total > 0 else float(mask.mean())
 
 
-def randomisation_check(cam_trained: np.ndarray, cam_random: np.ndarray) -> float:
-    """Spearman rank correlation between two maps of one image (low = the map depends on the weights).
-
-    0.0 when either map is constant (nothing to rank: the maps share no structure).
-    """
-    a, b = np.asarray(cam_trained, dtype=np.float64).ravel(), np.asarray(cam_random, dtype=np.float64).ravel()
-    if a.shape != b.shape:
-        raise ConfigError(f"maps differ in size: {np.shape(cam_trained)} vs {np.shape(cam_random)}")
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0
-    return float(stats.spearmanr(a, b).statistic)
-
-
 def faithfulness_report(
-    model: LesionModel,
+    predict: Predictor,
     image: Tensor,
-    meta: Tensor | None,
-    saliency: np.ndarray,
+    maps: Mapping[str, np.ndarray],
     target: int,
     *,
     mask: np.ndarray | None = None,
     steps: int = DEFAULT_STEPS,
+    road_percentiles: Sequence[int] = (20, 50, 80),
     baseline: str | Tensor | None = None,
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Deletion/insertion AUCs (and with a mask: pointing game, energy inside) for the map and its baselines.
+    """Every measure of every map of one case: ``{map name: {measure: value}}``.
 
-    Returns ``{"map"|"random"|"centre": {"deletion_auc", "insertion_auc"[, "pointing_game", "energy_inside"]}}``.
-    ``image`` (3, H, W) is normalised, ``meta`` (D,) or (1, D) is bound to every perturbed copy.
+    ``predict`` is the shown prediction with the case's metadata bound (:func:`~.gradcam.shown_view`);
+    ``image`` (3, H, W) is normalised; ``maps`` are (H, W), e.g. ``{"cam": ..., **BaselineMaps.maps()}``.
+    Deletion / insertion AUCs and ROAD always; pointing game and energy inside with a mask.
     """
-    shape = (image.shape[-2], image.shape[-1])
-    image = image.to(next(model.parameters()).device)
-    maps = {"map": np.asarray(saliency), "random": random_map(shape, seed), "centre": centre_map(shape)}
-    predict = BoundMetadata(model, None if meta is None else meta.reshape(1, -1))
+    names = list(maps)
+    with torch.no_grad():
+        road = (
+            road_scores(predict, image, np.stack([maps[n] for n in names]), target, road_percentiles, seed)
+            if road_percentiles
+            else None
+        )
     out: dict[str, dict[str, float]] = {}
-    with preserved_state(model):
-        model.eval()
-        for name, sal in maps.items():
-            out[name] = {
-                f"{mode}_auc": curve_auc(
-                    perturbation_curve(predict, image, sal, target, mode=mode, steps=steps, baseline=baseline)
-                )
-                for mode in CURVE_MODES
-            }
-            if mask is not None:
-                out[name]["pointing_game"] = float(pointing_game(sal, mask))
-                out[name]["energy_inside"] = energy_inside(sal, mask)
+    for j, name in enumerate(names):
+        sal = np.asarray(maps[name])
+        out[name] = {
+            f"{mode}_auc": curve_auc(
+                perturbation_curve(predict, image, sal, target, mode=mode, steps=steps, baseline=baseline)
+            )
+            for mode in CURVE_MODES
+        }
+        if road is not None:
+            out[name]["road"] = float(road[j])
+        if mask is not None:
+            out[name]["pointing_game"] = float(pointing_game(sal, mask))
+            out[name]["energy_inside"] = energy_inside(sal, mask)
     return out
 
 
-def _backbone(model: LesionModel) -> nn.Module:
-    """The timm backbone of ``model``'s image branch."""
-    if model.image_branch is None:
-        raise ConfigError("model randomisation needs a model with an image branch")
-    return model.image_branch.model
+@dataclass(frozen=True)
+class PairedComparison:
+    """CAM versus one baseline on one measure, paired over the cases.
 
-
-def _backbone_blocks(model: LesionModel) -> list[nn.Module]:
-    """Top-level backbone children that hold parameters, input side first."""
-    return [m for m in _backbone(model).children() if any(True for _ in m.parameters())]
-
-
-def _reinitialise(module: nn.Module) -> None:
-    """Fresh random parameters (and BatchNorm statistics) for every submodule of ``module``."""
-    for sub in module.modules():
-        reset = getattr(sub, "reset_parameters", None)
-        if callable(reset):
-            reset()
-        elif any(True for _ in sub.parameters(recurse=False)):
-            for p in sub.parameters(recurse=False):
-                nn.init.normal_(p, std=0.02)
-
-
-def randomised_copy(model: LesionModel, *, blocks: int | None = None, seed: int = 0) -> LesionModel:
-    """Deep copy whose backbone is re-initialised: all of it (None) or its top ``blocks`` blocks.
-
-    ``blocks=k`` re-initialises the k top-level backbone blocks nearest the output (one step of
-    Adebayo et al.'s cascading randomisation); the original model is untouched, the global RNG too.
+    ``diff`` is the mean of (CAM - baseline), signed so that positive = the CAM did better (for
+    deletion, where lower is better, it is baseline - CAM); ``ci_low`` / ``ci_high`` its bootstrap CI.
     """
-    if not model.uses_image:
-        raise ConfigError("model randomisation needs a model with an image branch")
-    clone = copy.deepcopy(model)
-    chosen = _backbone_blocks(clone)[::-1][:blocks]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for block in chosen:
-            _reinitialise(block)
-    return clone
+
+    metric: str
+    baseline: str
+    n: int
+    cam: float
+    baseline_value: float
+    diff: float
+    ci_low: float
+    ci_high: float
+    verdict: str  # better | tie | worse | n/a (fewer than 2 cases)
 
 
-def cascading_randomisation(model: LesionModel, seed: int = 0) -> Iterator[tuple[int, LesionModel]]:
-    """(k, copy with the top k backbone blocks re-initialised) for k = 1 .. number of blocks."""
-    for k in range(1, len(_backbone_blocks(model)) + 1):
-        yield k, randomised_copy(model, blocks=k, seed=seed)
-
-
-def layer_path(model: LesionModel, layer: nn.Module) -> str:
-    """Dotted path of ``layer`` inside the backbone (so the same layer can be found in a copy)."""
-    for name, module in _backbone(model).named_modules():
-        if module is layer:
-            return name
-    raise ConfigError("the target layer is not part of the backbone")
-
-
-def randomised_cams(
-    model: LesionModel,
-    images: Tensor,
-    meta: Tensor | None,
-    targets: Sequence[int],
+def paired_comparison(
+    metric: str,
+    baseline: str,
+    cam: Sequence[float],
+    other: Sequence[float],
     *,
-    method: str = "gradcam",
-    target_layer: str | nn.Module | None = None,
-    blocks: int | None = None,
+    n_boot: int = 2000,
+    level: float = 0.95,
     seed: int = 0,
-) -> np.ndarray:
-    """CAMs (B, H, W) of the same targets after re-initialising the backbone of a copy of ``model``.
+) -> PairedComparison:
+    """Mean paired difference CAM - baseline (oriented by :data:`HIGHER_IS_BETTER`) with a percentile
+    bootstrap CI over cases and a verdict: better (CI above 0), worse (below 0) or tie."""
+    a, b = np.asarray(cam, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    sign = 1.0 if HIGHER_IS_BETTER.get(metric, True) else -1.0
+    d = sign * (a - b)
+    if len(d) < 2:
+        mean = float(d.mean()) if len(d) else float("nan")
+        return PairedComparison(metric, baseline, len(d), _mean(a), _mean(b), mean, mean, mean, "n/a")
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    boots = d[idx].mean(1)
+    low, high = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    verdict = "better" if low > TIE_TOLERANCE else "worse" if high < -TIE_TOLERANCE else "tie"
+    return PairedComparison(
+        metric, baseline, len(d), _mean(a), _mean(b), float(d.mean()), float(low), float(high), verdict
+    )
 
-    Pass the trained model's explained classes as ``targets`` so both maps explain the same class.
-    """
-    path = layer_path(model, resolve_target_layer(model, target_layer))
-    clone = randomised_copy(model, blocks=blocks, seed=seed)
-    return GradCamExplainer(clone, method, path).explain(images, meta, list(targets))
+
+def _mean(x: np.ndarray) -> float:
+    return float(x.mean()) if len(x) else float("nan")
+
+
+def compare_to_baselines(
+    reports: Sequence[Mapping[str, Mapping[str, float]]], *, n_boot: int = 2000, seed: int = 0
+) -> list[PairedComparison]:
+    """Paired comparisons of the CAM with every baseline on every measure, over the cases' reports."""
+    out = []
+    for metric in HIGHER_IS_BETTER:
+        with_metric = [r for r in reports if metric in r.get("cam", {})]
+        if not with_metric:
+            continue
+        baselines = [b for b in MAP_NAMES[1:] if all(metric in r.get(b, {}) for r in with_metric)]
+        for b in baselines:
+            cam = [r["cam"][metric] for r in with_metric]
+            other = [r[b][metric] for r in with_metric]
+            out.append(paired_comparison(metric, b, cam, other, n_boot=n_boot, seed=seed))
+    return out
 
 
 __all__ = [
     "BASELINES",
+    "CENTRE_SIGMA",
+    "HIGHER_IS_BETTER",
+    "MAP_NAMES",
+    "BaselineMaps",
+    "PairedComparison",
     "Predictor",
-    "cascading_randomisation",
+    "baseline_maps",
     "centre_map",
+    "compare_to_baselines",
     "curve_auc",
     "energy_inside",
     "faithfulness_report",
-    "layer_path",
+    "fit_centre_sigma",
+    "paired_comparison",
     "perturbation_curve",
     "pointing_game",
     "random_map",
-    "randomisation_check",
-    "randomised_cams",
-    "randomised_copy",
+    "road_scores",
+    "smooth_random_map",
 ]

@@ -1,28 +1,44 @@
 """Grad-CAM and friends on the image branch of a fused model, with each case's own metadata bound.
 
 pytorch-grad-cam calls ``model(x)`` with one tensor; :class:`BoundMetadata` wraps a
-:class:`~multimodal_lesion.models.LesionModel` into that shape (wrap, don't fork). Inside the
-explainer's ``with`` block no parameter requires grad and the input does instead, so gradients reach
-the target layer even for frozen backbones while the model's ``.grad`` buffers stay untouched; on exit
-the hooks are removed and every module's train/eval flag and every ``requires_grad`` flag restored.
+:class:`~multimodal_lesion.models.LesionModel` into that shape (wrap, don't fork). The wrapper is the
+*shown prediction as a function of the image*: the embedding averaged over the same flips as the
+displayed probability (the frozen path's cached embeddings are flip-averaged) and the logits divided by
+the run's temperature, so ``softmax(wrapper(x))`` is the displayed calibrated probability. The CAM
+differentiates the explained class's calibrated logit of that function (for Grad-CAM and HiResCAM the
+temperature does not change the normalised map); with flips, each flipped view's map is taken back to
+the image's orientation and the views are averaged before the map is scaled to [0, 1].
+
+Inside the explainer's ``with`` block no parameter requires grad and the input does instead, so
+gradients reach the target layer even for frozen backbones while the model's ``.grad`` buffers stay
+untouched; on exit the hooks are removed and every module's train/eval flag and ``requires_grad`` flag
+restored.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import cv2
 import numpy as np
 import torch
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, ScoreCAM
 from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..models import FLIPS
 from ..models.fusion import LesionModel
+
+Flip = tuple[int, ...]  # tensor dims flipped, as in models.FLIPS: () | (3,) | (2,) | (2, 3)
+NO_FLIP: tuple[Flip, ...] = ((),)
 
 SCORECAM_BATCH = 64  # masked images per forward pass in ScoreCAM (the library's default is 16)
 
@@ -67,28 +83,94 @@ def _meta_rows(meta: Tensor | None, n: int) -> Tensor | None:
     raise ConfigError(f"{len(meta)} metadata rows bound for a batch of {n} images")
 
 
+def flip_views(images: Tensor, flips: Sequence[Flip]) -> Tensor:
+    """The V flipped copies of a batch (B, 3, H, W), view-major: (V*B, 3, H, W)."""
+    return torch.cat([images.flip(d) if d else images for d in flips])
+
+
 class BoundMetadata(nn.Module):
-    """A :class:`LesionModel` as a function of the image alone: ``forward(images) -> logits``.
+    """A :class:`LesionModel` as a function of the image alone: ``forward(images) -> calibrated logits``.
 
     ``meta`` holds one metadata row per image (or one row for all); change it between calls. The
-    input is made a leaf that requires grad, so the graph reaches the backbone's maps even when no
-    parameter requires grad (frozen backbones).
+    embedding is averaged over ``flips`` (all views in one backbone pass, so a hooked layer is called
+    once) and the logits divided by ``temperature``: with the run's flips and temperature,
+    ``softmax(forward(x))`` is the displayed probability. The input is made a leaf that requires grad,
+    so the graph reaches the backbone's maps even when no parameter requires grad (frozen backbones).
     """
 
-    def __init__(self, model: LesionModel, meta: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        model: LesionModel,
+        meta: Tensor | None = None,
+        *,
+        flips: Sequence[Flip] = NO_FLIP,
+        temperature: float = 1.0,
+    ) -> None:
         super().__init__()
+        if model.image_branch is None:
+            raise ConfigError("this model does not look at the image")
         self.model = model
         self.meta = meta
+        self.flips = tuple(tuple(f) for f in flips) or NO_FLIP
+        self.temperature = float(temperature)
 
     def forward(self, images: Tensor) -> Tensor:
         if torch.is_grad_enabled() and not images.requires_grad:
             images = images.detach().requires_grad_(True)
         meta = _meta_rows(self.meta, len(images))
         meta = meta.to(images.device) if meta is not None else None
-        return self.model({"image": images, "meta": meta})
+        branch = self.model.image_branch
+        assert branch is not None  # checked in __init__
+        views = branch.embed(flip_views(images, self.flips))
+        embedding = views.reshape(len(self.flips), len(images), -1).mean(0)
+        return self.model.forward_head(embedding, meta) / self.temperature
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """No-op: inside the explainer no parameter takes part in backward, so the caller's grads stay."""
+
+
+def shown_view(model: LesionModel, flip_average: bool, temperature: float, meta: Tensor | None = None) -> BoundMetadata:
+    """The displayed prediction as a function of the image: flips as the cached embedding, temperature."""
+    return BoundMetadata(model, meta, flips=FLIPS if flip_average else NO_FLIP, temperature=temperature)
+
+
+class ViewAveragedCam:
+    """Mixin over a pytorch-grad-cam class: the raw maps of the V flipped views, each taken back to the
+    image's orientation, averaged, then scaled to [0, 1] once (one map of the flip-averaged output)."""
+
+    model: BoundMetadata
+    target_layers: list[nn.Module]
+    activations_and_grads: Any
+
+    def compute_cam_per_layer(self, input_tensor: Tensor, targets: list[Any], eigen_smooth: bool) -> list[np.ndarray]:
+        flips = self.model.flips
+        if flips == NO_FLIP:
+            return super().compute_cam_per_layer(input_tensor, targets, eigen_smooth)  # type: ignore[misc]
+        acts = self.activations_and_grads.activations[0].numpy()
+        grads = [g.numpy() for g in self.activations_and_grads.gradients]
+        views = flip_views(input_tensor.detach(), flips)
+        raw = self.get_cam_image(  # type: ignore[attr-defined]
+            views, self.target_layers[0], list(targets) * len(flips), acts, grads[0] if grads else None, eigen_smooth
+        )
+        height, width = input_tensor.shape[-2:]
+        up = np.stack([cv2.resize(m, (width, height)) for m in np.maximum(raw, 0)])
+        up = up.reshape(len(flips), len(input_tensor), height, width)
+        back = [
+            np.flip(view, axis=tuple(d - 1 for d in flip)) if flip else view
+            for view, flip in zip(up, flips, strict=True)
+        ]
+        return [scale_cam_image(np.mean(back, axis=0))[:, None]]
+
+
+def view_averaged(cam: type[BaseCAM]) -> type[BaseCAM]:
+    """``cam`` with :class:`ViewAveragedCam` mixed in."""
+    return type(f"ViewAveraged{cam.__name__}", (ViewAveragedCam, cam), {})
+
+
+#: The classes the explainer instantiates: each registered method with the view averaging mixed in.
+VIEW_AVERAGED_CAMS: Mapping[str, type[BaseCAM]] = MappingProxyType(
+    {name: view_averaged(m.cam) for name, m in CAM_METHODS.items()}
+)
 
 
 def resolve_target_layer(model: LesionModel, target_layer: str | nn.Module | None) -> nn.Module:
@@ -115,6 +197,14 @@ def _class_targets(targets: list[int] | None, n: int, num_classes: int) -> list[
     return [ClassifierOutputTarget(int(t)) for t in targets]
 
 
+@dataclass(frozen=True)
+class ScoredMaps:
+    """Maps (B, H, W) in [0, 1] and the probability (B,) of each explained class in the pass that made them."""
+
+    maps: np.ndarray
+    probabilities: np.ndarray
+
+
 class GradCamExplainer:
     """Class activation maps of a registered model's image branch, one map per case.
 
@@ -126,10 +216,19 @@ class GradCamExplainer:
         method: a key of :data:`CAM_METHODS` (gradcam, gradcam++, hirescam, scorecam).
         target_layer: a backbone module or its dotted path (e.g. ``layer3``); None = the backbone's
             last feature stage (``ImageBranch.default_target_layer``).
+        flip_average: explain the embedding averaged over the 4 flips (what the frozen path's cached
+            embeddings are), each view's map taken back to the image's orientation and averaged.
+        temperature: the logits are divided by it, so the explained probability is the calibrated one.
     """
 
     def __init__(
-        self, model: LesionModel, method: str = "gradcam", target_layer: str | nn.Module | None = None
+        self,
+        model: LesionModel,
+        method: str = "gradcam",
+        target_layer: str | nn.Module | None = None,
+        *,
+        flip_average: bool = False,
+        temperature: float = 1.0,
     ) -> None:
         if not model.uses_image:
             raise ConfigError("Grad-CAM needs a model that looks at the image; this one uses metadata only")
@@ -138,7 +237,7 @@ class GradCamExplainer:
         self.model = model
         self.method = method
         self.layer = resolve_target_layer(model, target_layer)
-        self._view = BoundMetadata(model)
+        self._view = shown_view(model, flip_average, temperature)
         self._cam: BaseCAM | None = None
         self._stack: contextlib.ExitStack | None = None
 
@@ -148,7 +247,7 @@ class GradCamExplainer:
         with contextlib.ExitStack() as stack:
             stack.enter_context(preserved_state(self.model))
             self.model.requires_grad_(False)
-            cam = CAM_METHODS[self.method].cam(model=self._view, target_layers=[self.layer])  # sets eval()
+            cam = VIEW_AVERAGED_CAMS[self.method](model=self._view, target_layers=[self.layer])  # sets eval()
             cam.batch_size = SCORECAM_BATCH
             stack.callback(cam.activations_and_grads.release)
             self._cam, self._stack = cam, stack.pop_all()
@@ -169,9 +268,13 @@ class GradCamExplainer:
         ``targets`` are class indices, one per image; None explains each image's predicted class.
         ``meta`` may be None for models that ignore metadata.
         """
+        return self.explain_scored(images, meta, targets).maps
+
+    def explain_scored(self, images: Tensor, meta: Tensor | None, targets: list[int] | None = None) -> ScoredMaps:
+        """:meth:`explain` plus the explained probability of each case, read from the CAM's own forward pass."""
         if self._cam is None:
             with self:
-                return self.explain(images, meta, targets)
+                return self.explain_scored(images, meta, targets)
         if images.ndim != 4:
             raise ConfigError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
         n = len(images)
@@ -179,7 +282,7 @@ class GradCamExplainer:
             raise ConfigError(f"{len(meta)} metadata rows for {n} images")
         cam_targets = _class_targets(targets, n, self._num_classes())
         step = n if CAM_METHODS[self.method].batched else 1
-        maps = [
+        parts = [
             self._run(
                 images[i : i + step],
                 meta[i : i + step] if meta is not None else None,
@@ -187,16 +290,23 @@ class GradCamExplainer:
             )
             for i in range(0, n, step)
         ]
-        return np.concatenate(maps).astype(np.float32)
+        return ScoredMaps(
+            np.concatenate([m for m, _ in parts]).astype(np.float32), np.concatenate([p for _, p in parts])
+        )
 
-    def _run(self, images: Tensor, meta: Tensor | None, targets: list[ClassifierOutputTarget] | None) -> np.ndarray:
+    def _run(
+        self, images: Tensor, meta: Tensor | None, targets: list[ClassifierOutputTarget] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         cam = self._cam
         if cam is None:
             raise RuntimeError("GradCamExplainer is not open")
         self._view.meta = meta
         try:
             with torch.enable_grad():  # also under a caller's no_grad()
-                return cam(input_tensor=images, targets=targets)
+                maps = cam(input_tensor=images, targets=targets)
+            probs = torch.softmax(cam.outputs.detach().double(), -1)
+            chosen = [t.category for t in targets] if targets is not None else probs.argmax(-1).tolist()
+            return maps, probs[torch.arange(len(probs)), chosen].cpu().numpy()
         finally:
             cam.outputs = None  # drop the graph the library keeps
 
@@ -206,11 +316,68 @@ class GradCamExplainer:
         return linears[-1].out_features
 
 
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Where a CAM lives: the layer's dotted path, its stride in pixels and its map's grid (rows, columns)."""
+
+    name: str
+    stride: int
+    grid: tuple[int, int]
+
+    def __str__(self) -> str:
+        return f"{self.name} (stride {self.stride}, {self.grid[0]}x{self.grid[1]} grid)"
+
+
+def layer_path(model: LesionModel, layer: nn.Module) -> str:
+    """Dotted path of ``layer`` inside the backbone (so the same layer can be found in a copy)."""
+    if model.image_branch is None:
+        raise ConfigError("this model does not look at the image")
+    for name, module in model.image_branch.model.named_modules():
+        if module is layer:
+            return name
+    raise ConfigError("the target layer is not part of the backbone")
+
+
+def layer_geometry(
+    model: LesionModel, target_layer: str | nn.Module | None, image_size: tuple[int, int]
+) -> LayerGeometry:
+    """The CAM layer's name, stride and grid at ``image_size`` (height, width), from one forward pass.
+
+    The stride is the power of two nearest the ratio of image to map height (TF-style padding rounds
+    the grid up: 168 rows at stride 16 give 11).
+    """
+    layer = resolve_target_layer(model, target_layer)
+    branch = model.image_branch
+    assert branch is not None  # resolve_target_layer checked it
+    shapes: list[tuple[int, ...]] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+    device = next(model.parameters()).device
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            branch.forward_features(torch.zeros(1, 3, *image_size, device=device))
+    finally:
+        handle.remove()
+    rows, cols = shapes[0][-2:]
+    stride = 2 ** round(math.log2(image_size[0] / rows))
+    return LayerGeometry(layer_path(model, layer), int(stride), (int(rows), int(cols)))
+
+
 __all__ = [
     "CAM_METHODS",
+    "NO_FLIP",
+    "VIEW_AVERAGED_CAMS",
     "BoundMetadata",
     "CamMethod",
     "GradCamExplainer",
+    "LayerGeometry",
+    "ScoredMaps",
+    "ViewAveragedCam",
+    "flip_views",
+    "layer_geometry",
+    "layer_path",
     "preserved_state",
     "resolve_target_layer",
+    "shown_view",
+    "view_averaged",
 ]

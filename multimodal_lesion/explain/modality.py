@@ -4,7 +4,8 @@
 one of :mod:`.shap_groups` with the image embedding as a fourth player (16 coalitions). An absent
 image takes the background embeddings (the mean training embedding, or one embedding per background
 case, paired with that case's metadata); absent patient features take the background metadata. The
-explained output is the same softmax probability as the grouped SHAP values. Integrated Gradients
+explained output is the same softmax probability (or log-odds) as the grouped SHAP values, with the
+same bootstrap estimate of the background's sampling error. Integrated Gradients
 (captum) on both inputs is offered as a gradient-based second opinion.
 """
 
@@ -22,7 +23,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..models.fusion import LesionModel
 from .gradcam import preserved_state
-from .shap_groups import as_input_tensor, check_groups, coalition_masks, exact_shapley, group_columns
+from .shap_groups import Scale, as_input_tensor, check_groups, coalition_masks, exact_shapley, group_columns
 
 IMAGE_PLAYER = "image"
 
@@ -31,7 +32,8 @@ IMAGE_PLAYER = "image"
 class ModalityAttribution:
     """Shapley values of the image and each patient feature for B cases.
 
-    ``base_values + values.sum(1) == outputs`` (the explained probability of class ``targets``).
+    ``base_values + values.sum(1) == outputs`` (the explained probability of class ``targets``, or its
+    log-odds); ``values_se`` is each value's background sampling error (bootstrap standard deviation).
     """
 
     players: list[str]  # ["image", *groups]
@@ -39,6 +41,8 @@ class ModalityAttribution:
     base_values: np.ndarray  # (B,) mean output over the background
     outputs: np.ndarray  # (B,) explained output of each case
     targets: np.ndarray  # (B,) explained class index
+    values_se: np.ndarray | None = None  # (B, P) bootstrap standard deviation over background redraws
+    scale: str = "probability"
 
     def to_explanation(self) -> shap.Explanation:
         """The same numbers as a ``shap.Explanation`` (for ``shap.plots.bar`` / ``waterfall``)."""
@@ -73,6 +77,9 @@ def modality_shapley(
     targets: Sequence[int] | None = None,
     *,
     temperature: float = 1.0,
+    scale: Scale = "probability",
+    resamples: int = 0,
+    seed: int = 0,
 ) -> ModalityAttribution:
     """Exact Shapley values over {image, *groups} (2^(1+G) coalitions) of the target-class probability.
 
@@ -85,6 +92,9 @@ def modality_shapley(
         groups: patient feature -> encoded columns (``MetadataEncoder.feature_groups_``).
         targets: explained class per case; None = the predicted class.
         temperature: logits are divided by it before the softmax.
+        scale: ``probability`` or ``log_odds``.
+        resamples: bootstrap redraws of the background rows for ``values_se`` (0 = none).
+        seed: seed of the redraws.
     """
     meta_t, bg_meta = as_input_tensor(meta, model), as_input_tensor(background_meta, model)
     groups = check_groups(groups, bg_meta.shape[1])
@@ -92,8 +102,30 @@ def modality_shapley(
     bg_emb = _background(model, emb_t, as_input_tensor(background_embeddings, model), len(bg_meta))
     masks = coalition_masks(1 + len(groups))  # player 0 = image
     meta_present = masks[:, 1:] @ group_columns(groups, bg_meta.shape[1])
-    res = exact_shapley(model, emb_t, meta_t, bg_emb, bg_meta, masks[:, 0], meta_present, masks, targets, temperature)
-    return ModalityAttribution(players=[IMAGE_PLAYER, *groups], **res)
+    res = exact_shapley(
+        model,
+        emb_t,
+        meta_t,
+        bg_emb,
+        bg_meta,
+        masks[:, 0],
+        meta_present,
+        masks,
+        targets,
+        temperature,
+        scale=scale,
+        resamples=resamples,
+        seed=seed,
+    )
+    return ModalityAttribution(
+        players=[IMAGE_PLAYER, *groups],
+        values=res["values"],
+        base_values=res["base_values"],
+        outputs=res["outputs"],
+        targets=res["targets"],
+        values_se=res["values_se"],
+        scale=scale,
+    )
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,23 @@
 """``mmlesion explain``: Grad-CAM + grouped SHAP + image-vs-metadata Shapley values for the cases of a
-run, faithfulness measured against baselines, returned as a :class:`CohortExplanation`.
+run, faithfulness measured against baselines, sanity checks, returned as a :class:`CohortExplanation`.
 
-Every explained number is the run's calibrated probability of the explained class (the predicted
-class): ``shap_base_value + sum(shap) == model_output`` and likewise for the modality split. This
-module computes; the report layer draws (figures, HTML) and :func:`save_explanations` writes the
-maps and ``explanations.json``.
+One number is explained per case: the displayed prediction, i.e. the run's temperature-scaled
+probability of the predicted class computed from the same embedding the run evaluates (the frozen
+path's cached, flip-averaged embedding; end-to-end runs embed the unflipped image). SHAP and the
+modality split explain that probability (or its log-odds with ``explain.shap_scale``):
+``shap_base_value + sum(shap) == model_output``, likewise for the modality split. Grad-CAM
+differentiates the predicted class's temperature-scaled logit of the same function of the image
+(the same flips), and the deletion / insertion / ROAD curves follow the same probability, so the
+probability in the CAM's own pass equals the displayed one (``explained_probability``, to 1e-5).
+
+This module computes; the report layer draws (figures, HTML, tables) and :func:`save_explanations`
+writes the maps and ``explanations.json``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,24 +27,41 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from ..config import replace
 from ..data.constants import CLASSES, PATIENT_FEATURES
 from ..data.ham10000 import load_mask
 from ..errors import ConfigError, DataError
 from ..io import atomic_write, safe_stem, write_json
 from ..runs import LoadedRun, RunInputs, load_run
-from .faithfulness import faithfulness_report, randomisation_check, randomised_cams
-from .gradcam import GradCamExplainer
+from .faithfulness import (
+    HIGHER_IS_BETTER,
+    MAP_NAMES,
+    BaselineMaps,
+    baseline_maps,
+    compare_to_baselines,
+    faithfulness_report,
+)
+from .gradcam import GradCamExplainer, LayerGeometry, ScoredMaps, layer_geometry, shown_view
 from .modality import ModalityAttribution, modality_shapley
+from .randomisation import CamSetup, StageResult, cascading_randomisation, random_logit_check
 from .results import CaseExplanation, CohortExplanation, FaithfulnessRow
-from .shap_groups import GroupShapExplainer
+from .selection import NAMED, select_by_outcome
+from .shap_groups import LINKS, GroupShapExplainer
 
 CAM_BATCH = 8
+PREDICT_BATCH = 256
 ASSETS = Path("cases") / "assets"
+GAMES_NOTE = (
+    "Why a feature's SHAP value and its modality value differ: they are exact Shapley values of two "
+    "different games. SHAP holds the image at the case's own embedding and lets only age, sex and "
+    "localization be absent (3 players); the modality split also lets the image be absent (4 players), so "
+    "a patient feature is also credited for what it adds when the image is missing."
+)
 
 
 @dataclass
 class CaseBatch:
-    """The selected cases: row numbers, normalised images, metadata, embeddings and targets."""
+    """The selected cases: row numbers, normalised images, metadata, embeddings, probabilities, targets."""
 
     rows: np.ndarray
     images: torch.Tensor
@@ -45,38 +69,55 @@ class CaseBatch:
     embeddings: torch.Tensor | None
     probs: np.ndarray
     targets: list[int]
+    selection: list[str]
 
 
-def select_cases(inputs: RunInputs, split: str, cases: Sequence[str] | None, n: int, seed: int) -> np.ndarray:
-    """Rows to explain: the named image ids, else ``n`` cases of ``split`` spread over the true classes."""
+def shown_flip_average(inputs: RunInputs) -> bool:
+    """Whether the displayed probability averages the embedding over flips (the frozen path's cache)."""
+    return inputs.cfg.train.mode == "frozen" and inputs.cfg.train.flip_average
+
+
+def displayed_probabilities(run: LoadedRun, rows: np.ndarray) -> np.ndarray:
+    """Calibrated class probabilities (N, C) of ``rows``: the head on the embeddings the run evaluates."""
+    inputs = run.inputs
+    out = []
+    for i in range(0, len(rows), PREDICT_BATCH):
+        part = rows[i : i + PREDICT_BATCH]
+        emb = inputs.embeddings_of(part)
+        meta = torch.from_numpy(inputs.meta[part]).to(inputs.device)
+        with torch.no_grad():
+            logits = inputs.model.forward_head(emb, meta) / run.temperature
+        out.append(torch.softmax(logits.double(), 1).cpu().numpy())
+    return np.concatenate(out) if out else np.empty((0, len(CLASSES)))
+
+
+def select_cases(
+    run: LoadedRun, split: str, cases: Sequence[str] | None, n: int, seed: int
+) -> tuple[np.ndarray, list[str]]:
+    """Rows to explain and why: the named image ids, else ``n`` cases of ``split`` by outcome
+    (:func:`~.selection.select_by_outcome`: a correct case per class, errors, least confident)."""
+    inputs = run.inputs
     ids = inputs.ham.metadata["image_id"]
     if cases:
         lookup = pd.Series(np.arange(len(ids)), index=ids.to_numpy())
         unknown = [c for c in cases if c not in lookup.index]
         if unknown:
             raise DataError(f"--cases: image id(s) not in the data: {', '.join(map(repr, unknown[:5]))}")
-        return lookup[list(dict.fromkeys(cases))].to_numpy()
+        rows = lookup[list(dict.fromkeys(cases))].to_numpy()
+        return rows, [NAMED] * len(rows)
     rows = inputs.indices(split)
-    rng = np.random.default_rng(seed)
-    by_class = [rng.permutation(rows[inputs.targets[rows] == k]).tolist() for k in range(len(CLASSES))]
-    picked: list[int] = []
-    while len(picked) < min(n, len(rows)):  # round-robin over classes: rare classes get cases too
-        for queue in by_class:
-            if queue and len(picked) < n:
-                picked.append(queue.pop())
-    return np.asarray(picked, dtype=np.int64)
+    picked, why = select_by_outcome(inputs.targets[rows], displayed_probabilities(run, rows), n, seed)
+    return rows[picked], why
 
 
-def load_cases(run: LoadedRun, rows: np.ndarray) -> CaseBatch:
-    """Images, metadata, embeddings and the calibrated prediction of each selected case."""
+def load_cases(run: LoadedRun, rows: np.ndarray, selection: list[str]) -> CaseBatch:
+    """Images, metadata, embeddings and the displayed (calibrated) prediction of each selected case."""
     inputs = run.inputs
     emb = inputs.embeddings_of(rows)
     meta = torch.from_numpy(inputs.meta[rows]).to(inputs.device)
-    with torch.no_grad():
-        logits = inputs.model.forward_head(emb, meta) / run.temperature
-    probs = torch.softmax(logits.float(), 1).cpu().numpy()
+    probs = displayed_probabilities(run, rows)
     images = inputs.normalized_images(rows) if inputs.model.uses_image else torch.empty(0)
-    return CaseBatch(rows, images, meta, emb, probs, probs.argmax(1).tolist())
+    return CaseBatch(rows, images, meta, emb, probs, probs.argmax(1).tolist(), selection)
 
 
 def background(inputs: RunInputs, size: int, seed: int) -> tuple[torch.Tensor | None, np.ndarray]:
@@ -86,21 +127,24 @@ def background(inputs: RunInputs, size: int, seed: int) -> tuple[torch.Tensor | 
     return inputs.embeddings_of(rows), inputs.meta[rows]
 
 
-def compute_cams(run: LoadedRun, batch: CaseBatch) -> np.ndarray | None:
-    """Grad-CAM maps (B, H, W) of the explained classes, in batches."""
-    inputs = run.inputs
-    if not inputs.model.uses_image:
-        return None
-    cfg = inputs.cfg.explain
-    with GradCamExplainer(inputs.model, cfg.method, cfg.target_layer or None) as cam:
-        return np.concatenate(
-            [
-                cam.explain(
-                    batch.images[i : i + CAM_BATCH], batch.meta[i : i + CAM_BATCH], batch.targets[i : i + CAM_BATCH]
-                )
-                for i in range(0, len(batch.rows), CAM_BATCH)
-            ]
-        )
+def cam_setup(run: LoadedRun) -> CamSetup:
+    """The CAM method and layer of the run, with the displayed prediction's flips and temperature."""
+    cfg = run.inputs.cfg.explain
+    return CamSetup(cfg.method, cfg.target_layer, shown_flip_average(run.inputs), run.temperature)
+
+
+def compute_cams(run: LoadedRun, images: torch.Tensor, meta: torch.Tensor, targets: list[int]) -> ScoredMaps:
+    """Maps (B, H, W) of ``targets`` and their explained probabilities, in batches."""
+    setup = cam_setup(run)
+    model = run.inputs.model
+    with GradCamExplainer(
+        model, setup.method, setup.target_layer or None, flip_average=setup.flip_average, temperature=setup.temperature
+    ) as cam:
+        parts = [
+            cam.explain_scored(images[i : i + CAM_BATCH], meta[i : i + CAM_BATCH], targets[i : i + CAM_BATCH])
+            for i in range(0, len(targets), CAM_BATCH)
+        ]
+    return ScoredMaps(np.concatenate([p.maps for p in parts]), np.concatenate([p.probabilities for p in parts]))
 
 
 def lesion_mask(inputs: RunInputs, row: int) -> np.ndarray | None:
@@ -114,39 +158,51 @@ def lesion_mask(inputs: RunInputs, row: int) -> np.ndarray | None:
     return load_mask(path, size=(width, height), expected_size=original)
 
 
-def faithfulness(run: LoadedRun, batch: CaseBatch, cams: np.ndarray | None) -> list[dict[str, Any]]:
-    """Deletion/insertion (and, with masks, pointing game and energy inside) for the first cases,
-    plus the model-randomisation rank correlation; {} for cases beyond the configured counts."""
+def training_masks(inputs: RunInputs, limit: int, seed: int) -> np.ndarray | None:
+    """Up to ``limit`` lesion masks of the training split (a seeded sample), (N, H, W) bool; None without."""
+    train = inputs.indices("train")
+    with_mask = train[inputs.ham.metadata["mask_path"].iloc[train].astype(bool).to_numpy()]
+    if not len(with_mask) or not limit:
+        return None
+    rows = np.random.default_rng(seed).choice(with_mask, size=min(limit, len(with_mask)), replace=False)
+    masks = [lesion_mask(inputs, int(r)) for r in np.sort(rows)]
+    return np.stack([m for m in masks if m is not None])
+
+
+def faithfulness(
+    run: LoadedRun, batch: CaseBatch, cams: np.ndarray, masks: list[np.ndarray | None], baselines: BaselineMaps
+) -> list[dict[str, dict[str, float]]]:
+    """Every measure of the CAM and each baseline map for the first ``explain.faithfulness_cases`` cases."""
     inputs, cfg = run.inputs, run.inputs.cfg.explain
-    out: list[dict[str, Any]] = [{} for _ in batch.rows]
-    if cams is None:
-        return out
+    setup = cam_setup(run)
+    shape = tuple(cams.shape[-2:])
+    reports = []
     for i in range(min(cfg.faithfulness_cases, len(batch.rows))):
-        report = faithfulness_report(
-            inputs.model,
-            batch.images[i],
-            batch.meta[i],
-            cams[i],
-            batch.targets[i],
-            mask=lesion_mask(inputs, int(batch.rows[i])),
-            steps=cfg.steps,
-            seed=cfg.seed,
+        predict = shown_view(inputs.model, setup.flip_average, setup.temperature, batch.meta[i : i + 1])
+        reports.append(
+            faithfulness_report(
+                predict,
+                batch.images[i],
+                {"cam": cams[i], **baselines.maps((shape[0], shape[1]), cfg.seed + i)},
+                batch.targets[i],
+                mask=masks[i],
+                steps=cfg.steps,
+                road_percentiles=cfg.road_percentiles,
+                seed=cfg.seed,
+            )
         )
-        out[i] = {f"{k}{'' if name == 'map' else '_' + name}": v for name, d in report.items() for k, v in d.items()}
+    return reports
+
+
+def sanity_checks(run: LoadedRun, batch: CaseBatch, cams: np.ndarray) -> tuple[list[StageResult], StageResult | None]:
+    """Cascading randomisation (from the head down) and the random-logit check on the first cases."""
+    cfg = run.inputs.cfg.explain
     k = min(cfg.randomisation_cases, len(batch.rows))
-    if k:
-        random_cams = randomised_cams(
-            inputs.model,
-            batch.images[:k],
-            batch.meta[:k],
-            batch.targets[:k],
-            method=cfg.method,
-            target_layer=cfg.target_layer or None,
-            seed=cfg.seed,
-        )
-        for i in range(k):
-            out[i]["randomisation_spearman"] = randomisation_check(cams[i], random_cams[i])
-    return out
+    if not k:
+        return [], None
+    args = (run.inputs.model, batch.images[:k], batch.meta[:k], batch.targets[:k], cams[:k], cam_setup(run))
+    stages = cascading_randomisation(*args, randomiser=cfg.randomiser, seed=cfg.seed)
+    return stages, random_logit_check(*args, num_classes=len(CLASSES), seed=cfg.seed)
 
 
 def _patient(meta_row: pd.Series) -> dict[str, str]:
@@ -171,6 +227,39 @@ class _Stopwatch:
         return result
 
 
+@dataclass
+class PixelSide:
+    """What the image side of a report computed: maps, masks, faithfulness, sanity checks, the layer."""
+
+    cams: ScoredMaps
+    runner_up: np.ndarray | None
+    masks: list[np.ndarray | None]
+    reports: list[dict[str, dict[str, float]]]
+    stages: list[StageResult]
+    random_logit: StageResult | None
+    geometry: LayerGeometry
+    baselines: BaselineMaps
+
+
+def explain_pixels(run: LoadedRun, batch: CaseBatch, timed: _Stopwatch) -> PixelSide | None:
+    """Grad-CAM of the explained and runner-up classes, faithfulness against baselines, sanity checks."""
+    inputs, cfg = run.inputs, run.inputs.cfg.explain
+    if not inputs.model.uses_image:
+        return None
+    cams = timed("gradcam", compute_cams, run, batch.images, batch.meta, batch.targets)
+    runner_up = None
+    if cfg.runner_up:
+        seconds = [int(np.argsort(-p)[1]) for p in batch.probs]
+        runner_up = timed("gradcam runner-up", compute_cams, run, batch.images, batch.meta, seconds).maps
+    masks = [lesion_mask(inputs, int(r)) for r in batch.rows]
+    height, width = inputs.cfg.data.image_size
+    geometry = layer_geometry(inputs.model, cfg.target_layer or None, (height, width))
+    priors = timed("baselines", baseline_maps, training_masks(inputs, cfg.prior_masks, cfg.seed), geometry.stride)
+    reports = timed("faithfulness", faithfulness, run, batch, cams.maps, masks, priors)
+    stages, logit = timed("randomisation", sanity_checks, run, batch, cams.maps)
+    return PixelSide(cams, runner_up, masks, reports, stages, logit, geometry, priors)
+
+
 def explain_run(
     run_dir: str | Path,
     *,
@@ -178,25 +267,30 @@ def explain_run(
     split: str = "test",
     cases: Sequence[str] | None = None,
     n: int | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> CohortExplanation:
-    """Explain cases of a trained run: maps, SHAP and modality values, faithfulness and provenance.
+    """Explain cases of a trained run: maps, SHAP and modality values, faithfulness, sanity checks, provenance.
 
-    ``n`` cases (default: the run's ``explain.n_cases``) unless ``cases`` names them.
+    ``n`` cases (default: the run's ``explain.n_cases``) unless ``cases`` names them; ``settings``
+    overrides keys of the run's ``explain`` section (e.g. ``{"faithfulness_cases": 100}``).
     """
     if n is not None and n < 1:
         raise ConfigError(f"n: the number of cases to explain must be >= 1, got {n}")
     run = load_run(run_dir, data)
+    if settings:
+        run.inputs.cfg = replace(run.inputs.cfg, explain=dict(settings))
     inputs, cfg = run.inputs, run.inputs.cfg.explain
-    rows = select_cases(inputs, split, cases, cfg.n_cases if n is None else n, cfg.seed)
-    batch = load_cases(run, rows)
     timed = _Stopwatch()
-    cams = timed("gradcam", compute_cams, run, batch)
+    rows, why = timed("selection", select_cases, run, split, cases, cfg.n_cases if n is None else n, cfg.seed)
+    batch = load_cases(run, rows, why)
+    pixels = explain_pixels(run, batch, timed)
     bg_emb, bg_meta = background(inputs, cfg.background_size, cfg.seed)
     groups = inputs.encoder.feature_groups_
     raw = inputs.ham.metadata.iloc[rows][list(PATIENT_FEATURES)].reset_index(drop=True)
+    game: dict[str, Any] = {"scale": cfg.shap_scale, "resamples": cfg.background_resamples, "seed": cfg.seed}
     shap_exp = timed(
         "shap",
-        lambda: GroupShapExplainer(inputs.model, bg_meta, groups, temperature=run.temperature).explain(
+        lambda: GroupShapExplainer(inputs.model, bg_meta, groups, temperature=run.temperature, **game).explain(
             batch.embeddings, batch.meta, batch.targets, raw=raw
         ),
     )
@@ -211,40 +305,54 @@ def explain_run(
             groups,
             batch.targets,
             temperature=run.temperature,
+            **game,
         ),
     )
-    faith = timed("faithfulness", faithfulness, run, batch, cams)
-    case_list = [_case(run, batch, i, cams, shap_exp, modality, faith[i]) for i in range(len(rows))]
-    return _cohort(run, split, case_list, shap_exp, timed.seconds)
+    case_list = [_case(run, batch, i, pixels, shap_exp, modality) for i in range(len(rows))]
+    return _cohort(run, split, case_list, shap_exp, pixels, timed.seconds)
+
+
+def _flat(report: Mapping[str, Mapping[str, float]]) -> dict[str, float | bool]:
+    """A case's faithfulness as flat keys: ``energy_inside`` (the CAM), ``energy_inside_centre`` ..."""
+    return {f"{k}{'' if name == 'cam' else '_' + name}": v for name, d in report.items() for k, v in d.items()}
 
 
 def _case(
     run: LoadedRun,
     batch: CaseBatch,
     i: int,
-    cams: np.ndarray | None,
+    pixels: PixelSide | None,
     shap_exp: Any,
     modality: ModalityAttribution,
-    faith: dict[str, Any],
 ) -> CaseExplanation:
     """The typed result of case ``i``."""
     row = int(batch.rows[i])
     row_meta = run.inputs.ham.metadata.iloc[row]
     target = batch.targets[i]
+    runner_up = int(np.argsort(-batch.probs[i])[1])
+    scale = run.inputs.cfg.explain.shap_scale
+    errors = np.zeros_like(modality.values) if modality.values_se is None else modality.values_se
     return CaseExplanation(
         image_id=str(row_meta["image_id"]),
         target_class=CLASSES[target],
         true_label=str(row_meta["dx"]),
+        selection=batch.selection[i],
         probabilities=dict(zip(CLASSES, map(float, batch.probs[i]), strict=True)),
+        explained_probability=None if pixels is None else float(pixels.cams.probabilities[i]),
         patient=_patient(row_meta),
         shap=dict(zip(shap_exp.feature_names, map(float, shap_exp.values[i]), strict=True)),
+        shap_error=dict(zip(shap_exp.feature_names, map(float, shap_exp.error_std[i]), strict=True)),
         shap_base_value=float(shap_exp.base_values[i]),
-        model_output=float(batch.probs[i][target]),
+        model_output=float(LINKS[scale](np.float64(batch.probs[i][target]))),
         modality=dict(zip(modality.players, map(float, modality.values[i]), strict=True)),
+        modality_error=dict(zip(modality.players, map(float, errors[i]), strict=True)),
         modality_base_value=float(modality.base_values[i]),
-        faithfulness=faith,
+        faithfulness=_flat(pixels.reports[i]) if pixels is not None and i < len(pixels.reports) else {},
+        runner_up_class=CLASSES[runner_up] if pixels is not None and pixels.runner_up is not None else None,
         pixels=np.array(run.inputs.images()[row]),
-        cam=None if cams is None else cams[i],
+        cam=None if pixels is None else pixels.cams.maps[i],
+        runner_up_cam=None if pixels is None or pixels.runner_up is None else pixels.runner_up[i],
+        mask=None if pixels is None else pixels.masks[i],
     )
 
 
@@ -260,51 +368,42 @@ def _shares(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     return {k: {p: v / max(sum(row.values()), 1e-12) for p, v in row.items()} for k, row in table.items()}
 
 
-def _mean_or_none(frame: pd.DataFrame, column: str) -> float | None:
-    value = frame[column].mean() if column in frame else float("nan")
-    return None if np.isnan(value) else float(value)
-
-
-def _faith_rows(cases: list[CaseExplanation]) -> list[FaithfulnessRow]:
-    """Mean of each faithfulness figure for the CAM and its random / centre baselines."""
-    frame = pd.DataFrame([c.faithfulness for c in cases if c.faithfulness])
-    if frame.empty:
-        return []
+def _faith_rows(reports: Sequence[Mapping[str, Mapping[str, float]]]) -> list[FaithfulnessRow]:
+    """Mean of each measure for the CAM and each baseline, with the number of cases."""
     notes = {
-        "deletion_auc": "lower is better",
-        "insertion_auc": "higher is better",
-        "pointing_game": "share of cases with the maximum inside the lesion",
-        "energy_inside": "share of map mass inside the lesion",
+        "energy_inside": "share of map mass inside the lesion; higher is better",
+        "pointing_game": "share of cases with the map's maximum inside the lesion; higher is better",
+        "deletion_auc": "probability left as the most salient pixels turn the image's mean colour; lower is better",
+        "insertion_auc": "probability as the most salient pixels return into a blurred image; higher is better",
+        "road": "ROAD (imputed removal): least- minus most-relevant-first drop, halved; higher is better",
     }
-    rows = [
-        FaithfulnessRow(
-            m,
-            _mean_or_none(frame, m),
-            _mean_or_none(frame, f"{m}_random"),
-            _mean_or_none(frame, f"{m}_centre"),
-            f"{note} (mean over {frame[m].notna().sum()} cases)",
-        )
-        for m, note in notes.items()
-        if m in frame
-    ]
-    if "randomisation_spearman" in frame:
+    rows = []
+    for metric in HIGHER_IS_BETTER:
+        with_metric = [r for r in reports if metric in r.get("cam", {})]
+        if not with_metric:
+            continue
+        names = [b for b in MAP_NAMES[1:] if all(b in r for r in with_metric)]
         rows.append(
             FaithfulnessRow(
-                "randomisation_spearman",
-                _mean_or_none(frame, "randomisation_spearman"),
-                note="rank correlation with the CAM of a re-initialised backbone: low = the map depends on the weights",
+                metric,
+                float(np.mean([r["cam"][metric] for r in with_metric])),
+                {b: float(np.mean([r[b][metric] for r in with_metric])) for b in names},
+                f"{notes[metric]} (mean over {len(with_metric)} cases)",
             )
         )
     return rows
 
 
-def _cohort(
-    run: LoadedRun, split: str, cases: list[CaseExplanation], shap_exp: Any, timings: dict[str, float]
-) -> CohortExplanation:
-    """The cohort summary: SHAP and modality tables, faithfulness, provenance."""
+def _class_counts(cases: list[CaseExplanation]) -> dict[str, int]:
+    counts = pd.Series([c.target_class for c in cases]).value_counts()
+    return {**{str(k): int(v) for k, v in counts.items()}, "all": len(cases)}
+
+
+def _provenance(run: LoadedRun, split: str, n_cases: int, pixels: PixelSide | None) -> dict[str, str]:
+    """Where the numbers come from: run, model, data, split, calibration, CAM layer, baselines, background."""
     inputs = run.inputs
     cfg = inputs.cfg
-    provenance = {
+    out = {
         "run": str(run.run_dir),
         "model": cfg.model.name,
         "backbone": cfg.model.backbone,
@@ -313,24 +412,80 @@ def _cohort(
         "data root": str(inputs.ham.root),
         "data fingerprint": inputs.ham.fingerprint[:16],
         "split": split,
-        "cases": str(len(cases)),
+        "cases": str(n_cases),
         "temperature": f"{run.temperature:.3f}",
+        "flip-averaged embedding": "yes (4 flips)" if shown_flip_average(inputs) else "no",
         "CAM method": cfg.explain.method,
-        "SHAP background": f"{cfg.explain.background_size} training cases (seed {cfg.explain.seed})",
+        "SHAP background": (
+            f"{min(cfg.explain.background_size, len(inputs.indices('train')))} training cases (seed "
+            f"{cfg.explain.seed}), ± = sd over {cfg.explain.background_resamples} bootstrap redraws"
+        ),
+        "SHAP scale": cfg.explain.shap_scale,
     }
+    if pixels is not None:
+        b = pixels.baselines
+        out["CAM layer"] = f"{pixels.geometry} at {cfg.data.image_size[0]}x{cfg.data.image_size[1]}"
+        out["baselines"] = (
+            f"mean of {b.n_masks} training masks; centre Gaussian sigma {b.centre_sigma:.2f} of each side "
+            f"({'fitted on those masks' if b.n_masks else 'default: no training masks'}); smooth random map "
+            f"(sigma {b.smooth_sigma:g} px = the layer's stride)"
+        )
+    return out
+
+
+def _notes(run: LoadedRun, cases: list[CaseExplanation], pixels: PixelSide | None) -> list[str]:
+    """What is explained, how exactly, and the measured gaps and errors."""
+    scale = run.inputs.cfg.explain.shap_scale
+    output = "probability" if scale == "probability" else "log-odds of the probability"
     notes = [
-        f"Explained output: the calibrated probability of the predicted class (temperature "
-        f"{run.temperature:.3f}). SHAP is exact over the 8 coalitions of age / sex / localization; the "
-        f"modality split is exact over the 16 coalitions of image / age / sex / localization."
+        f"Explained output: the calibrated (temperature {run.temperature:.3f}) {output} of the predicted class, "
+        f"computed from {'the 4-flip-averaged embedding' if shown_flip_average(run.inputs) else 'the image'} as "
+        "displayed. Grad-CAM differentiates that class's temperature-scaled logit of the same function of the "
+        "image; the deletion / insertion / ROAD curves follow the same probability.",
+        "SHAP is exact over the 8 coalitions of age / sex / localization; the modality split is exact over the "
+        "16 coalitions of image / age / sex / localization; ± is the background's sampling error.",
+        GAMES_NOTE,
     ]
+    gaps = [
+        abs(c.explained_probability - c.probabilities[c.target_class])
+        for c in cases
+        if c.explained_probability is not None
+    ]
+    if gaps:
+        notes.append(
+            "Largest gap between the explained and the displayed probability: "
+            f"{'<0.00001' if max(gaps) < 1e-5 else f'{max(gaps):.5f}'} (over {len(gaps)} cases)."
+        )
+    errors = [v for c in cases for v in [*c.shap_error.values(), *c.modality_error.values()]]
+    if errors:
+        notes.append(f"Largest background sampling error of a SHAP or modality value: ±{max(errors):.3f}.")
+    return notes
+
+
+def _cohort(
+    run: LoadedRun,
+    split: str,
+    cases: list[CaseExplanation],
+    shap_exp: Any,
+    pixels: PixelSide | None,
+    timings: dict[str, float],
+) -> CohortExplanation:
+    """The cohort summary: SHAP and modality tables, faithfulness with verdicts, sanity checks, provenance."""
+    cfg = run.inputs.cfg
+    reports = pixels.reports if pixels is not None else []
     return CohortExplanation(
         title=f"Explanations: {cfg.model.name} on {split}",
-        provenance=provenance,
+        provenance=_provenance(run, split, len(cases), pixels),
         cases=cases,
         mean_abs_shap=_mean_abs(cases, "shap"),
         modality_share=_shares(_mean_abs(cases, "modality")),
-        faithfulness=_faith_rows(cases),
-        notes=notes,
+        class_counts=_class_counts(cases),
+        faithfulness=_faith_rows(reports),
+        comparisons=compare_to_baselines(reports, n_boot=cfg.explain.bootstrap, seed=cfg.explain.seed),
+        randomisation=pixels.stages if pixels is not None else [],
+        random_logit=pixels.random_logit if pixels is not None else None,
+        shap_scale=cfg.explain.shap_scale,
+        notes=_notes(run, cases, pixels),
         timings=timings,
         shap_values=shap_exp,
     )

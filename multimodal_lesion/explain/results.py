@@ -6,30 +6,40 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .faithfulness import PairedComparison
+from .randomisation import StageResult
+
 
 @dataclass
 class CaseExplanation:
-    """One explained case: its prediction, patient, SHAP and modality values, faithfulness and map."""
+    """One explained case: its prediction, patient, SHAP and modality values, faithfulness and maps."""
 
     image_id: str
     target_class: str  # the explained class (the predicted one)
-    probabilities: dict[str, float]  # calibrated, per class
+    probabilities: dict[str, float]  # calibrated, per class: the displayed prediction
     true_label: str | None = None  # None when unknown
+    selection: str = ""  # why the case was picked: correct | error | least confident | named
+    explained_probability: float | None = None  # the explained class's probability in the CAM's own pass
     patient: dict[str, str] = field(default_factory=dict)  # feature -> value as shown
     shap: dict[str, float] = field(default_factory=dict)  # patient feature group -> SHAP value
+    shap_error: dict[str, float] = field(default_factory=dict)  # -> background sampling error (bootstrap sd)
     shap_base_value: float | None = None
     model_output: float | None = None  # the explained output: base + sum of SHAP
     modality: dict[str, float] = field(default_factory=dict)  # image / patient features -> Shapley value
+    modality_error: dict[str, float] = field(default_factory=dict)
     modality_base_value: float | None = None
     faithfulness: dict[str, float | bool] = field(default_factory=dict)
+    runner_up_class: str | None = None  # the second most probable class, mapped too
     cam_file: str | None = None  # the saved map, relative to the report folder
     pixels: np.ndarray | None = field(default=None, repr=False)  # uint8 (H, W, 3) as the model saw it
     cam: np.ndarray | None = field(default=None, repr=False)  # (H, W) in [0, 1]
+    runner_up_cam: np.ndarray | None = field(default=None, repr=False)  # (H, W) in [0, 1]
+    mask: np.ndarray | None = field(default=None, repr=False)  # (H, W) bool lesion mask, when the data has one
 
     def to_json(self) -> dict[str, Any]:
         """The case's entry of ``explanations.json``."""
@@ -37,13 +47,18 @@ class CaseExplanation:
             "image_id": self.image_id,
             "true_label": self.true_label,
             "target_class": self.target_class,
+            "selection": self.selection,
             "probabilities": self.probabilities,
+            "explained_probability": self.explained_probability,
             "shap": self.shap,
+            "shap_error": self.shap_error,
             "shap_base_value": self.shap_base_value,
             "model_output": self.model_output,
             "modality": self.modality,
+            "modality_error": self.modality_error,
             "modality_base_value": self.modality_base_value,
             "faithfulness": self.faithfulness,
+            "runner_up_class": self.runner_up_class,
             "cam": self.cam_file,
             "patient": self.patient,
         }
@@ -51,12 +66,11 @@ class CaseExplanation:
 
 @dataclass(frozen=True)
 class FaithfulnessRow:
-    """One faithfulness metric: the CAM's mean and its baselines' (None where a baseline does not apply)."""
+    """One faithfulness measure: the CAM's mean and each baseline's (by name) over the same cases."""
 
     metric: str
     cam: float | bool | None
-    random: float | bool | None = None
-    centre: float | bool | None = None
+    baselines: dict[str, float | None] = field(default_factory=dict)
     note: str = ""
 
 
@@ -69,7 +83,12 @@ class CohortExplanation:
     cases: list[CaseExplanation]
     mean_abs_shap: dict[str, dict[str, float]] = field(default_factory=dict)  # class (and "all") -> feature
     modality_share: dict[str, dict[str, float]] = field(default_factory=dict)  # class (and "all") -> player
+    class_counts: dict[str, int] = field(default_factory=dict)  # explained class (and "all") -> cases
     faithfulness: list[FaithfulnessRow] = field(default_factory=list)
+    comparisons: list[PairedComparison] = field(default_factory=list)  # CAM minus each baseline, paired
+    randomisation: list[StageResult] = field(default_factory=list)  # cascading, from the head down
+    random_logit: StageResult | None = None
+    shap_scale: str = "probability"
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     shap_values: Any = field(default=None, repr=False)  # shap.Explanation over the cases (cohort plots)
@@ -79,5 +98,30 @@ class CohortExplanation:
         return {
             "provenance": self.provenance,
             "timings_seconds": self.timings,
+            "shap_scale": self.shap_scale,
+            "comparisons": [asdict(c) for c in self.comparisons],
+            "randomisation": [stage_json(s) for s in self.randomisation],
+            "random_logit": stage_json(self.random_logit) if self.random_logit is not None else None,
             "cases": [c.to_json() for c in self.cases],
         }
+
+
+def stage_json(stage: StageResult) -> dict[str, Any]:
+    """A randomisation stage's summary and per-case similarities, JSON-ready (NaN as None)."""
+
+    def num(x: float) -> float | None:
+        return None if np.isnan(x) else float(x)
+
+    return {
+        "stage": stage.stage,
+        "verdict": stage.verdict,
+        "spearman": num(stage.spearman),
+        "ssim": num(stage.ssim),
+        "n": len(stage.cases),
+        "n_valid": stage.n_valid,
+        "invalid": stage.reasons(),
+        "cases": [
+            {"spearman": num(c.spearman), "ssim": num(c.ssim), "valid": c.valid, "reason": c.reason}
+            for c in stage.cases
+        ],
+    }

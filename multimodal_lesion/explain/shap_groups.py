@@ -4,15 +4,22 @@ Each patient feature is one player: its encoded columns (e.g. every ``localizati
 together. With three players all 2^3 coalitions are evaluated, so the values are exact Shapley values
 of the interventional game ``v(S) = mean_m f(embedding, meta_S ∪ background_m)``, where ``f`` is the
 softmax probability of the explained class from ``model.forward_head`` on the case's cached image
-embedding (the backbone never runs). Every coalition, background row and case goes through the head
-in a few batched calls. The coalition machinery here is shared with :mod:`.modality`.
+embedding (the backbone never runs), or its log-odds ``log(p / (1 - p))`` of the background-averaged
+probability with ``scale="log_odds"`` (shap's logit link). Every coalition, background row and case goes
+through the head in a few batched calls. The coalition machinery here is shared with :mod:`.modality`.
+
+The values are exact for the background drawn; the background itself is a sample, so each value
+comes with its sampling error: the standard deviation of the value over ``resamples`` bootstrap
+redraws of the background's rows (each coalition's per-row outputs are kept, so a redraw costs a
+weighted mean, not another forward pass).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from math import factorial
-from typing import overload
+from types import MappingProxyType
+from typing import Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -25,6 +32,24 @@ from ..models.fusion import LesionModel
 from .gradcam import preserved_state
 
 MAX_ROWS_PER_CALL = 32768  # (case, coalition, background row) triples per forward_head call
+Scale = Literal["probability", "log_odds"]
+LOGIT_EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] before the log-odds
+
+
+def _log_odds(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, LOGIT_EPS, 1 - LOGIT_EPS)
+    return np.log(p / (1 - p))
+
+
+#: How the background-averaged probability of a coalition becomes the explained value.
+LINKS = MappingProxyType({"probability": lambda p: p, "log_odds": _log_odds})
+
+
+def bootstrap_weights(n_rows: int, resamples: int, seed: int) -> np.ndarray:
+    """(1 + resamples, n_rows) row weights summing to 1: the background itself, then bootstrap redraws."""
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(n_rows, np.full(n_rows, 1 / n_rows), size=resamples) / n_rows
+    return np.vstack([np.full((1, n_rows), 1 / n_rows), draws])
 
 
 def coalition_masks(n_players: int) -> np.ndarray:
@@ -121,8 +146,10 @@ def coalition_probabilities(
     embedding_present: Tensor,
     meta_present: Tensor,
     temperature: float = 1.0,
+    weights: Tensor | None = None,
 ) -> Tensor:
-    """Class probabilities (B, K, C) of every coalition, averaged over the paired background rows.
+    """Class probabilities (R, B, K, C) of every coalition, averaged over the paired background rows
+    with each of the R rows of ``weights`` (R, M); None = the plain mean (R = 1).
 
     ``embedding_present`` (K,) and ``meta_present`` (K, D) say which inputs come from the case; the
     rest comes from background row m (embeddings: M rows or 1 row shared). Inputs the model ignores
@@ -132,6 +159,8 @@ def coalition_probabilities(
     if background_embeddings is not None and len(background_embeddings) == 1:
         background_embeddings = background_embeddings.expand(n_bg, -1)
     n_cases, n_coal = len(_given(embeddings, meta)), len(meta_present)
+    if weights is None:
+        weights = torch.full((1, n_bg), 1 / n_bg, device=meta_present.device)
     step = max(1, MAX_ROWS_PER_CALL // (n_coal * n_bg))
     out = []
     emb_present = embedding_present[:, None]
@@ -141,23 +170,24 @@ def coalition_probabilities(
         met = _mix(meta[sl] if meta is not None else None, background_meta, meta_present, n_bg)
         logits = model.forward_head(emb, met)
         probs = torch.softmax(logits / temperature, dim=-1)
-        out.append(probs.reshape(-1, n_coal, n_bg, probs.shape[-1]).mean(2))
-    return torch.cat(out)
+        per_row = probs.reshape(-1, n_coal, n_bg, probs.shape[-1]).double()
+        out.append(torch.einsum("bkmc,rm->rbkc", per_row, weights.to(per_row)))
+    return torch.cat(out, dim=1)
 
 
 def _pick(probs: Tensor, targets: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Values (B, K) of the explained class and the classes; None = the full coalition's argmax."""
+    """Values (R, B, K) of the explained class and the classes; None = the full coalition's argmax."""
     probs_np = probs.double().cpu().numpy()
-    n, c = probs_np.shape[0], probs_np.shape[-1]
+    n, c = probs_np.shape[1], probs_np.shape[-1]
     if targets is None:
-        chosen = probs_np[:, -1].argmax(-1)
+        chosen = probs_np[0, :, -1].argmax(-1)
     else:
         chosen = np.asarray(targets, dtype=np.int64).reshape(-1)
         if len(chosen) != n:
             raise ConfigError(f"{len(chosen)} targets given for {n} cases")
         if ((chosen < 0) | (chosen >= c)).any():
             raise ConfigError(f"target class {chosen[(chosen < 0) | (chosen >= c)][0]} out of range 0..{c - 1}")
-    return probs_np[np.arange(n), :, chosen], chosen
+    return probs_np[:, np.arange(n), :, chosen].transpose(1, 0, 2), chosen
 
 
 def exact_shapley(
@@ -171,12 +201,22 @@ def exact_shapley(
     masks: np.ndarray,
     targets: Sequence[int] | None,
     temperature: float = 1.0,
+    *,
+    scale: Scale = "probability",
+    resamples: int = 0,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Exact Shapley values over the players of ``masks`` (K, n): values, base, output, targets.
+    """Exact Shapley values over the players of ``masks`` (K, n): values, base, output, targets, and the
+    background's sampling error of each value and base (``values_se``, ``base_se``: the standard
+    deviation over ``resamples`` bootstrap redraws of the background rows; zeros when 0).
 
     The model runs in eval mode without gradients; its flags are restored afterwards.
     """
+    if scale not in LINKS:
+        raise ConfigError(f"explain.shap_scale: unknown scale '{scale}' (valid: {', '.join(LINKS)})")
     device = next(model.parameters()).device
+    n_bg = len(_given(background_meta, background_embeddings))
+    weights = torch.as_tensor(bootstrap_weights(n_bg, resamples, seed), device=device)
     with preserved_state(model), torch.no_grad():
         model.eval()
         probs = coalition_probabilities(
@@ -188,9 +228,20 @@ def exact_shapley(
             torch.as_tensor(embedding_present, device=device),
             torch.as_tensor(meta_present, device=device),
             temperature,
+            weights,
         )
-    v, chosen = _pick(probs, targets)
-    return {"values": shapley_values(v, masks.shape[1]), "base_values": v[:, 0], "outputs": v[:, -1], "targets": chosen}
+    v, chosen = _pick(probs, targets)  # (R, B, K)
+    v = LINKS[scale](v)
+    phi = np.stack([shapley_values(v_r, masks.shape[1]) for v_r in v])
+    spread = (lambda x: x[1:].std(0, ddof=1)) if resamples > 1 else (lambda x: np.zeros_like(x[0]))
+    return {
+        "values": phi[0],
+        "base_values": v[0, :, 0],
+        "outputs": v[0, :, -1],
+        "targets": chosen,
+        "values_se": spread(phi),
+        "base_se": spread(v[:, :, 0]),
+    }
 
 
 class GroupShapExplainer:
@@ -202,6 +253,10 @@ class GroupShapExplainer:
         groups: feature group -> encoded column indices (``MetadataEncoder.feature_groups_``); every
             column in exactly one group. The group order is the feature order of the explanation.
         temperature: logits are divided by it before the softmax (1 = raw probabilities).
+        scale: ``probability`` or ``log_odds`` of the explained class.
+        resamples: bootstrap redraws of the background for each value's sampling error
+            (``Explanation.error_std``); 0 = none.
+        seed: seed of the redraws.
     """
 
     def __init__(
@@ -211,6 +266,9 @@ class GroupShapExplainer:
         groups: Mapping[str, Sequence[int]],
         *,
         temperature: float = 1.0,
+        scale: Scale = "probability",
+        resamples: int = 0,
+        seed: int = 0,
     ) -> None:
         background_meta = np.asarray(background_meta, dtype=np.float32)
         if background_meta.ndim != 2 or len(background_meta) == 0:
@@ -219,6 +277,9 @@ class GroupShapExplainer:
         self.groups = check_groups(groups, background_meta.shape[1])
         self.background_meta = background_meta
         self.temperature = float(temperature)
+        self.scale: Scale = scale
+        self.resamples = int(resamples)
+        self.seed = int(seed)
 
     @property
     def feature_names(self) -> list[str]:
@@ -242,7 +303,8 @@ class GroupShapExplainer:
 
         ``targets`` None explains each case's predicted class. ``raw`` (B rows with the group names as
         columns, e.g. age/sex/localization) becomes the explanation's ``data`` for the plots.
-        ``base_values + values.sum(1)`` equals the explained probability.
+        ``base_values + values.sum(1)`` equals the explained probability (or its log-odds); the
+        background's sampling error of each value is ``error_std``.
         """
         meta_t = as_input_tensor(meta, self.model)
         if meta_t is None or meta_t.ndim != 2 or meta_t.shape[1] != self.background_meta.shape[1]:
@@ -264,12 +326,16 @@ class GroupShapExplainer:
             masks,
             targets,
             self.temperature,
+            scale=self.scale,
+            resamples=self.resamples,
+            seed=self.seed,
         )
         return shap.Explanation(
             values=res["values"],
             base_values=res["base_values"],
             data=self._data(raw, len(meta_t)),
             feature_names=self.feature_names,
+            error_std=res["values_se"],
         )
 
     def _data(self, raw: pd.DataFrame | None, n: int) -> np.ndarray | None:
@@ -285,9 +351,12 @@ class GroupShapExplainer:
 
 
 __all__ = [
+    "LINKS",
     "MAX_ROWS_PER_CALL",
     "GroupShapExplainer",
+    "Scale",
     "as_input_tensor",
+    "bootstrap_weights",
     "check_groups",
     "coalition_masks",
     "coalition_probabilities",

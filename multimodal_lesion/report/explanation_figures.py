@@ -1,9 +1,10 @@
-"""Figures of the explanation report: the case image, its Grad-CAM overlay, the SHAP waterfall, the
-modality split, and the cohort's beeswarm / bar / modality-by-class plots (PNG, written atomically)."""
+"""Figures of the explanation report: the case image, its Grad-CAM overlays (explained and runner-up
+class, lesion contour where there is a mask), the SHAP waterfall, the modality split, and the cohort's
+thumbnail grid, beeswarm / bar / modality-by-class plots and randomisation curve (PNG, written atomically)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import numpy as np
 from PIL import Image
 
 from ..data.constants import CLASS_NAMES
+from ..explain.randomisation import SIMILAR, StageResult
+from ..explain.results import CaseExplanation
 from ..io import atomic_write
 from .figures import new_figure, save_figure
 
@@ -22,12 +25,57 @@ def rgb_png(pixels: np.ndarray, path: str | Path) -> Path:
     return _save_image(Image.fromarray(pixels), path)
 
 
-def overlay_png(pixels: np.ndarray, cam: np.ndarray, path: str | Path, weight: float = 0.45) -> Path:
-    """The Grad-CAM map (H, W in [0, 1]) over the image, jet colour map (pytorch-grad-cam's overlay)."""
+def _overlay(pixels: np.ndarray, cam: np.ndarray, weight: float = 0.45) -> np.ndarray:
+    """The map (H, W in [0, 1]) over the image, jet colour map (pytorch-grad-cam's overlay), uint8."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     rgb = pixels.astype(np.float32) / 255.0
-    return _save_image(Image.fromarray(show_cam_on_image(rgb, cam, use_rgb=True, image_weight=1 - weight)), path)
+    return show_cam_on_image(rgb, cam, use_rgb=True, image_weight=1 - weight)
+
+
+def _contour(ax: Any, mask: np.ndarray | None) -> None:
+    if mask is not None and mask.any() and not mask.all():
+        ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.2)
+
+
+def overlay_png(
+    pixels: np.ndarray, cam: np.ndarray, path: str | Path, title: str = "", mask: np.ndarray | None = None
+) -> Path:
+    """The Grad-CAM map over the image with a colour bar and the lesion's contour (white) when known."""
+    import matplotlib as mpl
+
+    fig = new_figure((4.6, 3.3))
+    ax = fig.subplots()
+    ax.imshow(_overlay(pixels, cam))
+    _contour(ax, mask)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(mpl.cm.ScalarMappable(mpl.colors.Normalize(0, 1), "jet"), ax=ax, shrink=0.8, label="CAM (scaled)")
+    return save_figure(fig, path, dpi=100)
+
+
+def cohort_grid_png(cases: Sequence[CaseExplanation], path: str | Path, per_row: int = 4) -> Path:
+    """Thumbnails of every case with a map: the image and its CAM, the lesion contour where there is a
+    mask, titled with the selection, truth, prediction and probability; one shared colour bar."""
+    import matplotlib as mpl
+
+    shown = [c for c in cases if c.pixels is not None and c.cam is not None]
+    rows = max(1, -(-len(shown) // per_row))
+    fig = new_figure((2.2 * 2 * per_row, 2.0 * rows + 0.4))
+    axes = np.atleast_2d(fig.subplots(rows, 2 * per_row, squeeze=False))
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for k, case in enumerate(shown):
+        left, right = axes[k // per_row, 2 * (k % per_row)], axes[k // per_row, 2 * (k % per_row) + 1]
+        left.imshow(case.pixels)
+        right.imshow(_overlay(case.pixels, case.cam))  # type: ignore[arg-type]
+        for ax in (left, right):
+            _contour(ax, case.mask)
+        p = case.probabilities.get(case.target_class, float("nan"))
+        left.set_title(f"{case.selection}: {case.true_label} → {case.target_class}", fontsize=7)
+        right.set_title(f"CAM, p = {'<0.001' if p < 1e-3 else f'{p:.3f}'}", fontsize=7)
+    fig.colorbar(mpl.cm.ScalarMappable(mpl.colors.Normalize(0, 1), "jet"), ax=axes, shrink=0.6, label="CAM (scaled)")
+    return save_figure(fig, path, dpi=90)
 
 
 def _save_image(img: Image.Image, path: str | Path) -> Path:
@@ -88,6 +136,37 @@ def modality_bar_png(values: Mapping[str, float], path: str | Path, target: str)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel(f"Shapley value (change in P({target}))")
     ax.set_title("Where this prediction came from: image vs patient features")
+    return save_figure(fig, path)
+
+
+def randomisation_png(stages: Sequence[StageResult], random_logit: StageResult | None, path: str | Path) -> Path:
+    """Cascading randomisation: mean Spearman and SSIM of each stage's maps with the trained maps, from
+    the head down; stages where most randomised models were invalid are marked with a red cross."""
+    fig = new_figure((7.5, 3.4))
+    ax = fig.subplots()
+    x = np.arange(len(stages))
+    for attr, colour in (("spearman", "#4c72b0"), ("ssim", "#dd8452")):
+        ax.plot(x, [getattr(s, attr) for s in stages], "o-", color=colour, label=attr if attr == "ssim" else "Spearman")
+    invalid = [i for i, s in enumerate(stages) if s.verdict == "invalid"]
+    if invalid:
+        ax.plot(
+            invalid,
+            [0.0] * len(invalid),
+            "x",
+            color="#b3452f",
+            ms=10,
+            mew=2,
+            label="invalid (dead model / constant map)",
+        )
+    if random_logit is not None and random_logit.n_valid:
+        ax.axhline(random_logit.spearman, color="#55a868", ls=":", label="random logit (Spearman)")
+    ax.axhline(SIMILAR, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(x, [s.stage for s in stages], rotation=40, ha="right", fontsize=8)
+    ax.set_ylim(-0.3, 1.05)
+    ax.set_ylabel("similarity to the trained map")
+    ax.set_xlabel("randomised down to (cumulative, from the head)")
+    ax.set_title("Cascading model randomisation")
+    ax.legend(fontsize=7, loc="upper right")
     return save_figure(fig, path)
 
 

@@ -8,9 +8,11 @@ from ..explain.results import CohortExplanation
 from ..io import safe_stem
 from .explanation_figures import (
     beeswarm_png,
+    cohort_grid_png,
     modality_bar_png,
     modality_by_class_png,
     overlay_png,
+    randomisation_png,
     rgb_png,
     shap_bar_png,
     waterfall_png,
@@ -19,7 +21,7 @@ from .html import ReportFigures
 
 
 def draw_explanation_figures(out: str | Path, cohort: CohortExplanation) -> ReportFigures:
-    """Draw every case's image, CAM overlay, SHAP waterfall and modality bars, and the cohort plots."""
+    """Draw every case's image, CAM overlays, SHAP waterfall and modality bars, and the cohort plots."""
     out = Path(out)
     assets = out / "cases" / "assets"
     figures = ReportFigures()
@@ -29,7 +31,17 @@ def draw_explanation_figures(out: str | Path, cohort: CohortExplanation) -> Repo
         if case.pixels is not None:
             drawn["image"] = rgb_png(case.pixels, assets / f"{stem}_image.png")
             if case.cam is not None:
-                drawn["overlay"] = overlay_png(case.pixels, case.cam, assets / f"{stem}_overlay.png")
+                drawn["overlay"] = overlay_png(
+                    case.pixels, case.cam, assets / f"{stem}_overlay.png", f"explained: {case.target_class}", case.mask
+                )
+            if case.runner_up_cam is not None:
+                drawn["runner_up"] = overlay_png(
+                    case.pixels,
+                    case.runner_up_cam,
+                    assets / f"{stem}_runner_up.png",
+                    f"runner-up: {case.runner_up_class}",
+                    case.mask,
+                )
         if cohort.shap_values is not None:
             drawn["waterfall"] = waterfall_png(
                 cohort.shap_values[i], assets / f"{stem}_waterfall.png", case.target_class
@@ -38,6 +50,12 @@ def draw_explanation_figures(out: str | Path, cohort: CohortExplanation) -> Repo
             drawn["modality"] = modality_bar_png(case.modality, assets / f"{stem}_modality.png", case.target_class)
         figures.cases[case.image_id] = drawn
     folder = out / "figures"
+    if any(c.cam is not None and c.pixels is not None for c in cohort.cases):
+        figures.cohort["cohort_grid"] = cohort_grid_png(cohort.cases, folder / "cohort_grid.png")
+    if cohort.randomisation:
+        figures.cohort["randomisation"] = randomisation_png(
+            cohort.randomisation, cohort.random_logit, folder / "randomisation.png"
+        )
     if cohort.shap_values is not None:
         figures.cohort["beeswarm"] = beeswarm_png(cohort.shap_values, folder / "beeswarm.png")
         figures.cohort["shap_bar"] = shap_bar_png(cohort.shap_values, folder / "shap_bar.png")

@@ -32,20 +32,31 @@ from typing import Any
 from .. import __version__
 from ..data.constants import CLASS_NAMES, CLASSES
 from ..errors import DataError
+from ..explain.faithfulness import PairedComparison
+from ..explain.randomisation import StageResult
 from ..explain.results import CaseExplanation, CohortExplanation, FaithfulnessRow
 from ..io import atomic_write, safe_stem
 
 #: Figure names in the order they appear, with their captions; other names follow, humanised.
 CASE_FIGURES: dict[str, str] = {
     "image": "Dermoscopic image",
-    "overlay": "Grad-CAM overlay for the explained class",
+    "overlay": "Grad-CAM of the explained class (white line: the lesion's contour, where a mask exists)",
+    "runner_up": "Grad-CAM of the runner-up class: the differential",
     "waterfall": "SHAP waterfall of the patient features",
     "modality": "Image versus patient features (exact Shapley values)",
 }
 COHORT_FIGURES: dict[str, str] = {
+    "cohort_grid": "Every explained case: the image and its Grad-CAM (white line: lesion contour)",
+    "randomisation": "Cascading model randomisation: similarity of each stage's maps to the trained maps",
     "beeswarm": "SHAP beeswarm of the patient features",
     "shap_bar": "Mean |SHAP| per patient feature",
     "modality_by_class": "Image versus metadata share of |attribution|, per class",
+}
+#: Names of the baseline maps, as the faithfulness tables show them.
+BASELINE_LABELS: dict[str, str] = {
+    "mean_mask": "Mean training mask",
+    "centre": "Centre prior (fitted)",
+    "smooth_random": "Smooth random map",
 }
 #: Image formats accepted for embedding, by file signature (the MIME type never comes from data).
 IMAGE_SIGNATURES: dict[bytes, str] = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
@@ -132,7 +143,8 @@ def _float(value: Any, where: str) -> float:
 
 
 def _num(value: Any, signed: bool = False) -> str:
-    """A number for display: 3 decimals (scientific when tiny), bools as yes/no, None as a dash."""
+    """A number for display: 3 decimals, never scientific (a positive value below 0.001 reads
+    ``<0.001``), bools as yes/no, None as a dash."""
     if value is None:
         return "\u2014"
     if isinstance(value, bool) or type(value).__name__ == "bool_":
@@ -144,8 +156,14 @@ def _num(value: Any, signed: bool = False) -> str:
     x = float(value)
     if math.isnan(x):
         return "n/a"
-    sign = "+" if signed else ""
-    return f"{x:{sign}.2e}" if 0 < abs(x) < 1e-3 else f"{x:{sign}.3f}"
+    if signed:
+        return f"{x:+.3f}"
+    return "<0.001" if 0 < x < 1e-3 else f"{x:.3f}"
+
+
+def _plus_minus(value: Any) -> str:
+    """A sampling error as ``±0.004`` (empty when unknown)."""
+    return "" if value is None else f"±{_num(abs(float(value)))}"
 
 
 def _clip01(x: float) -> float:
@@ -240,8 +258,8 @@ def _case_view(
     probs = _probabilities(case.probabilities, where)
     predicted = max(probs, key=probs.__getitem__) if probs else None
     true_label = None if case.true_label is None else _text(case.true_label)
-    shap_rows = _shap_rows(case.shap or {}, case.patient or {}, where)
-    modality = _share_rows(case.modality or {}, where)
+    shap_rows = _shap_rows(case.shap or {}, case.patient or {}, where, case.shap_error or {})
+    modality = _share_rows(case.modality or {}, where, case.modality_error or {})
     return {
         "page": page,
         "image_id": _text(case.image_id),
@@ -250,6 +268,9 @@ def _case_view(
         "probability": _num(probs.get(predicted)) if predicted else "\u2014",
         "probability_width": _percent(probs.get(predicted, 0.0) if predicted is not None else 0.0),
         "true_label": class_label(true_label),
+        "selection": _text(case.selection),
+        "explained_probability": _num(case.explained_probability),
+        "runner_up": class_label(case.runner_up_class) if case.runner_up_class else None,
         "known_truth": true_label is not None,
         "correct": true_label is not None and true_label == predicted,
         "prob_rows": _prob_rows(probs, predicted, true_label),
@@ -290,8 +311,11 @@ def _prob_rows(probs: Mapping[str, float], predicted: str | None, true_label: st
     ]
 
 
-def _shap_rows(shap: Mapping[str, Any], patient: Mapping[str, Any], where: str) -> list[dict]:
-    """SHAP value per patient-feature group with the patient's value and a diverging bar."""
+def _shap_rows(
+    shap: Mapping[str, Any], patient: Mapping[str, Any], where: str, errors: Mapping[str, Any] | None = None
+) -> list[dict]:
+    """SHAP value per patient-feature group with its sampling error, the patient's value and a diverging bar."""
+    errors = {_text(k): v for k, v in (errors or {}).items()}
     values = {_text(k): _float(v, f"{where}: shap[{_text(k)!r}]") for k, v in shap.items()}
     scale = max((abs(v) for v in values.values() if math.isfinite(v)), default=0.0) or 1.0
     patient = {_text(k): _text(v) for k, v in patient.items()}
@@ -300,6 +324,7 @@ def _shap_rows(shap: Mapping[str, Any], patient: Mapping[str, Any], where: str) 
             "name": k,
             "patient": patient.get(k, ""),
             "value": _num(v, signed=True),
+            "error": _plus_minus(errors.get(k)),
             "raw": v,
             "width": _percent(abs(v) / scale),
             "positive": v >= 0,
@@ -325,14 +350,16 @@ def _shap_total(case: CaseExplanation, where: str) -> str:
     return _num(total + sum(_float(v, f"{where}: shap") for v in case.shap.values()))
 
 
-def _share_rows(values: Mapping[str, Any], where: str) -> list[dict]:
-    """Players with their attribution and share of the total |attribution|."""
+def _share_rows(values: Mapping[str, Any], where: str, errors: Mapping[str, Any] | None = None) -> list[dict]:
+    """Players with their attribution, its sampling error and share of the total |attribution|."""
+    errors = {_text(k): v for k, v in (errors or {}).items()}
     values = {_text(k): _float(v, f"{where}: modality[{_text(k)!r}]") for k, v in values.items()}
     total = sum(abs(v) for v in values.values() if math.isfinite(v))
     return [
         {
             "name": k,
             "value": _num(v, signed=True),
+            "error": _plus_minus(errors.get(k)),
             "share": abs(v) / total if total else 0.0,
             "share_text": f"{abs(v) / total:.0%}" if total else "\u2014",
             "width": _percent(abs(v) / total if total else 0.0),
@@ -360,9 +387,14 @@ def _cohort_view(cohort: CohortExplanation, figures: Mapping[str, Any], cases: S
         "n_correct": sum(c["correct"] for c in cases),
         "n_known": sum(c["known_truth"] for c in cases),
         "provenance": [{"key": _text(k), "value": _text(v)} for k, v in (cohort.provenance or {}).items()],
-        "shap": _heat_table(cohort.mean_abs_shap or {}),
-        "modality": _modality_table(cohort.modality_share or {}),
-        "faithfulness": [_faith_row(r, j) for j, r in enumerate(cohort.faithfulness or [])],
+        "shap": _heat_table(cohort.mean_abs_shap or {}, cohort.class_counts),
+        "modality": _modality_table(cohort.modality_share or {}, cohort.class_counts),
+        "shap_scale": "log-odds" if cohort.shap_scale == "log_odds" else "probability",
+        "faithfulness": _faith_table(cohort.faithfulness or []),
+        "comparisons": [_comparison_row(c, j) for j, c in enumerate(cohort.comparisons or [])],
+        "n_worse": sum(c.verdict == "worse" for c in cohort.comparisons or []),
+        "randomisation": [_stage_row(s) for s in cohort.randomisation or []],
+        "random_logit": _stage_row(cohort.random_logit) if cohort.random_logit is not None else None,
         "figures": _figures(figures, COHORT_FIGURES, "cohort"),
         "notes": [_text(n) for n in cohort.notes or []] + _timing_notes(cohort.timings, len(cases)),
     }
@@ -375,8 +407,13 @@ def _timing_notes(timings: Mapping[str, float], n_cases: int) -> list[str]:
     return ["Seconds per case: " + ", ".join(f"{k} {v / n_cases:.3f}" for k, v in timings.items())]
 
 
-def _heat_table(table: Mapping[str, Mapping[str, Any]]) -> dict:
-    """Mean |SHAP|: rows = classes (``all`` last), columns = features, cells shaded by value."""
+def _count(counts: Mapping[str, int] | None, key: str) -> str:
+    """The number of cases behind a per-class row (a dash when unknown)."""
+    return str(counts[key]) if counts and key in counts else "\u2014"
+
+
+def _heat_table(table: Mapping[str, Mapping[str, Any]], counts: Mapping[str, int] | None = None) -> dict:
+    """Mean |SHAP|: rows = classes (``all`` last) with their n, columns = features, cells shaded by value."""
     table = {_text(k): v for k, v in table.items()}
     features = _union(table.values())
     values = {
@@ -388,6 +425,7 @@ def _heat_table(table: Mapping[str, Mapping[str, Any]]) -> dict:
     rows = [
         {
             "label": _row_label(c),
+            "n": _count(counts, c),
             "summary": c == ALL_KEY,
             "cells": [
                 {"value": _num(values.get((c, f))), "alpha": f"{_clip01(values.get((c, f), 0.0) / top) * 0.55:.3f}"}
@@ -399,8 +437,8 @@ def _heat_table(table: Mapping[str, Mapping[str, Any]]) -> dict:
     return {"columns": features, "rows": rows}
 
 
-def _modality_table(table: Mapping[str, Mapping[str, Any]]) -> dict:
-    """Modality share: rows = classes, columns = players, plus a stacked bar per row."""
+def _modality_table(table: Mapping[str, Mapping[str, Any]], counts: Mapping[str, int] | None = None) -> dict:
+    """Modality share: rows = classes with their n, columns = players, plus a stacked bar per row."""
     table = {_text(k): v for k, v in table.items()}
     players = _union(table.values())
     rows = []
@@ -410,18 +448,57 @@ def _modality_table(table: Mapping[str, Mapping[str, Any]]) -> dict:
             {"player": p, "width": _percent(shares.get(p, 0.0)), "seg": j % 6, "text": _num(shares.get(p))}
             for j, p in enumerate(players)
         ]
-        rows.append({"label": _row_label(c), "summary": c == ALL_KEY, "segs": segs})
+        rows.append({"label": _row_label(c), "n": _count(counts, c), "summary": c == ALL_KEY, "segs": segs})
     return {"columns": [{"name": p, "seg": j % 6} for j, p in enumerate(players)], "rows": rows}
 
 
-def _faith_row(row: Any, j: int) -> dict:
-    """One faithfulness metric with its baselines."""
-    if not isinstance(row, FaithfulnessRow):
-        raise DataError(f"cohort: faithfulness[{j}] must be a FaithfulnessRow, got {type(row).__name__}")
+def _faith_table(rows: Sequence[Any]) -> dict:
+    """Mean of each faithfulness measure for the CAM and each baseline (columns = the baselines seen)."""
+    for j, row in enumerate(rows):
+        if not isinstance(row, FaithfulnessRow):
+            raise DataError(f"cohort: faithfulness[{j}] must be a FaithfulnessRow, got {type(row).__name__}")
+    names = _union(r.baselines for r in rows)
+    return {
+        "columns": [BASELINE_LABELS.get(n, n) for n in names],
+        "rows": [
+            {
+                "metric": _text(r.metric),
+                "cam": _num(r.cam),
+                "baselines": [_num(r.baselines.get(n)) for n in names],
+                "note": _text(r.note),
+            }
+            for r in rows
+        ],
+    }
+
+
+def _comparison_row(row: Any, j: int) -> dict:
+    """CAM minus one baseline on one measure: paired mean difference, its CI and the verdict."""
+    if not isinstance(row, PairedComparison):
+        raise DataError(f"cohort: comparisons[{j}] must be a PairedComparison, got {type(row).__name__}")
     return {
         "metric": _text(row.metric),
+        "baseline": BASELINE_LABELS.get(row.baseline, _text(row.baseline)),
+        "n": str(row.n),
         "cam": _num(row.cam),
-        "random": _num(row.random),
-        "centre": _num(row.centre),
-        "note": _text(row.note),
+        "other": _num(row.baseline_value),
+        "diff": _num(row.diff, signed=True),
+        "ci": f"[{_num(row.ci_low, signed=True)}, {_num(row.ci_high, signed=True)}]",
+        "verdict": _text(row.verdict),
+        "css": {"better": "ok", "worse": "bad verdict-worse"}.get(row.verdict, "muted"),
+    }
+
+
+def _stage_row(stage: Any) -> dict:
+    """One randomisation stage: mean Spearman and SSIM over the valid cases, the invalid ones, the verdict."""
+    if not isinstance(stage, StageResult):
+        raise DataError(f"cohort: randomisation stages must be StageResult, got {type(stage).__name__}")
+    return {
+        "stage": _text(stage.stage),
+        "spearman": _num(stage.spearman, signed=True),
+        "ssim": _num(stage.ssim, signed=True),
+        "valid": f"{stage.n_valid} of {len(stage.cases)}",
+        "invalid": stage.reasons() or "\u2014",
+        "verdict": stage.verdict,
+        "css": {"changed": "ok", "unchanged": "bad", "invalid": "bad"}.get(stage.verdict, "muted"),
     }
