@@ -64,6 +64,7 @@ def explain_run(
 
     t0 = time.perf_counter()
     cohort = explain(run_dir, data=data, split=split, cases=cases, n=n, settings=settings)
+    add_prediction_sets(run_dir, cohort)
     t1 = time.perf_counter()
     figures = draw_explanation_figures(out, cohort)
     cohort.timings["figures"] = time.perf_counter() - t1
@@ -75,6 +76,28 @@ def explain_run(
         per = ", ".join(f"{name} {v / k:.3f}" for name, v in cohort.timings.items())
         print(f"explained {k} cases in {total:.1f} s ({total / k:.2f} s per case; per case: {per})")
     return index
+
+
+def add_prediction_sets(run_dir: str | Path, cohort: Any) -> None:
+    """Give every explained case its conformal prediction sets, calibrated on the run's val predictions."""
+    from .runs import RunFolder
+    from .training.uncertainty import ConformalSets
+
+    folder = RunFolder(run_dir)
+    u = folder.read_config().uncertainty
+    y_val, p_val = folder.read_predictions("val")
+    conformal = ConformalSets(u.conformal_score, u.levels, u.class_conditional).fit(p_val, y_val)
+    for case in cohort.cases:
+        classes = list(case.probabilities)
+        sets = conformal.predict(np.asarray([list(case.probabilities.values())]))[0]
+        case.prediction_sets = _named_sets(sets, classes, u.levels)
+
+
+def _named_sets(sets: np.ndarray, classes: list[str], levels: Sequence[float]) -> dict[str, list[str]]:
+    """One case's sets (C, L) as level -> the classes in the set."""
+    return {
+        f"{lv:.2f}": [c for c, keep in zip(classes, sets[:, k], strict=True) if keep] for k, lv in enumerate(levels)
+    }
 
 
 def predict(
@@ -90,8 +113,8 @@ def predict(
     The sets are calibrated on the run's validation predictions (``predictions_val.csv``) as
     configured in ``[uncertainty]``; they hold the true class with the target probability.
     """
-    from .runs import RunFolder, predict_case
-    from .training.uncertainty import ConformalSets, tta_spread
+    from .runs import RunFolder, predict_case, tta_spread
+    from .training.uncertainty import ConformalSets
 
     folder = RunFolder(run_dir)
     prediction = predict_case(run_dir, image, age, sex, localization, balanced)

@@ -19,6 +19,7 @@ from multimodal_lesion.data.constants import CLASSES as CLASSES
 from multimodal_lesion.data.encoder import MetadataEncoder
 from multimodal_lesion.data.patient import read_patient
 from multimodal_lesion.data.sampling import EpochSampler, MetaDropout, TensorBatches
+from multimodal_lesion.runs import tta_spread
 from multimodal_lesion.training.audit import subgroup_audit
 from multimodal_lesion.training.metrics import expected_calibration_error
 from multimodal_lesion.training.uncertainty import (
@@ -29,7 +30,6 @@ from multimodal_lesion.training.uncertainty import (
     nonconformity,
     risk_coverage,
     set_metrics,
-    tta_spread,
 )
 
 PRIOR = np.array([0.55, 0.2, 0.1, 0.08, 0.04, 0.02, 0.01])
@@ -287,3 +287,21 @@ def test_an_ablation_scores_the_ensemble_of_its_seeds_against_each_seed(tiny_ham
     compared = pd.read_csv(paths["ensemble_comparison"])
     assert set(compared.metric) >= {"accuracy", "nll", "ece", "set_size"} and (compared["n"] == 3).all()
     assert "single seed" in Path(paths["ensembles_md"]).read_text()
+
+
+def test_each_case_page_shows_its_sets_spread_and_what_if(end2end_run, tmp_path: Path) -> None:
+    from multimodal_lesion.training.uncertainty import ConformalSets
+    from multimodal_lesion.workflows import explain_run
+
+    index = explain_run(end2end_run.folder, tmp_path / "report", n=2, show=False)
+    cases = json.loads((tmp_path / "report" / "explanations.json").read_text())["cases"]
+    folder_val = pd.read_csv(end2end_run.folder / "predictions_val.csv")
+    y_val = folder_val["target"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    conformal = ConformalSets().fit(folder_val[[f"p_{c}" for c in CLASSES]].to_numpy(), y_val)
+    for case in cases:
+        expected = conformal.predict(np.asarray([[case["probabilities"][c] for c in CLASSES]]))[0]
+        assert case["prediction_sets"]["0.90"] == [c for c, keep in zip(CLASSES, expected[:, 0], strict=True) if keep]
+        assert case["tta_spread"] >= 0 and set(case["what_if"]["values"]) == {"age", "sex", "localization"}
+        page = (index.parent / "cases").glob(f"{case['image_id']}*.html")
+        html = next(page).read_text()
+        assert "Prediction set, 90% coverage" in html and "What if" in html

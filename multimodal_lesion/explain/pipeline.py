@@ -32,7 +32,7 @@ from ..data.constants import CLASSES, PATIENT_FEATURES
 from ..data.ham10000 import load_mask
 from ..errors import ConfigError, DataError
 from ..io import atomic_write, safe_stem, write_json
-from ..runs import LoadedRun, RunInputs, load_run
+from ..runs import LoadedRun, RunInputs, load_run, tta_spread, view_probabilities
 from .faithfulness import (
     HIGHER_IS_BETTER,
     MAP_NAMES,
@@ -47,6 +47,7 @@ from .randomisation import CamSetup, StageResult, cascading_randomisation, rando
 from .results import CaseExplanation, CohortExplanation, FaithfulnessRow
 from .selection import NAMED, select_by_outcome
 from .shap_groups import LINKS, GroupShapExplainer
+from .whatif import WhatIf, what_if
 
 CAM_BATCH = 8
 PREDICT_BATCH = 256
@@ -308,8 +309,40 @@ def explain_run(
             **game,
         ),
     )
+    spreads = timed("tta spread", tta_spreads, run, batch)
+    what_ifs = timed("what-if", case_what_ifs, run, batch)
     case_list = [_case(run, batch, i, pixels, shap_exp, modality) for i in range(len(rows))]
+    for i, case in enumerate(case_list):
+        case.tta_spread = None if spreads is None else float(spreads[i])
+        case.what_if = what_ifs[i]
     return _cohort(run, split, case_list, shap_exp, pixels, timed.seconds)
+
+
+def tta_spreads(run: LoadedRun, batch: CaseBatch) -> np.ndarray | None:
+    """Per case, the spread over its flipped views of the predicted class's probability (None: no image)."""
+    if not run.inputs.model.uses_image or len(batch.rows) == 0:
+        return None
+    return tta_spread(view_probabilities(run.inputs.model, batch.images, batch.meta, run.temperature))
+
+
+def case_what_ifs(run: LoadedRun, batch: CaseBatch) -> list[WhatIf | None]:
+    """Per case, its calibrated prediction across each patient feature's values (None: no metadata)."""
+    inputs = run.inputs
+    if not inputs.model.uses_meta:
+        return [None] * len(batch.rows)
+    raw = inputs.ham.metadata.iloc[batch.rows][list(PATIENT_FEATURES)].reset_index(drop=True)
+    embeddings = batch.embeddings
+    return [
+        what_if(
+            inputs.model,
+            inputs.encoder,
+            raw.iloc[[i]].reset_index(drop=True),
+            None if embeddings is None else embeddings[i : i + 1],
+            run.temperature,
+            CLASSES,
+        )
+        for i in range(len(batch.rows))
+    ]
 
 
 def _flat(report: Mapping[str, Mapping[str, float]]) -> dict[str, float | bool]:

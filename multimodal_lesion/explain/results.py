@@ -13,6 +13,7 @@ import numpy as np
 
 from .faithfulness import PairedComparison
 from .randomisation import StageResult
+from .whatif import WhatIf
 
 
 @dataclass
@@ -35,6 +36,9 @@ class CaseExplanation:
     modality_base_value: float | None = None
     faithfulness: dict[str, float | bool] = field(default_factory=dict)
     runner_up_class: str | None = None  # the second most probable class, mapped too
+    prediction_sets: dict[str, list[str]] = field(default_factory=dict)  # level -> classes (conformal, fitted on val)
+    tta_spread: float | None = None  # sd over the image's flips of the predicted class's probability
+    what_if: WhatIf | None = None  # the prediction across each patient feature's values
     cam_file: str | None = None  # the saved map, relative to the report folder
     pixels: np.ndarray | None = field(default=None, repr=False)  # uint8 (H, W, 3) as the model saw it
     cam: np.ndarray | None = field(default=None, repr=False)  # (H, W) in [0, 1]
@@ -59,6 +63,9 @@ class CaseExplanation:
             "modality_base_value": self.modality_base_value,
             "faithfulness": self.faithfulness,
             "runner_up_class": self.runner_up_class,
+            "prediction_sets": self.prediction_sets,
+            "tta_spread": self.tta_spread,
+            "what_if": None if self.what_if is None else self.what_if.to_json(),
             "cam": self.cam_file,
             "patient": self.patient,
         }

@@ -18,6 +18,7 @@ from .explanation_figures import (
     waterfall_png,
 )
 from .html import ReportFigures
+from .whatif_figure import plot_what_if
 
 
 def draw_explanation_figures(out: str | Path, cohort: CohortExplanation) -> ReportFigures:
@@ -48,6 +49,8 @@ def draw_explanation_figures(out: str | Path, cohort: CohortExplanation) -> Repo
             )
         if case.modality:
             drawn["modality"] = modality_bar_png(case.modality, assets / f"{stem}_modality.png", case.target_class)
+        if case.what_if is not None:
+            drawn["what_if"] = plot_what_if(case.what_if, case.target_class, assets / f"{stem}_what_if.png")
         figures.cases[case.image_id] = drawn
     folder = out / "figures"
     if any(c.cam is not None and c.pixels is not None for c in cohort.cases):

@@ -44,6 +44,7 @@ CASE_FIGURES: dict[str, str] = {
     "runner_up": "Grad-CAM of the runner-up class: the differential",
     "waterfall": "SHAP waterfall of the patient features",
     "modality": "Image versus patient features (exact Shapley values)",
+    "what_if": "What if: the explained class's probability across each patient feature's values (the rest fixed)",
 }
 COHORT_FIGURES: dict[str, str] = {
     "cohort_grid": "Every explained case: the image and its Grad-CAM (white line: lesion contour)",
@@ -271,6 +272,11 @@ def _case_view(
         "selection": _text(case.selection),
         "explained_probability": _num(case.explained_probability),
         "runner_up": class_label(case.runner_up_class) if case.runner_up_class else None,
+        "prediction_sets": [
+            {"level": _percent_label(level, where), "classes": ", ".join(class_label(c) for c in classes) or "(empty)"}
+            for level, classes in (case.prediction_sets or {}).items()
+        ],
+        "tta_spread": _num(case.tta_spread),
         "known_truth": true_label is not None,
         "correct": true_label is not None and true_label == predicted,
         "prob_rows": _prob_rows(probs, predicted, true_label),
@@ -288,6 +294,11 @@ def _case_view(
         "next": pages[i + 1] if i + 1 < n else None,
         "position": f"{i + 1} of {n}",
     }
+
+
+def _percent_label(level: Any, where: str) -> str:
+    """A coverage level ("0.90") as "90%"."""
+    return f"{_float(level, where) * 100:g}%"
 
 
 def _probabilities(probs: Any, where: str) -> dict[str, float]:

@@ -20,7 +20,15 @@ from .inputs import (
     synthetic_root,
 )
 from .load import LoadedRun, balanced_scaling, load_model, load_run
-from .predict import CasePrediction, predict_case, predict_image, predict_logits, to_device
+from .predict import (
+    CasePrediction,
+    predict_case,
+    predict_image,
+    predict_logits,
+    to_device,
+    tta_spread,
+    view_probabilities,
+)
 
 __all__ = [
     "CasePrediction",
@@ -49,5 +57,7 @@ __all__ = [
     "seed_everything",
     "synthetic_root",
     "to_device",
+    "tta_spread",
+    "view_probabilities",
     "write_provenance",
 ]

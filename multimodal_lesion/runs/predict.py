@@ -17,7 +17,7 @@ from ..data.datasets import Normalize
 from ..data.ham10000 import load_rgb
 from ..data.patient import read_patient
 from ..errors import note
-from ..models import FLIPS, embed_images
+from ..models import FLIPS, LesionModel, embed_images
 from .load import balanced_scaling, load_model
 
 
@@ -111,6 +111,29 @@ def predict_case(
         dc = model.image_branch.data_config
         x = Normalize(dc["mean"], dc["std"])(pixels).unsqueeze(0).to(device)
         shown = probs_of(embed_images(model.image_branch, x, cfg.train.flip_average and cfg.train.mode == "frozen"))[0]
-        flipped = torch.cat([x.flip(d) if d else x for d in FLIPS])
-        views = probs_of(embed_images(model.image_branch, flipped, False))
+        views = view_probabilities(model, x, meta, temperature, offset)[:, 0, :]
     return CasePrediction({c: round(float(p), 6) for c, p in zip(CLASSES, shown, strict=True)}, views)
+
+
+def tta_spread(view_probs: np.ndarray) -> np.ndarray:
+    """Per case, the standard deviation over views (V, N, C) of the probability of the mean-predicted class."""
+    v = np.asarray(view_probs)
+    top = v.mean(axis=0).argmax(axis=1)
+    return v[:, np.arange(v.shape[1]), top].std(axis=0)
+
+
+@torch.no_grad()
+def view_probabilities(
+    model: LesionModel, images: torch.Tensor, meta: torch.Tensor, temperature: float, bias: torch.Tensor | None = None
+) -> np.ndarray:
+    """Calibrated probabilities (V, N, C) of each flipped view (``models.FLIPS``) of normalised images.
+
+    ``bias`` (per class, added after the temperature) gives the balanced decision's probabilities instead.
+    """
+    assert model.image_branch is not None  # callers check: a metadata-only model has no views
+    out = []
+    for dims in FLIPS:
+        embedding = embed_images(model.image_branch, images.flip(dims) if dims else images, False)
+        logits = model.forward_head(embedding, meta).float() / temperature
+        out.append(torch.softmax(logits if bias is None else logits + bias, 1).cpu().numpy())
+    return np.stack(out)

@@ -9,7 +9,6 @@
 - :func:`deferral` and :func:`key_triage`: what deferring a share of cases, or referring every case
   above a melanoma threshold fitted on val, does to melanoma sensitivity.
 - :func:`ensemble_members`: the members' probabilities averaged (e.g. an ablation's seeds).
-- :func:`tta_spread`: the spread of the predicted class's probability over test-time flips.
 """
 
 from __future__ import annotations
@@ -216,13 +215,6 @@ def ensemble_members(member_probs: Sequence[np.ndarray]) -> np.ndarray:
     """The ensemble's probabilities: the members' mean (every member scores the same cases, same order)."""
     stacked = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])
     return stacked.mean(axis=0)
-
-
-def tta_spread(view_probs: np.ndarray) -> np.ndarray:
-    """Per case, the standard deviation over views (V, N, C) of the probability of the mean-predicted class."""
-    v = np.asarray(view_probs)
-    top = v.mean(axis=0).argmax(axis=1)
-    return v[:, np.arange(v.shape[1]), top].std(axis=0)
 
 
 def uncertainty_summary(
