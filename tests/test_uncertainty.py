@@ -305,3 +305,28 @@ def test_each_case_page_shows_its_sets_spread_and_what_if(end2end_run, tmp_path:
         page = (index.parent / "cases").glob(f"{case['image_id']}*.html")
         html = next(page).read_text()
         assert "Prediction set, 90% coverage" in html and "What if" in html
+
+
+def test_the_weighted_bootstrap_replicate_is_fairlearn_on_the_resampled_rows() -> None:
+    """A replicate of the gaps' bootstrap (integer row weights) scores exactly what MetricFrame scores on the
+    rows repeated that many times."""
+    from fairlearn.metrics import MetricFrame
+
+    from multimodal_lesion.training.audit import weighted_group_metrics
+
+    p, y = simulated(2000, seed=8)
+    values = np.random.default_rng(8).choice(list("abcde"), len(y))
+    weights = np.random.default_rng(9).poisson(1.0, len(y))
+    rows = np.repeat(np.arange(len(y)), weights)
+    frame = MetricFrame(
+        metrics={
+            "balanced_accuracy": lambda t, q: balanced_accuracy_score(t, q.argmax(1)),
+            "ece": expected_calibration_error,
+        },
+        y_true=y[rows],
+        y_pred=p[rows],
+        sensitive_features=values[rows],
+    ).by_group
+    ours = weighted_group_metrics(y, p, values, weights.astype(float))
+    assert np.allclose(ours["balanced_accuracy"], frame["balanced_accuracy"].to_numpy())
+    assert np.allclose(ours["ece"], frame["ece"].to_numpy())

@@ -22,6 +22,8 @@ MIN_LESIONS = 30
 AUDITED = ("accuracy", "balanced_accuracy", "key_sensitivity", "ece")
 #: The metrics whose largest gap gets a bootstrap interval (each resample is a MetricFrame: keep it small).
 WITH_INTERVAL = ("balanced_accuracy", "ece")
+#: Equal-width confidence bins of the ECE (as ``metrics.expected_calibration_error``).
+ECE_BINS = 15
 
 
 def _metrics(y_all: np.ndarray, probs: np.ndarray, key: int) -> dict[str, Callable[[np.ndarray, np.ndarray], float]]:
@@ -88,24 +90,14 @@ def audit_attribute(
 def _gaps(
     y: np.ndarray, probs: np.ndarray, values: np.ndarray, lesions: np.ndarray, key: int, n_boot: int, seed: int
 ) -> dict[str, Any]:
-    """Largest between-group difference of each audited metric; those in :data:`WITH_INTERVAL` with a 95%
-    lesion-bootstrap interval (NaN when ``n_boot`` is 0)."""
+    """Largest between-group difference of each audited metric (fairlearn's ``difference``); those in
+    :data:`WITH_INTERVAL` with a 95% lesion-bootstrap interval (NaN when ``n_boot`` is 0)."""
     if len(np.unique(values)) < 2:
         return {m: {"gap": float("nan"), "ci": [float("nan"), float("nan")], "between": []} for m in AUDITED}
     frame = _frame(y, probs, values, key)
     by = frame.by_group[list(AUDITED)].astype(float)
     point = frame.difference(method="between_groups")
-    unique, inverse = np.unique(lesions, return_inverse=True)
-    members = [np.flatnonzero(inverse == i) for i in range(len(unique))]
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_boot):
-        rows = np.concatenate([members[i] for i in rng.integers(0, len(unique), len(unique))])
-        if len(np.unique(values[rows])) < 2:
-            continue
-        frame_b = _frame(y[rows], probs[rows], values[rows], key, WITH_INTERVAL)
-        draws.append(frame_b.difference(method="between_groups"))
-    boot = pd.DataFrame(draws)
+    boot = bootstrap_gaps(y, probs, values, lesions, n_boot, seed) if n_boot else {}
     out = {}
     for m in AUDITED:
         low, high = np.nanpercentile(boot[m], [2.5, 97.5]) if m in boot else (np.nan, np.nan)
@@ -113,6 +105,50 @@ def _gaps(
         between = [str(col.idxmax()), str(col.idxmin())] if len(col) else []
         out[m] = {"gap": float(point[m]), "ci": [float(low), float(high)], "between": between}
     return out
+
+
+def weighted_group_metrics(
+    y: np.ndarray, probs: np.ndarray, values: np.ndarray, weights: np.ndarray, bins: int = ECE_BINS
+) -> dict[str, np.ndarray]:
+    """Balanced accuracy and ECE of every group when row i counts ``weights[i]`` times (NaN: no row, or
+    balanced accuracy of a group with one class). Integer weights are a resample with replacement, so
+    one call scores one bootstrap replicate without building a MetricFrame (thousands of those take minutes).
+    """
+    groups, g = np.unique(values, return_inverse=True)
+    n_groups, n_classes = len(groups), probs.shape[1]
+    hit = (probs.argmax(axis=1) == y).astype(float)
+    confidence = probs.max(axis=1)
+    b = np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], confidence, side="left")
+    cells = g * n_classes + y
+    n_gc = np.bincount(cells, weights, n_groups * n_classes).reshape(n_groups, n_classes)
+    hits_gc = np.bincount(cells, weights * hit, n_groups * n_classes).reshape(n_groups, n_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(n_gc > 0, hits_gc / n_gc, np.nan)
+        present = (n_gc > 0).sum(axis=1)
+        balanced = np.where(present > 1, np.nansum(np.nan_to_num(recall), axis=1) / present, np.nan)
+        slots = g * bins + b
+        gap = np.bincount(slots, weights * hit, n_groups * bins) - np.bincount(
+            slots, weights * confidence, n_groups * bins
+        )
+        total = np.bincount(g, weights, n_groups)
+        ece = np.where(total > 0, np.abs(gap).reshape(n_groups, bins).sum(axis=1) / total, np.nan)
+    return {"balanced_accuracy": balanced, "ece": ece}
+
+
+def bootstrap_gaps(
+    y: np.ndarray, probs: np.ndarray, values: np.ndarray, lesions: np.ndarray, n_boot: int, seed: int
+) -> dict[str, np.ndarray]:
+    """The largest group gap of balanced accuracy and ECE in ``n_boot`` resamples of whole lesions."""
+    _, lesion = np.unique(lesions, return_inverse=True)
+    n_lesions = int(lesion.max()) + 1
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {m: [] for m in WITH_INTERVAL}
+    for _ in range(n_boot):
+        weights = rng.multinomial(n_lesions, np.full(n_lesions, 1.0 / n_lesions))[lesion].astype(float)
+        for m, per_group in weighted_group_metrics(y, probs, values, weights).items():
+            finite = per_group[np.isfinite(per_group)]
+            draws[m].append(float(finite.max() - finite.min()) if len(finite) > 1 else np.nan)
+    return {m: np.asarray(v) for m, v in draws.items()}
 
 
 def subgroup_audit(
