@@ -58,8 +58,8 @@ class Cell:
 
 #: Settings that say where and on how many workers the cells run, not what they compute.
 PLACEMENT = ("ablation.workers", "ablation.backend", "ray")
-#: Settings that only change the summaries drawn from finished cells (never a cell's content).
-SUMMARY_ONLY = ("uncertainty",)
+#: Settings no cell reads: the summaries' uncertainty settings and the explanation settings.
+SUMMARY_ONLY = ("uncertainty", "explain")
 
 
 def config_key(cfg: ExperimentConfig) -> str:
