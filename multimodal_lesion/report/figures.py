@@ -118,7 +118,15 @@ def plot_risk_coverage(y_true: Any, probs: Any, path: str | Path, deferred: Sequ
     ax.plot(coverage, oracle, ls="--", color="grey", label=f"oracle ranking (AURC {rc['aurc_oracle']:.3f})")
     for share in deferred:
         ax.axvline(1 - share, color="tab:red", lw=0.8, ls=":")
-        ax.text(1 - share, ax.get_ylim()[1] * 0.95, f" defer {share:.0%}", color="tab:red", fontsize=8, va="top")
+        ax.text(
+            1 - share,
+            ax.get_ylim()[1] * 0.6,
+            f"defer {share:.0%} ",
+            color="tab:red",
+            fontsize=8,
+            rotation=90,
+            ha="right",
+        )
     ax.set(
         xlabel="Coverage (share of cases the model keeps)",
         ylabel="Risk (error rate of the kept cases)",
