@@ -32,6 +32,7 @@ import tomllib
 from ..config import ExperimentConfig, differences, from_dict, to_toml
 from ..data.constants import CLASSES, PATIENT_FEATURES
 from ..data.encoder import MetadataEncoder
+from ..data.schema import DatasetSchema, preset
 from ..errors import CheckpointError, DataError, MMLesionError
 from ..io import atomic_write, read_json, remove_stale_temps, write_json
 from .checkpoints import load_checkpoint, save_checkpoint
@@ -266,6 +267,10 @@ class RunFolder:
 
     def read_config(self) -> ExperimentConfig:
         return _guarded(self.path / CONFIG, lambda p: from_dict(tomllib.loads(p.read_text())))
+
+    def read_schema(self) -> DatasetSchema:
+        """The run's dataset schema (classes, features, key class); runs made before schemas are HAM10000."""
+        return preset("ham10000")
 
     def read_splits(self) -> pd.DataFrame:
         return _guarded(self.path / SPLITS, _read_splits)

@@ -24,6 +24,7 @@ from ..data.datasets import LesionDataset, Normalize, NormalizingCollate, build_
 from ..data.encoder import MetadataEncoder
 from ..data.ham10000 import Ham10000, read_ham10000
 from ..data.sampling import EpochSampler, MetaDropout, TensorBatches
+from ..data.schema import DatasetSchema, preset
 from ..data.splits import split_lesions
 from ..data.synthetic import make_synthetic
 from ..errors import ConfigError, Note, note
@@ -90,6 +91,7 @@ class RunInputs:
     notes: list[str] = field(default_factory=list)  # e.g. categories unseen in training, encoded as unknown
     cached_images: np.ndarray | None = field(default=None, repr=False)
     cached_embeddings: np.ndarray | None = field(default=None, repr=False)
+    schema: DatasetSchema = field(default_factory=lambda: preset("ham10000"))  # classes, features, key class
 
     def indices(self, split: str) -> np.ndarray:
         """Row numbers of one split (``train``, ``val`` or ``test``)."""
