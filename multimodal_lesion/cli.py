@@ -206,52 +206,156 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+FIT_HELP = "images of another aspect ratio than the run's input: pad (default) or centre crop; stretch only if asked"
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs (default: the run's own; a GPU run runs on the CPU where there is none)",
+    )
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=_path, required=True)
+    p.add_argument(
+        "--data",
+        type=_path,
+        help="the run's data at another root (scored on --split), or a dataset the run never saw (external)",
+    )
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--tta", action="store_true", help="average over flips")
+    p.add_argument("--schema", help="external: the schema of --data (a preset name; default: the run's)")
+    p.add_argument("--key-vs-rest", action="store_true", help="external: score the run's key class vs the rest")
+    p.add_argument("--fit", choices=["pad", "crop", "stretch"], default="pad", help="external: " + FIT_HELP)
+    p.add_argument(
+        "--exclude-seen", action="store_true", help="external: leave out images in the run's splits (else refused)"
+    )
+    _device_arg(p)
+
+
 @command(
     "evaluate",
-    "metrics and figures of a run on one split",
-    lambda p: (
-        p.add_argument("--run", type=_path, required=True),
-        p.add_argument("--data", type=_path),
-        p.add_argument("--split", default="test", choices=["train", "val", "test"]),
-        p.add_argument("--tta", action="store_true", help="average over flips"),
-    ),
+    "metrics and figures of a run on one split, or on a dataset it never saw (external validation)",
+    _evaluate_args,
 )
 def _evaluate(args: argparse.Namespace) -> int:
     from .runs import RunFolder
-    from .workflows import evaluate_run
+    from .workflows import evaluate_run, is_external
 
     run = RunFolder(args.run)
     run.check()
+    explicit = args.schema is not None or args.key_vs_rest or args.exclude_seen
+    if explicit and not args.data:
+        raise ConfigError("--schema, --key-vs-rest and --exclude-seen score other data: give it with --data")
+    if explicit or (args.data and is_external(args.run, args.data)):
+        return _evaluate_external(args, run)
     evaluation = run.evaluation(args.split).path
     with output_folder(args.run, option="--run"), output_folder(evaluation, option="--run", lock=False):
-        metrics, path = evaluate_run(args.run, args.split, args.data, tta=args.tta)
+        metrics, path = evaluate_run(args.run, args.split, args.data, tta=args.tta, device=args.device)
     _print_headline(metrics, (args.split,))
+    print(f"wrote {path}")
+    return 0
+
+
+def _evaluate_external(args: argparse.Namespace, run: Any) -> int:
+    from .training.external import ExternalOptions, external_folder, other_schema
+    from .workflows import evaluate_external_run
+
+    options = ExternalOptions(args.schema, args.key_vs_rest, args.fit, args.device, args.exclude_seen)
+    schema = other_schema(args.schema, run.read_schema())
+    out = external_folder(run, args.data, schema, args.key_vs_rest).path
+    with output_folder(args.run, option="--run"), output_folder(out, option="--run", lock=False):
+        metrics, path = evaluate_external_run(args.run, args.data, options)
+    _print_headline(metrics, ("external",))
+    if args.key_vs_rest:
+        ci = metrics["external"]["key_vs_rest"]["auroc_ci"]
+        print(
+            f"key class vs rest: AUROC {ci['auroc']:.4f} [{ci['ci_low']:.4f}, {ci['ci_high']:.4f}] "
+            f"({ci['ci']:.0%} CI over {ci['n_groups']} {ci['grouped_by']}s; {ci['n_positive']} positives in "
+            f"{ci['n_positive_groups']} {ci['grouped_by']}s)"
+        )
     print(f"wrote {path}")
     return 0
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=_path, required=True)
-    p.add_argument("--image", type=_path, required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", type=_path, help="one image: JSON on stdout")
+    what.add_argument("--data", type=_path, help="every image below this folder: a CSV (--out)")
+    what.add_argument("--csv", type=_path, help="a CSV of cases ('image' column + patient features): a CSV (--out)")
+    p.add_argument("--out", type=_path, help="the CSV of probabilities written for --data / --csv")
     p.add_argument("--age", type=_age, help="years (0 to 120); omit when unknown")
     p.add_argument("--sex")
     p.add_argument("--localization")
+    p.add_argument(
+        "--field",
+        dest="fields",
+        action="append",
+        default=[],
+        metavar="FEATURE=VALUE",
+        help="another patient feature of the run's schema; repeatable",
+    )
     p.add_argument(
         "--balanced",
         action="store_true",
         help="probabilities of the balanced decision fitted on val (uniform class prior)",
     )
+    p.add_argument("--fit", choices=["pad", "crop", "stretch"], default="pad", help=FIT_HELP)
+    _device_arg(p)
 
 
 @command(
     "predict",
-    "class probabilities of one image (+ optional patient fields), its prediction sets and TTA spread, as JSON",
+    "one image's class probabilities, prediction sets and TTA spread (JSON), or many images' (CSV, one model load)",
     _predict_args,
 )
 def _predict(args: argparse.Namespace) -> int:
+    if args.image is None:
+        return _predict_many(args)
+    if args.out:
+        raise ConfigError("--out is for --data / --csv; --image prints JSON")
+    from .runs import Case
     from .workflows import predict
 
-    print(json.dumps(predict(args.run, args.image, args.age, args.sex, args.localization, args.balanced), indent=2))
+    fields = dict(_field(f) for f in args.fields)
+    fields.update({k: v for k in ("age", "sex", "localization") if (v := getattr(args, k)) is not None})
+    case = Case(args.image, fields)
+    print(json.dumps(predict(args.run, case, balanced=args.balanced, device=args.device), indent=2))
+    return 0
+
+
+def _field(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError(f"--field {text!r}: expected FEATURE=VALUE")
+    return name.strip(), value
+
+
+def _predict_many(args: argparse.Namespace) -> int:
+    if not args.out:
+        raise ConfigError("--data / --csv write a CSV: give its path with --out")
+    given = [o for o in ("age", "sex", "localization", "balanced") if getattr(args, o)] + (
+        ["field"] if args.fields else []
+    )
+    if given:
+        raise ConfigError(
+            f"--{given[0]} is for one --image; a --csv gives patient fields per row (the CSV has both decisions)"
+        )
+    from .io import atomic_write
+    from .runs import RunFolder
+
+    RunFolder(args.run).check()
+    inputs = [args.csv] if args.csv else []
+    with output_file(args.out, option="--out", inputs=inputs):
+        from .runs import predict_table
+
+        table = predict_table(args.run, folder=args.data, table=args.csv, device=args.device, fit=args.fit)
+        with atomic_write(args.out) as fh:
+            table.to_csv(fh, index=False)
+    print(f"predicted {len(table)} images; wrote {args.out}")
     return 0
 
 
@@ -391,12 +495,13 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _print_headline(metrics: dict, splits: tuple[str, ...] = ("val", "test")) -> None:
-    for split in (s for s in splits if s in metrics):
+    for split in (s for s in splits if s in metrics):  # the key class is the run's (metrics.json)
         m, b = metrics[split]["calibrated"], metrics[split]["balanced"]
+        key = "melanoma" if metrics.get("key_class", "mel") == "mel" else metrics["key_class"]
         print(
             f"{split}: balanced accuracy {m['balanced_accuracy']:.4f} ({b['balanced_accuracy']:.4f} with the "
-            f"balanced decision)  macro AUROC {m['macro_auroc']:.4f}  melanoma AUROC "
-            f"{m['melanoma_auroc']:.4f}  ECE {m['ece']:.4f}  ({m['n_images']} images, "
+            f"balanced decision)  macro AUROC {m['macro_auroc']:.4f}  {key} AUROC "
+            f"{m.get('key_auroc', m['melanoma_auroc']):.4f}  ECE {m['ece']:.4f}  ({m['n_images']} images, "
             f"{m['n_lesions']} lesions)"
         )
 

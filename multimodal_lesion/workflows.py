@@ -32,13 +32,51 @@ def train_run(
 
 
 def evaluate_run(
-    run_dir: str | Path, split: str = "test", data: str | Path | None = None, tta: bool = False, show: bool = True
+    run_dir: str | Path,
+    split: str = "test",
+    data: str | Path | None = None,
+    tta: bool = False,
+    show: bool = True,
+    device: str | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate a run on one split with figures; returns (metrics, path of ``eval/<split>/metrics.json``)."""
     from .report.figures import save_evaluation_figures
     from .training.runner import evaluate_run as evaluate
 
-    evaluation = evaluate(run_dir, split, data, tta=tta, show=show)
+    evaluation = evaluate(run_dir, split, data, tta=tta, show=show, device=device)
+    save_evaluation_figures(evaluation)
+    return evaluation.metrics, evaluation.folder.metrics_path
+
+
+def is_external(run_dir: str | Path, data: str | Path) -> bool:
+    """Whether ``data`` (read with the run's schema) is new to the run: none of its images in the run's splits.
+
+    All of them in the splits: the run's own data (perhaps moved), evaluated on its split. Some but not
+    all: a DataError naming the overlap (an external score must not contain the run's images).
+    """
+    from .runs import RunFolder
+    from .training.external import read_other, unseen
+
+    run = RunFolder(run_dir)
+    table = read_other(data, run.read_schema()).metadata
+    seen = table["image_id"].isin(set(run.read_splits()["image_id"]))
+    if seen.all():
+        return False
+    unseen(run, table, data, exclude=False)  # raises when some are seen
+    return True
+
+
+def evaluate_external_run(
+    run_dir: str | Path, data: str | Path, options: Any = None, show: bool = True
+) -> tuple[dict[str, Any], Path]:
+    """Score a run on data it never saw, with figures; returns (metrics, ``RUN/external/<name>/metrics.json``).
+
+    ``options``: a :class:`~multimodal_lesion.training.external.ExternalOptions` (None: the defaults).
+    """
+    from .report.figures import save_evaluation_figures
+    from .training.external import ExternalOptions, evaluate_external
+
+    evaluation = evaluate_external(run_dir, data, options or ExternalOptions(), show=show)
     save_evaluation_figures(evaluation)
     return evaluation.metrics, evaluation.folder.metrics_path
 
@@ -100,34 +138,29 @@ def _named_sets(sets: np.ndarray, classes: list[str], levels: Sequence[float]) -
     }
 
 
-def predict(
-    run_dir: str | Path,
-    image: str | Path,
-    age: float | str | None = None,
-    sex: str | None = None,
-    localization: str | None = None,
-    balanced: bool = False,
-) -> dict[str, Any]:
-    """One image's probabilities, its conformal prediction sets and the spread of its flipped views.
+def predict(run_dir: str | Path, case: Any, *, balanced: bool = False, device: str | None = None) -> dict[str, Any]:
+    """One case's probabilities, its conformal prediction sets and the spread of its flipped views.
 
-    The sets are calibrated on the run's validation predictions (``predictions_val.csv``) as
-    configured in ``[uncertainty]``; they hold the true class with the target probability.
+    ``case`` is a :class:`~multimodal_lesion.runs.Case` (an image and its patient fields). The model
+    runs once: ``balanced`` shows the balanced decision's probabilities of the same pass. The sets are
+    calibrated on the run's validation predictions (``predictions_val.csv``) as configured in
+    ``[uncertainty]``; they hold the true class with the target probability.
     """
     from .runs import RunFolder, predict_case, tta_spread
     from .training.uncertainty import ConformalSets
 
     folder = RunFolder(run_dir)
-    prediction = predict_case(run_dir, image, age, sex, localization, balanced)
+    prediction = predict_case(run_dir, case, need_balanced=balanced, device=device)
     u = folder.read_config().uncertainty
     y_val, p_val = folder.read_predictions("val")
     classes = list(prediction.probs)
+    # the sets are calibrated on the calibrated probabilities, not the balanced ones
     probs = np.asarray([list(prediction.probs.values())])
-    if balanced:  # the sets are calibrated on the calibrated probabilities, not the balanced ones
-        probs = np.asarray([list(predict_case(run_dir, image, age, sex, localization).probs.values())])
     sets = ConformalSets(u.conformal_score, u.levels, u.class_conditional).fit(p_val, y_val).predict(probs)[0]
     views = prediction.view_probs
+    shown = prediction.balanced_probs if balanced and prediction.balanced_probs is not None else prediction.probs
     return {
-        "probabilities": prediction.probs,
+        "probabilities": shown,
         "prediction_sets": {
             f"{lv:.2f}": [c for c, keep in zip(classes, sets[:, k], strict=True) if keep]
             for k, lv in enumerate(u.levels)

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from ..config import ExperimentConfig
-from ..data.constants import CLASSES
 from ..data.ham10000 import Ham10000
+from ..runs import data_schema
 from ..training.metrics import classification_metrics
 from ..training.stats import paired_comparison
 from ..training.uncertainty import ConformalSets, ensemble_members
@@ -26,7 +26,7 @@ SCORED = ("accuracy", "balanced_accuracy", "nll", "ece", "set_size", "set_covera
 
 def _scores(y: np.ndarray, probs: np.ndarray, y_val: np.ndarray, val: np.ndarray, cfg: ExperimentConfig) -> dict:
     u = cfg.uncertainty
-    m = classification_metrics(y, probs)
+    m = classification_metrics(y, probs, classes=[str(k) for k in range(probs.shape[1])], key_class="0")
     level = u.levels[0]
     sets = ConformalSets(u.conformal_score, (level,), u.class_conditional).fit(val, y_val).predict(probs)[:, :, 0]
     return {
@@ -38,7 +38,8 @@ def _scores(y: np.ndarray, probs: np.ndarray, y_val: np.ndarray, val: np.ndarray
 
 def ensemble_frame(records: list[dict[str, Any]], ham: Ham10000, cfg: ExperimentConfig) -> pd.DataFrame:
     """One row per model, fold and kind (``member`` per seed, ``ensemble``) with the scored metrics."""
-    targets = ham.metadata.set_index("image_id")["dx"].map({c: i for i, c in enumerate(CLASSES)})
+    classes = data_schema(ham).classes
+    targets = ham.metadata.set_index("image_id")["dx"].map({c: i for i, c in enumerate(classes)})
     rows = []
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in records:

@@ -19,7 +19,6 @@ import torch
 
 from ..config import ExperimentConfig, differences, replace, to_dict
 from ..data.cache import cache_key
-from ..data.constants import CLASSES
 from ..data.ham10000 import Ham10000
 from ..data.splits import fold_assignment
 from ..errors import CheckpointError, ConfigError
@@ -29,6 +28,7 @@ from ..runs import (
     RunFolder,
     RunInputs,
     class_targets,
+    data_schema,
     predict_logits,
     prepare_inputs,
     resolve_data,
@@ -144,14 +144,15 @@ def _train_gbm(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.Data
     train = np.flatnonzero(split == "train")
     encoder = MetadataEncoder().fit(ham.metadata.iloc[train])
     x = encoder.transform(ham.metadata)
-    y = ham.metadata["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    classes = data_schema(ham).classes
+    y = class_targets(ham.metadata, classes)
     gbm = HistGradientBoostingClassifier(
         max_iter=200, learning_rate=0.05, class_weight="balanced", random_state=cell.seed
     ).fit(x[train], y[train])
     out = {}
     for name in ("val", "test"):
         rows = np.flatnonzero(split == name)
-        probs = np.zeros((len(rows), len(CLASSES)))
+        probs = np.zeros((len(rows), len(classes)))
         probs[:, gbm.classes_] = gbm.predict_proba(x[rows])
         out[name] = (rows, probs)
     return out
@@ -169,7 +170,14 @@ def run_cell(
         scored = _train_neural(cell, cfg, ham, splits, shared, out)
     (rows, probs), (val_rows, val_probs) = scored["test"], scored["val"]
     lesions = ham.metadata["lesion_id"].to_numpy()[rows]
-    metrics = classification_metrics(class_targets(ham.metadata)[rows], probs, lesion_ids=lesions)
+    schema = data_schema(ham)
+    metrics = classification_metrics(
+        class_targets(ham.metadata, schema.classes)[rows],
+        probs,
+        classes=schema.classes,
+        key_class=schema.key_class,
+        lesion_ids=lesions,
+    )
     ids = ham.metadata["image_id"].to_numpy()
     return {
         "model": cell.model,

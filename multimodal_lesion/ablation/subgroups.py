@@ -14,17 +14,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..data.constants import CLASSES
 from ..data.ham10000 import Ham10000
 from ..data.patient import subgroup_attributes
 from ..io import atomic_write, write_json
+from ..runs import data_schema
 from ..training.audit import AUDITED, MIN_LESIONS, subgroup_audit
 
 
 def audit_records(records: list[dict[str, Any]], ham: Ham10000, n_boot: int) -> dict[str, dict[str, Any]]:
     """Model -> its subgroup audit over the pooled out-of-fold predictions of every seed."""
+    schema = data_schema(ham)
     meta = ham.metadata.set_index("image_id")
-    targets = meta["dx"].map({c: i for i, c in enumerate(CLASSES)})
+    targets = meta["dx"].map({c: i for i, c in enumerate(schema.classes)})
     attributes = subgroup_attributes(meta)
     out = {}
     for model in dict.fromkeys(r["model"] for r in records):
@@ -36,7 +37,7 @@ def audit_records(records: list[dict[str, Any]], ham: Ham10000, n_boot: int) -> 
             probs,
             {name: values.reindex(ids).reset_index(drop=True) for name, values in attributes.items()},
             meta["lesion_id"].reindex(ids).to_numpy(),
-            CLASSES.index("mel"),
+            schema.key_index,
             n_boot=n_boot,
         )
     return out

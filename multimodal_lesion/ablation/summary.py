@@ -8,7 +8,6 @@ from typing import Any
 import pandas as pd
 
 from ..config import ExperimentConfig
-from ..data.constants import CLASSES
 from ..data.ham10000 import Ham10000
 from ..io import atomic_write, write_json
 from ..training.stats import corrected_ttest, paired_comparison, summarise
@@ -16,7 +15,16 @@ from .ensembles import ensemble_comparison, ensemble_frame, ensemble_markdown
 from .subgroups import write_subgroups
 
 HEADLINE = ("balanced_accuracy", "macro_auroc", "melanoma_auroc", "ece")
-SCALARS = (*HEADLINE, "accuracy", "macro_f1", "nll", "brier", "melanoma_sensitivity_at_specificity_0.80")
+SCALARS = (
+    *HEADLINE,
+    "accuracy",
+    "macro_f1",
+    "nll",
+    "brier",
+    "melanoma_sensitivity_at_specificity_0.80",
+    "key_auroc",
+    "key_sensitivity_at_specificity_0.80",
+)
 
 
 def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -30,10 +38,10 @@ def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "seed": r["seed"],
             "n_images": m["n_images"],
             "n_lesions": m["n_lesions"],
-            **{k: m[k] for k in SCALARS},
+            **{k: m.get(k, float("nan")) for k in SCALARS},  # cells of older versions lack the key_* ones
             "seconds": round(r["seconds"], 3),
         }
-        for c in CLASSES:
+        for c in m["per_class"]:  # the run's classes, in logit order
             row[f"sensitivity_{c}"] = m["per_class"][c]["sensitivity"]
             row[f"auroc_{c}"] = m["per_class"][c]["auroc"]
         rows.append(row)
@@ -42,7 +50,7 @@ def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 def summary_frame(results: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     """Per model and metric: mean, standard deviation, 95% bootstrap CI over folds x seeds."""
-    metrics = list(HEADLINE) + [f"sensitivity_{c}" for c in CLASSES]
+    metrics = list(HEADLINE) + [c for c in results.columns if c.startswith("sensitivity_")]
     rows = [
         {"model": model, "metric": metric, **summarise(group[metric].to_numpy(float), n_boot=n_boot)}
         for model, group in results.groupby("model", sort=False)
@@ -112,16 +120,17 @@ def summary_markdown(
         f"({r.test}) | {r.p_corrected:.3g} |"
         for r in comparison.itertuples()
     ]
+    classes = list(dict.fromkeys(per_class["class"])) if len(per_class) else []
     lines += [
         "",
         "## Per-class sensitivity: where metadata helps and where it hurts",
         "",
-        "| model | " + " | ".join(CLASSES) + " |",
-        "|---" * (len(CLASSES) + 1) + "|",
+        "| model | " + " | ".join(classes) + " |",
+        "|---" * (len(classes) + 1) + "|",
     ]
     for model, group in per_class.groupby("model", sort=False):
         cells = {r["class"]: f"{r['diff']:+.3f}{' ↓' if r['diff'] < 0 else ''}" for _, r in group.iterrows()}
-        lines.append(f"| {model} | " + " | ".join(cells.get(c, "") for c in CLASSES) + " |")
+        lines.append(f"| {model} | " + " | ".join(cells.get(c, "") for c in classes) + " |")
     lines += [
         "",
         f"(difference in mean sensitivity against {cfg.ablation.baseline}; ↓ marks a class that loses)",

@@ -150,3 +150,31 @@ def ham10000() -> DatasetSchema:
         mask_dir=constants.MASK_DIR,
         mask_suffix=constants.MASK_SUFFIX,
     )
+
+
+#: Spellings of one diagnosis across dataset vocabularies (compared lower-cased), by a canonical code.
+#: ISIC 2019's ``AK`` and PAD-UFES-20's ``ACK`` are HAM10000's ``akiec``; ``SEK`` / ``SK`` fall under ``bkl``.
+CLASS_SYNONYMS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "akiec": ("akiec", "ak", "ack", "actinic keratosis", "actinic keratoses"),
+        "bcc": ("bcc", "basal cell carcinoma"),
+        "bkl": ("bkl", "sk", "sek", "seborrheic keratosis", "benign keratosis", "lentigo nos", "solar lentigo"),
+        "df": ("df", "dermatofibroma"),
+        "mel": ("mel", "melanoma"),
+        "nv": ("nv", "nev", "nevus", "naevus"),
+        "vasc": ("vasc", "vascular lesion"),
+        "scc": ("scc", "squamous cell carcinoma"),
+    }
+)
+
+
+def canonical_class(code: str) -> str:
+    """The canonical code of a class code in any vocabulary (the code itself, lower-cased, when unknown)."""
+    text = code.strip().lower()
+    return next((key for key, spellings in CLASS_SYNONYMS.items() if text in spellings), text)
+
+
+def map_classes(source: DatasetSchema, target: DatasetSchema) -> dict[str, str | None]:
+    """Each class of ``source`` -> the class of ``target`` with the same meaning, None when it has none."""
+    by_meaning = {canonical_class(c): c for c in target.classes}
+    return {c: by_meaning.get(canonical_class(c)) for c in source.classes}

@@ -28,7 +28,6 @@ import torch
 from PIL import Image
 
 from ..config import replace
-from ..data.constants import CLASSES, PATIENT_FEATURES
 from ..data.ham10000 import load_mask
 from ..errors import ConfigError, DataError
 from ..io import atomic_write, safe_stem, write_json
@@ -89,7 +88,7 @@ def displayed_probabilities(run: LoadedRun, rows: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             logits = inputs.model.forward_head(emb, meta) / run.temperature
         out.append(torch.softmax(logits.double(), 1).cpu().numpy())
-    return np.concatenate(out) if out else np.empty((0, len(CLASSES)))
+    return np.concatenate(out) if out else np.empty((0, inputs.schema.n_classes))
 
 
 def select_cases(
@@ -203,16 +202,23 @@ def sanity_checks(run: LoadedRun, batch: CaseBatch, cams: np.ndarray) -> tuple[l
         return [], None
     args = (run.inputs.model, batch.images[:k], batch.meta[:k], batch.targets[:k], cams[:k], cam_setup(run))
     stages = cascading_randomisation(*args, randomiser=cfg.randomiser, seed=cfg.seed)
-    return stages, random_logit_check(*args, num_classes=len(CLASSES), seed=cfg.seed)
+    return stages, random_logit_check(*args, num_classes=run.inputs.schema.n_classes, seed=cfg.seed)
 
 
-def _patient(meta_row: pd.Series) -> dict[str, str]:
-    age = meta_row["age"]
-    return {
-        "age": "unknown" if pd.isna(age) else f"{age:g}",
-        "sex": str(meta_row["sex"]),
-        "localization": str(meta_row["localization"]),
-    }
+def _patient(meta_row: pd.Series, features: Sequence[str]) -> dict[str, str]:
+    """The case's patient features as shown: a missing value reads ``unknown``, numbers compactly."""
+    return {f: _shown(meta_row.get(f)) for f in features}
+
+
+def _shown(value: Any) -> str:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "unknown"
+    return f"{value:g}" if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) else str(value)
+
+
+def patient_features(inputs: RunInputs) -> list[str]:
+    """The patient features the run's encoder reads, in its group order (the SHAP players)."""
+    return list(inputs.encoder.feature_groups_)
 
 
 class _Stopwatch:
@@ -287,7 +293,7 @@ def explain_run(
     pixels = explain_pixels(run, batch, timed)
     bg_emb, bg_meta = background(inputs, cfg.background_size, cfg.seed)
     groups = inputs.encoder.feature_groups_
-    raw = inputs.ham.metadata.iloc[rows][list(PATIENT_FEATURES)].reset_index(drop=True)
+    raw = inputs.ham.metadata.iloc[rows][patient_features(inputs)].reset_index(drop=True)
     game: dict[str, Any] = {"scale": cfg.shap_scale, "resamples": cfg.background_resamples, "seed": cfg.seed}
     shap_exp = timed(
         "shap",
@@ -330,7 +336,7 @@ def case_what_ifs(run: LoadedRun, batch: CaseBatch) -> list[WhatIf | None]:
     inputs = run.inputs
     if not inputs.model.uses_meta:
         return [None] * len(batch.rows)
-    raw = inputs.ham.metadata.iloc[batch.rows][list(PATIENT_FEATURES)].reset_index(drop=True)
+    raw = inputs.ham.metadata.iloc[batch.rows][patient_features(inputs)].reset_index(drop=True)
     embeddings = batch.embeddings
     return [
         what_if(
@@ -339,7 +345,7 @@ def case_what_ifs(run: LoadedRun, batch: CaseBatch) -> list[WhatIf | None]:
             raw.iloc[[i]].reset_index(drop=True),
             None if embeddings is None else embeddings[i : i + 1],
             run.temperature,
-            CLASSES,
+            inputs.schema.classes,
         )
         for i in range(len(batch.rows))
     ]
@@ -362,17 +368,18 @@ def _case(
     row = int(batch.rows[i])
     row_meta = run.inputs.ham.metadata.iloc[row]
     target = batch.targets[i]
+    classes = run.inputs.schema.classes
     runner_up = int(np.argsort(-batch.probs[i])[1])
     scale = run.inputs.cfg.explain.shap_scale
     errors = np.zeros_like(modality.values) if modality.values_se is None else modality.values_se
     return CaseExplanation(
         image_id=str(row_meta["image_id"]),
-        target_class=CLASSES[target],
+        target_class=classes[target],
         true_label=str(row_meta["dx"]),
         selection=batch.selection[i],
-        probabilities=dict(zip(CLASSES, map(float, batch.probs[i]), strict=True)),
+        probabilities=dict(zip(classes, map(float, batch.probs[i]), strict=True)),
         explained_probability=None if pixels is None else float(pixels.cams.probabilities[i]),
-        patient=_patient(row_meta),
+        patient=_patient(row_meta, patient_features(run.inputs)),
         shap=dict(zip(shap_exp.feature_names, map(float, shap_exp.values[i]), strict=True)),
         shap_error=dict(zip(shap_exp.feature_names, map(float, shap_exp.error_std[i]), strict=True)),
         shap_base_value=float(shap_exp.base_values[i]),
@@ -381,7 +388,7 @@ def _case(
         modality_error=dict(zip(modality.players, map(float, errors[i]), strict=True)),
         modality_base_value=float(modality.base_values[i]),
         faithfulness=_flat(pixels.reports[i]) if pixels is not None and i < len(pixels.reports) else {},
-        runner_up_class=CLASSES[runner_up] if pixels is not None and pixels.runner_up is not None else None,
+        runner_up_class=classes[runner_up] if pixels is not None and pixels.runner_up is not None else None,
         pixels=np.array(run.inputs.images()[row]),
         cam=None if pixels is None else pixels.cams.maps[i],
         runner_up_cam=None if pixels is None or pixels.runner_up is None else pixels.runner_up[i],

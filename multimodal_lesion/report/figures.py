@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..data.constants import CLASS_NAMES, CLASSES
+from ..data.constants import CLASS_NAMES
 from ..io import atomic_write
 from ..training.metrics import expected_calibration_error, reliability_curve
 from ..training.uncertainty import risk_coverage
@@ -30,8 +30,13 @@ if TYPE_CHECKING:
 _DPI = 150
 
 
-def plot_confusion(cm: Any, classes: Sequence[str], path: str | Path, normalize: bool = True) -> Path:
-    """Confusion matrix heatmap (rows = true class); ``normalize`` divides each row by its support."""
+def plot_confusion(
+    cm: Any, classes: Sequence[str], path: str | Path, normalize: bool = True, names: Sequence[str] | None = None
+) -> Path:
+    """Confusion matrix heatmap (rows = true class); ``normalize`` divides each row by its support.
+
+    ``names`` are the classes' long names (default: HAM10000's where known, else the codes).
+    """
     counts = np.asarray(cm, dtype=float)
     if counts.shape != (len(classes), len(classes)):
         raise ValueError(f"cm must be {len(classes)}x{len(classes)}, got shape {counts.shape}")
@@ -45,7 +50,7 @@ def plot_confusion(cm: Any, classes: Sequence[str], path: str | Path, normalize:
         text = f"{value:.2f}\n({int(counts[i, j])})" if normalize else f"{int(counts[i, j])}"
         colour = "white" if value > 0.5 * (1 if normalize else shown.max()) else "black"
         ax.text(j, i, text, ha="center", va="center", fontsize=8, color=colour)
-    names = _names(classes)
+    names = list(names) if names is not None else _names(classes)
     ax.set_xticks(range(len(classes)), names, rotation=40, ha="right")
     ax.set_yticks(range(len(classes)), names)
     ax.set_xlabel("Predicted class")
@@ -54,14 +59,16 @@ def plot_confusion(cm: Any, classes: Sequence[str], path: str | Path, normalize:
     return save_figure(fig, path)
 
 
-def plot_roc(y_true: Any, probs: Any, classes: Sequence[str], path: str | Path) -> Path:
+def plot_roc(
+    y_true: Any, probs: Any, classes: Sequence[str], path: str | Path, names: Sequence[str] | None = None
+) -> Path:
     """One-vs-rest ROC curve per class with its AUROC in the legend; absent classes are listed as such."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     y, p = np.asarray(y_true).reshape(-1), np.asarray(probs, dtype=float)
     fig = new_figure((8, 7))
     ax = fig.add_subplot()
-    for k, name in enumerate(_names(classes)):
+    for k, name in enumerate(list(names) if names is not None else _names(classes)):
         positive = y == k
         if positive.all() or not positive.any():
             ax.plot([], [], " ", label=f"{name}: not in data")
@@ -170,14 +177,13 @@ def plot_per_class_sensitivity(df: pd.DataFrame, path: str | Path) -> Path:
     """Grouped bars: per-class sensitivity (x = class, one bar per model), to show where metadata hurts.
 
     Args:
-        df: one row per (model, class) with columns ``model``, ``class`` (a code from CLASSES) and
+        df: one row per (model, class) with columns ``model``, ``class`` (a class code, in the order given) and
             ``mean``; optional ``ci_low``/``ci_high`` add error bars.
         path: output file.
     """
     _require(df, ("model", "class", "mean"))
     models = list(dict.fromkeys(df["model"]))
-    present = set(df["class"])
-    classes = [c for c in CLASSES if c in present] + sorted(present - set(CLASSES))
+    classes = list(dict.fromkeys(df["class"]))
     width = 0.8 / len(models)
     fig = new_figure((max(8, 1.4 * len(classes) + 2), 5.5))
     ax = fig.add_subplot()
@@ -245,11 +251,13 @@ def save_figure(fig: Figure, path: str | Path, dpi: float | str = _DPI) -> Path:
 def save_evaluation_figures(evaluation: Evaluation) -> list[Path]:
     """The confusion matrix, ROC curves, reliability diagram and risk-coverage curve of each evaluated split."""
     paths = []
+    schema = evaluation.schema
+    classes, names = schema.classes, [schema.class_name(c) for c in schema.classes]
     for split, scores in evaluation.scores.items():
         cm = np.array(evaluation.metrics[split]["calibrated"]["confusion_matrix"])
         paths += [
-            plot_confusion(cm, CLASSES, evaluation.folder.figure(f"confusion_{split}.png")),
-            plot_roc(scores.targets, scores.calibrated, CLASSES, evaluation.folder.figure(f"roc_{split}.png")),
+            plot_confusion(cm, classes, evaluation.folder.figure(f"confusion_{split}.png"), names=names),
+            plot_roc(scores.targets, scores.calibrated, classes, evaluation.folder.figure(f"roc_{split}.png"), names),
             plot_reliability(scores.targets, scores.raw, evaluation.folder.figure(f"reliability_{split}.png")),
             plot_risk_coverage(
                 scores.targets, scores.calibrated, evaluation.folder.figure(f"risk_coverage_{split}.png")

@@ -4,6 +4,15 @@ Training, evaluation, explanation, ablation and the benchmark all go through thi
 else reads or writes the files of a run folder.
 """
 
+from .batch import (
+    Cases,
+    cases_in_csv,
+    cases_in_folder,
+    predict_arrays,
+    predict_cases,
+    predict_table,
+    prediction_frame,
+)
 from .checkpoints import load_checkpoint, load_model_state, save_checkpoint
 from .embeddings import cached_embeddings, compute_embeddings
 from .folder import RunFolder, library_versions, write_provenance
@@ -11,6 +20,7 @@ from .inputs import (
     EpochLoader,
     RunInputs,
     class_targets,
+    data_schema,
     inputs_from_config,
     make_splits,
     prepare_inputs,
@@ -19,9 +29,16 @@ from .inputs import (
     seed_everything,
     synthetic_root,
 )
-from .load import LoadedRun, balanced_scaling, load_model, load_run
+from .load import LoadedModel, LoadedRun, balanced_scaling, load_model, load_run
 from .predict import (
+    FITS,
+    Case,
     CasePrediction,
+    Fit,
+    Predictor,
+    Probabilities,
+    aspect_differs,
+    fit_image,
     predict_case,
     predict_image,
     predict_logits,
@@ -31,15 +48,27 @@ from .predict import (
 )
 
 __all__ = [
+    "FITS",
+    "Case",
     "CasePrediction",
+    "Cases",
     "EpochLoader",
+    "Fit",
+    "LoadedModel",
     "LoadedRun",
+    "Predictor",
+    "Probabilities",
     "RunFolder",
     "RunInputs",
+    "aspect_differs",
     "balanced_scaling",
     "cached_embeddings",
+    "cases_in_csv",
+    "cases_in_folder",
     "class_targets",
     "compute_embeddings",
+    "data_schema",
+    "fit_image",
     "inputs_from_config",
     "library_versions",
     "load_checkpoint",
@@ -47,9 +76,13 @@ __all__ = [
     "load_model_state",
     "load_run",
     "make_splits",
+    "predict_arrays",
     "predict_case",
+    "predict_cases",
     "predict_image",
     "predict_logits",
+    "predict_table",
+    "prediction_frame",
     "prepare_inputs",
     "resolve_data",
     "resolve_device",

@@ -30,7 +30,7 @@ import pandas as pd
 import tomllib
 
 from ..config import ExperimentConfig, differences, from_dict, to_toml
-from ..data.constants import CLASSES, PATIENT_FEATURES
+from ..data.constants import PATIENT_FEATURES
 from ..data.encoder import MetadataEncoder
 from ..data.schema import DatasetSchema, preset
 from ..errors import CheckpointError, DataError, MMLesionError
@@ -288,19 +288,23 @@ class RunFolder:
         metrics = self.read_metrics()
         return _guarded(self.metrics_path, lambda p: _positive(metrics.get("temperature", 1.0), "temperature"))
 
-    def read_balanced(self) -> tuple[float, dict[str, float]] | None:
-        """(temperature, bias per class) of the balanced decision in ``metrics.json``; None if it has none."""
+    def read_balanced(self, classes: Sequence[str] | None = None) -> tuple[float, dict[str, float]] | None:
+        """(temperature, bias per class) of the balanced decision in ``metrics.json``; None if it has none.
+
+        ``classes``: the run's class codes (default: its schema's); each must have a bias.
+        """
+        classes = tuple(classes) if classes is not None else self.read_schema().classes
         metrics = self.read_metrics()
         if "balanced_bias" not in metrics:
             return None
 
         def check(_: Path) -> tuple[float, dict[str, float]]:
             bias = _expect(metrics["balanced_bias"], dict, "balanced_bias: an object of one number per class")
-            absent = [c for c in CLASSES if c not in bias]
+            absent = [c for c in classes if c not in bias]
             if absent:
                 raise ValueError(f"balanced_bias has no value for {', '.join(absent)}")
             return _positive(metrics.get("balanced_temperature"), "balanced_temperature"), {
-                c: _finite(bias[c], f"balanced_bias.{c}") for c in CLASSES
+                c: _finite(bias[c], f"balanced_bias.{c}") for c in classes
             }
 
         return _guarded(self.metrics_path, check)
@@ -310,7 +314,8 @@ class RunFolder:
         path = self.path / f"predictions_{split}.csv"
         if not path.is_file():
             raise DataError(f"{path}: missing (evaluate the run on {split} first)")
-        return _guarded(path, _read_predictions)
+        classes = self.read_schema().classes
+        return _guarded(path, lambda p: _read_predictions(p, classes))
 
     def load_last(self) -> dict[str, Any]:
         """Everything needed to resume (``last.pt``); anything else is a CheckpointError."""
@@ -357,19 +362,19 @@ def _positive(value: Any, key: str) -> float:
     return float(value)
 
 
-def _read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    frame = pd.read_csv(path)
-    columns = [f"p_{c}" for c in CLASSES]
+def _read_predictions(path: Path, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    frame = pd.read_csv(path, dtype={"target": str})
+    columns = [f"p_{c}" for c in classes]
     absent = [c for c in ["target", *columns] if c not in frame.columns]
     if absent:
         raise ValueError(f"no column(s) {', '.join(absent)}")
-    unknown = sorted(set(frame["target"]) - set(CLASSES))
+    unknown = sorted(set(frame["target"]) - set(classes))
     if unknown:
         raise ValueError(f"unknown class(es) {', '.join(map(str, unknown[:5]))} in column 'target'")
     probs = frame[columns].to_numpy(np.float64)
     if not np.isfinite(probs).all():
         raise ValueError("probabilities that are not finite numbers")
-    return frame["target"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(np.int64), probs
+    return frame["target"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64), probs
 
 
 def _read_splits(path: Path) -> pd.DataFrame:

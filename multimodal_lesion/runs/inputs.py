@@ -19,7 +19,6 @@ import torch
 
 from ..config import ExperimentConfig, replace
 from ..data.cache import cache_home, default_cache_dir, image_array
-from ..data.constants import CLASSES
 from ..data.datasets import LesionDataset, Normalize, NormalizingCollate, build_augmentation
 from ..data.encoder import MetadataEncoder
 from ..data.ham10000 import Ham10000, read_ham10000
@@ -71,9 +70,16 @@ def make_splits(cfg: ExperimentConfig, ham: Ham10000) -> pd.DataFrame:
     return splits
 
 
-def class_targets(metadata: pd.DataFrame) -> np.ndarray:
-    """Class indices (int64) of the ``dx`` column."""
-    return metadata["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(np.int64)
+def data_schema(ham: Ham10000) -> DatasetSchema:
+    """The schema a dataset was read with (the reader's ``schema``; HAM10000 for a reader without one)."""
+    schema = getattr(ham, "schema", None)
+    return schema if isinstance(schema, DatasetSchema) else preset("ham10000")
+
+
+def class_targets(metadata: pd.DataFrame, classes: tuple[str, ...] | None = None) -> np.ndarray:
+    """Class indices (int64) of the ``dx`` column in ``classes`` (default: HAM10000's) order."""
+    classes = classes or preset("ham10000").classes
+    return metadata["dx"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
 
 
 @dataclass
@@ -188,7 +194,7 @@ class RunInputs:
         idx = self.indices(split)
         weights = None
         if train and t.balance == "sampler":
-            counts = np.bincount(self.targets[idx], minlength=len(CLASSES))
+            counts = np.bincount(self.targets[idx], minlength=self.schema.n_classes)
             weights = 1.0 / counts[self.targets[idx]]
         sampler = EpochSampler(len(idx), shuffle=train, seed=t.seed, weights=weights, rank=rank, world_size=world_size)
         if t.mode == "frozen" or self.model.image_branch is None:
@@ -257,17 +263,19 @@ def prepare_inputs(
     for message in notes:  # kept in metrics.json and told to the user
         note(message)
     device = resolve_device(cfg.train.device)
+    schema = data_schema(ham)
     seed_everything(cfg.train.seed)
     branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
     model = create_model(
-        cfg.model.name, meta_dim=meta.shape[1], num_classes=len(CLASSES), cfg=cfg.model, image_branch=branch
+        cfg.model.name, meta_dim=meta.shape[1], num_classes=schema.n_classes, cfg=cfg.model, image_branch=branch
     )
     if cfg.train.mode == "frozen" and model.image_branch is not None:
         model.image_branch.requires_grad_(False)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    inputs = RunInputs(cfg, ham, splits, encoder, meta, class_targets(ham.metadata), model, device, notes)
+    targets = class_targets(ham.metadata, schema.classes)
+    inputs = RunInputs(cfg, ham, splits, encoder, meta, targets, model, device, notes, schema=schema)
     if branch is not None and shared is not None:
         inputs.cached_embeddings = shared.cached_embeddings
     return inputs

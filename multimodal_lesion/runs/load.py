@@ -1,4 +1,9 @@
-"""Loading a finished run folder: its config, encoder, trained model and fitted temperature."""
+"""Loading a finished run folder: its config, schema, encoder, trained model and stored calibration.
+
+A run loads on the device asked for (``--device``), whatever it was trained on: checkpoints are read
+with ``map_location`` onto the CPU and moved from there, so a run trained on a GPU is used on a
+CPU-only machine (with a note), never a CUDA deserialisation traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,8 @@ import numpy as np
 import torch
 
 from ..config import ExperimentConfig, replace
-from ..data.constants import CLASSES
 from ..data.encoder import MetadataEncoder
+from ..data.schema import DatasetSchema
 from ..errors import CheckpointError, note
 from ..models import LesionModel, create_model
 from .checkpoints import load_model_state
@@ -31,6 +36,30 @@ class LoadedRun:
         return self.folder.path
 
 
+@dataclass
+class LoadedModel:
+    """A run's trained model without its dataset, with what predicting as the run was scored needs."""
+
+    folder: RunFolder
+    cfg: ExperimentConfig
+    schema: DatasetSchema
+    encoder: MetadataEncoder
+    model: LesionModel
+    device: torch.device
+    temperature: float
+    balanced: tuple[float, np.ndarray] | None  # (temperature, bias per class) of the balanced decision
+    tta: bool  # whether the run was evaluated with flip TTA (metrics.json)
+
+    def require_balanced(self) -> tuple[float, np.ndarray]:
+        """The balanced decision; a run trained before it existed is a CheckpointError."""
+        if self.balanced is None:
+            raise CheckpointError(
+                f"{self.folder.metrics_path}: no balanced decision in this run (trained before it "
+                "existed); retrain, or predict without --balanced"
+            )
+        return self.balanced
+
+
 def _load_weights(model: torch.nn.Module, folder: RunFolder) -> float:
     """Load ``best.pt`` into ``model`` (eval mode); returns the fitted temperature (1.0 if none)."""
     load_model_state(model, folder.load_best(), folder / "best.pt")
@@ -38,32 +67,49 @@ def _load_weights(model: torch.nn.Module, folder: RunFolder) -> float:
     return folder.read_temperature()
 
 
-def _device(cfg: ExperimentConfig, folder: RunFolder) -> torch.device:
-    """The run's device; a run trained on a GPU is used on the CPU where there is none (with a note)."""
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+def _device(cfg: ExperimentConfig, folder: RunFolder, asked: str | None = None) -> torch.device:
+    """The device asked for (``--device``), else the run's; a GPU run is used on the CPU where there is none."""
+    if asked is not None and asked != "auto":
+        return resolve_device(asked)
+    if asked is None and cfg.train.device == "cuda" and not torch.cuda.is_available():
         note(f"{folder.path} was trained with train.device = 'cuda'; no GPU here, so it runs on the CPU")
         return torch.device("cpu")
-    return resolve_device(cfg.train.device)
+    return resolve_device("auto" if asked == "auto" or cfg.train.device == "cuda" else cfg.train.device)
 
 
-def load_model(run_dir: str | Path) -> tuple[ExperimentConfig, MetadataEncoder, LesionModel, float]:
-    """The trained model of a run without its dataset: (config, encoder, model, temperature)."""
+def load_model(run_dir: str | Path, device: str | None = None) -> LoadedModel:
+    """The trained model of a run without its dataset, on ``device`` (None: the run's own, see :func:`_device`)."""
     folder = RunFolder(run_dir)
     folder.check()
     cfg = folder.read_config()
+    schema = folder.read_schema()
     encoder = folder.read_encoder()
     model = create_model(
         cfg.model.name,
         meta_dim=len(encoder.get_feature_names_out()),
-        num_classes=len(CLASSES),
+        num_classes=schema.n_classes,
         cfg=replace(cfg, model={"weights": "none"}).model,
     )
-    model.to(_device(cfg, folder))
-    return cfg, encoder, model, _load_weights(model, folder)
+    on = _device(cfg, folder, device)
+    temperature = _load_weights(model, folder)  # weights are read onto the CPU (map_location), then moved
+    model.to(on)
+    return LoadedModel(
+        folder,
+        cfg,
+        schema,
+        encoder,
+        model,
+        on,
+        temperature,
+        _balanced(folder, schema),
+        bool(folder.read_metrics().get("tta", False)),
+    )
 
 
-def load_run(run_dir: str | Path, data: str | Path | None = None, show: bool = False) -> LoadedRun:
-    """Load a finished run folder with its data (optionally from another data root)."""
+def load_run(
+    run_dir: str | Path, data: str | Path | None = None, show: bool = False, device: str | None = None
+) -> LoadedRun:
+    """Load a finished run folder with its data (optionally from another data root) on ``device``."""
     folder = RunFolder(run_dir)
     folder.check()
     cfg = folder.read_config()
@@ -73,22 +119,29 @@ def load_run(run_dir: str | Path, data: str | Path | None = None, show: bool = F
     saved = folder.read_splits()
     splits = ham.metadata[["image_id"]].merge(saved[["image_id", "split"]], on="image_id", how="left")
     splits["split"] = splits["split"].fillna("unassigned")
-    device = _device(cfg, folder)
+    on = _device(cfg, folder, device)
     inputs = prepare_inputs(
-        replace(cfg, model={"weights": "none"}, train={"device": device.type}), ham, splits, folder.read_encoder()
+        replace(cfg, model={"weights": "none"}, train={"device": on.type}), ham, splits, folder.read_encoder()
     )
     inputs.cfg = cfg
     return LoadedRun(folder, inputs, _load_weights(inputs.model, folder))
 
 
+def _balanced(folder: RunFolder, schema: DatasetSchema) -> tuple[float, np.ndarray] | None:
+    balanced = folder.read_balanced(schema.classes)
+    if balanced is None:
+        return None
+    temperature, bias = balanced
+    return temperature, np.array([bias[c] for c in schema.classes], dtype=np.float64)
+
+
 def balanced_scaling(run_dir: str | Path) -> tuple[float, np.ndarray]:
     """(temperature, class biases) of the balanced decision that training fitted on val."""
     folder = RunFolder(run_dir)
-    balanced = folder.read_balanced()
+    balanced = _balanced(folder, folder.read_schema())
     if balanced is None:
         raise CheckpointError(
             f"{folder.metrics_path}: no balanced decision in this run (trained before it "
             "existed); retrain, or predict without --balanced"
         )
-    temperature, bias = balanced
-    return temperature, np.array([bias[c] for c in CLASSES], dtype=np.float32)
+    return balanced

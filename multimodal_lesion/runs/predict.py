@@ -1,24 +1,44 @@
-"""Predicting with a model: logits over dict batches, and one image of a loaded run."""
+"""Predicting with a model: logits over dict batches, one image of a loaded run, and many images at once.
+
+:class:`Predictor` loads a run's model once (on the device asked for; a run trained on a GPU runs on
+a CPU-only machine) with its stored calibration: the temperature and the balanced decision fitted on
+val. It predicts cases in batches as the run was scored (flip-averaged embeddings on the frozen path,
+flip TTA when the run was evaluated with it), returning calibrated and balanced probabilities from
+one forward pass. ``predict_case`` / ``predict_image`` (one image) and ``predict_table`` (a folder or
+CSV of images, ``mmlesion predict --data/--csv``) are thin uses of it.
+
+Images of another aspect ratio than the run's input are fitted by :func:`fit_image`: padded or centre
+cropped (``fit``), never stretched unless asked (``"stretch"``, what the training cache does with
+images of the run's own shape).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
+from PIL import Image
 from torch import nn
 
-from ..data.cache import resized
-from ..data.constants import CLASSES
 from ..data.datasets import Normalize
 from ..data.ham10000 import load_rgb
 from ..data.patient import read_patient
-from ..errors import note
+from ..data.schema import DatasetSchema
+from ..errors import ConfigError, note
 from ..models import FLIPS, LesionModel, embed_images
-from .load import balanced_scaling, load_model
+from .folder import RunFolder
+from .load import LoadedModel, load_model
+
+#: How an image of another aspect ratio becomes the run's input size.
+Fit = Literal["pad", "crop", "stretch"]
+FITS: tuple[str, ...] = ("pad", "crop", "stretch")
+#: Images per forward pass of :meth:`Predictor.predict`.
+PREDICT_BATCH = 32
 
 
 def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
@@ -50,12 +70,156 @@ def predict_logits(
     return torch.cat(logits).numpy(), torch.cat(targets).numpy(), ids
 
 
+def fit_image(img: Image.Image, size: tuple[int, int], how: Fit = "pad") -> np.ndarray:
+    """An RGB image as uint8 HWC of ``size`` = (height, width), its aspect ratio kept unless ``stretch``.
+
+    ``pad``: scaled to fit inside and padded with black borders. ``crop``: scaled to cover and centre
+    cropped. ``stretch``: resized to the size whatever its shape (bilinear, as the training cache does).
+    An image already of the size's aspect ratio is resized the same way by all three.
+    """
+    if how not in FITS:
+        raise ConfigError(f"image fit '{how}' is not one of {', '.join(FITS)}")
+    height, width = size
+    w, h = img.size
+    if how == "stretch" or w * height == h * width:
+        scaled = img if img.size == (width, height) else img.resize((width, height), Image.Resampling.BILINEAR)
+        return np.array(scaled, dtype=np.uint8)
+    scale = (min if how == "pad" else max)(width / w, height / h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    scaled = img.resize(new, Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(scaled, ((width - new[0]) // 2, (height - new[1]) // 2))  # negative offsets crop the centre
+    return np.array(canvas, dtype=np.uint8)
+
+
+def aspect_differs(img: Image.Image, size: tuple[int, int]) -> bool:
+    """Whether ``img`` has another aspect ratio than ``size`` = (height, width) (1% tolerance)."""
+    w, h = img.size
+    return abs((w / h) / (size[1] / size[0]) - 1) > 0.01
+
+
+@dataclass(frozen=True)
+class Probabilities:
+    """What :meth:`Predictor.predict` returns for N cases, from one forward pass per view."""
+
+    calibrated: np.ndarray  # (N, C) softmax(logits / temperature)
+    balanced: np.ndarray | None  # (N, C) the balanced decision's probabilities; None for runs without one
+    views: np.ndarray | None  # (V, N, C) calibrated probabilities of each flipped view; None without image
+
+
+@dataclass
+class Predictor:
+    """A run's model, loaded once, that predicts cases as the run was scored (see the module docstring)."""
+
+    run: LoadedModel
+    fit: Fit = "pad"
+    batch_size: int = PREDICT_BATCH
+    views: bool = False  # also return each flipped view's probabilities (the TTA spread)
+    _normalize: Normalize | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str | None = None, **kwargs: Any) -> Predictor:
+        """Load the run in ``run_dir`` on ``device`` (None: the run's own, the CPU where it has no GPU)."""
+        return cls(load_model(run_dir, device), **kwargs)
+
+    @property
+    def schema(self) -> DatasetSchema:
+        return self.run.schema
+
+    @property
+    def model(self) -> LesionModel:
+        return self.run.model
+
+    def pixels(self, img: Image.Image) -> np.ndarray:
+        """One decoded image as the model's uint8 input (H, W, 3)."""
+        return fit_image(img, self.run.cfg.data.image_size, self.fit)
+
+    def encode(self, patients: pd.DataFrame) -> np.ndarray:
+        """The patient table (one row per case) encoded by the run's encoder (float32 (N, D))."""
+        return self.run.encoder.transform(patients).astype(np.float32)
+
+    @torch.no_grad()
+    def predict(self, pixels: np.ndarray | None, meta: np.ndarray) -> Probabilities:
+        """Probabilities of N cases: uint8 images (N, H, W, 3) (None for a metadata-only model) and encoded meta."""
+        n = len(meta)
+        parts = [
+            self._predict(None if pixels is None else pixels[i : i + self.batch_size], meta[i : i + self.batch_size])
+            for i in range(0, n, self.batch_size)
+        ]
+        logits = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, self.schema.n_classes))
+        views = np.concatenate([p[1] for p in parts], axis=1) if parts and parts[0][1] is not None else None
+        cal = _softmax(logits / self.run.temperature)
+        balanced = None
+        if self.run.balanced is not None:
+            temperature, bias = self.run.balanced
+            balanced = _softmax(logits / temperature + bias)
+        return Probabilities(cal, balanced, views)
+
+    def _predict(self, pixels: np.ndarray | None, meta: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits (B, C) as the run scores them, calibrated view probabilities (V, B, C) or None)."""
+        model, device = self.model, self.run.device
+        meta_t = torch.from_numpy(meta).to(device)
+        branch = model.image_branch
+        if branch is None:
+            return model.forward_head(None, meta_t).float().cpu().numpy(), None
+        if pixels is None:
+            raise ConfigError(f"model '{self.run.cfg.model.name}' looks at the image: give the images")
+        x = self.normalize(torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)).to(device)
+        t = self.run.cfg.train
+        if t.mode == "frozen":
+            logits = model.forward_head(embed_images(branch, x, t.flip_average), meta_t).float()
+        else:  # end2end: flip TTA when the run was evaluated with it
+            dims = FLIPS if self.run.tta else ((),)
+            logits = torch.stack(
+                [model.forward_head(embed_images(branch, x.flip(d) if d else x, False), meta_t).float() for d in dims]
+            ).mean(0)
+        views = None
+        if self.views:
+            views = view_probabilities(model, x, meta_t, self.run.temperature)
+        return logits.cpu().numpy(), views
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW -> the backbone's normalised float input."""
+        if self._normalize is None:
+            assert self.model.image_branch is not None
+            dc = self.model.image_branch.data_config
+            self._normalize = Normalize(dc["mean"], dc["std"])
+        return self._normalize(pixels)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case to predict: an image and its patient fields (feature -> raw value; absent = unknown)."""
+
+    image: str | Path
+    patient: Mapping[str, object] = field(default_factory=dict)
+
+    def table(self, schema: DatasetSchema) -> pd.DataFrame:
+        """The patient fields as a one-row table by the reader's rules (HAM10000's for its features)."""
+        ham = {"age", "sex", "localization"}
+        unknown = sorted(set(self.patient) - set(schema.features.names) - ham)
+        if unknown:
+            raise ConfigError(
+                f"unknown patient field(s) {', '.join(unknown)} (this run reads {', '.join(schema.features.names)})"
+            )
+        if set(schema.features.names) <= ham:
+            return read_patient(**{k: self.patient.get(k) for k in ("age", "sex", "localization")})
+        return pd.DataFrame([{f: self.patient.get(f) for f in schema.features.names}])
+
+
 @dataclass(frozen=True)
 class CasePrediction:
-    """One case's prediction: the probabilities shown and those of each flipped view (the TTA spread)."""
+    """One case's prediction: calibrated (and balanced) probabilities and those of each flipped view."""
 
     probs: dict[str, float]
     view_probs: np.ndarray  # (views, classes): the image and its flips (models.FLIPS); (0, C) without image
+    balanced_probs: dict[str, float] | None = None  # the balanced decision's; None for runs without one
 
 
 def predict_image(
@@ -76,43 +240,48 @@ def predict_image(
     ``balanced`` gives the probabilities of the balanced decision instead (uniform class prior,
     fitted on val; their arg-max is the decision the run's balanced accuracy was scored on).
     """
-    return predict_case(run_dir, image, age, sex, localization, balanced).probs
+    fields = {k: v for k, v in (("age", age), ("sex", sex), ("localization", localization)) if v is not None}
+    prediction = predict_case(run_dir, Case(image, fields), need_balanced=balanced)
+    if balanced:
+        assert prediction.balanced_probs is not None  # need_balanced raised otherwise
+        return prediction.balanced_probs
+    return prediction.probs
 
 
 @torch.no_grad()
 def predict_case(
-    run_dir: str | Path,
-    image: str | Path,
-    age: float | str | None = None,
-    sex: str | None = None,
-    localization: str | None = None,
-    balanced: bool = False,
+    run_dir: str | Path | Predictor, case: Case, *, need_balanced: bool = False, device: str | None = None
 ) -> CasePrediction:
-    """:func:`predict_image` with the probabilities of each flipped view of the image as well."""
-    row = read_patient(age, sex, localization)
-    picture = load_rgb(image)
-    cfg, encoder, model, temperature = load_model(run_dir)
-    bias = np.zeros(len(CLASSES), dtype=np.float32)
-    if balanced:
-        temperature, bias = balanced_scaling(run_dir)
-    device = next(model.parameters()).device
-    meta = torch.from_numpy(encoder.transform(row).astype(np.float32)).to(device)
-    offset = torch.from_numpy(bias).to(device)
+    """One case's calibrated and balanced probabilities and its flipped views, from one model load.
 
-    def probs_of(embedding: torch.Tensor | None) -> np.ndarray:
-        logits = model.forward_head(embedding, meta.expand(len(embedding) if embedding is not None else 1, -1))
-        return torch.softmax((logits / temperature + offset).float(), 1).cpu().numpy()
-
-    if model.image_branch is None:
-        note(f"model '{cfg.model.name}' does not look at the image: its prediction comes from the patient fields")
-        shown, views = probs_of(None)[0], np.zeros((0, len(CLASSES)))
+    ``run_dir`` may be a loaded :class:`Predictor` (its view setting is overridden for this case).
+    ``need_balanced`` makes a run without a balanced decision an error (CheckpointError) rather than None.
+    """
+    picture = load_rgb(case.image)  # the inputs are checked before the model is loaded
+    folder = run_dir.run.folder if isinstance(run_dir, Predictor) else RunFolder(run_dir)
+    row = case.table(folder.read_schema())
+    if isinstance(run_dir, Predictor):
+        predictor = Predictor(run_dir.run, run_dir.fit, run_dir.batch_size, views=True)
     else:
-        pixels = torch.from_numpy(resized(picture, cfg.data.image_size)).permute(2, 0, 1)
-        dc = model.image_branch.data_config
-        x = Normalize(dc["mean"], dc["std"])(pixels).unsqueeze(0).to(device)
-        shown = probs_of(embed_images(model.image_branch, x, cfg.train.flip_average and cfg.train.mode == "frozen"))[0]
-        views = view_probabilities(model, x, meta, temperature, offset)[:, 0, :]
-    return CasePrediction({c: round(float(p), 6) for c, p in zip(CLASSES, shown, strict=True)}, views)
+        predictor = Predictor.load(run_dir, device, views=True)
+    if need_balanced:
+        predictor.run.require_balanced()
+    classes = predictor.schema.classes
+    if predictor.model.image_branch is None:
+        name = predictor.run.cfg.model.name
+        note(f"model '{name}' does not look at the image: its prediction comes from the patient fields")
+        out = predictor.predict(None, predictor.encode(row))
+        views = np.zeros((0, len(classes)))
+    else:
+        out = predictor.predict(predictor.pixels(picture)[None], predictor.encode(row))
+        assert out.views is not None
+        views = out.views[:, 0, :]
+    balanced = None if out.balanced is None else _named(classes, out.balanced[0])
+    return CasePrediction(_named(classes, out.calibrated[0]), views, balanced)
+
+
+def _named(classes: Sequence[str], probs: np.ndarray) -> dict[str, float]:
+    return {c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)}
 
 
 def tta_spread(view_probs: np.ndarray) -> np.ndarray:

@@ -1,10 +1,17 @@
-"""Classification and calibration metrics for 7-class lesion diagnosis, built on scikit-learn.
+"""Classification and calibration metrics for lesion diagnosis (any class list), built on scikit-learn.
 
 Every macro average (balanced accuracy, macro F1, macro AUROC) runs over the classes present in
 ``y_true``: a class with no true case has no defined sensitivity or AUROC, so it is reported as NaN
 in ``per_class`` and left out of the macro average rather than counted as 0 or 1. The returned
 dictionary holds plain Python floats and ints only, so it can go straight to ``write_json``
 (NaN is written as ``NaN``, which Python's ``json`` reads back).
+
+The key class (the schema's ``key_class``, melanoma by default) gets its own headline numbers:
+``key_auroc`` and ``key_sensitivity_at_specificity_0.80``; the ``melanoma_*`` names of runs made
+before schemas stay (the ``mel`` class's, NaN without one). A binary task (two classes, one of them
+the key class: the model has two logits, so temperature scaling, the balanced decision and the
+conformal sets work unchanged) adds ``binary``: the key class's AUROC, and the sensitivity and
+specificity of the arg-max decision, whose mean is the balanced accuracy.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ def classification_metrics(
     probs: np.ndarray,
     *,
     classes: Sequence[str] = CLASSES,
+    key_class: str = MELANOMA,
     lesion_ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """All evaluation metrics of one prediction set, as a JSON-ready dict.
@@ -56,20 +64,26 @@ def classification_metrics(
         y_true: integer targets, shape (N,), indices into ``classes``.
         probs: class probabilities, shape (N, C), rows summing to one.
         classes: class codes in logit order.
+        key_class: the class of the clinical headline metrics (must be in ``classes``).
         lesion_ids: lesion id per image; ``n_lesions`` counts the unique ones (N when None).
     """
     y, p = _validate(y_true, probs, len(classes))
+    if key_class not in classes:
+        raise ValueError(f"key class {key_class!r} is not one of the classes {', '.join(classes)}")
     pred = p.argmax(axis=1)
     present = np.unique(y)
     per_class = _per_class(y, p, pred, classes)
     aurocs = [per_class[c]["auroc"] for c in classes]
     mel = per_class.get(MELANOMA, {})
-    return {
+    key = list(classes).index(key_class)
+    out = {
         "accuracy": float(np.mean(pred == y)),
         "balanced_accuracy": _balanced_accuracy(y, pred),
         "macro_f1": float(f1_score(y, pred, labels=present, average="macro", zero_division=0)),
         "macro_auroc": _nanmean(aurocs),
         "per_class": per_class,
+        "key_auroc": per_class[key_class]["auroc"],
+        f"key_sensitivity_at_specificity_{MELANOMA_SPECIFICITY:.2f}": _sensitivity_at(y, p, key),
         "melanoma_auroc": float(mel.get("auroc", np.nan)),
         f"melanoma_sensitivity_at_specificity_{MELANOMA_SPECIFICITY:.2f}": _melanoma_sensitivity(y, p, classes),
         "ece": expected_calibration_error(y, p),
@@ -78,6 +92,33 @@ def classification_metrics(
         "confusion_matrix": confusion_matrix(y, pred, labels=np.arange(len(classes))).tolist(),
         "n_images": len(y),
         "n_lesions": len(set(lesion_ids)) if lesion_ids is not None else len(y),
+    }
+    if len(classes) == 2:
+        out["binary"] = binary_metrics(y == key, p[:, key], pred == key)
+    return out
+
+
+def binary_metrics(is_key: np.ndarray, scores: np.ndarray, decided: np.ndarray) -> dict[str, float]:
+    """Key class vs rest: AUROC of ``scores``, and sensitivity / specificity / balanced accuracy of ``decided``.
+
+    Args:
+        is_key: whether each case is of the key class (N,).
+        scores: the key class's probability (N,).
+        decided: whether the decision says key class (N,): the arg-max of two probabilities.
+    """
+    is_key, decided = np.asarray(is_key, bool), np.asarray(decided, bool)
+    sensitivity = _ratio(int((decided & is_key).sum()), int(is_key.sum()))
+    specificity = _ratio(int((~decided & ~is_key).sum()), int((~is_key).sum()))
+    return {
+        "auroc": _binary_auroc(is_key, np.asarray(scores, np.float64)),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "balanced_accuracy": _nanmean([sensitivity, specificity]),
+        f"sensitivity_at_specificity_{MELANOMA_SPECIFICITY:.2f}": sensitivity_at_specificity(
+            is_key, scores, MELANOMA_SPECIFICITY
+        ),
+        "n_key": int(is_key.sum()),
+        "n_rest": int((~is_key).sum()),
     }
 
 
@@ -158,7 +199,11 @@ def _melanoma_sensitivity(y: np.ndarray, p: np.ndarray, classes: Sequence[str]) 
     """Melanoma-vs-rest sensitivity at the reference specificity; NaN without a melanoma class."""
     if MELANOMA not in classes:
         return float("nan")
-    k = list(classes).index(MELANOMA)
+    return _sensitivity_at(y, p, list(classes).index(MELANOMA))
+
+
+def _sensitivity_at(y: np.ndarray, p: np.ndarray, k: int) -> float:
+    """Class ``k``-vs-rest sensitivity at the reference specificity."""
     return sensitivity_at_specificity(y == k, p[:, k], MELANOMA_SPECIFICITY)
 
 
@@ -190,3 +235,12 @@ def _validate(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> tuple[np
     if not np.all(np.isfinite(p)) or p.min() < 0 or np.max(np.abs(sums - 1.0)) > _SUM_TOLERANCE:
         raise ValueError("probs must be finite, non-negative and sum to 1 per row (pass softmax outputs, not logits)")
     return y.astype(np.int64), p / sums[:, None]
+
+
+def key_vs_rest(y_true: np.ndarray, probs: np.ndarray, key: int) -> tuple[np.ndarray, np.ndarray]:
+    """A multi-class prediction scored as key class vs rest: targets 1 = key, probabilities (N, 2) = (rest, key).
+
+    The rest's probability is the sum of the other classes', so the rows still sum to one.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    return (np.asarray(y_true) == key).astype(np.int64), np.stack([1.0 - p[:, key], p[:, key]], axis=1)

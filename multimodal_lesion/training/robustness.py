@@ -76,7 +76,7 @@ def missing_metadata_scores(
     *,
     ways: Sequence[str] = ("unknown", "marginalise"),
 ) -> dict[str, Any]:
-    """Balanced accuracy, macro and melanoma AUROC of ``split`` for every metadata variant and way.
+    """Balanced accuracy, macro and key-class (and melanoma) AUROC of ``split`` for every metadata variant and way.
 
     ``to_probs`` turns logits into the probabilities scored (e.g. the run's balanced scaler, whose
     arg-max is the decision balanced accuracy rewards). Models without a metadata branch return {}.
@@ -91,8 +91,10 @@ def missing_metadata_scores(
     for name, features in metadata_variants(list(inputs.encoder.feature_groups_)).items():
         for how in ways if features else ("unknown",):
             probs = predict_without(inputs, rows, features, to_probs, how=how, embedding=embedding)
-            m = classification_metrics(y, probs, lesion_ids=lesions)
+            m = classification_metrics(
+                y, probs, classes=inputs.schema.classes, key_class=inputs.schema.key_class, lesion_ids=lesions
+            )
             out[name if not features else f"{name}/{how}"] = {
-                k: m[k] for k in ("balanced_accuracy", "macro_auroc", "melanoma_auroc", "accuracy")
+                k: m[k] for k in ("balanced_accuracy", "macro_auroc", "key_auroc", "melanoma_auroc", "accuracy")
             }
     return out

@@ -6,6 +6,7 @@ drawn by the report layer from the :class:`Evaluation` returned here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,15 +15,15 @@ import numpy as np
 import torch
 
 from ..config import ExperimentConfig
-from ..data.constants import CLASSES
 from ..data.patient import subgroup_attributes
+from ..data.schema import DatasetSchema, preset
 from ..models import model_description
 from ..runs import RunFolder, RunInputs, inputs_from_config, load_run, predict_logits, resolve_device
 from .audit import subgroup_audit
 from .calibration import BalancedScaler, TemperatureScaler
 from .distributed import DistInfo, finish, init_distributed, main_first, wrap_model
 from .engine import FitResult, class_weights, fit
-from .metrics import MELANOMA, classification_metrics
+from .metrics import classification_metrics
 from .robustness import missing_metadata_scores
 from .uncertainty import uncertainty_summary
 
@@ -45,6 +46,7 @@ class Evaluation:
     folder: RunFolder
     metrics: dict[str, Any]
     scores: dict[str, SplitScores] = field(default_factory=dict)
+    schema: DatasetSchema = field(default_factory=lambda: preset("ham10000"))  # the scored classes and names
 
 
 def train_model(
@@ -59,7 +61,7 @@ def train_model(
     t = inputs.cfg.train
     weights = None
     if t.balance == "weighted_loss":
-        weights = class_weights(inputs.targets[inputs.indices("train")], len(CLASSES))
+        weights = class_weights(inputs.targets[inputs.indices("train")], inputs.schema.n_classes)
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     train_b = inputs.batches("train", train=True, show=show, rank=rank, world_size=world)
     val_b = inputs.batches("val", train=False, show=show)
@@ -84,13 +86,15 @@ def evaluate(
         s: predict_logits(inputs.model, inputs.batches(s, train=False, show=show), inputs.device, tta=tta)
         for s in dict.fromkeys(("val", *splits))
     }
+    schema = inputs.schema
     scaler = TemperatureScaler().fit(logits["val"][0], logits["val"][1])
     balanced = BalancedScaler().fit(logits["val"][0], logits["val"][1])
     results: dict[str, Any] = {
         "temperature": float(scaler.temperature_),
         "tta": tta,
+        "key_class": schema.key_class,
         "balanced_temperature": balanced.temperature_,
-        "balanced_bias": dict(zip(CLASSES, balanced.bias_.tolist(), strict=True)),
+        "balanced_bias": dict(zip(schema.classes, balanced.bias_.tolist(), strict=True)),
     }
     lesions = inputs.ham.metadata["lesion_id"].to_numpy()
     scores = {}
@@ -99,17 +103,20 @@ def evaluate(
         rows = inputs.indices(split)
         raw = torch.softmax(torch.from_numpy(z), 1).numpy()
         cal = scaler.transform(z)
+        score = functools.partial(
+            classification_metrics, classes=schema.classes, key_class=schema.key_class, lesion_ids=lesions[rows]
+        )
         results[split] = {
-            "uncalibrated": classification_metrics(y, raw, lesion_ids=lesions[rows]),
-            "calibrated": classification_metrics(y, cal, lesion_ids=lesions[rows]),
-            "balanced": classification_metrics(y, balanced.transform(z), lesion_ids=lesions[rows]),
+            "uncalibrated": score(y, raw),
+            "calibrated": score(y, cal),
+            "balanced": score(y, balanced.transform(z)),
         }
         if split != "val":  # the sets and thresholds are fitted on val: scoring them there says nothing
             val = (logits["val"][1], scaler.transform(logits["val"][0]))
             results[split].update(trust_report(inputs, split, val, (y, cal), balanced))
         scores[split] = SplitScores(split, ids, y, raw, cal)
-        folder.write_predictions(split, ids, [CLASSES[i] for i in y], cal, CLASSES)
-    return Evaluation(folder, results, scores)
+        folder.write_predictions(split, ids, [schema.classes[i] for i in y], cal, schema.classes)
+    return Evaluation(folder, results, scores, schema)
 
 
 def trust_report(
@@ -124,13 +131,13 @@ def trust_report(
     u = inputs.cfg.uncertainty
     rows = inputs.indices(split)
     meta = inputs.ham.metadata.iloc[rows]
-    key = CLASSES.index(MELANOMA)
+    key = inputs.schema.key_index
     return {
         "uncertainty": uncertainty_summary(
             val,
             scored,
-            CLASSES,
-            MELANOMA,
+            inputs.schema.classes,
+            inputs.schema.key_class,
             score=u.conformal_score,
             levels=u.levels,
             class_conditional=u.class_conditional,
@@ -175,7 +182,7 @@ def train_run(
             cfg, inputs.splits, inputs.encoder, device=str(inputs.device), torch_threads=torch.get_num_threads()
         )
     result = train_model(inputs, folder, resume=resume, show=show, dist=info)
-    evaluation = Evaluation(folder, {})
+    evaluation = Evaluation(folder, {}, schema=inputs.schema)
     if info.is_main:
         evaluation = evaluate(inputs, folder, tta=cfg.train.tta, show=show)
         evaluation.metrics.update(
@@ -193,10 +200,15 @@ def train_run(
 
 
 def evaluate_run(
-    run_dir: str | Path, split: str = "test", data: str | Path | None = None, tta: bool = False, show: bool = True
+    run_dir: str | Path,
+    split: str = "test",
+    data: str | Path | None = None,
+    tta: bool = False,
+    show: bool = True,
+    device: str | None = None,
 ) -> Evaluation:
     """Evaluate a run on one split; writes ``<run>/eval/<split>/metrics.json`` and the predictions."""
-    run = load_run(run_dir, data, show)
+    run = load_run(run_dir, data, show, device)
     evaluation = evaluate(run.inputs, run.folder.evaluation(split), splits=(split,), tta=tta, show=show)
     evaluation.folder.write_metrics(evaluation.metrics)
     return evaluation

@@ -1,0 +1,216 @@
+"""External validation: score a trained run on a dataset it never saw, with its stored calibration.
+
+``mmlesion evaluate --run RUN --data OTHER [--schema S] [--key-vs-rest]`` reads OTHER with its own
+schema (default: the run's), and then:
+
+- refuses images that are in the run's own ``splits.csv`` (``exclude_seen`` leaves them out instead,
+  with a note): an external score must not contain training, stopping or test images of the run;
+- maps OTHER's classes onto the run's (:func:`~multimodal_lesion.data.schema.map_classes`, e.g.
+  ISIC 2019 ``AK`` -> ``akiec``); images of classes the run does not know are reported and left out,
+  unless the run is scored as key class vs rest (``key_vs_rest``: every image counts, positive when
+  its class maps to the run's key class);
+- encodes the run's patient features from OTHER's columns of the same name; a feature OTHER lacks is
+  missing for every image, and said so;
+- fits each image to the run's input size keeping its aspect ratio (``fit``: pad or centre crop;
+  ``stretch`` only when asked), with a note counting the images of another shape;
+- predicts as the run was scored (frozen embeddings flip-averaged, TTA as evaluated) and applies the
+  run's temperature and balanced decision: nothing is fitted on OTHER.
+
+Results go to ``RUN/external/<OTHER's folder name>[-<key>_vs_rest]/`` (``metrics.json``,
+``predictions.csv``, ``figures/``), never over the run's own evaluation. The metrics name the
+images, lesions and patients scored, and the key-vs-rest AUROC comes with a patient-grouped
+bootstrap CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..data.ham10000 import Ham10000, read_ham10000
+from ..data.schema import DatasetSchema, map_classes, preset
+from ..errors import DataError, note
+from ..io import atomic_write, safe_stem
+from ..runs import Cases, Predictor, RunFolder, predict_arrays, prediction_frame
+from .metrics import binary_metrics, classification_metrics, key_vs_rest
+from .runner import Evaluation, SplitScores
+from .stats import grouped_auroc_ci
+
+#: Sub-folder of a run that holds its external evaluations.
+EXTERNAL = "external"
+#: The split name under which ``metrics.json`` files an external score (as ``test`` for the run's own).
+SPLIT = "external"
+
+
+@dataclass(frozen=True)
+class ExternalOptions:
+    """How to score a run on other data (the ``mmlesion evaluate`` options of the same names)."""
+
+    schema: str | None = None  # OTHER's schema (preset name); None: the run's own
+    key_vs_rest: bool = False  # score a multi-class run as key class vs rest
+    fit: str = "pad"  # images of another aspect ratio: pad, crop or stretch
+    device: str | None = None  # None: the run's device (the CPU where it has no GPU)
+    exclude_seen: bool = False  # leave out (with a note) images in the run's splits instead of refusing
+    n_boot: int = 2000  # bootstrap draws of the grouped AUROC CI
+
+
+def read_other(root: str | Path, schema: DatasetSchema) -> Ham10000:
+    """OTHER's images in the canonical table; listed images that are absent are left out (a partial download)."""
+    if schema.name == "ham10000":
+        return read_ham10000(root, drop_missing=True)
+    from ..data import reader  # the generic reader of any schema
+
+    return reader.read_dataset(root, schema, drop_missing=True)
+
+
+def other_schema(name: str | None, run_schema: DatasetSchema) -> DatasetSchema:
+    """OTHER's schema: the preset (or schema file) named, else the run's own."""
+    return run_schema if name is None else preset(name)
+
+
+def external_folder(run: RunFolder, data: str | Path, schema: DatasetSchema, key_vs_rest: bool) -> RunFolder:
+    """``RUN/external/<OTHER's folder name>[-<key>_vs_rest]``: never the run's own ``eval/``."""
+    name = safe_stem(Path(data).expanduser().resolve().name) or schema.name
+    return RunFolder(run.path / EXTERNAL / (f"{name}-{schema.key_class}_vs_rest" if key_vs_rest else name))
+
+
+def unseen(run: RunFolder, table: pd.DataFrame, root: str | Path, exclude: bool) -> tuple[pd.DataFrame, int]:
+    """``table`` without images of the run's splits; refused (DataError) unless ``exclude``."""
+    seen = table["image_id"].isin(set(run.read_splits()["image_id"])).to_numpy()
+    if not seen.any():
+        return table, 0
+    shown = ", ".join(table.loc[seen, "image_id"].head(3))
+    if not exclude:
+        raise DataError(
+            f"{root}: {int(seen.sum())} of {len(table)} images are in the run's own splits ({run.path / 'splits.csv'}: "
+            f"{shown}, ...); an external score must not contain them (evaluate the run's own split without "
+            "--schema / --key-vs-rest, or pass --exclude-seen to leave them out)"
+        )
+    note(f"{root}: {int(seen.sum())} image(s) in the run's own splits left out ({shown}, ...)")
+    if seen.all():
+        raise DataError(f"{root}: every image is in the run's own splits; nothing external to score")
+    return table[~seen].reset_index(drop=True), int(seen.sum())
+
+
+def scored_targets(
+    table: pd.DataFrame, other: DatasetSchema, run: DatasetSchema, key_vs_rest: bool, root: str | Path
+) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
+    """(the rows scored, their targets, the class mapping record): see the module docstring."""
+    mapping = map_classes(other, run)
+    counts = table["dx"].value_counts()
+    record: dict[str, Any] = {"mapping": mapping}
+    if key_vs_rest:
+        keys = [c for c, m in mapping.items() if m == run.key_class]
+        if not keys:
+            raise DataError(
+                f"{root}: no class of schema '{other.name}' ({', '.join(other.classes)}) means the run's key class "
+                f"'{run.key_class}'; cannot score key vs rest"
+            )
+        record["key_classes"] = keys
+        return table, table["dx"].isin(keys).to_numpy().astype(np.int64), record
+    known = table["dx"].map(mapping).notna().to_numpy()
+    left_out = {str(c): int(counts.get(c, 0)) for c, m in mapping.items() if m is None and counts.get(c, 0)}
+    if left_out:
+        note(
+            f"{root}: class(es) the run does not know left out: "
+            + ", ".join(f"{c} ({n} images)" for c, n in left_out.items())
+            + (" (score key vs rest with --key-vs-rest to keep them)" if run.key_class in run.classes else "")
+        )
+    if not known.any():
+        raise DataError(f"{root}: no image of a class the run knows ({', '.join(run.classes)}); try --key-vs-rest")
+    record["left_out"] = left_out
+    rows = table[known].reset_index(drop=True)
+    index = {c: i for i, c in enumerate(run.classes)}
+    return rows, rows["dx"].map(mapping).map(index).to_numpy(np.int64), record
+
+
+def _groups(table: pd.DataFrame) -> tuple[str, np.ndarray]:
+    """The unit of independence of the bootstrap: patients when the data name them, else lesions."""
+    if "patient_id" in table.columns and table["patient_id"].notna().all():
+        return "patient", table["patient_id"].astype(str).to_numpy()
+    return "lesion", table["lesion_id"].astype(str).to_numpy()
+
+
+def evaluate_external(
+    run_dir: str | Path, data: str | Path, options: ExternalOptions = ExternalOptions(), show: bool = True
+) -> Evaluation:
+    """Score the run in ``run_dir`` on the dataset at ``data``; writes ``RUN/external/<name>/``."""
+    run = RunFolder(run_dir)
+    run.check()
+    run_schema = run.read_schema()
+    schema = other_schema(options.schema, run_schema)
+    if options.key_vs_rest and run_schema.key_class not in run_schema.classes:
+        raise DataError(f"{run.path}: the run has no key class to score against the rest")
+    dataset = read_other(data, schema)
+    table, n_seen = unseen(run, dataset.metadata, data, options.exclude_seen)
+    table, y, record = scored_targets(table, schema, run_schema, options.key_vs_rest, data)
+    predictor = Predictor.load(run_dir, options.device, fit=options.fit)
+    features = {c: table[c] for c in run_schema.features.names if c in table.columns}
+    cases = Cases([Path(p) for p in table["path"]], pd.DataFrame(features), table["image_id"].tolist())
+    probs = predict_arrays(predictor, cases, str(data))
+    predicted = prediction_frame(cases, run_schema.classes, probs)
+    cal = probs.calibrated
+    bal = probs.balanced if probs.balanced is not None else cal  # runs from before the balanced decision
+    out = external_folder(run, data, schema, options.key_vs_rest)
+    scored = scored_schema(run_schema, options.key_vs_rest)
+    if options.key_vs_rest:  # y is already 1 = key class; the probabilities become (rest, key)
+        key = run_schema.key_index
+        cal_scored, bal_scored = key_vs_rest(y, cal, key)[1], key_vs_rest(y, bal, key)[1]
+    else:
+        cal_scored, bal_scored = cal, bal
+    group_kind, groups = _groups(table)
+    score = {
+        "calibrated": _score(y, cal_scored, scored, table),
+        "balanced": _score(y, bal_scored, scored, table),
+        "n_patients": int(table["patient_id"].nunique()) if "patient_id" in table.columns else None,
+    }
+    if options.key_vs_rest:  # the run's own decisions: key class when it is the arg-max of all classes
+        k = run_schema.key_index
+        score["key_vs_rest"] = {
+            "calibrated": binary_metrics(y == 1, cal[:, k], cal.argmax(1) == k),
+            "balanced": binary_metrics(y == 1, bal[:, k], bal.argmax(1) == k),
+            "auroc_ci": {"grouped_by": group_kind, **grouped_auroc_ci(y == 1, cal[:, k], groups, options.n_boot)},
+        }
+    metrics: dict[str, Any] = {
+        SPLIT: score,
+        "data_root": str(dataset.root),
+        "schema": schema.name,
+        "run_schema": run_schema.name,
+        "key_vs_rest": options.key_vs_rest,
+        "key_class": scored.key_class,
+        "image_fit": options.fit,
+        "tta": predictor.run.tta,
+        "temperature": predictor.run.temperature,
+        "n_listed": len(dataset.metadata),
+        "n_seen_left_out": n_seen,
+        "classes": record,
+        "missing_features": [f for f in run_schema.features.names if f not in table.columns],
+        "notes": list(getattr(dataset, "notes", [])),
+    }
+    targets = [scored.classes[k] for k in y]
+    out.path.mkdir(parents=True, exist_ok=True)
+    out.write_metrics(metrics)
+    with atomic_write(out.path / "predictions.csv") as fh:
+        predicted.assign(target=targets).to_csv(fh, index=False)
+    scores = SplitScores(SPLIT, cases.ids, y, cal_scored, cal_scored)  # the run's temperature: the one calibration
+    return Evaluation(out, metrics, {SPLIT: scores}, scored)
+
+
+def scored_schema(run: DatasetSchema, key_vs_rest: bool) -> DatasetSchema:
+    """The classes scored: the run's, or (rest, key class) when scored as key class vs rest."""
+    if not key_vs_rest:
+        return run
+    return dataclasses.replace(
+        run, classes=("rest", run.key_class), class_names=("rest", run.class_name(run.key_class)), binary=True
+    )
+
+
+def _score(y: np.ndarray, probs: np.ndarray, scored: DatasetSchema, table: pd.DataFrame) -> dict[str, Any]:
+    return classification_metrics(
+        y, probs, classes=scored.classes, key_class=scored.key_class, lesion_ids=table["lesion_id"].tolist()
+    )
