@@ -8,7 +8,7 @@ frozen-backbone embeddings (built on first use), and dict batches of any split.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,11 @@ from ..data.cache import cache_home, default_cache_dir, image_array
 from ..data.constants import CLASSES
 from ..data.datasets import LesionDataset, Normalize, NormalizingCollate, build_augmentation
 from ..data.encoder import MetadataEncoder
-from ..data.ham10000 import Ham10000, read_ham10000
+from ..data.ham10000 import Ham10000
+from ..data.reader import read_dataset
 from ..data.sampling import EpochSampler, MetaDropout, TensorBatches
 from ..data.schema import DatasetSchema, preset
+from ..data.schema_file import resolve_schema
 from ..data.splits import split_lesions
 from ..data.synthetic import make_synthetic
 from ..errors import ConfigError, Note, note
@@ -52,14 +54,25 @@ def synthetic_root(cfg: ExperimentConfig) -> Path:
     return cache_home() / f"synthetic-n{cfg.data.synthetic_n}-seed{cfg.data.synthetic_seed}"
 
 
-def resolve_data(cfg: ExperimentConfig, show: bool = True) -> Ham10000:
-    """Read the configured HAM10000 root, or generate / reuse the synthetic default."""
+def resolve_schema_of(cfg: ExperimentConfig) -> DatasetSchema:
+    """The dataset schema ``cfg`` names (``data.schema``, with ``data.duplicates`` when given)."""
+    return resolve_schema(cfg.data.schema, duplicates=cfg.data.duplicates)
+
+
+def resolve_data(cfg: ExperimentConfig, show: bool = True, schema: DatasetSchema | None = None) -> Ham10000:
+    """Read the configured data root with its schema, or generate / reuse the synthetic default.
+
+    ``schema`` (a run's stored one) replaces the one ``cfg`` names.
+    """
+    schema = schema if schema is not None else resolve_schema_of(cfg)
     root = Path(cfg.data.root) if cfg.data.root else synthetic_root(cfg)
     if not cfg.data.root:  # returns at once when the dataset there is current
+        if schema.name != "ham10000":
+            raise ConfigError(f"data.schema: {schema.name!r} needs data.root (the synthetic dataset is HAM10000)")
         if show and not (root / "HAM10000_metadata.csv").is_file():
             print(f"generating the synthetic dataset in {root}")
         make_synthetic(root, n=cfg.data.synthetic_n, seed=cfg.data.synthetic_seed)
-    return read_ham10000(root, drop_missing=cfg.data.drop_missing)
+    return read_dataset(root, schema, images=cfg.data.images, drop_missing=cfg.data.drop_missing)
 
 
 def make_splits(cfg: ExperimentConfig, ham: Ham10000) -> pd.DataFrame:
@@ -71,9 +84,9 @@ def make_splits(cfg: ExperimentConfig, ham: Ham10000) -> pd.DataFrame:
     return splits
 
 
-def class_targets(metadata: pd.DataFrame) -> np.ndarray:
-    """Class indices (int64) of the ``dx`` column."""
-    return metadata["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(np.int64)
+def class_targets(metadata: pd.DataFrame, classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """Class indices (int64) of the ``dx`` column, in the order of ``classes`` (the schema's)."""
+    return metadata["dx"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
 
 
 @dataclass
@@ -188,7 +201,7 @@ class RunInputs:
         idx = self.indices(split)
         weights = None
         if train and t.balance == "sampler":
-            counts = np.bincount(self.targets[idx], minlength=len(CLASSES))
+            counts = np.bincount(self.targets[idx], minlength=self.schema.n_classes)
             weights = 1.0 / counts[self.targets[idx]]
         sampler = EpochSampler(len(idx), shuffle=train, seed=t.seed, weights=weights, rank=rank, world_size=world_size)
         if t.mode == "frozen" or self.model.image_branch is None:
@@ -260,14 +273,15 @@ def prepare_inputs(
     seed_everything(cfg.train.seed)
     branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
     model = create_model(
-        cfg.model.name, meta_dim=meta.shape[1], num_classes=len(CLASSES), cfg=cfg.model, image_branch=branch
+        cfg.model.name, meta_dim=meta.shape[1], num_classes=ham.schema.n_classes, cfg=cfg.model, image_branch=branch
     )
     if cfg.train.mode == "frozen" and model.image_branch is not None:
         model.image_branch.requires_grad_(False)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    inputs = RunInputs(cfg, ham, splits, encoder, meta, class_targets(ham.metadata), model, device, notes)
+    targets = class_targets(ham.metadata, ham.schema.classes)
+    inputs = RunInputs(cfg, ham, splits, encoder, meta, targets, model, device, notes, schema=ham.schema)
     if branch is not None and shared is not None:
         inputs.cached_embeddings = shared.cached_embeddings
     return inputs
