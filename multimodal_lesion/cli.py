@@ -260,16 +260,17 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_external(args: argparse.Namespace, run: Any) -> int:
-    from .training.external import ExternalOptions, external_folder, other_schema
+    from .training.external import ExternalOptions, external_folder, other_schema, scores_key_vs_rest
     from .workflows import evaluate_external_run
 
     options = ExternalOptions(args.schema, args.key_vs_rest, args.fit, args.device, args.exclude_seen)
     schema = other_schema(args.schema, run.read_schema())
-    out = external_folder(run, args.data, schema, args.key_vs_rest).path
+    key_vs_rest = scores_key_vs_rest(schema, run.read_schema(), args.key_vs_rest)
+    out = external_folder(run, args.data, schema, key_vs_rest).path
     with output_folder(args.run, option="--run"), output_folder(out, option="--run", lock=False):
         metrics, path = evaluate_external_run(args.run, args.data, options)
     _print_headline(metrics, ("external",))
-    if args.key_vs_rest:
+    if key_vs_rest:
         ci = metrics["external"]["key_vs_rest"]["auroc_ci"]
         print(
             f"key class vs rest: AUROC {ci['auroc']:.4f} [{ci['ci_low']:.4f}, {ci['ci_high']:.4f}] "

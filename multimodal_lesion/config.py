@@ -98,7 +98,10 @@ MIN_SYNTHETIC_N = 50
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = ""  # HAM10000 root; empty = the synthetic dataset generated under the run folder
+    root: str = ""  # data root (the schema's metadata files); empty = the synthetic HAM10000-shaped dataset
+    schema: str = "ham10000"  # a dataset preset (ham10000 | isic2019 | isic2020 | pad_ufes_20) or a schema .toml file
+    images: str = ""  # image root when the images live apart from the metadata; empty = root; "none" = no images
+    duplicates: str = ""  # a file of image pairs of one lesion (kept in one group); replaces the schema's
     synthetic_n: Annotated[int, Range(MIN_SYNTHETIC_N)] = 1000  # images in the synthetic dataset when root is empty
     synthetic_seed: Seed = 0  # seed of the synthetic dataset
     image_size: tuple[ImageSide, ImageSide] = (168, 224)  # (height, width) fed to the backbone; keeps the 3:4 aspect

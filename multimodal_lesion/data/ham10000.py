@@ -26,6 +26,7 @@ from PIL import Image
 from ..errors import DataError, note
 from .constants import CLASSES, MASK_SUFFIX, METADATA_COLUMNS, METADATA_FILE, UNKNOWN
 from .patient import VOCABULARY, is_known, normalise_category, parse_age
+from .schema import DatasetSchema, preset
 
 #: File extensions (lower case) taken as images by the folder scan.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
@@ -49,11 +50,13 @@ _SHOW = 5
 
 @dataclass
 class Ham10000:
-    """A validated HAM10000 table: the 7 official columns plus absolute ``path`` and ``mask_path``."""
+    """A validated dataset in the canonical table of its schema (HAM10000's: the 7 official columns)
+    plus absolute ``path`` and ``mask_path`` (see :mod:`~multimodal_lesion.data.schema`)."""
 
     root: Path
     metadata: pd.DataFrame = field(repr=False)
     notes: list[str] = field(default_factory=list)
+    schema: DatasetSchema = field(default_factory=lambda: preset("ham10000"), repr=False)
 
     @property
     def fingerprint(self) -> str:

@@ -35,11 +35,21 @@ class Features:
     boolean: tuple[str, ...] = ()
     categories: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     unknown_tokens: tuple[str, ...] = ("", "unknown", "unk", "nan", "na", "n/a", "none", "null")
+    true_tokens: tuple[str, ...] = ("true", "1", "1.0", "yes", "y", "t")
+    false_tokens: tuple[str, ...] = ("false", "0", "0.0", "no", "n", "f")
+    age: str = ""  # the numeric feature that is the patient's age (0-120; age bands); "" = 'age' or 'age_approx'
 
     @property
     def names(self) -> tuple[str, ...]:
         """Every feature, in encoding order: numeric, then categorical, then boolean."""
         return (*self.numeric, *self.categorical, *self.boolean)
+
+    @property
+    def age_feature(self) -> str:
+        """The numeric feature read as an age (range-checked, banded in subgroups); "" when none."""
+        if self.age:
+            return self.age
+        return next((n for n in ("age", "age_approx") if n in self.numeric), "")
 
 
 @dataclass(frozen=True)
@@ -140,10 +150,12 @@ def ham10000() -> DatasetSchema:
         classes=constants.CLASSES,
         class_names=tuple(constants.CLASS_NAMES[c] for c in constants.CLASSES),
         group_column="lesion_id",
+        duplicate_columns=("from_img", "to_img"),  # the Abhishek et al. 2025 list (data.duplicates)
         features=Features(
             numeric=("age",),
             categorical=("sex", "localization"),
             categories=MappingProxyType({"sex": constants.SEXES, "localization": constants.LOCALIZATIONS}),
+            age="age",
         ),
         leak_columns=("dx_type",),
         key_class="mel",
@@ -152,29 +164,180 @@ def ham10000() -> DatasetSchema:
     )
 
 
-#: Spellings of one diagnosis across dataset vocabularies (compared lower-cased), by a canonical code.
-#: ISIC 2019's ``AK`` and PAD-UFES-20's ``ACK`` are HAM10000's ``akiec``; ``SEK`` / ``SK`` fall under ``bkl``.
-CLASS_SYNONYMS: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {
-        "akiec": ("akiec", "ak", "ack", "actinic keratosis", "actinic keratoses"),
-        "bcc": ("bcc", "basal cell carcinoma"),
-        "bkl": ("bkl", "sk", "sek", "seborrheic keratosis", "benign keratosis", "lentigo nos", "solar lentigo"),
-        "df": ("df", "dermatofibroma"),
-        "mel": ("mel", "melanoma"),
-        "nv": ("nv", "nev", "nevus", "naevus"),
-        "vasc": ("vasc", "vascular lesion"),
-        "scc": ("scc", "squamous cell carcinoma"),
-    }
+@register_schema
+def isic2019() -> DatasetSchema:
+    """ISIC 2019 training set: one-hot ground truth joined with the metadata on ``image``; 8 classes.
+
+    Codes are the challenge's columns in lower case (``AK`` is ``ak``: see :data:`CLASS_ALIASES` for
+    HAM10000's ``akiec``); ``UNK`` has no training image and is not a class. Images without a
+    ``lesion_id`` (BCN20000 and MSK rows) are each their own group, with a note.
+    """
+    classes = ("mel", "nv", "bcc", "ak", "bkl", "df", "vasc", "scc")
+    return DatasetSchema(
+        name="isic2019",
+        metadata=("ISIC_2019_Training_GroundTruth.csv", "ISIC_2019_Training_Metadata.csv"),
+        image_column="image",
+        label_columns=tuple(c.upper() for c in classes),
+        classes=classes,
+        class_names=tuple(f"{LONG_NAMES[c]} ({c})" for c in classes),
+        group_column="lesion_id",
+        features=Features(numeric=("age_approx",), categorical=("anatom_site_general", "sex"), age="age_approx"),
+        key_class="mel",
+    )
+
+
+@register_schema
+def isic2020() -> DatasetSchema:
+    """ISIC 2020 (SIIM-ISIC): melanoma (``target`` 1) vs everything else, split by patient.
+
+    The official duplicates file's pairs are kept in one group; ``diagnosis`` and
+    ``benign_malignant`` give the label away and are never inputs.
+    """
+    return DatasetSchema(
+        name="isic2020",
+        metadata=("ISIC_2020_Training_GroundTruth.csv",),
+        image_column="image_name",
+        label_column="target",
+        label_map=MappingProxyType({"0": "other", "1": "mel", "0.0": "other", "1.0": "mel"}),
+        classes=("other", "mel"),
+        class_names=("Other (not melanoma)", "Melanoma (mel)"),
+        patient_column="patient_id",
+        group_by="patient",
+        duplicates="ISIC_2020_Training_Duplicates.csv",
+        duplicate_columns=("image_name_1", "image_name_2"),
+        features=Features(
+            numeric=("age_approx",), categorical=("sex", "anatom_site_general_challenge"), age="age_approx"
+        ),
+        leak_columns=("diagnosis", "benign_malignant"),
+        key_class="mel",
+        binary=True,
+    )
+
+
+@register_schema
+def pad_ufes_20() -> DatasetSchema:
+    """PAD-UFES-20 (smartphone images, Brazil): 6 classes from ``diagnostic``, 21 clinical features.
+
+    Codes are the release's labels in lower case (``ack`` actinic keratosis, ``sek`` seborrheic
+    keratosis, ``nev`` nevus). Split by patient (``lesion_id`` repeats across patients);
+    ``biopsed`` is 1 for every BCC, MEL and SCC and is never an input.
+    """
+    classes = ("bcc", "ack", "nev", "sek", "scc", "mel")
+    return DatasetSchema(
+        name="pad_ufes_20",
+        metadata=("metadata.csv",),
+        image_column="img_id",
+        label_column="diagnostic",
+        classes=classes,
+        class_names=tuple(f"{LONG_NAMES[c]} ({c})" for c in classes),
+        group_column="lesion_id",
+        patient_column="patient_id",
+        group_by="patient",
+        features=Features(
+            numeric=("age", "fitspatrick", "diameter_1", "diameter_2"),
+            categorical=("region", "gender", "background_father", "background_mother"),
+            boolean=(
+                "smoke",
+                "drink",
+                "pesticide",
+                "skin_cancer_history",
+                "cancer_history",
+                "has_piped_water",
+                "has_sewage_system",
+                "itch",
+                "grew",
+                "hurt",
+                "changed",
+                "bleed",
+                "elevation",
+            ),
+            age="age",
+        ),
+        leak_columns=("biopsed",),
+        key_class="mel",
+    )
+
+
+#: Long names of the class codes the presets use.
+LONG_NAMES: dict[str, str] = {
+    "mel": "Melanoma",
+    "nv": "Melanocytic nevus",
+    "nev": "Nevus",
+    "bcc": "Basal cell carcinoma",
+    "ak": "Actinic keratosis",
+    "ack": "Actinic keratosis",
+    "bkl": "Benign keratosis",
+    "sek": "Seborrheic keratosis",
+    "df": "Dermatofibroma",
+    "vasc": "Vascular lesion",
+    "scc": "Squamous cell carcinoma",
+}
+
+#: Class codes that name the same diagnosis in different vocabularies (one tuple per diagnosis).
+#: HAM10000's ``akiec`` (actinic keratosis / Bowen's disease) meets ISIC 2019's ``ak`` and PAD-UFES-20's
+#: ``ack``; ISIC 2019's ``scc`` has no HAM10000 class (part of HAM's ``akiec`` is SCC in ISIC 2019).
+#: PAD-UFES-20's ``sek`` (seborrheic keratosis) is one kind of HAM10000's ``bkl``.
+CLASS_ALIASES: tuple[tuple[str, ...], ...] = (
+    ("mel",),
+    ("nv", "nev"),
+    ("bcc",),
+    ("akiec", "ak", "ack"),
+    ("bkl", "sek"),
+    ("df",),
+    ("vasc",),
+    ("scc",),
 )
 
 
-def canonical_class(code: str) -> str:
-    """The canonical code of a class code in any vocabulary (the code itself, lower-cased, when unknown)."""
-    text = code.strip().lower()
-    return next((key for key, spellings in CLASS_SYNONYMS.items() if text in spellings), text)
+@dataclass(frozen=True)
+class ClassMapping:
+    """How another dataset's classes land on a run's classes (external validation).
+
+    Attributes:
+        mapping: source class code -> the run's class code.
+        unmapped: the source classes the run does not know (left out, with a note).
+        key_vs_rest: whether the run is scored as its key class vs rest (a binary source).
+    """
+
+    mapping: Mapping[str, str]
+    unmapped: tuple[str, ...]
+    key_vs_rest: bool
+
+    def note(self, source: str, target: str) -> str:
+        """One line saying what was mapped and what was left out."""
+        pairs = ", ".join(f"{a}->{b}" for a, b in self.mapping.items() if a != b) or "none renamed"
+        left = f"; left out (unknown to {target}): {', '.join(self.unmapped)}" if self.unmapped else ""
+        how = f"; scored as {target}'s key class vs rest" if self.key_vs_rest else ""
+        return f"classes of {source} mapped onto {target}: {pairs}{left}{how}"
 
 
-def map_classes(source: DatasetSchema, target: DatasetSchema) -> dict[str, str | None]:
-    """Each class of ``source`` -> the class of ``target`` with the same meaning, None when it has none."""
-    by_meaning = {canonical_class(c): c for c in target.classes}
-    return {c: by_meaning.get(canonical_class(c)) for c in source.classes}
+def same_class(a: str, b: str) -> bool:
+    """Whether two class codes name the same diagnosis (equal, or aliases in :data:`CLASS_ALIASES`)."""
+    return a == b or any(a in group and b in group for group in CLASS_ALIASES)
+
+
+def map_classes(source: DatasetSchema, target: DatasetSchema) -> ClassMapping:
+    """Map ``source``'s classes onto ``target``'s (a run's), by code and :data:`CLASS_ALIASES`.
+
+    When ``source`` is binary (key class vs rest), its key class maps to the target's key class and
+    its other class to every other target class: the run is scored as key class vs rest
+    (``mapping`` then sends the other class to ``"rest"``). Otherwise each source class maps to the
+    target class of the same diagnosis; those without one are ``unmapped``.
+    """
+    if source.binary and not target.binary:
+        if not same_class(source.key_class, target.key_class):
+            raise ConfigError(
+                f"schema {source.name}: key class '{source.key_class}' is not {target.name}'s '{target.key_class}'"
+            )
+        rest = next(c for c in source.classes if c != source.key_class)
+        return ClassMapping(MappingProxyType({source.key_class: target.key_class, rest: "rest"}), (), True)
+    mapping: dict[str, str] = {}
+    other = [t for t in target.classes if t != target.key_class]
+    for code in source.classes:
+        match = next((t for t in target.classes if same_class(code, t)), None)
+        if target.binary and match is None and len(other) == 1:  # a binary run: every other class is its rest
+            match = other[0]
+        if match is not None:
+            mapping[code] = match
+    unmapped = tuple(c for c in source.classes if c not in mapping)
+    return ClassMapping(MappingProxyType(mapping), unmapped, False)

@@ -1,6 +1,7 @@
 """The files of a run folder and their names: the only code that reads or writes them.
 
-A run folder holds everything needed to reuse a model: the resolved ``config.toml``, ``splits.csv``,
+A run folder holds everything needed to reuse a model: the resolved ``config.toml`` and dataset
+``schema.toml`` (classes, features, groups; a folder without one is a HAM10000 run), ``splits.csv``,
 the fitted metadata encoder (``encoder.json``), the checkpoints (``last.pt`` to resume, ``best.pt``
 the kept weights), ``history.csv``, ``metrics.json``, ``predictions_<split>.csv``, ``figures/`` and
 ``versions.json``. ``mmlesion evaluate`` writes the same files of one split under ``eval/<split>/``.
@@ -33,6 +34,7 @@ from ..config import ExperimentConfig, differences, from_dict, to_toml
 from ..data.constants import PATIENT_FEATURES
 from ..data.encoder import MetadataEncoder
 from ..data.schema import DatasetSchema, preset
+from ..data.schema_file import load_schema, resolve_schema, schema_to_toml
 from ..errors import CheckpointError, DataError, MMLesionError
 from ..io import atomic_write, read_json, remove_stale_temps, write_json
 from .checkpoints import load_checkpoint, save_checkpoint
@@ -40,6 +42,7 @@ from .checkpoints import load_checkpoint, save_checkpoint
 T = TypeVar("T")
 
 CONFIG = "config.toml"
+SCHEMA = "schema.toml"
 SPLITS = "splits.csv"
 ENCODER = "encoder.json"
 BEST = "best.pt"
@@ -52,13 +55,14 @@ EVAL = "eval"
 #: The files without which a folder is not a finished run.
 REQUIRED = (CONFIG, SPLITS, ENCODER, BEST)
 #: Every file and folder a run writes, in the order ``overwrite`` removes them (the finished-run marks first).
-RUN_FILES = (METRICS, BEST, LAST, HISTORY, EVAL, FIGURES, ENCODER, SPLITS, VERSIONS, CONFIG)
+RUN_FILES = (METRICS, BEST, LAST, HISTORY, EVAL, FIGURES, ENCODER, SPLITS, VERSIONS, SCHEMA, CONFIG)
 PREDICTIONS = "predictions_*.csv"
 SPLIT_NAMES = ("train", "val", "test")
 #: Settings a run may be resumed with changed: where and how fast it runs, not what it computes.
 #: (``data.root`` may move: the resumed run's split is checked against ``splits.csv`` instead.)
 RESUME_FREE = (
     "data.root",
+    "data.images",
     "data.cache_dir",
     "data.num_workers",
     "train.threads",
@@ -171,13 +175,28 @@ class RunFolder:
         shutil.rmtree(trash)
 
     def write_inputs(
-        self, cfg: ExperimentConfig, splits: pd.DataFrame, encoder: MetadataEncoder, **machine: Any
+        self,
+        cfg: ExperimentConfig,
+        splits: pd.DataFrame,
+        encoder: MetadataEncoder,
+        schema: DatasetSchema | None = None,
+        **machine: Any,
     ) -> None:
-        """What a run was trained from: config, split, fitted encoder and the library versions."""
+        """What a run was trained from: config, resolved schema, split, fitted encoder and the library versions.
+
+        ``schema`` defaults to the one ``cfg`` names (``data.schema``, ``data.duplicates``).
+        """
         write_provenance(self.path, cfg, **machine)
+        d = cfg.data
+        self.write_schema(schema if schema is not None else resolve_schema(d.schema, duplicates=d.duplicates))
         with atomic_write(self.path / SPLITS) as fh:
             splits.to_csv(fh, index=False)
         write_json(self.path / ENCODER, encoder.to_json())
+
+    def write_schema(self, schema: DatasetSchema) -> None:
+        """The resolved dataset schema (``schema.toml``): the run reloads with it, whatever file named it."""
+        with atomic_write(self.path / SCHEMA) as fh:
+            fh.write(schema_to_toml(schema))
 
     def save_last(self, state: dict[str, Any]) -> None:
         """Everything needed to resume (``last.pt``), written atomically."""
@@ -269,8 +288,10 @@ class RunFolder:
         return _guarded(self.path / CONFIG, lambda p: from_dict(tomllib.loads(p.read_text())))
 
     def read_schema(self) -> DatasetSchema:
-        """The run's dataset schema (classes, features, key class); runs made before schemas are HAM10000."""
-        return preset("ham10000")
+        """The run's dataset schema (``schema.toml``: classes, features, key class); a run made before
+        schemas has none and is HAM10000."""
+        path = self.path / SCHEMA
+        return _guarded(path, load_schema) if path.is_file() else preset("ham10000")
 
     def read_splits(self) -> pd.DataFrame:
         return _guarded(self.path / SPLITS, _read_splits)

@@ -8,7 +8,7 @@ frozen-backbone embeddings (built on first use), and dict batches of any split.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,14 @@ import torch
 
 from ..config import ExperimentConfig, replace
 from ..data.cache import cache_home, default_cache_dir, image_array
+from ..data.constants import CLASSES
 from ..data.datasets import LesionDataset, Normalize, NormalizingCollate, build_augmentation
 from ..data.encoder import MetadataEncoder
-from ..data.ham10000 import Ham10000, read_ham10000
+from ..data.ham10000 import Ham10000
+from ..data.reader import read_dataset
 from ..data.sampling import EpochSampler, MetaDropout, TensorBatches
 from ..data.schema import DatasetSchema, preset
+from ..data.schema_file import resolve_schema
 from ..data.splits import split_lesions
 from ..data.synthetic import make_synthetic
 from ..errors import ConfigError, Note, note
@@ -51,14 +54,25 @@ def synthetic_root(cfg: ExperimentConfig) -> Path:
     return cache_home() / f"synthetic-n{cfg.data.synthetic_n}-seed{cfg.data.synthetic_seed}"
 
 
-def resolve_data(cfg: ExperimentConfig, show: bool = True) -> Ham10000:
-    """Read the configured HAM10000 root, or generate / reuse the synthetic default."""
+def resolve_schema_of(cfg: ExperimentConfig) -> DatasetSchema:
+    """The dataset schema ``cfg`` names (``data.schema``, with ``data.duplicates`` when given)."""
+    return resolve_schema(cfg.data.schema, duplicates=cfg.data.duplicates)
+
+
+def resolve_data(cfg: ExperimentConfig, show: bool = True, schema: DatasetSchema | None = None) -> Ham10000:
+    """Read the configured data root with its schema, or generate / reuse the synthetic default.
+
+    ``schema`` (a run's stored one) replaces the one ``cfg`` names.
+    """
+    schema = schema if schema is not None else resolve_schema_of(cfg)
     root = Path(cfg.data.root) if cfg.data.root else synthetic_root(cfg)
     if not cfg.data.root:  # returns at once when the dataset there is current
+        if schema.name != "ham10000":
+            raise ConfigError(f"data.schema: {schema.name!r} needs data.root (the synthetic dataset is HAM10000)")
         if show and not (root / "HAM10000_metadata.csv").is_file():
             print(f"generating the synthetic dataset in {root}")
         make_synthetic(root, n=cfg.data.synthetic_n, seed=cfg.data.synthetic_seed)
-    return read_ham10000(root, drop_missing=cfg.data.drop_missing)
+    return read_dataset(root, schema, images=cfg.data.images, drop_missing=cfg.data.drop_missing)
 
 
 def make_splits(cfg: ExperimentConfig, ham: Ham10000) -> pd.DataFrame:
@@ -71,14 +85,12 @@ def make_splits(cfg: ExperimentConfig, ham: Ham10000) -> pd.DataFrame:
 
 
 def data_schema(ham: Ham10000) -> DatasetSchema:
-    """The schema a dataset was read with (the reader's ``schema``; HAM10000 for a reader without one)."""
-    schema = getattr(ham, "schema", None)
-    return schema if isinstance(schema, DatasetSchema) else preset("ham10000")
+    """The schema a dataset was read with (what the ablation, which holds no RunInputs, asks)."""
+    return ham.schema
 
 
-def class_targets(metadata: pd.DataFrame, classes: tuple[str, ...] | None = None) -> np.ndarray:
-    """Class indices (int64) of the ``dx`` column in ``classes`` (default: HAM10000's) order."""
-    classes = classes or preset("ham10000").classes
+def class_targets(metadata: pd.DataFrame, classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """Class indices (int64) of the ``dx`` column, in the order of ``classes`` (the schema's)."""
     return metadata["dx"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
 
 
@@ -263,19 +275,18 @@ def prepare_inputs(
     for message in notes:  # kept in metrics.json and told to the user
         note(message)
     device = resolve_device(cfg.train.device)
-    schema = data_schema(ham)
     seed_everything(cfg.train.seed)
     branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
     model = create_model(
-        cfg.model.name, meta_dim=meta.shape[1], num_classes=schema.n_classes, cfg=cfg.model, image_branch=branch
+        cfg.model.name, meta_dim=meta.shape[1], num_classes=ham.schema.n_classes, cfg=cfg.model, image_branch=branch
     )
     if cfg.train.mode == "frozen" and model.image_branch is not None:
         model.image_branch.requires_grad_(False)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    targets = class_targets(ham.metadata, schema.classes)
-    inputs = RunInputs(cfg, ham, splits, encoder, meta, targets, model, device, notes, schema=schema)
+    targets = class_targets(ham.metadata, ham.schema.classes)
+    inputs = RunInputs(cfg, ham, splits, encoder, meta, targets, model, device, notes, schema=ham.schema)
     if branch is not None and shared is not None:
         inputs.cached_embeddings = shared.cached_embeddings
     return inputs

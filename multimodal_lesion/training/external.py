@@ -32,8 +32,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..data.ham10000 import Ham10000, read_ham10000
-from ..data.schema import DatasetSchema, map_classes, preset
+from ..data.ham10000 import Ham10000
+from ..data.reader import read_dataset
+from ..data.schema import DatasetSchema, map_classes
+from ..data.schema_file import resolve_schema
 from ..errors import DataError, note
 from ..io import atomic_write, safe_stem
 from ..runs import Cases, Predictor, RunFolder, predict_arrays, prediction_frame
@@ -61,16 +63,12 @@ class ExternalOptions:
 
 def read_other(root: str | Path, schema: DatasetSchema) -> Ham10000:
     """OTHER's images in the canonical table; listed images that are absent are left out (a partial download)."""
-    if schema.name == "ham10000":
-        return read_ham10000(root, drop_missing=True)
-    from ..data import reader  # the generic reader of any schema
-
-    return reader.read_dataset(root, schema, drop_missing=True)
+    return read_dataset(root, schema, drop_missing=True)
 
 
 def other_schema(name: str | None, run_schema: DatasetSchema) -> DatasetSchema:
-    """OTHER's schema: the preset (or schema file) named, else the run's own."""
-    return run_schema if name is None else preset(name)
+    """OTHER's schema: the preset or schema file named, else the run's own."""
+    return run_schema if name is None else resolve_schema(name)
 
 
 def external_folder(run: RunFolder, data: str | Path, schema: DatasetSchema, key_vs_rest: bool) -> RunFolder:
@@ -101,10 +99,12 @@ def scored_targets(
     table: pd.DataFrame, other: DatasetSchema, run: DatasetSchema, key_vs_rest: bool, root: str | Path
 ) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
     """(the rows scored, their targets, the class mapping record): see the module docstring."""
-    mapping = map_classes(other, run)
+    classes = map_classes(other, run)
+    mapping = dict(classes.mapping)
     counts = table["dx"].value_counts()
-    record: dict[str, Any] = {"mapping": mapping}
-    if key_vs_rest:
+    record: dict[str, Any] = {"mapping": mapping, "unmapped": list(classes.unmapped)}
+    note(classes.note(other.name, run.name))
+    if key_vs_rest or classes.key_vs_rest:
         keys = [c for c, m in mapping.items() if m == run.key_class]
         if not keys:
             raise DataError(
@@ -114,7 +114,7 @@ def scored_targets(
         record["key_classes"] = keys
         return table, table["dx"].isin(keys).to_numpy().astype(np.int64), record
     known = table["dx"].map(mapping).notna().to_numpy()
-    left_out = {str(c): int(counts.get(c, 0)) for c, m in mapping.items() if m is None and counts.get(c, 0)}
+    left_out = {str(c): int(counts.get(c, 0)) for c in classes.unmapped if counts.get(c, 0)}
     if left_out:
         note(
             f"{root}: class(es) the run does not know left out: "
@@ -127,6 +127,38 @@ def scored_targets(
     rows = table[known].reset_index(drop=True)
     index = {c: i for i, c in enumerate(run.classes)}
     return rows, rows["dx"].map(mapping).map(index).to_numpy(np.int64), record
+
+
+def scores_key_vs_rest(other: DatasetSchema, run: DatasetSchema, asked: bool) -> bool:
+    """Whether the run is scored as key class vs rest: asked, or OTHER is a binary task and the run is not."""
+    if asked and run.key_class not in run.classes:
+        raise DataError(f"schema {run.name}: the run has no key class to score against the rest")
+    return asked or map_classes(other, run).key_vs_rest
+
+
+def patient_columns(
+    table: pd.DataFrame, other: DatasetSchema, run: DatasetSchema, source: str
+) -> tuple[pd.DataFrame, dict[str, str | None]]:
+    """The run's patient features from OTHER's columns: same name, or OTHER's age for the run's age.
+
+    A feature OTHER lacks is missing for every image (the encoder's missing flag / ``unknown``), said in a note.
+    """
+    found: dict[str, str | None] = {}
+    for feature in run.features.names:
+        if feature in table.columns:
+            found[feature] = feature
+        elif feature == run.features.age_feature and other.features.age_feature in table.columns:
+            found[feature] = other.features.age_feature
+        else:
+            found[feature] = None
+    absent = [f for f, column in found.items() if column is None]
+    if absent:
+        note(f"{source}: no column for the run's patient feature(s) {', '.join(absent)}: missing for every image")
+    renamed = [f"{column} as {f}" for f, column in found.items() if column is not None and column != f]
+    if renamed:
+        note(f"{source}: read {', '.join(renamed)}")
+    frame = pd.DataFrame({f: table[c].to_numpy() if c else None for f, c in found.items()}, index=table.index)
+    return frame.reset_index(drop=True), found
 
 
 def _groups(table: pd.DataFrame) -> tuple[str, np.ndarray]:
@@ -144,21 +176,20 @@ def evaluate_external(
     run.check()
     run_schema = run.read_schema()
     schema = other_schema(options.schema, run_schema)
-    if options.key_vs_rest and run_schema.key_class not in run_schema.classes:
-        raise DataError(f"{run.path}: the run has no key class to score against the rest")
+    kvr = scores_key_vs_rest(schema, run_schema, options.key_vs_rest)
     dataset = read_other(data, schema)
     table, n_seen = unseen(run, dataset.metadata, data, options.exclude_seen)
-    table, y, record = scored_targets(table, schema, run_schema, options.key_vs_rest, data)
+    table, y, record = scored_targets(table, schema, run_schema, kvr, data)
     predictor = Predictor.load(run_dir, options.device, fit=options.fit)
-    features = {c: table[c] for c in run_schema.features.names if c in table.columns}
-    cases = Cases([Path(p) for p in table["path"]], pd.DataFrame(features), table["image_id"].tolist())
+    features, record["features"] = patient_columns(table, schema, run_schema, str(data))
+    cases = Cases([Path(p) for p in table["path"]], features, table["image_id"].tolist())
     probs = predict_arrays(predictor, cases, str(data))
     predicted = prediction_frame(cases, run_schema.classes, probs)
     cal = probs.calibrated
     bal = probs.balanced if probs.balanced is not None else cal  # runs from before the balanced decision
-    out = external_folder(run, data, schema, options.key_vs_rest)
-    scored = scored_schema(run_schema, options.key_vs_rest)
-    if options.key_vs_rest:  # y is already 1 = key class; the probabilities become (rest, key)
+    out = external_folder(run, data, schema, kvr)
+    scored = scored_schema(run_schema, kvr)
+    if kvr:  # y is already 1 = key class; the probabilities become (rest, key)
         key = run_schema.key_index
         cal_scored, bal_scored = key_vs_rest(y, cal, key)[1], key_vs_rest(y, bal, key)[1]
     else:
@@ -169,7 +200,7 @@ def evaluate_external(
         "balanced": _score(y, bal_scored, scored, table),
         "n_patients": int(table["patient_id"].nunique()) if "patient_id" in table.columns else None,
     }
-    if options.key_vs_rest:  # the run's own decisions: key class when it is the arg-max of all classes
+    if kvr:  # the run's own decisions: key class when it is the arg-max of all classes
         k = run_schema.key_index
         score["key_vs_rest"] = {
             "calibrated": binary_metrics(y == 1, cal[:, k], cal.argmax(1) == k),
@@ -181,7 +212,7 @@ def evaluate_external(
         "data_root": str(dataset.root),
         "schema": schema.name,
         "run_schema": run_schema.name,
-        "key_vs_rest": options.key_vs_rest,
+        "key_vs_rest": kvr,
         "key_class": scored.key_class,
         "image_fit": options.fit,
         "tta": predictor.run.tta,
@@ -189,7 +220,7 @@ def evaluate_external(
         "n_listed": len(dataset.metadata),
         "n_seen_left_out": n_seen,
         "classes": record,
-        "missing_features": [f for f in run_schema.features.names if f not in table.columns],
+        "missing_features": [f for f, source in record["features"].items() if source is None],
         "notes": list(getattr(dataset, "notes", [])),
     }
     targets = [scored.classes[k] for k in y]
