@@ -161,6 +161,9 @@ class ExplainConfig:
     background_size: PositiveInt = 1000
     background_resamples: Count = 20  # bootstrap redraws of the background behind each value's ± (0 = none)
     shap_scale: ShapScale = "probability"  # probability | log_odds of the explained class
+    # above 10 SHAP players (patient features, + the image) the values are sampled over this many player
+    # orders in antithetic pairs (even); each value's standard error is reported with it
+    shap_permutations: Annotated[int, Range(2)] = 64
     n_cases: PositiveInt = 12  # cases explained when none are named (correct per class, errors, least confident)
     faithfulness_cases: Count = 8  # cases that also get deletion / insertion / ROAD (the costly part)
     randomisation_cases: Count = 8  # cases that get the cascading randomisation and random-logit checks

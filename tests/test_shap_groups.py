@@ -177,3 +177,77 @@ def test_coalitions_enumerate_every_subset() -> None:
     masks = coalition_masks(3)
     assert masks.shape == (8, 3) and len({tuple(m) for m in masks}) == 8
     assert not masks[0].any() and masks[-1].all()
+
+
+# --- many feature groups: permutation sampling against the exact values --------------------------------
+
+
+def _many_groups(small_model: SmallModel, confident: Confident, n_groups: int) -> tuple[LesionModel, dict, dict]:
+    """A metadata-only model over ``n_groups`` two-column groups, 12 background rows and 3 cases."""
+    model = confident(small_model("metadata_only", meta_dim=2 * n_groups, seed=3)).eval()
+    rng = np.random.default_rng(5)
+    data = {
+        "background": torch.as_tensor(rng.normal(size=(12, 2 * n_groups)), dtype=torch.float32),
+        "meta": torch.as_tensor(rng.normal(size=(3, 2 * n_groups)) * 2, dtype=torch.float32),
+    }
+    groups = {f"f{g}": [2 * g, 2 * g + 1] for g in range(n_groups)}
+    return model, data, groups
+
+
+def _shapley(model: LesionModel, data: dict, groups: dict, orders: np.ndarray | None) -> dict:
+    """The game of GroupShapExplainer on every coalition (orders None) or along sampled orders."""
+    from multimodal_lesion.explain.shap_groups import exact_shapley, order_masks
+
+    columns = group_columns(groups, data["meta"].shape[1])
+    masks = coalition_masks(len(groups)) if orders is None else order_masks(orders)
+    return exact_shapley(
+        model,
+        None,
+        data["meta"],
+        None,
+        data["background"],
+        np.ones(len(masks), dtype=bool),
+        masks @ columns,
+        masks,
+        [0, 1, 2],
+        orders=orders,
+    )
+
+
+def test_permutation_sampling_agrees_with_the_exact_values_and_its_error_shrinks(
+    small_model: SmallModel, confident: Confident
+) -> None:
+    from multimodal_lesion.explain.shap_groups import permutation_orders
+
+    model, data, groups = _many_groups(small_model, confident, 6)
+    exact = _shapley(model, data, groups, None)
+    few = _shapley(model, data, groups, permutation_orders(6, 16, seed=1))
+    many = _shapley(model, data, groups, permutation_orders(6, 1024, seed=1))
+    assert exact["exact"] and not many["exact"]
+    assert np.abs(exact["values"]).max() > 0.01  # the features matter: the test can fail
+    # each sampled order adds up to output - base: additivity holds exactly, not on average
+    for res in (few, many):
+        np.testing.assert_allclose(res["values"].sum(1), res["outputs"] - res["base_values"], atol=1e-10)
+        np.testing.assert_allclose(res["outputs"], exact["outputs"], atol=1e-12)
+    assert (many["sampling_se"] > 0).all()
+    z = np.abs(many["values"] - exact["values"]) / many["sampling_se"]
+    assert z.max() < 5, z  # within the reported standard error
+    assert np.abs(many["values"] - exact["values"]).max() < np.abs(few["values"] - exact["values"]).max()
+    ratio = few["sampling_se"].mean() / many["sampling_se"].mean()
+    assert 4 < ratio < 16  # 64x the orders: sqrt(64) = 8x smaller error
+    np.testing.assert_array_equal(exact["sampling_se"], 0)
+
+
+def test_more_than_ten_groups_are_sampled_with_an_error_on_each_value(
+    small_model: SmallModel, confident: Confident
+) -> None:
+    from multimodal_lesion.explain.shap_groups import MAX_EXACT_PLAYERS
+
+    model, data, groups = _many_groups(small_model, confident, MAX_EXACT_PLAYERS + 2)
+    explainer = GroupShapExplainer(model, data["background"].numpy(), groups, permutations=32, seed=2)
+    exp = explainer.explain(None, data["meta"].numpy(), [0, 1, 2])
+    probs = explainer.predict_proba(None, data["meta"].numpy())[np.arange(3), [0, 1, 2]]
+    np.testing.assert_allclose(exp.base_values + exp.values.sum(1), probs, atol=1e-6)
+    assert exp.values.shape == (3, 12) and (exp.error_std > 0).all()
+    with pytest.raises(ConfigError, match="even"):
+        GroupShapExplainer(model, data["background"].numpy(), groups, permutations=33).explain(None, data["meta"])

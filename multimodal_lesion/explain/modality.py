@@ -23,7 +23,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..models.fusion import LesionModel
 from .gradcam import preserved_state
-from .shap_groups import Scale, as_input_tensor, check_groups, coalition_masks, exact_shapley, group_columns
+from .shap_groups import DEFAULT_PERMUTATIONS, Scale, as_input_tensor, check_groups, group_columns, grouped_shapley
 
 IMAGE_PLAYER = "image"
 
@@ -80,8 +80,10 @@ def modality_shapley(
     scale: Scale = "probability",
     resamples: int = 0,
     seed: int = 0,
+    permutations: int = DEFAULT_PERMUTATIONS,
 ) -> ModalityAttribution:
-    """Exact Shapley values over {image, *groups} (2^(1+G) coalitions) of the target-class probability.
+    """Shapley values over {image, *groups} of the target-class probability: exact (2^(1+G) coalitions)
+    up to ``MAX_EXACT_PLAYERS`` players, sampled over ``permutations`` orders above (see :mod:`.shap_groups`).
 
     Args:
         model: the fused model; ``forward_head`` on cached embeddings is what is explained.
@@ -94,28 +96,28 @@ def modality_shapley(
         temperature: logits are divided by it before the softmax.
         scale: ``probability`` or ``log_odds``.
         resamples: bootstrap redraws of the background rows for ``values_se`` (0 = none).
-        seed: seed of the redraws.
+        seed: seed of the redraws and of the sampled orders.
+        permutations: sampled orders above ``MAX_EXACT_PLAYERS`` players (their error joins ``values_se``).
     """
     meta_t, bg_meta = as_input_tensor(meta, model), as_input_tensor(background_meta, model)
     groups = check_groups(groups, bg_meta.shape[1])
     emb_t = as_input_tensor(embeddings, model) if model.uses_image else None
     bg_emb = _background(model, emb_t, as_input_tensor(background_embeddings, model), len(bg_meta))
-    masks = coalition_masks(1 + len(groups))  # player 0 = image
-    meta_present = masks[:, 1:] @ group_columns(groups, bg_meta.shape[1])
-    res = exact_shapley(
+    columns = group_columns(groups, bg_meta.shape[1])
+    res = grouped_shapley(  # player 0 = image
         model,
         emb_t,
         meta_t,
         bg_emb,
         bg_meta,
-        masks[:, 0],
-        meta_present,
-        masks,
+        1 + len(groups),
+        lambda masks: (masks[:, 0], masks[:, 1:] @ columns),
         targets,
         temperature,
         scale=scale,
         resamples=resamples,
         seed=seed,
+        permutations=permutations,
     )
     return ModalityAttribution(
         players=[IMAGE_PLAYER, *groups],

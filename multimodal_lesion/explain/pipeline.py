@@ -294,7 +294,12 @@ def explain_run(
     bg_emb, bg_meta = background(inputs, cfg.background_size, cfg.seed)
     groups = inputs.encoder.feature_groups_
     raw = inputs.ham.metadata.iloc[rows][patient_features(inputs)].reset_index(drop=True)
-    game: dict[str, Any] = {"scale": cfg.shap_scale, "resamples": cfg.background_resamples, "seed": cfg.seed}
+    game: dict[str, Any] = {
+        "scale": cfg.shap_scale,
+        "resamples": cfg.background_resamples,
+        "seed": cfg.seed,
+        "permutations": cfg.shap_permutations,
+    }
     shap_exp = timed(
         "shap",
         lambda: GroupShapExplainer(inputs.model, bg_meta, groups, temperature=run.temperature, **game).explain(
