@@ -7,6 +7,7 @@ after the other so that ``mmlesion train`` / ``evaluate`` / ``explain`` write co
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,9 @@ def is_external(run_dir: str | Path, data: str | Path) -> bool:
     from .training.external import read_other, unseen
 
     run = RunFolder(run_dir)
-    table = read_other(data, run.read_schema()).metadata
+    with warnings.catch_warnings():  # a quiet look: the evaluation that follows reads it again, with its notes
+        warnings.simplefilter("ignore")
+        table = read_other(data, run.read_schema()).metadata
     seen = table["image_id"].isin(set(run.read_splits()["image_id"]))
     if seen.all():
         return False

@@ -118,7 +118,7 @@ def predict_arrays(predictor: Predictor, cases: Cases, source: str) -> Probabili
 
 
 def prediction_frame(cases: Cases, classes: tuple[str, ...], probs: Probabilities) -> pd.DataFrame:
-    """One row per case: id, image path, calibrated and balanced probabilities (6 decimals) and decisions."""
+    """One row per case: id, image path, calibrated and balanced probabilities and their arg-max decisions."""
     out = pd.DataFrame({"image_id": cases.ids, "image": [str(p) for p in cases.paths]})
     names = list(classes)
     for prefix, p, decision in (
@@ -126,7 +126,7 @@ def prediction_frame(cases: Cases, classes: tuple[str, ...], probs: Probabilitie
         ("balanced_p_", probs.balanced, "balanced_decision"),
     ):
         if p is not None:
-            out[[f"{prefix}{c}" for c in names]] = np.round(p, 6)
+            out[[f"{prefix}{c}" for c in names]] = p  # full precision, as predictions_<split>.csv
             out[decision] = [names[k] for k in p.argmax(1)]
     return out
 

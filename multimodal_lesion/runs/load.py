@@ -115,7 +115,7 @@ def load_run(
     cfg = folder.read_config()
     if data is not None:
         cfg = replace(cfg, data={"root": str(data)})
-    ham = resolve_data(cfg, show)
+    ham = resolve_data(cfg, show, folder.read_schema())
     saved = folder.read_splits()
     splits = ham.metadata[["image_id"]].merge(saved[["image_id", "split"]], on="image_id", how="left")
     splits["split"] = splits["split"].fillna("unassigned")

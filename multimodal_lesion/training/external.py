@@ -25,6 +25,7 @@ bootstrap CI.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ from .metrics import binary_metrics, classification_metrics, key_vs_rest
 from .runner import Evaluation, SplitScores
 from .stats import grouped_auroc_ci
 
+#: A folder name used as it is for the results (others get a sanitised stem).
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,79}")
 #: Sub-folder of a run that holds its external evaluations.
 EXTERNAL = "external"
 #: The split name under which ``metrics.json`` files an external score (as ``test`` for the run's own).
@@ -73,7 +76,8 @@ def other_schema(name: str | None, run_schema: DatasetSchema) -> DatasetSchema:
 
 def external_folder(run: RunFolder, data: str | Path, schema: DatasetSchema, key_vs_rest: bool) -> RunFolder:
     """``RUN/external/<OTHER's folder name>[-<key>_vs_rest]``: never the run's own ``eval/``."""
-    name = safe_stem(Path(data).expanduser().resolve().name) or schema.name
+    name = Path(data).expanduser().resolve().name
+    name = name if _PLAIN.fullmatch(name) else safe_stem(name or schema.name)
     return RunFolder(run.path / EXTERNAL / (f"{name}-{schema.key_class}_vs_rest" if key_vs_rest else name))
 
 
@@ -103,7 +107,8 @@ def scored_targets(
     mapping = dict(classes.mapping)
     counts = table["dx"].value_counts()
     record: dict[str, Any] = {"mapping": mapping, "unmapped": list(classes.unmapped)}
-    note(classes.note(other.name, run.name))
+    if other.name != run.name or classes.unmapped or any(a != b for a, b in mapping.items()):
+        note(classes.note(other.name, run.name))
     if key_vs_rest or classes.key_vs_rest:
         keys = [c for c, m in mapping.items() if m == run.key_class]
         if not keys:
