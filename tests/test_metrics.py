@@ -219,3 +219,31 @@ def test_evaluation_figures_are_valid_pngs(tmp_path: Path) -> None:
 def test_confusion_plot_rejects_wrong_shape(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="7x7"):
         plot_confusion(np.ones((3, 3)), CLASSES, tmp_path / "cm.png")
+
+
+def test_binary_task_metrics_by_hand() -> None:
+    """Two classes (other, mel): AUROC, sensitivity / specificity / balanced accuracy of the arg-max, by hand."""
+    from multimodal_lesion.training.metrics import key_vs_rest
+
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    p_mel = np.array([0.9, 0.6, 0.3, 0.7, 0.4, 0.2, 0.1, 0.05])
+    probs = np.stack([1 - p_mel, p_mel], axis=1)
+    m = classification_metrics(y, probs, classes=("other", "mel"), key_class="mel")
+    # pairs (positive, negative) ranked right: 0.9 beats all 5, 0.6 beats 4, 0.3 beats 3 -> 12 of 15
+    assert m["binary"]["auroc"] == m["key_auroc"] == m["melanoma_auroc"] == pytest.approx(12 / 15)
+    assert m["binary"]["sensitivity"] == pytest.approx(2 / 3)  # 0.9 and 0.6 are above 0.5
+    assert m["binary"]["specificity"] == pytest.approx(4 / 5)  # 0.7 is the one false positive
+    assert m["binary"]["balanced_accuracy"] == m["balanced_accuracy"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    # specificity >= 0.8 allows one false positive (threshold 0.6 or higher): 2 of 3 melanomas found
+    assert m["binary"]["sensitivity_at_specificity_0.80"] == m["key_sensitivity_at_specificity_0.80"] == 2 / 3
+    assert m["binary"]["n_key"] == 3 and m["binary"]["n_rest"] == 5
+    # a multi-class prediction scored as melanoma vs rest: the rest's probability is the others' sum
+    y7, p7 = _predictions(seed=4)
+    y_bin, p_bin = key_vs_rest(y7, p7, MEL)
+    assert y_bin.tolist() == (y7 == MEL).astype(int).tolist()
+    np.testing.assert_allclose(p_bin[:, 1], p7[:, MEL])
+    np.testing.assert_allclose(p_bin.sum(1), 1)
+    binary = classification_metrics(y_bin, p_bin, classes=("rest", "mel"), key_class="mel")
+    assert binary["key_auroc"] == pytest.approx(classification_metrics(y7, p7)["melanoma_auroc"])
+    with pytest.raises(ValueError, match="key class 'scc'"):
+        classification_metrics(y, probs, classes=("other", "mel"), key_class="scc")
