@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from ..data.constants import CLASSES
 from ..training.engine import build_loss, build_optimizer, build_scheduler, class_weights, train_epoch
 from .context import BenchContext, naive_images, training_loader
 from .measure import StepTimer, TimedIterator, figure, measured
@@ -24,7 +23,7 @@ def train_steps(ctx: BenchContext, batches: Iterable[dict], steps: int) -> dict[
     inputs, t = ctx.end2end, ctx.end2end.cfg.train
     weights = None
     if t.balance == "weighted_loss":
-        weights = class_weights(inputs.targets[inputs.indices("train")], len(CLASSES))
+        weights = class_weights(inputs.targets[inputs.indices("train")], inputs.schema.n_classes)
     optimizer = build_optimizer(inputs.model, t)
     scheduler = build_scheduler(optimizer, t, steps + 1)
     loss_fn = build_loss(t, weights, inputs.device)
