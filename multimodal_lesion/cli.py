@@ -136,9 +136,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def _load_cfg(args: argparse.Namespace):
     from .config import load_config, replace
 
+    from .data.schema_file import resolve_schema
+
     cfg = load_config(args.config, args.overrides)
     data = _data_settings(args) | ({"root": str(args.data)} if getattr(args, "data", None) else {})
-    return replace(cfg, data=data) if data else cfg
+    cfg = replace(cfg, data=data) if data else cfg
+    resolve_schema(cfg.data.schema, duplicates=cfg.data.duplicates)  # a bad schema file fails before any output
+    return cfg
 
 
 def _read_data(args: argparse.Namespace):

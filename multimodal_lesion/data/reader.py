@@ -104,7 +104,7 @@ def _read_generic(root: Path, schema: DatasetSchema, images: str, drop_missing: 
     _check_named_columns(joined, schema)
     table = pd.DataFrame({"image_id": _image_ids(joined, schema)}, index=joined.table.index)
     table["dx"] = _labels(joined, schema)
-    table["lesion_id"] = _groups(joined, schema, table["image_id"], notes)
+    table["lesion_id"], own = _groups(joined, schema, table["image_id"])
     if schema.patient_column:
         table["patient_id"] = joined.table[schema.patient_column]
     for name, values in _features(joined, schema, notes).items():
@@ -113,6 +113,7 @@ def _read_generic(root: Path, schema: DatasetSchema, images: str, drop_missing: 
     if schema.group_by == "group" and schema.group_column:
         _note_mixed_labels(table, joined.sources[0].path, notes)
     table, image_root = _attach_images(table, root, schema, images, joined.sources[0], drop_missing, notes)
+    _note_own_groups(table, own, joined, schema, notes)
     for message in notes:
         note(message)
     moved = image_root if image_root not in (None, root) else None
@@ -278,21 +279,30 @@ def _one_hot(joined: _Joined, schema: DatasetSchema) -> tuple[pd.Series, pd.Seri
     return names, names
 
 
-def _groups(joined: _Joined, schema: DatasetSchema, image_ids: pd.Series, notes: list[str]) -> pd.Series:
-    """The split group of every image: its lesion (or patient, by ``group_by``); none: its own group."""
+def _groups(joined: _Joined, schema: DatasetSchema, image_ids: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """The split group of every image (its lesion, or patient by ``group_by``), and which images are
+    their own group (no id: the image id stands in)."""
     column = schema.patient_column if schema.group_by == "patient" else schema.group_column
     if not column:
+        return image_ids.copy(), pd.Series(True, index=image_ids.index)
+    empty = joined.table[column] == ""
+    return joined.table[column].where(~empty, image_ids), empty
+
+
+def _note_own_groups(
+    table: pd.DataFrame, own: pd.Series, joined: _Joined, schema: DatasetSchema, notes: list[str]
+) -> None:
+    """Say which of the images kept are their own group (no group column, or an empty id)."""
+    column = schema.patient_column if schema.group_by == "patient" else schema.group_column
+    kept = own.reindex(table.index)
+    if not column:
         notes.append(f"schema {schema.name} names no group column: each image is its own group")
-        return image_ids.copy()
-    values = joined.table[column]
-    empty = values == ""
-    if empty.any():
+    elif kept.any():
+        what = "patient" if schema.group_by == "patient" else "group"
         notes.append(
-            f"{joined.sources[joined.origin.get(column, 0)].path.name}: column '{column}': {int(empty.sum())} image(s) "
-            f"without a {'patient' if schema.group_by == 'patient' else 'group'} id are each their own group: "
-            f"{_first(list(image_ids[empty]))}"
+            f"{joined.sources[joined.origin.get(column, 0)].path.name}: column '{column}': {int(kept.sum())} image(s) "
+            f"without a {what} id are each their own group: {_first(list(table.loc[kept, 'image_id']))}"
         )
-    return values.where(~empty, image_ids)
 
 
 def _note_mixed_labels(table: pd.DataFrame, path: Path, notes: list[str]) -> None:
