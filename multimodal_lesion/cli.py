@@ -84,9 +84,45 @@ SEED = _checked(int, Range(0))
 SHARE = _checked(float, Range(0, 1, low_open=True, high_open=True))
 
 
+def _schema_args(p: argparse.ArgumentParser, drop_missing: bool = True) -> argparse.ArgumentParser:
+    """The dataset options of every command that reads data: schema, image root, duplicates (and --drop-missing)."""
+    p.add_argument(
+        "--schema",
+        metavar="NAME|FILE.toml",
+        help="dataset schema: ham10000 (default), isic2019, isic2020, pad_ufes_20, or a schema TOML file",
+    )
+    p.add_argument(
+        "--images", metavar="DIR", help="folder the images are below, when not the data root; 'none': no images"
+    )
+    p.add_argument(
+        "--duplicates", type=_path, metavar="FILE", help="CSV of image pairs of one lesion (kept in one group)"
+    )
+    if drop_missing:
+        p.add_argument("--drop-missing", action="store_true", help="drop (and report) listed images not found")
+    return p
+
+
+def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``data.*`` settings of the dataset options given (files made absolute: a run may be reloaded elsewhere)."""
+    settings: dict[str, Any] = {}
+    schema = getattr(args, "schema", None)
+    if schema:
+        is_file = schema.endswith(".toml") or "/" in schema
+        settings["schema"] = str(Path(schema).resolve()) if is_file else schema
+    images = getattr(args, "images", None)
+    if images:
+        settings["images"] = images if images == "none" else str(Path(images).resolve())
+    if getattr(args, "duplicates", None):
+        settings["duplicates"] = str(Path(args.duplicates).resolve())
+    if getattr(args, "drop_missing", False):
+        settings["drop_missing"] = True
+    return settings
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=_path, help="TOML experiment file (default: built-in defaults)")
-    p.add_argument("--data", type=_path, help="HAM10000 root (default: the synthetic dataset)")
+    p.add_argument("--data", type=_path, help="data root (default: the synthetic HAM10000-shaped dataset)")
+    _schema_args(p)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -99,9 +135,24 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _load_cfg(args: argparse.Namespace):
     from .config import load_config, replace
+    from .data.schema_file import resolve_schema
 
     cfg = load_config(args.config, args.overrides)
-    return replace(cfg, data={"root": str(args.data)}) if getattr(args, "data", None) else cfg
+    data = _data_settings(args) | ({"root": str(args.data)} if getattr(args, "data", None) else {})
+    cfg = replace(cfg, data=data) if data else cfg
+    resolve_schema(cfg.data.schema, duplicates=cfg.data.duplicates)  # a bad schema file fails before any output
+    return cfg
+
+
+def _read_data(args: argparse.Namespace):
+    """The dataset of ``--data`` read with the dataset options (``--schema``, ``--images``, ...)."""
+    from .config import ExperimentConfig, replace
+    from .data.reader import read_dataset
+    from .data.schema_file import resolve_schema
+
+    d = replace(ExperimentConfig(), data=_data_settings(args)).data
+    schema = resolve_schema(d.schema, duplicates=d.duplicates)
+    return read_dataset(args.data, schema, images=d.images, drop_missing=d.drop_missing)
 
 
 @command(
@@ -123,20 +174,19 @@ def _synth(args: argparse.Namespace) -> int:
 
 @command(
     "eda",
-    "class balance, age / sex / localization by class, missing values",
+    "class balance, every patient feature by class, missing values",
     lambda p: (
         p.add_argument("--data", type=_path, required=True),
         p.add_argument("--out", type=_path, required=True),
-        p.add_argument("--drop-missing", action="store_true"),
+        _schema_args(p),
     ),
 )
 def _eda(args: argparse.Namespace) -> int:
     with output_folder(args.out):
-        from .data.ham10000 import read_ham10000
         from .report.eda import run_eda
 
-        ham = read_ham10000(args.data, drop_missing=args.drop_missing)
-        summary = run_eda(ham.metadata, args.out)
+        ham = _read_data(args)
+        summary = run_eda(ham.metadata, args.out, ham.schema)
     print(json.dumps({k: summary[k] for k in ("n_images", "n_lesions", "class_counts")}))
     print(f"wrote {args.out}")
     return 0
@@ -149,7 +199,7 @@ def _split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-size", type=SHARE, default=0.15)
     p.add_argument("--val-size", type=SHARE, default=0.15)
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--drop-missing", action="store_true")
+    _schema_args(p)
 
 
 @command("split", "lesion-grouped, class-stratified train/val/test split (and folds)", _split_args)
@@ -162,10 +212,9 @@ def _split(args: argparse.Namespace) -> int:
             f"--test-size {args.test_size:g} + --val-size {args.val_size:g} must be < 1 to leave training data"
         )
     with output_file(args.out, option="--out", inputs=[Path(args.data) / METADATA_FILE]):
-        from .data.ham10000 import read_ham10000
         from .data.splits import split_lesions
 
-        ham = read_ham10000(args.data, drop_missing=args.drop_missing)
+        ham = _read_data(args)
         splits = split_lesions(
             ham.metadata, test_size=args.test_size, val_size=args.val_size, folds=args.folds, seed=args.seed
         )
@@ -226,7 +275,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--tta", action="store_true", help="average over flips")
-    p.add_argument("--schema", help="external: the schema of --data (a preset name; default: the run's)")
+    _schema_args(p)  # --schema: of --data when it is external (default: the run's); --images, --duplicates
     p.add_argument("--key-vs-rest", action="store_true", help="external: score the run's key class vs the rest")
     p.add_argument("--fit", choices=["pad", "crop", "stretch"], default="pad", help="external: " + FIT_HELP)
     p.add_argument(
@@ -246,10 +295,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     run = RunFolder(args.run)
     run.check()
-    explicit = args.schema is not None or args.key_vs_rest or args.exclude_seen
-    if explicit and not args.data:
+    explicit = args.key_vs_rest or args.exclude_seen
+    if (explicit or args.schema) and not args.data:
         raise ConfigError("--schema, --key-vs-rest and --exclude-seen score other data: give it with --data")
-    if explicit or (args.data and is_external(args.run, args.data)):
+    if explicit or (args.data and is_external(args.run, args.data, args.schema, args.images or "")):
         return _evaluate_external(args, run)
     evaluation = run.evaluation(args.split).path
     with output_folder(args.run, option="--run"), output_folder(evaluation, option="--run", lock=False):
@@ -263,7 +312,9 @@ def _evaluate_external(args: argparse.Namespace, run: Any) -> int:
     from .training.external import ExternalOptions, external_folder, other_schema, scores_key_vs_rest
     from .workflows import evaluate_external_run
 
-    options = ExternalOptions(args.schema, args.key_vs_rest, args.fit, args.device, args.exclude_seen)
+    options = ExternalOptions(
+        args.schema, args.key_vs_rest, args.fit, args.device, args.exclude_seen, images=args.images or ""
+    )
     schema = other_schema(args.schema, run.read_schema())
     key_vs_rest = scores_key_vs_rest(schema, run.read_schema(), args.key_vs_rest)
     out = external_folder(run, args.data, schema, key_vs_rest).path
@@ -363,6 +414,7 @@ def _predict_many(args: argparse.Namespace) -> int:
 def _explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=_path, required=True)
     p.add_argument("--data", type=_path)
+    _schema_args(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--cases", nargs="+", metavar="ID", help="image ids to explain")
     p.add_argument("--n", type=POSITIVE, help="number of cases (default: explain.n_cases of the run)")

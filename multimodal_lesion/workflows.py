@@ -49,19 +49,19 @@ def evaluate_run(
     return evaluation.metrics, evaluation.folder.metrics_path
 
 
-def is_external(run_dir: str | Path, data: str | Path) -> bool:
-    """Whether ``data`` (read with the run's schema) is new to the run: none of its images in the run's splits.
+def is_external(run_dir: str | Path, data: str | Path, schema: str | None = None, images: str = "") -> bool:
+    """Whether ``data`` (read with ``schema``, default the run's) is new to the run: none of its images in its splits.
 
     All of them in the splits: the run's own data (perhaps moved), evaluated on its split. Some but not
     all: a DataError naming the overlap (an external score must not contain the run's images).
     """
     from .runs import RunFolder
-    from .training.external import read_other, unseen
+    from .training.external import other_schema, read_other, unseen
 
     run = RunFolder(run_dir)
     with warnings.catch_warnings():  # a quiet look: the evaluation that follows reads it again, with its notes
         warnings.simplefilter("ignore")
-        table = read_other(data, run.read_schema()).metadata
+        table = read_other(data, other_schema(schema, run.read_schema()), images).metadata
     seen = table["image_id"].isin(set(run.read_splits()["image_id"]))
     if seen.all():
         return False

@@ -605,3 +605,148 @@ def chromium_page(chromium: Browser) -> Iterator[WatchedPage]:
 def launch_chromium(playwright: Playwright) -> Callable[[], contextlib.AbstractContextManager[Browser]]:
     """Start another browser as :func:`headless_chromium` does, for tests of the browser's life cycle."""
     return functools.partial(headless_chromium, playwright)
+
+
+# --- tiny datasets in each schema preset's own file format ------------------------------------------------
+
+
+def _jpeg(path: Path, rng: np.random.Generator, size: tuple[int, int] = (60, 80)) -> None:
+    """A small real image (random pixels) at ``path`` (JPEG or PNG by its extension)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, size=(*size, 3), dtype=np.uint8)).save(path)
+
+
+def write_tiny_isic2019(root: Path, images: Path, n_lesions: int = 32, seed: int = 0) -> tuple[Path, Path]:
+    """ISIC 2019's two CSVs (one-hot ground truth + metadata, CRLF as published) in ``root``; the images of
+    the HAM-like part in ``images`` (apart from the CSVs); the BCN-like rows (no lesion id) have no image.
+
+    Returns (root, images): 8 classes, ``n_lesions`` lesions with images (some of two images), and as
+    many listed images that are not there.
+    """
+    rng = np.random.default_rng(seed)
+    classes = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
+    truth, meta, number = [], [], 24306
+    for i in range(n_lesions):
+        for _ in range(2 if i % 4 == 0 else 1):
+            image = f"ISIC_{number:07d}"
+            number += 1
+            _jpeg(images / ("part_1" if i % 2 else "part_2") / f"{image}.jpg", rng)
+            truth.append({"image": image, **{c: float(c == classes[i % 8]) for c in (*classes, "UNK")}})
+            age = "" if i % 7 == 3 else str(int(rng.integers(2, 17)) * 5)
+            site = ["anterior torso", "head/neck", "", "lower extremity"][i % 4]
+            lesion = "" if i == n_lesions - 1 else f"HAM_{i:07d}"  # one downloaded image without a lesion id
+            meta.append({"image": image, "age_approx": age, "anatom_site_general": site, "lesion_id": lesion})
+            meta[-1]["sex"] = ["male", "female", ""][i % 3]
+    for j in range(n_lesions):  # listed, never downloaded (BCN20000 / MSK-like rows, some without lesion id)
+        image = f"ISIC_{j:07d}" + ("_downsampled" if j % 5 == 0 else "")
+        truth.append({"image": image, **{c: float(c == classes[j % 8]) for c in (*classes, "UNK")}})
+        meta.append({"image": image, "age_approx": "50", "anatom_site_general": "anterior torso", "sex": "male"})
+        meta[-1]["lesion_id"] = "" if j % 2 else f"BCN_{j:07d}"
+    root.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(truth).to_csv(root / "ISIC_2019_Training_GroundTruth.csv", index=False, lineterminator="\r\n")
+    columns = ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"]
+    pd.DataFrame(meta)[columns].to_csv(root / "ISIC_2019_Training_Metadata.csv", index=False, lineterminator="\r\n")
+    return root, images
+
+
+def write_tiny_isic2020(root: Path, n_patients: int = 24, seed: int = 0) -> Path:
+    """ISIC 2020's table, its duplicates file and an ``images/`` folder holding part of the listed images.
+
+    Every patient has 2 to 4 images; every third patient has a melanoma. The duplicates file pairs
+    two images of different patients (kept in one group), and one pair names an image not downloaded.
+    """
+    rng = np.random.default_rng(seed)
+    rows, number = [], 10000
+    for p in range(n_patients):
+        for k in range(2 + p % 3):
+            mel = p % 3 == 0 and k == 0
+            rows.append(
+                {
+                    "image_name": f"ISIC_{number:07d}",
+                    "patient_id": f"IP_{p:07d}",
+                    "sex": ["female", "male", ""][p % 3] if p % 7 else "male",
+                    "age_approx": "" if p % 11 == 5 else f"{int(rng.integers(4, 17)) * 5}.0",
+                    "anatom_site_general_challenge": ["torso", "lower extremity", "head/neck", ""][k % 4],
+                    "diagnosis": "melanoma" if mel else "unknown",
+                    "benign_malignant": "malignant" if mel else "benign",
+                    "target": int(mel),
+                }
+            )
+            number += 1
+    table = pd.DataFrame(rows)
+    for i, image in enumerate(table["image_name"]):
+        if i % 9 != 8:  # a partial download: every ninth image is missing
+            _jpeg(root / "images" / f"{image}.jpg", rng, (64, 64))
+    table.to_csv(root / "ISIC_2020_Training_GroundTruth.csv", index=False)
+    pairs = [(table.image_name[0], table.image_name[3]), (table.image_name[5], table.image_name[8])]
+    pd.DataFrame(pairs, columns=["image_name_1", "image_name_2"]).to_csv(
+        root / "ISIC_2020_Training_Duplicates.csv", index=False
+    )
+    return root
+
+
+PAD_BOOLEANS = (
+    "smoke",
+    "drink",
+    "pesticide",
+    "skin_cancer_history",
+    "cancer_history",
+    "has_piped_water",
+    "has_sewage_system",
+)
+PAD_SYMPTOMS = ("itch", "grew", "hurt", "changed", "bleed", "elevation")
+
+
+def write_tiny_pad_ufes_20(root: Path, n_patients: int = 36, seed: int = 0, images: bool = False) -> Path:
+    """PAD-UFES-20's ``metadata.csv`` (26 columns, ``UNK`` symptoms, empty history cells, ``biopsed``).
+
+    Lesion ids repeat across patients (as in the release); with ``images``, PNGs in ``images/``.
+    """
+    rng = np.random.default_rng(seed)
+    classes = ("BCC", "ACK", "NEV", "SEK", "SCC", "MEL")
+    rows, img = [], 100
+    for p in range(n_patients):
+        for k in range(1 + p % 2):
+            dx = classes[(p + k) % 6]
+            known = p % 3 != 0  # a third of the patients answered no questionnaire (empty cells)
+            row = {"patient_id": f"PAT_{p}", "lesion_id": str(k + p % 5)}
+            row.update({b: str(bool(rng.integers(2))) if known else "" for b in PAD_BOOLEANS[:2]})
+            row.update(background_father="POMERANIA" if known else "", background_mother="ITALY" if known else "")
+            row.update(age=str(int(rng.integers(20, 90))), pesticide=str(bool(rng.integers(2))) if known else "")
+            row.update(gender=["FEMALE", "MALE"][p % 2] if known else "")
+            row.update({b: str(bool(rng.integers(2))) if known else "" for b in PAD_BOOLEANS[3:]})
+            row.update(fitspatrick=f"{int(rng.integers(1, 7))}.0" if known else "")
+            row.update(region=["ARM", "FACE", "NECK", "BACK", "CHEST"][p % 5])
+            row.update(diameter_1=f"{rng.integers(2, 20)}.0" if known else "", diameter_2="")
+            row.update(diagnostic=dx)
+            row.update({s: ["True", "False", "UNK"][(p + i) % 3] for i, s in enumerate(PAD_SYMPTOMS)})
+            row.update(img_id=f"PAT_{p}_{row['lesion_id']}_{img}.png", biopsed=str(dx in ("BCC", "MEL", "SCC")))
+            rows.append(row)
+            img += 1
+            if images:
+                _jpeg(root / "images" / row["img_id"], rng)
+    columns = [
+        "patient_id", "lesion_id", "smoke", "drink", "background_father", "background_mother", "age", "pesticide",
+        "gender", "skin_cancer_history", "cancer_history", "has_piped_water", "has_sewage_system", "fitspatrick",
+        "region", "diameter_1", "diameter_2", "diagnostic", "itch", "grew", "hurt", "changed", "bleed", "elevation",
+        "img_id", "biopsed",
+    ]  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows)[columns].to_csv(root / "metadata.csv", index=False)
+    return root
+
+
+@pytest.fixture
+def tiny_isic2019(tmp_path: Path) -> tuple[Path, Path]:
+    """(CSV root, image root) of a tiny ISIC 2019 whose images live apart from its CSVs."""
+    return write_tiny_isic2019(tmp_path / "isic2019", tmp_path / "isic_images")
+
+
+@pytest.fixture
+def tiny_isic2020(tmp_path: Path) -> Path:
+    return write_tiny_isic2020(tmp_path / "isic2020")
+
+
+@pytest.fixture
+def tiny_pad(tmp_path: Path) -> Path:
+    return write_tiny_pad_ufes_20(tmp_path / "pad")

@@ -16,6 +16,7 @@ from sklearn.exceptions import NotFittedError
 from multimodal_lesion.data.constants import CLASSES, LOCALIZATIONS, SEXES, UNKNOWN
 from multimodal_lesion.data.encoder import MetadataEncoder
 from multimodal_lesion.data.ham10000 import read_ham10000
+from multimodal_lesion.data.schema import Features
 from multimodal_lesion.errors import DataError
 
 
@@ -119,7 +120,8 @@ def test_bad_tables_name_the_column_or_row() -> None:
 
 def test_scikit_learn_conventions(meta: pd.DataFrame) -> None:
     enc = MetadataEncoder()
-    assert enc.get_params() == {} and not any(k.endswith("_") for k in vars(enc))
+    assert enc.get_params() == {"numeric": ("age",), "categorical": ("sex", "localization"), "boolean": ()}
+    assert not any(k.endswith("_") for k in vars(enc))
     fitted = clone(enc).fit(meta)
     assert np.array_equal(fitted.transform(meta), MetadataEncoder().fit_transform(meta))
     frame = MetadataEncoder().set_output(transform="pandas").fit(meta).transform(meta)
@@ -168,3 +170,61 @@ def test_any_valid_table_gives_a_finite_encoding_of_the_right_width(train: pd.Da
             assert (X[:, enc.feature_groups_["sex"]].sum(axis=1) == 1).all()
             assert (X[:, enc.feature_groups_["localization"]].sum(axis=1) == 1).all()
     assert sorted(i for g in enc.feature_groups_.values() for i in g) == list(range(width))
+
+
+# --- any schema's features ----------------------------------------------------------------------------
+
+
+def test_an_encoder_json_written_before_schemas_loads_as_ham10000(meta: pd.DataFrame) -> None:
+    fitted = MetadataEncoder().fit(meta)
+    old = {  # what encoder.json held before schemas: no parameters, age_mean_ / age_std_
+        "params": {},
+        "learned": {
+            "age_mean_": fitted.age_mean_,
+            "age_std_": fitted.age_std_,
+            "categories_": fitted.categories_,
+            "feature_groups_": fitted.feature_groups_,
+        },
+    }
+    loaded = MetadataEncoder.from_json(old)
+    assert list(loaded.get_feature_names_out()) == list(fitted.get_feature_names_out())
+    assert np.array_equal(loaded.transform(meta), fitted.transform(meta))
+    again = MetadataEncoder.from_json(fitted.to_json())
+    assert np.array_equal(again.transform(meta), fitted.transform(meta))
+
+
+def test_numeric_categorical_and_boolean_features_of_a_schema() -> None:
+    features = Features(numeric=("age", "diameter"), categorical=("region",), boolean=("itch",))
+    train = pd.DataFrame(
+        {
+            "age": [20.0, 40.0, np.nan],
+            "diameter": [1.0, 3.0, 5.0],
+            "region": ["arm", "face", "unknown"],
+            "itch": ["true", "false", "unknown"],
+            "biopsed": ["true", "false", "true"],  # not a feature: never read
+        }
+    )
+    enc = MetadataEncoder.for_features(features).fit(train)
+    names = list(enc.get_feature_names_out())
+    assert names == [
+        "age_z",
+        "age_missing",
+        "diameter_z",
+        "diameter_missing",
+        "region=arm",
+        "region=face",
+        "region=unknown",
+        "itch=false",
+        "itch=true",
+        "itch=unknown",
+    ]
+    assert enc.feature_groups_ == {"age": [0, 1], "diameter": [2, 3], "region": [4, 5, 6], "itch": [7, 8, 9]}
+    X = enc.transform(train)
+    assert X[:, 2].tolist() == pytest.approx([-1.2247449, 0.0, 1.2247449])  # (d - 3) / std([1, 3, 5])
+    assert X[:, 7:].tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 1]]
+    assert np.array_equal(enc.transform(train.assign(biopsed=["x", "y", "z"])), X)
+    missing = enc.missing_row()
+    assert missing.tolist() == [0, 1, 0, 1, 0, 0, 1, 0, 0, 1]
+    assert np.array_equal(enc.blank(X, ["itch"])[:, 7:], np.tile([0, 0, 1], (3, 1)))
+    loaded = MetadataEncoder.from_json(enc.to_json())
+    assert loaded.boolean == ("itch",) and np.array_equal(loaded.transform(train), X)

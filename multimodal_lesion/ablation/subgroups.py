@@ -26,7 +26,7 @@ def audit_records(records: list[dict[str, Any]], ham: Ham10000, n_boot: int) -> 
     schema = data_schema(ham)
     meta = ham.metadata.set_index("image_id")
     targets = meta["dx"].map({c: i for i, c in enumerate(schema.classes)})
-    attributes = subgroup_attributes(meta)
+    attributes = subgroup_attributes(meta, schema.features)
     out = {}
     for model in dict.fromkeys(r["model"] for r in records):
         mine = [r for r in records if r["model"] == model]

@@ -57,6 +57,12 @@ class Ham10000:
     metadata: pd.DataFrame = field(repr=False)
     notes: list[str] = field(default_factory=list)
     schema: DatasetSchema = field(default_factory=lambda: preset("ham10000"), repr=False)
+    image_root: Path | None = None  # where the images were found, when not below ``root``
+
+    @property
+    def has_images(self) -> bool:
+        """Whether every row has an image file (a metadata-only dataset has none)."""
+        return bool(len(self.metadata)) and bool((self.metadata["path"] != "").all())
 
     @property
     def fingerprint(self) -> str:
@@ -65,20 +71,24 @@ class Ham10000:
         Cheap (one ``stat`` per file, no image bytes read) and recomputed on each access, so a
         cache keyed by it goes stale as soon as the data on disk changes.
         """
-        digest = hashlib.sha256((self.root / METADATA_FILE).read_bytes())
-        prefix = len(str(self.root)) + 1
+        first, *others = self.schema.metadata
+        digest = hashlib.sha256((self.root / first).read_bytes())
+        for name in others:
+            digest.update((self.root / name).read_bytes())
+        prefix = len(str(self.image_root or self.root)) + 1
         files = [p for col in ("path", "mask_path") for p in self.metadata[col] if p]
         for path in sorted(files):
             digest.update(f"\n{path[prefix:]}\t{_size_or_missing(path)}".encode())
         return digest.hexdigest()
 
 
-def read_ham10000(root: str | Path, *, drop_missing: bool = False) -> Ham10000:
+def read_ham10000(root: str | Path, *, drop_missing: bool = False, images: str | Path | None = None) -> Ham10000:
     """Read and validate ``root/HAM10000_metadata.csv`` and find its images anywhere below ``root``.
 
     Args:
         root: the data root (official layout: CSV at the root, images in any sub-folder).
         drop_missing: drop rows whose image is not found (reported in ``notes``) instead of failing.
+        images: the folder the images (and masks) are below, when not ``root``.
 
     Raises:
         DataError: one line naming the file / row / column of the first problem found.
@@ -91,11 +101,23 @@ def read_ham10000(root: str | Path, *, drop_missing: bool = False) -> Ham10000:
     notes: list[str] = []
     raw, src = _read_csv(csv_path, notes)
     table = _validate_table(raw, src, notes)
-    scan = _scan_files(root, notes)
-    table = _attach_files(table, scan, src, drop_missing, notes)
+    image_root = image_folder(images, root)
+    scan = _scan_files(image_root, notes)
+    table = _attach_files(table, scan, src, drop_missing, notes, image_root)
     for message in notes:
         note(message)
-    return Ham10000(root=root, metadata=table.reset_index(drop=True), notes=notes)
+    moved = image_root if image_root != root else None
+    return Ham10000(root=root, metadata=table.reset_index(drop=True), notes=notes, image_root=moved)
+
+
+def image_folder(images: str | Path | None, root: Path, key: str = "data.images") -> Path:
+    """The folder images are searched below: ``images`` when given (it must be a folder), else ``root``."""
+    if images is None or str(images) == "":
+        return root
+    folder = Path(images).expanduser().resolve()
+    if not folder.is_dir():
+        raise DataError(f"{key}: {images} is not a folder (give the folder the images are below)")
+    return folder
 
 
 # --- CSV -------------------------------------------------------------------------------------------
@@ -114,12 +136,15 @@ class _Source:
         return place if column is None else f"{place}, column '{column}'"
 
 
-def _read_csv(csv_path: Path, notes: list[str]) -> tuple[pd.DataFrame, _Source]:
+def _read_csv(
+    csv_path: Path, notes: list[str], columns: Sequence[str] = METADATA_COLUMNS, select: bool = True
+) -> tuple[pd.DataFrame, _Source]:
     """Every cell of the official columns as a string (no type guessing), after checking the shape.
 
     The header picks the columns by name (other columns are ignored, with a note); every row must
     have as many fields as the header, except the classic export where every row (or only the
-    header) ends with the same empty trailing field(s).
+    header) ends with the same empty trailing field(s). With ``select=False`` (another schema's
+    file) every named column is kept and ``columns`` only guides the delimiter sniff.
     """
     if csv_path.is_dir():
         raise DataError(f"{csv_path}: is a folder, not the metadata file")
@@ -137,26 +162,35 @@ def _read_csv(csv_path: Path, notes: list[str]) -> tuple[pd.DataFrame, _Source]:
     if "\x00" in text:  # csv reads NUL bytes as text since Python 3.11; in a CSV they mean damage
         line = text[: text.index("\x00")].count("\n") + 1
         raise DataError(f"{csv_path}: not a readable CSV: line {line} contains a NUL byte (a damaged file?)")
-    delimiter = _delimiter(text, csv_path, notes)
+    delimiter = _delimiter(text, csv_path, notes, columns)
     records = _records(text, delimiter, csv_path, notes)
     if not records:
         raise DataError(f"{csv_path}: file is empty (expected a header and one row per image)")
     (_, header), rows = records[0], records[1:]
     names = [name.strip() for name in header]
-    _check_columns(names, csv_path)
+    _check_columns(names, csv_path) if select else _check_repeats(names, csv_path)
     if not rows:
         raise DataError(f"{csv_path}: has a header but no rows")
     src = _Source(csv_path, [line for line, _ in rows])
     fields = _check_widths(names, [f for _, f in rows], src, notes)
-    _note_ignored_columns(names, fields, csv_path, notes)
-    columns = {c: [f[names.index(c)] for f in fields] for c in METADATA_COLUMNS}
-    return pd.DataFrame(columns, dtype=str), src
+    if select:
+        _note_ignored_columns(names, fields, csv_path, notes)
+    kept = METADATA_COLUMNS if select else [n for n in names if n]
+    return pd.DataFrame({c: [f[names.index(c)] for f in fields] for c in kept}, dtype=str), src
 
 
-def _delimiter(text: str, csv_path: Path, notes: list[str]) -> str:
+def _check_repeats(names: list[str], csv_path: Path) -> None:
+    """A column name may appear once: which of two would the schema mean?"""
+    repeated = [n for n in dict.fromkeys(names) if n and names.count(n) > 1]
+    if repeated:
+        where = ", ".join(str(i + 1) for i, name in enumerate(names) if name == repeated[0])
+        raise DataError(f"{csv_path}: column {repeated[0]!r} appears more than once (columns {where})")
+
+
+def _delimiter(text: str, csv_path: Path, notes: list[str], columns: Sequence[str]) -> str:
     """',' unless the header names the columns only when split on ';' or a tab (a regional export)."""
     first = text.split("\n", 1)[0]
-    found = {d: sum(c.strip().strip('"') in METADATA_COLUMNS for c in first.split(d)) for d in (",", ";", "\t")}
+    found = {d: sum(c.strip().strip('"') in columns for c in first.split(d)) for d in (",", ";", "\t")}
     best = max(found, key=lambda d: found[d])
     if best != "," and found[best] > found[","]:
         notes.append(f"{csv_path.name}: read as {'tab' if best == chr(9) else repr(best)}-separated (not commas)")
@@ -249,8 +283,8 @@ def _csv_hint(csv_path: Path) -> str:
     """Where the metadata file may be instead: another CSV in the folder, or the one above."""
     others = sorted(p.name for p in csv_path.parent.glob("*.csv"))
     if others:
-        return f" (found {_first(others)}: rename it to {METADATA_FILE}?)"
-    if (csv_path.parent.parent / METADATA_FILE).is_file():
+        return f" (found {_first(others)}: rename it to {csv_path.name}?)"
+    if (csv_path.parent.parent / csv_path.name).is_file():
         return f" (there is one in {csv_path.parent.parent}: give that folder as the data root)"
     return ""
 
@@ -450,20 +484,26 @@ def _add_file(scan: _Scan, path: Path, root: Path) -> None:
         scan.sizes[stem] = path.stat().st_size
 
 
-def _attach_files(df: pd.DataFrame, scan: _Scan, src: _Source, drop_missing: bool, notes: list[str]) -> pd.DataFrame:
+def _attach_files(
+    df: pd.DataFrame, scan: _Scan, src: _Source, drop_missing: bool, notes: list[str], image_root: Path | None = None
+) -> pd.DataFrame:
     """Add ``path``/``mask_path``; fail (or drop, when asked) on listed images that are not found."""
     csv_path = src.path
+    below = image_root or csv_path.parent
     df = _match_extensions(df, scan, src, notes)
     found = df["image_id"].isin(scan.images.keys())
     if not found.all():
         lost = list(df.loc[~found, "image_id"])
-        what = f"{len(lost)} image(s) listed in {csv_path.name} not found below {csv_path.parent}: {_first(lost)}"
+        what = (
+            f"{len(lost)} image(s) listed in {csv_path.name} not found below {below} "
+            f"({len(df) - len(lost)} of {len(df)} found): {_first(lost)}"
+        )
         if not drop_missing:
             raise DataError(f"{what} (use drop_missing / --drop-missing to drop them){_lost_hint(lost, scan)}")
         notes.append(f"dropped {what}")
         df = df.loc[found]
         if df.empty:
-            raise DataError(f"{csv_path}: no listed image was found below {csv_path.parent}{_lost_hint(lost, scan)}")
+            raise DataError(f"{csv_path}: no listed image was found below {below}{_lost_hint(lost, scan)}")
     unlisted = sorted(set(scan.images) - set(df["image_id"]))
     if unlisted:
         notes.append(f"{len(unlisted)} image(s) found but not listed in {csv_path.name} (ignored): {_first(unlisted)}")

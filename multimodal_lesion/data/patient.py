@@ -1,8 +1,10 @@
-"""The rules of the patient fields (age, sex, localization), shared by the CSV reader and ``predict``.
+"""The rules of the patient fields, shared by the readers and ``predict``.
 
 One rule per field, applied wherever a value comes from: an age is a number from 0 to 120 (or
 missing), and a sex or localization outside the HAM10000 vocabulary is read as ``unknown`` and
-reported with :func:`~multimodal_lesion.errors.note`, never dropped or guessed.
+reported with :func:`~multimodal_lesion.errors.note`, never dropped or guessed. Any schema's typed
+features follow the same rules: numeric (a finite number, NaN when unknown), categorical (normalised,
+``unknown`` when missing), boolean (``true`` / ``false`` / ``unknown`` by the schema's spellings).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pandas as pd
 
 from ..errors import DataError, note
 from .constants import LOCALIZATIONS, SEXES, UNKNOWN
+from .schema import Features, preset
 
 #: Oldest plausible age; anything above is a data-entry error.
 MAX_AGE = 120.0
@@ -135,6 +138,85 @@ def age_band(age: pd.Series) -> pd.Series:
     return bands
 
 
-def subgroup_attributes(metadata: pd.DataFrame) -> dict[str, pd.Series]:
-    """The patient attributes a model is audited over, one value per image: sex, age band, localization."""
-    return {"sex": metadata["sex"], "age_band": age_band(metadata["age"]), "localization": metadata["localization"]}
+def subgroup_attributes(metadata: pd.DataFrame, features: Features | None = None) -> dict[str, pd.Series]:
+    """The patient attributes a model is audited over, one value per image: each declared categorical
+    feature and the age band (HAM10000: sex, age band, localization).
+
+    ``features`` defaults to HAM10000's.
+    """
+    features = features if features is not None else preset("ham10000").features
+    out = {name: metadata[name] for name in features.categorical if name in metadata.columns}
+    age = features.age_feature
+    if age and age in metadata.columns:
+        out["age_band"] = age_band(metadata[age])
+    return out
+
+
+# --- typed features of any schema -----------------------------------------------------------------
+
+#: What a boolean feature reads as.
+TRUE, FALSE = "true", "false"
+
+
+def parse_number(value: object, field: str, features: Features) -> float:
+    """A numeric feature's value from a table cell: NaN when it spells unknown; else a finite number.
+
+    Raises:
+        DataError: ``FIELD: 'abc' is not a number (or empty when unknown)``.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return math.nan
+    text = str(value).strip()
+    if text.lower() in features.unknown_tokens:
+        return math.nan
+    if not _NUMBER.fullmatch(text):
+        raise DataError(f"{field}: {_shown(value)} is not a number (or empty when unknown)")
+    return float(text)
+
+
+def parse_boolean(value: object, field: str, features: Features) -> str:
+    """A boolean feature's value: ``true``, ``false`` or ``unknown`` (by the schema's tokens).
+
+    Raises:
+        DataError: naming ``field`` when the value is none of the true, false or unknown spellings.
+    """
+    text = normalise_category(value)
+    if text in features.true_tokens:
+        return TRUE
+    if text in features.false_tokens:
+        return FALSE
+    if text == UNKNOWN or text in features.unknown_tokens:
+        return UNKNOWN
+    raise DataError(
+        f"{field}: {_shown(value)} is not a boolean (true: {', '.join(features.true_tokens[:3])}; false: "
+        f"{', '.join(features.false_tokens[:3])}; unknown: {', '.join(t for t in features.unknown_tokens[:4] if t)})"
+    )
+
+
+def parse_category(value: object, features: Features) -> str:
+    """A categorical feature's value: normalised; the schema's unknown spellings read as ``unknown``."""
+    text = normalise_category(value)
+    return UNKNOWN if text in features.unknown_tokens else text
+
+
+def read_features(features: Features, values: dict[str, object]) -> pd.DataFrame:
+    """One patient's features (name -> value as written; absent = unknown) as a one-row table, by the
+    reader's rules; a categorical value outside a fixed vocabulary is ``unknown`` with a note."""
+    row: dict[str, object] = {}
+    for name in features.numeric:
+        value = values.get(name)
+        if name == features.age_feature:
+            row[name] = math.nan if value is None else parse_age(value, name, missing_ok=False)
+        else:
+            row[name] = parse_number(value, name, features)
+    for name in features.categorical:
+        text = parse_category(values.get(name), features)
+        known = features.categories.get(name)
+        if known is not None and text != UNKNOWN and text not in known:
+            shown = _shown(values.get(name))
+            note(f"{name}: unrecognised value {shown} read as '{UNKNOWN}' (known: {', '.join(known)})")
+            text = UNKNOWN
+        row[name] = text
+    for name in features.boolean:
+        row[name] = parse_boolean(values.get(name), name, features)
+    return pd.DataFrame([row]).astype({n: np.float64 for n in features.numeric})

@@ -31,7 +31,6 @@ import pandas as pd
 import tomllib
 
 from ..config import ExperimentConfig, differences, from_dict, to_toml
-from ..data.constants import PATIENT_FEATURES
 from ..data.encoder import MetadataEncoder
 from ..data.schema import DatasetSchema, preset
 from ..data.schema_file import load_schema, resolve_schema, schema_to_toml
@@ -414,12 +413,15 @@ def _read_splits(path: Path) -> pd.DataFrame:
 
 def _checked_encoder(encoder: MetadataEncoder) -> MetadataEncoder:
     """A loaded encoder whose learned state has the shape :class:`MetadataEncoder` writes."""
-    _finite(encoder.age_mean_, "age_mean_")
-    _positive(encoder.age_std_, "age_std_")
+    means = _expect(encoder.means_, dict, "means_: an object of one number per numeric feature")
+    stds = _expect(encoder.stds_, dict, "stds_: an object of one number per numeric feature")
+    for name in encoder.numeric:
+        _finite(means.get(name), f"means_.{name}")
+        _positive(stds.get(name), f"stds_.{name}")
     cats = _expect(encoder.categories_, dict, "categories_: an object of category lists")
     groups = _expect(encoder.feature_groups_, dict, "feature_groups_: an object of column lists")
-    if list(groups) != list(PATIENT_FEATURES):
-        raise ValueError(f"feature_groups_ name {', '.join(map(str, groups))}, not {', '.join(PATIENT_FEATURES)}")
+    if list(groups) != encoder.features:
+        raise ValueError(f"feature_groups_ name {', '.join(map(str, groups))}, not {', '.join(encoder.features)}")
     for column, values in cats.items():
         if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
             raise ValueError(f"categories_.{column}: expected a non-empty list of strings")
@@ -427,9 +429,9 @@ def _checked_encoder(encoder: MetadataEncoder) -> MetadataEncoder:
     width = len(encoder.get_feature_names_out())
     if columns != list(range(width)):
         raise ValueError("feature_groups_ do not cover the encoded columns exactly once")
-    with warnings.catch_warnings():  # encode one patient of unknown age, sex and site: it must fit
+    with warnings.catch_warnings():  # encode one patient with every feature unknown: it must fit
         warnings.simplefilter("ignore")
-        encoded = encoder.transform(pd.DataFrame([dict.fromkeys(PATIENT_FEATURES)]))
+        encoded = encoder.transform(pd.DataFrame([dict.fromkeys(encoder.features)]))
     if encoded.shape != (1, width):
         raise ValueError(f"encodes {encoded.shape[1]} columns, names {width}")
     return encoder

@@ -133,7 +133,14 @@ class RunInputs:
         return int(self.ham.metadata["lesion_id"].iloc[self.indices(split)].nunique())
 
     def images(self) -> np.ndarray:
-        """The cached uint8 image array (N, H, W, 3), built on first use."""
+        """The cached uint8 image array (N, H, W, 3), built on first use.
+
+        A dataset without images (``data.images = 'none'``) reads as blank pixels that take no memory;
+        no model sees them (:func:`prepare_inputs` refuses a model with an image branch there).
+        """
+        if self.cached_images is None and not self.ham.has_images:
+            blank = np.zeros((1, *self.cfg.data.image_size, 3), np.uint8)
+            self.cached_images = np.broadcast_to(blank, (len(self.ham.metadata), *blank.shape[1:]))
         if self.cached_images is None:
             self.cached_images = image_array(self.ham, self.cfg.data.image_size, self.cfg.data.cache_dir or None)
         return self.cached_images
@@ -267,7 +274,7 @@ def prepare_inputs(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     train_rows = ham.metadata[splits["split"].to_numpy() == "train"]
-    encoder = encoder or MetadataEncoder().fit(train_rows)
+    encoder = encoder or MetadataEncoder.for_features(ham.schema.features).fit(train_rows)
     with warnings.catch_warnings(record=True) as caught:  # categories unseen in training -> unknown
         warnings.simplefilter("always", Note)
         meta = encoder.transform(ham.metadata).astype(np.float32)
@@ -280,6 +287,11 @@ def prepare_inputs(
     model = create_model(
         cfg.model.name, meta_dim=meta.shape[1], num_classes=ham.schema.n_classes, cfg=cfg.model, image_branch=branch
     )
+    if model.image_branch is not None and not ham.has_images:
+        raise ConfigError(
+            f"model.name: '{cfg.model.name}' reads images but the data has none (data.images = 'none'); "
+            "use a model without an image branch (metadata_only)"
+        )
     if cfg.train.mode == "frozen" and model.image_branch is not None:
         model.image_branch.requires_grad_(False)
     model.to(device)

@@ -62,11 +62,12 @@ class ExternalOptions:
     device: str | None = None  # None: the run's device (the CPU where it has no GPU)
     exclude_seen: bool = False  # leave out (with a note) images in the run's splits instead of refusing
     n_boot: int = 2000  # bootstrap draws of the grouped AUROC CI
+    images: str = ""  # where OTHER's images are, when not below its data root ("none": no images)
 
 
-def read_other(root: str | Path, schema: DatasetSchema) -> Ham10000:
+def read_other(root: str | Path, schema: DatasetSchema, images: str = "") -> Ham10000:
     """OTHER's images in the canonical table; listed images that are absent are left out (a partial download)."""
-    return read_dataset(root, schema, drop_missing=True)
+    return read_dataset(root, schema, images=images, drop_missing=True)
 
 
 def other_schema(name: str | None, run_schema: DatasetSchema) -> DatasetSchema:
@@ -182,7 +183,7 @@ def evaluate_external(
     run_schema = run.read_schema()
     schema = other_schema(options.schema, run_schema)
     kvr = scores_key_vs_rest(schema, run_schema, options.key_vs_rest)
-    dataset = read_other(data, schema)
+    dataset = read_other(data, schema, options.images)
     table, n_seen = unseen(run, dataset.metadata, data, options.exclude_seen)
     table, y, record = scored_targets(table, schema, run_schema, kvr, data)
     predictor = Predictor.load(run_dir, options.device, fit=options.fit)
