@@ -52,18 +52,20 @@ def evaluate_run(
 def is_external(run_dir: str | Path, data: str | Path, schema: str | None = None, images: str = "") -> bool:
     """Whether ``data`` (read with ``schema``, default the run's) is new to the run: none of its images in its splits.
 
-    All of them in the splits: the run's own data (perhaps moved), evaluated on its split. Some but not
-    all: a DataError naming the overlap (an external score must not contain the run's images).
+    All of them in the splits, read with the run's own schema: the run's own data (perhaps moved),
+    evaluated on its split. Otherwise any image in the splits is a DataError naming the overlap (an
+    external score must not contain the run's images).
     """
     from .runs import RunFolder
     from .training.external import other_schema, read_other, unseen
 
     run = RunFolder(run_dir)
+    own, other = run.read_schema(), other_schema(schema, run.read_schema())
     with warnings.catch_warnings():  # a quiet look: the evaluation that follows reads it again, with its notes
         warnings.simplefilter("ignore")
-        table = read_other(data, other_schema(schema, run.read_schema()), images).metadata
+        table = read_other(data, other, images).metadata
     seen = table["image_id"].isin(set(run.read_splits()["image_id"]))
-    if seen.all():
+    if seen.all() and other.name == own.name:  # in another schema, the run's images are an overlap, not its data
         return False
     unseen(run, table, data, exclude=False)  # raises when some are seen
     return True

@@ -282,3 +282,38 @@ def test_a_run_without_a_balanced_decision_is_a_clear_error(run: tuple[Path, Pat
     assert Predictor.load(old).run.balanced is None
     with pytest.raises(CheckpointError, match="no balanced decision"):
         predict_image(old, image, balanced=True)
+
+
+# --- a dataset in another format: ISIC 2020 (binary, patients, partial download) ----------------------
+
+
+def test_a_ham_run_scored_on_isic2020_as_melanoma_vs_rest(cli, run: tuple[Path, Path], tiny_isic2020: Path) -> None:
+    folder, _ = run
+    proc = cli.ok(cli("evaluate", "--run", folder, "--data", tiny_isic2020, "--schema", "isic2020", "--key-vs-rest"))
+    result = folder / "external" / "isic2020-mel_vs_rest"
+    metrics = json.loads((result / "metrics.json").read_text())
+    table = pd.read_csv(tiny_isic2020 / "ISIC_2020_Training_GroundTruth.csv", dtype=str)
+    present = table[[(tiny_isic2020 / "images" / f"{i}.jpg").is_file() for i in table.image_name]]
+    scored = pd.read_csv(result / "predictions.csv")
+    assert sorted(scored.image_id) == sorted(present.image_name)  # every downloaded image, no other
+    ext = metrics["external"]
+    assert ext["calibrated"]["n_images"] == len(present) and ext["n_patients"] == present.patient_id.nunique()
+    is_mel = scored.target.eq("mel").to_numpy()
+    truth = present.set_index("image_name").target.reindex(scored.image_id).eq("1").to_numpy()
+    np.testing.assert_array_equal(is_mel, truth)
+    ci = ext["key_vs_rest"]["auroc_ci"]
+    assert ci["grouped_by"] == "patient" and ci["auroc"] == pytest.approx(roc_auc_score(is_mel, scored.p_mel))
+    assert metrics["classes"]["features"] == {"age": "age_approx", "sex": "sex", "localization": None}
+    notes = cli.notes(proc)
+    assert any("localization" in n and "missing for every image" in n for n in notes), notes
+    assert any("another aspect ratio" in n for n in notes), notes
+    # a binary dataset is scored as key class vs rest without being asked, into the same folder
+    plain = cli.ok(cli("evaluate", "--run", folder, "--data", tiny_isic2020, "--schema", "isic2020"))
+    assert "key class vs rest: AUROC" in plain.stdout and f"wrote {result / 'metrics.json'}" in plain.stdout
+
+
+def test_isic2019_images_of_the_run_are_refused(cli, run: tuple[Path, Path], tiny_isic2019: tuple[Path, Path]) -> None:
+    folder, _ = run
+    csvs, images = tiny_isic2019  # the same ISIC ids as the tiny HAM10000 the run was trained on
+    proc = cli("evaluate", "--run", folder, "--data", csvs, "--images", images, "--schema", "isic2019")
+    cli.error(proc, "evaluate", "run's own splits", "--exclude-seen")
