@@ -1,8 +1,9 @@
 """What-if for the patient features: a case's prediction across each feature's possible values.
 
 For one case, every value of one feature is substituted while the image and the other features stay
-as they are: age from 0 to 90 (an individual conditional expectation curve, ICE), each sex, each
-localization (each value of each feature the encoder declares). Cheap: the image embedding is
+as they are: age from 0 to 90 (an individual conditional expectation curve, ICE; another number
+over +-2 training standard deviations), each value of each categorical or boolean feature the
+encoder declares (HAM10000: each sex, each localization). Cheap: the image embedding is
 computed once and only the fusion head runs again. The probabilities are the run's calibrated ones
 (the same temperature as the displayed prediction), so the curve passes through the shown value at
 the case's own age.
@@ -42,9 +43,21 @@ class WhatIf:
         return {"classes": self.classes, "values": self.values, "probs": self.probs, "observed": self.observed}
 
 
+#: Other numeric features are tried at the training mean plus these multiples of their standard deviation.
+SPREAD: tuple[float, ...] = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
+
+
 def feature_values(encoder: MetadataEncoder, ages: Sequence[float] = AGES) -> dict[str, list[object]]:
-    """The values tried per feature: ``ages`` for age, each fitted category (unknown included) otherwise."""
-    out: dict[str, list[object]] = {"age": list(ages)}
+    """The values tried per feature, in the encoder's order: ``ages`` for an age, a grid of +-2 standard
+    deviations around the training mean for another number, each fitted category (unknown included) otherwise."""
+    numeric = list(getattr(encoder, "numeric", ("age",)))
+    out: dict[str, list[object]] = {}
+    for name in numeric:
+        if name in ("age", "age_approx"):
+            out[name] = list(ages)
+        else:
+            mean, std = encoder.means_[name], encoder.stds_[name]
+            out[name] = [round(mean + k * std, 3) for k in SPREAD]
     out.update({column: list(cats) for column, cats in encoder.categories_.items()})
     return out
 
