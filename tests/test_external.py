@@ -268,7 +268,7 @@ def test_a_checkpoint_of_cuda_tensors_loads_with_device_cpu(cli, run: tuple[Path
     assert predict_image(gpu_run, image, age=30) == pytest.approx(predict_image(folder, image, age=30), abs=1e-6)
     out = json.loads(cli.ok(cli("predict", "--run", gpu_run, "--image", image, "--device", "cpu")).stdout)
     assert set(out["probabilities"]) == set(preset("ham10000").classes)
-    line = cli.error(cli("predict", "--run", gpu_run, "--image", image, "--device", "cuda"), "predict", "cuda")
+    line = cli.error(cli("predict", "--run", gpu_run, "--image", image, "--device", "cuda"), "predict", "--device cuda")
     assert "Traceback" not in line
 
 

@@ -16,7 +16,7 @@ import torch
 from ..config import ExperimentConfig, replace
 from ..data.encoder import MetadataEncoder
 from ..data.schema import DatasetSchema
-from ..errors import CheckpointError, note
+from ..errors import CheckpointError, ConfigError, note
 from ..models import LesionModel, create_model
 from .checkpoints import load_model_state
 from .folder import RunFolder
@@ -69,6 +69,8 @@ def _load_weights(model: torch.nn.Module, folder: RunFolder) -> float:
 
 def _device(cfg: ExperimentConfig, folder: RunFolder, asked: str | None = None) -> torch.device:
     """The device asked for (``--device``), else the run's; a GPU run is used on the CPU where there is none."""
+    if asked == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch finds no CUDA GPU on this machine; use --device cpu (or auto)")
     if asked is not None and asked != "auto":
         return resolve_device(asked)
     if asked is None and cfg.train.device == "cuda" and not torch.cuda.is_available():
