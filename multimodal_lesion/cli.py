@@ -302,7 +302,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         return _evaluate_external(args, run)
     evaluation = run.evaluation(args.split).path
     with output_folder(args.run, option="--run"), output_folder(evaluation, option="--run", lock=False):
-        metrics, path = evaluate_run(args.run, args.split, args.data, tta=args.tta, device=args.device)
+        settings = {k: v for k, v in _data_settings(args).items() if k != "schema"}  # the run's schema stays
+        metrics, path = evaluate_run(
+            args.run, args.split, args.data, tta=args.tta, device=args.device, data_settings=settings
+        )
     _print_headline(metrics, (args.split,))
     print(f"wrote {path}")
     return 0
@@ -313,9 +316,15 @@ def _evaluate_external(args: argparse.Namespace, run: Any) -> int:
     from .workflows import evaluate_external_run
 
     options = ExternalOptions(
-        args.schema, args.key_vs_rest, args.fit, args.device, args.exclude_seen, images=args.images or ""
+        args.schema,
+        args.key_vs_rest,
+        args.fit,
+        args.device,
+        args.exclude_seen,
+        images=args.images or "",
+        duplicates=str(Path(args.duplicates).resolve()) if args.duplicates else "",
     )
-    schema = other_schema(args.schema, run.read_schema())
+    schema = other_schema(args.schema, run.read_schema(), options.duplicates)
     key_vs_rest = scores_key_vs_rest(schema, run.read_schema(), args.key_vs_rest)
     out = external_folder(run, args.data, schema, key_vs_rest).path
     with output_folder(args.run, option="--run"), output_folder(out, option="--run", lock=False):

@@ -39,12 +39,13 @@ def evaluate_run(
     tta: bool = False,
     show: bool = True,
     device: str | None = None,
+    data_settings: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate a run on one split with figures; returns (metrics, path of ``eval/<split>/metrics.json``)."""
     from .report.figures import save_evaluation_figures
     from .training.runner import evaluate_run as evaluate
 
-    evaluation = evaluate(run_dir, split, data, tta=tta, show=show, device=device)
+    evaluation = evaluate(run_dir, split, data, tta=tta, show=show, device=device, data_settings=data_settings)
     save_evaluation_figures(evaluation)
     return evaluation.metrics, evaluation.folder.metrics_path
 

@@ -7,8 +7,10 @@ CPU-only machine (with a note), never a CUDA deserialisation traceback.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,14 +111,21 @@ def load_model(run_dir: str | Path, device: str | None = None) -> LoadedModel:
 
 
 def load_run(
-    run_dir: str | Path, data: str | Path | None = None, show: bool = False, device: str | None = None
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    show: bool = False,
+    device: str | None = None,
+    data_settings: Mapping[str, Any] | None = None,
 ) -> LoadedRun:
-    """Load a finished run folder with its data (optionally from another data root) on ``device``."""
+    """Load a finished run folder with its data (optionally from another data root) on ``device``.
+
+    ``data_settings`` override ``data.*`` settings of the run for reading it (``images``, ``drop_missing``).
+    """
     folder = RunFolder(run_dir)
     folder.check()
     cfg = folder.read_config()
-    if data is not None:
-        cfg = replace(cfg, data={"root": str(data)})
+    if data is not None or data_settings:
+        cfg = replace(cfg, data={**(data_settings or {}), **({"root": str(data)} if data is not None else {})})
     ham = resolve_data(cfg, show, folder.read_schema())
     saved = folder.read_splits()
     splits = ham.metadata[["image_id"]].merge(saved[["image_id", "split"]], on="image_id", how="left")

@@ -63,6 +63,7 @@ class ExternalOptions:
     exclude_seen: bool = False  # leave out (with a note) images in the run's splits instead of refusing
     n_boot: int = 2000  # bootstrap draws of the grouped AUROC CI
     images: str = ""  # where OTHER's images are, when not below its data root ("none": no images)
+    duplicates: str = ""  # OTHER's duplicates file, replacing its schema's (pairs share a group in the CI)
 
 
 def read_other(root: str | Path, schema: DatasetSchema, images: str = "") -> Ham10000:
@@ -70,9 +71,10 @@ def read_other(root: str | Path, schema: DatasetSchema, images: str = "") -> Ham
     return read_dataset(root, schema, images=images, drop_missing=True)
 
 
-def other_schema(name: str | None, run_schema: DatasetSchema) -> DatasetSchema:
-    """OTHER's schema: the preset or schema file named, else the run's own."""
-    return run_schema if name is None else resolve_schema(name)
+def other_schema(name: str | None, run_schema: DatasetSchema, duplicates: str = "") -> DatasetSchema:
+    """OTHER's schema: the preset or schema file named, else the run's own (``duplicates`` replaces its file)."""
+    schema = run_schema if name is None else resolve_schema(name)
+    return dataclasses.replace(schema, duplicates=duplicates) if duplicates else schema
 
 
 def external_folder(run: RunFolder, data: str | Path, schema: DatasetSchema, key_vs_rest: bool) -> RunFolder:
@@ -181,7 +183,7 @@ def evaluate_external(
     run = RunFolder(run_dir)
     run.check()
     run_schema = run.read_schema()
-    schema = other_schema(options.schema, run_schema)
+    schema = other_schema(options.schema, run_schema, options.duplicates)
     kvr = scores_key_vs_rest(schema, run_schema, options.key_vs_rest)
     dataset = read_other(data, schema, options.images)
     table, n_seen = unseen(run, dataset.metadata, data, options.exclude_seen)

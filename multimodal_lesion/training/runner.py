@@ -7,6 +7,7 @@ drawn by the report layer from the :class:`Evaluation` returned here.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,9 +207,13 @@ def evaluate_run(
     tta: bool = False,
     show: bool = True,
     device: str | None = None,
+    data_settings: Mapping[str, Any] | None = None,
 ) -> Evaluation:
-    """Evaluate a run on one split; writes ``<run>/eval/<split>/metrics.json`` and the predictions."""
-    run = load_run(run_dir, data, show, device)
+    """Evaluate a run on one split; writes ``<run>/eval/<split>/metrics.json`` and the predictions.
+
+    ``data_settings`` override the run's ``data.*`` (``images``, ``duplicates``, ``drop_missing``).
+    """
+    run = load_run(run_dir, data, show, device, data_settings)
     evaluation = evaluate(run.inputs, run.folder.evaluation(split), splits=(split,), tta=tta, show=show)
     evaluation.folder.write_metrics(evaluation.metrics)
     return evaluation
