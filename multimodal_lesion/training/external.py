@@ -191,30 +191,15 @@ def evaluate_external(
     predictor = Predictor.load(run_dir, options.device, fit=options.fit)
     features, record["features"] = patient_columns(table, schema, run_schema, str(data))
     cases = Cases([Path(p) for p in table["path"]], features, table["image_id"].tolist())
+    if show:
+        print(f"scoring {len(cases.ids)} images of {data} with {run.path} ({predictor.run.device})", flush=True)
     probs = predict_arrays(predictor, cases, str(data))
     predicted = prediction_frame(cases, run_schema.classes, probs)
     cal = probs.calibrated
     bal = probs.balanced if probs.balanced is not None else cal  # runs from before the balanced decision
     out = external_folder(run, data, schema, kvr)
     scored = scored_schema(run_schema, kvr)
-    if kvr:  # y is already 1 = key class; the probabilities become (rest, key)
-        key = run_schema.key_index
-        cal_scored, bal_scored = key_vs_rest(y, cal, key)[1], key_vs_rest(y, bal, key)[1]
-    else:
-        cal_scored, bal_scored = cal, bal
-    group_kind, groups = _groups(table)
-    score = {
-        "calibrated": _score(y, cal_scored, scored, table),
-        "balanced": _score(y, bal_scored, scored, table),
-        "n_patients": int(table["patient_id"].nunique()) if "patient_id" in table.columns else None,
-    }
-    if kvr:  # the run's own decisions: key class when it is the arg-max of all classes
-        k = run_schema.key_index
-        score["key_vs_rest"] = {
-            "calibrated": binary_metrics(y == 1, cal[:, k], cal.argmax(1) == k),
-            "balanced": binary_metrics(y == 1, bal[:, k], bal.argmax(1) == k),
-            "auroc_ci": {"grouped_by": group_kind, **grouped_auroc_ci(y == 1, cal[:, k], groups, options.n_boot)},
-        }
+    score, cal_scored = external_scores(table, y, (cal, bal), run_schema, kvr, options.n_boot)
     metrics: dict[str, Any] = {
         SPLIT: score,
         "data_root": str(dataset.root),
@@ -229,7 +214,7 @@ def evaluate_external(
         "n_seen_left_out": n_seen,
         "classes": record,
         "missing_features": [f for f, source in record["features"].items() if source is None],
-        "notes": list(getattr(dataset, "notes", [])),
+        "notes": list(dataset.notes),
     }
     targets = [scored.classes[k] for k in y]
     out.path.mkdir(parents=True, exist_ok=True)
@@ -238,6 +223,40 @@ def evaluate_external(
         predicted.assign(target=targets).to_csv(fh, index=False)
     scores = SplitScores(SPLIT, cases.ids, y, cal_scored, cal_scored)  # the run's temperature: the one calibration
     return Evaluation(out, metrics, {SPLIT: scores}, scored)
+
+
+def external_scores(
+    table: pd.DataFrame,
+    y: np.ndarray,
+    probs: tuple[np.ndarray, np.ndarray],
+    run: DatasetSchema,
+    key_vs_rest: bool,
+    n_boot: int,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The metrics of the calibrated and balanced probabilities (N, C) of the run's classes, and the
+    calibrated probabilities as scored ((rest, key) when key vs rest)."""
+    cal, bal = probs
+    scored = scored_schema(run, key_vs_rest)
+    k = run.key_index
+    cal_scored, bal_scored = (key_vs_rest_probs(cal, k), key_vs_rest_probs(bal, k)) if key_vs_rest else (cal, bal)
+    score: dict[str, Any] = {
+        "calibrated": _score(y, cal_scored, scored, table),
+        "balanced": _score(y, bal_scored, scored, table),
+        "n_patients": int(table["patient_id"].nunique()) if "patient_id" in table.columns else None,
+    }
+    if key_vs_rest:  # the run's own decisions: key class when it is the arg-max of all classes
+        group_kind, groups = _groups(table)
+        score["key_vs_rest"] = {
+            "calibrated": binary_metrics(y == 1, cal[:, k], cal.argmax(1) == k),
+            "balanced": binary_metrics(y == 1, bal[:, k], bal.argmax(1) == k),
+            "auroc_ci": {"grouped_by": group_kind, **grouped_auroc_ci(y == 1, cal[:, k], groups, n_boot)},
+        }
+    return score, cal_scored
+
+
+def key_vs_rest_probs(probs: np.ndarray, key: int) -> np.ndarray:
+    """(rest, key) probabilities of a multi-class prediction (N, C)."""
+    return key_vs_rest(np.zeros(len(probs)), probs, key)[1]
 
 
 def scored_schema(run: DatasetSchema, key_vs_rest: bool) -> DatasetSchema:
