@@ -211,3 +211,18 @@ def test_relative_path_ids_below_the_image_dir(tmp_path: Path, tiny_ham_factory)
     raw.to_csv(root / "labels.csv", index=False)
     with pytest.raises(DataError, match="links outside the image root"):
         read_dataset(root, load_schema(schema))
+
+
+def test_patient_groups_are_stratified_by_their_rarest_class(tiny_isic2020: Path) -> None:
+    from multimodal_lesion.data.splits import fold_assignment, split_rule
+
+    data = _read(tiny_isic2020, "isic2020", drop_missing=True)
+    meta, rule = data.metadata, split_rule(data.schema)
+    assert rule == "rarest" and split_rule(preset("ham10000")) == "majority"
+    mel_patients = meta.loc[meta["dx"] == "mel", "lesion_id"].unique()
+    for seed in range(5):
+        splits = split_lesions(meta, test_size=0.25, val_size=0.25, seed=seed, group_label=rule)
+        mel = splits[meta["dx"] == "mel"]["split"].value_counts().reindex(["train", "val", "test"], fill_value=0)
+        assert (abs(mel - np.array([4, 2, 2])) <= 1).all(), mel.to_dict()  # 8 melanomas: 50 / 25 / 25 %
+        folds = fold_assignment(meta, 4, seed, rule)
+        assert (folds[meta["dx"] == "mel"].value_counts().reindex(range(4), fill_value=0) == 2).all()
