@@ -219,10 +219,24 @@ def test_patient_groups_are_stratified_by_their_rarest_class(tiny_isic2020: Path
     data = _read(tiny_isic2020, "isic2020", drop_missing=True)
     meta, rule = data.metadata, split_rule(data.schema)
     assert rule == "rarest" and split_rule(preset("ham10000")) == "majority"
-    mel_patients = meta.loc[meta["dx"] == "mel", "lesion_id"].unique()
     for seed in range(5):
         splits = split_lesions(meta, test_size=0.25, val_size=0.25, seed=seed, group_label=rule)
         mel = splits[meta["dx"] == "mel"]["split"].value_counts().reindex(["train", "val", "test"], fill_value=0)
         assert (abs(mel - np.array([4, 2, 2])) <= 1).all(), mel.to_dict()  # 8 melanomas: 50 / 25 / 25 %
         folds = fold_assignment(meta, 4, seed, rule)
         assert (folds[meta["dx"] == "mel"].value_counts().reindex(range(4), fill_value=0) == 2).all()
+
+
+def test_one_hot_labels_need_exactly_one_column_set(tiny_isic2019: tuple[Path, Path]) -> None:
+    root, images = tiny_isic2019
+    truth = root / "ISIC_2019_Training_GroundTruth.csv"
+    raw = pd.read_csv(truth, dtype=str, keep_default_na=False)
+    raw.loc[2, ["MEL", "NV"]] = "1.0"
+    raw.to_csv(truth, index=False)
+    with pytest.raises(DataError, match=r"row 3 \(line 4\), column 'MEL': 2 of the one-hot label columns .* expected"):
+        read_dataset(root, preset("isic2019"), images=str(images), drop_missing=True)
+    raw.loc[2, ["MEL", "NV"]] = "0.0"
+    raw.loc[2, "BCC"] = "yes"
+    raw.to_csv(truth, index=False)
+    with pytest.raises(DataError, match=r"row 3 \(line 4\), column 'BCC': 'yes' is not 0 or 1"):
+        read_dataset(root, preset("isic2019"), images=str(images), drop_missing=True)
