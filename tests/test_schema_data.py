@@ -240,3 +240,14 @@ def test_one_hot_labels_need_exactly_one_column_set(tiny_isic2019: tuple[Path, P
     raw.to_csv(truth, index=False)
     with pytest.raises(DataError, match=r"row 3 \(line 4\), column 'BCC': 'yes' is not 0 or 1"):
         read_dataset(root, preset("isic2019"), images=str(images), drop_missing=True)
+
+
+def test_split_command_keeps_a_duplicates_file_pair_together(cli, tiny_ham: Path, tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("similarity,from_img,to_img\n0.99,ISIC_0024306.jpg,ISIC_0024330.jpg\n")
+    out = tmp_path / "splits.csv"
+    proc = cli.ok(cli("split", "--data", tiny_ham, "--duplicates", pairs, "--folds", "5", "--out", out))
+    assert any("1 pair(s) of images of one lesion kept in one group" in n for n in cli.notes(proc))
+    splits = pd.read_csv(out).set_index("image_id")
+    assert splits.loc["ISIC_0024306", "lesion_id"] == splits.loc["ISIC_0024330", "lesion_id"]
+    assert splits.loc["ISIC_0024306", "fold"] == splits.loc["ISIC_0024330", "fold"]
