@@ -1,10 +1,12 @@
 """The README's dataset-schema figures on the real data: cheap reads, splits and metadata-only models.
 
 Usage:
-    python experiments/real_schemas.py duplicates [--ham DIR] [--pairs FILE]
-    python experiments/real_schemas.py isic2019 [--data DIR] [--images DIR]
-    python experiments/real_schemas.py isic2020 [--data DIR]
-    python experiments/real_schemas.py pad [--data DIR] [--seeds 0 1 2] [--folds 5] [--epochs 60]
+    python experiments/real_schemas.py {duplicates,isic2019,isic2020,pad} [--data DIR] \
+        [--seeds 0 1 2] [--folds 5] [--epochs 60]
+
+``--data`` is the folder holding ``ham10000/``, ``ham10000_duplicates/``, ``isic2019/``,
+``isic2020_subset/`` and ``pad_ufes_20/`` (default: ``../shared/data`` of this checkout); ``--seeds``,
+``--folds`` and ``--epochs`` apply to ``pad``.
 
 - ``duplicates``: how many of the 18 same-lesion pairs (Abhishek et al. 2025) HAM10000's lesion-grouped
   split and ablation folds separate without the pairs file, and that with it none is split (7,452 lesions).
@@ -15,7 +17,7 @@ Usage:
   its 21 features on patient-grouped folds (each tests on one fold, validates on the next, as the
   ablation does); balanced accuracy and macro AUROC, mean and SD over folds x seeds.
 
-Defaults are the folders under ``../shared/data`` of this checkout; nothing is written.
+Nothing is written.
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ def pairs_split(meta: pd.DataFrame, split: pd.Series, pairs: list[tuple[str, str
 
 def duplicates(args: argparse.Namespace) -> None:
     """Pairs separated by today's splits, and none once the pairs file groups them."""
-    raw = pd.read_csv(args.pairs)
+    pairs_file = args.data / "ham10000_duplicates" / "newly_discovered_duplicates.csv"
+    ham = args.data / "ham10000"
+    raw = pd.read_csv(pairs_file)
     pairs = [(a.removesuffix(".jpg"), b.removesuffix(".jpg")) for a, b in zip(raw.from_img, raw.to_img, strict=True)]
-    plain = read_dataset(args.ham, preset("ham10000")).metadata
-    schema = dataclasses.replace(preset("ham10000"), duplicates=str(args.pairs))
-    merged = read_dataset(args.ham, schema).metadata
+    plain = read_dataset(ham, preset("ham10000")).metadata
+    schema = dataclasses.replace(preset("ham10000"), duplicates=str(pairs_file))
+    merged = read_dataset(ham, schema).metadata
     print(
         f"pairs: {len(pairs)}; lesions without / with the pairs file: "
         f"{plain.lesion_id.nunique():,} / {merged.lesion_id.nunique():,}"
@@ -64,9 +68,10 @@ def duplicates(args: argparse.Namespace) -> None:
 
 def isic2019(args: argparse.Namespace) -> None:
     """Images found, class counts and the lesion-grouped split of the ISIC 2019 preset over HAM's images."""
-    data = read_dataset(args.data, preset("isic2019"), images=str(args.images), drop_missing=True)
+    root = args.data / "isic2019"
+    data = read_dataset(root, preset("isic2019"), images=str(args.data / "ham10000"), drop_missing=True)
     meta = data.metadata
-    listed = len(pd.read_csv(args.data / "ISIC_2019_Training_GroundTruth.csv"))
+    listed = len(pd.read_csv(root / "ISIC_2019_Training_GroundTruth.csv"))
     print(f"found {len(meta):,} of {listed:,} listed images; {meta.lesion_id.nunique():,} lesions")
     splits = split_lesions(meta, seed=0)
     table = pd.crosstab(meta["dx"], splits["split"]).reindex(preset("isic2019").classes)[["train", "val", "test"]]
@@ -77,7 +82,8 @@ def isic2019(args: argparse.Namespace) -> None:
 
 def isic2020(args: argparse.Namespace) -> None:
     """The subset as binary melanoma vs rest, split by patient; the duplicates file over the full table."""
-    data = read_dataset(args.data, preset("isic2020"), drop_missing=True)
+    root = args.data / "isic2020_subset"
+    data = read_dataset(root, preset("isic2020"), drop_missing=True)
     meta = data.metadata
     counts = meta.dx.value_counts().to_dict()
     print(f"subset: {len(meta):,} images, {meta.patient_id.nunique()} patients, classes {counts}")
@@ -86,7 +92,7 @@ def isic2020(args: argparse.Namespace) -> None:
         shared = int((splits.groupby("patient")["split"].nunique() > 1).sum())
         mel = splits[meta["dx"] == "mel"].groupby("split").size().to_dict()
         print(f"seed {seed}: patients shared between splits {shared}; melanomas per split {mel}")
-    full = read_dataset(args.data, preset("isic2020"), images="none").metadata
+    full = read_dataset(root, preset("isic2020"), images="none").metadata
     print(f"full table (no images): {len(full):,} images, {full.patient_id.nunique():,} patients; notes above")
 
 
@@ -94,7 +100,7 @@ def pad(args: argparse.Namespace) -> None:
     """metadata_only and gradient boosting over PAD-UFES-20's features, patient-grouped folds."""
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-    data = read_dataset(args.data, preset("pad_ufes_20"), images="none")
+    data = read_dataset(args.data / "pad_ufes_20", preset("pad_ufes_20"), images="none")
     meta, schema = data.metadata, data.schema
     print(f"{len(meta):,} images, {meta.patient_id.nunique():,} patients, {len(schema.features.names)} features")
     y = meta["dx"].map({c: i for i, c in enumerate(schema.classes)}).to_numpy()
@@ -168,20 +174,11 @@ def _gbm(data, split: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("duplicates")
-    p.add_argument("--ham", type=Path, default=DATA / "ham10000")
-    p.add_argument("--pairs", type=Path, default=DATA / "ham10000_duplicates" / "newly_discovered_duplicates.csv")
-    p = sub.add_parser("isic2019")
-    p.add_argument("--data", type=Path, default=DATA / "isic2019")
-    p.add_argument("--images", type=Path, default=DATA / "ham10000")
-    p = sub.add_parser("isic2020")
-    p.add_argument("--data", type=Path, default=DATA / "isic2020_subset")
-    p = sub.add_parser("pad")
-    p.add_argument("--data", type=Path, default=DATA / "pad_ufes_20")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("what", choices=["duplicates", "isic2019", "isic2020", "pad"])
+    parser.add_argument("--data", type=Path, default=DATA, help="the folder of the real datasets")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pad: training and fold seeds")
+    parser.add_argument("--folds", type=int, default=5, help="pad: patient-grouped folds")
+    parser.add_argument("--epochs", type=int, default=60, help="pad: maximum epochs of metadata_only")
     args = parser.parse_args()
     {"duplicates": duplicates, "isic2019": isic2019, "isic2020": isic2020, "pad": pad}[args.what](args)
 
