@@ -275,6 +275,7 @@ def _train(args: argparse.Namespace) -> int:
         p.add_argument("--data", type=_path),
         p.add_argument("--split", default="test", choices=["train", "val", "test"]),
         p.add_argument("--tta", action="store_true", help="average over flips"),
+        _schema_args(p),
     ),
 )
 def _evaluate(args: argparse.Namespace) -> int:
@@ -294,6 +295,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=_path, required=True)
     p.add_argument("--image", type=_path, required=True)
+    _schema_args(p, drop_missing=False)
     p.add_argument("--age", type=_age, help="years (0 to 120); omit when unknown")
     p.add_argument("--sex")
     p.add_argument("--localization")
