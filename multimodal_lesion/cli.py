@@ -119,10 +119,11 @@ def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def _config_args(p: argparse.ArgumentParser, dataset_options: bool = True) -> None:
     p.add_argument("--config", type=_path, help="TOML experiment file (default: built-in defaults)")
     p.add_argument("--data", type=_path, help="data root (default: the synthetic HAM10000-shaped dataset)")
-    _schema_args(p)
+    if dataset_options:
+        _schema_args(p)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -144,14 +145,20 @@ def _load_cfg(args: argparse.Namespace):
     return cfg
 
 
-def _read_data(args: argparse.Namespace):
-    """The dataset of ``--data`` read with the dataset options (``--schema``, ``--images``, ...)."""
+def _dataset(args: argparse.Namespace):
+    """The ``data`` config section and the schema the dataset options name (a bad schema fails here)."""
     from .config import ExperimentConfig, replace
-    from .data.reader import read_dataset
     from .data.schema_file import resolve_schema
 
     d = replace(ExperimentConfig(), data=_data_settings(args)).data
-    schema = resolve_schema(d.schema, duplicates=d.duplicates)
+    return d, resolve_schema(d.schema, duplicates=d.duplicates)
+
+
+def _read_data(args: argparse.Namespace):
+    """The dataset of ``--data`` read with the dataset options (``--schema``, ``--images``, ...)."""
+    from .data.reader import read_dataset
+
+    d, schema = _dataset(args)
     return read_dataset(args.data, schema, images=d.images, drop_missing=d.drop_missing)
 
 
@@ -204,19 +211,24 @@ def _split_args(p: argparse.ArgumentParser) -> None:
 
 @command("split", "lesion-grouped, class-stratified train/val/test split (and folds)", _split_args)
 def _split(args: argparse.Namespace) -> int:
-    from .data.constants import METADATA_FILE
     from .io import atomic_write
 
     if not args.folds and args.test_size + args.val_size >= 1:
         raise ConfigError(
             f"--test-size {args.test_size:g} + --val-size {args.val_size:g} must be < 1 to leave training data"
         )
-    with output_file(args.out, option="--out", inputs=[Path(args.data) / METADATA_FILE]):
-        from .data.splits import split_lesions
+    _, schema = _dataset(args)
+    with output_file(args.out, option="--out", inputs=[Path(args.data) / name for name in schema.metadata]):
+        from .data.splits import split_lesions, split_rule
 
         ham = _read_data(args)
         splits = split_lesions(
-            ham.metadata, test_size=args.test_size, val_size=args.val_size, folds=args.folds, seed=args.seed
+            ham.metadata,
+            test_size=args.test_size,
+            val_size=args.val_size,
+            folds=args.folds,
+            seed=args.seed,
+            group_label=split_rule(ham.schema),
         )
         with atomic_write(args.out) as fh:
             splits.to_csv(fh, index=False)
@@ -423,7 +435,6 @@ def _predict_many(args: argparse.Namespace) -> int:
 def _explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=_path, required=True)
     p.add_argument("--data", type=_path)
-    _schema_args(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--cases", nargs="+", metavar="ID", help="image ids to explain")
     p.add_argument("--n", type=POSITIVE, help="number of cases (default: explain.n_cases of the run)")
@@ -522,7 +533,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    _config_args(p)
+    _config_args(p, dataset_options=False)  # the benchmark reads HAM10000-shaped data
     p.add_argument("--json", type=_path, help="write the figures (with the machine) to this JSON file")
     p.add_argument("--size", action="append", default=[], metavar="KEY=VALUE", help="sample sizes, e.g. train_steps=20")
     p.add_argument("--sections", nargs="+", metavar="NAME", help="data training embeddings ablation explanations")

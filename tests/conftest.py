@@ -652,13 +652,13 @@ def write_tiny_isic2019(root: Path, images: Path, n_lesions: int = 32, seed: int
 def write_tiny_isic2020(root: Path, n_patients: int = 24, seed: int = 0) -> Path:
     """ISIC 2020's table, its duplicates file and an ``images/`` folder holding part of the listed images.
 
-    Every patient has 2 to 4 images; every third patient has a melanoma. The duplicates file pairs
+    Every patient has 3 or 4 images; every third patient has one melanoma among them. The duplicates file pairs
     two images of different patients (kept in one group), and one pair names an image not downloaded.
     """
     rng = np.random.default_rng(seed)
     rows, number = [], 10000
     for p in range(n_patients):
-        for k in range(2 + p % 3):
+        for k in range(3 + p % 2):  # one melanoma among 3 or 4 images: a minority of its patient's images
             mel = p % 3 == 0 and k == 0
             rows.append(
                 {

@@ -211,3 +211,43 @@ def test_relative_path_ids_below_the_image_dir(tmp_path: Path, tiny_ham_factory)
     raw.to_csv(root / "labels.csv", index=False)
     with pytest.raises(DataError, match="links outside the image root"):
         read_dataset(root, load_schema(schema))
+
+
+def test_patient_groups_are_stratified_by_their_rarest_class(tiny_isic2020: Path) -> None:
+    from multimodal_lesion.data.splits import fold_assignment, split_rule
+
+    data = _read(tiny_isic2020, "isic2020", drop_missing=True)
+    meta, rule = data.metadata, split_rule(data.schema)
+    assert rule == "rarest" and split_rule(preset("ham10000")) == "majority"
+    for seed in range(5):
+        splits = split_lesions(meta, test_size=0.25, val_size=0.25, seed=seed, group_label=rule)
+        mel = splits[meta["dx"] == "mel"]["split"].value_counts().reindex(["train", "val", "test"], fill_value=0)
+        assert (abs(mel - np.array([4, 2, 2])) <= 1).all(), mel.to_dict()  # 8 melanomas: 50 / 25 / 25 %
+        folds = fold_assignment(meta, 4, seed, rule)
+        assert (folds[meta["dx"] == "mel"].value_counts().reindex(range(4), fill_value=0) == 2).all()
+
+
+def test_one_hot_labels_need_exactly_one_column_set(tiny_isic2019: tuple[Path, Path]) -> None:
+    root, images = tiny_isic2019
+    truth = root / "ISIC_2019_Training_GroundTruth.csv"
+    raw = pd.read_csv(truth, dtype=str, keep_default_na=False)
+    raw.loc[2, ["MEL", "NV"]] = "1.0"
+    raw.to_csv(truth, index=False)
+    with pytest.raises(DataError, match=r"row 3 \(line 4\), column 'MEL': 2 of the one-hot label columns .* expected"):
+        read_dataset(root, preset("isic2019"), images=str(images), drop_missing=True)
+    raw.loc[2, ["MEL", "NV"]] = "0.0"
+    raw.loc[2, "BCC"] = "yes"
+    raw.to_csv(truth, index=False)
+    with pytest.raises(DataError, match=r"row 3 \(line 4\), column 'BCC': 'yes' is not 0 or 1"):
+        read_dataset(root, preset("isic2019"), images=str(images), drop_missing=True)
+
+
+def test_split_command_keeps_a_duplicates_file_pair_together(cli, tiny_ham: Path, tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("similarity,from_img,to_img\n0.99,ISIC_0024306.jpg,ISIC_0024330.jpg\n")
+    out = tmp_path / "splits.csv"
+    proc = cli.ok(cli("split", "--data", tiny_ham, "--duplicates", pairs, "--folds", "5", "--out", out))
+    assert any("1 pair(s) of images of one lesion kept in one group" in n for n in cli.notes(proc))
+    splits = pd.read_csv(out).set_index("image_id")
+    assert splits.loc["ISIC_0024306", "lesion_id"] == splits.loc["ISIC_0024330", "lesion_id"]
+    assert splits.loc["ISIC_0024306", "fold"] == splits.loc["ISIC_0024330", "fold"]

@@ -20,7 +20,7 @@ import torch
 from ..config import ExperimentConfig, differences, replace, to_dict
 from ..data.cache import cache_key
 from ..data.ham10000 import Ham10000
-from ..data.splits import fold_assignment
+from ..data.splits import fold_assignment, split_rule
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write, read_json, remove_stale_temps, write_json
 from ..models import list_models
@@ -142,7 +142,7 @@ def _train_gbm(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.Data
 
     split = splits["split"].to_numpy()
     train = np.flatnonzero(split == "train")
-    encoder = MetadataEncoder().fit(ham.metadata.iloc[train])
+    encoder = MetadataEncoder.for_features(ham.schema.features).fit(ham.metadata.iloc[train])
     x = encoder.transform(ham.metadata)
     classes = data_schema(ham).classes
     y = class_targets(ham.metadata, classes)
@@ -247,7 +247,7 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
     ham = resolve_data(cfg, show)
     cfg = replace(cfg, data={"root": str(ham.root)}, train={"mode": cfg.ablation.mode})
     _check_same_ablation(out, cfg)
-    folds = fold_assignment(ham.metadata, cfg.ablation.folds, cfg.data.split_seed)
+    folds = fold_assignment(ham.metadata, cfg.ablation.folds, cfg.data.split_seed, split_rule(ham.schema))
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     write_provenance(out, cfg, torch_threads=torch.get_num_threads())

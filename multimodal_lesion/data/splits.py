@@ -8,6 +8,11 @@ The assignment is a greedy quota fill done per class: the lesions of a class, la
 seeded random order), each go to the split that is furthest below its share of that class. Every
 split gets a lesion of every class that has at least as many lesions as there are splits, and the
 image proportions end within one lesion of their targets.
+
+A group's label is its most frequent diagnosis (``group_label="majority"``, lesions), or, for groups
+that are patients (``"rarest"``, :func:`split_rule`), the rarest diagnosis among its
+images: a patient with one melanoma among forty naevi is stratified as a melanoma patient, so the few
+melanoma patients of ISIC 2020 are spread over the splits.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -25,12 +31,20 @@ from ..io import atomic_write
 from .cache import cache_home, cache_key
 from .constants import METADATA_FILE
 from .ham10000 import read_ham10000
+from .schema import DatasetSchema
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+GroupLabel = Literal["majority", "rarest"]
 
 
 def split_lesions(
-    df: pd.DataFrame, *, test_size: float = 0.15, val_size: float = 0.15, folds: int = 0, seed: int = 0
+    df: pd.DataFrame,
+    *,
+    test_size: float = 0.15,
+    val_size: float = 0.15,
+    folds: int = 0,
+    seed: int = 0,
+    group_label: GroupLabel = "majority",
 ) -> pd.DataFrame:
     """Assign every image to ``train``/``val``/``test``, grouped by lesion and stratified by ``dx``.
 
@@ -40,6 +54,7 @@ def split_lesions(
         folds: when > 1, the non-test images are cut into this many folds instead (``val_size`` is
             then unused); fold 0 is marked ``val``, the test rows get fold -1.
         seed: the same seed and table give the same split.
+        group_label: how a group is labelled for the stratification (see the module docstring).
 
     Returns:
         A frame on ``df``'s index with ``image_id, lesion_id, dx, split`` (and ``fold`` when folds > 1).
@@ -48,25 +63,30 @@ def split_lesions(
     _require(df, ("image_id", "lesion_id", "dx"))
     if folds:
         fractions = [test_size] + [(1.0 - test_size) / folds] * folds
-        bins = _assign_rows(df, fractions, seed) - 1  # -1 = test, 0..folds-1
+        bins = _assign_rows(df, fractions, seed, group_label) - 1  # -1 = test, 0..folds-1
         split = np.where(bins < 0, "test", np.where(bins == 0, "val", "train"))
         extra = {"fold": bins.astype(np.int64)}
     else:
         fractions = [1.0 - test_size - val_size, val_size, test_size]
-        split = np.asarray(SPLIT_NAMES, dtype=object)[_assign_rows(df, fractions, seed)]
+        split = np.asarray(SPLIT_NAMES, dtype=object)[_assign_rows(df, fractions, seed, group_label)]
         extra = {}
     out = df[["image_id", "lesion_id", "dx"]].copy()
     out["split"] = split
     return out.assign(**extra)
 
 
-def fold_assignment(df: pd.DataFrame, folds: int, seed: int) -> pd.Series:
+def fold_assignment(df: pd.DataFrame, folds: int, seed: int, group_label: GroupLabel = "majority") -> pd.Series:
     """Fold number (0..folds-1) of every row, grouped by lesion and stratified by ``dx`` (for ablations)."""
     if not isinstance(folds, (int, np.integer)) or folds < 2:
         raise ConfigError(f"folds: must be an integer >= 2, got {folds!r}")
     _require(df, ("lesion_id", "dx"))
-    bins = _assign_rows(df, [1.0 / folds] * folds, seed)
+    bins = _assign_rows(df, [1.0 / folds] * folds, seed, group_label)
     return pd.Series(bins.astype(np.int64), index=df.index, name="fold")
+
+
+def split_rule(schema: DatasetSchema) -> GroupLabel:
+    """The ``group_label`` of a schema's splits and folds: ``"rarest"`` for patient groups, else ``"majority"``."""
+    return "rarest" if schema.group_by == "patient" else "majority"
 
 
 def _check_sizes(test_size: float, val_size: float, folds: int) -> None:
@@ -93,9 +113,9 @@ def _require(df: pd.DataFrame, columns: tuple[str, ...]) -> None:
             raise DataError(f"split: row {df.index[int(np.flatnonzero(empty)[0])]!r}, column '{column}': empty value")
 
 
-def _assign_rows(df: pd.DataFrame, fractions: list[float], seed: int) -> np.ndarray:
+def _assign_rows(df: pd.DataFrame, fractions: list[float], seed: int, group_label: GroupLabel) -> np.ndarray:
     """Bin index (into ``fractions``) of every row, via its lesion."""
-    lesions = _lesion_table(df)
+    lesions = _lesion_table(df, group_label)
     active = sum(f > 0 for f in fractions)
     if len(lesions) < active:
         raise DataError(f"split: {len(lesions)} lesion(s) cannot fill {active} non-empty splits/folds")
@@ -104,9 +124,14 @@ def _assign_rows(df: pd.DataFrame, fractions: list[float], seed: int) -> np.ndar
     return df["lesion_id"].map(bins).to_numpy(dtype=np.int64)
 
 
-def _lesion_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per lesion: its label (most frequent dx; ties -> alphabetical) and its image count."""
+def _lesion_table(df: pd.DataFrame, group_label: GroupLabel = "majority") -> pd.DataFrame:
+    """One row per lesion: its label (most frequent dx, or the rarest overall; ties -> alphabetical) and
+    its image count."""
+    if group_label not in ("majority", "rarest"):
+        raise ConfigError(f"group_label: expected 'majority' or 'rarest', got {group_label!r}")
     counts = df.groupby(["lesion_id", "dx"], sort=True).size().rename("n").reset_index()
+    if group_label == "rarest":  # rank by the class's frequency in the whole table, rarest first
+        counts["n"] = -counts["dx"].map(df["dx"].value_counts())
     counts = counts.sort_values(["lesion_id", "n", "dx"], ascending=[True, False, True], kind="stable")
     label = counts.drop_duplicates("lesion_id").set_index("lesion_id")["dx"]
     size = df.groupby("lesion_id", sort=True).size()

@@ -27,7 +27,7 @@ from ..data.reader import read_dataset
 from ..data.sampling import EpochSampler, MetaDropout, TensorBatches
 from ..data.schema import DatasetSchema, preset
 from ..data.schema_file import resolve_schema
-from ..data.splits import split_lesions
+from ..data.splits import split_lesions, split_rule
 from ..data.synthetic import make_synthetic
 from ..errors import ConfigError, Note, note
 from ..models import LesionModel, create_model, embed_images
@@ -78,7 +78,14 @@ def resolve_data(cfg: ExperimentConfig, show: bool = True, schema: DatasetSchema
 def make_splits(cfg: ExperimentConfig, ham: Ham10000) -> pd.DataFrame:
     """Lesion-grouped, stratified split of ``ham``; with folds, ``data.fold`` is the validation fold."""
     d = cfg.data
-    splits = split_lesions(ham.metadata, test_size=d.test_size, val_size=d.val_size, folds=d.folds, seed=d.split_seed)
+    splits = split_lesions(
+        ham.metadata,
+        test_size=d.test_size,
+        val_size=d.val_size,
+        folds=d.folds,
+        seed=d.split_seed,
+        group_label=split_rule(ham.schema),
+    )
     if d.folds:  # data.fold < data.folds: checked when the config was loaded
         splits["split"] = np.where(splits["fold"] < 0, "test", np.where(splits["fold"] == d.fold, "val", "train"))
     return splits
