@@ -151,7 +151,7 @@ class TrainConfig:
     map_crop: Count = 1  # partial: training crops of the cached maps this many cells smaller per axis (0 = none)
     tta: bool = False  # evaluate with flip test-time augmentation
     device: Device = "auto"  # auto | cpu | cuda (refused where no GPU is found)
-    amp: bool = False  # mixed precision (GPU)
+    amp: bool = False  # mixed precision training step: float16 on a GPU, bfloat16 autocast on the CPU (AVX512-BF16)
     channels_last: bool = False  # channels-last memory format (GPU)
     threads: Count = 0  # torch CPU threads; 0 = torch's default
     ema_decay: Probability0 = 0.0  # >0: validate, keep and save an exponential moving average of the weights
