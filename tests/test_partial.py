@@ -7,9 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from multimodal_lesion.ablation import run_ablation
 from multimodal_lesion.config import load_config
 from multimodal_lesion.data.sampling import EpochSampler, MapBatches
 from multimodal_lesion.errors import ConfigError
@@ -114,3 +116,28 @@ def test_partial_mode_trains_the_tail_only_and_predicts_live_like_on_the_cache(p
         model, [{**batch, "target": torch.zeros(len(rows)), "image_id": ids}], inputs.device, tta=True
     )
     np.testing.assert_allclose(cached, live, atol=2e-2, rtol=2e-2)
+
+
+def test_partial_is_an_ablation_mode_with_one_maps_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMLESION_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(
+        None,
+        [
+            *PARTIAL,
+            "data.synthetic_n=60",
+            "data.image_size=[32, 32]",
+            "model.head_hidden=16",
+            'ablation.models=["image_only", "concat"]',
+            "ablation.gbm=false",
+            'ablation.mode="partial"',
+            "ablation.folds=3",
+            "ablation.seeds=[0]",
+            "ablation.bootstrap=20",
+            "ablation.workers=2",
+        ],
+    )
+    run_ablation(cfg, tmp_path / "ablation", show=False)
+    results = pd.read_csv(tmp_path / "ablation" / "results.csv")
+    assert sorted(results["model"].unique()) == ["concat", "image_only"] and len(results) == 6
+    assert results["balanced_accuracy"].between(0, 1).all()
+    assert len(list((tmp_path / "cache").rglob("maps-*.npy"))) == 1  # built once, before the cells
