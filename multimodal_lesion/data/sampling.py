@@ -129,9 +129,10 @@ class MapBatches:
     """Dict batches of cached backbone maps (N, views, C, h, w) for partial fine-tuning.
 
     Training batches take one random flipped view per image and one random crop ``crop`` cells smaller
-    per axis for the whole batch (what can be augmented on maps; rotations, scaling and colour jitter
-    cannot). Evaluation batches take the unflipped view, or all views (``all_views``: the model averages
-    its logits over them, as flip TTA does on images). Draws are a pure function of (seed, epoch).
+    per axis (at most the map's side minus one) for the whole batch: what can be augmented on maps
+    (rotations, scaling and colour jitter cannot). Evaluation batches take the unflipped view, or all
+    views (``all_views``: the model averages its logits over them, as flip TTA does on images).
+    Draws are a pure function of (seed, epoch).
 
     Args:
         maps: the memory-mapped float16 maps of every image.
@@ -156,7 +157,8 @@ class MapBatches:
         seed: int = 0,
     ) -> None:
         self.maps, self.rows, self.tensors, self.image_ids = maps, np.asarray(rows), tensors, image_ids
-        self.batch_size, self.sampler, self.train, self.crop = batch_size, sampler, train, crop
+        self.batch_size, self.sampler, self.train = batch_size, sampler, train
+        self.crop = max(0, min(crop, maps.shape[-2] - 1, maps.shape[-1] - 1))  # a crop keeps at least one cell
         self.all_views, self.seed, self.epoch = all_views, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
