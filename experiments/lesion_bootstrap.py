@@ -1,9 +1,10 @@
 """Lesion-bootstrap 95% intervals of a run's test metrics, and of the difference between two runs on the same split.
 
 Usage:
-    python experiments/lesion_bootstrap.py RUN [OTHER_RUN] [--resamples 1000]
+    python experiments/lesion_bootstrap.py RUN [OTHER_RUN] [--resamples 1000] [--data /path/to/HAM10000]
 
-Reads ``predictions_test.csv`` and ``splits.csv`` of each run folder, resamples the test lesions with
+Reads ``predictions_test.csv`` and ``splits.csv`` of each run folder (or, with ``--data``, each image's
+lesion from the dataset's metadata CSV), resamples the test lesions with
 replacement (all images of a drawn lesion together) and prints the arg-max balanced accuracy, macro AUROC and
 melanoma AUROC with their percentile intervals; with a second run on the same split, the paired difference
 (RUN minus OTHER_RUN, the same lesions drawn for both).
@@ -19,10 +20,11 @@ import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 
-def load(run: Path) -> pd.DataFrame:
-    """The run's test predictions with each image's lesion."""
+def load(run: Path, data: Path | None = None) -> pd.DataFrame:
+    """The run's test predictions with each image's lesion (from ``data``'s metadata when given)."""
     preds = pd.read_csv(run / "predictions_test.csv")
-    lesions = pd.read_csv(run / "splits.csv")[["image_id", "lesion_id"]]
+    source = data / "HAM10000_metadata.csv" if data is not None else run / "splits.csv"
+    lesions = pd.read_csv(source)[["image_id", "lesion_id"]]
     return preds.merge(lesions, on="image_id", how="left").sort_values("image_id").reset_index(drop=True)
 
 
@@ -56,8 +58,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="one or two run folders")
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--data", type=Path, help="HAM10000 root (default: the lesions in each run's splits.csv)")
     args = parser.parse_args()
-    frames = [load(r) for r in args.runs[:2]]
+    frames = [load(r, args.data) for r in args.runs[:2]]
     if len(frames) == 2 and not frames[0]["image_id"].equals(frames[1]["image_id"]):
         raise SystemExit("the two runs have different test images: not the same split")
     boot = bootstrap(frames, args.resamples)
