@@ -24,7 +24,9 @@ import tomllib
 
 from .errors import ConfigError
 
-TrainMode = Literal["frozen", "end2end"]
+TrainMode = Literal["frozen", "end2end", "partial"]
+EmbedBackend = Literal["torch", "onnxruntime", "openvino"]
+EmbedPrecision = Literal["float32", "bfloat16"]
 Balance = Literal["weighted_loss", "sampler", "none"]
 Augment = Literal["none", "light", "strong"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -124,11 +126,14 @@ class ModelConfig:
     head_hidden: PositiveInt = 256  # width of the fusion MLP
     dropout: Probability0 = 0.3  # dropout in the heads
     multiscale: bool = False  # concatenate pooled features of the last stages (frozen path)
+    tail_blocks: PositiveInt = 1  # partial: last backbone blocks (stages) fine-tuned on the cached maps before them
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mode: TrainMode = "frozen"  # frozen: heads on cached embeddings | end2end: fine-tune the whole network
+    # frozen: heads on cached embeddings | end2end: fine-tune the whole network | partial: fine-tune the
+    # stages after the stride-16 maps (cached once, 4 flips, float16) and the heads
+    mode: TrainMode = "frozen"
     epochs: PositiveInt = 60  # maximum epochs (early stopping may end sooner)
     batch_size: PositiveInt = 64  # images per step
     lr: Positive = 3e-3  # peak learning rate of the heads
@@ -141,10 +146,15 @@ class TrainConfig:
     patience: PositiveInt = 10  # early stopping on validation balanced accuracy
     seed: Seed = 0  # seed of initialisation, shuffling and augmentation
     augment: Augment = "light"  # none | light (flips) | strong (flips, rotations, colour jitter)
+    batch_augment: bool = False  # end2end: augment whole cached uint8 batches at once instead of per image
     flip_average: bool = True  # frozen path: average embeddings over flips
+    embed_backend: EmbedBackend = "torch"  # frozen passes (embeddings, maps): torch | onnxruntime | openvino (extra)
+    embed_precision: EmbedPrecision = "float32"  # bfloat16: autocast in the torch embedding pass (a separate cache)
+    embed_batch: PositiveInt = 8  # images per call of the embedding / maps pass (x4 views with flips)
+    map_crop: Count = 1  # partial: training crops of the cached maps this many cells smaller per axis (0 = none)
     tta: bool = False  # evaluate with flip test-time augmentation
     device: Device = "auto"  # auto | cpu | cuda (refused where no GPU is found)
-    amp: bool = False  # mixed precision (GPU)
+    amp: bool = False  # mixed precision training step: float16 on a GPU, bfloat16 autocast on the CPU (AVX512-BF16)
     channels_last: bool = False  # channels-last memory format (GPU)
     threads: Count = 0  # torch CPU threads; 0 = torch's default
     ema_decay: Probability0 = 0.0  # >0: validate, keep and save an exponential moving average of the weights
@@ -191,7 +201,9 @@ class AblationConfig:
     seeds: Annotated[tuple[Seed, ...], Distinct()] = (0, 1, 2)  # training seeds per fold
     bootstrap: PositiveInt = 2000  # bootstrap resamples for confidence intervals
     workers: PositiveInt = 2  # cells trained in parallel processes (one torch thread each); 1 = in this process
-    mode: TrainMode = "frozen"  # frozen: heads on cached embeddings | end2end: every cell a full fine-tuning run
+    # frozen: heads on cached embeddings | end2end: every cell a full fine-tuning run | partial: every cell
+    # fine-tunes the last stages on the cached stride-16 maps
+    mode: TrainMode = "frozen"
     backend: AblationBackend = "local"  # local: a process pool on this machine | ray: Ray tasks (a cluster)
 
 
@@ -248,6 +260,14 @@ RULES = (
         ("data.fold", "data.folds"),
         lambda c: c.data.folds == 0 or c.data.fold < c.data.folds,
         lambda c: f"data.fold must be in 0..{c.data.folds - 1} (data.folds = {c.data.folds}), got {c.data.fold}",
+    ),
+    Rule(
+        ("train.embed_precision", "train.embed_backend"),
+        lambda c: c.train.embed_precision == "float32" or c.train.embed_backend == "torch",
+        lambda c: (
+            f"train.embed_precision={c.train.embed_precision!r} is only available with train.embed_backend='torch', "
+            f"got {c.train.embed_backend!r}"
+        ),
     ),
     Rule(
         ("ablation.baseline", "ablation.models"),

@@ -211,7 +211,13 @@ class CellContext:
 
 
 def shared_backbone(cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, show: bool) -> RunInputs | None:
-    """One frozen backbone and its cached embeddings, shared by every image model of the ablation."""
+    """One frozen backbone and its cached embeddings, shared by every image model of the ablation.
+
+    Partial mode shares nothing in memory: its cached maps are built here, once, before any cell reads them.
+    """
+    if cfg.ablation.mode == "partial" and any(m != "metadata_only" for m in cfg.ablation.models):
+        partial = replace(cfg, model={"name": "image_only"})
+        prepare_inputs(partial, ham, cell_splits(folds, 0, cfg.ablation.folds)).feature_maps(show=show)
     if cfg.ablation.mode != "frozen" or not any(m != "metadata_only" for m in cfg.ablation.models):
         return None
     inputs = prepare_inputs(replace(cfg, model={"name": "image_only"}), ham, cell_splits(folds, 0, cfg.ablation.folds))

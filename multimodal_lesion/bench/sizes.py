@@ -18,7 +18,8 @@ class BenchSizes:
     train_batch: int = 64  # images per end-to-end training step
     train_steps: int = 20  # timed end-to-end steps with the cached loader (after one warm-up step)
     naive_train_steps: int = 5  # timed end-to-end steps with the JPEG-decoding loader
-    embed_images: int = 256  # images in the timed embedding passes
+    embed_images: int = 64  # images in the timed embedding passes (x4 flips), 8 of them in bfloat16
+    matmul_side: int = 2048  # the roofline's square matrix multiply
     ablation_folds: int = 1  # folds timed per model (extrapolated to the configured folds)
     ablation_seeds: int = 1  # seeds timed per model and fold (extrapolated to the configured seeds)
     explain_cases: int = 10  # cases timed for Grad-CAM, grouped SHAP and modality attribution
@@ -36,6 +37,7 @@ TINY_SIZES = BenchSizes(
     train_steps=2,
     naive_train_steps=1,
     embed_images=8,
+    matmul_side=128,
     explain_cases=2,
     kernel_cases=1,
     report_cases=(1, 2),

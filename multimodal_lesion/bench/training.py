@@ -3,6 +3,7 @@ time spent outside the forward and backward passes."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from itertools import islice
 from typing import Any
@@ -14,13 +15,13 @@ from .context import BenchContext, naive_images, training_loader
 from .measure import StepTimer, TimedIterator, figure, measured
 
 
-def train_steps(ctx: BenchContext, batches: Iterable[dict], steps: int) -> dict[str, Any]:
+def train_steps(ctx: BenchContext, batches: Iterable[dict], steps: int, amp: bool = False) -> dict[str, Any]:
     """Run the engine's :func:`train_epoch` for one warm-up step, then ``steps`` timed steps.
 
     Returns the measurement ``record``, the images seen, and the wall time split into forward,
     backward, loading and the rest (seconds), with the engine's own compute seconds beside them.
     """
-    inputs, t = ctx.end2end, ctx.end2end.cfg.train
+    inputs, t = ctx.end2end, dataclasses.replace(ctx.end2end.cfg.train, amp=amp)
     weights = None
     if t.balance == "weighted_loss":
         weights = class_weights(inputs.targets[inputs.indices("train")], inputs.schema.n_classes)
@@ -64,6 +65,7 @@ def bench_training(ctx: BenchContext) -> dict[str, Any]:
     naive = train_steps(
         ctx, training_loader(ctx, naive_images(ctx), inputs.indices("train")), ctx.sizes.naive_train_steps
     )
+    bf16 = train_steps(ctx, inputs.batches("train", train=True, show=False), ctx.sizes.naive_train_steps, amp=True)
     how = (
         f"{inputs.cfg.model.name} on {inputs.cfg.model.backbone} {tuple(inputs.cfg.data.image_size)}, "
         f"batch {ctx.sizes.train_batch}, {ctx.sizes.train_steps} steps after 1 warm-up"
@@ -88,6 +90,18 @@ def bench_training(ctx: BenchContext) -> dict[str, Any]:
                 ),
             ),
             figure("outside forward/backward, JPEG loader", _outside_percent(naive), "%", naive["record"]),
+            figure(
+                "end-to-end training images/s, bfloat16 autocast",
+                bf16["images_per_s"],
+                "img/s",
+                bf16["record"],
+                naive=cached["images_per_s"],
+                note=f"train.amp=true on {inputs.device}; naive = float32 (above); {ctx.sizes.naive_train_steps} steps",
+            ),
         ],
-        "details": {"cached_loader": _drop_record(cached), "jpeg_loader": _drop_record(naive)},
+        "details": {
+            "cached_loader": _drop_record(cached),
+            "jpeg_loader": _drop_record(naive),
+            "bf16_cached_loader": _drop_record(bf16),
+        },
     }

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -96,3 +97,86 @@ class LesionDataset(Dataset):
             "target": torch.tensor(int(self.targets[j])),
             "image_id": self.image_ids[j],
         }
+
+
+class BatchAugment:
+    """The augmentation presets applied to a whole uint8 batch (N, 3, H, W) at once, no per-image Python.
+
+    Flips by masks on the uint8 tensor; then, in float, one ``affine_grid`` / ``grid_sample`` call for
+    every image's rotation and scaling (zero fill, as torchvision's RandomAffine) and per-image colour
+    factors (brightness, contrast, saturation, and a hue rotation in YIQ space), in a fixed order where
+    torchvision draws one. Returns float pixels in [0, 255]; the caller normalises the batch.
+    """
+
+    def __init__(
+        self,
+        flips: bool = True,
+        degrees: float = 0.0,
+        scale: tuple[float, float] = (1.0, 1.0),
+        jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0),
+    ) -> None:
+        self.flips, self.degrees, self.scale, self.jitter = flips, degrees, scale, jitter
+
+    def __call__(self, x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        n = len(x)
+        if self.flips:
+            for dim in (3, 2):
+                flip = torch.rand(n, generator=rng) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(dim), x)
+        y = x.float()
+        if self.degrees or self.scale != (1.0, 1.0):
+            y = self._affine(y, rng)
+        if any(self.jitter):
+            y = self._colour(y, rng)
+        return y
+
+    def _affine(self, y: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        n = len(y)
+        angle = (torch.rand(n, generator=rng) * 2 - 1) * self.degrees * torch.pi / 180
+        low, high = self.scale
+        s = low + torch.rand(n, generator=rng) * (high - low)
+        cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+        grid = torch.nn.functional.affine_grid(theta, list(y.shape), align_corners=False)
+        return torch.nn.functional.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def _colour(self, y: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        n = len(y)
+        brightness, contrast, saturation, hue = self.jitter
+
+        def factor(spread: float) -> torch.Tensor:
+            return (1 + (torch.rand(n, generator=rng) * 2 - 1) * spread).view(n, 1, 1, 1)
+
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        y = y * factor(brightness)
+        gray_mean = (y * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        y = (y - gray_mean) * factor(contrast) + gray_mean
+        gray = (y * weights).sum(1, keepdim=True)
+        y = (y - gray) * factor(saturation) + gray
+        if hue:
+            y = _hue_rotate(y, (torch.rand(n, generator=rng) * 2 - 1) * hue * 2 * torch.pi)
+        return y.clamp_(0, 255)
+
+
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _hue_rotate(y: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate each image's hue by ``angle`` (radians): a rotation of the chroma plane in YIQ space."""
+    n = len(y)
+    rot = torch.zeros(n, 3, 3)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = angle.cos(), -angle.sin(), angle.sin(), angle.cos()
+    matrix = torch.linalg.inv(_YIQ) @ rot @ _YIQ  # (n, 3, 3): RGB -> YIQ, rotate, back
+    return torch.einsum("nij,njhw->nihw", matrix, y)
+
+
+#: ``TrainConfig.augment`` presets as batch augmentations (the same ranges as :func:`build_augmentation`).
+BATCH_AUGMENTATIONS: Mapping[str, Callable[[], BatchAugment | None]] = MappingProxyType(
+    {
+        "none": lambda: None,
+        "light": lambda: BatchAugment(flips=True),
+        "strong": lambda: BatchAugment(flips=True, degrees=30, scale=(0.9, 1.1), jitter=(0.2, 0.2, 0.2, 0.02)),
+    }
+)

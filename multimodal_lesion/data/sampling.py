@@ -123,3 +123,120 @@ class MetaDropout:
                 cols = torch.as_tensor(columns)
                 meta[rows[:, None], cols] = missing[cols]
         return meta
+
+
+class MapBatches:
+    """Dict batches of cached backbone maps (N, views, C, h, w) for partial fine-tuning.
+
+    Training batches take one random flipped view per image and one random crop ``crop`` cells smaller
+    per axis (at most the map's side minus one) for the whole batch: what can be augmented on maps
+    (rotations, scaling and colour jitter cannot). Evaluation batches take the unflipped view, or all
+    views (``all_views``: the model averages its logits over them, as flip TTA does on images).
+    Draws are a pure function of (seed, epoch).
+
+    Args:
+        maps: the memory-mapped float16 maps of every image.
+        rows: the rows of this split.
+        tensors: per-row tensors of this split (``meta``, ``target``), indexed like ``rows``.
+        image_ids: the ids of ``rows``.
+        sampler: the epoch sampler over ``rows``.
+    """
+
+    def __init__(
+        self,
+        maps: np.ndarray,
+        rows: np.ndarray,
+        tensors: dict[str, torch.Tensor],
+        image_ids: list[str],
+        batch_size: int,
+        sampler: EpochSampler,
+        *,
+        train: bool,
+        crop: int = 0,
+        all_views: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.maps, self.rows, self.tensors, self.image_ids = maps, np.asarray(rows), tensors, image_ids
+        self.batch_size, self.sampler, self.train = batch_size, sampler, train
+        self.crop = max(0, min(crop, maps.shape[-2] - 1, maps.shape[-1] - 1))  # a crop keeps at least one cell
+        self.all_views, self.seed, self.epoch = all_views, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def _maps(self, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        rows = self.rows[idx]
+        if not self.train:
+            return torch.from_numpy(np.array(self.maps[rows] if self.all_views else self.maps[rows, 0]))
+        views = rng.integers(0, self.maps.shape[1], size=len(rows))
+        x = np.array(self.maps[rows, views])
+        if self.crop > 0:
+            dy, dx = rng.integers(0, self.crop + 1, size=2)
+            x = x[..., dy : dy + x.shape[-2] - self.crop, dx : dx + x.shape[-1] - self.crop]
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = np.random.default_rng([self.seed, self.epoch, 2])
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            batch: dict[str, Any] = {k: v[torch.from_numpy(idx)] for k, v in self.tensors.items()}
+            batch["maps"] = self._maps(idx, rng)
+            batch["image_id"] = [self.image_ids[i] for i in idx.tolist()]
+            yield batch
+
+
+class ImageBatches:
+    """End-to-end batches straight from the cached uint8 array: one gather, one augmentation, one normalisation.
+
+    The batch's rows are read from the (memory-mapped) array in one indexing call, augmented as a batch
+    (:class:`~multimodal_lesion.data.datasets.BatchAugment`) and normalised in one step, so no Python
+    runs per image. Draws are a pure function of (seed, epoch), like the order.
+
+    Args:
+        images: the cached uint8 images (N, H, W, 3) of every row.
+        rows: the rows of this split.
+        tensors: per-row tensors of this split (``meta``, ``target``), indexed like ``rows``.
+        image_ids: the ids of ``rows``.
+        normalize: float pixels (N, 3, H, W) in [0, 255] -> the model's input.
+        augment: a batch augmentation, or None (evaluation).
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        rows: np.ndarray,
+        tensors: dict[str, torch.Tensor],
+        image_ids: list[str],
+        batch_size: int,
+        sampler: EpochSampler,
+        normalize: Any,
+        augment: Any = None,
+        seed: int = 0,
+    ) -> None:
+        self.images, self.rows, self.tensors, self.image_ids = images, np.asarray(rows), tensors, image_ids
+        self.batch_size, self.sampler, self.normalize, self.augment = batch_size, sampler, normalize, augment
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, self.epoch, 3]).integers(2**62)))
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            pixels = torch.from_numpy(self.images[self.rows[idx]]).permute(0, 3, 1, 2)
+            image = self.augment(pixels, rng) if self.augment is not None else pixels
+            batch: dict[str, Any] = {k: v[torch.from_numpy(idx)] for k, v in self.tensors.items()}
+            batch["image"] = self.normalize(image)
+            batch["image_id"] = [self.image_ids[i] for i in idx.tolist()]
+            yield batch

@@ -4,7 +4,7 @@
 """
 
 from .fusion import LesionModel  # importing fusion registers the models
-from .image_branch import FLIPS, ImageBranch, embed_images
+from .image_branch import FLIPS, ImageBranch, embed_images, flipped_views
 from .metadata_branch import MetadataBranch
 from .registry import create_model, list_models, model_description, register_model
 from .weights import load_image_weights
@@ -16,6 +16,7 @@ __all__ = [
     "MetadataBranch",
     "create_model",
     "embed_images",
+    "flipped_views",
     "list_models",
     "load_image_weights",
     "model_description",

@@ -143,11 +143,24 @@ class LesionModel(nn.Module):
         return self.meta_branch is not None
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """Logits (B, C) from a batch dict: ``embedding`` (cached) or ``image``, and ``meta``."""
+        """Logits (B, C) from a batch dict: ``embedding`` (frozen), ``maps`` (partial) or ``image``; ``meta``."""
+        maps = batch.get("maps")
+        if maps is not None and self.image_branch is not None:
+            return self.forward_maps(maps, batch.get("meta"))
         embedding = batch.get("embedding")
         if embedding is None and self.image_branch is not None:
             embedding = self.image_branch.embed(_require(batch.get("image"), "image"))
         return self.forward_head(embedding, batch.get("meta"))
+
+    def forward_maps(self, maps: Tensor, meta: Tensor | None) -> Tensor:
+        """Logits from cached stride-16 maps (B, C, h, w); with a view axis (B, V, C, h, w) the mean over views."""
+        assert self.image_branch is not None  # forward calls this only for models with an image branch
+        if maps.ndim == 4:
+            return self.forward_head(self.image_branch.embed_from_maps(maps.float()), meta)
+        views = maps.shape[1]
+        embedding = self.image_branch.embed_from_maps(maps.flatten(0, 1).float())
+        repeated = None if meta is None else meta.repeat_interleave(views, dim=0)
+        return self.forward_head(embedding, repeated).unflatten(0, (len(maps), views)).mean(1)
 
     def forward_head(self, embedding: Tensor | None, meta: Tensor | None) -> Tensor:
         """Logits from the pooled image embedding and the encoded metadata: everything after the backbone.
@@ -166,7 +179,9 @@ def build_lesion_model(
     """The shared builder: branches the head reads (sized from their declared widths) + the head."""
     image = None
     if head_cls.uses_image:
-        image = image_branch if image_branch is not None else ImageBranch(cfg.backbone, cfg.weights, cfg.multiscale)
+        image = image_branch
+        if image is None:
+            image = ImageBranch(cfg.backbone, cfg.weights, cfg.multiscale, cfg.tail_blocks)
     meta = MetadataBranch(meta_dim, cfg.meta_hidden, cfg.dropout) if head_cls.uses_meta else None
     head = head_cls(
         image.num_features if image is not None else 0,

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from .weights import load_image_weights, weights_normalisation
 
 MULTISCALE_EXTRA_STAGES = 2  # earlier stages pooled next to the final embedding when multiscale=True
+_STAGED_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")  # timm's EfficientNet / MobileNetV2 layout
 _POOL_CHILDREN = ("global_pool", "head")  # timm's pooling / head children follow the last map module
 
 
@@ -103,17 +104,20 @@ class ImageBranch(nn.Module):
         weights: ``none`` | ``timm`` | ``offline-imagenet`` | path to a checkpoint file.
         multiscale: also average-pool the last stages before the final map and concatenate them
             (richer frozen embeddings at no extra backbone cost).
+        tail_blocks: partial fine-tuning trains this many of the last blocks (stages) and the conv
+            head on the cached output of the block before them.
 
     Attributes:
         num_features: width of :meth:`embed`'s output, read from timm's declared sizes.
         data_config: timm data config (``mean``, ``std``, ``input_size``...) matching the weights.
     """
 
-    def __init__(self, backbone: str, weights: str = "none", multiscale: bool = False) -> None:
+    def __init__(self, backbone: str, weights: str = "none", multiscale: bool = False, tail_blocks: int = 1) -> None:
         super().__init__()
         self.backbone = backbone
         self.weights = weights
         self.multiscale = multiscale
+        self.tail_blocks = tail_blocks
         self.model = _create_backbone(backbone)
         load_image_weights(self.model, weights)
         self.extra_stages = _extra_stages(self.model) if multiscale else ()
@@ -152,6 +156,57 @@ class ImageBranch(nn.Module):
         """Same as :meth:`embed`."""
         return self.embed(x)
 
+    # Partial fine-tuning: the backbone split before its last ``tail_blocks`` blocks; the maps there are
+    # cached once, the blocks after them and the conv head are trained.
+
+    @property
+    def maps_block(self) -> int:
+        """Index in ``model.blocks`` of the block whose output partial fine-tuning caches."""
+        if not all(hasattr(self.model, part) for part in _STAGED_PARTS):
+            raise ConfigError(
+                f"train.mode='partial' needs a backbone laid out as stem + blocks + conv head (timm's EfficientNet "
+                f"and MobileNetV2 families, e.g. tf_efficientnet_lite0); '{self.backbone}' is not"
+            )
+        n = len(cast(nn.Sequential, self.model.get_submodule("blocks")))
+        if self.tail_blocks >= n:
+            raise ConfigError(f"model.tail_blocks: backbone '{self.backbone}' has {n} blocks; use 1 to {n - 1}")
+        return n - 1 - self.tail_blocks
+
+    def check_partial(self) -> None:
+        """Raise the ConfigError partial fine-tuning would meet later: a backbone or multiscale it cannot split."""
+        first = self.maps_block
+        early = [path for path, _ in self.extra_stages if int(path.split(".")[1]) < first]
+        if early:
+            raise ConfigError(
+                f"model.multiscale pools stage(s) {', '.join(early)}, before the cached maps (blocks.{first}): "
+                "set model.multiscale=false or a larger model.tail_blocks"
+            )
+
+    def forward_maps(self, x: Tensor) -> Tensor:
+        """The maps (B, C, h, w) that partial fine-tuning caches: the stem and the blocks up to :attr:`maps_block`."""
+        m = self.model
+        x = m.get_submodule("bn1")(m.get_submodule("conv_stem")(x))
+        blocks = cast(nn.Sequential, m.get_submodule("blocks"))
+        return blocks[: self.maps_block + 1](x)
+
+    def tail(self) -> list[nn.Module]:
+        """The modules after the cached maps: what partial fine-tuning trains."""
+        blocks = cast(nn.Sequential, self.model.get_submodule("blocks"))
+        rest = [self.model.get_submodule("conv_head"), self.model.get_submodule("bn2")]
+        return [*blocks[self.maps_block + 1 :], *rest]
+
+    def embed_from_maps(self, maps: Tensor) -> Tensor:
+        """:meth:`embed` resumed from :meth:`forward_maps`' output: ``embed(x)`` for ``maps = forward_maps(x)``."""
+        first = self.maps_block + 1
+        stages = {f"blocks.{first - 1}": maps}
+        x = maps
+        for i, module in enumerate(self.tail()):
+            x = module(x)
+            stages[f"blocks.{first + i}"] = x
+        self.check_partial()
+        extras = [_avg_pool(stages[path], self.backbone).flatten(1) for path, _ in self.extra_stages]
+        return torch.cat([self.pool(x), *extras], dim=1)
+
     def default_target_layer(self) -> nn.Module:
         """The module whose output is the last feature map (Grad-CAM's default layer).
 
@@ -186,12 +241,18 @@ __all__ = ["MULTISCALE_EXTRA_STAGES", "ImageBranch"]
 FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
 
 
+def flipped_views(images: Tensor) -> Tensor:
+    """The 4 :data:`FLIPS` of a batch (N, C, H, W) stacked into one batch (4N, C, H, W), flip-major."""
+    return torch.cat([images.flip(d) if d else images for d in FLIPS])
+
+
 def embed_images(branch: ImageBranch, images: Tensor, flip_average: bool) -> Tensor:
     """Pooled embedding of normalised images; ``flip_average`` averages over the 4 :data:`FLIPS`.
 
-    The cached frozen path and every live use (prediction, explanation) go through this one
-    function, so a head sees the same embedding of an image either way.
+    The four flipped views go through the backbone as one batch (one pass, not four). The cached
+    frozen path and every live use (prediction, explanation) go through this one function, so a
+    head sees the same embedding of an image either way.
     """
     if not flip_average:
         return branch.embed(images)
-    return torch.stack([branch.embed(images.flip(d) if d else images) for d in FLIPS]).mean(0)
+    return branch.embed(flipped_views(images)).unflatten(0, (len(FLIPS), len(images))).mean(0)

@@ -17,32 +17,103 @@ from tqdm.auto import tqdm
 
 from ..data.cache import cache_key
 from ..data.datasets import Normalize
+from ..errors import ConfigError
 from ..io import atomic_write
-from ..models import ImageBranch, embed_images
+from ..models import FLIPS, ImageBranch, flipped_views
+from ..models.inference import BranchPass, Compiled, compile_pass
 
 EMBED_VERSION = 1
 
 
-@torch.no_grad()
+def compiled_branch_pass(
+    branch: ImageBranch, method: str, example: torch.Tensor, device: torch.device, backend: str, precision: str
+) -> Compiled:
+    """The branch's ``method`` (``embed`` or ``forward_maps``) compiled for ``device`` by ``backend``.
+
+    On a GPU only ``torch`` applies (eager, no channels-last conversion or bfloat16 on the CPU's terms).
+    """
+    branch.eval().to(device)
+    if device.type != "cpu":
+        if backend != "torch":
+            raise ConfigError(f"train.embed_backend={backend!r} runs on the CPU; with device {device} use 'torch'")
+        module = BranchPass(branch, method)
+        return lambda x: torch.inference_mode()(module)(x).float()
+    return compile_pass(BranchPass(branch, method), example, backend, precision)
+
+
+def run_views(
+    compiled: Compiled,
+    images: np.ndarray,
+    normalize: Normalize,
+    out: np.ndarray,
+    *,
+    flips: bool,
+    reduce: str,
+    batch_size: int,
+    device: torch.device,
+    desc: str,
+    show: bool,
+) -> np.ndarray:
+    """Run ``compiled`` over a uint8 image array (N, H, W, 3) in batches into ``out`` (N, ...).
+
+    With ``flips`` the 4 flipped views of a batch go through as one call and are averaged
+    (``reduce="mean"``) or kept as a view axis after the image axis (``reduce="stack"``).
+    """
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not show, unit="batch"):
+        chunk = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
+        x = normalize(chunk)
+        y = compiled((flipped_views(x) if flips else x).to(device)).cpu()
+        if flips:
+            y = y.unflatten(0, (len(FLIPS), len(chunk)))
+            y = y.mean(0) if reduce == "mean" else y.transpose(0, 1)
+        out[start : start + len(chunk)] = y.numpy().astype(out.dtype, copy=False)
+    return out
+
+
 def compute_embeddings(
     branch: ImageBranch,
     images: np.ndarray,
     normalize: Normalize,
     *,
     flip_average: bool,
-    batch_size: int = 64,
+    batch_size: int = 8,
     device: torch.device | None = None,
     show: bool = True,
+    backend: str = "torch",
+    precision: str = "float32",
 ) -> np.ndarray:
-    """Embeddings (N, F) float32 of a uint8 image array (N, H, W, 3)."""
+    """Embeddings (N, F) float32 of a uint8 image array (N, H, W, 3).
+
+    ``batch_size`` images per call (x4 views with ``flip_average``); ``backend`` / ``precision`` as in
+    :func:`~multimodal_lesion.models.inference.compile_pass`.
+    """
     device = device or torch.device("cpu")
-    branch.eval().to(device)
+    example = normalize(torch.from_numpy(np.array(images[:1])).permute(0, 3, 1, 2))
+    compiled = compiled_branch_pass(branch, "embed", example, device, backend, precision)
     out = np.empty((len(images), branch.num_features), dtype=np.float32)
-    for start in tqdm(range(0, len(images), batch_size), desc="embedding", disable=not show, unit="batch"):
-        chunk = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
-        x = normalize(chunk).to(device)
-        out[start : start + len(chunk)] = embed_images(branch, x, flip_average).float().cpu().numpy()
-    return out
+    return run_views(
+        compiled,
+        images,
+        normalize,
+        out,
+        flips=flip_average,
+        reduce="mean",
+        batch_size=batch_size,
+        device=device,
+        desc="embedding",
+        show=show,
+    )
+
+
+def embedding_identity(backbone: str, weights: str, multiscale: bool, size: tuple[int, int], precision: str) -> dict:
+    """What defines a cached embedding besides the data and the flips.
+
+    The precision is named only when it is not float32, so caches built before it existed stay valid;
+    a bfloat16 embedding never answers a float32 request or the reverse. The fp32 backends (torch,
+    ONNX Runtime, OpenVINO) agree to 1e-3 and share a cache (the one that built it is in the JSON beside it).
+    """
+    identity = {"backbone": backbone, "weights": weights, "multiscale": multiscale, "size": list(size)}
+    return identity if precision == "float32" else {**identity, "precision": precision}
 
 
 def cached_embeddings(
@@ -55,9 +126,11 @@ def cached_embeddings(
     fingerprint: str,
     identity: dict,
     flip_average: bool,
-    batch_size: int = 64,
+    batch_size: int = 8,
     device: torch.device | None = None,
     show: bool = True,
+    backend: str = "torch",
+    precision: str = "float32",
 ) -> np.ndarray:
     """Load the embeddings for (data fingerprint, backbone identity, flips) from ``folder`` or compute them.
 
@@ -75,7 +148,15 @@ def cached_embeddings(
         except (ValueError, OSError, EOFError):
             pass  # damaged: computed again below and replaced atomically
     arr = compute_embeddings(
-        branch, images(), normalize, flip_average=flip_average, batch_size=batch_size, device=device, show=show
+        branch,
+        images(),
+        normalize,
+        flip_average=flip_average,
+        batch_size=batch_size,
+        device=device,
+        show=show,
+        backend=backend,
+        precision=precision,
     )
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as fh:
@@ -86,6 +167,7 @@ def cached_embeddings(
                 "fingerprint": fingerprint,
                 "identity": identity,
                 "flip_average": flip_average,
+                "backend": backend,
                 "shape": list(arr.shape),
                 "pid": os.getpid(),
             },

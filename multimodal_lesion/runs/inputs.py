@@ -20,18 +20,19 @@ import torch
 from ..config import ExperimentConfig, replace
 from ..data.cache import cache_home, default_cache_dir, image_array
 from ..data.constants import CLASSES
-from ..data.datasets import LesionDataset, Normalize, NormalizingCollate, build_augmentation
+from ..data.datasets import BATCH_AUGMENTATIONS, LesionDataset, Normalize, NormalizingCollate, build_augmentation
 from ..data.encoder import MetadataEncoder
 from ..data.ham10000 import Ham10000
 from ..data.reader import read_dataset
-from ..data.sampling import EpochSampler, MetaDropout, TensorBatches
+from ..data.sampling import EpochSampler, ImageBatches, MapBatches, MetaDropout, TensorBatches
 from ..data.schema import DatasetSchema, preset
 from ..data.schema_file import resolve_schema
 from ..data.splits import split_lesions, split_rule
 from ..data.synthetic import make_synthetic
 from ..errors import ConfigError, Note, note
 from ..models import LesionModel, create_model, embed_images
-from .embeddings import cached_embeddings
+from .embeddings import cached_embeddings, embedding_identity
+from .feature_maps import cached_feature_maps
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,6 +117,7 @@ class RunInputs:
     notes: list[str] = field(default_factory=list)  # e.g. categories unseen in training, encoded as unknown
     cached_images: np.ndarray | None = field(default=None, repr=False)
     cached_embeddings: np.ndarray | None = field(default=None, repr=False)
+    cached_maps: np.ndarray | None = field(default=None, repr=False)  # partial mode: (N, 4, C, h, w) float16
     schema: DatasetSchema = field(default_factory=lambda: preset("ham10000"))  # classes, features, key class
 
     def indices(self, split: str) -> np.ndarray:
@@ -161,13 +163,9 @@ class RunInputs:
         """Frozen-backbone embeddings of every image, cached on disk."""
         branch = self.model.image_branch
         if self.cached_embeddings is None and branch is not None:
-            m = self.cfg.model
-            identity = {
-                "backbone": m.backbone,
-                "weights": m.weights,
-                "multiscale": m.multiscale,
-                "size": list(self.cfg.data.image_size),
-            }
+            m, t = self.cfg.model, self.cfg.train
+            size = self.cfg.data.image_size
+            identity = embedding_identity(m.backbone, m.weights, m.multiscale, size, t.embed_precision)
             self.cached_embeddings = cached_embeddings(
                 branch,
                 self.images,
@@ -176,14 +174,39 @@ class RunInputs:
                 folder=default_cache_dir(self.ham, self.cfg.data.cache_dir or None),
                 fingerprint=self.ham.fingerprint,
                 identity=identity,
-                flip_average=self.cfg.train.flip_average,
-                batch_size=self.cfg.train.batch_size,
+                flip_average=t.flip_average,
+                batch_size=t.embed_batch,
                 device=self.device,
                 show=show,
+                backend=t.embed_backend,
+                precision=t.embed_precision,
             )
         if self.cached_embeddings is None:
             raise ConfigError(f"model '{self.cfg.model.name}' has no image branch")
         return self.cached_embeddings
+
+    def feature_maps(self, show: bool = True) -> np.ndarray:
+        """Partial mode: the frozen stem's stride-16 maps of every image and its flips, cached on disk."""
+        branch = self.model.image_branch
+        if branch is None:
+            raise ConfigError(f"model '{self.cfg.model.name}' has no image branch")
+        if self.cached_maps is None:
+            m, t = self.cfg.model, self.cfg.train
+            self.cached_maps = cached_feature_maps(
+                branch,
+                self.images,
+                self.cfg.data.image_size,
+                len(self.ham.metadata),
+                self.normalize,
+                folder=default_cache_dir(self.ham, self.cfg.data.cache_dir or None),
+                fingerprint=self.ham.fingerprint,
+                identity=embedding_identity(m.backbone, m.weights, False, self.cfg.data.image_size, "float32"),
+                batch_size=t.embed_batch,
+                device=self.device,
+                backend=t.embed_backend,
+                show=show,
+            )
+        return self.cached_maps
 
     def embeddings_of(self, rows: np.ndarray) -> torch.Tensor | None:
         """Image embeddings of ``rows`` as the model sees them: cached (frozen) or computed live (end-to-end)."""
@@ -199,8 +222,8 @@ class RunInputs:
 
     def batches(
         self, split: str, *, train: bool, show: bool = True, rank: int = 0, world_size: int = 1
-    ) -> TensorBatches | EpochLoader | MetaDropout:
-        """Dict batches of one split: cached embeddings (frozen) or augmented images (end2end).
+    ) -> TensorBatches | MapBatches | ImageBatches | EpochLoader | MetaDropout:
+        """Dict batches of one split: cached embeddings (frozen), cached maps (partial) or augmented images (end2end).
 
         Training batches of a model that reads metadata go through :class:`MetaDropout` when
         ``train.meta_dropout`` or ``train.meta_dropout_all`` is set.
@@ -214,7 +237,7 @@ class RunInputs:
 
     def _batches(
         self, split: str, *, train: bool, show: bool = True, rank: int = 0, world_size: int = 1
-    ) -> TensorBatches | EpochLoader:
+    ) -> TensorBatches | MapBatches | ImageBatches | EpochLoader:
         """The batches of :meth:`batches` before metadata dropout."""
         t = self.cfg.train
         idx = self.indices(split)
@@ -229,6 +252,15 @@ class RunInputs:
                 tensors["embedding"] = torch.from_numpy(self.embeddings(show)[idx])
             ids = self.image_ids
             return TensorBatches(tensors, [ids[i] for i in idx], t.batch_size, sampler)
+        if t.mode == "partial":
+            return self._map_batches(idx, sampler, train=train, show=show)
+        if t.batch_augment:
+            tensors = {"meta": torch.from_numpy(self.meta[idx]), "target": torch.from_numpy(self.targets[idx])}
+            augment = BATCH_AUGMENTATIONS[t.augment]() if train else None
+            ids = [self.image_ids[i] for i in idx]
+            return ImageBatches(
+                self.images(), idx, tensors, ids, t.batch_size, sampler, self.normalize, augment, t.seed
+            )
         dataset = LesionDataset(
             self.images(),
             self.meta,
@@ -247,6 +279,24 @@ class RunInputs:
                 pin_memory=self.device.type == "cuda",
             ),
             sampler,
+        )
+
+    def _map_batches(self, idx: np.ndarray, sampler: EpochSampler, *, train: bool, show: bool) -> MapBatches:
+        """Partial mode: batches of cached maps (a random flip and crop in training; TTA averages the flips)."""
+        t = self.cfg.train
+        tensors = {"meta": torch.from_numpy(self.meta[idx]), "target": torch.from_numpy(self.targets[idx])}
+        ids = self.image_ids
+        return MapBatches(
+            self.feature_maps(show),
+            idx,
+            tensors,
+            [ids[i] for i in idx],
+            t.batch_size,
+            sampler,
+            train=train,
+            crop=t.map_crop,
+            all_views=t.tta and not train,
+            seed=t.seed,
         )
 
 
@@ -299,8 +349,12 @@ def prepare_inputs(
             f"model.name: '{cfg.model.name}' reads images but the data has none (data.images = 'none'); "
             "use a model without an image branch (metadata_only)"
         )
-    if cfg.train.mode == "frozen" and model.image_branch is not None:
+    if cfg.train.mode in ("frozen", "partial") and model.image_branch is not None:
         model.image_branch.requires_grad_(False)
+    if cfg.train.mode == "partial" and model.image_branch is not None:
+        model.image_branch.check_partial()
+        for module in model.image_branch.tail():  # the stages after the cached maps are fine-tuned
+            module.requires_grad_(True)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)

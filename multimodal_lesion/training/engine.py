@@ -184,7 +184,7 @@ def train_epoch(
     for batch in bar:
         t0 = time.perf_counter()
         batch = to_device(batch, device, cfg.channels_last)
-        with torch.autocast(device.type, enabled=cfg.amp and device.type == "cuda"):
+        with torch.autocast(device.type, enabled=cfg.amp):  # float16 on a GPU, bfloat16 on the CPU
             loss = loss_fn(model(batch).float(), batch["target"])
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
