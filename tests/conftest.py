@@ -750,3 +750,21 @@ def tiny_isic2020(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_pad(tmp_path: Path) -> Path:
     return write_tiny_pad_ufes_20(tmp_path / "pad")
+
+
+@pytest.fixture(scope="session")
+def tiny_run_settings() -> list[str]:
+    """``--set`` overrides of a real but tiny CPU run (test backbone, 48x64, 2 epochs, one thread)."""
+    return [
+        'model.name="concat"',
+        'model.backbone="test_resnet"',
+        'model.weights="none"',
+        "data.image_size=[48, 64]",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "train.warmup_epochs=1",
+        "data.test_size=0.25",
+        "data.val_size=0.25",
+        'train.device="cpu"',
+        "train.threads=1",
+    ]

@@ -31,28 +31,16 @@ from multimodal_lesion.workflows import train_run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = [
-    'model.name="concat"',
-    'model.backbone="test_resnet"',
-    'model.weights="none"',
-    "data.image_size=[48, 64]",
-    "train.epochs=2",
-    "train.batch_size=16",
-    "train.warmup_epochs=1",
-    "data.test_size=0.25",
-    "data.val_size=0.25",
-    'train.device="cpu"',
-    "train.threads=1",
-]
-
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, tiny_ham_factory: Callable[..., Path]) -> tuple[Path, Path]:
+def run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_run_settings: list[str], tiny_ham_factory: Callable[..., Path]
+) -> tuple[Path, Path]:
     """(a finished tiny frozen concat run, its data root)."""
     os.environ["MMLESION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     root = tiny_ham_factory(tmp_path_factory.mktemp("data") / "ham", n_lesions=42)
     out = tmp_path_factory.mktemp("runs") / "concat"
-    train_run(load_config(None, [*TINY, f'data.root="{root}"']), out, show=False)
+    train_run(load_config(None, [*tiny_run_settings, f'data.root="{root}"']), out, show=False)
     return out, root
 
 

@@ -28,23 +28,12 @@ from multimodal_lesion.training.runner import evaluate, train_model
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 MALIGNANT = ("mel", "bcc", "akiec")
-SETTINGS = [
-    'model.name="concat"',
-    'model.backbone="test_resnet"',
-    'model.weights="none"',
-    "data.image_size=[48, 64]",
-    "train.epochs=2",
-    "train.batch_size=16",
-    "train.warmup_epochs=1",
-    "data.test_size=0.25",
-    "data.val_size=0.25",
-    'train.device="cpu"',
-    "train.threads=1",
-]
 
 
 @pytest.fixture(scope="module")
-def binary_run(tmp_path_factory: pytest.TempPathFactory, tiny_ham_factory: Callable[..., Path]) -> dict:
+def binary_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_run_settings: list[str], tiny_ham_factory: Callable[..., Path]
+) -> dict:
     """A run trained on benign vs malignant; returns its folder, metrics, data and schema."""
     os.environ["MMLESION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     root = tiny_ham_factory(tmp_path_factory.mktemp("data") / "ham", n_lesions=42)
@@ -59,7 +48,7 @@ def binary_run(tmp_path_factory: pytest.TempPathFactory, tiny_ham_factory: Calla
     ham = read_dataset(root)
     table = ham.metadata.assign(dx=np.where(ham.metadata.dx.isin(MALIGNANT), "malignant", "benign"))
     data = Ham10000(ham.root, table, ham.notes, schema)
-    cfg = load_config(None, [*SETTINGS, f'data.root="{root}"'])
+    cfg = load_config(None, [*tiny_run_settings, f'data.root="{root}"'])
     folder = RunFolder(tmp_path_factory.mktemp("runs") / "binary")
     folder.begin_training(cfg)
     inputs = prepare_inputs(cfg, data, make_splits(cfg, data))
