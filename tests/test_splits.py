@@ -204,4 +204,8 @@ def test_any_valid_table_gives_a_disjoint_reproducible_split(table: pd.DataFrame
     assert _lesions_shared(out, "split") == 0
     if folds:
         assert _lesions_shared(out, "fold") == 0 and set(out.fold) <= set(range(-1, folds))
-    assert _lesions_shared(table.assign(fold=fold), "fold") == 0 and set(fold) == {0, 1, 2}
+    assert _lesions_shared(table.assign(fold=fold), "fold") == 0 and set(fold) <= {0, 1, 2}
+    # stratified by class, a class with >= 3 lesions reaches every fold; with only classes of 1-2 lesions
+    # (e.g. 2 akiec + 2 bcc) a fold can stay empty, which split_lesions warns about
+    if table.groupby("dx")["lesion_id"].nunique().max() >= 3:
+        assert set(fold) == {0, 1, 2}
