@@ -16,7 +16,6 @@ import pandas as pd
 
 from ..config import ExperimentConfig
 from ..data.ham10000 import Ham10000
-from ..runs import data_schema
 from ..training.metrics import classification_metrics
 from ..training.stats import paired_comparison
 from ..training.uncertainty import ConformalSets, ensemble_members
@@ -38,7 +37,7 @@ def _scores(y: np.ndarray, probs: np.ndarray, y_val: np.ndarray, val: np.ndarray
 
 def ensemble_frame(records: list[dict[str, Any]], ham: Ham10000, cfg: ExperimentConfig) -> pd.DataFrame:
     """One row per model, fold and kind (``member`` per seed, ``ensemble``) with the scored metrics."""
-    classes = data_schema(ham).classes
+    classes = ham.schema.classes
     targets = ham.metadata.set_index("image_id")["dx"].map({c: i for i, c in enumerate(classes)})
     rows = []
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}

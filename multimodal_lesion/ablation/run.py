@@ -28,7 +28,6 @@ from ..runs import (
     RunFolder,
     RunInputs,
     class_targets,
-    data_schema,
     predict_logits,
     prepare_inputs,
     resolve_data,
@@ -144,7 +143,7 @@ def _train_gbm(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.Data
     train = np.flatnonzero(split == "train")
     encoder = MetadataEncoder.for_features(ham.schema.features).fit(ham.metadata.iloc[train])
     x = encoder.transform(ham.metadata)
-    classes = data_schema(ham).classes
+    classes = ham.schema.classes
     y = class_targets(ham.metadata, classes)
     gbm = HistGradientBoostingClassifier(
         max_iter=200, learning_rate=0.05, class_weight="balanced", random_state=cell.seed
@@ -170,7 +169,7 @@ def run_cell(
         scored = _train_neural(cell, cfg, ham, splits, shared, out)
     (rows, probs), (val_rows, val_probs) = scored["test"], scored["val"]
     lesions = ham.metadata["lesion_id"].to_numpy()[rows]
-    schema = data_schema(ham)
+    schema = ham.schema
     metrics = classification_metrics(
         class_targets(ham.metadata, schema.classes)[rows],
         probs,

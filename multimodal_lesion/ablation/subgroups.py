@@ -17,13 +17,12 @@ import pandas as pd
 from ..data.ham10000 import Ham10000
 from ..data.patient import subgroup_attributes
 from ..io import atomic_write, write_json
-from ..runs import data_schema
 from ..training.audit import AUDITED, MIN_LESIONS, subgroup_audit
 
 
 def audit_records(records: list[dict[str, Any]], ham: Ham10000, n_boot: int) -> dict[str, dict[str, Any]]:
     """Model -> its subgroup audit over the pooled out-of-fold predictions of every seed."""
-    schema = data_schema(ham)
+    schema = ham.schema
     meta = ham.metadata.set_index("image_id")
     targets = meta["dx"].map({c: i for i, c in enumerate(schema.classes)})
     attributes = subgroup_attributes(meta, schema.features)

@@ -92,11 +92,6 @@ def make_splits(cfg: ExperimentConfig, ham: Ham10000) -> pd.DataFrame:
     return splits
 
 
-def data_schema(ham: Ham10000) -> DatasetSchema:
-    """The schema a dataset was read with (what the ablation, which holds no RunInputs, asks)."""
-    return ham.schema
-
-
 def class_targets(metadata: pd.DataFrame, classes: Sequence[str] = CLASSES) -> np.ndarray:
     """Class indices (int64) of the ``dx`` column, in the order of ``classes`` (the schema's)."""
     return metadata["dx"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
