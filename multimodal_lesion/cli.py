@@ -233,7 +233,7 @@ def _split(args: argparse.Namespace) -> int:
         with atomic_write(args.out) as fh:
             splits.to_csv(fh, index=False)
     counts = splits.groupby("split")["lesion_id"].nunique().to_dict()
-    print(f"wrote {args.out}: " + ", ".join(f"{k} {v} lesions" for k, v in sorted(counts.items())))
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v} {ham.schema.group_noun}" for k, v in sorted(counts.items())))
     return 0
 
 
@@ -575,7 +575,7 @@ def _print_headline(metrics: dict, splits: tuple[str, ...] = ("val", "test")) ->
             f"{split}: balanced accuracy {m['balanced_accuracy']:.4f} ({b['balanced_accuracy']:.4f} with the "
             f"balanced decision)  macro AUROC {m['macro_auroc']:.4f}  {key} AUROC "
             f"{m.get('key_auroc', m['melanoma_auroc']):.4f}  ECE {m['ece']:.4f}  ({m['n_images']} images, "
-            f"{m['n_lesions']} lesions)"
+            f"{m['n_lesions']} {metrics.get('groups', 'lesions')})"
         )
 
 

@@ -57,8 +57,12 @@ def test_train_isic2019_csvs_over_images_elsewhere(cli, tiny_isic2019: tuple[Pat
 @pytest.mark.usefixtures("single_thread")
 def test_train_isic2020_binary_split_by_patient(cli, tiny_isic2020: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cli.ok(cli("train", "--data", tiny_isic2020, "--schema", "isic2020", "--drop-missing", *TINY, "--out", out))
+    proc = cli.ok(cli("train", "--data", tiny_isic2020, "--schema", "isic2020", "--drop-missing", *TINY, "--out", out))
     splits = _check_run(out, "isic2020")
+    # the headline counts what the split groups are: patients here, not lesions
+    test_patients = splits.loc[splits["split"] == "test", "lesion_id"].nunique()
+    assert f"images, {test_patients} patients)" in proc.stdout and " lesions)" not in proc.stdout
+    assert RunFolder(out).read_metrics()["groups"] == "patients"
     table = pd.read_csv(tiny_isic2020 / "ISIC_2020_Training_GroundTruth.csv").set_index("image_name")
     patients = splits.assign(patient=table.loc[splits["image_id"], "patient_id"].to_numpy())
     crossing = patients.groupby("patient")["split"].nunique()

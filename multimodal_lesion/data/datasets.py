@@ -102,10 +102,19 @@ class LesionDataset(Dataset):
 class BatchAugment:
     """The augmentation presets applied to a whole uint8 batch (N, 3, H, W) at once, no per-image Python.
 
-    Flips by masks on the uint8 tensor; then, in float, one ``affine_grid`` / ``grid_sample`` call for
-    every image's rotation and scaling (zero fill, as torchvision's RandomAffine) and per-image colour
-    factors (brightness, contrast, saturation, and a hue rotation in YIQ space), in a fixed order where
-    torchvision draws one. Returns float pixels in [0, 255]; the caller normalises the batch.
+    Two arithmetic passes over the batch, whatever the preset:
+
+    - **geometry**: one ``affine_grid`` / ``grid_sample`` call for every image's flips, rotation and
+      scaling (a flip is a sign in the image's affine matrix; zero fill, as torchvision's RandomAffine).
+      Without rotation or scaling, flips are masks on the uint8 tensor and nothing is resampled;
+    - **colour**: brightness, contrast and saturation factors and a hue rotation in YIQ space are each
+      linear in RGB, so an image's whole jitter is one 3x3 matrix and an offset (contrast blends with the
+      image's mean grey, a per-image constant), applied to the batch in one batched matrix multiply. The
+      normalisation, when given, is folded into the same matrix: it costs nothing extra.
+
+    The jitter is torchvision's in a fixed order (brightness, contrast, saturation, hue) where torchvision
+    draws one, and clamps once at the end (torchvision clamps after each step: the two differ only on
+    pixels pushed out of range midway).
     """
 
     def __init__(
@@ -117,20 +126,28 @@ class BatchAugment:
     ) -> None:
         self.flips, self.degrees, self.scale, self.jitter = flips, degrees, scale, jitter
 
-    def __call__(self, x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rng: torch.Generator, normalize: Normalize | None = None) -> torch.Tensor:
+        """Augmented float batch: pixels in [0, 255], or the model's input when ``normalize`` is given."""
         n = len(x)
-        if self.flips:
-            for dim in (3, 2):
-                flip = torch.rand(n, generator=rng) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(dim), x)
-        y = x.float()
+        signs = torch.where(torch.rand(n, 2, generator=rng) < 0.5, -1.0, 1.0) if self.flips else torch.ones(n, 2)
         if self.degrees or self.scale != (1.0, 1.0):
-            y = self._affine(y, rng)
-        if any(self.jitter):
-            y = self._colour(y, rng)
-        return y
+            y = self._affine(x.float(), signs, rng)
+        else:
+            for axis, dim in ((0, 3), (1, 2)):
+                x = torch.where((signs[:, axis] < 0)[:, None, None, None], x.flip(dim), x)
+            y = x.float()
+        if not any(self.jitter):
+            return normalize(y) if normalize is not None else y
+        matrix, offset = self._colour(y, rng)
+        low, high = torch.zeros(3, 1), torch.full((3, 1), 255.0)
+        if normalize is not None:  # z = scale * y - shift, folded into the colour matrix and the clamp
+            scale, shift = normalize.scale.view(1, 3, 1), normalize.shift.view(1, 3, 1)
+            matrix, offset = scale * matrix, scale * offset - shift
+            low, high = low * scale[0] - shift[0], high * scale[0] - shift[0]
+        out = torch.baddbmm(offset, matrix, y.reshape(n, 3, -1))
+        return torch.max(torch.min(out, high), low).view_as(y)
 
-    def _affine(self, y: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    def _affine(self, y: torch.Tensor, signs: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         n = len(y)
         angle = (torch.rand(n, generator=rng) * 2 - 1) * self.degrees * torch.pi / 180
         low, high = self.scale
@@ -138,38 +155,39 @@ class BatchAugment:
         cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+        theta[:, :, :2] *= signs[:, None, :]  # sample at (+-x, +-y): the flip, in the same resampling
         grid = torch.nn.functional.affine_grid(theta, list(y.shape), align_corners=False)
         return torch.nn.functional.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    def _colour(self, y: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    def _colour(self, y: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's jitter as ``matrix`` (N, 3, 3) and ``offset`` (N, 3, 1): out = matrix @ rgb + offset."""
         n = len(y)
         brightness, contrast, saturation, hue = self.jitter
 
         def factor(spread: float) -> torch.Tensor:
-            return (1 + (torch.rand(n, generator=rng) * 2 - 1) * spread).view(n, 1, 1, 1)
+            return (1 + (torch.rand(n, generator=rng) * 2 - 1) * spread).view(n, 1, 1)
 
-        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        y = y * factor(brightness)
-        gray_mean = (y * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-        y = (y - gray_mean) * factor(contrast) + gray_mean
-        gray = (y * weights).sum(1, keepdim=True)
-        y = (y - gray) * factor(saturation) + gray
+        b, c, s = factor(brightness), factor(contrast), factor(saturation)
+        grey = _YIQ[0].view(1, 3)  # luma weights; they sum to 1, so every matrix below keeps grey grey
+        mean_grey = (y.mean((2, 3)) @ grey.T).view(n, 1, 1)  # the image's mean grey before brightness
+        eye = torch.eye(3).expand(n, 3, 3)
+        sat = s * eye + (1 - s) * torch.ones(3, 1) @ grey  # blend with each pixel's grey
         if hue:
-            y = _hue_rotate(y, (torch.rand(n, generator=rng) * 2 - 1) * hue * 2 * torch.pi)
-        return y.clamp_(0, 255)
+            sat = _hue_matrix((torch.rand(n, generator=rng) * 2 - 1) * hue * 2 * torch.pi) @ sat
+        offset = sat @ ((1 - c) * b * mean_grey).expand(n, 3, 1)  # contrast: blend with the (brightened) mean grey
+        return sat * (b * c), offset
 
 
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
-def _hue_rotate(y: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Rotate each image's hue by ``angle`` (radians): a rotation of the chroma plane in YIQ space."""
-    n = len(y)
+def _hue_matrix(angle: torch.Tensor) -> torch.Tensor:
+    """Per-image RGB matrices (N, 3, 3) rotating the hue by ``angle`` (radians): the chroma plane of YIQ."""
+    n = len(angle)
     rot = torch.zeros(n, 3, 3)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = angle.cos(), -angle.sin(), angle.sin(), angle.cos()
-    matrix = torch.linalg.inv(_YIQ) @ rot @ _YIQ  # (n, 3, 3): RGB -> YIQ, rotate, back
-    return torch.einsum("nij,njhw->nihw", matrix, y)
+    return torch.linalg.inv(_YIQ) @ rot @ _YIQ  # RGB -> YIQ, rotate, back
 
 
 #: ``TrainConfig.augment`` presets as batch augmentations (the same ranges as :func:`build_augmentation`).

@@ -191,11 +191,11 @@ class MapBatches:
 
 
 class ImageBatches:
-    """End-to-end batches straight from the cached uint8 array: one gather, one augmentation, one normalisation.
+    """End-to-end batches straight from the cached uint8 array: one gather, then augmentation and normalisation.
 
-    The batch's rows are read from the (memory-mapped) array in one indexing call, augmented as a batch
-    (:class:`~multimodal_lesion.data.datasets.BatchAugment`) and normalised in one step, so no Python
-    runs per image. Draws are a pure function of (seed, epoch), like the order.
+    The batch's rows are read from the (memory-mapped) array in one indexing call and augmented as a batch
+    (:class:`~multimodal_lesion.data.datasets.BatchAugment`, which folds the normalisation into its colour
+    matrix), so no Python runs per image. Draws are a pure function of (seed, epoch), like the order.
 
     Args:
         images: the cached uint8 images (N, H, W, 3) of every row.
@@ -235,8 +235,8 @@ class ImageBatches:
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             pixels = torch.from_numpy(self.images[self.rows[idx]]).permute(0, 3, 1, 2)
-            image = self.augment(pixels, rng) if self.augment is not None else pixels
             batch: dict[str, Any] = {k: v[torch.from_numpy(idx)] for k, v in self.tensors.items()}
-            batch["image"] = self.normalize(image)
+            augmented = self.augment is not None
+            batch["image"] = self.augment(pixels, rng, self.normalize) if augmented else self.normalize(pixels)
             batch["image_id"] = [self.image_ids[i] for i in idx.tolist()]
             yield batch

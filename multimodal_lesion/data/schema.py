@@ -114,6 +114,11 @@ class DatasetSchema:
         return code
 
     @property
+    def group_noun(self) -> str:
+        """What a split group is, in the plural: ``"patients"`` when splits group by patient, else ``"lesions"``."""
+        return "patients" if self.group_by == "patient" else "lesions"
+
+    @property
     def key_index(self) -> int:
         """The logit index of :attr:`key_class`."""
         return self.classes.index(self.key_class)

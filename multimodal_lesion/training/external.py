@@ -207,6 +207,7 @@ def evaluate_external(
         "run_schema": run_schema.name,
         "key_vs_rest": kvr,
         "key_class": scored.key_class,
+        "groups": schema.group_noun,
         "image_fit": options.fit,
         "tta": predictor.run.tta,
         "temperature": predictor.run.temperature,

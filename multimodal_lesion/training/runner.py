@@ -94,6 +94,7 @@ def evaluate(
         "temperature": float(scaler.temperature_),
         "tta": tta,
         "key_class": schema.key_class,
+        "groups": schema.group_noun,  # what n_lesions counts: lesions, or patients for patient-grouped data
         "balanced_temperature": balanced.temperature_,
         "balanced_bias": dict(zip(schema.classes, balanced.bias_.tolist(), strict=True)),
     }
