@@ -385,6 +385,26 @@ def test_optional_parts_may_be_absent(tmp_path, figure_dir):
     assert "No faithfulness measurements" in " ".join(parse(index).text)
 
 
+def test_a_non_ham_run_lists_its_own_classes_in_logit_order_with_its_names(tmp_path):
+    """A binary ISIC 2020 run: 'rest' before 'mel' (its logit order, not HAM10000's) with the schema's names."""
+    names = {"rest": "Other (not melanoma)", "mel": "Melanoma (mel)"}
+    case = CaseExplanation(image_id="ISIC_2", target_class="mel", probabilities={"mel": 0.3, "rest": 0.7})
+    cohort = CohortExplanation(
+        "Binary",
+        {},
+        [case],
+        mean_abs_shap={"mel": {"age": 0.1}, "all": {"age": 0.1}, "rest": {"age": 0.2}},
+        classes=["rest", "mel"],
+        class_names=names,
+    )
+    index = write_report(tmp_path, cohort, ReportFigures())
+    case_text = " ".join(parse(tmp_path / "cases" / case_page_name("ISIC_2")).text)
+    assert case_text.index(names["rest"]) < case_text.index(names["mel"])
+    index_text = " ".join(parse(index).text)
+    rows = [index_text.index(label) for label in (names["rest"], names["mel"], "All cases")]
+    assert rows == sorted(rows)
+
+
 # ----------------------------------------------------------------------------- real browser
 
 #: Every <img> with whether it loaded (``complete`` and ``naturalWidth > 0``).

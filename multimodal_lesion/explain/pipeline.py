@@ -28,7 +28,9 @@ import torch
 from PIL import Image
 
 from ..config import replace
+from ..data.constants import CLASS_NAMES
 from ..data.ham10000 import load_mask
+from ..data.schema import DatasetSchema
 from ..errors import ConfigError, DataError
 from ..io import atomic_write, safe_stem, write_json
 from ..runs import LoadedRun, RunInputs, load_run, tta_spread, view_probabilities
@@ -533,7 +535,16 @@ def _cohort(
         notes=_notes(run, cases, pixels),
         timings=timings,
         shap_values=shap_exp,
+        classes=list(run.inputs.schema.classes),
+        class_names=_class_names(run.inputs.schema),
     )
+
+
+def _class_names(schema: DatasetSchema) -> dict[str, str]:
+    """The schema's long class names; a schema without any borrows HAM10000's for the codes they share."""
+    if schema.class_names:
+        return {c: schema.class_name(c) for c in schema.classes}
+    return {c: CLASS_NAMES.get(c, c) for c in schema.classes}
 
 
 def save_explanations(out: str | Path, cohort: CohortExplanation) -> Path:

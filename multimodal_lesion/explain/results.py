@@ -99,6 +99,8 @@ class CohortExplanation:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     shap_values: Any = field(default=None, repr=False)  # shap.Explanation over the cases (cohort plots)
+    classes: list[str] = field(default_factory=list)  # the run's classes in logit order (report rows)
+    class_names: dict[str, str] = field(default_factory=dict)  # class code -> long name
 
     def to_json(self) -> dict[str, Any]:
         """The content of ``explanations.json``."""

@@ -15,7 +15,8 @@ and the :class:`ReportFigures` drawn for it (PNG paths on disk, embedded as data
 absent: an ``image_only`` model has no SHAP, a ``metadata_only`` model no Grad-CAM. Values are still
 checked as they are rendered (a non-number where a number belongs is a DataError naming the case).
 
-Class codes are shown with their full names (``CLASS_NAMES``) where they are known classes.
+Class rows follow the run's class order and show its long names (``CohortExplanation.classes`` /
+``class_names``, from the run's schema; HAM10000's ``CLASS_NAMES`` for a cohort that names none).
 """
 
 from __future__ import annotations
@@ -73,18 +74,56 @@ class ReportFigures:
     cases: dict[str, dict[str, Path | None]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ClassVocabulary:
+    """A run's classes in logit order with their long names: how class rows are ordered and labelled.
+
+    Built from the cohort (``CohortExplanation.classes`` / ``class_names``, the run's schema); a cohort
+    that names none (older explanations) falls back on HAM10000's table.
+    """
+
+    order: tuple[str, ...] = CLASSES
+    names: Mapping[str, str] = field(default_factory=lambda: dict(CLASS_NAMES))
+
+    @classmethod
+    def of(cls, cohort: CohortExplanation) -> ClassVocabulary:
+        """The cohort's own vocabulary, else HAM10000's."""
+        if not isinstance(cohort, CohortExplanation) or not cohort.classes:
+            return cls()
+        classes = tuple(_text(c) for c in cohort.classes)
+        return cls(classes, {c: _text(cohort.class_names.get(c, c)) for c in classes})
+
+    def label(self, code: Any) -> str:
+        """The long name of a class code, else the value itself; None -> a dash."""
+        if code is None:
+            return "\u2014"
+        return self.names.get(_text(code), _text(code))
+
+    def ordered(self, keys: Iterable[Any]) -> list[str]:
+        """Class keys in the run's class order, then unknown ones as given, ``"all"`` last."""
+        keys = [_text(k) for k in keys]
+        known = [c for c in self.order if c in keys]
+        rest = [k for k in keys if k not in self.order and k != ALL_KEY]
+        return known + rest + ([ALL_KEY] if ALL_KEY in keys else [])
+
+    def row_label(self, key: str) -> str:
+        """Row heading of a per-class table."""
+        return "All cases" if key == ALL_KEY else self.label(key)
+
+
 def write_report(out: str | Path, cohort: CohortExplanation, figures: ReportFigures | None = None) -> Path:
     """Render ``out/index.html`` and one ``out/cases/<name>.html`` per case; returns the index path."""
     out = Path(out)
     figures = figures or ReportFigures()
     env = _environment()
+    vocab = ClassVocabulary.of(cohort)
     cases = cohort.cases
     pages = _page_names(cases)
     views = [
-        _case_view(case, figures.cases.get(_text(case.image_id)), pages[i], i, len(cases), pages)
+        _case_view(case, figures.cases.get(_text(case.image_id)), pages[i], i, len(cases), pages, vocab)
         for i, case in enumerate(cases)
     ]
-    cohort_view = _cohort_view(cohort, figures.cohort, views)  # all validated before the first file is written
+    cohort_view = _cohort_view(cohort, figures.cohort, views, vocab)  # all validated before the first file is written
     for view in views:
         _write(out / CASES_DIR / view["page"], env.get_template("case.html").render(case=view, **_common()))
     index = out / "index.html"
@@ -177,26 +216,6 @@ def _percent(share: float) -> str:
     return f"{_clip01(share) * 100:.1f}"
 
 
-def class_label(code: Any) -> str:
-    """The full class name for a known class code, else the value itself; None -> a dash."""
-    if code is None:
-        return "\u2014"
-    return CLASS_NAMES.get(_text(code), _text(code))
-
-
-def _ordered(keys: Iterable[Any]) -> list[str]:
-    """Class keys in ``CLASSES`` order, then unknown ones as given, ``"all"`` last."""
-    keys = [_text(k) for k in keys]
-    known = [c for c in CLASSES if c in keys]
-    rest = [k for k in keys if k not in CLASSES and k != ALL_KEY]
-    return known + rest + ([ALL_KEY] if ALL_KEY in keys else [])
-
-
-def _row_label(key: str) -> str:
-    """Row heading of a per-class table."""
-    return "All cases" if key == ALL_KEY else class_label(key)
-
-
 def _union(mappings: Iterable[Mapping[str, Any]]) -> list[str]:
     """Keys of several mappings in order of first appearance."""
     seen: dict[str, None] = {}
@@ -252,9 +271,16 @@ def _page_names(cases: Sequence[CaseExplanation]) -> list[str]:
 
 
 def _case_view(
-    case: CaseExplanation, figures: Mapping[str, Any] | None, page: str, i: int, n: int, pages: Sequence[str]
+    case: CaseExplanation,
+    figures: Mapping[str, Any] | None,
+    page: str,
+    i: int,
+    n: int,
+    pages: Sequence[str],
+    vocab: ClassVocabulary,
 ) -> dict:
     """Everything a case page and its index row show, as plain strings and numbers."""
+    class_label = vocab.label
     where = f"case {i} ({_text(case.image_id)[:40]!r})"
     probs = _probabilities(case.probabilities, where)
     predicted = max(probs, key=probs.__getitem__) if probs else None
@@ -279,7 +305,7 @@ def _case_view(
         "tta_spread": _num(case.tta_spread),
         "known_truth": true_label is not None,
         "correct": true_label is not None and true_label == predicted,
-        "prob_rows": _prob_rows(probs, predicted, true_label),
+        "prob_rows": _prob_rows(probs, predicted, true_label, vocab),
         "patient": [{"name": _text(k), "value": _text(v)} for k, v in (case.patient or {}).items()],
         "shap": shap_rows,
         "top_feature": _top_feature(shap_rows),
@@ -308,17 +334,19 @@ def _probabilities(probs: Any, where: str) -> dict[str, float]:
     return {_text(k): _float(v, f"{where}: probabilities[{_text(k)!r}]") for k, v in probs.items()}
 
 
-def _prob_rows(probs: Mapping[str, float], predicted: str | None, true_label: str | None) -> list[dict]:
+def _prob_rows(
+    probs: Mapping[str, float], predicted: str | None, true_label: str | None, vocab: ClassVocabulary
+) -> list[dict]:
     """One bar per class, in class order, marking the predicted and the true class."""
     return [
         {
-            "label": class_label(c),
+            "label": vocab.label(c),
             "value": _num(probs[c]),
             "width": _percent(probs[c]),
             "predicted": c == predicted,
             "true": c == true_label,
         }
-        for c in _ordered(probs)
+        for c in vocab.ordered(probs)
     ]
 
 
@@ -388,7 +416,9 @@ def _player_share(rows: Sequence[Mapping[str, Any]], player: str) -> str:
 # ----------------------------------------------------------------------------- cohort
 
 
-def _cohort_view(cohort: CohortExplanation, figures: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> dict:
+def _cohort_view(
+    cohort: CohortExplanation, figures: Mapping[str, Any], cases: Sequence[Mapping[str, Any]], vocab: ClassVocabulary
+) -> dict:
     """Everything the index page shows about the cohort, as plain strings and numbers."""
     if not isinstance(cohort, CohortExplanation):
         raise DataError(f"cohort: expected a CohortExplanation, got {type(cohort).__name__}")
@@ -398,8 +428,8 @@ def _cohort_view(cohort: CohortExplanation, figures: Mapping[str, Any], cases: S
         "n_correct": sum(c["correct"] for c in cases),
         "n_known": sum(c["known_truth"] for c in cases),
         "provenance": [{"key": _text(k), "value": _text(v)} for k, v in (cohort.provenance or {}).items()],
-        "shap": _heat_table(cohort.mean_abs_shap or {}, cohort.class_counts),
-        "modality": _modality_table(cohort.modality_share or {}, cohort.class_counts),
+        "shap": _heat_table(cohort.mean_abs_shap or {}, vocab, cohort.class_counts),
+        "modality": _modality_table(cohort.modality_share or {}, vocab, cohort.class_counts),
         "shap_scale": "log-odds" if cohort.shap_scale == "log_odds" else "probability",
         "faithfulness": _faith_table(cohort.faithfulness or []),
         "comparisons": [_comparison_row(c, j) for j, c in enumerate(cohort.comparisons or [])],
@@ -423,7 +453,9 @@ def _count(counts: Mapping[str, int] | None, key: str) -> str:
     return str(counts[key]) if counts and key in counts else "\u2014"
 
 
-def _heat_table(table: Mapping[str, Mapping[str, Any]], counts: Mapping[str, int] | None = None) -> dict:
+def _heat_table(
+    table: Mapping[str, Mapping[str, Any]], vocab: ClassVocabulary, counts: Mapping[str, int] | None = None
+) -> dict:
     """Mean |SHAP|: rows = classes (``all`` last) with their n, columns = features, cells shaded by value."""
     table = {_text(k): v for k, v in table.items()}
     features = _union(table.values())
@@ -435,7 +467,7 @@ def _heat_table(table: Mapping[str, Mapping[str, Any]], counts: Mapping[str, int
     top = max((v for v in values.values() if math.isfinite(v)), default=0.0) or 1.0
     rows = [
         {
-            "label": _row_label(c),
+            "label": vocab.row_label(c),
             "n": _count(counts, c),
             "summary": c == ALL_KEY,
             "cells": [
@@ -443,23 +475,25 @@ def _heat_table(table: Mapping[str, Mapping[str, Any]], counts: Mapping[str, int
                 for f in features
             ],
         }
-        for c in _ordered(table)
+        for c in vocab.ordered(table)
     ]
     return {"columns": features, "rows": rows}
 
 
-def _modality_table(table: Mapping[str, Mapping[str, Any]], counts: Mapping[str, int] | None = None) -> dict:
+def _modality_table(
+    table: Mapping[str, Mapping[str, Any]], vocab: ClassVocabulary, counts: Mapping[str, int] | None = None
+) -> dict:
     """Modality share: rows = classes with their n, columns = players, plus a stacked bar per row."""
     table = {_text(k): v for k, v in table.items()}
     players = _union(table.values())
     rows = []
-    for c in _ordered(table):
+    for c in vocab.ordered(table):
         shares = {_text(p): _float(v, f"cohort: modality_share[{c!r}][{_text(p)!r}]") for p, v in table[c].items()}
         segs = [
             {"player": p, "width": _percent(shares.get(p, 0.0)), "seg": j % 6, "text": _num(shares.get(p))}
             for j, p in enumerate(players)
         ]
-        rows.append({"label": _row_label(c), "n": _count(counts, c), "summary": c == ALL_KEY, "segs": segs})
+        rows.append({"label": vocab.row_label(c), "n": _count(counts, c), "summary": c == ALL_KEY, "segs": segs})
     return {"columns": [{"name": p, "seg": j % 6} for j, p in enumerate(players)], "rows": rows}
 
 
