@@ -192,6 +192,22 @@ def test_batch_predict_equals_single_predict_per_image(cli, run: tuple[Path, Pat
         assert got["balanced_decision"] == max(balanced, key=balanced.get)
 
 
+@pytest.mark.parametrize(("age", "shown"), [("-3", "'-3'"), ("400", "'400'"), ("forty", "'forty'")])
+def test_a_bad_age_in_a_csv_of_cases_names_its_row(
+    cli, run: tuple[Path, Path], tmp_path: Path, age: str, shown: str
+) -> None:
+    folder, root = run
+    images = sorted(root.rglob("ISIC_*.jpg"))[:3]
+    csv = tmp_path / "cases.csv"
+    ages = ["50", "", age]  # rows 1 and 2 are fine (an empty age is unknown); row 3 is not an age
+    frame = pd.DataFrame({"image": [str(p) for p in images], "age": ages, "sex": "male", "localization": "back"})
+    frame.to_csv(csv, index=False)
+    out = tmp_path / "out.csv"
+    proc = cli("predict", "--run", folder, "--csv", csv, "--out", out)
+    cli.error(proc, "predict", f"{csv}: row 3 (line 4), column 'age': {shown} is not an age")
+    assert not out.exists()
+
+
 def test_predict_balanced_loads_the_model_once(run: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     import multimodal_lesion.runs.predict as predict_module
     from multimodal_lesion.workflows import predict

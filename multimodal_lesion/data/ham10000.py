@@ -26,6 +26,7 @@ from PIL import Image
 from ..errors import DataError, note
 from .constants import CLASSES, MASK_SUFFIX, METADATA_COLUMNS, METADATA_FILE, UNKNOWN
 from .patient import VOCABULARY, is_known, normalise_category, parse_age
+from .patient import more_rows as _more
 from .schema import DatasetSchema, preset
 
 #: File extensions (lower case) taken as images by the folder scan.
@@ -696,11 +697,6 @@ def _first(items: Sequence[object]) -> str:
     """The first few items, comma-separated, with '...' when there are more."""
     shown = ", ".join(map(str, items[:_SHOW]))
     return shown + (", ..." if len(items) > _SHOW else "")
-
-
-def _more(count: int, what: str = "row") -> str:
-    """'' for one problem, else ' (N rows in all)'."""
-    return "" if count <= 1 else f" ({count} {what}s in all)"
 
 
 def _one_line(exc: BaseException) -> str:

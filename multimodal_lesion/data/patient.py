@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -118,6 +119,11 @@ def read_patient(age: object = None, sex: object = None, localization: object = 
     return pd.DataFrame([row]).astype({"age": np.float64})
 
 
+def more_rows(count: int, what: str = "row") -> str:
+    """'' for one problem, else ' (N rows in all)'."""
+    return "" if count <= 1 else f" ({count} {what}s in all)"
+
+
 def _shown(value: object, limit: int = 60) -> str:
     """A value quoted for a message: text as written, numbers compactly ('-3', '1e+09', 'nan')."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -197,6 +203,38 @@ def parse_category(value: object, features: Features) -> str:
     """A categorical feature's value: normalised; the schema's unknown spellings read as ``unknown``."""
     text = normalise_category(value)
     return UNKNOWN if text in features.unknown_tokens else text
+
+
+def typed_column(cells: pd.Series, name: str, features: Features, where: Callable[[int], str]) -> pd.Series:
+    """A numeric (float, NaN unknown; the age feature 0 to 120) or boolean (text) feature's column, by the
+    reader's rules; each distinct value is parsed once.
+
+    Raises:
+        DataError: naming the first bad cell (``where(row)``: file, row, column) and how many rows are bad.
+    """
+    if name in features.numeric:
+        kind: type = float
+        parse: Callable[[object, str], object] = (
+            parse_age if name == features.age_feature else lambda v, field: parse_number(v, field, features)
+        )
+    elif name in features.boolean:
+        kind, parse = object, lambda v, field: parse_boolean(v, field, features)
+    else:
+        raise ValueError(f"{name!r} is not a numeric or boolean feature")
+    parsed, bad = {}, set()
+    for value in cells.unique():
+        try:
+            parsed[value] = parse(value, "")
+        except DataError:
+            bad.add(value)
+    if bad:
+        rows = np.flatnonzero(cells.isin(bad).to_numpy())
+        try:
+            parse(cells.iloc[rows[0]], where(int(rows[0])))
+        except DataError as exc:
+            raise DataError(f"{exc}{more_rows(len(rows))}") from None
+    values = cells.map(parsed)
+    return values.astype(float) if kind is float else values.astype(object)
 
 
 def read_features(features: Features, values: dict[str, object]) -> pd.DataFrame:

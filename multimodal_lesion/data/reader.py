@@ -11,8 +11,8 @@ root (or by a relative path that never leaves it), listed-but-missing images ref
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from .ham10000 import (
     image_folder,
     read_ham10000,
 )
-from .patient import parse_age, parse_boolean, parse_category, parse_number
+from .patient import parse_category, typed_column
 from .schema import DatasetSchema, preset
 
 #: ``data.images`` value of a dataset without images (metadata-only models and the gradient-boosting floor).
@@ -323,35 +323,15 @@ def _features(joined: _Joined, schema: DatasetSchema, notes: list[str]) -> dict[
     """Every feature typed by the schema: numeric (float, NaN unknown), categorical and boolean (text)."""
     f = schema.features
     out: dict[str, pd.Series] = {}
-    for name in f.numeric:
-        if name == f.age_feature:
-            out[name] = _typed(joined, name, lambda v, where: parse_age(v, where), float)
-        else:
-            out[name] = _typed(joined, name, lambda v, where: parse_number(v, where, f), float)
+    for name in (*f.numeric, *f.boolean):
+        out[name] = typed_column(joined.table[name], name, f, functools.partial(_where, joined, name))
     for name in f.categorical:
         out[name] = _vocabulary(joined, name, joined.table[name].map(lambda v: parse_category(v, f)), schema, notes)
-    for name in f.boolean:
-        out[name] = _typed(joined, name, lambda v, where: parse_boolean(v, where, f), object)
-    return out
+    return {name: out[name] for name in f.names}
 
 
-def _typed(joined: _Joined, column: str, parse: Callable[[str, str], object], kind: type) -> pd.Series:
-    """``parse`` every distinct value of a column once; the first bad cell is named, with the count."""
-    cells = joined.table[column]
-    parsed, bad = {}, set()
-    for value in cells.unique():
-        try:
-            parsed[value] = parse(value, "")
-        except DataError:
-            bad.add(value)
-    if bad:
-        rows = np.flatnonzero(cells.isin(bad).to_numpy())
-        try:
-            parse(cells.iloc[rows[0]], joined.where(int(rows[0]), column))
-        except DataError as exc:
-            raise DataError(f"{exc}{_more(len(rows))}") from None
-    values = cells.map(parsed)
-    return values.astype(float) if kind is float else values.astype(object)
+def _where(joined: _Joined, column: str, row: int) -> str:
+    return joined.where(row, column)
 
 
 def _vocabulary(joined: _Joined, column: str, values: pd.Series, schema: DatasetSchema, notes: list[str]) -> pd.Series:

@@ -11,6 +11,7 @@ as the run was scored. The output has one row per image: ``p_<class>`` (calibrat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 import pandas as pd
 
 from ..data.ham10000 import IMAGE_EXTENSIONS, load_rgb
+from ..data.patient import typed_column
+from ..data.schema import Features
 from ..errors import DataError, note
 from .predict import Fit, Predictor, Probabilities, aspect_differs
 
@@ -69,20 +72,31 @@ def cases_in_csv(table: str | Path) -> Cases:
     return Cases(paths, patients, ids)
 
 
-def patient_table(cases: Cases, features: tuple[str, ...], source: str) -> pd.DataFrame:
-    """The run's patient features of every case; features ``source`` lacks are missing, with a note."""
-    absent = [f for f in features if f not in cases.patients.columns]
-    ignored = [c for c in cases.patients.columns if c not in features]
+def patient_table(cases: Cases, features: Features, source: str) -> pd.DataFrame:
+    """The run's patient features of every case, typed by the reader's rules (an age from 0 to 120, numbers,
+    booleans; a bad cell is an error naming its row and column); features ``source`` lacks are missing,
+    with a note."""
+    absent = [f for f in features.names if f not in cases.patients.columns]
+    ignored = [c for c in cases.patients.columns if c not in features.names]
     if absent:
         note(f"{source}: no column for patient feature(s) {', '.join(absent)}: read as missing for every image")
     if ignored:
         note(f"{source}: column(s) {', '.join(map(str, ignored[:6]))} are not features of this run; ignored")
     table = pd.DataFrame(
-        {f: cases.patients[f] if f in cases.patients.columns else None for f in features}, index=range(len(cases.paths))
+        {f: cases.patients[f] if f in cases.patients.columns else None for f in features.names},
+        index=range(len(cases.paths)),
     )
-    if "age" in table.columns:  # the encoder reads ages as numbers; text ages are refused there by row
-        table["age"] = pd.to_numeric(table["age"].where(table["age"].notna(), None), errors="coerce")
+    for name in (*features.numeric, *features.boolean):
+        if name in cases.patients.columns:
+            table[name] = typed_column(table[name], name, features, functools.partial(_cell, source, name))
+        elif name in features.numeric:
+            table[name] = np.nan
     return table
+
+
+def _cell(source: str, column: str, row: int) -> str:
+    """'FILE: row N (line L), column C' of a ``--csv`` cell (line 1 is the header)."""
+    return f"{source}: row {row + 1} (line {row + 2}), column '{column}'"
 
 
 def decoded(predictor: Predictor, paths: list[Path], source: str) -> Iterator[np.ndarray]:
@@ -103,7 +117,7 @@ def decoded(predictor: Predictor, paths: list[Path], source: str) -> Iterator[np
 
 def predict_arrays(predictor: Predictor, cases: Cases, source: str) -> Probabilities:
     """Calibrated (and balanced) probabilities of every case, in order, predicted in batches."""
-    meta = predictor.encode(patient_table(cases, predictor.schema.features.names, source))
+    meta = predictor.encode(patient_table(cases, predictor.schema.features, source))
     if predictor.model.image_branch is None:
         return predictor.predict(None, meta)
     chunks = [
