@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -53,16 +54,49 @@ def resized(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.array(img, dtype=np.uint8)
 
 
-def _valid(array_path: Path, meta_path: Path, ids: Sequence[str], shape: tuple[int, ...]) -> bool:
-    """True when a cached array exists, is complete and belongs to exactly these images."""
-    if not (array_path.is_file() and meta_path.is_file()):
-        return False
+def cached_array(
+    path: Path,
+    description: Mapping[str, Any],
+    valid: Callable[[np.ndarray, dict], bool],
+    build: Callable[[Path], None],
+    *,
+    mmap: bool = True,
+) -> np.ndarray:
+    """A cached ``.npy`` with its JSON description beside it (same stem): every cache of the package.
+
+    Loaded (memory-mapped with ``mmap``) when both files exist and ``valid(array, description)``
+    accepts them; otherwise ``build(tmp)`` writes the array under a temporary name, which is renamed
+    into place once complete, and the description is written after it. A crash mid-build therefore
+    leaves no file that a later run trusts, and a damaged or stale file is rebuilt.
+    """
+    meta_path = path.with_suffix(".json")
+    mode: Any = "r" if mmap else None
+    if path.is_file() and meta_path.is_file():
+        try:
+            arr = np.load(path, mmap_mode=mode)
+            if valid(arr, json.loads(meta_path.read_text())):
+                return arr
+        except (ValueError, OSError, EOFError, json.JSONDecodeError):
+            pass  # damaged: built again below and replaced atomically
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
     try:
-        meta = json.loads(meta_path.read_text())
-        arr = np.load(array_path, mmap_mode="r")
-    except (ValueError, OSError, json.JSONDecodeError):
-        return False
-    return meta.get("image_ids") == list(ids) and tuple(arr.shape) == shape and meta.get("version") == CACHE_VERSION
+        build(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    with atomic_write(meta_path) as fh:
+        json.dump(dict(description), fh)
+    return np.load(path, mmap_mode=mode)
+
+
+def write_npy(path: Path, shape: tuple[int, ...], dtype: Any, fill: Callable[[np.ndarray], object]) -> None:
+    """Create a ``.npy`` of ``shape`` at ``path`` and let ``fill`` write into it (memory-mapped, not held in RAM)."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    fill(out)
+    out.flush()
+    del out
 
 
 def image_array(
@@ -74,32 +108,20 @@ def image_array(
     size are unchanged, and rebuilt when the cached copy is stale or incomplete.
     """
     folder = default_cache_dir(ham, cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     key = cache_key(ham.fingerprint, size, CACHE_VERSION)
-    array_path, meta_path = folder / f"images-{key}.npy", folder / f"images-{key}.json"
     ids = list(ham.metadata["image_id"])
     shape = (len(ids), size[0], size[1], 3)
-    if not _valid(array_path, meta_path, ids, shape):
-        _build(ham.metadata["path"].tolist(), size, array_path, shape, threads)
-        with atomic_write(meta_path) as fh:
-            json.dump(
-                {"version": CACHE_VERSION, "size": list(size), "fingerprint": ham.fingerprint, "image_ids": ids}, fh
-            )
-    return np.load(array_path, mmap_mode="r")
+    paths = ham.metadata["path"].tolist()
+    return cached_array(
+        folder / f"images-{key}.npy",
+        {"version": CACHE_VERSION, "size": list(size), "fingerprint": ham.fingerprint, "image_ids": ids},
+        lambda arr, meta: meta.get("image_ids") == ids and arr.shape == shape and meta.get("version") == CACHE_VERSION,
+        lambda tmp: write_npy(tmp, shape, np.uint8, lambda out: _decode_into(out, paths, size, threads)),
+    )
 
 
-def _build(paths: list[str], size: tuple[int, int], array_path: Path, shape: tuple[int, ...], threads: int) -> None:
-    """Decode all images into a temp .npy beside ``array_path`` and rename it into place."""
-    tmp = temp_name(array_path)
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-    try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            for i, arr in enumerate(pool.map(lambda p: decode_resized(p, size), paths)):
-                out[i] = arr
-        out.flush()
-        del out
-        os.replace(tmp, array_path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+def _decode_into(out: np.ndarray, paths: list[str], size: tuple[int, int], threads: int) -> None:
+    """Decode and resize every image into ``out`` (N, H, W, 3), a few at a time in threads."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for i, arr in enumerate(pool.map(lambda p: decode_resized(p, size), paths)):
+            out[i] = arr

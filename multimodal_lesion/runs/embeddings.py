@@ -6,7 +6,6 @@ go through :func:`embed_images` (the same flip averaging, the same pooling).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.cache import cache_key
+from ..data.cache import cache_key, cached_array, write_npy
 from ..data.datasets import Normalize
 from ..errors import ConfigError
-from ..io import atomic_write
 from ..models import FLIPS, ImageBranch, flipped_views
 from ..models.inference import BranchPass, Compiled, compile_pass
 
@@ -81,8 +79,9 @@ def compute_embeddings(
     show: bool = True,
     backend: str = "torch",
     precision: str = "float32",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Embeddings (N, F) float32 of a uint8 image array (N, H, W, 3).
+    """Embeddings (N, F) float32 of a uint8 image array (N, H, W, 3), written into ``out`` when given.
 
     ``batch_size`` images per call (x4 views with ``flip_average``); ``backend`` / ``precision`` as in
     :func:`~multimodal_lesion.models.inference.compile_pass`.
@@ -90,7 +89,7 @@ def compute_embeddings(
     device = device or torch.device("cpu")
     example = normalize(torch.from_numpy(np.array(images[:1])).permute(0, 3, 1, 2))
     compiled = compiled_branch_pass(branch, "embed", example, device, backend, precision)
-    out = np.empty((len(images), branch.num_features), dtype=np.float32)
+    out = np.empty((len(images), branch.num_features), dtype=np.float32) if out is None else out
     return run_views(
         compiled,
         images,
@@ -139,38 +138,34 @@ def cached_embeddings(
     called only on a cache miss (decoding the image cache is then needed, not before).
     """
     key = cache_key(fingerprint, sorted(identity.items()), flip_average, EMBED_VERSION)
-    path, meta_path = folder / f"embeddings-{key}.npy", folder / f"embeddings-{key}.json"
-    if path.is_file() and meta_path.is_file():
-        try:
-            arr = np.load(path)
-            if arr.shape == (n, branch.num_features) and np.isfinite(arr).all():
-                return arr
-        except (ValueError, OSError, EOFError):
-            pass  # damaged: computed again below and replaced atomically
-    arr = compute_embeddings(
-        branch,
-        images(),
-        normalize,
-        flip_average=flip_average,
-        batch_size=batch_size,
-        device=device,
-        show=show,
-        backend=backend,
-        precision=precision,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "wb") as fh:
-        np.save(fh, arr)
-    with atomic_write(meta_path) as fh:
-        json.dump(
-            {
-                "fingerprint": fingerprint,
-                "identity": identity,
-                "flip_average": flip_average,
-                "backend": backend,
-                "shape": list(arr.shape),
-                "pid": os.getpid(),
-            },
-            fh,
+    shape = (n, branch.num_features)
+    description = {
+        "fingerprint": fingerprint,
+        "identity": identity,
+        "flip_average": flip_average,
+        "backend": backend,
+        "shape": list(shape),
+        "pid": os.getpid(),
+    }
+
+    def fill(out: np.ndarray) -> None:
+        compute_embeddings(
+            branch,
+            images(),
+            normalize,
+            flip_average=flip_average,
+            batch_size=batch_size,
+            device=device,
+            show=show,
+            backend=backend,
+            precision=precision,
+            out=out,
         )
-    return arr
+
+    return cached_array(
+        folder / f"embeddings-{key}.npy",
+        description,
+        lambda arr, _: arr.shape == shape and bool(np.isfinite(arr).all()),
+        lambda tmp: write_npy(tmp, shape, np.float32, fill),
+        mmap=False,
+    )

@@ -8,7 +8,6 @@ written into a temporary file and renamed into place, so a crash leaves nothing 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.cache import cache_key
+from ..data.cache import cache_key, cached_array, write_npy
 from ..data.datasets import Normalize
-from ..io import atomic_write, temp_name
 from ..models import FLIPS, ImageBranch
 from .embeddings import compiled_branch_pass, run_views
 
@@ -31,16 +29,6 @@ def maps_shape(branch: ImageBranch, n: int, size: tuple[int, int]) -> tuple[int,
     with torch.no_grad():
         probe = branch.eval().forward_maps(torch.zeros(1, 3, *size))
     return (n, len(FLIPS), *probe.shape[1:])
-
-
-def _valid(path: Path, meta_path: Path, shape: tuple[int, ...]) -> bool:
-    if not (path.is_file() and meta_path.is_file()):
-        return False
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError):
-        return False
-    return tuple(arr.shape) == shape and arr.dtype == MAPS_DTYPE
 
 
 def cached_feature_maps(
@@ -64,63 +52,40 @@ def cached_feature_maps(
     """
     shape = maps_shape(branch, n, size)
     key = cache_key(fingerprint, sorted(identity.items()), f"blocks.{branch.maps_block}", MAPS_VERSION)
-    path, meta_path = folder / f"maps-{key}.npy", folder / f"maps-{key}.json"
-    if not _valid(path, meta_path, shape):
-        _build(branch, images(), normalize, path, shape, batch_size, device or torch.device("cpu"), backend, show)
-        with atomic_write(meta_path) as fh:
-            json.dump(
-                {
-                    "fingerprint": fingerprint,
-                    "identity": identity,
-                    "block": branch.maps_block,
-                    "shape": list(shape),
-                    "dtype": np.dtype(MAPS_DTYPE).name,
-                    "backend": backend,
-                    "pid": os.getpid(),
-                },
-                fh,
-            )
-    return np.load(path, mmap_mode="r")
+    description = {
+        "fingerprint": fingerprint,
+        "identity": identity,
+        "block": branch.maps_block,
+        "shape": list(shape),
+        "dtype": np.dtype(MAPS_DTYPE).name,
+        "backend": backend,
+        "pid": os.getpid(),
+    }
 
-
-def _build(
-    branch: ImageBranch,
-    images: np.ndarray,
-    normalize: Normalize,
-    path: Path,
-    shape: tuple[int, ...],
-    batch_size: int,
-    device: torch.device,
-    backend: str,
-    show: bool,
-) -> None:
-    """Compute the maps into a temporary .npy beside ``path`` and rename it into place."""
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    example = normalize(torch.from_numpy(np.array(images[:1])).permute(0, 3, 1, 2))
-    compiled = compiled_branch_pass(branch, "forward_maps", example, device, backend, "float32")
-    tmp = temp_name(path)
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=MAPS_DTYPE, shape=shape)
-    try:
+    def fill(out: np.ndarray) -> None:
+        pixels = images()
+        example = normalize(torch.from_numpy(np.array(pixels[:1])).permute(0, 3, 1, 2))
+        cpu = device or torch.device("cpu")
+        compiled = compiled_branch_pass(branch, "forward_maps", example, cpu, backend, "float32")
         run_views(
             compiled,
-            images,
+            pixels,
             normalize,
             out,
             flips=True,
             reduce="stack",
             batch_size=batch_size,
-            device=device,
+            device=cpu,
             desc="feature maps",
             show=show,
         )
-        out.flush()
-        del out
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+
+    return cached_array(
+        folder / f"maps-{key}.npy",
+        description,
+        lambda arr, _: tuple(arr.shape) == shape and arr.dtype == MAPS_DTYPE,
+        lambda tmp: write_npy(tmp, shape, MAPS_DTYPE, fill),
+    )
 
 
 __all__ = ["MAPS_DTYPE", "MAPS_VERSION", "cached_feature_maps", "maps_shape"]
