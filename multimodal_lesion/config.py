@@ -152,6 +152,9 @@ class TrainConfig:
     embed_precision: EmbedPrecision = "float32"  # bfloat16: autocast in the torch embedding pass (a separate cache)
     embed_batch: PositiveInt = 8  # images per call of the embedding / maps pass (x4 views with flips)
     map_crop: Count = 1  # partial: training crops of the cached maps this many cells smaller per axis (0 = none)
+    # partial: extra cached views per image drawn under train.augment's rotations, scaling and colour jitter
+    # (training picks one of the flips or of these each epoch; evaluation uses the flips); 0 = flips only
+    map_views: Count = 0
     tta: bool = False  # evaluate with flip test-time augmentation
     device: Device = "auto"  # auto | cpu | cuda (refused where no GPU is found)
     amp: bool = False  # mixed precision training step: float16 on a GPU, bfloat16 autocast on the CPU (AVX512-BF16)
@@ -267,6 +270,14 @@ RULES = (
         lambda c: (
             f"train.embed_precision={c.train.embed_precision!r} is only available with train.embed_backend='torch', "
             f"got {c.train.embed_backend!r}"
+        ),
+    ),
+    Rule(
+        ("train.map_views", "train.augment"),
+        lambda c: c.train.map_views == 0 or c.train.augment == "strong",
+        lambda c: (
+            f"train.map_views={c.train.map_views} draws views under train.augment's rotations and colour jitter: "
+            f"set train.augment='strong' (got {c.train.augment!r})"
         ),
     ),
     Rule(

@@ -141,3 +141,41 @@ def test_partial_is_an_ablation_mode_with_one_maps_cache(tmp_path: Path, monkeyp
     assert sorted(results["model"].unique()) == ["concat", "image_only"] and len(results) == 6
     assert results["balanced_accuracy"].between(0, 1).all()
     assert len(list((tmp_path / "cache").rglob("maps-*.npy"))) == 1  # built once, before the cells
+
+
+def test_augmented_map_views_extend_the_flips_reproducibly_and_only_train_on_them(
+    tmp_path: Path, tiny_ham_factory: Callable[..., Path], single_thread
+) -> None:
+    from multimodal_lesion.data.ham10000 import read_ham10000
+    from multimodal_lesion.data.splits import split_lesions
+
+    root = tiny_ham_factory(tmp_path / "ham", n_lesions=12)
+    ham = read_ham10000(root)
+    splits = split_lesions(ham.metadata, test_size=0.25, val_size=0.25)
+    settings = [*PARTIAL, f'data.root="{root}"', 'data.cache_dir="' + str(tmp_path / "cache") + '"']
+    flips_only = prepare_inputs(load_config(None, settings), ham, splits)
+    augmented_cfg = load_config(None, [*settings, "train.map_views=2", 'train.augment="strong"'])
+    augmented = prepare_inputs(augmented_cfg, ham, splits)
+    plain, views = flips_only.feature_maps(show=False), augmented.feature_maps(show=False)
+    assert views.shape == (plain.shape[0], 6, *plain.shape[2:])
+    np.testing.assert_array_equal(views[:, :4], plain)  # the flips are the same maps, a separate cache entry
+    assert len(list((tmp_path / "cache").glob("maps-*.npy"))) == 2
+    for k in (4, 5):  # an augmented view is none of the flips of its image
+        assert not any(np.allclose(views[:, k], plain[:, v], atol=1e-2) for v in range(4))
+    assert not np.allclose(views[:, 4], views[:, 5], atol=1e-2)
+    rebuilt = tmp_path / "rebuilt"  # drawn again from scratch: the same views (seeded by image rows and view)
+    again = prepare_inputs(replace_cache(augmented_cfg, rebuilt), ham, splits).feature_maps(show=False)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(views))
+    train = augmented.batches("train", train=True, show=False)
+    shapes = {tuple(b["maps"].shape[1:]) for b in train}
+    assert shapes == {(plain.shape[2], plain.shape[3] - 1, plain.shape[4] - 1)}  # one view per image, cropped
+    test = augmented.batches("test", train=False, show=False)
+    assert all(b["maps"].shape[1] == plain.shape[2] for b in test)  # evaluation: the unflipped view only
+    with pytest.raises(ConfigError, match=r"train\.map_views"):
+        load_config(None, [*settings, "train.map_views=2"])  # the light preset has no views to draw
+
+
+def replace_cache(cfg, folder: Path):
+    from multimodal_lesion.config import replace
+
+    return replace(cfg, data={"cache_dir": str(folder)})

@@ -128,10 +128,10 @@ class MetaDropout:
 class MapBatches:
     """Dict batches of cached backbone maps (N, views, C, h, w) for partial fine-tuning.
 
-    Training batches take one random flipped view per image and one random crop ``crop`` cells smaller
-    per axis (at most the map's side minus one) for the whole batch: what can be augmented on maps
-    (rotations, scaling and colour jitter cannot). Evaluation batches take the unflipped view, or all
-    views (``all_views``: the model averages its logits over them, as flip TTA does on images).
+    Training batches take one random cached view per image (a flip, or one of the augmented views cached
+    after them) and one random crop ``crop`` cells smaller per axis (at most the map's side minus one)
+    for the whole batch. Evaluation batches take the unflipped view, or the first ``eval_views`` (the
+    flips; ``all_views``: the model averages its logits over them, as flip TTA does on images).
     Draws are a pure function of (seed, epoch).
 
     Args:
@@ -154,12 +154,13 @@ class MapBatches:
         train: bool,
         crop: int = 0,
         all_views: bool = False,
+        eval_views: int = 4,
         seed: int = 0,
     ) -> None:
         self.maps, self.rows, self.tensors, self.image_ids = maps, np.asarray(rows), tensors, image_ids
         self.batch_size, self.sampler, self.train = batch_size, sampler, train
         self.crop = max(0, min(crop, maps.shape[-2] - 1, maps.shape[-1] - 1))  # a crop keeps at least one cell
-        self.all_views, self.seed, self.epoch = all_views, seed, 0
+        self.all_views, self.eval_views, self.seed, self.epoch = all_views, eval_views, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -171,7 +172,9 @@ class MapBatches:
     def _maps(self, idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         rows = self.rows[idx]
         if not self.train:
-            return torch.from_numpy(np.array(self.maps[rows] if self.all_views else self.maps[rows, 0]))
+            return torch.from_numpy(
+                np.array(self.maps[rows, : self.eval_views] if self.all_views else self.maps[rows, 0])
+            )
         views = rng.integers(0, self.maps.shape[1], size=len(rows))
         x = np.array(self.maps[rows, views])
         if self.crop > 0:

@@ -1,4 +1,5 @@
-"""The partial path's cache: the backbone's stride-16 maps of every image and its 4 flips, in float16.
+"""The partial path's cache: the backbone's maps of every image and its 4 flips (and, with
+``train.map_views``, of augmented copies), in float16.
 
 Computed once by the frozen stem and first blocks (any :mod:`~multimodal_lesion.models.inference`
 backend), then partial fine-tuning trains the remaining stages and the heads on them each epoch.
@@ -8,27 +9,47 @@ written into a temporary file and renamed into place, so a crash leaves nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..data.cache import cache_key, cached_array, write_npy
-from ..data.datasets import Normalize
+from ..data.datasets import BATCH_AUGMENTATIONS, Normalize
 from ..models import FLIPS, ImageBranch
+from ..models.inference import Compiled
 from .embeddings import compiled_branch_pass, run_views
 
 MAPS_VERSION = 1
 MAPS_DTYPE = np.float16  # half the disk of float32; the maps' values (|x| < 20) keep ~3 significant digits
 
 
-def maps_shape(branch: ImageBranch, n: int, size: tuple[int, int]) -> tuple[int, ...]:
-    """(N, views, C, h, w) of the cached maps of ``n`` images of ``size`` = (H, W)."""
+def maps_shape(branch: ImageBranch, n: int, size: tuple[int, int], augmented: int = 0) -> tuple[int, ...]:
+    """(N, views, C, h, w) of the cached maps of ``n`` images of ``size`` = (H, W): 4 flips + ``augmented``."""
     with torch.no_grad():
         probe = branch.eval().forward_maps(torch.zeros(1, 3, *size))
-    return (n, len(FLIPS), *probe.shape[1:])
+    return (n, len(FLIPS) + augmented, *probe.shape[1:])
+
+
+@dataclass(frozen=True)
+class AugmentedViews:
+    """Extra cached views of every image drawn by a batch augmentation (``train.map_views``).
+
+    View ``k`` of the images in rows ``[start, start + B)`` is drawn with a generator seeded by
+    ``(seed, start, k)``: the cache is reproducible, and its key names the preset, the count and the seed.
+    """
+
+    count: int
+    preset: str
+    seed: int
+
+    def key(self) -> tuple[object, ...]:
+        return ("augmented", self.count, self.preset, self.seed)
 
 
 def cached_feature_maps(
@@ -45,13 +66,17 @@ def cached_feature_maps(
     device: torch.device | None = None,
     backend: str = "torch",
     show: bool = True,
+    augmented: AugmentedViews | None = None,
 ) -> np.ndarray:
-    """The maps (N, 4, C, h, w) float16 of every image, memory-mapped: loaded from ``folder`` or computed.
+    """The maps (N, 4 [+ augmented], C, h, w) float16 of every image, memory-mapped: loaded or computed.
 
+    Views 0-3 are the flips (:data:`~multimodal_lesion.models.FLIPS`), then the ``augmented`` ones.
     ``images`` is called only on a cache miss. ``identity`` names the backbone, weights and size.
     """
-    shape = maps_shape(branch, n, size)
-    key = cache_key(fingerprint, sorted(identity.items()), f"blocks.{branch.maps_block}", MAPS_VERSION)
+    extra = augmented.count if augmented is not None else 0
+    shape = maps_shape(branch, n, size, extra)
+    parts: list[object] = [fingerprint, sorted(identity.items()), f"blocks.{branch.maps_block}", MAPS_VERSION]
+    key = cache_key(*parts, *(augmented.key() if extra and augmented is not None else ()))
     description = {
         "fingerprint": fingerprint,
         "identity": identity,
@@ -59,26 +84,22 @@ def cached_feature_maps(
         "shape": list(shape),
         "dtype": np.dtype(MAPS_DTYPE).name,
         "backend": backend,
+        "augmented": dataclasses.asdict(augmented) if extra and augmented is not None else None,
         "pid": os.getpid(),
     }
 
     def fill(out: np.ndarray) -> None:
         pixels = images()
-        example = normalize(torch.from_numpy(np.array(pixels[:1])).permute(0, 3, 1, 2))
         cpu = device or torch.device("cpu")
+        example = normalize(torch.from_numpy(np.array(pixels[:1])).permute(0, 3, 1, 2))
         compiled = compiled_branch_pass(branch, "forward_maps", example, cpu, backend, "float32")
+        flips = out[:, : len(FLIPS)]
         run_views(
-            compiled,
-            pixels,
-            normalize,
-            out,
-            flips=True,
-            reduce="stack",
-            batch_size=batch_size,
-            device=cpu,
-            desc="feature maps",
-            show=show,
-        )
+            compiled, pixels, normalize, flips, flips=True, reduce="stack", batch_size=batch_size, device=cpu,
+            desc="feature maps", show=show,
+        )  # fmt: skip
+        if extra and augmented is not None:
+            _augmented_views(compiled, pixels, normalize, out, augmented, batch_size, cpu, show)
 
     return cached_array(
         folder / f"maps-{key}.npy",
@@ -88,4 +109,29 @@ def cached_feature_maps(
     )
 
 
-__all__ = ["MAPS_DTYPE", "MAPS_VERSION", "cached_feature_maps", "maps_shape"]
+def _augmented_views(
+    compiled: Compiled,
+    images: np.ndarray,
+    normalize: Normalize,
+    out: np.ndarray,
+    views: AugmentedViews,
+    batch_size: int,
+    device: torch.device,
+    show: bool,
+) -> None:
+    """Write views 4.. of ``out``: each batch's ``views.count`` augmented copies through ``compiled`` in one call."""
+    augment = BATCH_AUGMENTATIONS[views.preset]()
+    if augment is None:
+        raise ValueError(f"augmentation preset {views.preset!r} draws nothing")
+    first = len(FLIPS)
+    for start in tqdm(range(0, len(images), batch_size), desc="augmented maps", disable=not show, unit="batch"):
+        chunk = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
+        copies = [
+            augment(chunk, torch.Generator().manual_seed(views.seed * 1_000_003 + start * 101 + k), normalize)
+            for k in range(views.count)
+        ]
+        y = compiled(torch.cat(copies).to(device)).cpu().unflatten(0, (views.count, len(chunk))).transpose(0, 1)
+        out[start : start + len(chunk), first : first + views.count] = y.numpy().astype(out.dtype, copy=False)
+
+
+__all__ = ["MAPS_DTYPE", "MAPS_VERSION", "AugmentedViews", "cached_feature_maps", "maps_shape"]

@@ -30,9 +30,9 @@ from ..data.schema_file import resolve_schema
 from ..data.splits import split_lesions, split_rule
 from ..data.synthetic import make_synthetic
 from ..errors import ConfigError, Note, note
-from ..models import LesionModel, create_model, embed_images
+from ..models import FLIPS, LesionModel, create_model, embed_images
 from .embeddings import cached_embeddings, embedding_identity
-from .feature_maps import cached_feature_maps
+from .feature_maps import AugmentedViews, cached_feature_maps
 
 
 def resolve_device(name: str) -> torch.device:
@@ -200,6 +200,7 @@ class RunInputs:
                 device=self.device,
                 backend=t.embed_backend,
                 show=show,
+                augmented=AugmentedViews(t.map_views, t.augment, t.seed) if t.map_views else None,
             )
         return self.cached_maps
 
@@ -291,6 +292,7 @@ class RunInputs:
             train=train,
             crop=t.map_crop,
             all_views=t.tta and not train,
+            eval_views=len(FLIPS),
             seed=t.seed,
         )
 
