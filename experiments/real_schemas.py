@@ -46,12 +46,12 @@ def pairs_split(meta: pd.DataFrame, split: pd.Series, pairs: list[tuple[str, str
 def duplicates(args: argparse.Namespace) -> None:
     """Pairs separated by today's splits, and none once the pairs file groups them."""
     pairs_file = args.data / "ham10000_duplicates" / "newly_discovered_duplicates.csv"
-    ham = args.data / "ham10000"
+    dataset = args.data / "ham10000"
     raw = pd.read_csv(pairs_file)
     pairs = [(a.removesuffix(".jpg"), b.removesuffix(".jpg")) for a, b in zip(raw.from_img, raw.to_img, strict=True)]
-    plain = read_dataset(ham, preset("ham10000")).metadata
+    plain = read_dataset(dataset, preset("ham10000")).metadata
     schema = dataclasses.replace(preset("ham10000"), duplicates=str(pairs_file))
-    merged = read_dataset(ham, schema).metadata
+    merged = read_dataset(dataset, schema).metadata
     print(
         f"pairs: {len(pairs)}; lesions without / with the pairs file: "
         f"{plain.lesion_id.nunique():,} / {merged.lesion_id.nunique():,}"

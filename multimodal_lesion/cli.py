@@ -192,8 +192,8 @@ def _eda(args: argparse.Namespace) -> int:
     with output_folder(args.out):
         from .report.eda import run_eda
 
-        ham = _read_data(args)
-        summary = run_eda(ham.metadata, args.out, ham.schema)
+        dataset = _read_data(args)
+        summary = run_eda(dataset.metadata, args.out, dataset.schema)
     print(json.dumps({k: summary[k] for k in ("n_images", "n_lesions", "class_counts")}))
     print(f"wrote {args.out}")
     return 0
@@ -221,19 +221,19 @@ def _split(args: argparse.Namespace) -> int:
     with output_file(args.out, option="--out", inputs=[Path(args.data) / name for name in schema.metadata]):
         from .data.splits import split_lesions, split_rule
 
-        ham = _read_data(args)
+        dataset = _read_data(args)
         splits = split_lesions(
-            ham.metadata,
+            dataset.metadata,
             test_size=args.test_size,
             val_size=args.val_size,
             folds=args.folds,
             seed=args.seed,
-            group_label=split_rule(ham.schema),
+            group_label=split_rule(dataset.schema),
         )
         with atomic_write(args.out) as fh:
             splits.to_csv(fh, index=False)
     counts = splits.groupby("split")["lesion_id"].nunique().to_dict()
-    print(f"wrote {args.out}: " + ", ".join(f"{k} {v} {ham.schema.group_noun}" for k, v in sorted(counts.items())))
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v} {dataset.schema.group_noun}" for k, v in sorted(counts.items())))
     return 0
 
 

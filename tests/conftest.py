@@ -95,7 +95,7 @@ def single_thread():
 @pytest.fixture
 def tiny_ham(tmp_path: Path) -> Path:
     """A fresh tiny dataset per test (tests may corrupt it)."""
-    return write_tiny_ham(tmp_path / "ham")
+    return write_tiny_ham(tmp_path / "dataset")
 
 
 @pytest.fixture(scope="session")
@@ -231,7 +231,7 @@ def temp_files() -> Callable[[Path], list[str]]:
 @pytest.fixture(scope="session")
 def cli_ham(tiny_ham_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny dataset shared by the session's CLI runs; tests must not change it."""
-    return tiny_ham_factory(tmp_path_factory.mktemp("cli-data") / "ham")
+    return tiny_ham_factory(tmp_path_factory.mktemp("cli-data") / "dataset")
 
 
 #: End-to-end fine-tuning of a ~0.4M-parameter timm test network on 48x64 images: each epoch is

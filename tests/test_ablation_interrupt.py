@@ -149,7 +149,7 @@ def test_forked_ablation_workers_survive_a_parent_that_used_openmp(
 ) -> None:
     """A notebook that fitted a scikit-learn model before ablating used to hang forever: the forked
     workers inherited the parent's OpenMP pool and the gradient-boosting floor deadlocked on it."""
-    root = tiny_ham_factory(tmp_path / "ham", n_lesions=30)
+    root = tiny_ham_factory(tmp_path / "dataset", n_lesions=30)
     proc = subprocess.run(
         [sys.executable, "-c", FORKED_GBM_AFTER_PARENT_OPENMP, str(root), str(tmp_path / "abl")],
         env=cli.env,

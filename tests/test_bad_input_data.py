@@ -136,7 +136,7 @@ HURRIED_NOTES = [
 def hurried_ham(tiny_ham_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny dataset with the newer release's 'dataset' column, a sex 'robot', an id written with
     '.jpg', a listed image missing, an unlisted image and a link loop among the images."""
-    root = tiny_ham_factory(tmp_path_factory.mktemp("hurried") / "ham")
+    root = tiny_ham_factory(tmp_path_factory.mktemp("hurried") / "dataset")
     df = read_csv(root)
     image_path(root, df.image_id[9]).unlink()  # ISIC_0024315: dropped with data.drop_missing
     df.loc[2, "sex"] = "robot"
@@ -218,7 +218,7 @@ def test_category_unseen_in_training_is_a_note(
 ) -> None:
     """The encoder's 'not seen in fit' is the package's note, on evaluate and on predict alike."""
     run = hurried_run[0]
-    data = shutil.copytree(hurried_ham, tmp_path / "ham", symlinks=True)
+    data = shutil.copytree(hurried_ham, tmp_path / "dataset", symlinks=True)
     splits = pd.read_csv(run / "splits.csv", dtype=str)
     test_id = splits.loc[splits.split == "test", "image_id"].iloc[0]
     df = read_csv(data)
@@ -639,10 +639,10 @@ def test_training_refuses_a_tiny_image_in_the_dataset(cli, tiny_ham: Path, tmp_p
 def test_masks_that_are_not_binary_are_noted_and_0_1_masks_read_as_binary(
     cli, hurried_run: tuple[Path, subprocess.CompletedProcess], hurried_ham: Path, tmp_path: Path
 ) -> None:
-    from multimodal_lesion.data.ham10000 import load_mask
+    from multimodal_lesion.data.images import load_mask
 
     run = hurried_run[0]
-    data = shutil.copytree(hurried_ham, tmp_path / "ham", symlinks=True)
+    data = shutil.copytree(hurried_ham, tmp_path / "dataset", symlinks=True)
     splits = pd.read_csv(run / "splits.csv", dtype=str)
     soft_id, binary_id = splits.loc[splits.split == "test", "image_id"].iloc[:2]
     soft, binary = (data / MASK_DIR / f"{i}{MASK_SUFFIX}" for i in (soft_id, binary_id))

@@ -93,15 +93,15 @@ def places(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-def _command_args(command: str, out: Path, run: Path, ham: Path) -> list[object]:
+def _command_args(command: str, out: Path, run: Path, dataset: Path) -> list[object]:
     return {
         "synth": ["synth", "--out", out, "--n", 60],
-        "eda": ["eda", "--data", ham, "--out", out],
-        "split": ["split", "--data", ham, "--out", out],
-        "train": ["train", "--data", ham, "--out", out, *TINY],
+        "eda": ["eda", "--data", dataset, "--out", out],
+        "split": ["split", "--data", dataset, "--out", out],
+        "train": ["train", "--data", dataset, "--out", out, *TINY],
         "explain": ["explain", "--run", run, "--out", out, "--n", 1],
-        "ablate": ["ablate", "--data", ham, "--out", out, *TINY_ABLATION],
-        "demo": ["demo", "--data", ham, "--out", out],
+        "ablate": ["ablate", "--data", dataset, "--out", out, *TINY_ABLATION],
+        "demo": ["demo", "--data", dataset, "--out", out],
         "bench": ["bench", "--tiny", "--json", out],
     }[command]
 
@@ -396,12 +396,12 @@ READERS = [
 ]
 
 
-def _use_run(command: str, run: Path, ham: Path, image: Path, out: Path) -> list[object]:
+def _use_run(command: str, run: Path, dataset: Path, image: Path, out: Path) -> list[object]:
     return {
         "evaluate": ["evaluate", "--run", run],
         "predict": ["predict", "--run", run, "--image", image],
         "explain": ["explain", "--run", run, "--out", out, "--n", 1],
-        "resume": ["train", "--data", ham, "--out", run, *TINY, "--resume"],
+        "resume": ["train", "--data", dataset, "--out", run, *TINY, "--resume"],
     }[command]
 
 

@@ -253,7 +253,7 @@ def write_odd_image(path_without_suffix: Path, mode: str, seed: int = 0) -> Path
 @pytest.fixture(scope="module")
 def odd_ham(tmp_path_factory: pytest.TempPathFactory, tiny_ham_factory: Callable[..., Path]) -> Path:
     """The tiny dataset with five images replaced by grey / RGBA / CMYK / 16-bit / palette files."""
-    root = tiny_ham_factory(tmp_path_factory.mktemp("odd") / "ham")
+    root = tiny_ham_factory(tmp_path_factory.mktemp("odd") / "dataset")
     ids = read_csv(root).image_id
     for k, mode in enumerate(ODD_MODES):
         old = image_path(root, ids[k])
@@ -288,7 +288,7 @@ def test_odd_image_modes_are_converted_in_training(concat_run: Path) -> None:
 @pytest.mark.parametrize("mode", ODD_MODES)
 def test_odd_image_mode_is_converted(tmp_path: Path, mode: str) -> None:
     """What the training run above decoded: 8-bit RGB with the right pixels (in-process, per mode)."""
-    from multimodal_lesion.data.ham10000 import load_rgb
+    from multimodal_lesion.data.images import load_rgb
 
     path = write_odd_image(tmp_path / "case", mode, seed=3)
     rgb = np.asarray(load_rgb(path))
@@ -364,7 +364,8 @@ def test_truncated_jpeg_in_dataset_train(cli, tiny_ham: Path, tmp_path: Path) ->
 
 def test_mask_of_wrong_size_is_refused_by_load_mask(tiny_ham: Path) -> None:
     """No CLI command reads masks yet except ``explain``; the reader's contract is checked directly."""
-    from multimodal_lesion.data.ham10000 import load_mask, read_ham10000
+    from multimodal_lesion.data.ham10000 import read_ham10000
+    from multimodal_lesion.data.images import load_mask
     from multimodal_lesion.errors import DataError
 
     row = read_ham10000(tiny_ham).metadata.iloc[0]
@@ -376,7 +377,7 @@ def test_mask_of_wrong_size_is_refused_by_load_mask(tiny_ham: Path) -> None:
 @pytest.mark.slow
 def test_mask_of_wrong_size_explain(cli, concat_run: Path, odd_ham: Path, tmp_path: Path) -> None:
     pytest.importorskip("multimodal_lesion.explain.pipeline", reason="explain pipeline not written yet")
-    data = shutil.copytree(odd_ham, tmp_path / "ham")
+    data = shutil.copytree(odd_ham, tmp_path / "dataset")
     splits = pd.read_csv(concat_run / "splits.csv", dtype=str)
     image_id = splits.loc[splits.split == "test", "image_id"].iloc[0]
     mask = data / MASK_DIR / f"{image_id}{MASK_SUFFIX}"

@@ -48,7 +48,7 @@ def test_the_cam_explains_the_displayed_probability(frozen_run: Path, cli_ham: P
         shown = case.probabilities[case.target_class]
         assert case.explained_probability == pytest.approx(shown, abs=1e-5), case.image_id
     first = cohort.cases[0]
-    row = int(np.flatnonzero(run.inputs.ham.metadata["image_id"].to_numpy() == first.image_id)[0])
+    row = int(np.flatnonzero(run.inputs.dataset.metadata["image_id"].to_numpy() == first.image_id)[0])
     image = run.inputs.normalized_images(np.array([row]))[0]
     meta = torch.from_numpy(run.inputs.meta[[row]])
     predict = shown_view(run.inputs.model, True, run.temperature, meta)

@@ -38,7 +38,7 @@ def run(
 ) -> tuple[Path, Path]:
     """(a finished tiny frozen concat run, its data root)."""
     os.environ["MMLESION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    root = tiny_ham_factory(tmp_path_factory.mktemp("data") / "ham", n_lesions=42)
+    root = tiny_ham_factory(tmp_path_factory.mktemp("data") / "dataset", n_lesions=42)
     out = tmp_path_factory.mktemp("runs") / "concat"
     train_run(load_config(None, [*tiny_run_settings, f'data.root="{root}"']), out, show=False)
     return out, root
@@ -132,14 +132,14 @@ def test_the_run_s_own_data_is_still_evaluated_on_its_split(cli, run: tuple[Path
 
 def test_classes_are_mapped_and_unknown_ones_left_out_with_a_note() -> None:
     table = pd.DataFrame({"dx": ["mel", "ak", "scc", "nv", "scc"], "lesion_id": list("abcde")})
-    ham, isic2019 = preset("ham10000"), preset("isic2019")
+    dataset, isic2019 = preset("ham10000"), preset("isic2019")
     with pytest.warns(Warning) as caught:
-        rows, y, record = scored_targets(table, isic2019, ham, False, "isic2019/")
+        rows, y, record = scored_targets(table, isic2019, dataset, False, "isic2019/")
     assert rows.dx.tolist() == ["mel", "ak", "nv"]
-    assert [ham.classes[k] for k in y] == ["mel", "akiec", "nv"]
+    assert [dataset.classes[k] for k in y] == ["mel", "akiec", "nv"]
     assert record["left_out"] == {"scc": 2}
     assert any("scc (2 images)" in str(w.message) for w in caught)
-    rows, y, _ = scored_targets(table, isic2019, ham, True, "isic2019/")  # key vs rest keeps every image
+    rows, y, _ = scored_targets(table, isic2019, dataset, True, "isic2019/")  # key vs rest keeps every image
     assert len(rows) == 5 and y.tolist() == [1, 0, 0, 0, 0]
 
 

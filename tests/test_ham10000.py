@@ -16,7 +16,9 @@ import pytest
 from PIL import Image
 
 from multimodal_lesion.data.constants import CLASSES, MASK_DIR, MASK_SUFFIX, METADATA_COLUMNS, METADATA_FILE
-from multimodal_lesion.data.ham10000 import Ham10000, load_mask, load_rgb, read_ham10000
+from multimodal_lesion.data.dataset import LesionDataset
+from multimodal_lesion.data.ham10000 import read_ham10000
+from multimodal_lesion.data.images import load_mask, load_rgb
 from multimodal_lesion.errors import DataError
 
 
@@ -45,9 +47,9 @@ def _error(root: Path, **kwargs: object) -> str:
 
 
 def test_reads_official_layout(tiny_ham: Path) -> None:
-    ham = read_ham10000(tiny_ham)
-    meta = ham.metadata
-    assert isinstance(ham, Ham10000) and ham.root == tiny_ham.resolve() and ham.notes == []
+    dataset = read_ham10000(tiny_ham)
+    meta = dataset.metadata
+    assert isinstance(dataset, LesionDataset) and dataset.root == tiny_ham.resolve() and dataset.notes == []
     assert list(meta.columns) == [*METADATA_COLUMNS, "path", "mask_path"]
     assert isinstance(meta.index, pd.RangeIndex) and len(meta) == len(_csv(tiny_ham))
     assert list(meta.image_id) == list(_csv(tiny_ham).image_id)  # CSV order kept
@@ -81,14 +83,14 @@ def test_missing_values_are_kept(tiny_ham: Path) -> None:
 
 
 def test_fingerprint_tracks_csv_and_files(tiny_ham: Path) -> None:
-    ham = read_ham10000(tiny_ham)
-    first = ham.fingerprint
-    assert first == ham.fingerprint == read_ham10000(tiny_ham).fingerprint
+    dataset = read_ham10000(tiny_ham)
+    first = dataset.fingerprint
+    assert first == dataset.fingerprint == read_ham10000(tiny_ham).fingerprint
     assert len(first) == 64 and int(first, 16) >= 0
-    with open(ham.metadata.path[3], "ab") as fh:  # an image changes on disk
+    with open(dataset.metadata.path[3], "ab") as fh:  # an image changes on disk
         fh.write(b"\0")
-    assert ham.fingerprint != first
-    second = ham.fingerprint
+    assert dataset.fingerprint != first
+    second = dataset.fingerprint
     df = _csv(tiny_ham)
     df.loc[0, "age"] = "33.0"
     _write(tiny_ham, df)
@@ -202,10 +204,10 @@ def test_unknown_sex_and_localization_become_unknown_and_are_reported(tiny_ham: 
     df.loc[3, "sex"] = "other"
     df.loc[4, "localization"] = "<script>"
     _write(tiny_ham, df)
-    ham = read_ham10000(tiny_ham)
-    assert ham.metadata.sex[3] == "unknown" and ham.metadata.localization[4] == "unknown"
-    sex_note = next(n for n in ham.notes if "'sex'" in n)
-    loc_note = next(n for n in ham.notes if "'localization'" in n)
+    dataset = read_ham10000(tiny_ham)
+    assert dataset.metadata.sex[3] == "unknown" and dataset.metadata.localization[4] == "unknown"
+    sex_note = next(n for n in dataset.notes if "'sex'" in n)
+    loc_note = next(n for n in dataset.notes if "'localization'" in n)
     assert "'other'" in sex_note and "rows 4" in sex_note
     assert "'<script>'" in loc_note and "rows 5" in loc_note
 
@@ -225,17 +227,17 @@ def test_drop_missing_drops_and_reports(tiny_ham: Path) -> None:
     n_rows = len(_csv(tiny_ham))
     gone = _csv(tiny_ham).image_id[10]
     _image(tiny_ham, gone).unlink()
-    ham = read_ham10000(tiny_ham, drop_missing=True)
-    assert len(ham.metadata) == n_rows - 1 and gone not in set(ham.metadata.image_id)
-    assert isinstance(ham.metadata.index, pd.RangeIndex)
-    assert any("dropped 1 image(s)" in n and gone in n for n in ham.notes)
+    dataset = read_ham10000(tiny_ham, drop_missing=True)
+    assert len(dataset.metadata) == n_rows - 1 and gone not in set(dataset.metadata.image_id)
+    assert isinstance(dataset.metadata.index, pd.RangeIndex)
+    assert any("dropped 1 image(s)" in n and gone in n for n in dataset.notes)
 
 
 def test_unlisted_image_is_reported_not_fatal(tiny_ham: Path) -> None:
     shutil.copy(_image(tiny_ham, _csv(tiny_ham).image_id[0]), tiny_ham / "ISIC_9999999.jpg")
-    ham = read_ham10000(tiny_ham)
-    assert "ISIC_9999999" not in set(ham.metadata.image_id)
-    assert any("not listed" in n and "ISIC_9999999" in n for n in ham.notes)
+    dataset = read_ham10000(tiny_ham)
+    assert "ISIC_9999999" not in set(dataset.metadata.image_id)
+    assert any("not listed" in n and "ISIC_9999999" in n for n in dataset.notes)
 
 
 def test_image_found_twice(tiny_ham: Path) -> None:
@@ -386,9 +388,9 @@ def test_mask_of_wrong_size(tiny_ham: Path) -> None:
 
 @pytest.mark.real_data
 def test_reads_real_ham10000(real_data_root: Path) -> None:
-    ham = read_ham10000(real_data_root)
-    meta = ham.metadata
-    assert ham.notes == []
+    dataset = read_ham10000(real_data_root)
+    meta = dataset.metadata
+    assert dataset.notes == []
     assert len(meta) == 10015 and meta.lesion_id.nunique() == 7470
     assert meta.dx.value_counts().to_dict() == {
         "nv": 6705,
@@ -404,4 +406,4 @@ def test_reads_real_ham10000(real_data_root: Path) -> None:
     img = load_rgb(meta.path[0])
     mask = load_mask(meta.mask_path[0], expected_size=img.size)
     assert img.size == (200, 150) and 0 < mask.mean() < 1
-    assert len(ham.fingerprint) == 64
+    assert len(dataset.fingerprint) == 64

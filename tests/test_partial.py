@@ -90,7 +90,7 @@ def test_map_batches_draw_views_and_crops_per_epoch_and_keep_all_views_for_tta()
 @pytest.fixture(scope="module")
 def partial_run(tmp_path_factory: pytest.TempPathFactory, tiny_ham_factory: Callable[..., Path]) -> tuple[Path, dict]:
     os.environ["MMLESION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    root = tiny_ham_factory(tmp_path_factory.mktemp("data") / "ham", n_lesions=42)
+    root = tiny_ham_factory(tmp_path_factory.mktemp("data") / "dataset", n_lesions=42)
     cfg = load_config(None, [*PARTIAL, f'data.root="{root}"', 'model.name="concat"', "train.tta=true"])
     out = tmp_path_factory.mktemp("runs") / "partial"
     return out, train_run(cfg, out, show=False)
@@ -103,7 +103,7 @@ def test_partial_mode_trains_the_tail_only_and_predicts_live_like_on_the_cache(p
     inputs, model = run.inputs, run.inputs.model
     branch = model.image_branch
     seed_everything(inputs.cfg.train.seed)  # the initial weights, as prepare_inputs builds them
-    initial = prepare_inputs(inputs.cfg, inputs.ham, inputs.splits, inputs.encoder).model.image_branch
+    initial = prepare_inputs(inputs.cfg, inputs.dataset, inputs.splits, inputs.encoder).model.image_branch
     stem, tail = branch.model.conv_stem.weight, next(branch.tail()[0].parameters())
     assert torch.equal(stem, initial.model.conv_stem.weight)  # the cached part is frozen
     assert not torch.equal(tail, next(initial.tail()[0].parameters()))  # the tail was fine-tuned
@@ -149,13 +149,13 @@ def test_augmented_map_views_extend_the_flips_reproducibly_and_only_train_on_the
     from multimodal_lesion.data.ham10000 import read_ham10000
     from multimodal_lesion.data.splits import split_lesions
 
-    root = tiny_ham_factory(tmp_path / "ham", n_lesions=12)
-    ham = read_ham10000(root)
-    splits = split_lesions(ham.metadata, test_size=0.25, val_size=0.25)
+    root = tiny_ham_factory(tmp_path / "dataset", n_lesions=12)
+    dataset = read_ham10000(root)
+    splits = split_lesions(dataset.metadata, test_size=0.25, val_size=0.25)
     settings = [*PARTIAL, f'data.root="{root}"', 'data.cache_dir="' + str(tmp_path / "cache") + '"']
-    flips_only = prepare_inputs(load_config(None, settings), ham, splits)
+    flips_only = prepare_inputs(load_config(None, settings), dataset, splits)
     augmented_cfg = load_config(None, [*settings, "train.map_views=2", 'train.augment="strong"'])
-    augmented = prepare_inputs(augmented_cfg, ham, splits)
+    augmented = prepare_inputs(augmented_cfg, dataset, splits)
     plain, views = flips_only.feature_maps(show=False), augmented.feature_maps(show=False)
     assert views.shape == (plain.shape[0], 6, *plain.shape[2:])
     np.testing.assert_array_equal(views[:, :4], plain)  # the flips are the same maps, a separate cache entry
@@ -164,7 +164,7 @@ def test_augmented_map_views_extend_the_flips_reproducibly_and_only_train_on_the
         assert not any(np.allclose(views[:, k], plain[:, v], atol=1e-2) for v in range(4))
     assert not np.allclose(views[:, 4], views[:, 5], atol=1e-2)
     rebuilt = tmp_path / "rebuilt"  # drawn again from scratch: the same views (seeded by image rows and view)
-    again = prepare_inputs(replace_cache(augmented_cfg, rebuilt), ham, splits).feature_maps(show=False)
+    again = prepare_inputs(replace_cache(augmented_cfg, rebuilt), dataset, splits).feature_maps(show=False)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(views))
     train = augmented.batches("train", train=True, show=False)
     shapes = {tuple(b["maps"].shape[1:]) for b in train}

@@ -111,11 +111,11 @@ def test_duplicates_option_replaces_the_schema_file() -> None:
 
 
 def test_class_mapping_between_vocabularies() -> None:
-    ham, isic19, isic20 = preset("ham10000"), preset("isic2019"), preset("isic2020")
-    to_ham = map_classes(isic19, ham)
+    dataset, isic19, isic20 = preset("ham10000"), preset("isic2019"), preset("isic2020")
+    to_ham = map_classes(isic19, dataset)
     assert to_ham.mapping["ak"] == "akiec" and to_ham.mapping["mel"] == "mel" and to_ham.unmapped == ("scc",)
-    binary = map_classes(isic20, ham)
+    binary = map_classes(isic20, dataset)
     assert binary.key_vs_rest and binary.mapping["mel"] == "mel"
-    onto_binary = map_classes(ham, isic20)
+    onto_binary = map_classes(dataset, isic20)
     assert onto_binary.mapping["mel"] == "mel" and onto_binary.mapping["nv"] == "other" and not onto_binary.unmapped
-    assert map_classes(preset("pad_ufes_20"), ham).mapping["ack"] == "akiec"
+    assert map_classes(preset("pad_ufes_20"), dataset).mapping["ack"] == "akiec"

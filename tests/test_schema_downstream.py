@@ -18,7 +18,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from multimodal_lesion.config import load_config
-from multimodal_lesion.data.ham10000 import Ham10000
+from multimodal_lesion.data.dataset import LesionDataset
 from multimodal_lesion.data.reader import read_dataset
 from multimodal_lesion.data.schema import preset
 from multimodal_lesion.report.figures import save_evaluation_figures
@@ -36,7 +36,7 @@ def binary_run(
 ) -> dict:
     """A run trained on benign vs malignant; returns its folder, metrics, data and schema."""
     os.environ["MMLESION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    root = tiny_ham_factory(tmp_path_factory.mktemp("data") / "ham", n_lesions=42)
+    root = tiny_ham_factory(tmp_path_factory.mktemp("data") / "dataset", n_lesions=42)
     schema = dataclasses.replace(
         preset("ham10000"),
         name="tiny_binary",
@@ -45,9 +45,9 @@ def binary_run(
         key_class="malignant",
         binary=True,
     )
-    ham = read_dataset(root)
-    table = ham.metadata.assign(dx=np.where(ham.metadata.dx.isin(MALIGNANT), "malignant", "benign"))
-    data = Ham10000(ham.root, table, ham.notes, schema)
+    dataset = read_dataset(root)
+    table = dataset.metadata.assign(dx=np.where(dataset.metadata.dx.isin(MALIGNANT), "malignant", "benign"))
+    data = LesionDataset(dataset.root, table, dataset.notes, schema)
     cfg = load_config(None, [*tiny_run_settings, f'data.root="{root}"'])
     folder = RunFolder(tmp_path_factory.mktemp("runs") / "binary")
     folder.begin_training(cfg)

@@ -135,7 +135,7 @@ def test_real_data_splits(real_data_root: Path) -> None:
 def test_lesion_grouped_subset_writes_whole_lesions_as_a_readable_root(
     tiny_ham_factory: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = tiny_ham_factory(tmp_path / "ham", n_lesions=40)  # >= 5 lesions per class, some with 2 images
+    source = tiny_ham_factory(tmp_path / "dataset", n_lesions=40)  # >= 5 lesions per class, some with 2 images
     full = read_ham10000(source).metadata
     out = lesion_grouped_subset(source, 4, seed=1, parent=tmp_path / "subsets")
     assert out.parent == tmp_path / "subsets" and (out / METADATA_FILE).is_file()

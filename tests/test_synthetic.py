@@ -29,7 +29,7 @@ from multimodal_lesion.errors import ConfigError
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default-size dataset, written once for this module (~10 s)."""
-    return make_synthetic(tmp_path_factory.mktemp("synth") / "ham", n=1000, seed=0)
+    return make_synthetic(tmp_path_factory.mktemp("synth") / "dataset", n=1000, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +57,13 @@ def test_official_layout_and_columns(synth: Path, meta: pd.DataFrame) -> None:
     assert {p.parent.name for p in images.values()} == {"HAM10000_images_part_1", "HAM10000_images_part_2"}
     masks = {p.name for p in (synth / MASK_DIR).iterdir()}
     assert masks == {f"{i}{MASK_SUFFIX}" for i in meta.image_id}
-    assert not list(synth.parent.glob(".ham.*")), "temporary folders left behind"
+    assert not list(synth.parent.glob(".dataset.*")), "temporary folders left behind"
 
 
 def test_the_data_layer_reads_it_without_complaint(synth: Path) -> None:
-    ham = read_ham10000(synth)
-    assert ham.notes == []
-    assert len(ham.metadata) == 1000 and (ham.metadata.mask_path != "").all()
+    dataset = read_ham10000(synth)
+    assert dataset.notes == []
+    assert len(dataset.metadata) == 1000 and (dataset.metadata.mask_path != "").all()
 
 
 def test_metadata_values_follow_the_ham10000_vocabulary(meta: pd.DataFrame) -> None:
@@ -125,14 +125,14 @@ def test_deterministic_by_seed(tmp_path: Path) -> None:
 
 
 def test_reuses_an_identical_dataset_and_replaces_another(tmp_path: Path) -> None:
-    out = make_synthetic(tmp_path / "ham", n=12, seed=0)
+    out = make_synthetic(tmp_path / "dataset", n=12, seed=0)
     stamp = (out / METADATA_FILE).stat().st_mtime_ns
     assert make_synthetic(out, n=12, seed=0) == out
     assert (out / METADATA_FILE).stat().st_mtime_ns == stamp
     make_synthetic(out, n=15, seed=1)
     assert len(pd.read_csv(out / METADATA_FILE)) == 15
     assert len(list(out.glob("*/*.jpg"))) == 15
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ham"], "no temporary folders left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"], "no temporary folders left"
 
 
 def test_refuses_a_foreign_folder_and_a_bad_n(tmp_path: Path) -> None:

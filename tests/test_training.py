@@ -64,7 +64,7 @@ def tiny_cfg(root: Path, *extra: str) -> ExperimentConfig:
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory, tiny_ham_factory: Callable[..., Path]) -> Path:
     os.environ["MMLESION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    return tiny_ham_factory(tmp_path_factory.mktemp("data") / "ham", n_lesions=42)
+    return tiny_ham_factory(tmp_path_factory.mktemp("data") / "dataset", n_lesions=42)
 
 
 @pytest.fixture(scope="module")

@@ -235,8 +235,8 @@ def test_the_what_if_curve_passes_through_the_shown_prediction(end2end_run) -> N
 
     run = load_run(end2end_run.folder, show=False)
     inputs = run.inputs
-    row = int(np.flatnonzero(inputs.ham.metadata["age"].notna().to_numpy() & (inputs.splits["split"] == "test"))[0])
-    patient = inputs.ham.metadata.iloc[[row]][["age", "sex", "localization"]].reset_index(drop=True)
+    row = int(np.flatnonzero(inputs.dataset.metadata["age"].notna().to_numpy() & (inputs.splits["split"] == "test"))[0])
+    patient = inputs.dataset.metadata.iloc[[row]][["age", "sex", "localization"]].reset_index(drop=True)
     patient["age"] = 45.0
     embedding = inputs.embeddings_of(np.array([row]))
     result = what_if(inputs.model, inputs.encoder, patient, embedding, run.temperature, CLASSES)
@@ -257,7 +257,7 @@ def test_an_ablation_scores_the_ensemble_of_its_seeds_against_each_seed(tiny_ham
     from multimodal_lesion.ablation import run_ablation
     from multimodal_lesion.config import load_config
 
-    data = tiny_ham_factory(tmp_path / "ham", n_lesions=60)
+    data = tiny_ham_factory(tmp_path / "dataset", n_lesions=60)
     pairs = [
         f'data.root="{data}"',
         'model.backbone="test_resnet"',

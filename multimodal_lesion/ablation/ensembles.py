@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import ExperimentConfig
-from ..data.ham10000 import Ham10000
+from ..data.dataset import LesionDataset
 from ..training.metrics import classification_metrics
 from ..training.stats import paired_comparison
 from ..training.uncertainty import ConformalSets, ensemble_members
@@ -35,10 +35,10 @@ def _scores(y: np.ndarray, probs: np.ndarray, y_val: np.ndarray, val: np.ndarray
     }
 
 
-def ensemble_frame(records: list[dict[str, Any]], ham: Ham10000, cfg: ExperimentConfig) -> pd.DataFrame:
+def ensemble_frame(records: list[dict[str, Any]], dataset: LesionDataset, cfg: ExperimentConfig) -> pd.DataFrame:
     """One row per model, fold and kind (``member`` per seed, ``ensemble``) with the scored metrics."""
-    classes = ham.schema.classes
-    targets = ham.metadata.set_index("image_id")["dx"].map({c: i for i, c in enumerate(classes)})
+    classes = dataset.schema.classes
+    targets = dataset.metadata.set_index("image_id")["dx"].map({c: i for i, c in enumerate(classes)})
     rows = []
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in records:

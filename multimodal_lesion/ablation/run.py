@@ -19,7 +19,7 @@ import torch
 
 from ..config import ExperimentConfig, differences, replace, to_dict
 from ..data.cache import cache_key
-from ..data.ham10000 import Ham10000
+from ..data.dataset import LesionDataset
 from ..data.splits import fold_assignment, split_rule
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write, read_json, remove_stale_temps, write_json
@@ -107,7 +107,7 @@ Scored = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 def _train_neural(
-    cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame, shared: RunInputs | None, out: Path
+    cell: Cell, cfg: ExperimentConfig, dataset: LesionDataset, splits: pd.DataFrame, shared: RunInputs | None, out: Path
 ) -> Scored:
     """Train one registered model for a cell; returns its val and test rows with their probabilities.
 
@@ -116,13 +116,13 @@ def _train_neural(
     cell resumes from its ``last.pt`` instead of starting again.
     """
     cell_cfg = replace(cfg, model={"name": cell.model}, train={"seed": cell.seed})
-    inputs = prepare_inputs(cell_cfg, ham, splits, shared=shared)
+    inputs = prepare_inputs(cell_cfg, dataset, splits, shared=shared)
     folder = None
     if cfg.ablation.mode == "end2end":
         folder = RunFolder(out / "runs" / cell.name)
         folder.prepare()
         folder.write_inputs(
-            cell_cfg, splits.assign(image_id=ham.metadata["image_id"]), inputs.encoder, device=str(inputs.device)
+            cell_cfg, splits.assign(image_id=dataset.metadata["image_id"]), inputs.encoder, device=str(inputs.device)
         )
     train_model(inputs, folder, resume=folder is not None and folder.has_last(), show=False)
     tta = cfg.ablation.mode == "end2end" and cfg.train.tta
@@ -133,7 +133,7 @@ def _train_neural(
     return {split: (inputs.indices(split), p) for split, p in probs.items()}
 
 
-def _train_gbm(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.DataFrame) -> Scored:
+def _train_gbm(cell: Cell, cfg: ExperimentConfig, dataset: LesionDataset, splits: pd.DataFrame) -> Scored:
     """Gradient boosting on the encoded patient features: the non-neural floor."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
@@ -141,10 +141,10 @@ def _train_gbm(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.Data
 
     split = splits["split"].to_numpy()
     train = np.flatnonzero(split == "train")
-    encoder = MetadataEncoder.for_features(ham.schema.features).fit(ham.metadata.iloc[train])
-    x = encoder.transform(ham.metadata)
-    classes = ham.schema.classes
-    y = class_targets(ham.metadata, classes)
+    encoder = MetadataEncoder.for_features(dataset.schema.features).fit(dataset.metadata.iloc[train])
+    x = encoder.transform(dataset.metadata)
+    classes = dataset.schema.classes
+    y = class_targets(dataset.metadata, classes)
     gbm = HistGradientBoostingClassifier(
         max_iter=200, learning_rate=0.05, class_weight="balanced", random_state=cell.seed
     ).fit(x[train], y[train])
@@ -158,26 +158,26 @@ def _train_gbm(cell: Cell, cfg: ExperimentConfig, ham: Ham10000, splits: pd.Data
 
 
 def run_cell(
-    cell: Cell, cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, shared: RunInputs | None, out: Path
+    cell: Cell, cfg: ExperimentConfig, dataset: LesionDataset, folds: pd.Series, shared: RunInputs | None, out: Path
 ) -> dict[str, Any]:
     """Train and test one cell; returns its record (metrics, out-of-fold predictions, seconds)."""
     t0 = time.perf_counter()
     splits = cell_splits(folds, cell.fold, cfg.ablation.folds)
     if cell.model == GBM:
-        scored = _train_gbm(cell, cfg, ham, splits)
+        scored = _train_gbm(cell, cfg, dataset, splits)
     else:
-        scored = _train_neural(cell, cfg, ham, splits, shared, out)
+        scored = _train_neural(cell, cfg, dataset, splits, shared, out)
     (rows, probs), (val_rows, val_probs) = scored["test"], scored["val"]
-    lesions = ham.metadata["lesion_id"].to_numpy()[rows]
-    schema = ham.schema
+    lesions = dataset.metadata["lesion_id"].to_numpy()[rows]
+    schema = dataset.schema
     metrics = classification_metrics(
-        class_targets(ham.metadata, schema.classes)[rows],
+        class_targets(dataset.metadata, schema.classes)[rows],
         probs,
         classes=schema.classes,
         key_class=schema.key_class,
         lesion_ids=lesions,
     )
-    ids = ham.metadata["image_id"].to_numpy()
+    ids = dataset.metadata["image_id"].to_numpy()
     return {
         "model": cell.model,
         "fold": cell.fold,
@@ -197,29 +197,31 @@ class CellContext:
     workers through the object store (once)."""
 
     cfg: ExperimentConfig
-    ham: Ham10000
+    dataset: LesionDataset
     folds: pd.Series
     shared: RunInputs | None
     out: Path
 
     def run(self, cell: Cell) -> str:
         """Train, test and save one cell (atomically, stamped with the config key); returns its name."""
-        record = run_cell(cell, self.cfg, self.ham, self.folds, self.shared, self.out)
+        record = run_cell(cell, self.cfg, self.dataset, self.folds, self.shared, self.out)
         write_json(self.out / "cells" / f"{cell.name}.json", {**record, "config_key": config_key(self.cfg)})
         return cell.name
 
 
-def shared_backbone(cfg: ExperimentConfig, ham: Ham10000, folds: pd.Series, show: bool) -> RunInputs | None:
+def shared_backbone(cfg: ExperimentConfig, dataset: LesionDataset, folds: pd.Series, show: bool) -> RunInputs | None:
     """One frozen backbone and its cached embeddings, shared by every image model of the ablation.
 
     Partial mode shares nothing in memory: its cached maps are built here, once, before any cell reads them.
     """
     if cfg.ablation.mode == "partial" and any(m != "metadata_only" for m in cfg.ablation.models):
         partial = replace(cfg, model={"name": "image_only"})
-        prepare_inputs(partial, ham, cell_splits(folds, 0, cfg.ablation.folds)).feature_maps(show=show)
+        prepare_inputs(partial, dataset, cell_splits(folds, 0, cfg.ablation.folds)).feature_maps(show=show)
     if cfg.ablation.mode != "frozen" or not any(m != "metadata_only" for m in cfg.ablation.models):
         return None
-    inputs = prepare_inputs(replace(cfg, model={"name": "image_only"}), ham, cell_splits(folds, 0, cfg.ablation.folds))
+    inputs = prepare_inputs(
+        replace(cfg, model={"name": "image_only"}), dataset, cell_splits(folds, 0, cfg.ablation.folds)
+    )
     inputs.embeddings(show=show)
     inputs.cached_images = None  # frozen cells read embeddings only: never ship the image array to a worker
     return inputs
@@ -249,17 +251,17 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
             f"{out}: holds a training run ({', '.join(trained)}); an ablation there would replace its config.toml; "
             "choose another --out"
         )
-    ham = resolve_data(cfg, show)
-    cfg = replace(cfg, data={"root": str(ham.root)}, train={"mode": cfg.ablation.mode})
+    dataset = resolve_data(cfg, show)
+    cfg = replace(cfg, data={"root": str(dataset.root)}, train={"mode": cfg.ablation.mode})
     _check_same_ablation(out, cfg)
-    folds = fold_assignment(ham.metadata, cfg.ablation.folds, cfg.data.split_seed, split_rule(ham.schema))
+    folds = fold_assignment(dataset.metadata, cfg.ablation.folds, cfg.data.split_seed, split_rule(dataset.schema))
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     write_provenance(out, cfg, torch_threads=torch.get_num_threads())
     with atomic_write(out / "folds.csv") as fh:
-        ham.metadata[["image_id", "lesion_id", "dx"]].assign(fold=folds.to_numpy()).to_csv(fh, index=False)
+        dataset.metadata[["image_id", "lesion_id", "dx"]].assign(fold=folds.to_numpy()).to_csv(fh, index=False)
     t0 = time.perf_counter()
-    shared = shared_backbone(cfg, ham, folds, show)
+    shared = shared_backbone(cfg, dataset, folds, show)
     embed_seconds = time.perf_counter() - t0
     cells = list(_cells(cfg))
     key = config_key(cfg)
@@ -267,7 +269,7 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
     if show and len(todo) < len(cells):
         print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already done")
     t1 = time.perf_counter()
-    run_cells(todo, CellContext(cfg, ham, folds, shared, out), show)
+    run_cells(todo, CellContext(cfg, dataset, folds, shared, out), show)
     timing = {
         "embedding_seconds": round(embed_seconds, 2),
         "cells_seconds": round(time.perf_counter() - t1, 2),
@@ -277,4 +279,4 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
         "mode": cfg.ablation.mode,
     }
     records = [read_json(out / "cells" / f"{c.name}.json") for c in cells]
-    return write_summaries(records, cfg, ham, out, timing)
+    return write_summaries(records, cfg, dataset, out, timing)

@@ -14,16 +14,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..data.ham10000 import Ham10000
+from ..data.dataset import LesionDataset
 from ..data.patient import subgroup_attributes
 from ..io import atomic_write, write_json
 from ..training.audit import AUDITED, MIN_LESIONS, subgroup_audit
 
 
-def audit_records(records: list[dict[str, Any]], ham: Ham10000, n_boot: int) -> dict[str, dict[str, Any]]:
+def audit_records(records: list[dict[str, Any]], dataset: LesionDataset, n_boot: int) -> dict[str, dict[str, Any]]:
     """Model -> its subgroup audit over the pooled out-of-fold predictions of every seed."""
-    schema = ham.schema
-    meta = ham.metadata.set_index("image_id")
+    schema = dataset.schema
+    meta = dataset.metadata.set_index("image_id")
     targets = meta["dx"].map({c: i for i, c in enumerate(schema.classes)})
     attributes = subgroup_attributes(meta, schema.features)
     out = {}
@@ -122,9 +122,11 @@ def _interval(low: float, high: float) -> str:
     return "" if np.isnan(low) or np.isnan(high) else f" [{low:.3f}, {high:.3f}]"
 
 
-def write_subgroups(records: list[dict[str, Any]], ham: Ham10000, out: Path, n_boot: int = 200) -> dict[str, Path]:
+def write_subgroups(
+    records: list[dict[str, Any]], dataset: LesionDataset, out: Path, n_boot: int = 200
+) -> dict[str, Path]:
     """Write subgroups.csv, subgroup_gaps.csv, subgroups.md and subgroups.json into ``out``."""
-    audits = audit_records(records, ham, n_boot)
+    audits = audit_records(records, dataset, n_boot)
     table, gaps = subgroup_frame(audits), gap_frame(audits)
     for name, frame in (("subgroups.csv", table), ("subgroup_gaps.csv", gaps)):
         with atomic_write(out / name) as fh:

@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from ..config import ExperimentConfig
-from ..data.ham10000 import Ham10000
+from ..data.dataset import LesionDataset
 from ..io import atomic_write, write_json
 from ..training.stats import corrected_ttest, paired_comparison, summarise
 from .ensembles import ensemble_comparison, ensemble_frame, ensemble_markdown
@@ -159,7 +159,7 @@ def _csv(df: pd.DataFrame, path: Path) -> Path:
 
 
 def write_summaries(
-    records: list[dict[str, Any]], cfg: ExperimentConfig, ham: Ham10000, out: Path, timing: dict[str, Any]
+    records: list[dict[str, Any]], cfg: ExperimentConfig, dataset: LesionDataset, out: Path, timing: dict[str, Any]
 ) -> dict[str, Path]:
     """Write every ablation output and return their paths by name."""
     from ..report.figures import plot_bars_with_ci, plot_per_class_sensitivity
@@ -168,7 +168,7 @@ def write_summaries(
     summary = summary_frame(results, cfg.ablation.bootstrap)
     comparison = comparison_frame(results, cfg.ablation.baseline, cfg.ablation.folds, cfg.ablation.bootstrap)
     per_class = per_class_differences(summary, cfg.ablation.baseline)
-    n_lesions = int(ham.metadata["lesion_id"].nunique())
+    n_lesions = int(dataset.metadata["lesion_id"].nunique())
     paths = {
         "results": _csv(results, out / "results.csv"),
         "summary": _csv(summary, out / "summary.csv"),
@@ -184,8 +184,8 @@ def write_summaries(
     paths["plot_per_class"] = plot_per_class_sensitivity(
         sens.assign(**{"class": sens.metric.str.removeprefix("sensitivity_")}), out / "per_class_sensitivity.png"
     )
-    paths.update(write_subgroups(records, ham, out, cfg.uncertainty.bootstrap))
-    ensembles = ensemble_frame(records, ham, cfg)
+    paths.update(write_subgroups(records, dataset, out, cfg.uncertainty.bootstrap))
+    ensembles = ensemble_frame(records, dataset, cfg)
     if not ensembles.empty:
         paths["ensembles"] = _csv(ensembles, out / "ensembles.csv")
         compared = ensemble_comparison(ensembles, cfg.ablation.bootstrap)

@@ -15,7 +15,7 @@ from .measure import figure, measured
 
 def embedding_files(ctx: BenchContext) -> set[tuple[str, float]]:
     """(name, modification time) of every cached embedding file of the dataset: tells a cache hit from a miss."""
-    folder = default_cache_dir(ctx.ham, ctx.cfg.data.cache_dir or None)
+    folder = default_cache_dir(ctx.dataset, ctx.cfg.data.cache_dir or None)
     return {(p.name, p.stat().st_mtime) for p in folder.glob("embeddings-*.npy")} if folder.is_dir() else set()
 
 
@@ -23,10 +23,10 @@ def bench_ablation(ctx: BenchContext) -> dict[str, Any]:
     """Seconds per (model, fold, seed) cell on cached embeddings, run as the ablation runs them (its
     worker processes), and the wall time of the sampled cells extrapolated to the configured grid."""
     cfg, a, sizes = ctx.frozen_cfg, ctx.frozen_cfg.ablation, ctx.sizes
-    folds = fold_assignment(ctx.ham.metadata, a.folds, cfg.data.split_seed)
+    folds = fold_assignment(ctx.dataset.metadata, a.folds, cfg.data.split_seed)
     before = embedding_files(ctx)
     with measured() as embed_record:
-        shared = shared_backbone(cfg, ctx.ham, folds, ctx.show)
+        shared = shared_backbone(cfg, ctx.dataset, folds, ctx.show)
     computed = embedding_files(ctx) != before
     names = list(a.models) + ([GBM] if a.gbm else [])
     cells = [
@@ -38,7 +38,7 @@ def bench_ablation(ctx: BenchContext) -> dict[str, Any]:
     out = ctx.work / "ablation"
     ctx.log(f"{len(cells)} ablation cells, {a.workers} worker process(es)")
     with measured() as grid_record:
-        run_cells(cells, CellContext(cfg, ctx.ham, folds, shared, out), ctx.show)
+        run_cells(cells, CellContext(cfg, ctx.dataset, folds, shared, out), ctx.show)
     records = [read_json(out / "cells" / f"{c.name}.json") for c in cells]
     figures = [
         figure(

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from ..config import ExperimentConfig, load_config, replace
-from ..data.datasets import LesionDataset, NormalizingCollate, build_augmentation
-from ..data.ham10000 import Ham10000
+from ..data.dataset import LesionDataset
+from ..data.datasets import LesionTorchDataset, NormalizingCollate, build_augmentation
 from ..data.sampling import EpochSampler
 from ..runs import RunInputs, make_splits, prepare_inputs, resolve_data, resolve_device
 from .sizes import TINY_OVERRIDES, TINY_SIZES, BenchSizes
@@ -28,14 +28,14 @@ class BenchContext:
 
     Attributes:
         cfg: the resolved experiment config (data root filled in).
-        ham: the dataset.
+        dataset: the dataset.
         sizes: the subsample sizes.
         work: a scratch folder for run folders and reports (removed after the run).
         show: print progress lines.
     """
 
     cfg: ExperimentConfig
-    ham: Ham10000
+    dataset: LesionDataset
     sizes: BenchSizes
     work: Path
     show: bool
@@ -49,7 +49,7 @@ class BenchContext:
     def end2end(self) -> RunInputs:
         """A prepared end-to-end model (its backbone trains) at the training section's batch size."""
         cfg = replace(self.cfg, train={"mode": "end2end", "batch_size": self.sizes.train_batch})
-        return prepare_inputs(cfg, self.ham, make_splits(cfg, self.ham))
+        return prepare_inputs(cfg, self.dataset, make_splits(cfg, self.dataset))
 
     @cached_property
     def frozen_cfg(self) -> ExperimentConfig:
@@ -84,21 +84,21 @@ class JpegImages:
 
 def naive_images(ctx: BenchContext) -> JpegImages:
     """Every image of the dataset as the naive source (decoded from its JPEG on each access)."""
-    return JpegImages(ctx.ham.metadata["path"].tolist(), ctx.cfg.data.image_size)
+    return JpegImages(ctx.dataset.metadata["path"].tolist(), ctx.cfg.data.image_size)
 
 
 def training_loader(
     ctx: BenchContext, images: np.ndarray | JpegImages, rows: np.ndarray
 ) -> torch.utils.data.DataLoader:
-    """A training-style DataLoader (LesionDataset, augmentation, shuffled epoch sampler) over any image source."""
+    """A training-style DataLoader (LesionTorchDataset, augmentation, shuffled epoch sampler) over any image source."""
     inputs, cfg = ctx.end2end, ctx.cfg
-    source = cast(np.ndarray, images)  # LesionDataset only indexes its images: any indexable source works
-    dataset = LesionDataset(
+    source = cast(np.ndarray, images)  # LesionTorchDataset only indexes its images: any indexable source works
+    torch_set = LesionTorchDataset(
         source, inputs.meta, inputs.targets, inputs.image_ids, rows.tolist(), build_augmentation(cfg.train.augment)
     )
     sampler = EpochSampler(len(rows), shuffle=True, seed=cfg.train.seed)
     return torch.utils.data.DataLoader(
-        dataset,
+        torch_set,
         batch_size=ctx.sizes.train_batch,
         sampler=sampler,
         num_workers=cfg.data.num_workers,
@@ -120,6 +120,6 @@ def build_context(
     if data:
         extra.append(f'data.root="{Path(data).resolve()}"')
     cfg = load_config(config, extra)
-    ham = resolve_data(cfg, show)
-    cfg = replace(cfg, data={"root": str(ham.root)})
-    return BenchContext(cfg, ham, sizes or (TINY_SIZES if tiny else BenchSizes()), work, show)
+    dataset = resolve_data(cfg, show)
+    cfg = replace(cfg, data={"root": str(dataset.root)})
+    return BenchContext(cfg, dataset, sizes or (TINY_SIZES if tiny else BenchSizes()), work, show)

@@ -246,7 +246,7 @@ def bench_embeddings(ctx: BenchContext) -> dict[str, Any]:
     """Roofline of the embedding pass and each speed-up measured side by side; the full pass extrapolated."""
     m = ctx.cfg.model
     branch = ImageBranch(m.backbone, m.weights, m.multiscale).eval()
-    images = np.array(ctx.end2end.images()[ctx.subsample(len(ctx.ham.metadata), ctx.sizes.embed_images)])
+    images = np.array(ctx.end2end.images()[ctx.subsample(len(ctx.dataset.metadata), ctx.sizes.embed_images)])
     x = ctx.end2end.normalize(torch.from_numpy(images).permute(0, 3, 1, 2))
     figures, roof = _roofline(ctx, branch)
     rows = pass_variants(ctx, branch, x)
@@ -266,15 +266,15 @@ def bench_embeddings(ctx: BenchContext) -> dict[str, Any]:
         )
     best = max((r for r in rows if r["accepted"]), key=lambda r: r["rate"])
     figures.append(_taps_figure(ctx, x))
-    full = len(ctx.ham.metadata) / best["rate"]
+    full = len(ctx.dataset.metadata) / best["rate"]
     figures.append(
         figure(
             "full embedding pass, 4 flips (extrapolated from the best accepted)",
             full,
             "s",
-            naive=len(ctx.ham.metadata) / rows[0]["rate"],
+            naive=len(ctx.dataset.metadata) / rows[0]["rate"],
             target=("value", "<=", 600.0),
-            note=f"{len(ctx.ham.metadata)} images with {best['label']!r}; {_share(best['rate'], roof)}",
+            note=f"{len(ctx.dataset.metadata)} images with {best['label']!r}; {_share(best['rate'], roof)}",
         )
     )
     details = {

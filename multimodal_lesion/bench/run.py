@@ -70,8 +70,8 @@ def run_benchmark(
         results: dict[str, Any] = {
             "machine": machine(ctx.device),
             "tiny": tiny,
-            "data_root": str(ctx.ham.root),
-            "images_total": len(ctx.ham.metadata),
+            "data_root": str(ctx.dataset.root),
+            "images_total": len(ctx.dataset.metadata),
             "sizes": asdict(ctx.sizes),
             "config_file": config,
             "overrides": list(overrides),

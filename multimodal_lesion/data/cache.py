@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from ..io import atomic_write, temp_name
-from .ham10000 import Ham10000, load_rgb
+from .dataset import LesionDataset
+from .images import load_rgb
 
 CACHE_VERSION = 1
 
@@ -28,12 +29,12 @@ def cache_home() -> Path:
     return Path(os.environ.get("MMLESION_CACHE") or Path.home() / ".cache" / "multimodal_lesion")
 
 
-def default_cache_dir(ham: Ham10000, cache_dir: str | os.PathLike | None = None) -> Path:
+def default_cache_dir(dataset: LesionDataset, cache_dir: str | os.PathLike | None = None) -> Path:
     """The cache folder of one dataset: the configured one, else one under :func:`cache_home`.
 
     Never inside the data root, which may be read-only.
     """
-    return Path(cache_dir) if cache_dir else cache_home() / "data" / cache_key(Path(ham.root).resolve())
+    return Path(cache_dir) if cache_dir else cache_home() / "data" / cache_key(Path(dataset.root).resolve())
 
 
 def cache_key(*parts: object) -> str:
@@ -100,21 +101,21 @@ def write_npy(path: Path, shape: tuple[int, ...], dtype: Any, fill: Callable[[np
 
 
 def image_array(
-    ham: Ham10000, size: tuple[int, int], cache_dir: str | os.PathLike | None = None, threads: int = 4
+    dataset: LesionDataset, size: tuple[int, int], cache_dir: str | os.PathLike | None = None, threads: int = 4
 ) -> np.ndarray:
-    """Return all images of ``ham`` as a read-only memory-mapped uint8 array (N, H, W, 3).
+    """Return all images of ``dataset`` as a read-only memory-mapped uint8 array (N, H, W, 3).
 
     Built on first use (decoded in a few threads), reused while the data's fingerprint and the
     size are unchanged, and rebuilt when the cached copy is stale or incomplete.
     """
-    folder = default_cache_dir(ham, cache_dir)
-    key = cache_key(ham.fingerprint, size, CACHE_VERSION)
-    ids = list(ham.metadata["image_id"])
+    folder = default_cache_dir(dataset, cache_dir)
+    key = cache_key(dataset.fingerprint, size, CACHE_VERSION)
+    ids = list(dataset.metadata["image_id"])
     shape = (len(ids), size[0], size[1], 3)
-    paths = ham.metadata["path"].tolist()
+    paths = dataset.metadata["path"].tolist()
     return cached_array(
         folder / f"images-{key}.npy",
-        {"version": CACHE_VERSION, "size": list(size), "fingerprint": ham.fingerprint, "image_ids": ids},
+        {"version": CACHE_VERSION, "size": list(size), "fingerprint": dataset.fingerprint, "image_ids": ids},
         lambda arr, meta: meta.get("image_ids") == ids and arr.shape == shape and meta.get("version") == CACHE_VERSION,
         lambda tmp: write_npy(tmp, shape, np.uint8, lambda out: _decode_into(out, paths, size, threads)),
     )

@@ -63,7 +63,7 @@ class NormalizingCollate:
         return batch
 
 
-class LesionDataset(Dataset):
+class LesionTorchDataset(Dataset):
     """Images from a cached uint8 array (N, H, W, 3) with encoded metadata and targets.
 
     ``indices`` selects the rows of the arrays that belong to this split. Samples carry the

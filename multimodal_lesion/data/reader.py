@@ -20,22 +20,13 @@ import pandas as pd
 
 from ..errors import DataError, note
 from .constants import UNKNOWN
-from .ham10000 import (
-    IMAGE_EXTENSIONS,
-    Ham10000,
-    _attach_files,
-    _check_unique,
-    _first,
-    _more,
-    _read_csv,
-    _scan_files,
-    _short,
-    _Source,
-    image_folder,
-    read_ham10000,
-)
+from .dataset import LesionDataset
+from .ham10000 import read_ham10000
+from .images import IMAGE_EXTENSIONS, attach_files, image_folder, scan_images
+from .patient import more_rows as _more
 from .patient import parse_category, typed_column
 from .schema import DatasetSchema, preset
+from .tables import TableSource, check_unique, first, read_table, short
 
 #: ``data.images`` value of a dataset without images (metadata-only models and the gradient-boosting floor).
 NO_IMAGES = "none"
@@ -46,7 +37,7 @@ _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}")
 
 def read_dataset(
     root: str | Path, schema: DatasetSchema | None = None, *, images: str = "", drop_missing: bool = False
-) -> Ham10000:
+) -> LesionDataset:
     """Read ``root`` (where the schema's metadata files are) into the canonical table.
 
     Args:
@@ -83,7 +74,7 @@ class _Joined:
     """The metadata files joined on the image column, and where each cell came from."""
 
     table: pd.DataFrame
-    sources: list[_Source]
+    sources: list[TableSource]
     origin: dict[str, int]  # column -> index of the file it came from
     rows: list[np.ndarray]  # per file: each joined row's position in that file (-1: no row there)
 
@@ -97,7 +88,7 @@ class _Joined:
         return " + ".join(str(s.path) for s in self.sources)
 
 
-def _read_generic(root: Path, schema: DatasetSchema, images: str, drop_missing: bool) -> Ham10000:
+def _read_generic(root: Path, schema: DatasetSchema, images: str, drop_missing: bool) -> LesionDataset:
     """The generic reader: join, check, type and attach the images (see the module docstring)."""
     notes: list[str] = []
     joined = _join(root, schema, notes)
@@ -117,7 +108,7 @@ def _read_generic(root: Path, schema: DatasetSchema, images: str, drop_missing: 
     for message in notes:
         note(message)
     moved = image_root if image_root not in (None, root) else None
-    return Ham10000(root=root, metadata=table.reset_index(drop=True), notes=notes, schema=schema, image_root=moved)
+    return LesionDataset(root=root, metadata=table.reset_index(drop=True), notes=notes, schema=schema, image_root=moved)
 
 
 def _join(root: Path, schema: DatasetSchema, notes: list[str]) -> _Joined:
@@ -126,14 +117,14 @@ def _join(root: Path, schema: DatasetSchema, notes: list[str]) -> _Joined:
     wanted = _named_columns(schema)
     frames, sources = [], []
     for name in schema.metadata:
-        frame, src = _read_csv(_inside(root, name, "dataset.metadata"), notes, columns=wanted, select=False)
+        frame, src = read_table(_inside(root, name, "dataset.metadata"), notes, columns=wanted, select=False)
         if key not in frame.columns:
             raise DataError(
                 f"{src.path}: column '{key}' named by schema key 'dataset.image_column' not found "
-                f"(schema {schema.name}; columns: {_first(list(frame.columns))})"
+                f"(schema {schema.name}; columns: {first(list(frame.columns))})"
             )
         frame = frame.apply(lambda col: col.str.strip())
-        _check_unique(frame[key], src.path)
+        check_unique(frame[key], src.path)
         frames.append(frame)
         sources.append(src)
     table = frames[0]
@@ -158,7 +149,7 @@ def _join_one(
     """``table`` with ``frame``'s new columns by image id; returns each row's position in ``frame``."""
     shared = [c for c in frame.columns if c != key and c in table.columns]
     if shared:
-        notes.append(f"{path.name}: column(s) {_first(shared)} also in {base.name}: {base.name}'s used")
+        notes.append(f"{path.name}: column(s) {first(shared)} also in {base.name}: {base.name}'s used")
     extra = frame.drop(columns=shared)
     position = pd.Series(np.arange(len(frame)), index=frame[key])
     found = table[key].map(position).fillna(-1).to_numpy(np.int64)
@@ -166,11 +157,11 @@ def _join_one(
         lost = list(table.loc[found < 0, key])
         notes.append(
             f"{path.name}: no row for {len(lost)} image(s) of {base.name} (their columns there read as unknown): "
-            f"{_first(lost)}"
+            f"{first(lost)}"
         )
     unmatched = sorted(set(frame[key]) - set(table[key]))
     if unmatched:
-        notes.append(f"{path.name}: {len(unmatched)} row(s) of images not in {base.name} ignored: {_first(unmatched)}")
+        notes.append(f"{path.name}: {len(unmatched)} row(s) of images not in {base.name} ignored: {first(unmatched)}")
     origin.update(dict.fromkeys([c for c in extra.columns if c != key], i))
     return table.merge(extra, on=key, how="left", validate="one_to_one"), found
 
@@ -206,7 +197,7 @@ def _check_named_columns(joined: _Joined, schema: DatasetSchema) -> None:
         for column in (c for c in columns if c and c not in joined.table.columns):
             raise DataError(
                 f"{joined.files()}: column '{column}' named by schema key '{key}' not found (schema {schema.name}; "
-                f"columns: {_first(list(joined.table.columns))})"
+                f"columns: {first(list(joined.table.columns))})"
             )
 
 
@@ -214,7 +205,7 @@ def _note_unused(joined: _Joined, schema: DatasetSchema, notes: list[str]) -> No
     """Name the columns the schema does not use (leak columns are dropped on purpose)."""
     unused = [c for c in joined.table.columns if c not in _named_columns(schema) and c not in schema.leak_columns]
     if unused:
-        notes.append(f"ignored column(s) not named by schema {schema.name}: {_first(unused)}")
+        notes.append(f"ignored column(s) not named by schema {schema.name}: {first(unused)}")
 
 
 # --- ids, labels, groups ---------------------------------------------------------------------------
@@ -227,7 +218,7 @@ def _image_ids(joined: _Joined, schema: DatasetSchema) -> pd.Series:
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
-            f"{joined.where(pos, schema.image_column)}: {_short(ids.iloc[pos])} is not an image id or a relative "
+            f"{joined.where(pos, schema.image_column)}: {short(ids.iloc[pos])} is not an image id or a relative "
             f"path below the image root (letters, digits, '_', '-', '.', '/' between names; no '..', no absolute "
             f"path){_more(int(bad.sum()))}"
         )
@@ -247,7 +238,7 @@ def _labels(joined: _Joined, schema: DatasetSchema) -> pd.Series:
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
-            f"{joined.where(pos, column.iloc[pos])}: label {_short(raw.iloc[pos])} is neither one of dataset.classes "
+            f"{joined.where(pos, column.iloc[pos])}: label {short(raw.iloc[pos])} is neither one of dataset.classes "
             f"({', '.join(schema.classes)}) nor a key of dataset.label_map{_more(int(bad.sum()))}"
         )
     return labels
@@ -264,7 +255,7 @@ def _one_hot(joined: _Joined, schema: DatasetSchema) -> tuple[pd.Series, pd.Seri
         if bad.any():
             pos = int(np.flatnonzero(bad)[0])
             raise DataError(
-                f"{joined.where(pos, column)}: {_short(cells.iloc[pos])} is not 0 or 1 (dataset.label_columns are "
+                f"{joined.where(pos, column)}: {short(cells.iloc[pos])} is not 0 or 1 (dataset.label_columns are "
                 f"one-hot){_more(int(bad.sum()))}"
             )
         values[:, j] = numbers
@@ -301,7 +292,7 @@ def _note_own_groups(
         what = "patient" if schema.group_by == "patient" else "group"
         notes.append(
             f"{joined.sources[joined.origin.get(column, 0)].path.name}: column '{column}': {int(kept.sum())} image(s) "
-            f"without a {what} id are each their own group: {_first(list(table.loc[kept, 'image_id']))}"
+            f"without a {what} id are each their own group: {first(list(table.loc[kept, 'image_id']))}"
         )
 
 
@@ -311,7 +302,7 @@ def _note_mixed_labels(table: pd.DataFrame, path: Path, notes: list[str]) -> Non
     mixed = list(n.index[n > 1])
     if mixed:
         notes.append(
-            f"{path.name}: {len(mixed)} group(s) with images of different labels: {_first(mixed)} "
+            f"{path.name}: {len(mixed)} group(s) with images of different labels: {first(mixed)} "
             "(splits use each group's most frequent label)"
         )
 
@@ -343,7 +334,7 @@ def _vocabulary(joined: _Joined, column: str, values: pd.Series, schema: Dataset
     if odd.any():
         notes.append(
             f"{joined.sources[joined.origin.get(column, 0)].path.name}: column '{column}': {int(odd.sum())} row(s) "
-            f"with value(s) outside features.categories.{column} {_first(sorted(set(values[odd])))} read as "
+            f"with value(s) outside features.categories.{column} {first(sorted(set(values[odd])))} read as "
             f"'{UNKNOWN}'"
         )
     return values.where(~odd, UNKNOWN)
@@ -357,7 +348,7 @@ def _attach_images(
     root: Path,
     schema: DatasetSchema,
     images: str,
-    src: _Source,
+    src: TableSource,
     drop_missing: bool,
     notes: list[str],
 ) -> tuple[pd.DataFrame, Path | None]:
@@ -371,11 +362,11 @@ def _attach_images(
         raise DataError(f"schema key 'dataset.image_dir': {below} is not a folder")
     if table["image_id"].str.contains("/").any():
         return _attach_paths(table, below, schema, src, drop_missing, notes), image_root
-    return _attach_files(table, _scan_files(below, notes), src, drop_missing, notes, below), image_root
+    return attach_files(table, scan_images(below, notes), src, drop_missing, notes, below), image_root
 
 
 def _attach_paths(
-    table: pd.DataFrame, below: Path, schema: DatasetSchema, src: _Source, drop_missing: bool, notes: list[str]
+    table: pd.DataFrame, below: Path, schema: DatasetSchema, src: TableSource, drop_missing: bool, notes: list[str]
 ) -> pd.DataFrame:
     """Ids that are relative paths: each must name a file inside ``below`` (links out of it are refused)."""
     paths = []
@@ -390,7 +381,7 @@ def _attach_paths(
         lost = list(table.loc[~found, "image_id"])
         what = (
             f"{len(lost)} image(s) listed in {src.path.name} not found below {below} "
-            f"({int(found.sum())} of {len(table)} found): {_first(lost)}"
+            f"({int(found.sum())} of {len(table)} found): {first(lost)}"
         )
         if not drop_missing or not found.any():
             hint = " (use drop_missing / --drop-missing to drop them)" if found.any() else ""
@@ -402,7 +393,7 @@ def _attach_paths(
 # --- duplicates ------------------------------------------------------------------------------------
 
 
-def merge_duplicates(data: Ham10000) -> None:
+def merge_duplicates(data: LesionDataset) -> None:
     """Keep each pair of the schema's duplicates file in one group (``lesion_id``), in place, with a note.
 
     Pairs are joined transitively (a chain of pairs is one group), named by the smallest group id in
@@ -415,12 +406,12 @@ def merge_duplicates(data: Ham10000) -> None:
     if not path.is_file():
         raise DataError(f"schema key 'dataset.duplicates' (data.duplicates): {path}: file not found")
     notes: list[str] = []
-    frame, _ = _read_csv(path, notes, columns=schema.duplicate_columns, select=False)
+    frame, _ = read_table(path, notes, columns=schema.duplicate_columns, select=False)
     for column in schema.duplicate_columns:
         if column not in frame.columns:
             raise DataError(
                 f"{path}: column '{column}' named by schema key 'dataset.duplicate_columns' not found "
-                f"(columns: {_first(list(frame.columns))})"
+                f"(columns: {first(list(frame.columns))})"
             )
     meta = data.metadata
     known = set(meta["image_id"])

@@ -201,10 +201,10 @@ def lesion_grouped_subset(
     out = parent / f"ham10000-{cache_key(source.resolve())}-1in{keep_one_in}-seed{seed}"
     if (out / METADATA_FILE).is_file():
         return out
-    ham = read_ham10000(source)
-    keep = ham.metadata[fold_assignment(ham.metadata, keep_one_in, seed).to_numpy() == 0]
+    dataset = read_ham10000(source)
+    keep = dataset.metadata[fold_assignment(dataset.metadata, keep_one_in, seed).to_numpy() == 0]
     for src in [p for p in (*keep["path"], *keep["mask_path"]) if p]:
-        dest = out / Path(src).relative_to(ham.root)
+        dest = out / Path(src).relative_to(dataset.root)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if not dest.exists():
             try:

@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..config import replace
 from ..data.constants import CLASS_NAMES
-from ..data.ham10000 import load_mask
+from ..data.images import load_mask
 from ..data.schema import DatasetSchema
 from ..errors import ConfigError, DataError
 from ..io import atomic_write, safe_stem, write_json
@@ -99,7 +99,7 @@ def select_cases(
     """Rows to explain and why: the named image ids, else ``n`` cases of ``split`` by outcome
     (:func:`~.selection.select_by_outcome`: a correct case per class, errors, least confident)."""
     inputs = run.inputs
-    ids = inputs.ham.metadata["image_id"]
+    ids = inputs.dataset.metadata["image_id"]
     if cases:
         lookup = pd.Series(np.arange(len(ids)), index=ids.to_numpy())
         unknown = [c for c in cases if c not in lookup.index]
@@ -151,10 +151,10 @@ def compute_cams(run: LoadedRun, images: torch.Tensor, meta: torch.Tensor, targe
 
 def lesion_mask(inputs: RunInputs, row: int) -> np.ndarray | None:
     """The case's lesion mask at the model's input size, when the data has one."""
-    path = inputs.ham.metadata["mask_path"].iloc[row]
+    path = inputs.dataset.metadata["mask_path"].iloc[row]
     if not path:
         return None
-    with Image.open(inputs.ham.metadata["path"].iloc[row]) as img:
+    with Image.open(inputs.dataset.metadata["path"].iloc[row]) as img:
         original = img.size  # a mask must match its image before both are resized
     height, width = inputs.cfg.data.image_size
     return load_mask(path, size=(width, height), expected_size=original)
@@ -163,7 +163,7 @@ def lesion_mask(inputs: RunInputs, row: int) -> np.ndarray | None:
 def training_masks(inputs: RunInputs, limit: int, seed: int) -> np.ndarray | None:
     """Up to ``limit`` lesion masks of the training split (a seeded sample), (N, H, W) bool; None without."""
     train = inputs.indices("train")
-    with_mask = train[inputs.ham.metadata["mask_path"].iloc[train].astype(bool).to_numpy()]
+    with_mask = train[inputs.dataset.metadata["mask_path"].iloc[train].astype(bool).to_numpy()]
     if not len(with_mask) or not limit:
         return None
     rows = np.random.default_rng(seed).choice(with_mask, size=min(limit, len(with_mask)), replace=False)
@@ -295,7 +295,7 @@ def explain_run(
     pixels = explain_pixels(run, batch, timed)
     bg_emb, bg_meta = background(inputs, cfg.background_size, cfg.seed)
     groups = inputs.encoder.feature_groups_
-    raw = inputs.ham.metadata.iloc[rows][patient_features(inputs)].reset_index(drop=True)
+    raw = inputs.dataset.metadata.iloc[rows][patient_features(inputs)].reset_index(drop=True)
     game: dict[str, Any] = {
         "scale": cfg.shap_scale,
         "resamples": cfg.background_resamples,
@@ -343,7 +343,7 @@ def case_what_ifs(run: LoadedRun, batch: CaseBatch) -> list[WhatIf | None]:
     inputs = run.inputs
     if not inputs.model.uses_meta:
         return [None] * len(batch.rows)
-    raw = inputs.ham.metadata.iloc[batch.rows][patient_features(inputs)].reset_index(drop=True)
+    raw = inputs.dataset.metadata.iloc[batch.rows][patient_features(inputs)].reset_index(drop=True)
     embeddings = batch.embeddings
     return [
         what_if(
@@ -373,7 +373,7 @@ def _case(
 ) -> CaseExplanation:
     """The typed result of case ``i``."""
     row = int(batch.rows[i])
-    row_meta = run.inputs.ham.metadata.iloc[row]
+    row_meta = run.inputs.dataset.metadata.iloc[row]
     target = batch.targets[i]
     classes = run.inputs.schema.classes
     runner_up = int(np.argsort(-batch.probs[i])[1])
@@ -456,8 +456,8 @@ def _provenance(run: LoadedRun, split: str, n_cases: int, pixels: PixelSide | No
         "backbone": cfg.model.backbone,
         "weights": cfg.model.weights,
         "training": cfg.train.mode,
-        "data root": str(inputs.ham.root),
-        "data fingerprint": inputs.ham.fingerprint[:16],
+        "data root": str(inputs.dataset.root),
+        "data fingerprint": inputs.dataset.fingerprint[:16],
         "split": split,
         "cases": str(n_cases),
         "temperature": f"{run.temperature:.3f}",

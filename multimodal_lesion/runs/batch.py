@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data.ham10000 import IMAGE_EXTENSIONS, load_rgb
+from ..data.images import IMAGE_EXTENSIONS, load_rgb
 from ..data.patient import typed_column
 from ..data.schema import Features
 from ..errors import DataError, note

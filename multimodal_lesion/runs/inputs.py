@@ -20,9 +20,9 @@ import torch
 from ..config import ExperimentConfig, replace
 from ..data.cache import cache_home, default_cache_dir, image_array
 from ..data.constants import CLASSES
-from ..data.datasets import BATCH_AUGMENTATIONS, LesionDataset, Normalize, NormalizingCollate, build_augmentation
+from ..data.dataset import LesionDataset
+from ..data.datasets import BATCH_AUGMENTATIONS, LesionTorchDataset, Normalize, NormalizingCollate, build_augmentation
 from ..data.encoder import MetadataEncoder
-from ..data.ham10000 import Ham10000
 from ..data.reader import read_dataset
 from ..data.sampling import EpochSampler, ImageBatches, MapBatches, MetaDropout, TensorBatches
 from ..data.schema import DatasetSchema, preset
@@ -60,7 +60,7 @@ def resolve_schema_of(cfg: ExperimentConfig) -> DatasetSchema:
     return resolve_schema(cfg.data.schema, duplicates=cfg.data.duplicates)
 
 
-def resolve_data(cfg: ExperimentConfig, show: bool = True, schema: DatasetSchema | None = None) -> Ham10000:
+def resolve_data(cfg: ExperimentConfig, show: bool = True, schema: DatasetSchema | None = None) -> LesionDataset:
     """Read the configured data root with its schema, or generate / reuse the synthetic default.
 
     ``schema`` (a run's stored one) replaces the one ``cfg`` names.
@@ -76,16 +76,16 @@ def resolve_data(cfg: ExperimentConfig, show: bool = True, schema: DatasetSchema
     return read_dataset(root, schema, images=cfg.data.images, drop_missing=cfg.data.drop_missing)
 
 
-def make_splits(cfg: ExperimentConfig, ham: Ham10000) -> pd.DataFrame:
-    """Lesion-grouped, stratified split of ``ham``; with folds, ``data.fold`` is the validation fold."""
+def make_splits(cfg: ExperimentConfig, dataset: LesionDataset) -> pd.DataFrame:
+    """Lesion-grouped, stratified split of ``dataset``; with folds, ``data.fold`` is the validation fold."""
     d = cfg.data
     splits = split_lesions(
-        ham.metadata,
+        dataset.metadata,
         test_size=d.test_size,
         val_size=d.val_size,
         folds=d.folds,
         seed=d.split_seed,
-        group_label=split_rule(ham.schema),
+        group_label=split_rule(dataset.schema),
     )
     if d.folds:  # data.fold < data.folds: checked when the config was loaded
         splits["split"] = np.where(splits["fold"] < 0, "test", np.where(splits["fold"] == d.fold, "val", "train"))
@@ -102,7 +102,7 @@ class RunInputs:
     """Everything built from a config and a dataset that training, evaluation and explanation share."""
 
     cfg: ExperimentConfig
-    ham: Ham10000
+    dataset: LesionDataset
     splits: pd.DataFrame
     encoder: MetadataEncoder
     meta: np.ndarray
@@ -124,7 +124,7 @@ class RunInputs:
 
     @property
     def image_ids(self) -> list[str]:
-        return self.ham.metadata["image_id"].tolist()
+        return self.dataset.metadata["image_id"].tolist()
 
     @property
     def normalize(self) -> Normalize:
@@ -134,7 +134,7 @@ class RunInputs:
         return Normalize(dc["mean"], dc["std"])
 
     def n_lesions(self, split: str) -> int:
-        return int(self.ham.metadata["lesion_id"].iloc[self.indices(split)].nunique())
+        return int(self.dataset.metadata["lesion_id"].iloc[self.indices(split)].nunique())
 
     def images(self) -> np.ndarray:
         """The cached uint8 image array (N, H, W, 3), built on first use.
@@ -142,11 +142,11 @@ class RunInputs:
         A dataset without images (``data.images = 'none'``) reads as blank pixels that take no memory;
         no model sees them (:func:`prepare_inputs` refuses a model with an image branch there).
         """
-        if self.cached_images is None and not self.ham.has_images:
+        if self.cached_images is None and not self.dataset.has_images:
             blank = np.zeros((1, *self.cfg.data.image_size, 3), np.uint8)
-            self.cached_images = np.broadcast_to(blank, (len(self.ham.metadata), *blank.shape[1:]))
+            self.cached_images = np.broadcast_to(blank, (len(self.dataset.metadata), *blank.shape[1:]))
         if self.cached_images is None:
-            self.cached_images = image_array(self.ham, self.cfg.data.image_size, self.cfg.data.cache_dir or None)
+            self.cached_images = image_array(self.dataset, self.cfg.data.image_size, self.cfg.data.cache_dir or None)
         return self.cached_images
 
     def normalized_images(self, rows: np.ndarray) -> torch.Tensor:
@@ -164,10 +164,10 @@ class RunInputs:
             self.cached_embeddings = cached_embeddings(
                 branch,
                 self.images,
-                len(self.ham.metadata),
+                len(self.dataset.metadata),
                 self.normalize,
-                folder=default_cache_dir(self.ham, self.cfg.data.cache_dir or None),
-                fingerprint=self.ham.fingerprint,
+                folder=default_cache_dir(self.dataset, self.cfg.data.cache_dir or None),
+                fingerprint=self.dataset.fingerprint,
                 identity=identity,
                 flip_average=t.flip_average,
                 batch_size=t.embed_batch,
@@ -191,10 +191,10 @@ class RunInputs:
                 branch,
                 self.images,
                 self.cfg.data.image_size,
-                len(self.ham.metadata),
+                len(self.dataset.metadata),
                 self.normalize,
-                folder=default_cache_dir(self.ham, self.cfg.data.cache_dir or None),
-                fingerprint=self.ham.fingerprint,
+                folder=default_cache_dir(self.dataset, self.cfg.data.cache_dir or None),
+                fingerprint=self.dataset.fingerprint,
                 identity=embedding_identity(m.backbone, m.weights, False, self.cfg.data.image_size, "float32"),
                 batch_size=t.embed_batch,
                 device=self.device,
@@ -257,7 +257,7 @@ class RunInputs:
             return ImageBatches(
                 self.images(), idx, tensors, ids, t.batch_size, sampler, self.normalize, augment, t.seed
             )
-        dataset = LesionDataset(
+        torch_set = LesionTorchDataset(
             self.images(),
             self.meta,
             self.targets,
@@ -267,7 +267,7 @@ class RunInputs:
         )
         return EpochLoader(
             torch.utils.data.DataLoader(
-                dataset,
+                torch_set,
                 batch_size=t.batch_size,
                 sampler=sampler,
                 collate_fn=NormalizingCollate(self.normalize),
@@ -315,7 +315,7 @@ class EpochLoader:
 
 def prepare_inputs(
     cfg: ExperimentConfig,
-    ham: Ham10000,
+    dataset: LesionDataset,
     splits: pd.DataFrame,
     encoder: MetadataEncoder | None = None,
     *,
@@ -327,11 +327,11 @@ def prepare_inputs(
     """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    train_rows = ham.metadata[splits["split"].to_numpy() == "train"]
-    encoder = encoder or MetadataEncoder.for_features(ham.schema.features).fit(train_rows)
+    train_rows = dataset.metadata[splits["split"].to_numpy() == "train"]
+    encoder = encoder or MetadataEncoder.for_features(dataset.schema.features).fit(train_rows)
     with warnings.catch_warnings(record=True) as caught:  # categories unseen in training -> unknown
         warnings.simplefilter("always", Note)
-        meta = encoder.transform(ham.metadata).astype(np.float32)
+        meta = encoder.transform(dataset.metadata).astype(np.float32)
     notes = [str(w.message) for w in caught if issubclass(w.category, Note)]
     for message in notes:  # kept in metrics.json and told to the user
         note(message)
@@ -339,9 +339,9 @@ def prepare_inputs(
     seed_everything(cfg.train.seed)
     branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
     model = create_model(
-        cfg.model.name, meta_dim=meta.shape[1], num_classes=ham.schema.n_classes, cfg=cfg.model, image_branch=branch
+        cfg.model.name, meta_dim=meta.shape[1], num_classes=dataset.schema.n_classes, cfg=cfg.model, image_branch=branch
     )
-    if model.image_branch is not None and not ham.has_images:
+    if model.image_branch is not None and not dataset.has_images:
         raise ConfigError(
             f"model.name: '{cfg.model.name}' reads images but the data has none (data.images = 'none'); "
             "use a model without an image branch (metadata_only)"
@@ -355,8 +355,8 @@ def prepare_inputs(
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    targets = class_targets(ham.metadata, ham.schema.classes)
-    inputs = RunInputs(cfg, ham, splits, encoder, meta, targets, model, device, notes, schema=ham.schema)
+    targets = class_targets(dataset.metadata, dataset.schema.classes)
+    inputs = RunInputs(cfg, dataset, splits, encoder, meta, targets, model, device, notes, schema=dataset.schema)
     if branch is not None and shared is not None:
         inputs.cached_embeddings = shared.cached_embeddings
     return inputs
@@ -364,6 +364,6 @@ def prepare_inputs(
 
 def inputs_from_config(cfg: ExperimentConfig, show: bool = True) -> tuple[ExperimentConfig, RunInputs]:
     """Data, split and model of a new run as configured; the returned config names the resolved data root."""
-    ham = resolve_data(cfg, show)
-    cfg = replace(cfg, data={"root": str(ham.root)})
-    return cfg, prepare_inputs(cfg, ham, make_splits(cfg, ham))
+    dataset = resolve_data(cfg, show)
+    cfg = replace(cfg, data={"root": str(dataset.root)})
+    return cfg, prepare_inputs(cfg, dataset, make_splits(cfg, dataset))

@@ -126,13 +126,13 @@ def load_run(
     cfg = folder.read_config()
     if data is not None or data_settings:
         cfg = replace(cfg, data={**(data_settings or {}), **({"root": str(data)} if data is not None else {})})
-    ham = resolve_data(cfg, show, folder.read_schema())
+    dataset = resolve_data(cfg, show, folder.read_schema())
     saved = folder.read_splits()
-    splits = ham.metadata[["image_id"]].merge(saved[["image_id", "split"]], on="image_id", how="left")
+    splits = dataset.metadata[["image_id"]].merge(saved[["image_id", "split"]], on="image_id", how="left")
     splits["split"] = splits["split"].fillna("unassigned")
     on = _device(cfg, folder, device)
     inputs = prepare_inputs(
-        replace(cfg, model={"weights": "none"}, train={"device": on.type}), ham, splits, folder.read_encoder()
+        replace(cfg, model={"weights": "none"}, train={"device": on.type}), dataset, splits, folder.read_encoder()
     )
     inputs.cfg = cfg
     return LoadedRun(folder, inputs, _load_weights(inputs.model, folder))

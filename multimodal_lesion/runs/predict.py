@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from ..data.datasets import Normalize
-from ..data.ham10000 import load_rgb
+from ..data.images import load_rgb
 from ..data.patient import read_patient
 from ..data.schema import DatasetSchema
 from ..errors import ConfigError, note
@@ -202,13 +202,13 @@ class Case:
 
     def table(self, schema: DatasetSchema) -> pd.DataFrame:
         """The patient fields as a one-row table by the reader's rules (HAM10000's for its features)."""
-        ham = {"age", "sex", "localization"}
-        unknown = sorted(set(self.patient) - set(schema.features.names) - ham)
+        dataset = {"age", "sex", "localization"}
+        unknown = sorted(set(self.patient) - set(schema.features.names) - dataset)
         if unknown:
             raise ConfigError(
                 f"unknown patient field(s) {', '.join(unknown)} (this run reads {', '.join(schema.features.names)})"
             )
-        if set(schema.features.names) <= ham:
+        if set(schema.features.names) <= dataset:
             return read_patient(**{k: self.patient.get(k) for k in ("age", "sex", "localization")})
         return pd.DataFrame([{f: self.patient.get(f) for f in schema.features.names}])
 
@@ -233,7 +233,7 @@ def predict_image(
     """Calibrated class probabilities for one image and optional patient fields (None = unknown).
 
     The inputs follow the reader's rules (:func:`~multimodal_lesion.data.patient.read_patient`,
-    :func:`~multimodal_lesion.data.ham10000.load_rgb`) and are checked before the model is loaded:
+    :func:`~multimodal_lesion.data.images.load_rgb`) and are checked before the model is loaded:
     an age outside 0-120 or a tiny, corrupt or missing image is a :class:`DataError` naming the field
     or file; an unrecognised sex or localization is read as unknown, with a note.
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..data.ham10000 import Ham10000
+from ..data.dataset import LesionDataset
 from ..data.reader import read_dataset
 from ..data.schema import DatasetSchema, map_classes
 from ..data.schema_file import resolve_schema
@@ -66,7 +66,7 @@ class ExternalOptions:
     duplicates: str = ""  # OTHER's duplicates file, replacing its schema's (pairs share a group in the CI)
 
 
-def read_other(root: str | Path, schema: DatasetSchema, images: str = "") -> Ham10000:
+def read_other(root: str | Path, schema: DatasetSchema, images: str = "") -> LesionDataset:
     """OTHER's images in the canonical table; listed images that are absent are left out (a partial download)."""
     return read_dataset(root, schema, images=images, drop_missing=True)
 

@@ -86,7 +86,7 @@ def missing_metadata_scores(
     rows = inputs.indices(split)
     embedding = inputs.embeddings_of(rows)
     y = inputs.targets[rows]
-    lesions = inputs.ham.metadata["lesion_id"].to_numpy()[rows]
+    lesions = inputs.dataset.metadata["lesion_id"].to_numpy()[rows]
     out: dict[str, Any] = {"split": split, "n_images": len(rows), "n_lesions": len(set(lesions))}
     for name, features in metadata_variants(list(inputs.encoder.feature_groups_)).items():
         for how in ways if features else ("unknown",):

@@ -98,7 +98,7 @@ def evaluate(
         "balanced_temperature": balanced.temperature_,
         "balanced_bias": dict(zip(schema.classes, balanced.bias_.tolist(), strict=True)),
     }
-    lesions = inputs.ham.metadata["lesion_id"].to_numpy()
+    lesions = inputs.dataset.metadata["lesion_id"].to_numpy()
     scores = {}
     for split in splits:
         z, y, ids = logits[split]
@@ -132,7 +132,7 @@ def trust_report(
     subgroup audit, and the metrics with patient features absent (models that read metadata)."""
     u = inputs.cfg.uncertainty
     rows = inputs.indices(split)
-    meta = inputs.ham.metadata.iloc[rows]
+    meta = inputs.dataset.metadata.iloc[rows]
     key = inputs.schema.key_index
     return {
         "uncertainty": uncertainty_summary(
@@ -193,7 +193,7 @@ def train_run(
             mode=cfg.train.mode,
             notes=inputs.notes,
             world_size=info.world_size,
-            data_root=str(inputs.ham.root),
+            data_root=str(inputs.dataset.root),
             n_lesions={s: inputs.n_lesions(s) for s in ("train", "val", "test")},
         )
         folder.write_metrics(evaluation.metrics)
