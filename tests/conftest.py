@@ -736,6 +736,43 @@ def write_tiny_pad_ufes_20(root: Path, n_patients: int = 36, seed: int = 0, imag
     return root
 
 
+#: A user's own schema (not a preset): three classes, patient groups, features sex, location, elevation, no masks.
+CLINIC_SCHEMA = """[dataset]
+name = "clinic"
+metadata = "cases.csv"
+image_column = "image"
+label_column = "diagnosis"
+classes = ["naevus", "melanoma", "keratosis"]
+key_class = "melanoma"
+patient_column = "patient"
+group_by = "patient"
+[features]
+categorical = ["sex", "location"]
+boolean = ["elevation"]
+"""
+
+
+def write_tiny_clinic(root: Path, n_patients: int = 24, seed: int = 0) -> Path:
+    """A clinic's own data for :data:`CLINIC_SCHEMA` (``schema.toml`` beside ``cases.csv``): two PNGs per
+    patient, tinted by class so that a tiny model learns something."""
+    rng = np.random.default_rng(seed)
+    classes, tints = ("naevus", "melanoma", "keratosis"), ((150, 90, 60), (60, 40, 40), (170, 150, 110))
+    rows = []
+    (root / "photos").mkdir(parents=True, exist_ok=True)
+    for p in range(n_patients):
+        for k in range(2):
+            name = f"case{p:03d}_{k}"
+            noise = rng.integers(-40, 40, size=(48, 64, 3))
+            pixels = np.clip(np.asarray(tints[p % 3]) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "photos" / f"{name}.png")
+            sex, location = ["female", "male", ""][p % 3], ["arm", "back", "face", "leg"][(p + k) % 4]
+            rows.append(dict(image=name, diagnosis=classes[p % 3], patient=f"P{p}", sex=sex, location=location,
+                             elevation=["yes", "no", ""][(p + k) % 3]))  # fmt: skip
+    pd.DataFrame(rows).to_csv(root / "cases.csv", index=False)
+    (root / "schema.toml").write_text(CLINIC_SCHEMA)
+    return root
+
+
 @pytest.fixture
 def tiny_isic2019(tmp_path: Path) -> tuple[Path, Path]:
     """(CSV root, image root) of a tiny ISIC 2019 whose images live apart from its CSVs."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -19,6 +20,8 @@ from multimodal_lesion.data.constants import CLASSES, MASK_DIR, MASK_SUFFIX, MET
 from multimodal_lesion.data.dataset import LesionDataset
 from multimodal_lesion.data.ham10000 import read_ham10000
 from multimodal_lesion.data.images import load_mask, load_rgb
+from multimodal_lesion.data.reader import read_dataset
+from multimodal_lesion.data.schema import preset
 from multimodal_lesion.errors import DataError
 
 
@@ -407,3 +410,29 @@ def test_reads_real_ham10000(real_data_root: Path) -> None:
     mask = load_mask(meta.mask_path[0], expected_size=img.size)
     assert img.size == (200, 150) and 0 < mask.mean() < 1
     assert len(dataset.fingerprint) == 64
+
+
+#: sha256 of the real HAM10000's table as the dedicated HAM10000 reader read it (commit 57cbeb9, before the
+#: generic reader took over through the preset): rows, order, values, dtypes (paths relative to the root).
+REAL_TABLE_SHA256 = "88243d0abd8908dbad099127ea07e773cbeffe0574c6239a15467d7b737578d0"
+
+
+def _table_digest(meta: pd.DataFrame, root: Path) -> str:
+    relative = meta.assign(**{c: meta[c].str.removeprefix(f"{root}/") for c in ("path", "mask_path")})
+    text = relative.to_csv(index=False, na_rep="NaN", float_format="%.17g")
+    text += "\n" + ",".join(f"{c}:{t}" for c, t in relative.dtypes.items())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.real_data
+def test_the_generic_reader_reads_real_ham10000_as_the_dedicated_reader_did(real_data_root: Path) -> None:
+    """HAM10000's rules live in its preset now; the table every result rests on must not move."""
+    dataset = read_dataset(real_data_root, preset("ham10000"))
+    meta = dataset.metadata
+    assert list(meta.columns) == [*METADATA_COLUMNS, "path", "mask_path"] and dataset.notes == []
+    assert meta.age.dtype == np.float64 and all(
+        str(meta[c].dtype) in ("str", "string", "object") for c in meta if c != "age"
+    )
+    assert (meta.dx_type == "follow_up").sum() == 3704  # the leak column stays in the table (the data report)
+    assert _table_digest(meta, dataset.root) == REAL_TABLE_SHA256
+    pd.testing.assert_frame_equal(meta, read_ham10000(real_data_root).metadata)

@@ -251,3 +251,68 @@ def test_split_command_keeps_a_duplicates_file_pair_together(cli, tiny_ham: Path
     splits = pd.read_csv(out).set_index("image_id")
     assert splits.loc["ISIC_0024306", "lesion_id"] == splits.loc["ISIC_0024330", "lesion_id"]
     assert splits.loc["ISIC_0024306", "fold"] == splits.loc["ISIC_0024330", "fold"]
+
+
+# --- a user's own schema: the reader's rules come from the schema, messages in the user's words ------------
+
+
+def _clinic(tmp_path: Path):
+    from conftest import write_tiny_clinic
+
+    from multimodal_lesion.data.schema_file import load_schema
+
+    root = write_tiny_clinic(tmp_path / "clinic")
+    return root, load_schema(root / "schema.toml")
+
+
+def test_an_image_column_set_to_another_column_names_the_user_s_column_and_key(tmp_path: Path) -> None:
+    """The user has no 'image_id': a repeated id is named by their column and the key that chose it."""
+    root, schema = _clinic(tmp_path)
+    with pytest.raises(DataError) as info:
+        read_dataset(root, dataclasses.replace(schema, image_column="diagnosis"))
+    message = str(info.value)
+    assert message.startswith(f"{root / 'cases.csv'}: column 'diagnosis' (the image column, schema key ")
+    assert "'dataset.image_column'): 3 duplicated id(s): naevus, melanoma, keratosis (rows 1, 2, 3, 4, 5, ...)" in (
+        message
+    )
+    assert "image_id" not in message
+
+
+def test_a_patient_grouped_split_speaks_of_patients(tmp_path: Path) -> None:
+    root, schema = _clinic(tmp_path)
+    meta = read_dataset(root, schema).metadata.iloc[:4]  # 2 patients of 2 classes: too few for 3 splits
+    with pytest.raises(DataError, match=r"^split: 2 patient\(s\) cannot fill 3 non-empty splits/folds$"):
+        split_lesions(meta, group_label="rarest")
+    with pytest.warns(UserWarning) as caught:
+        split_lesions(read_dataset(root, schema).metadata.iloc[:12], folds=3, test_size=0.2, group_label="rarest")
+    assert any("class(es) with fewer patients than the 4 splits/folds" in str(w.message) for w in caught)
+    assert all(w.category.__name__ == "Note" for w in caught)  # printed as 'note:' lines by the CLI
+
+
+def test_masks_are_found_by_the_schema_s_suffix(tiny_ham: Path) -> None:
+    for mask in (tiny_ham / "HAM10000_segmentations_lesion_tschandl").iterdir():
+        mask.rename(mask.with_name(mask.name.replace("_segmentation.png", "_lesion.png")))
+    schema = dataclasses.replace(preset("ham10000"), mask_suffix="_lesion.png")
+    meta = read_dataset(tiny_ham, schema).metadata
+    assert meta["mask_path"].map(lambda p: p.endswith("_lesion.png") and Path(p).is_file()).all()
+    with pytest.warns(UserWarning, match=r"image\(s\) found but not listed .*: ISIC_0024306_lesion"):
+        plain = read_dataset(tiny_ham, preset("ham10000")).metadata  # another suffix: no masks, extra images
+    assert (plain["mask_path"] == "").all()
+
+
+def test_a_release_layout_and_plain_ids_are_schema_keys(tmp_path: Path) -> None:
+    """HAM10000's rules (fixed columns, plain ids) are keys any schema may set, read by the one reader."""
+    root, schema = _clinic(tmp_path)
+    layout = ("patient", "image", "diagnosis", "sex", "location", "elevation")
+    fixed = dataclasses.replace(schema, columns=layout, plain_ids=("patient", "image"))
+    meta = read_dataset(root, fixed).metadata
+    in_layout = ["patient_id", "image_id", "dx", "sex", "location", "elevation"]  # canonical names, file order
+    assert list(meta.columns) == [*in_layout, "lesion_id", "path", "mask_path"]
+    raw = pd.read_csv(root / "cases.csv", dtype=str, keep_default_na=False)
+    raw.loc[3, "image"] = "photos/case001_1"
+    raw.to_csv(root / "cases.csv", index=False)
+    with pytest.raises(DataError, match=r"row 4 \(line 5\), column 'image': 'photos/case001_1' is not a plain id"):
+        read_dataset(root, fixed)
+    raw.drop(columns="sex").to_csv(root / "cases.csv", index=False)
+    with pytest.raises(DataError, match=r"not CLINIC-shaped: missing column\(s\) 'sex'; expected the columns"):
+        read_dataset(root, fixed)

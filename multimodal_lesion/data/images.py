@@ -59,9 +59,10 @@ class ImageScan:
     broken: dict[str, str] = field(default_factory=dict)  # stem -> relative path of a link that cannot be followed
 
 
-def scan_images(root: Path, notes: list[str]) -> ImageScan:
+def scan_images(root: Path, notes: list[str], mask_suffix: str = MASK_SUFFIX) -> ImageScan:
     """Walk ``root`` once collecting images and masks.
 
+    A mask is a file named ``<image stem><mask_suffix>`` (a schema's ``mask_suffix``; empty: no masks).
     Hidden entries are skipped; folder links are not followed; broken or looping links and
     unreadable sub-folders are skipped. Each kind of skipped entry is reported in ``notes``.
     """
@@ -85,7 +86,7 @@ def scan_images(root: Path, notes: list[str]) -> ImageScan:
             elif kind == "linked folder":
                 skipped["linked"].append(os.path.relpath(entry.path, root))
             elif kind == "file":
-                _add_file(scan, Path(entry.path), root)
+                _add_file(scan, Path(entry.path), root, mask_suffix.lower())
     _note_skipped(skipped, notes)
     return scan
 
@@ -129,17 +130,17 @@ def _list_folder(folder: Path, root: Path, unreadable: list[str]) -> list[os.Dir
         return []
 
 
-def _add_file(scan: ImageScan, path: Path, root: Path) -> None:
+def _add_file(scan: ImageScan, path: Path, root: Path, mask_suffix: str) -> None:
     """Register an image or mask by stem; refuse links out of the root and ambiguous stems."""
     name = path.name
-    is_mask = name.lower().endswith(MASK_SUFFIX)
+    is_mask = bool(mask_suffix) and name.lower().endswith(mask_suffix)
     if not is_mask and path.suffix.lower() not in IMAGE_EXTENSIONS:
         if name.lower().endswith(ARCHIVE_EXTENSIONS):
             scan.archives.append(os.path.relpath(path, root))
         return
     if path.is_symlink() and not path.resolve().is_relative_to(root):
         raise DataError(f"{path}: links outside the data root {root}; refusing to read it")
-    stem, table = (name[: -len(MASK_SUFFIX)], scan.masks) if is_mask else (path.stem, scan.images)
+    stem, table = (name[: -len(mask_suffix)], scan.masks) if is_mask else (path.stem, scan.images)
     if stem in table:
         kind = "mask" if is_mask else "image"
         raise DataError(f"{path}: {kind} '{stem}' found twice (also {table[stem]}); keep one copy")
@@ -155,11 +156,15 @@ def attach_files(
     drop_missing: bool,
     notes: list[str],
     image_root: Path | None = None,
+    column: str = "image_id",
 ) -> pd.DataFrame:
-    """Add ``path``/``mask_path``; fail (or drop, when asked) on listed images that are not found."""
+    """Add ``path``/``mask_path``; fail (or drop, when asked) on listed images that are not found.
+
+    ``column`` is the image column's name in the user's file (messages name it).
+    """
     csv_path = src.path
     below = image_root or csv_path.parent
-    df = _match_extensions(df, scan, src, notes)
+    df = _match_extensions(df, scan, src, notes, column)
     found = df["image_id"].isin(scan.images.keys())
     if not found.all():
         lost = list(df.loc[~found, "image_id"])
@@ -184,7 +189,9 @@ def attach_files(
     return df
 
 
-def _match_extensions(df: pd.DataFrame, scan: ImageScan, src: TableSource, notes: list[str]) -> pd.DataFrame:
+def _match_extensions(
+    df: pd.DataFrame, scan: ImageScan, src: TableSource, notes: list[str], column: str
+) -> pd.DataFrame:
     """An id written with its image's extension ('ISIC_0024306.jpg') names the file without it (noted)."""
 
     def stem(image_id: str) -> str:
@@ -198,10 +205,10 @@ def _match_extensions(df: pd.DataFrame, scan: ImageScan, src: TableSource, notes
         return df
     rows = [int(p) + 1 for p in np.flatnonzero(changed.to_numpy())]
     notes.append(
-        f"{src.path.name}: column 'image_id': {len(rows)} id(s) written with a file extension, matched "
+        f"{src.path.name}: column '{column}': {len(rows)} id(s) written with a file extension, matched "
         f"without it: {first(list(df.loc[changed, 'image_id']))} (rows {first(rows)})"
     )
-    check_unique(ids, src.path, " once the file extension is removed")
+    check_unique(ids, src.path, " once the file extension is removed", column)
     return df.assign(image_id=ids)
 
 

@@ -1,17 +1,22 @@
 """Read any dataset by its schema into the canonical table (see :mod:`~multimodal_lesion.data.schema`).
 
-The HAM10000 preset goes through its dedicated reader (:func:`~.ham10000.read_ham10000`, unchanged);
-every other schema through the generic one here, which keeps the same rules: every cell read as text
-and checked, one-line :class:`DataError` naming the file, row and column (and the schema key when a
-named column is absent), notes for what it tolerates, images found by stem anywhere below the image
-root (or by a relative path that never leaves it), listed-but-missing images refused or dropped with
-``drop_missing``. Both readers then keep a duplicates file's pairs in one group.
+One reader for every schema, HAM10000's preset included: every cell is read as text and checked; a
+mistake is a one-line :class:`DataError` naming the file, row and column (and the schema key when a
+named column is absent); what is tolerated is reported in :attr:`LesionDataset.notes`, each note also
+emitted with :func:`~multimodal_lesion.errors.note` so that every command tells the user. What differs
+between datasets is said by the schema, never by the reader: a release's fixed column layout
+(``columns``), ids that must be plain file stems (``plain_ids``), the label's classes and spellings,
+the age feature (a number from 0 to 120), fixed vocabularies (``features.categories``: values outside
+read as unknown, noted), and masks found by their suffix (``mask_suffix``). Images are found by stem
+anywhere below the image root (or by a relative path that never leaves it); listed-but-missing images
+are refused, or dropped with ``drop_missing``. A duplicates file's pairs are then kept in one group.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from pathlib import Path
 
@@ -21,12 +26,10 @@ import pandas as pd
 from ..errors import DataError, note
 from .constants import UNKNOWN
 from .dataset import LesionDataset
-from .ham10000 import read_ham10000
 from .images import IMAGE_EXTENSIONS, attach_files, image_folder, scan_images
-from .patient import more_rows as _more
-from .patient import parse_category, typed_column
+from .patient import more_rows, parse_category, typed_column
 from .schema import DatasetSchema, preset
-from .tables import TableSource, check_unique, first, read_table, short
+from .tables import SHOW, TableSource, check_unique, first, read_table, short
 
 #: ``data.images`` value of a dataset without images (metadata-only models and the gradient-boosting floor).
 NO_IMAGES = "none"
@@ -46,13 +49,12 @@ def read_dataset(
         images: the folder the images are below when not ``root``; ``"none"``: a dataset without
             images (every ``path`` empty; only models without an image branch can use it).
         drop_missing: drop listed images that are not found (reported) instead of failing.
+
+    Raises:
+        DataError: one line naming the file / row / column of the first problem found.
     """
     schema = schema or preset("ham10000")
-    if images != NO_IMAGES and dataclasses.replace(schema, duplicates="") == preset("ham10000"):
-        data = read_ham10000(root, drop_missing=drop_missing, images=images or None)
-        data.schema = schema
-    else:
-        data = _read_generic(_data_root(root, schema), schema, images, drop_missing)
+    data = _read(_data_root(root, schema), schema, images, drop_missing)
     if schema.duplicates:
         merge_duplicates(data)
     return data
@@ -88,11 +90,12 @@ class _Joined:
         return " + ".join(str(s.path) for s in self.sources)
 
 
-def _read_generic(root: Path, schema: DatasetSchema, images: str, drop_missing: bool) -> LesionDataset:
-    """The generic reader: join, check, type and attach the images (see the module docstring)."""
+def _read(root: Path, schema: DatasetSchema, images: str, drop_missing: bool) -> LesionDataset:
+    """Join, check, type and attach the images (see the module docstring)."""
     notes: list[str] = []
     joined = _join(root, schema, notes)
     _check_named_columns(joined, schema)
+    _check_plain_ids(joined, schema)
     table = pd.DataFrame({"image_id": _image_ids(joined, schema)}, index=joined.table.index)
     table["dx"] = _labels(joined, schema)
     table["lesion_id"], own = _groups(joined, schema, table["image_id"])
@@ -102,7 +105,8 @@ def _read_generic(root: Path, schema: DatasetSchema, images: str, drop_missing: 
         table[name] = values
     _note_unused(joined, schema, notes)
     if schema.group_by == "group" and schema.group_column:
-        _note_mixed_labels(table, joined.sources[0].path, notes)
+        _note_mixed_labels(table, joined.sources[0].path, schema, notes)
+    table = _in_layout_order(table, joined, schema)
     table, image_root = _attach_images(table, root, schema, images, joined.sources[0], drop_missing, notes)
     _note_own_groups(table, own, joined, schema, notes)
     for message in notes:
@@ -116,15 +120,19 @@ def _join(root: Path, schema: DatasetSchema, notes: list[str]) -> _Joined:
     key = schema.image_column
     wanted = _named_columns(schema)
     frames, sources = [], []
-    for name in schema.metadata:
-        frame, src = read_table(_inside(root, name, "dataset.metadata"), notes, columns=wanted, select=False)
+    for i, name in enumerate(schema.metadata):
+        path = _inside(root, name, "dataset.metadata", follow_links=False)
+        if i == 0 and schema.columns:  # a release's layout: its columns required, kept in order, others noted
+            frame, src = read_table(path, notes, columns=schema.columns, select=True, shape=schema.name.upper())
+        else:
+            frame, src = read_table(path, notes, columns=wanted, select=False)
         if key not in frame.columns:
             raise DataError(
                 f"{src.path}: column '{key}' named by schema key 'dataset.image_column' not found "
                 f"(schema {schema.name}; columns: {first(list(frame.columns))})"
             )
         frame = frame.apply(lambda col: col.str.strip())
-        check_unique(frame[key], src.path)
+        check_unique(frame[key], src.path, column=key, key=_image_key(key))
         frames.append(frame)
         sources.append(src)
     table = frames[0]
@@ -166,12 +174,21 @@ def _join_one(
     return table.merge(extra, on=key, how="left", validate="one_to_one"), found
 
 
-def _inside(root: Path, name: str, key: str) -> Path:
-    """``root / name``, refused (naming ``key``) when it leaves ``root``."""
-    path = (root / name).resolve()
+def _inside(root: Path, name: str, key: str, *, follow_links: bool = True) -> Path:
+    """``root / name``, refused (naming ``key``) when it leaves ``root``.
+
+    With ``follow_links=False`` the path is checked as written (a file the user linked into the
+    root is theirs to read) and returned as written, so messages name the file the user knows.
+    """
+    path = (root / name).resolve() if follow_links else Path(os.path.normpath(root / name))
     if not path.is_relative_to(root):
         raise DataError(f"schema key '{key}': {name!r} is outside the data root {root}; refusing to read it")
     return path
+
+
+def _image_key(column: str) -> str:
+    """The schema key to name beside the image column when the user's column is not called 'image_id'."""
+    return "" if column == "image_id" else "dataset.image_column"
 
 
 def _named_columns(schema: DatasetSchema) -> list[str]:
@@ -189,6 +206,7 @@ def _check_named_columns(joined: _Joined, schema: DatasetSchema) -> None:
         ("dataset.label_columns", list(schema.label_columns)),
         ("dataset.group_column", [schema.group_column]),
         ("dataset.patient_column", [schema.patient_column]),
+        ("dataset.plain_ids", list(schema.plain_ids)),
         ("features.numeric", list(f.numeric)),
         ("features.categorical", list(f.categorical)),
         ("features.boolean", list(f.boolean)),
@@ -201,6 +219,25 @@ def _check_named_columns(joined: _Joined, schema: DatasetSchema) -> None:
             )
 
 
+def _in_layout_order(table: pd.DataFrame, joined: _Joined, schema: DatasetSchema) -> pd.DataFrame:
+    """With a fixed layout (``columns``), the table in the release's column order: the image, label,
+    group and patient columns under their canonical names, the other layout columns as read (text)."""
+    if not schema.columns:
+        return table
+    canonical = {
+        schema.image_column: "image_id",
+        schema.label_column: "dx",
+        schema.group_column: "lesion_id",
+        schema.patient_column: "patient_id",
+    }
+    out = {}
+    for column in schema.columns:
+        name = canonical.get(column, column)
+        out[name] = table[name] if name in table.columns else joined.table[column]
+    rest = {c: table[c] for c in table.columns if c not in out}
+    return pd.DataFrame({**out, **rest}, index=table.index)
+
+
 def _note_unused(joined: _Joined, schema: DatasetSchema, notes: list[str]) -> None:
     """Name the columns the schema does not use (leak columns are dropped on purpose)."""
     unused = [c for c in joined.table.columns if c not in _named_columns(schema) and c not in schema.leak_columns]
@@ -209,6 +246,19 @@ def _note_unused(joined: _Joined, schema: DatasetSchema, notes: list[str]) -> No
 
 
 # --- ids, labels, groups ---------------------------------------------------------------------------
+
+
+def _check_plain_ids(joined: _Joined, schema: DatasetSchema) -> None:
+    """The ``plain_ids`` columns hold plain file stems: no path separators, no '..', no markup, not empty."""
+    for column in schema.plain_ids:
+        values = joined.table[column]
+        bad = ~values.map(lambda v: bool(_PART.fullmatch(v)) and ".." not in v)
+        if bad.any():
+            pos = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(
+                f"{joined.where(pos, column)}: {short(values.iloc[pos])} is not a plain id "
+                f"(letters, digits, '_', '-', '.'; no path separators, '..' or markup){more_rows(int(bad.sum()))}"
+            )
 
 
 def _image_ids(joined: _Joined, schema: DatasetSchema) -> pd.Series:
@@ -220,7 +270,7 @@ def _image_ids(joined: _Joined, schema: DatasetSchema) -> pd.Series:
         raise DataError(
             f"{joined.where(pos, schema.image_column)}: {short(ids.iloc[pos])} is not an image id or a relative "
             f"path below the image root (letters, digits, '_', '-', '.', '/' between names; no '..', no absolute "
-            f"path){_more(int(bad.sum()))}"
+            f"path){more_rows(int(bad.sum()))}"
         )
     return ids
 
@@ -237,9 +287,12 @@ def _labels(joined: _Joined, schema: DatasetSchema) -> pd.Series:
     bad = ~labels.isin(schema.classes)
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
+        where, value, count = joined.where(pos, column.iloc[pos]), short(raw.iloc[pos]), more_rows(int(bad.sum()))
+        if not schema.label_map:  # the classes are the file's own spellings
+            raise DataError(f"{where}: unknown diagnosis {value} (expected one of {', '.join(schema.classes)}){count}")
         raise DataError(
-            f"{joined.where(pos, column.iloc[pos])}: label {short(raw.iloc[pos])} is neither one of dataset.classes "
-            f"({', '.join(schema.classes)}) nor a key of dataset.label_map{_more(int(bad.sum()))}"
+            f"{where}: label {value} is neither one of dataset.classes ({', '.join(schema.classes)}) nor a key of "
+            f"dataset.label_map{count}"
         )
     return labels
 
@@ -256,7 +309,7 @@ def _one_hot(joined: _Joined, schema: DatasetSchema) -> tuple[pd.Series, pd.Seri
             pos = int(np.flatnonzero(bad)[0])
             raise DataError(
                 f"{joined.where(pos, column)}: {short(cells.iloc[pos])} is not 0 or 1 (dataset.label_columns are "
-                f"one-hot){_more(int(bad.sum()))}"
+                f"one-hot){more_rows(int(bad.sum()))}"
             )
         values[:, j] = numbers
     ones = values.sum(axis=1)
@@ -264,7 +317,7 @@ def _one_hot(joined: _Joined, schema: DatasetSchema) -> tuple[pd.Series, pd.Seri
         pos = int(np.flatnonzero(ones != 1)[0])
         raise DataError(
             f"{joined.where(pos, columns[0])}: {int(ones[pos])} of the one-hot label columns "
-            f"({', '.join(columns)}) are 1, expected exactly one{_more(int((ones != 1).sum()))}"
+            f"({', '.join(columns)}) are 1, expected exactly one{more_rows(int((ones != 1).sum()))}"
         )
     names = pd.Series(np.asarray(columns, dtype=object)[values.argmax(axis=1)], index=joined.table.index)
     return names, names
@@ -296,14 +349,16 @@ def _note_own_groups(
         )
 
 
-def _note_mixed_labels(table: pd.DataFrame, path: Path, notes: list[str]) -> None:
+def _note_mixed_labels(table: pd.DataFrame, path: Path, schema: DatasetSchema, notes: list[str]) -> None:
     """Report groups whose images disagree on the label (splits label a group by its majority)."""
     n = table.groupby("lesion_id", sort=True)["dx"].nunique()
     mixed = list(n.index[n > 1])
     if mixed:
+        noun = schema.group_noun[:-1]  # 'lesion'
+        label = schema.label_column or "label"
         notes.append(
-            f"{path.name}: {len(mixed)} group(s) with images of different labels: {first(mixed)} "
-            "(splits use each group's most frequent label)"
+            f"{path.name}: {len(mixed)} {noun}(s) with images of different '{label}': {first(mixed)} "
+            f"(splits use each {noun}'s most frequent {label})"
         )
 
 
@@ -326,16 +381,18 @@ def _where(joined: _Joined, column: str, row: int) -> str:
 
 
 def _vocabulary(joined: _Joined, column: str, values: pd.Series, schema: DatasetSchema, notes: list[str]) -> pd.Series:
-    """Values outside a fixed vocabulary (``features.categories``) read as unknown, with a note."""
+    """Values outside a fixed vocabulary (``features.categories``) read as unknown, with a note naming the rows."""
     known = schema.features.categories.get(column)
     if known is None:
         return values
     odd = (values != UNKNOWN) & ~values.isin(known)
     if odd.any():
+        origin = joined.origin.get(column, 0)
+        rows = [int(joined.rows[origin][p]) + 1 for p in np.flatnonzero(odd.to_numpy())[:SHOW]]
         notes.append(
-            f"{joined.sources[joined.origin.get(column, 0)].path.name}: column '{column}': {int(odd.sum())} row(s) "
-            f"with value(s) outside features.categories.{column} {first(sorted(set(values[odd])))} read as "
-            f"'{UNKNOWN}'"
+            f"{joined.sources[origin].path.name}: column '{column}': {int(odd.sum())} row(s) with unrecognised "
+            f"value(s) {first([short(v) for v in sorted(set(values[odd]))])} read as '{UNKNOWN}' "
+            f"(rows {', '.join(map(str, rows))}{', ...' if odd.sum() > SHOW else ''})"
         )
     return values.where(~odd, UNKNOWN)
 
@@ -362,7 +419,8 @@ def _attach_images(
         raise DataError(f"schema key 'dataset.image_dir': {below} is not a folder")
     if table["image_id"].str.contains("/").any():
         return _attach_paths(table, below, schema, src, drop_missing, notes), image_root
-    return attach_files(table, scan_images(below, notes), src, drop_missing, notes, below), image_root
+    scan = scan_images(below, notes, schema.mask_suffix)
+    return attach_files(table, scan, src, drop_missing, notes, below, schema.image_column), image_root
 
 
 def _attach_paths(

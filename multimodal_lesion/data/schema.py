@@ -77,7 +77,15 @@ class DatasetSchema:
         key_class: the class of the clinical metrics (melanoma by default).
         binary: a key-class-vs-rest task (AUROC, sensitivity at fixed specificity, balanced accuracy).
         mask_dir: folder of lesion masks, relative to the root (empty: none).
-        mask_suffix: a mask's file name is ``<image stem><mask_suffix>``.
+        mask_suffix: a mask's file name is ``<image stem><mask_suffix>``, found anywhere below the image root
+            (empty: the dataset has no masks).
+        columns: the first metadata file's fixed layout (a released file's columns): each one is required (a
+            file without it is refused as not shaped like the release), the table keeps them in this order
+            (leak columns included, for the data report) and any other column is ignored with a note.
+            Empty: the columns the schema names are read, the others noted.
+        plain_ids: columns whose values must be plain file stems (letters, digits, '_', '-', '.'; no '/',
+            '..' or markup; not empty), checked in this order; without it the image column may hold
+            relative paths and an empty group id makes the image its own group.
     """
 
     name: str
@@ -101,6 +109,8 @@ class DatasetSchema:
     binary: bool = False
     mask_dir: str = ""
     mask_suffix: str = ""
+    columns: tuple[str, ...] = ()
+    plain_ids: tuple[str, ...] = ()
 
     @property
     def n_classes(self) -> int:
@@ -166,6 +176,8 @@ def ham10000() -> DatasetSchema:
         key_class="mel",
         mask_dir=constants.MASK_DIR,
         mask_suffix=constants.MASK_SUFFIX,
+        columns=constants.METADATA_COLUMNS,  # the release's 7 columns, in its order; a newer 'dataset' column is noted
+        plain_ids=("lesion_id", "image_id"),  # images are found by stem anywhere below the root
     )
 
 

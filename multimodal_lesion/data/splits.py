@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, note
 from ..io import atomic_write
 from .cache import cache_home, cache_key
 from .constants import METADATA_FILE
-from .ham10000 import read_ham10000
+from .reader import read_dataset
 from .schema import DatasetSchema
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
@@ -117,9 +116,10 @@ def _assign_rows(df: pd.DataFrame, fractions: list[float], seed: int, group_labe
     """Bin index (into ``fractions``) of every row, via its lesion."""
     lesions = _lesion_table(df, group_label)
     active = sum(f > 0 for f in fractions)
+    noun = _group_noun(group_label)
     if len(lesions) < active:
-        raise DataError(f"split: {len(lesions)} lesion(s) cannot fill {active} non-empty splits/folds")
-    _warn_thin_classes(lesions, active)
+        raise DataError(f"split: {len(lesions)} {noun[:-1]}(s) cannot fill {active} non-empty splits/folds")
+    _note_thin_classes(lesions, active, noun)
     bins = _assign_lesions(lesions, np.asarray(fractions, dtype=float), np.random.default_rng(seed))
     return df["lesion_id"].map(bins).to_numpy(dtype=np.int64)
 
@@ -138,16 +138,20 @@ def _lesion_table(df: pd.DataFrame, group_label: GroupLabel = "majority") -> pd.
     return pd.DataFrame({"dx": label, "n": size}).sort_index()
 
 
-def _warn_thin_classes(lesions: pd.DataFrame, active: int) -> None:
+def _group_noun(group_label: GroupLabel) -> str:
+    """What a group is, in the plural: patients split by :func:`split_rule` are labelled ``"rarest"``."""
+    return "patients" if group_label == "rarest" else "lesions"
+
+
+def _note_thin_classes(lesions: pd.DataFrame, active: int, noun: str) -> None:
     """Say which classes are too rare to appear in every split: their metrics will be missing there."""
     per_class = lesions.groupby("dx").size()
     thin = per_class[per_class < active]
     if len(thin):
         listed = ", ".join(f"{dx} ({n})" for dx, n in thin.items())
-        warnings.warn(
-            f"split: class(es) with fewer lesions than the {active} splits/folds cannot be in every one: {listed}",
-            UserWarning,
-            stacklevel=4,
+        note(
+            f"split: class(es) with fewer {noun} than the {active} splits/folds cannot be in every one: {listed} "
+            "(their per-class metrics are missing where they are absent)"
         )
 
 
@@ -201,7 +205,7 @@ def lesion_grouped_subset(
     out = parent / f"ham10000-{cache_key(source.resolve())}-1in{keep_one_in}-seed{seed}"
     if (out / METADATA_FILE).is_file():
         return out
-    dataset = read_ham10000(source)
+    dataset = read_dataset(source)
     keep = dataset.metadata[fold_assignment(dataset.metadata, keep_one_in, seed).to_numpy() == 0]
     for src in [p for p in (*keep["path"], *keep["mask_path"]) if p]:
         dest = out / Path(src).relative_to(dataset.root)

@@ -195,14 +195,23 @@ def _csv_hint(csv_path: Path) -> str:
     return ""
 
 
-def check_unique(image_ids: pd.Series, csv_path: Path, why: str = "") -> None:
-    """An image may be listed once: a repeat would leak between splits and double-count metrics."""
+def check_unique(image_ids: pd.Series, csv_path: Path, why: str = "", column: str = "image_id", key: str = "") -> None:
+    """An image may be listed once: a repeat would leak between splits and double-count metrics.
+
+    Args:
+        image_ids: the image column, in file order.
+        csv_path: the file it came from.
+        why: said after the count (e.g. ``" once the file extension is removed"``).
+        column: the column's name in the user's file.
+        key: the schema key that chose ``column`` (e.g. ``dataset.image_column``), named in the message.
+    """
     dup = image_ids.duplicated(keep=False)
     if dup.any():
         ids = list(dict.fromkeys(image_ids[dup]))
         rows = [int(p) + 1 for p in np.flatnonzero(dup.to_numpy())[:SHOW]]
+        chosen = f" (the image column, schema key '{key}')" if key else ""
         raise DataError(
-            f"{csv_path}: column 'image_id': {len(ids)} duplicated id(s){why}: {first(ids)} "
+            f"{csv_path}: column '{column}'{chosen}: {len(ids)} duplicated id(s){why}: {first(ids)} "
             f"(rows {', '.join(map(str, rows))}{', ...' if dup.sum() > SHOW else ''})"
         )
 
