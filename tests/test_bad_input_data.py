@@ -660,3 +660,22 @@ def test_masks_that_are_not_binary_are_noted_and_0_1_masks_read_as_binary(
     with warnings.catch_warnings():
         warnings.simplefilter("error", Note)  # a 0/1 mask is binary: no note, and not read as empty
         assert (load_mask(binary) == official).all() and official.any()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "file is empty (expected a header with an 'image' column and one row per case)"),
+        ("image,age,sex,localization\n", "has a header but no rows (expected one row per case)"),
+    ],
+)
+def test_predict_names_an_empty_csv_of_cases(
+    cli, hurried_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, content: str, message: str
+) -> None:
+    """It said 'MetadataEncoder: empty table (no rows)', naming neither the file nor what it lacks."""
+    csv = tmp_path / "cases.csv"
+    csv.write_text(content)
+    out = tmp_path / "out.csv"
+    proc = cli("predict", "--run", hurried_run[0], "--csv", csv, "--out", out)
+    cli.error(proc, "predict", f"{csv}: {message}")
+    assert "MetadataEncoder" not in proc.stderr and not out.exists()

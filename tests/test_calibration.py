@@ -116,3 +116,23 @@ def test_balanced_scaler_leaves_calibrated_balanced_logits_alone_and_survives_an
         scaler.transform(logits[:, :5])
     with pytest.raises(ValueError, match="class indices"):
         BalancedScaler().fit(logits, y[:10])
+
+
+@pytest.mark.parametrize(
+    ("labels", "needles"),
+    [
+        ("random", ("is 20, the largest allowed", "barely tell the classes apart", "nearly uniform")),
+        ("separated", ("is 0.05, the smallest allowed", "separates the validation images almost perfectly")),
+    ],
+)
+def test_a_temperature_at_the_edge_is_a_note_in_the_user_s_terms(labels: str, needles: tuple[str, ...]) -> None:
+    """It was a raw 'runner.py:91: UserWarning: temperature 20 is at the edge of bounds (0.05, 20.0)'."""
+    from multimodal_lesion.errors import Note
+
+    logits = np.random.default_rng(1).normal(scale=100.0, size=(300, 7))  # confident, and (random) wrong
+    y = logits.argmax(axis=1) if labels == "separated" else np.random.default_rng(2).integers(0, 7, 300)
+    with pytest.warns(Note) as caught:
+        TemperatureScaler().fit(logits, y)
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith("calibration: the temperature fitted on the validation split ")
+    assert all(n in message for n in needles) and "bounds" not in message

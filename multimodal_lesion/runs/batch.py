@@ -57,12 +57,18 @@ def cases_in_csv(table: str | Path) -> Cases:
         raise DataError(f"{table}: no such CSV file")
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(
+            f"{path}: file is empty (expected a header with an '{IMAGE_COLUMN}' column and one row per case)"
+        ) from None
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable CSV ({str(exc).splitlines()[0][:160]})") from None
     if IMAGE_COLUMN not in frame.columns:
         raise DataError(
             f"{path}: no column '{IMAGE_COLUMN}' (the image of each case); has {', '.join(frame.columns[:6])}"
         )
+    if frame.empty:  # else the encoder would refuse an empty table without naming the file
+        raise DataError(f"{path}: has a header but no rows (expected one row per case)")
     empty = np.flatnonzero(frame[IMAGE_COLUMN].str.strip().eq("").to_numpy())
     if len(empty):
         raise DataError(f"{path}: row {empty[0] + 1} (line {empty[0] + 2}), column '{IMAGE_COLUMN}': empty")

@@ -13,13 +13,14 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
 from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
+
+from ..errors import note
 
 
 class TemperatureScaler(TransformerMixin, BaseEstimator):
@@ -57,13 +58,28 @@ class TemperatureScaler(TransformerMixin, BaseEstimator):
         self.n_classes_ = z.shape[1]
         self.nll_before_ = _nll(z, y)
         self.nll_after_ = _nll(z / self.temperature_, y)
-        if np.isclose(self.temperature_, low, rtol=1e-3) or np.isclose(self.temperature_, high, rtol=1e-3):
-            warnings.warn(f"temperature {self.temperature_:.4g} is at the edge of bounds {self.bounds}", stacklevel=2)
+        _note_edge(self.temperature_, low, high)
         return self
 
     def transform(self, logits: Any) -> np.ndarray:
         """Calibrated probabilities ``softmax(logits / temperature_)``, shape (N, C), float64."""
         return softmax(_fitted_logits(self, logits, "temperature_") / self.temperature_, axis=1)
+
+
+def _note_edge(temperature: float, low: float, high: float) -> None:
+    """Say, in the user's terms, what a temperature stuck at a bound of its search means."""
+    if np.isclose(temperature, high, rtol=1e-3):
+        note(
+            f"calibration: the temperature fitted on the validation split is {temperature:.3g}, the largest allowed: "
+            "there the model's scores barely tell the classes apart, so its calibrated probabilities are nearly "
+            "uniform (too few validation images, or a model that has not learnt yet?)"
+        )
+    elif np.isclose(temperature, low, rtol=1e-3):
+        note(
+            f"calibration: the temperature fitted on the validation split is {temperature:.3g}, the smallest "
+            "allowed: the model separates the validation images almost perfectly, so its calibrated probabilities "
+            "are pushed to 0 or 1 (too few validation images to calibrate?)"
+        )
 
 
 class BalancedScaler(TransformerMixin, BaseEstimator):
