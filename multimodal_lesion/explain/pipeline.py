@@ -47,18 +47,38 @@ from .modality import ModalityAttribution, modality_shapley
 from .randomisation import CamSetup, StageResult, cascading_randomisation, random_logit_check
 from .results import CaseExplanation, CohortExplanation, FaithfulnessRow
 from .selection import NAMED, select_by_outcome
-from .shap_groups import LINKS, GroupShapExplainer
+from .shap_groups import LINKS, MAX_EXACT_PLAYERS, GroupShapExplainer
 from .whatif import WhatIf, what_if
 
 CAM_BATCH = 8
 PREDICT_BATCH = 256
 ASSETS = Path("cases") / "assets"
-GAMES_NOTE = (
-    "Why a feature's SHAP value and its modality value differ: they are exact Shapley values of two "
-    "different games. SHAP holds the image at the case's own embedding and lets only age, sex and "
-    "localization be absent (3 players); the modality split also lets the image be absent (4 players), so "
-    "a patient feature is also credited for what it adds when the image is missing."
-)
+
+
+def games_note(features: Sequence[str]) -> str:
+    """Why a feature's SHAP value and its modality value differ, naming the run's own features."""
+    n = len(features)
+    return (
+        "Why a feature's SHAP value and its modality value differ: they are Shapley values of two "
+        f"different games. SHAP holds the image at the case's own embedding and lets only {_listed(features)} be "
+        f"absent ({n} player{'s' if n != 1 else ''}); the modality split also lets the image be absent "
+        f"({n + 1} players), so a patient feature is also credited for what it adds when the image is missing."
+    )
+
+
+def _listed(names: Sequence[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    names = list(names)
+    return " and ".join(names) if len(names) <= 2 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _exactness(players: Sequence[str], what: str) -> str:
+    """'SHAP is exact over the 8 coalitions of age / sex / localization', or sampled above the exact limit."""
+    n = len(players)
+    if n <= MAX_EXACT_PLAYERS:
+        return f"{what} is exact over the {2**n} coalitions of {' / '.join(players)}"
+    listed = " / ".join(players)
+    return f"{what} is sampled over orders of its {n} players ({listed}; too many for all {2**n} coalitions)"
 
 
 @dataclass
@@ -483,15 +503,16 @@ def _provenance(run: LoadedRun, split: str, n_cases: int, pixels: PixelSide | No
 def _notes(run: LoadedRun, cases: list[CaseExplanation], pixels: PixelSide | None) -> list[str]:
     """What is explained, how exactly, and the measured gaps and errors."""
     scale = run.inputs.cfg.explain.shap_scale
+    features = patient_features(run.inputs)
     output = "probability" if scale == "probability" else "log-odds of the probability"
     notes = [
         f"Explained output: the calibrated (temperature {run.temperature:.3f}) {output} of the predicted class, "
         f"computed from {'the 4-flip-averaged embedding' if shown_flip_average(run.inputs) else 'the image'} as "
         "displayed. Grad-CAM differentiates that class's temperature-scaled logit of the same function of the "
         "image; the deletion / insertion / ROAD curves follow the same probability.",
-        "SHAP is exact over the 8 coalitions of age / sex / localization; the modality split is exact over the "
-        "16 coalitions of image / age / sex / localization; ± is the background's sampling error.",
-        GAMES_NOTE,
+        f"{_exactness(features, 'SHAP')}; {_exactness(['image', *features], 'the modality split')}; ± is the "
+        "background's sampling error.",
+        games_note(features),
     ]
     gaps = [
         abs(c.explained_probability - c.probabilities[c.target_class])

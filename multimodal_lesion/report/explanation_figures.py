@@ -17,7 +17,16 @@ from ..explain.results import CaseExplanation
 from ..io import atomic_write
 from .figures import new_figure, save_figure
 
-PLAYER_COLOURS = {"image": "#4c72b0", "age": "#dd8452", "sex": "#55a868", "localization": "#c44e52"}
+#: The image's colour, then the patient features' in the run's feature order (repeating past the end).
+IMAGE_COLOUR = "#4c72b0"
+FEATURE_COLOURS = ("#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
+
+
+def player_colours(players: Sequence[str]) -> dict[str, str]:
+    """A colour per player: the image its own, each patient feature the next of :data:`FEATURE_COLOURS`."""
+    features = [p for p in players if p != "image"]
+    colours = {p: FEATURE_COLOURS[i % len(FEATURE_COLOURS)] for i, p in enumerate(features)}
+    return {p: IMAGE_COLOUR if p == "image" else colours[p] for p in players}
 
 
 def rgb_png(pixels: np.ndarray, path: str | Path) -> Path:
@@ -127,12 +136,13 @@ def shap_bar_png(explanation: Any, path: str | Path) -> Path:
 
 
 def modality_bar_png(values: Mapping[str, float], path: str | Path, target: str) -> Path:
-    """Horizontal bars of the image / age / sex / localization Shapley values of one case."""
+    """Horizontal bars of the Shapley values of the image and each patient feature of one case."""
     fig = new_figure((6.0, 2.8))
     ax = fig.subplots()
     names = list(values)
     vals = [values[n] for n in names]
-    ax.barh(names[::-1], vals[::-1], color=[PLAYER_COLOURS.get(n, "#888888") for n in names[::-1]])
+    colours = player_colours(names)
+    ax.barh(names[::-1], vals[::-1], color=[colours[n] for n in names[::-1]])
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel(f"Shapley value (change in P({target}))")
     ax.set_title("Where this prediction came from: image vs patient features")
@@ -177,9 +187,10 @@ def modality_by_class_png(shares: Mapping[str, Mapping[str, float]], path: str |
     labels = list(shares)
     left = np.zeros(len(labels))
     players = list(next(iter(shares.values()))) if shares else []
+    colours = player_colours(players)
     for player in players:
         width = np.array([shares[k].get(player, 0.0) for k in labels])
-        ax.barh(labels, width, left=left, color=PLAYER_COLOURS.get(player, "#888888"), label=player)
+        ax.barh(labels, width, left=left, color=colours[player], label=player)
         left += width
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of |Shapley value|")

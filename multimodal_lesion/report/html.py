@@ -41,18 +41,23 @@ from ..io import atomic_write, safe_stem
 #: Figure names in the order they appear, with their captions; other names follow, humanised.
 CASE_FIGURES: dict[str, str] = {
     "image": "Dermoscopic image",
-    "overlay": "Grad-CAM of the explained class (white line: the lesion's contour, where a mask exists)",
+    "overlay": "Grad-CAM of the explained class",
     "runner_up": "Grad-CAM of the runner-up class: the differential",
     "waterfall": "SHAP waterfall of the patient features",
     "modality": "Image versus patient features (exact Shapley values)",
     "what_if": "What if: the explained class's probability across each patient feature's values (the rest fixed)",
 }
 COHORT_FIGURES: dict[str, str] = {
-    "cohort_grid": "Every explained case: the image and its Grad-CAM (white line: lesion contour)",
+    "cohort_grid": "Every explained case: the image and its Grad-CAM",
     "randomisation": "Cascading model randomisation: similarity of each stage's maps to the trained maps",
     "beeswarm": "SHAP beeswarm of the patient features",
     "shap_bar": "Mean |SHAP| per patient feature",
     "modality_by_class": "Image versus metadata share of |attribution|, per class",
+}
+#: Said after the caption of a figure that draws the lesion's contour, only when the data has masks.
+CONTOUR_CAPTIONS: dict[str, str] = {
+    "overlay": " (white line: the lesion's contour)",
+    "cohort_grid": " (white line: lesion contour, where the case has a mask)",
 }
 #: Names of the baseline maps, as the faithfulness tables show them.
 BASELINE_LABELS: dict[str, str] = {
@@ -315,7 +320,7 @@ def _case_view(
         "modality": modality,
         "image_share": _player_share(modality, "image"),
         "faithfulness": [{"name": _text(k), "value": _num(v)} for k, v in (case.faithfulness or {}).items()],
-        "figures": _figures(figures, CASE_FIGURES, where),
+        "figures": _figures(figures, _captions(CASE_FIGURES, _has_mask(case)), where),
         "prev": pages[i - 1] if i > 0 else None,
         "next": pages[i + 1] if i + 1 < n else None,
         "position": f"{i + 1} of {n}",
@@ -436,9 +441,27 @@ def _cohort_view(
         "n_worse": sum(c.verdict == "worse" for c in cohort.comparisons or []),
         "randomisation": [_stage_row(s) for s in cohort.randomisation or []],
         "random_logit": _stage_row(cohort.random_logit) if cohort.random_logit is not None else None,
-        "figures": _figures(figures, COHORT_FIGURES, "cohort"),
+        "figures": _figures(figures, _captions(COHORT_FIGURES, any(map(_has_mask, cohort.cases or []))), "cohort"),
+        "features": ", ".join(_features(cohort)),
         "notes": [_text(n) for n in cohort.notes or []] + _timing_notes(cohort.timings, len(cases)),
     }
+
+
+def _features(cohort: CohortExplanation) -> list[str]:
+    """The run's patient features, as the cases' SHAP values (else their patient fields) name them."""
+    names = [f for case in cohort.cases or [] for f in (case.shap or case.patient or {})]
+    return [_text(f) for f in dict.fromkeys(names)]
+
+
+def _has_mask(case: CaseExplanation) -> bool:
+    """Whether the case's figures draw a lesion contour (its data has a mask that is neither empty nor full)."""
+    mask = case.mask
+    return mask is not None and bool(mask.any()) and not bool(mask.all())
+
+
+def _captions(captions: Mapping[str, str], contour: bool) -> dict[str, str]:
+    """The figure captions, saying where a white line is the lesion's contour only when one is drawn."""
+    return {name: text + (CONTOUR_CAPTIONS.get(name, "") if contour else "") for name, text in captions.items()}
 
 
 def _timing_notes(timings: Mapping[str, float], n_cases: int) -> list[str]:
