@@ -360,9 +360,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     what.add_argument("--data", type=_path, help="every image below this folder: a CSV (--out)")
     what.add_argument("--csv", type=_path, help="a CSV of cases ('image' column + patient features): a CSV (--out)")
     p.add_argument("--out", type=_path, help="the CSV of probabilities written for --data / --csv")
-    p.add_argument("--age", type=_age, help="years (0 to 120); omit when unknown")
-    p.add_argument("--sex")
-    p.add_argument("--localization")
+    p.add_argument("--age", type=_age, help="years (0 to 120), for a run with an 'age' feature; omit when unknown")
+    p.add_argument("--sex", help="for a run with a 'sex' feature (other features: --field)")
+    p.add_argument("--localization", help="for a run with a 'localization' feature (other features: --field)")
     p.add_argument(
         "--field",
         dest="fields",
@@ -525,7 +525,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\ndone in {result['seconds']} s on {result['n_images']} images")
     print(
         f"best fusion model: {result['best_fusion']}: test balanced accuracy {test['balanced_accuracy']:.3f}, "
-        f"macro AUROC {test['macro_auroc']:.3f} ({test['n_images']} images, {test['n_lesions']} lesions)"
+        f"macro AUROC {test['macro_auroc']:.3f} ({test['n_images']} images, {test['n_lesions']} "
+        f"{result.get('groups', 'lesions')})"
     )
     for key in ("eda", "ablation_summary", "comparison", "report"):
         print(f"{key:17s} {result[key]}")

@@ -45,6 +45,7 @@ def run_demo(cfg: ExperimentConfig, out: str | Path, show: bool = True) -> dict[
         "report": str(report),
         "eda": str(out / "eda"),
         "test": summary["test"]["calibrated"],
+        "groups": summary.get("groups", "lesions"),  # what n_lesions counts (patients for patient-grouped data)
         "comparison": str(paths["comparison"]),
     }
 

@@ -75,13 +75,16 @@ def gap_frame(audits: dict[str, dict[str, Any]]) -> pd.DataFrame:
     )
 
 
-def subgroup_markdown(table: pd.DataFrame, gaps: pd.DataFrame) -> str:
-    """Balanced accuracy and ECE per model (columns) for every subgroup (rows), then the largest gaps."""
+def subgroup_markdown(table: pd.DataFrame, gaps: pd.DataFrame, groups: str = "lesions") -> str:
+    """Balanced accuracy and ECE per model (columns) for every subgroup (rows), then the largest gaps.
+
+    ``groups`` is what the bootstrap resamples, in the plural (the schema's ``group_noun``).
+    """
     lines = [
         "# Subgroup audit",
         "",
         "Pooled out-of-fold predictions of every seed (fairlearn MetricFrame). Cells: balanced accuracy / ECE. "
-        f"'(too small)': fewer than {MIN_LESIONS} lesions; left out of the gaps.",
+        f"'(too small)': fewer than {MIN_LESIONS} {groups}; left out of the gaps.",
         "",
     ]
     models = list(dict.fromkeys(table["model"]))
@@ -89,7 +92,7 @@ def subgroup_markdown(table: pd.DataFrame, gaps: pd.DataFrame) -> str:
         lines += [
             f"## {attr}",
             "",
-            "| value | lesions | " + " | ".join(models) + " |",
+            f"| value | {groups} | " + " | ".join(models) + " |",
             "|---" * (len(models) + 2) + "|",
         ]
         for value, g in group.groupby("value", sort=True):
@@ -101,7 +104,7 @@ def subgroup_markdown(table: pd.DataFrame, gaps: pd.DataFrame) -> str:
             lines.append(f"| {value}{flag} | {int(g['n_lesions'].iloc[0])} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
-        "## Largest gap between groups (95% lesion-bootstrap CI)",
+        f"## Largest gap between groups (95% {groups[:-1]}-bootstrap CI)",
         "",
         "A gap is the best group's value minus the worst group's; resampling inflates such a range (every "
         "small group's noise widens it), so its percentile interval can lie above the point estimate. "
@@ -132,7 +135,7 @@ def write_subgroups(
         with atomic_write(out / name) as fh:
             frame.to_csv(fh, index=False)
     with atomic_write(out / "subgroups.md") as fh:
-        fh.write(subgroup_markdown(table, gaps))
+        fh.write(subgroup_markdown(table, gaps, dataset.schema.group_noun))
     write_json(out / "subgroups.json", audits)
     return {
         "subgroups": out / "subgroups.csv",

@@ -92,15 +92,19 @@ def summary_markdown(
     cfg: ExperimentConfig,
     n_lesions: int,
     timing: dict[str, Any],
+    groups: str = "lesions",
 ) -> str:
-    """The human-readable summary: headline table, comparison with the baseline, where metadata hurts."""
+    """The human-readable summary: headline table, comparison with the baseline, where metadata hurts.
+
+    ``groups`` is what the folds keep together, in the plural (the schema's ``group_noun``).
+    """
     wide = summary.assign(text=summary.apply(_fmt, axis=1)).pivot(index="model", columns="metric", values="text")
     order = [m for m in summary.model.unique()]
     lines = [
-        f"# Ablation: {len(order)} models x {cfg.ablation.folds} lesion-grouped folds x "
+        f"# Ablation: {len(order)} models x {cfg.ablation.folds} {groups[:-1]}-grouped folds x "
         f"{len(cfg.ablation.seeds)} seeds",
         "",
-        f"Test sets: each fold in turn ({n_lesions} lesions in all, every lesion tested once per seed). "
+        f"Test sets: each fold in turn ({n_lesions} {groups} in all, every {groups[:-1]} tested once per seed). "
         f"Values: mean ± std [95% bootstrap CI] over folds x seeds. Path: {cfg.train.mode} "
         f"({cfg.model.backbone}, weights {cfg.model.weights}).",
         "",
@@ -176,7 +180,7 @@ def write_summaries(
         "per_class": _csv(per_class, out / "per_class_sensitivity.csv"),
     }
     with atomic_write(out / "summary.md") as fh:
-        fh.write(summary_markdown(summary, comparison, per_class, cfg, n_lesions, timing))
+        fh.write(summary_markdown(summary, comparison, per_class, cfg, n_lesions, timing, dataset.schema.group_noun))
     paths["summary_md"] = out / "summary.md"
     for metric in ("balanced_accuracy", "macro_auroc"):
         paths[f"plot_{metric}"] = plot_bars_with_ci(summary[summary.metric == metric], metric, out / f"{metric}.png")
