@@ -10,7 +10,7 @@ class MMLesionError(Exception):
 
 
 class DataError(MMLesionError):
-    """The dataset (CSV, images, masks) is not what HAM10000 should look like."""
+    """The dataset (CSV, images, masks) is not what its schema describes (a preset or a user's TOML file)."""
 
 
 class ConfigError(MMLesionError):

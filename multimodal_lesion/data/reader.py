@@ -464,7 +464,7 @@ def merge_duplicates(data: LesionDataset) -> None:
     if not path.is_file():
         raise DataError(f"schema key 'dataset.duplicates' (data.duplicates): {path}: file not found")
     notes: list[str] = []
-    frame, _ = read_table(path, notes, columns=schema.duplicate_columns, select=False)
+    frame = read_table(path, notes, columns=schema.duplicate_columns, select=False)[0]
     for column in schema.duplicate_columns:
         if column not in frame.columns:
             raise DataError(
