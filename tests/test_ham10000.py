@@ -243,6 +243,18 @@ def test_unlisted_image_is_reported_not_fatal(tiny_ham: Path) -> None:
     assert any("not listed" in n and "ISIC_9999999" in n for n in dataset.notes)
 
 
+def test_a_lesion_with_images_of_two_diagnoses_is_noted_in_ham10000_s_words(tiny_ham: Path) -> None:
+    df = _csv(tiny_ham)
+    lesion = df.lesion_id[0]  # lesion 0 has two images (conftest)
+    df.loc[1, "dx"] = "nv" if df.dx[0] != "nv" else "mel"
+    _write(tiny_ham, df)
+    notes = read_ham10000(tiny_ham).notes
+    assert notes == [
+        f"HAM10000_metadata.csv: 1 lesion(s) with images of different 'dx': {lesion} "
+        "(splits use each lesion's most frequent dx)"
+    ]
+
+
 def test_image_found_twice(tiny_ham: Path) -> None:
     image_id = _csv(tiny_ham).image_id[0]
     (tiny_ham / "copy").mkdir()

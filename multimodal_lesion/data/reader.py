@@ -355,9 +355,10 @@ def _note_mixed_labels(table: pd.DataFrame, path: Path, schema: DatasetSchema, n
     mixed = list(n.index[n > 1])
     if mixed:
         noun = schema.group_noun[:-1]  # 'lesion'
-        label = schema.label_column or "label"
+        label = schema.label_column or "label"  # one-hot labels have no column to name
+        which = f"'{label}'" if schema.label_column else "labels"
         notes.append(
-            f"{path.name}: {len(mixed)} {noun}(s) with images of different '{label}': {first(mixed)} "
+            f"{path.name}: {len(mixed)} {noun}(s) with images of different {which}: {first(mixed)} "
             f"(splits use each {noun}'s most frequent {label})"
         )
 
