@@ -1,10 +1,10 @@
 """The full real embedding pass timed with one backend, and compared with the cached float32 embeddings.
 
 Usage:
-    python experiments/real_embedding_pass.py --data /path/to/HAM10000 [--config FILE] [--backend openvino]
+    python experiments/real_embedding_pass.py --data /path/to/HAM10000 [--config PRESET|FILE] [--backend openvino]
                                               [--set train.embed_batch=8 ...]
 
-Embeds every image of the dataset (real_frozen.toml: 240x320, multi-scale, the 4 flips averaged) with
+Embeds every image of the dataset (the ``real_frozen`` preset: 240x320, multi-scale, the 4 flips averaged) with
 ``--backend`` from the cached uint8 images, prints the wall time and images/s, then loads (or first
 builds, with the configured backend) the cached embeddings of the same config and prints the largest
 absolute and relative difference between the two: the exported backends must agree to 1e-3.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,13 +21,13 @@ import torch
 from multimodal_lesion.config import load_config, replace
 from multimodal_lesion.runs import compute_embeddings, inputs_from_config
 
-CONFIG = Path(__file__).parent / "configs" / "real_frozen.toml"
+CONFIG = "real_frozen"  # a preset of the package
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="HAM10000 root")
-    parser.add_argument("--config", default=str(CONFIG), help="experiment file (default: %(default)s)")
+    parser.add_argument("--config", default=str(CONFIG), help="preset or experiment file (default: %(default)s)")
     parser.add_argument("--backend", default="openvino", help="torch | onnxruntime | openvino")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
