@@ -11,6 +11,7 @@ import pytest
 from multimodal_lesion.config import ExperimentConfig, list_presets, load_config, parse_overrides, replace, to_toml
 from multimodal_lesion.errors import ConfigError
 
+
 @pytest.mark.parametrize("name", list_presets())
 def test_every_preset_loads_by_name_as_package_data(name: str) -> None:
     """The presets ship inside the package (a wheel has them), named without path or suffix."""
