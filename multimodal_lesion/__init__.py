@@ -26,6 +26,7 @@ _PUBLIC: dict[str, str] = {
         name: "multimodal_lesion.api"
         for name in (
             "AblationResult",
+            "Attributions",
             "Evaluation",
             "ExperimentConfig",
             "ExplanationReport",
@@ -58,6 +59,7 @@ _PUBLIC: dict[str, str] = {
 __all__ = [
     "PLANTED",
     "AblationResult",
+    "Attributions",
     "ConfigError",
     "DataError",
     "DatasetSchema",
@@ -103,6 +105,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .api import (
         AblationResult,
+        Attributions,
         Evaluation,
         ExperimentConfig,
         ExplanationReport,

@@ -18,7 +18,7 @@ from ..config import ExperimentConfig, list_presets, replace
 from ..config import load_config as _read_config
 from ..errors import ConfigError
 from ..io import output_folder
-from .results import AblationResult, Evaluation, ExplanationReport, Prediction, RunMetrics
+from .results import AblationResult, Attributions, Evaluation, ExplanationReport, Prediction, RunMetrics
 from .run import Run
 
 if TYPE_CHECKING:
@@ -271,6 +271,7 @@ def _check_schema(cfg: ExperimentConfig) -> None:
 
 __all__ = [
     "AblationResult",
+    "Attributions",
     "ConfigLike",
     "Evaluation",
     "ExperimentConfig",

@@ -206,6 +206,45 @@ class ExplanationReport:
 
 
 @dataclass(frozen=True)
+class Attributions:
+    """Grouped SHAP values and the image-vs-features split of every case of a split (no maps).
+
+    Each case explains its predicted class, with the run's ``explain`` settings (the report's game).
+
+    Attributes:
+        split: the split explained.
+        image_ids: the cases, in order.
+        true_labels: each case's class code.
+        predicted: each case's explained (predicted) class.
+        shap: a ``shap.Explanation`` (cases x patient features): ``shap.plots.beeswarm(a.shap)``.
+        modality: Shapley values over {image, each patient feature}: ``.players``, ``.values`` (cases x players).
+    """
+
+    split: str
+    image_ids: Sequence[str] = field(repr=False)
+    true_labels: Sequence[str] = field(repr=False)
+    predicted: Sequence[str] = field(repr=False)
+    shap: Any = field(repr=False)
+    modality: Any = field(repr=False)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per case: id, true and explained class, SHAP per feature, the modality split."""
+        import pandas as pd
+
+        table = pd.DataFrame(
+            {"image_id": self.image_ids, "true_label": self.true_labels, "target_class": self.predicted}
+        )
+        for k, name in enumerate(self.shap.feature_names):
+            table[f"shap.{name}"] = self.shap.values[:, k]
+        for k, player in enumerate(self.modality.players):
+            table[f"modality.{player}"] = self.modality.values[:, k]
+        return table
+
+    def __repr__(self) -> str:
+        return f"Attributions({self.split}: {len(self.image_ids)} cases, features {list(self.shap.feature_names)})"
+
+
+@dataclass(frozen=True)
 class AblationResult:
     """An ablation's output folder and its files by name (``summary_md``, ``comparison``, ``results``, ...).
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import ExperimentConfig
 from ..errors import ConfigError
 from ..io import output_folder
-from .results import Evaluation, ExplanationReport, Prediction, RunMetrics
+from .results import Attributions, Evaluation, ExplanationReport, Prediction, RunMetrics
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -295,6 +295,19 @@ class Run:
                 self.path, out, data=data, split=split, cases=cases, n=n, settings=settings, show=show
             )
         return ExplanationReport(index, Path(out), cohort.cases, cohort.shap_values, cohort.to_json())
+
+    def attributions(self, split: str = "test", data: str | Path | None = None) -> Attributions:
+        """Grouped SHAP values and the image-vs-features split of every case of ``split`` (no maps, nothing written).
+
+        The numbers of :meth:`explain`'s report for the same cases, for the whole split: what shap's
+        cohort plots (beeswarm, bar) need.
+        """
+        from ..workflows import attribute_split
+
+        if split not in SPLITS:
+            raise ConfigError(f"split '{split}': expected one of {', '.join(SPLITS)}")
+        out = attribute_split(self.path, split, data)
+        return Attributions(split, out["image_ids"], out["true"], out["predicted"], out["shap"], out["modality"])
 
     # --- printing and comparing ------------------------------------------------------------------
 
