@@ -13,13 +13,10 @@ absolute and relative difference between the two: the exported backends must agr
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
-import torch
 
-from multimodal_lesion.config import load_config, replace
-from multimodal_lesion.runs import compute_embeddings, inputs_from_config
+import multimodal_lesion as mml
 
 CONFIG = "real_frozen"  # a preset of the package
 
@@ -31,30 +28,16 @@ def main() -> None:
     parser.add_argument("--backend", default="openvino", help="torch | onnxruntime | openvino")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    cfg = replace(load_config(args.config, args.overrides), data={"root": args.data})
-    cfg, inputs = inputs_from_config(cfg)
-    images = inputs.images()
-    branch, t = inputs.model.image_branch, cfg.train
-    assert branch is not None, "the configured model has no image branch"
-    start = time.perf_counter()
-    fresh = compute_embeddings(
-        branch,
-        images,
-        inputs.normalize,
-        flip_average=t.flip_average,
-        batch_size=t.embed_batch,
-        device=inputs.device,
-        backend=args.backend,
-        precision=t.embed_precision,
-    )
-    seconds = time.perf_counter() - start
+    cfg = mml.load_config(args.config, args.overrides)
+    fresh = mml.image_embeddings(cfg, args.data, backend=args.backend)
+    n = len(fresh.values)
     print(
-        f"{args.backend}: {len(images)} images {tuple(cfg.data.image_size)} x {4 if t.flip_average else 1} views "
-        f"in {seconds:.0f} s ({len(images) / seconds:.1f} images/s, {torch.get_num_threads()} threads)"
+        f"{args.backend}: {n} images {fresh.image_size} x {fresh.views} views in {fresh.seconds:.0f} s "
+        f"({n / fresh.seconds:.1f} images/s, {cfg.train.threads or 'all'} threads)"
     )
-    cached = inputs.embeddings()
-    diff = np.abs(fresh - cached)
-    rel = np.linalg.norm(fresh - cached, axis=1) / np.linalg.norm(cached, axis=1)
+    cached = mml.image_embeddings(cfg, args.data).values
+    diff = np.abs(fresh.values - cached)
+    rel = np.linalg.norm(fresh.values - cached, axis=1) / np.linalg.norm(cached, axis=1)
     print(f"against the cached embeddings: max |diff| {diff.max():.2e}, max relative L2 {rel.max():.2e}")
 
 

@@ -18,7 +18,7 @@ from ..config import ExperimentConfig, list_presets, replace
 from ..config import load_config as _read_config
 from ..errors import ConfigError
 from ..io import output_folder
-from .results import AblationResult, Attributions, Evaluation, ExplanationReport, Prediction, RunMetrics
+from .results import AblationResult, Attributions, Embeddings, Evaluation, ExplanationReport, Prediction, RunMetrics
 from .run import Run
 
 if TYPE_CHECKING:
@@ -183,6 +183,46 @@ def ablate(
     return AblationResult(Path(out), paths)
 
 
+def image_embeddings(
+    config: ConfigLike = None, data: str | Path | LesionDataset | None = None, *, backend: str | None = None
+) -> Embeddings:
+    """The frozen image branch's embeddings of every image, as the frozen path trains on them.
+
+    Args:
+        config: a config, preset name or TOML file: its model (backbone, weights, multi-scale), image
+            size, flip averaging, batch size and precision decide the embeddings.
+        data: a data root or a dataset from :func:`read_dataset` (None: the config's).
+        backend: None: the cached embeddings (computed once with ``train.embed_backend`` and stored
+            in the package cache); ``torch``, ``onnxruntime`` or ``openvino``: a fresh pass with that
+            backend, timed, nothing cached (to compare backends with the cache).
+    """
+    import time
+
+    from ..runs import compute_embeddings, inputs_from_config
+
+    cfg, inputs = inputs_from_config(_with_data(_config(config), data))
+    t = cfg.train
+    views, size = 4 if t.flip_average else 1, tuple(cfg.data.image_size)
+    if backend is None:
+        return Embeddings(inputs.embeddings(), "cache", 0.0, views, size)  # type: ignore[arg-type]
+    branch = inputs.model.image_branch
+    if branch is None:
+        raise ConfigError(f"model '{cfg.model.name}' has no image branch: nothing to embed")
+    images = inputs.images()
+    start = time.perf_counter()
+    values = compute_embeddings(
+        branch,
+        images,
+        inputs.normalize,
+        flip_average=t.flip_average,
+        batch_size=t.embed_batch,
+        device=inputs.device,
+        backend=backend,
+        precision=t.embed_precision,
+    )
+    return Embeddings(values, backend, time.perf_counter() - start, views, size)  # type: ignore[arg-type]
+
+
 def eda(data: LesionDataset | str | Path, out: str | Path, **read_options: Any) -> dict[str, Any]:
     """Class balance, every patient feature by class and the missing values of a dataset, as figures.
 
@@ -220,6 +260,14 @@ def split(
         seed=seed,
         group_label=split_rule(dataset.schema),
     )
+
+
+def ablation_folds(dataset: LesionDataset, folds: int = 5, seed: int = 0) -> pd.Series:
+    """The fold (0 to ``folds - 1``) of every image, as :func:`ablate` assigns them: lesion-grouped (patient-grouped
+    where the schema groups by patient) and class-stratified; ``seed`` is the config's ``data.split_seed``."""
+    from ..data.splits import fold_assignment, split_rule
+
+    return fold_assignment(dataset.metadata, folds, seed, split_rule(dataset.schema))
 
 
 def lesion_subset(root: str | Path, keep_one_of: int) -> Path:
@@ -273,6 +321,7 @@ __all__ = [
     "AblationResult",
     "Attributions",
     "ConfigLike",
+    "Embeddings",
     "Evaluation",
     "ExperimentConfig",
     "ExplanationReport",
@@ -280,8 +329,10 @@ __all__ = [
     "Run",
     "RunMetrics",
     "ablate",
+    "ablation_folds",
     "cache_home",
     "eda",
+    "image_embeddings",
     "lesion_subset",
     "list_models",
     "list_presets",

@@ -245,6 +245,29 @@ class Attributions:
 
 
 @dataclass(frozen=True)
+class Embeddings:
+    """The frozen image branch's embeddings of every image of a dataset, and how they were obtained.
+
+    Attributes:
+        values: (images, features) float32, in the dataset's row order.
+        backend: ``torch``, ``onnxruntime`` or ``openvino``; ``cache`` when read from the package cache.
+        seconds: wall time of the embedding pass alone (0 when read from the cache).
+        views: views averaged per image (4 flips with ``train.flip_average``, else 1).
+        image_size: (height, width) fed to the backbone.
+    """
+
+    values: Any = field(repr=False)
+    backend: str
+    seconds: float
+    views: int
+    image_size: tuple[int, int]
+
+    def __repr__(self) -> str:
+        rate = f", {len(self.values) / self.seconds:.1f} images/s" if self.seconds else ""
+        return f"Embeddings({self.values.shape} by {self.backend}, {self.views} view(s){rate})"
+
+
+@dataclass(frozen=True)
 class AblationResult:
     """An ablation's output folder and its files by name (``summary_md``, ``comparison``, ``results``, ...).
 
