@@ -186,3 +186,13 @@ def test_notebooks_and_experiments_import_only_the_public_api(name: str, source:
         elif isinstance(node, ast.Import):
             inner += [f"import {a.name}" for a in node.names if a.name.startswith("multimodal_lesion.")]
     assert not inner, f"{name}: {inner} (use `import multimodal_lesion as mml`)"
+
+
+# --- presets on the command line ----------------------------------------------------------------------
+
+
+def test_mmlesion_presets_lists_them_and_an_unknown_one_is_exit_2(cli, tmp_path: Path) -> None:
+    listed = cli.ok(cli("presets")).stdout.split("\n")
+    assert {line.split()[0] for line in listed if line.strip()} == set(mml.list_presets())
+    message = cli.error(cli("train", "--config", "real_frozn", "--out", tmp_path / "run"), "train", "real_frozn")
+    assert "real_frozen" in message and not (tmp_path / "run").exists()

@@ -123,10 +123,16 @@ class Run:
         from ..runs import Case
         from ..workflows import conformal_sets, predict
 
+        given = {k: v for k, v in features.items() if v is not None and not _is_nan(v)}
+        case = Case(image, given)
+        if self._predictor is None:  # the inputs are checked before the model is loaded
+            from ..data.images import load_rgb
+
+            load_rgb(image)
+            case.table(self.schema)
         if self._sets is None:
             self._sets = conformal_sets(self.path)
-        given = {k: v for k, v in features.items() if v is not None and not _is_nan(v)}
-        out = predict(self.predictor, Case(image, given), sets=self._sets)
+        out = predict(self.predictor, case, sets=self._sets)
         probs, balanced = out["calibrated"], out["balanced_probabilities"]
         return Prediction(
             image=str(image),
