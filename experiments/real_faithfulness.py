@@ -60,7 +60,7 @@ def main() -> None:
         if out.exists() and args.overwrite:
             shutil.rmtree(out)
         start = time.perf_counter()
-        report = mml.load_run(run).explain(args.n, out, data=args.data, settings=chosen, show=True)
+        report = mml.load_run(run).explain(args.n, out=out, data=args.data, settings=chosen, show=True)
         print(f"\n## {run.name}: {args.n} test cases ({time.perf_counter() - start:.0f} s), report {report.index}\n")
         print((out / "faithfulness.md").read_text())
         print((out / "randomisation.md").read_text())

@@ -462,7 +462,7 @@ def _explain(args: argparse.Namespace) -> int:
     settings = _explain_settings(args.overrides)
     run = Run(args.run)  # checked once --out is (the report's folder comes first, as for every command)
     report = run.explain(
-        args.n, args.out, cases=args.cases, split=args.split, data=args.data, settings=settings, show=True
+        args.n, out=args.out, cases=args.cases, split=args.split, data=args.data, settings=settings, show=True
     )
     print(f"wrote {report.index}")
     return 0

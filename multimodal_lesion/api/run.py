@@ -269,8 +269,8 @@ class Run:
     def explain(
         self,
         n: int | None = None,
-        out: str | Path = "report",
         *,
+        out: str | Path,
         cases: list[str] | None = None,
         split: str = "test",
         data: str | Path | None = None,
