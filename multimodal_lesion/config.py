@@ -456,7 +456,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | None 
     elif path is not None:
         source = Path(path)
         if not source.is_file():
-            raise ConfigError(f"{source}: config file not found" + (" (it is a folder)" if source.is_dir() else ""))
+            hint = f" (the preset is named without a path: '{source.stem}')" if source.stem in list_presets() else ""
+            raise ConfigError(f"{source}: config file not found" + (" (it is a folder)" if source.is_dir() else hint))
         try:
             text = source.read_text()
         except (UnicodeDecodeError, OSError) as exc:

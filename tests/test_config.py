@@ -169,3 +169,11 @@ def test_cli_refuses_a_mistyped_mode_before_any_work(tmp_path: Path) -> None:
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert "train.mode" in lines[0] and "'frozen'" in lines[0] and "'end2end'" in lines[0]
     assert not out.exists()
+
+
+def test_an_old_preset_path_points_to_the_preset_name() -> None:
+    with pytest.raises(
+        ConfigError, match=re.escape("experiments/configs/real_frozen.toml: config file not found")
+    ) as info:
+        load_config("experiments/configs/real_frozen.toml")
+    assert "'real_frozen'" in str(info.value)
