@@ -149,6 +149,13 @@ def test_explain_writes_the_report_and_returns_it_typed(run: mml.Run, tmp_path: 
     assert len(frame) == 1 and {"shap.age", "shap.sex", "shap.localization", "modality.image"} <= set(frame.columns)
     assert report.shap.values.shape == (1, 3)
     assert report.to_dict()["cases"][0]["image_id"] == frame.image_id[0]
+    # the whole split's attributions hold the report's numbers for the report's case
+    test = run.attributions("test")
+    whole = test.to_frame().set_index("image_id")
+    assert len(whole) == len(run.cases("test")) and test.shap.values.shape == (len(whole), 3)
+    columns = [c for c in frame.columns if c.startswith(("shap.", "modality."))]
+    row = whole.loc[frame.image_id[0], columns].to_numpy(dtype=float)
+    assert row == pytest.approx(frame.loc[0, columns].to_numpy(dtype=float), abs=1e-5)
 
 
 def _renamed_copy(source: Path, dest: Path) -> None:
