@@ -3,20 +3,19 @@
 Usage:
     python experiments/real_ablation.py --data /path/to/HAM10000 [--out runs/ablation] [--set section.key=value ...]
 
-Same as `mmlesion ablate --config experiments/ablation.toml --data DIR --out DIR`; prints the
+Same as `mmlesion ablate --config ablation --data DIR --out DIR`; prints the
 summary table and how long the embedding pass and the cells took. Re-running it resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from multimodal_lesion.ablation import run_ablation
-from multimodal_lesion.config import load_config, replace
-from multimodal_lesion.io import read_json
+import multimodal_lesion as mml
 
-CONFIG = Path(__file__).with_name("ablation.toml")
+CONFIG = "ablation"  # a preset of the package
 
 
 def main() -> None:
@@ -25,10 +24,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    cfg = replace(load_config(CONFIG, args.overrides), data={"root": args.data})
-    paths = run_ablation(cfg, args.out)
-    print(paths["summary_md"].read_text())
-    print("timing:", read_json(Path(args.out) / "timing.json"))
+    result = mml.ablate(mml.load_config(CONFIG, args.overrides), data=args.data, out=args.out)
+    print(result.summary)
+    print("timing:", json.loads((Path(args.out) / "timing.json").read_text()))
 
 
 if __name__ == "__main__":

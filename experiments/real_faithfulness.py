@@ -24,20 +24,22 @@ import sys
 import time
 from pathlib import Path
 
-from multimodal_lesion.config import load_config, parse_overrides
-from multimodal_lesion.data.constants import DATA_ENV
-from multimodal_lesion.errors import ConfigError
-from multimodal_lesion.io import output_folder
-from multimodal_lesion.workflows import explain_run
+import multimodal_lesion as mml
+
+DATA_ENV = "MMLESION_HAM10000"
 
 
 def settings(n: int, randomisation_cases: int, pairs: list[str]) -> dict:
     """explain.* settings: every case gets the faithfulness measures; ``--set`` pairs last."""
-    load_config(None, pairs)  # types and ranges, naming the pair
-    extra = parse_overrides(pairs)
-    if set(extra) - {"explain"}:
-        raise ConfigError("--set: only explain.* settings apply to a trained run")
-    return {"faithfulness_cases": n, "randomisation_cases": randomisation_cases, **extra.get("explain", {})}
+    if any(not p.strip().startswith("explain.") for p in pairs):
+        raise mml.ConfigError("--set: only explain.* settings apply to a trained run")
+    given = mml.load_config(None, pairs).explain  # types and ranges, naming the pair
+    extra = {p.partition("=")[0].strip().removeprefix("explain."): None for p in pairs}
+    return {
+        "faithfulness_cases": n,
+        "randomisation_cases": randomisation_cases,
+        **{k: getattr(given, k) for k in extra},
+    }
 
 
 def main() -> None:
@@ -58,9 +60,8 @@ def main() -> None:
         if out.exists() and args.overwrite:
             shutil.rmtree(out)
         start = time.perf_counter()
-        with output_folder(out):
-            index = explain_run(run, out, data=args.data, n=args.n, settings=chosen)
-        print(f"\n## {run.name}: {args.n} test cases ({time.perf_counter() - start:.0f} s), report {index}\n")
+        report = mml.load_run(run).explain(args.n, out=out, data=args.data, settings=chosen, show=True)
+        print(f"\n## {run.name}: {args.n} test cases ({time.perf_counter() - start:.0f} s), report {report.index}\n")
         print((out / "faithfulness.md").read_text())
         print((out / "randomisation.md").read_text())
 

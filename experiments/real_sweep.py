@@ -4,7 +4,7 @@ Usage:
     python experiments/real_sweep.py --data /path/to/HAM10000 [--out runs/sweep] [--parallel 4]
                                      [--only e8_sampler e8_image_only ...] [--set train.device="cuda" ...]
 
-Each variant is experiments/configs/real_end2end_cpu.toml plus a few ``--set`` overrides (VARIANTS).
+Each variant is the ``real_end2end_cpu`` preset plus a few ``--set`` overrides (VARIANTS).
 Variants run in ``--parallel`` processes (spawned, so each may use the GPU); every one writes a
 complete run folder, and the script prints and writes ``sweep.csv``: validation scores (what a
 recipe should be chosen by) next to the test split's. Made for a GPU: about 2 minutes per variant
@@ -19,10 +19,9 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from multimodal_lesion.config import load_config, replace
-from multimodal_lesion.workflows import train_run
+import multimodal_lesion as mml
 
-CONFIG = Path(__file__).parent / "configs" / "real_end2end_cpu.toml"
+CONFIG = "real_end2end_cpu"  # a preset of the package
 WEIGHTED = ['train.balance="weighted_loss"']
 VARIANTS: dict[str, list[str]] = {
     "e8_sampler": [],  # the preset itself
@@ -55,8 +54,8 @@ COLUMNS = (
 
 def run_variant(name: str, data: str, out: str, overrides: list[str], overwrite: bool = False) -> dict[str, object]:
     """Train one variant into ``out/name`` and return its row of the sweep table."""
-    cfg = replace(load_config(CONFIG, overrides + VARIANTS[name]), data={"root": data})
-    m = train_run(cfg, Path(out) / name, overwrite=overwrite, show=False)
+    cfg = mml.load_config(CONFIG, overrides + VARIANTS[name])
+    m = mml.train(cfg, data, out=Path(out) / name, overwrite=overwrite, show=False).metrics.to_dict()
     val, test = m["val"], m["test"]
     return {
         "variant": name,

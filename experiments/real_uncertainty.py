@@ -5,7 +5,7 @@ Usage:
     python experiments/real_uncertainty.py --data /path/to/HAM10000 [--out runs/uncertainty] [--set key=value ...]
 
 Trains image_only and the three fusion models on the frozen real-data preset
-(experiments/configs/real_frozen.toml, one lesion-grouped split), once as before (no metadata dropout)
+(the ``real_frozen`` preset, one lesion-grouped split), once as before (no metadata dropout)
 and once with metadata dropout (``train.meta_dropout`` and ``train.meta_dropout_all``), evaluates each on
 the test split (``mmlesion train`` does) and writes ``uncertainty.md`` with the tables. Each run is an
 ordinary run folder (``OUT/<setting>/<model>``); a finished one is reused when the script runs again.
@@ -17,11 +17,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from multimodal_lesion.config import load_config, replace
-from multimodal_lesion.io import read_json
-from multimodal_lesion.workflows import train_run
+import multimodal_lesion as mml
 
-PRESET = Path(__file__).parent / "configs" / "real_frozen.toml"
+PRESET = "real_frozen"
 MODELS = ("image_only", "concat", "gated", "film")
 SETTINGS = {
     "before": {"meta_dropout": 0.0, "meta_dropout_all": 0.0},
@@ -37,10 +35,10 @@ def run(data: str, out: Path, overrides: list[str]) -> dict[tuple[str, str], dic
         for model in MODELS:
             folder = out / setting / model
             if (folder / "metrics.json").is_file():
-                metrics[setting, model] = read_json(folder / "metrics.json")
+                metrics[setting, model] = mml.load_run(folder).metrics.to_dict()
                 continue
-            cfg = replace(load_config(PRESET, overrides), data={"root": data}, model={"name": model}, train=train)
-            metrics[setting, model] = train_run(cfg, folder, overwrite=True, show=False)
+            cfg = mml.replace(mml.load_config(PRESET, overrides), model={"name": model}, train=train)
+            metrics[setting, model] = mml.train(cfg, data, out=folder, overwrite=True, show=False).metrics.to_dict()
             print(f"{setting}/{model}: done")
     return metrics
 

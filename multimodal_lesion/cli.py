@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -120,7 +120,12 @@ def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config_args(p: argparse.ArgumentParser, dataset_options: bool = True) -> None:
-    p.add_argument("--config", type=_path, help="TOML experiment file (default: built-in defaults)")
+    p.add_argument(
+        "--config",
+        type=_path,
+        metavar="PRESET|FILE.toml",
+        help="a preset (see `mmlesion presets`) or a TOML experiment file (default: built-in defaults)",
+    )
     p.add_argument("--data", type=_path, help="data root (default: the synthetic HAM10000-shaped dataset)")
     if dataset_options:
         _schema_args(p)
@@ -135,7 +140,8 @@ def _config_args(p: argparse.ArgumentParser, dataset_options: bool = True) -> No
 
 
 def _load_cfg(args: argparse.Namespace):
-    from .config import load_config, replace
+    from .api import load_config
+    from .config import replace
     from .data.schema_file import resolve_schema
 
     cfg = load_config(args.config, args.overrides)
@@ -154,12 +160,17 @@ def _dataset(args: argparse.Namespace):
     return d, resolve_schema(d.schema, duplicates=d.duplicates)
 
 
+def _read_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The dataset options (``--schema``, ``--images``, ...) as keyword arguments of ``read_dataset``."""
+    d, _ = _dataset(args)  # a bad schema fails here
+    return {"schema": d.schema, "images": d.images, "duplicates": d.duplicates, "drop_missing": d.drop_missing}
+
+
 def _read_data(args: argparse.Namespace):
     """The dataset of ``--data`` read with the dataset options (``--schema``, ``--images``, ...)."""
-    from .data.reader import read_dataset
+    from .api import read_dataset
 
-    d, schema = _dataset(args)
-    return read_dataset(args.data, schema, images=d.images, drop_missing=d.drop_missing)
+    return read_dataset(args.data, **_read_options(args))
 
 
 @command(
@@ -189,11 +200,9 @@ def _synth(args: argparse.Namespace) -> int:
     ),
 )
 def _eda(args: argparse.Namespace) -> int:
-    with output_folder(args.out):
-        from .report.eda import run_eda
+    from .api import eda
 
-        dataset = _read_data(args)
-        summary = run_eda(dataset.metadata, args.out, dataset.schema)
+    summary = eda(args.data, args.out, **_read_options(args))
     print(json.dumps({k: summary[k] for k in ("n_images", "n_lesions", "class_counts")}))
     print(f"wrote {args.out}")
     return 0
@@ -219,17 +228,10 @@ def _split(args: argparse.Namespace) -> int:
         )
     _, schema = _dataset(args)
     with output_file(args.out, option="--out", inputs=[Path(args.data) / name for name in schema.metadata]):
-        from .data.splits import split_lesions, split_rule
+        from .api import split
 
         dataset = _read_data(args)
-        splits = split_lesions(
-            dataset.metadata,
-            test_size=args.test_size,
-            val_size=args.val_size,
-            folds=args.folds,
-            seed=args.seed,
-            group_label=split_rule(dataset.schema),
-        )
+        splits = split(dataset, test_size=args.test_size, val_size=args.val_size, folds=args.folds, seed=args.seed)
         with atomic_write(args.out) as fh:
             splits.to_csv(fh, index=False)
     counts = splits.groupby("split")["lesion_id"].nunique().to_dict()
@@ -239,10 +241,21 @@ def _split(args: argparse.Namespace) -> int:
 
 @command("models", "list the registered models", lambda p: None)
 def _models(args: argparse.Namespace) -> int:
-    from .models import list_models, model_description
+    from .api import list_models
+    from .models import model_description
 
     for name in list_models():
         print(f"{name:16s} {model_description(name)}")
+    return 0
+
+
+@command("presets", "list the preset configs (--config NAME)", lambda p: None)
+def _presets(args: argparse.Namespace) -> int:
+    from .config import list_presets, preset_text
+
+    for name in list_presets():
+        first = next((line for line in preset_text(name).splitlines() if line.startswith("#")), "#")
+        print(f"{name:20s} {first.lstrip('# ').strip()}")
     return 0
 
 
@@ -256,13 +269,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 @command("train", "train one model and write a run folder", _train_args)
 def _train(args: argparse.Namespace) -> int:
-    cfg = _load_cfg(args)  # config mistakes fail before the output is touched, and before the heavy imports
-    # under torchrun every process runs this; rank 0 alone writes the run, so it alone holds the lock
-    with output_folder(args.out, lock=os.environ.get("RANK", "0") == "0"):
-        from .workflows import train_run
+    from .api import train
 
-        metrics = train_run(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
-    _print_headline(metrics)
+    cfg = _load_cfg(args)  # config mistakes fail before the output is touched, and before the heavy imports
+    run = train(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone writes the run
+        _print_headline(run.metrics.to_dict())
     print(f"wrote {args.out}")
     return 0
 
@@ -302,54 +314,33 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     _evaluate_args,
 )
 def _evaluate(args: argparse.Namespace) -> int:
-    from .runs import RunFolder
-    from .workflows import evaluate_run, is_external
+    from .api import load_run
 
-    run = RunFolder(args.run)
-    run.check()
-    explicit = args.key_vs_rest or args.exclude_seen
-    if (explicit or args.schema) and not args.data:
+    run = load_run(args.run, device=args.device)
+    if (args.key_vs_rest or args.exclude_seen or args.schema) and not args.data:
         raise ConfigError("--schema, --key-vs-rest and --exclude-seen score other data: give it with --data")
-    if explicit or (args.data and is_external(args.run, args.data, args.schema, args.images or "")):
-        return _evaluate_external(args, run)
-    evaluation = run.evaluation(args.split).path
-    with output_folder(args.run, option="--run"), output_folder(evaluation, option="--run", lock=False):
-        settings = {k: v for k, v in _data_settings(args).items() if k != "schema"}  # the run's schema stays
-        metrics, path = evaluate_run(
-            args.run, args.split, args.data, tta=args.tta, device=args.device, data_settings=settings
-        )
-    _print_headline(metrics, (args.split,))
-    print(f"wrote {path}")
-    return 0
-
-
-def _evaluate_external(args: argparse.Namespace, run: Any) -> int:
-    from .training.external import ExternalOptions, external_folder, other_schema, scores_key_vs_rest
-    from .workflows import evaluate_external_run
-
-    options = ExternalOptions(
+    evaluation = run.evaluate(
+        args.data,
+        args.split,
         args.schema,
-        args.key_vs_rest,
-        args.fit,
-        args.device,
-        args.exclude_seen,
+        tta=args.tta,
+        key_vs_rest=args.key_vs_rest,
+        exclude_seen=args.exclude_seen,
+        fit=args.fit,
         images=args.images or "",
-        duplicates=str(Path(args.duplicates).resolve()) if args.duplicates else "",
+        duplicates=args.duplicates or "",
+        drop_missing=args.drop_missing,
+        show=True,
     )
-    schema = other_schema(args.schema, run.read_schema(), options.duplicates)
-    key_vs_rest = scores_key_vs_rest(schema, run.read_schema(), args.key_vs_rest)
-    out = external_folder(run, args.data, schema, key_vs_rest).path
-    with output_folder(args.run, option="--run"), output_folder(out, option="--run", lock=False):
-        metrics, path = evaluate_external_run(args.run, args.data, options)
-    _print_headline(metrics, ("external",))
-    if key_vs_rest:
-        ci = metrics["external"]["key_vs_rest"]["auroc_ci"]
+    _print_headline(evaluation.metrics, (evaluation.split,))
+    ci = evaluation.values.get("key_vs_rest", {}).get("auroc_ci")
+    if ci:
         print(
             f"key class vs rest: AUROC {ci['auroc']:.4f} [{ci['ci_low']:.4f}, {ci['ci_high']:.4f}] "
             f"({ci['ci']:.0%} CI over {ci['n_groups']} {ci['grouped_by']}s; {ci['n_positive']} positives in "
             f"{ci['n_positive_groups']} {ci['grouped_by']}s)"
         )
-    print(f"wrote {path}")
+    print(f"wrote {evaluation.path}")
     return 0
 
 
@@ -390,13 +381,15 @@ def _predict(args: argparse.Namespace) -> int:
         return _predict_many(args)
     if args.out:
         raise ConfigError("--out is for --data / --csv; --image prints JSON")
-    from .runs import Case
-    from .workflows import predict
+    from .api import load_run
 
     fields = dict(_field(f) for f in args.fields)
     fields.update({k: v for k in ("age", "sex", "localization") if (v := getattr(args, k)) is not None})
-    case = Case(args.image, fields)
-    print(json.dumps(predict(args.run, case, balanced=args.balanced, device=args.device), indent=2))
+    run = load_run(args.run, device=args.device)
+    prediction = run.predict(args.image, **fields)
+    if args.balanced and prediction.balanced_probabilities is None:
+        run.predictor.run.require_balanced()  # a run trained before the balanced decision: one line, exit 2
+    print(json.dumps(prediction.to_json(balanced=args.balanced), indent=2))
     return 0
 
 
@@ -417,15 +410,16 @@ def _predict_many(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--{given[0]} is for one --image; a --csv gives patient fields per row (the CSV has both decisions)"
         )
+    from .api import load_run
+    from .errors import DataError
     from .io import atomic_write
-    from .runs import RunFolder
 
-    RunFolder(args.run).check()
+    run = load_run(args.run, device=args.device)
     inputs = [args.csv] if args.csv else []
     with output_file(args.out, option="--out", inputs=inputs):
-        from .runs import predict_table
-
-        table = predict_table(args.run, folder=args.data, table=args.csv, device=args.device, fit=args.fit)
+        if args.data and not Path(args.data).is_dir():
+            raise DataError(f"{args.data}: not a folder of images")
+        table = run.predict_table(args.data or args.csv, fit=args.fit)
         with atomic_write(args.out) as fh:
             table.to_csv(fh, index=False)
     print(f"predicted {len(table)} images; wrote {args.out}")
@@ -463,14 +457,14 @@ def _explain_settings(pairs: list[str]) -> dict[str, Any]:
 
 @command("explain", "Grad-CAM + grouped SHAP + image-vs-metadata report of a run", _explain_args)
 def _explain(args: argparse.Namespace) -> int:
-    settings = _explain_settings(args.overrides)
-    with output_folder(args.out):
-        from .workflows import explain_run
+    from .api import Run
 
-        index = explain_run(
-            args.run, args.out, data=args.data, split=args.split, cases=args.cases, n=args.n, settings=settings
-        )
-    print(f"wrote {index}")
+    settings = _explain_settings(args.overrides)
+    run = Run(args.run)  # checked once --out is (the report's folder comes first, as for every command)
+    report = run.explain(
+        args.n, out=args.out, cases=args.cases, split=args.split, data=args.data, settings=settings, show=True
+    )
+    print(f"wrote {report.index}")
     return 0
 
 
@@ -486,16 +480,11 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
 
 @command("ablate", "every model over lesion-grouped folds x seeds, with CIs and subgroups", _ablate_args)
 def _ablate(args: argparse.Namespace) -> int:
+    from .api import ablate
+
     cfg = _load_cfg(args)
-    if args.ray_address:
-        from .config import replace
-
-        cfg = replace(cfg, ablation={"backend": "ray"}, ray={"address": args.ray_address})
-    with output_folder(args.out):
-        from .ablation import run_ablation
-
-        paths = run_ablation(cfg, args.out)
-    print(paths["summary_md"].read_text())
+    result = ablate(cfg, out=args.out, ray_address=args.ray_address)
+    print(result.summary)
     print(f"wrote {args.out}")
     return 0
 
@@ -510,12 +499,10 @@ def _ablate(args: argparse.Namespace) -> int:
     ),
 )
 def _demo(args: argparse.Namespace) -> int:
-    from importlib.resources import as_file, files
+    from .api import load_config
+    from .config import replace
 
-    from .config import load_config, replace
-
-    with as_file(files("multimodal_lesion").joinpath("demo.toml")) as demo_toml:
-        cfg = load_config(demo_toml, args.overrides)
+    cfg = load_config("demo", args.overrides)
     cfg = replace(cfg, data={"root": str(args.data)}) if args.data else cfg
     with output_folder(args.out):
         from .demo import run_demo
@@ -568,7 +555,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_headline(metrics: dict, splits: tuple[str, ...] = ("val", "test")) -> None:
+def _print_headline(metrics: Mapping[str, Any], splits: tuple[str, ...] = ("val", "test")) -> None:
     for split in (s for s in splits if s in metrics):  # the key class is the run's (metrics.json)
         m, b = metrics[split]["calibrated"], metrics[split]["balanced"]
         key = "melanoma" if metrics.get("key_class", "mel") == "mel" else metrics["key_class"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -403,27 +403,79 @@ def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) ->
     return merged
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a TOML experiment file (or the defaults) and apply ``--set`` overrides.
+#: The package folder of the preset experiment files (``load_config("real_frozen")``, ``--config real_frozen``).
+PRESET_PACKAGE = "multimodal_lesion.presets"
+#: A preset kept beside the package for the demo (``mmlesion demo`` reads it).
+DEMO_PRESET = "demo"
 
-    A mistake names its source: ``--set train.lr=-1: ...`` for a value from an override, the file for
-    a value from the file.
+
+def list_presets() -> list[str]:
+    """The names of the preset experiment configs shipped with the package, sorted.
+
+    Any of them is accepted wherever a config file is (``load_config("concat")``, ``--config concat``).
+    """
+    from importlib.resources import files
+
+    names = [p.name.removesuffix(".toml") for p in files(PRESET_PACKAGE).iterdir() if p.name.endswith(".toml")]
+    return sorted([*names, DEMO_PRESET])
+
+
+def preset_text(name: str) -> str:
+    """The TOML text of the preset ``name``; an unknown name is a ConfigError listing the presets."""
+    from importlib.resources import files
+
+    if name not in list_presets():
+        raise ConfigError(f"unknown config preset '{name}' (not a file either); presets: {', '.join(list_presets())}")
+    if name == DEMO_PRESET:
+        return files("multimodal_lesion").joinpath("demo.toml").read_text()
+    return files(PRESET_PACKAGE).joinpath(f"{name}.toml").read_text()
+
+
+def is_preset_name(spec: str | Path) -> bool:
+    """Whether ``spec`` names a preset rather than a file: a plain word (no folder, no ``.toml``) that is no file."""
+    if isinstance(spec, Path):
+        return False
+    return "/" not in spec and "\\" not in spec and not spec.endswith(".toml") and not Path(spec).is_file()
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] | None = None) -> ExperimentConfig:
+    """Read a TOML experiment file, a preset (by name) or the defaults, and apply ``--set`` overrides.
+
+    Args:
+        path: a TOML file, the name of a preset (see :func:`list_presets`), or None for the defaults.
+        overrides: ``"section.key=value"`` pairs applied on top, in order.
+
+    A mistake names its source: ``--set train.lr=-1: ...`` for a value from an override, the file (or
+    preset) for a value from the file.
     """
     raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    source: Path | None = None
+    if path is not None and is_preset_name(path):
+        source = Path(f"preset {path}")
+        raw = _parse_toml(preset_text(str(path)), source)
+    elif path is not None:
+        source = Path(path)
+        if not source.is_file():
+            hint = f" (the preset is named without a path: '{source.stem}')" if source.stem in list_presets() else ""
+            raise ConfigError(f"{source}: config file not found" + (" (it is a folder)" if source.is_dir() else hint))
         try:
-            raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    pairs = overrides or []
+            text = source.read_text()
+        except (UnicodeDecodeError, OSError) as exc:
+            raise ConfigError(f"{source}: not valid TOML ({exc})") from None
+        raw = _parse_toml(text, source)
+    pairs = list(overrides or [])
     raw = _merge(raw, parse_overrides(pairs))
     try:
         return from_dict(raw)
     except KeyedConfigError as exc:
-        raise ConfigError(_with_sources(str(exc), exc.keys, path, pairs)) from None
+        raise ConfigError(_with_sources(str(exc), exc.keys, source, pairs)) from None
+
+
+def _parse_toml(text: str, source: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({exc})") from None
 
 
 def _with_sources(message: str, keys: tuple[str, ...], path: Path | None, pairs: list[str]) -> str:
@@ -504,8 +556,11 @@ __all__ = [
     "TrainConfig",
     "differences",
     "from_dict",
+    "is_preset_name",
+    "list_presets",
     "load_config",
     "parse_overrides",
+    "preset_text",
     "replace",
     "to_dict",
     "to_toml",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,22 @@ def explain_run(
 ) -> Path:
     """Explain cases of a run, draw them, write ``explanations.json``, the faithfulness and randomisation
     tables (CSV + markdown) and the HTML report; returns the index. ``settings`` overrides ``explain.*``."""
+    index, _ = explain_cohort(run_dir, out, data=data, split=split, cases=cases, n=n, settings=settings, show=show)
+    return index
+
+
+def explain_cohort(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    data: str | Path | None = None,
+    split: str = "test",
+    cases: Sequence[str] | None = None,
+    n: int | None = None,
+    settings: Mapping[str, Any] | None = None,
+    show: bool = True,
+) -> tuple[Path, Any]:
+    """:func:`explain_run` that also returns what it computed: (the index, the ``CohortExplanation``)."""
     from .explain.pipeline import explain_run as explain
     from .explain.pipeline import save_explanations
     from .report.explanations import draw_explanation_figures
@@ -119,11 +135,67 @@ def explain_run(
         total, k = time.perf_counter() - t0, len(cohort.cases)
         per = ", ".join(f"{name} {v / k:.3f}" for name, v in cohort.timings.items())
         print(f"explained {k} cases in {total:.1f} s ({total / k:.2f} s per case; per case: {per})")
-    return index
+    return index, cohort
+
+
+def attribute_split(run_dir: str | Path, split: str = "test", data: str | Path | None = None) -> dict[str, Any]:
+    """Grouped SHAP and the image-vs-features Shapley split of every case of a split, as the report computes them.
+
+    The same game as ``explain_run`` (the run's ``explain`` settings: background, scale, resamples,
+    seed), each case explaining its predicted class; no maps, no figures. Returns ``image_ids``,
+    ``true`` (class codes), ``shap`` (a ``shap.Explanation``) and ``modality`` (a ``ModalityAttribution``).
+    """
+    from .explain.modality import modality_shapley
+    from .explain.pipeline import background, load_cases, patient_features
+    from .explain.shap_groups import GroupShapExplainer
+    from .runs import load_run
+
+    run = load_run(run_dir, data)
+    inputs, cfg = run.inputs, run.inputs.cfg.explain
+    rows = inputs.indices(split)
+    batch = load_cases(run, rows, [""] * len(rows))
+    bg_emb, bg_meta = background(inputs, cfg.background_size, cfg.seed)
+    groups = inputs.encoder.feature_groups_
+    game: dict[str, Any] = {
+        "scale": cfg.shap_scale,
+        "resamples": cfg.background_resamples,
+        "seed": cfg.seed,
+        "permutations": cfg.shap_permutations,
+    }
+    raw = inputs.dataset.metadata.iloc[rows][patient_features(inputs)].reset_index(drop=True)
+    explainer = GroupShapExplainer(inputs.model, bg_meta, groups, temperature=run.temperature, **game)
+    shap_values = explainer.explain(batch.embeddings, batch.meta, batch.targets, raw=raw)
+    modality = modality_shapley(
+        inputs.model,
+        batch.embeddings,
+        batch.meta,
+        bg_emb,
+        bg_meta,
+        groups,
+        batch.targets,
+        temperature=run.temperature,
+        **game,
+    )
+    meta = inputs.dataset.metadata.iloc[rows]
+    return {
+        "image_ids": meta["image_id"].tolist(),
+        "true": meta["dx"].tolist(),
+        "predicted": [inputs.schema.classes[t] for t in batch.targets],
+        "shap": shap_values,
+        "modality": modality,
+    }
 
 
 def add_prediction_sets(run_dir: str | Path, cohort: Any) -> None:
     """Give every explained case its conformal prediction sets, calibrated on the run's val predictions."""
+    sets_of = conformal_sets(run_dir)
+    for case in cohort.cases:
+        case.prediction_sets = sets_of(case.probabilities)
+
+
+def conformal_sets(run_dir: str | Path) -> Callable[[Mapping[str, float]], dict[str, list[str]]]:
+    """The run's conformal prediction sets, fitted once on its val predictions as ``[uncertainty]`` says:
+    a function from one case's calibrated probabilities (class -> p) to level -> the classes in the set."""
     from .runs import RunFolder
     from .training.uncertainty import ConformalSets
 
@@ -131,10 +203,13 @@ def add_prediction_sets(run_dir: str | Path, cohort: Any) -> None:
     u = folder.read_config().uncertainty
     y_val, p_val = folder.read_predictions("val")
     conformal = ConformalSets(u.conformal_score, u.levels, u.class_conditional).fit(p_val, y_val)
-    for case in cohort.cases:
-        classes = list(case.probabilities)
-        sets = conformal.predict(np.asarray([list(case.probabilities.values())]))[0]
-        case.prediction_sets = _named_sets(sets, classes, u.levels)
+
+    def sets_of(probabilities: Mapping[str, float]) -> dict[str, list[str]]:
+        classes = list(probabilities)
+        sets = conformal.predict(np.asarray([list(probabilities.values())]))[0]
+        return _named_sets(sets, classes, u.levels)
+
+    return sets_of
 
 
 def _named_sets(sets: np.ndarray, classes: list[str], levels: Sequence[float]) -> dict[str, list[str]]:
@@ -144,32 +219,36 @@ def _named_sets(sets: np.ndarray, classes: list[str], levels: Sequence[float]) -
     }
 
 
-def predict(run_dir: str | Path, case: Any, *, balanced: bool = False, device: str | None = None) -> dict[str, Any]:
+def predict(
+    run_dir: str | Path | Any,
+    case: Any,
+    *,
+    balanced: bool = False,
+    device: str | None = None,
+    sets: Callable[[Mapping[str, float]], dict[str, list[str]]] | None = None,
+) -> dict[str, Any]:
     """One case's probabilities, its conformal prediction sets and the spread of its flipped views.
 
-    ``case`` is a :class:`~multimodal_lesion.runs.Case` (an image and its patient fields). The model
-    runs once: ``balanced`` shows the balanced decision's probabilities of the same pass. The sets are
-    calibrated on the run's validation predictions (``predictions_val.csv``) as configured in
-    ``[uncertainty]``; they hold the true class with the target probability.
+    ``case`` is a :class:`~multimodal_lesion.runs.Case` (an image and its patient fields); ``run_dir``
+    a run folder or a loaded :class:`~multimodal_lesion.runs.Predictor`. The model runs once: the
+    result holds the calibrated (``calibrated``) and the balanced decision's (``balanced_probabilities``,
+    None for runs without one) probabilities of the same pass; ``probabilities`` is the balanced one
+    when ``balanced`` (which makes a run without it an error). The sets are calibrated on the run's
+    validation predictions (``predictions_val.csv``) as configured in ``[uncertainty]`` (``sets``: the
+    :func:`conformal_sets` already fitted); they hold the true class with the target probability.
     """
-    from .runs import RunFolder, predict_case, tta_spread
-    from .training.uncertainty import ConformalSets
+    from .runs import Predictor, predict_case, tta_spread
 
-    folder = RunFolder(run_dir)
     prediction = predict_case(run_dir, case, need_balanced=balanced, device=device)
-    u = folder.read_config().uncertainty
-    y_val, p_val = folder.read_predictions("val")
-    classes = list(prediction.probs)
+    folder = run_dir.run.folder.path if isinstance(run_dir, Predictor) else run_dir
     # the sets are calibrated on the calibrated probabilities, not the balanced ones
-    probs = np.asarray([list(prediction.probs.values())])
-    sets = ConformalSets(u.conformal_score, u.levels, u.class_conditional).fit(p_val, y_val).predict(probs)[0]
+    prediction_sets = (sets or conformal_sets(folder))(prediction.probs)
     views = prediction.view_probs
     shown = prediction.balanced_probs if balanced and prediction.balanced_probs is not None else prediction.probs
     return {
         "probabilities": shown,
-        "prediction_sets": {
-            f"{lv:.2f}": [c for c, keep in zip(classes, sets[:, k], strict=True) if keep]
-            for k, lv in enumerate(u.levels)
-        },
+        "calibrated": prediction.probs,
+        "balanced_probabilities": prediction.balanced_probs,
+        "prediction_sets": prediction_sets,
         "tta_spread": round(float(tta_spread(views[:, None, :])[0]), 6) if len(views) else None,
     }

@@ -8,16 +8,45 @@ from pathlib import Path
 
 import pytest
 
-from multimodal_lesion.config import ExperimentConfig, load_config, parse_overrides, replace, to_toml
+from multimodal_lesion.config import ExperimentConfig, list_presets, load_config, parse_overrides, replace, to_toml
 from multimodal_lesion.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).parents[1] / "experiments").rglob("*.toml"))
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_loads_by_name_as_package_data(name: str) -> None:
+    """The presets ship inside the package (a wheel has them), named without path or suffix."""
+    assert isinstance(load_config(name), ExperimentConfig)
+    assert load_config(name, ["train.epochs=2"]).train.epochs == 2
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_loads(path: Path) -> None:
-    cfg = load_config(path)
-    assert isinstance(cfg, ExperimentConfig)
+def test_presets_are_package_data_listed_in_setup_cfg() -> None:
+    from importlib.resources import files
+
+    root = Path(__file__).parents[1]
+    shipped = {p.name for p in files("multimodal_lesion.presets").iterdir() if p.name.endswith(".toml")}
+    assert {"real_frozen.toml", "real_partial_cpu.toml", "concat.toml", "ablation.toml"} <= shipped
+    assert "multimodal_lesion.presets = *.toml" in (root / "setup.cfg").read_text()
+    assert not list((root / "experiments").rglob("*.toml")), "presets live in multimodal_lesion/presets/"
+
+
+def test_an_unknown_preset_is_one_line_listing_the_presets() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("real_frozn")
+    message = str(info.value)
+    assert "real_frozn" in message and "real_frozen" in message and "concat" in message and "\n" not in message
+
+
+def test_a_file_path_still_wins_over_a_preset_name(tmp_path: Path) -> None:
+    path = tmp_path / "concat.toml"
+    path.write_text('[model]\nname = "film"\n')
+    assert load_config(path).model.name == "film"  # a path, not the preset 'concat'
+    assert load_config(str(path)).model.name == "film"
+    assert load_config("concat").model.name == "concat"
+
+
+def test_a_mistake_in_an_override_of_a_preset_names_the_pair() -> None:
+    with pytest.raises(ConfigError, match=re.escape("--set train.lr=-1")):
+        load_config("real_frozen", ["train.lr=-1"])
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
@@ -140,3 +169,11 @@ def test_cli_refuses_a_mistyped_mode_before_any_work(tmp_path: Path) -> None:
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert "train.mode" in lines[0] and "'frozen'" in lines[0] and "'end2end'" in lines[0]
     assert not out.exists()
+
+
+def test_an_old_preset_path_points_to_the_preset_name() -> None:
+    with pytest.raises(
+        ConfigError, match=re.escape("experiments/configs/real_frozen.toml: config file not found")
+    ) as info:
+        load_config("experiments/configs/real_frozen.toml")
+    assert "'real_frozen'" in str(info.value)

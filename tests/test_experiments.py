@@ -67,7 +67,7 @@ def test_finetune_script_prints_both_balanced_accuracies_with_counts(tiny_ham: P
         "--data",
         str(data),
         "--config",
-        str(REPO / "experiments" / "configs" / "real_end2end_cpu.toml"),
+        "real_end2end_cpu",
         "--out",
         str(tmp_path / "runs"),
         "--models",

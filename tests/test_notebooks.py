@@ -95,14 +95,14 @@ def test_notebook_is_committed_without_outputs(path: Path):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_notebook_looks_at_results_only(name: str):
-    """Parameters first, a markdown section before each step, the package imported, no model code."""
+    """Parameters first, a markdown section before each step, the public API imported, no model code."""
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
     first = code_cells(nb)[0]
     assert "parameters" in first.metadata.get("tags", []) and "os.environ" in first.source
     assert "MMLESION_NB_OUT" in first.source and DATA_ENV in first.source
     source = "\n".join(c.source for c in code_cells(nb))
-    assert "from multimodal_lesion" in source
+    assert "import multimodal_lesion as mml" in first.source  # the public API; tests/test_api.py bans the rest
     assert not MODEL_CODE.search(source), f"{name}: model or training code: {MODEL_CODE.search(source).group(0)!r}"
     headings = sum(c.cell_type == "markdown" and c.source.lstrip().startswith("#") for c in nb.cells)
     assert headings >= 4
