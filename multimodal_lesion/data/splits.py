@@ -49,7 +49,8 @@ def split_lesions(
 
     Args:
         df: one row per image with ``image_id``, ``lesion_id`` and ``dx``.
-        test_size, val_size: shares of the images held out for test and validation.
+        test_size: share of the images held out for test.
+        val_size: share of the images held out for validation.
         folds: when > 1, the non-test images are cut into this many folds instead (``val_size`` is
             then unused); fold 0 is marked ``val``, the test rows get fold -1.
         seed: the same seed and table give the same split.
