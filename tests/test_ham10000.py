@@ -255,6 +255,18 @@ def test_a_lesion_with_images_of_two_diagnoses_is_noted_in_ham10000_s_words(tiny
     ]
 
 
+def test_only_the_release_s_own_unknown_spelling_is_silent(tiny_ham: Path) -> None:
+    """HAM10000 writes 'unknown'; a 'nan' left by a spreadsheet is read as unknown too, and said (as always)."""
+    df = _csv(tiny_ham)
+    df.loc[2, "sex"], df.loc[3, "sex"] = "nan", "unknown"
+    _write(tiny_ham, df)
+    dataset = read_dataset(tiny_ham, preset("ham10000"))
+    assert list(dataset.metadata.sex[2:4]) == ["unknown", "unknown"]
+    assert dataset.notes == [
+        "HAM10000_metadata.csv: column 'sex': 1 row(s) with unrecognised value(s) 'nan' read as 'unknown' (rows 3)"
+    ]
+
+
 def test_image_found_twice(tiny_ham: Path) -> None:
     image_id = _csv(tiny_ham).image_id[0]
     (tiny_ham / "copy").mkdir()

@@ -171,6 +171,7 @@ def ham10000() -> DatasetSchema:
             categorical=("sex", "localization"),
             categories=MappingProxyType({"sex": constants.SEXES, "localization": constants.LOCALIZATIONS}),
             age="age",
+            unknown_tokens=("", constants.UNKNOWN),  # the release's own spelling; 'nan', 'na' ... are noted
         ),
         leak_columns=("dx_type",),
         key_class="mel",
