@@ -27,7 +27,7 @@ worse. Model randomisation lives in :mod:`.randomisation`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -153,17 +153,9 @@ def road_scores(
     averaged over ``percentiles``. The unperturbed score cancels, so all K x 2 x P imputed images go
     through ``predict`` in one batch (``ROADCombined`` runs the original image 2 x P times more).
     """
-    base = image.detach().cpu()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        imputed = [
-            order(p, NoisyLinearImputer())(base, torch.from_numpy(np.asarray(m, dtype=np.float32)))
-            for order in (RemoveLeastRelevantFirst, RemoveMostRelevantFirst)
-            for p in percentiles
-            for m in maps
-        ]
+    imputed = road_images(image, maps, percentiles, seed)
     with torch.no_grad():
-        probs = torch.softmax(predict(torch.stack(imputed).to(image.device)).double(), -1)[:, target]
+        probs = torch.softmax(predict(imputed.to(image.device)).double(), -1)[:, target]
     lerf, morf = probs.cpu().numpy().reshape(2, len(percentiles), len(maps))
     return ((lerf - morf) / 2).mean(0)
 
@@ -278,29 +270,171 @@ def faithfulness_report(
 
     ``predict`` is the shown prediction with the case's metadata bound (:func:`~.gradcam.shown_view`);
     ``image`` (3, H, W) is normalised; ``maps`` are (H, W), e.g. ``{"cam": ..., **BaselineMaps.maps()}``.
-    Deletion / insertion AUCs and ROAD always; pointing game and energy inside with a mask.
+    Deletion / insertion AUCs and ROAD always; pointing game and energy inside with a mask. One case of
+    :func:`faithfulness_reports`, which batches many.
     """
-    names = list(maps)
-    with torch.no_grad():
-        road = (
-            road_scores(predict, image, np.stack([maps[n] for n in names]), target, road_percentiles, seed)
-            if road_percentiles
-            else None
-        )
-    out: dict[str, dict[str, float]] = {}
-    for j, name in enumerate(names):
-        sal = np.asarray(maps[name])
-        out[name] = {
-            f"{mode}_auc": curve_auc(
-                perturbation_curve(predict, image, sal, target, mode=mode, steps=steps, baseline=baseline)
+    case = FaithfulnessCase(image, None, target, maps, mask)
+    settings = CurveSettings(steps, tuple(road_percentiles), baseline, seed)
+    return faithfulness_reports(lambda x, _meta: predict(x), [case], settings)[0]
+
+
+#: The shown prediction of many cases at once: images (N, 3, H, W) and each image's metadata row
+#: (N, D; None for models without metadata) -> calibrated logits (N, C).
+CasePredictor = Callable[[Tensor, Tensor | None], Tensor]
+
+
+@dataclass(frozen=True)
+class FaithfulnessCase:
+    """One case to measure: its normalised image (3, H, W), metadata row (D,), explained class and maps."""
+
+    image: Tensor
+    meta: Tensor | None
+    target: int
+    maps: Mapping[str, np.ndarray]  # name -> (H, W), e.g. ``{"cam": ..., **BaselineMaps.maps()}``
+    mask: np.ndarray | None = None  # the lesion mask (H, W), for the pointing game and energy inside
+
+
+@dataclass(frozen=True)
+class CurveSettings:
+    """How the curves are drawn: deletion / insertion steps, ROAD percentiles, removed-pixel baseline, seed."""
+
+    steps: int = DEFAULT_STEPS
+    road_percentiles: tuple[int, ...] = (20, 50, 80)  # () = no ROAD
+    baseline: str | Tensor | None = None  # None = each mode's default (:data:`DEFAULT_BASELINES`)
+    seed: int = 0  # ROAD's imputation noise
+
+
+@dataclass(frozen=True)
+class _CasePlan:
+    """One case's distinct perturbed images and where each curve point and ROAD score reads them.
+
+    Every deletion curve starts at the image and ends at the baseline (insertion: the reverse), so the
+    two ends are one image each, shared by all maps: K maps cost 2 + K x 2 x (steps - 1) curve images.
+    """
+
+    images: Tensor  # (M, 3, H, W)
+    curves: dict[str, np.ndarray]  # mode -> (K, steps + 1) indices into images
+    road: np.ndarray | None  # (2, P, K) indices: least- then most-relevant-first
+
+
+def _plan(case: FaithfulnessCase, settings: CurveSettings) -> _CasePlan:
+    """The case's perturbed images, built as :func:`perturbation_curve` and :func:`road_scores` build them."""
+    image, names, steps = case.image, list(case.maps), settings.steps
+    for name in names:
+        if np.shape(case.maps[name]) != tuple(image.shape[-2:]):
+            raise ConfigError(
+                f"saliency map '{name}' {np.shape(case.maps[name])} does not match the image {tuple(image.shape[-2:])}"
             )
-            for mode in CURVE_MODES
-        }
-        if road is not None:
-            out[name]["road"] = float(road[j])
-        if mask is not None:
-            out[name]["pointing_game"] = float(pointing_game(sal, mask))
-            out[name]["energy_inside"] = energy_inside(sal, mask)
+    parts, curves, n = [image[None]], {}, 1
+    for mode in CURVE_MODES:
+        base = _baseline(image, DEFAULT_BASELINES[mode] if settings.baseline is None else settings.baseline)
+        parts.append(base[None])
+        ends = (0, n) if mode == "deletion" else (n, 0)
+        first, second = (base, image) if mode == "deletion" else (image, base)
+        n += 1
+        index = np.empty((len(names), steps + 1), dtype=np.int64)
+        for k, name in enumerate(names):
+            inner = torch.as_tensor(_step_masks(case.maps[name], steps)[1:-1], device=image.device)[:, None]
+            parts.append(torch.where(inner, first[None], second[None]))
+            index[k] = [ends[0], *range(n, n + steps - 1), ends[1]]
+            n += steps - 1
+        curves[mode] = index
+    road = None
+    if settings.road_percentiles:
+        stacked = np.stack([np.asarray(case.maps[m]) for m in names])
+        imputed = road_images(image, stacked, settings.road_percentiles, settings.seed)
+        parts.append(imputed.to(image.device))
+        road = np.arange(n, n + len(imputed)).reshape(2, len(settings.road_percentiles), len(names))
+    return _CasePlan(torch.cat(parts), curves, road)
+
+
+def road_images(image: Tensor, maps: np.ndarray, percentiles: Sequence[int], seed: int = 0) -> Tensor:
+    """The 2 x P x K imputed images of ROAD (least-relevant-first, then most-relevant-first) on the CPU."""
+    base = image.detach().cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack(
+            [
+                order(p, NoisyLinearImputer())(base, torch.from_numpy(np.asarray(m, dtype=np.float32)))
+                for order in (RemoveLeastRelevantFirst, RemoveMostRelevantFirst)
+                for p in percentiles
+                for m in maps
+            ]
+        )
+
+
+def _report(case: FaithfulnessCase, plan: _CasePlan, probs: np.ndarray) -> dict[str, dict[str, float]]:
+    """The measures of one case from the target-class probabilities (M,) of its planned images."""
+    out: dict[str, dict[str, float]] = {}
+    for k, name in enumerate(case.maps):
+        sal = np.asarray(case.maps[name])
+        out[name] = {f"{mode}_auc": curve_auc(probs[index[k]]) for mode, index in plan.curves.items()}
+        if plan.road is not None:
+            lerf, morf = probs[plan.road[0, :, k]], probs[plan.road[1, :, k]]
+            out[name]["road"] = float(((lerf - morf) / 2).mean())
+        if case.mask is not None:
+            out[name]["pointing_game"] = float(pointing_game(sal, case.mask))
+            out[name]["energy_inside"] = energy_inside(sal, case.mask)
+    return out
+
+
+def _repeated_meta(pending: list[tuple[FaithfulnessCase, _CasePlan]]) -> Tensor | None:
+    """Each case's metadata row once per planned image of the case (None without metadata)."""
+    if any(case.meta is None for case, _ in pending):
+        return None
+    return torch.cat([case.meta.reshape(1, -1).expand(len(plan.images), -1) for case, plan in pending])  # type: ignore[union-attr]
+
+
+def _score(
+    predict: CasePredictor, pending: list[tuple[FaithfulnessCase, _CasePlan]], batch_size: int
+) -> list[dict[str, dict[str, float]]]:
+    """Every planned image of the pending cases through ``predict`` in batches of ``batch_size``."""
+    if not pending:
+        return []
+    images = torch.cat([plan.images for _, plan in pending])
+    meta = _repeated_meta(pending)
+    with torch.no_grad():
+        logits = [
+            predict(images[i : i + batch_size], None if meta is None else meta[i : i + batch_size])
+            for i in range(0, len(images), batch_size)
+        ]
+    probs = torch.softmax(torch.cat(logits).double(), dim=-1).cpu().numpy()
+    out, start = [], 0
+    for case, plan in pending:
+        out.append(_report(case, plan, probs[start : start + len(plan.images), case.target]))
+        start += len(plan.images)
+    return out
+
+
+def faithfulness_reports(
+    predict: CasePredictor,
+    cases: Iterable[FaithfulnessCase],
+    settings: CurveSettings | None = None,
+    *,
+    batch_size: int = 32,
+    queue: int = 256,
+    on_case: Callable[[int], None] | None = None,
+) -> list[dict[str, dict[str, float]]]:
+    """Every measure of every map of many cases, the curves of all of them batched together.
+
+    The perturbed images of consecutive cases (every map, step and ROAD percentile; the curves' shared
+    ends once) are queued until ``queue`` images wait, then go through ``predict`` ``batch_size`` at a
+    time, each with its case's metadata row: the values equal :func:`faithfulness_report` case by case
+    (to float noise). ``on_case(k)`` is called as the first ``k`` cases are done (a progress bar).
+    """
+    settings = settings or CurveSettings()
+    out: list[dict[str, dict[str, float]]] = []
+    pending: list[tuple[FaithfulnessCase, _CasePlan]] = []
+    for case in cases:
+        pending.append((case, _plan(case, settings)))
+        if sum(len(p.images) for _, p in pending) >= queue:
+            out += _score(predict, pending, batch_size)
+            pending = []
+            if on_case is not None:
+                on_case(len(out))
+    out += _score(predict, pending, batch_size)
+    if on_case is not None and pending:
+        on_case(len(out))
     return out
 
 
@@ -379,6 +513,9 @@ __all__ = [
     "HIGHER_IS_BETTER",
     "MAP_NAMES",
     "BaselineMaps",
+    "CasePredictor",
+    "CurveSettings",
+    "FaithfulnessCase",
     "PairedComparison",
     "Predictor",
     "baseline_maps",
@@ -387,11 +524,13 @@ __all__ = [
     "curve_auc",
     "energy_inside",
     "faithfulness_report",
+    "faithfulness_reports",
     "fit_centre_sigma",
     "paired_comparison",
     "perturbation_curve",
     "pointing_game",
     "random_map",
+    "road_images",
     "road_scores",
     "smooth_random_map",
 ]
