@@ -32,6 +32,7 @@ from multimodal_lesion.explain import (
     road_scores,
     smooth_random_map,
 )
+from multimodal_lesion.explain.randomisation import activation_std, maps_and_activation_std
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -221,3 +222,15 @@ def test_random_logit_check_explains_another_class(small_model) -> None:
     assert check.n_valid == 3 and all(c.spearman < 0.999 for c in check.cases)
     dead = random_logit_check(model, images, meta, [1, 2, 3], cams, setup, num_classes=7, seed=0)
     assert dead.verdict == "invalid"  # the other classes' maps are constant (all negative, cut by ReLU) here
+
+
+@pytest.mark.parametrize("flip_average", [False, True])
+def test_the_activation_check_reads_the_cam_pass(planted, flip_average: bool) -> None:
+    """Each randomisation stage reuses its CAM pass's activations: the same std as a pass of its own."""
+    images, meta = planted.images[:3], planted.meta[:3]
+    setup = CamSetup(target_layer="layer3", flip_average=flip_average)
+    maps, std = maps_and_activation_std(setup, planted.model, "layer3", images, meta, [1, 1, 1])
+    assert std == pytest.approx(
+        activation_std(planted.model, planted.model.get_submodule("image_branch.model.layer3"), images), rel=1e-6
+    )
+    assert np.array_equal(maps, setup.maps(planted.model, images, meta, [1, 1, 1]))
