@@ -234,3 +234,27 @@ def test_the_activation_check_reads_the_cam_pass(planted, flip_average: bool) ->
         activation_std(planted.model, planted.model.get_submodule("image_branch.model.layer3"), images), rel=1e-6
     )
     assert np.array_equal(maps, setup.maps(planted.model, images, meta, [1, 1, 1]))
+
+
+def test_road_imputation_is_pytorch_grad_cams(planted) -> None:
+    """The vectorised, cached imputer gives NoisyLinearImputer's images (same system, same seeded noise)."""
+    from pytorch_grad_cam.metrics.perturbation_confidence import RemoveLeastRelevantFirst, RemoveMostRelevantFirst
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    from multimodal_lesion.explain.faithfulness import RoadImputer, road_images
+
+    image = planted.images[0]
+    maps = np.stack([centre_map(planted.size), smooth_random_map(planted.size, 4, 1), planted.mask.astype(float)])
+    torch.manual_seed(3)
+    original = torch.stack(
+        [
+            order(p, NoisyLinearImputer())(image, torch.from_numpy(m.astype(np.float32)))
+            for order in (RemoveLeastRelevantFirst, RemoveMostRelevantFirst)
+            for p in (20, 50, 80)
+            for m in maps
+        ]
+    )
+    imputer = RoadImputer()
+    for _ in range(2):  # the second time from the cached factors
+        torch.testing.assert_close(road_images(image, maps, (20, 50, 80), seed=3, imputer=imputer), original)
+    assert 0 < len(imputer._systems) <= 18  # one system per distinct removal mask
