@@ -23,7 +23,15 @@ from multimodal_lesion.explain import (
     road_scores,
     shown_view,
 )
-from multimodal_lesion.explain.pipeline import compute_cams, explain_run, faithfulness, lesion_mask, load_cases
+from multimodal_lesion.explain.pipeline import (
+    case_predictor,
+    compute_cams,
+    explain_run,
+    faithfulness,
+    lesion_mask,
+    load_cases,
+)
+from multimodal_lesion.explain.resume import FILE_NAME, ReportStore
 from multimodal_lesion.explain.selection import CORRECT, ERROR, LEAST_CONFIDENT, select_by_outcome
 from multimodal_lesion.models.inference import backend_available
 from multimodal_lesion.runs import load_run
@@ -161,3 +169,34 @@ def test_batched_curves_equal_one_case_at_a_time(frozen_run: Path, cli_ham: Path
         assert got.keys() == want.keys()
         for name in want:
             assert got[name] == pytest.approx(want[name], abs=tolerance), name
+
+
+def test_a_killed_faithfulness_pass_resumes_without_redoing_finished_cases(
+    frozen_run: Path, cli_ham: Path, tmp_path: Path
+) -> None:
+    run = load_run(frozen_run, cli_ham)
+    run.inputs.cfg = replace(run.inputs.cfg, explain={"faithfulness_cases": 5, "steps": 4})
+    rows = run.inputs.indices("test")[:5]
+    batch = load_cases(run, rows, ["named"] * len(rows))
+    cams = compute_cams(run, batch.images, batch.meta, batch.targets).maps
+    masks = [lesion_mask(run.inputs, int(r)) for r in rows]
+    priors = baseline_maps(None, smooth_sigma=4)
+    whole = faithfulness(run, batch, cams, masks, priors, store=ReportStore(tmp_path))
+    lines = (tmp_path / FILE_NAME).read_text().splitlines()
+    assert len(lines) == 5
+    (tmp_path / FILE_NAME).write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])  # killed while writing case 3
+    measured: list[int] = []
+    predict = case_predictor(run)
+
+    def counting(images: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
+        measured.append(len(images))
+        return predict(images, meta)
+
+    resumed = faithfulness(run, batch, cams, masks, priors, counting, ReportStore(tmp_path))
+    assert resumed[:2] == whole[:2]  # read back
+    for got, want in zip(resumed[2:], whole[2:], strict=True):  # measured again, in other batches
+        assert all(got[name] == pytest.approx(want[name], abs=1e-6) for name in want)
+    per_case = 1 + 2 + 3 * 2 * 3 + 2 * 3 * 3  # image, 2 baselines, 3 maps x 2 curves x 3 inner steps, ROAD
+    assert sum(measured) == 3 * per_case  # cases 3-5 only
+    assert faithfulness(run, batch, cams, masks, priors, counting, ReportStore(tmp_path)) == resumed
+    assert sum(measured) == 3 * per_case  # all held now: nothing measured

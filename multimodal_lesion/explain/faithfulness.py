@@ -517,28 +517,31 @@ def faithfulness_reports(
     *,
     batch_size: int = 32,
     queue: int = 256,
-    on_case: Callable[[int], None] | None = None,
+    on_case: Callable[[int, dict[str, dict[str, float]]], None] | None = None,
 ) -> list[dict[str, dict[str, float]]]:
     """Every measure of every map of many cases, the curves of all of them batched together.
 
     The perturbed images of consecutive cases (every map, step and ROAD percentile; the curves' shared
     ends once) are queued until ``queue`` images wait, then go through ``predict`` ``batch_size`` at a
     time, each with its case's metadata row: the values equal :func:`faithfulness_report` case by case
-    (to float noise). ``on_case(k)`` is called as the first ``k`` cases are done (a progress bar).
+    (to float noise). ``on_case(k, report)`` is called as case ``k``'s report is done (progress, a store).
     """
     settings, imputer = settings or CurveSettings(), RoadImputer()
     out: list[dict[str, dict[str, float]]] = []
     pending: list[tuple[FaithfulnessCase, _CasePlan]] = []
+
+    def flush() -> None:
+        for report in _score(predict, pending, batch_size):
+            out.append(report)
+            if on_case is not None:
+                on_case(len(out) - 1, report)
+        pending.clear()
+
     for case in cases:
         pending.append((case, _plan(case, settings, imputer)))
         if sum(len(p.images) for _, p in pending) >= queue:
-            out += _score(predict, pending, batch_size)
-            pending = []
-            if on_case is not None:
-                on_case(len(out))
-    out += _score(predict, pending, batch_size)
-    if on_case is not None and pending:
-        on_case(len(out))
+            flush()
+    flush()
     return out
 
 

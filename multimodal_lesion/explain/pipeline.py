@@ -62,6 +62,7 @@ from .gradcam import (
 from .modality import ModalityAttribution, modality_shapley
 from .randomisation import CamSetup, StageResult, cascading_randomisation, random_logit_check
 from .results import CaseExplanation, CohortExplanation, FaithfulnessRow
+from .resume import ReportStore, case_key
 from .selection import NAMED, select_by_outcome
 from .shap_groups import LINKS, GroupShapExplainer
 from .whatif import WhatIf, what_if
@@ -220,15 +221,23 @@ def faithfulness(
     masks: list[np.ndarray | None],
     baselines: BaselineMaps,
     predict: CasePredictor | None = None,
+    store: ReportStore | None = None,
 ) -> list[dict[str, dict[str, float]]]:
     """Every measure of the CAM and each baseline map for the first ``explain.faithfulness_cases`` cases.
 
     The curves of all cases go through ``predict`` (default :func:`case_predictor`) in shared batches,
-    with a progress bar and its ETA on stderr.
+    with a progress bar and its ETA on stderr. Cases already in ``store`` (a killed run's finished
+    cases) are read back, not measured again; each newly measured one is added as it finishes.
     """
     cfg = run.inputs.cfg.explain
     shape = (int(cams.shape[-2]), int(cams.shape[-1]))
     k = min(cfg.faithfulness_cases, len(batch.rows))
+    store = store or ReportStore(None)
+    ids = run.inputs.dataset.metadata["image_id"].iloc[batch.rows[:k]].astype(str).tolist()
+    keys = [
+        case_key(ids[i], batch.targets[i], cams[i], _store_settings(run, baselines, cfg.seed + i)) for i in range(k)
+    ]
+    todo = [i for i in range(k) if keys[i] not in store.reports]
     cases = (
         FaithfulnessCase(
             batch.images[i],
@@ -237,13 +246,33 @@ def faithfulness(
             {"cam": cams[i], **baselines.maps(shape, cfg.seed + i)},
             masks[i],
         )
-        for i in range(k)
+        for i in todo
     )
     settings = CurveSettings(cfg.steps, tuple(cfg.road_percentiles), None, cfg.seed)
-    with tqdm(total=k, desc="faithfulness", unit="case", disable=k < 2, leave=False) as bar:
-        return faithfulness_reports(
-            predict or case_predictor(run), cases, settings, on_case=lambda done: bar.update(done - bar.n)
-        )
+    with tqdm(total=k, initial=k - len(todo), desc="faithfulness", unit="case", disable=k < 2, leave=False) as bar:
+
+        def finished(j: int, report: dict[str, dict[str, float]]) -> None:
+            store.add(keys[todo[j]], report)
+            bar.update(1)
+
+        if todo:
+            faithfulness_reports(predict or case_predictor(run), cases, settings, on_case=finished)
+    return [store.reports[key] for key in keys]
+
+
+def _store_settings(run: LoadedRun, baselines: BaselineMaps, map_seed: int) -> dict[str, Any]:
+    """What a stored faithfulness report depends on besides its case and CAM."""
+    cfg = run.inputs.cfg.explain
+    return {
+        "run": str(run.run_dir),
+        "temperature": run.temperature,
+        "backend": run.inputs.cfg.train.embed_backend,
+        "steps": cfg.steps,
+        "road": list(cfg.road_percentiles),
+        "seed": cfg.seed,
+        "map_seed": map_seed,
+        "baselines": [baselines.n_masks, baselines.centre_sigma, baselines.smooth_sigma],
+    }
 
 
 def sanity_checks(run: LoadedRun, batch: CaseBatch, cams: np.ndarray) -> tuple[list[StageResult], StageResult | None]:
@@ -300,7 +329,9 @@ class PixelSide:
     baselines: BaselineMaps
 
 
-def explain_pixels(run: LoadedRun, batch: CaseBatch, timed: _Stopwatch) -> PixelSide | None:
+def explain_pixels(
+    run: LoadedRun, batch: CaseBatch, timed: _Stopwatch, store: ReportStore | None = None
+) -> PixelSide | None:
     """Grad-CAM of the explained and runner-up classes, faithfulness against baselines, sanity checks."""
     inputs, cfg = run.inputs, run.inputs.cfg.explain
     if not inputs.model.uses_image:
@@ -314,7 +345,7 @@ def explain_pixels(run: LoadedRun, batch: CaseBatch, timed: _Stopwatch) -> Pixel
     height, width = inputs.cfg.data.image_size
     geometry = layer_geometry(inputs.model, cfg.target_layer or None, (height, width))
     priors = timed("baselines", baseline_maps, training_masks(inputs, cfg.prior_masks, cfg.seed), geometry.stride)
-    reports = timed("faithfulness", faithfulness, run, batch, cams.maps, masks, priors)
+    reports = timed("faithfulness", faithfulness, run, batch, cams.maps, masks, priors, None, store)
     stages, logit = timed("randomisation", sanity_checks, run, batch, cams.maps)
     return PixelSide(cams, runner_up, masks, reports, stages, logit, geometry, priors)
 
@@ -327,11 +358,14 @@ def explain_run(
     cases: Sequence[str] | None = None,
     n: int | None = None,
     settings: Mapping[str, Any] | None = None,
+    resume: str | Path | None = None,
 ) -> CohortExplanation:
     """Explain cases of a trained run: maps, SHAP and modality values, faithfulness, sanity checks, provenance.
 
     ``n`` cases (default: the run's ``explain.n_cases``) unless ``cases`` names them; ``settings``
-    overrides keys of the run's ``explain`` section (e.g. ``{"faithfulness_cases": 100}``).
+    overrides keys of the run's ``explain`` section (e.g. ``{"faithfulness_cases": 100}``). With a
+    ``resume`` folder each case's faithfulness is kept there as it finishes (:mod:`.resume`), and the
+    cases it already holds are not measured again.
     """
     if n is not None and n < 1:
         raise ConfigError(f"n: the number of cases to explain must be >= 1, got {n}")
@@ -342,7 +376,7 @@ def explain_run(
     timed = _Stopwatch()
     rows, why = timed("selection", select_cases, run, split, cases, cfg.n_cases if n is None else n, cfg.seed)
     batch = load_cases(run, rows, why)
-    pixels = explain_pixels(run, batch, timed)
+    pixels = explain_pixels(run, batch, timed, ReportStore(resume))
     bg_emb, bg_meta = background(inputs, cfg.background_size, cfg.seed)
     groups = inputs.encoder.feature_groups_
     raw = inputs.dataset.metadata.iloc[rows][patient_features(inputs)].reset_index(drop=True)
