@@ -42,8 +42,12 @@ class ReportStore:
         assert self.path is not None
         if not self.path.is_file():
             return {}
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):  # a line cut short: end it, so the next one starts afresh
+            with self.path.open("a") as fh:
+                fh.write("\n")
         out = {}
-        for line in self.path.read_text().splitlines():
+        for line in text.splitlines():
             try:
                 entry = json.loads(line)
                 out[entry["key"]] = entry["report"]
