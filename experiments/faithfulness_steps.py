@@ -6,10 +6,10 @@ Usage:
         [--n 100] [--steps 10 5 4] [--json steps.json]
 
 Explains ``--n`` test cases as ``mmlesion explain`` selects them (the same CAMs, baseline maps and lesion
-masks), draws every curve at each ``--steps`` (the first is the reference) through the batched pipeline,
-and prints per map and curve: the mean AUC, the largest per-case change against the reference and the
-change of the mean, and every paired verdict (better / tie / worse) with its CI. Seconds of each
-faithfulness pass are printed too.
+masks), draws every deletion and insertion curve at each ``--steps`` (the first is the reference) through
+the batched pipeline (ROAD only with ``--road``: the steps do not change it), and prints per map and curve
+the mean AUC, the change of the mean and the largest per-case change against the reference, and every
+paired verdict (better / tie / worse) with its CI. Seconds of each faithfulness pass are printed too.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 5])
     parser.add_argument("--json", default="")
+    parser.add_argument("--road", action="store_true", help="also draw ROAD (the steps do not change it)")
     args = parser.parse_args()
     run = load_run(args.run, args.data)
     cfg = run.inputs.cfg.explain
@@ -59,7 +60,8 @@ def main() -> None:
     predict = case_predictor(run)
     reports, seconds = {}, {}
     for steps in args.steps:
-        run.inputs.cfg = replace(run.inputs.cfg, explain={"steps": steps, "faithfulness_cases": len(rows)})
+        chosen = {"steps": steps, "faithfulness_cases": len(rows), **({} if args.road else {"road_percentiles": []})}
+        run.inputs.cfg = replace(run.inputs.cfg, explain=chosen)
         start = time.perf_counter()
         reports[steps] = faithfulness(run, batch, cams, masks, priors, predict)
         seconds[steps] = time.perf_counter() - start

@@ -383,7 +383,7 @@ class RoadImputer:
         flat = image.reshape(image.shape[0], -1)
         res = torch.tensor(system.solve(flat.numpy()), dtype=torch.float)
         infill = flat.clone()
-        infill[:, system.unknown] = res.t() + ROAD_NOISE * torch.randn_like(res.t())
+        infill[:, torch.from_numpy(system.unknown)] = res.t() + ROAD_NOISE * torch.randn_like(res.t())
         return infill.reshape_as(image)
 
 
