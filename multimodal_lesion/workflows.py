@@ -123,7 +123,7 @@ def explain_cohort(
     from .report.html import write_report
 
     t0 = time.perf_counter()
-    cohort = explain(run_dir, data=data, split=split, cases=cases, n=n, settings=settings)
+    cohort = explain(run_dir, data=data, split=split, cases=cases, n=n, settings=settings, resume=out)
     add_prediction_sets(run_dir, cohort)
     t1 = time.perf_counter()
     figures = draw_explanation_figures(out, cohort)

@@ -12,10 +12,28 @@ import numpy as np
 import pytest
 import torch
 
+from multimodal_lesion.config import replace
 from multimodal_lesion.data.constants import CLASSES
-from multimodal_lesion.explain import perturbation_curve, shown_view
-from multimodal_lesion.explain.pipeline import explain_run
+from multimodal_lesion.explain import (
+    baseline_maps,
+    curve_auc,
+    energy_inside,
+    perturbation_curve,
+    pointing_game,
+    road_scores,
+    shown_view,
+)
+from multimodal_lesion.explain.pipeline import (
+    case_predictor,
+    compute_cams,
+    explain_run,
+    faithfulness,
+    lesion_mask,
+    load_cases,
+)
+from multimodal_lesion.explain.resume import FILE_NAME, ReportStore
 from multimodal_lesion.explain.selection import CORRECT, ERROR, LEAST_CONFIDENT, select_by_outcome
+from multimodal_lesion.models.inference import backend_available
 from multimodal_lesion.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,3 +123,80 @@ def test_explain_settings_are_checked_before_any_work(cli, tmp_path: Path, pair:
     proc = cli("explain", "--run", tmp_path / "no-run", "--out", tmp_path / "out", "--set", pair)
     cli.error(proc, "explain", *needles)
     assert not (tmp_path / "out").exists()
+
+
+def _one_case_at_a_time(run, batch, cams, masks, priors, steps: int) -> list[dict[str, dict[str, float]]]:
+    """Today's reference: every map's deletion and insertion curve, then its ROAD, one case at a time."""
+    cfg, shape = run.inputs.cfg.explain, cams.shape[-2:]
+    out = []
+    for i in range(len(batch.rows)):
+        predict = shown_view(run.inputs.model, True, run.temperature, batch.meta[i : i + 1])
+        maps = {"cam": cams[i], **priors.maps((shape[0], shape[1]), cfg.seed + i)}
+        road = road_scores(predict, batch.images[i], np.stack(list(maps.values())), batch.targets[i], seed=cfg.seed)
+        report = {}
+        for k, (name, sal) in enumerate(maps.items()):
+            curves = {
+                m: perturbation_curve(predict, batch.images[i], sal, batch.targets[i], mode=m, steps=steps)
+                for m in ("deletion", "insertion")
+            }
+            report[name] = {f"{m}_auc": curve_auc(c) for m, c in curves.items()} | {"road": float(road[k])}
+            if masks[i] is not None:
+                report[name] |= {
+                    "pointing_game": float(pointing_game(sal, masks[i])),
+                    "energy_inside": energy_inside(sal, masks[i]),
+                }
+        out.append(report)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_batched_curves_equal_one_case_at_a_time(frozen_run: Path, cli_ham: Path, backend: str) -> None:
+    """All cases' curves in shared batches (on the exported backend too) = each case's curves on its own."""
+    if not backend_available(backend):
+        pytest.skip(f"{backend} is not installed")
+    run = load_run(frozen_run, cli_ham)
+    run.inputs.cfg = replace(run.inputs.cfg, train={"embed_backend": backend}, explain={"faithfulness_cases": 6})
+    rows = run.inputs.indices("test")[:6]
+    batch = load_cases(run, rows, ["named"] * len(rows))
+    cams = compute_cams(run, batch.images, batch.meta, batch.targets).maps
+    masks = [lesion_mask(run.inputs, int(r)) for r in rows]
+    priors = baseline_maps(None, smooth_sigma=4)
+    batched = faithfulness(run, batch, cams, masks, priors)
+    reference = _one_case_at_a_time(run, batch, cams, masks, priors, run.inputs.cfg.explain.steps)
+    tolerance = 1e-5 if backend == "torch" else 1e-4  # the exported graph agrees with eager to ~1e-5
+    assert len(batched) == 6 and any(m is not None for m in masks)
+    for got, want in zip(batched, reference, strict=True):
+        assert got.keys() == want.keys()
+        for name in want:
+            assert got[name] == pytest.approx(want[name], abs=tolerance), name
+
+
+def test_a_killed_faithfulness_pass_resumes_without_redoing_finished_cases(
+    frozen_run: Path, cli_ham: Path, tmp_path: Path
+) -> None:
+    run = load_run(frozen_run, cli_ham)
+    run.inputs.cfg = replace(run.inputs.cfg, explain={"faithfulness_cases": 5, "steps": 4})
+    rows = run.inputs.indices("test")[:5]
+    batch = load_cases(run, rows, ["named"] * len(rows))
+    cams = compute_cams(run, batch.images, batch.meta, batch.targets).maps
+    masks = [lesion_mask(run.inputs, int(r)) for r in rows]
+    priors = baseline_maps(None, smooth_sigma=4)
+    whole = faithfulness(run, batch, cams, masks, priors, store=ReportStore(tmp_path))
+    lines = (tmp_path / FILE_NAME).read_text().splitlines()
+    assert len(lines) == 5
+    (tmp_path / FILE_NAME).write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])  # killed while writing case 3
+    measured: list[int] = []
+    predict = case_predictor(run)
+
+    def counting(images: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
+        measured.append(len(images))
+        return predict(images, meta)
+
+    resumed = faithfulness(run, batch, cams, masks, priors, counting, ReportStore(tmp_path))
+    assert resumed[:2] == whole[:2]  # read back
+    for got, want in zip(resumed[2:], whole[2:], strict=True):  # measured again, in other batches
+        assert all(got[name] == pytest.approx(want[name], abs=1e-6) for name in want)
+    per_case = 1 + 2 + 3 * 2 * 3 + 2 * 3 * 3  # image, 2 baselines, 3 maps x 2 curves x 3 inner steps, ROAD
+    assert sum(measured) == 3 * per_case  # cases 3-5 only
+    assert faithfulness(run, batch, cams, masks, priors, counting, ReportStore(tmp_path)) == resumed
+    assert sum(measured) == 3 * per_case  # all held now: nothing measured

@@ -32,6 +32,7 @@ from multimodal_lesion.explain import (
     road_scores,
     smooth_random_map,
 )
+from multimodal_lesion.explain.randomisation import activation_std, maps_and_activation_std
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -221,3 +222,39 @@ def test_random_logit_check_explains_another_class(small_model) -> None:
     assert check.n_valid == 3 and all(c.spearman < 0.999 for c in check.cases)
     dead = random_logit_check(model, images, meta, [1, 2, 3], cams, setup, num_classes=7, seed=0)
     assert dead.verdict == "invalid"  # the other classes' maps are constant (all negative, cut by ReLU) here
+
+
+@pytest.mark.parametrize("flip_average", [False, True])
+def test_the_activation_check_reads_the_cam_pass(planted, flip_average: bool) -> None:
+    """Each randomisation stage reuses its CAM pass's activations: the same std as a pass of its own."""
+    images, meta = planted.images[:3], planted.meta[:3]
+    setup = CamSetup(target_layer="layer3", flip_average=flip_average)
+    maps, std = maps_and_activation_std(setup, planted.model, "layer3", images, meta, [1, 1, 1])
+    assert std == pytest.approx(
+        activation_std(planted.model, planted.model.get_submodule("image_branch.model.layer3"), images), rel=1e-6
+    )
+    assert np.array_equal(maps, setup.maps(planted.model, images, meta, [1, 1, 1]))
+
+
+def test_road_imputation_is_pytorch_grad_cams(planted) -> None:
+    """The vectorised, cached imputer gives NoisyLinearImputer's images (same system, same seeded noise)."""
+    from pytorch_grad_cam.metrics.perturbation_confidence import RemoveLeastRelevantFirst, RemoveMostRelevantFirst
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    from multimodal_lesion.explain.faithfulness import RoadImputer, road_images
+
+    image = planted.images[0]
+    maps = np.stack([centre_map(planted.size), smooth_random_map(planted.size, 4, 1), planted.mask.astype(float)])
+    torch.manual_seed(3)
+    original = torch.stack(
+        [
+            order(p, NoisyLinearImputer())(image, torch.from_numpy(m.astype(np.float32)))
+            for order in (RemoveLeastRelevantFirst, RemoveMostRelevantFirst)
+            for p in (20, 50, 80)
+            for m in maps
+        ]
+    )
+    imputer = RoadImputer()
+    for _ in range(2):  # the second time from the cached factors
+        torch.testing.assert_close(road_images(image, maps, (20, 50, 80), seed=3, imputer=imputer), original)
+    assert 0 < len(imputer._systems) <= 18  # one system per distinct removal mask

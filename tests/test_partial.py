@@ -179,3 +179,40 @@ def replace_cache(cfg, folder: Path):
     from multimodal_lesion.config import replace
 
     return replace(cfg, data={"cache_dir": str(folder)})
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_one_maps_pass_gives_the_flips_and_views_of_separate_passes(
+    tmp_path: Path, backend: str, single_thread
+) -> None:
+    """Flips and augmented views in one pass (each batch read once, written as computed) = the maps of the
+    flipped views and of the seeded augmented copies computed apart, eagerly, to 1e-3."""
+    from multimodal_lesion.data.datasets import BATCH_AUGMENTATIONS, Normalize
+    from multimodal_lesion.models import flipped_views
+    from multimodal_lesion.models.inference import backend_available
+    from multimodal_lesion.runs.feature_maps import AugmentedViews, cached_feature_maps
+
+    if not backend_available(backend):
+        pytest.skip(f"{backend} is not installed")
+    torch.manual_seed(0)
+    branch = ImageBranch("tf_efficientnet_lite0", "none", False, 2).eval()
+    pixels = np.random.default_rng(0).integers(0, 256, size=(10, 64, 96, 3), dtype=np.uint8)
+    normalize, views = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), AugmentedViews(2, "strong", 3)
+    maps = cached_feature_maps(
+        branch, lambda: pixels, (64, 96), len(pixels), normalize, folder=tmp_path, fingerprint="f",
+        identity={"test": 1}, batch_size=4, backend=backend, show=False, augmented=views,
+    )  # fmt: skip
+    augment = BATCH_AUGMENTATIONS["strong"]()
+    assert augment is not None
+    for start in range(0, len(pixels), 4):
+        chunk = torch.from_numpy(pixels[start : start + 4]).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            flips = branch.forward_maps(flipped_views(normalize(chunk))).unflatten(0, (4, len(chunk)))
+            copies = [
+                branch.forward_maps(
+                    augment(chunk, torch.Generator().manual_seed(3 * 1_000_003 + start * 101 + k), normalize)
+                )
+                for k in range(2)
+            ]
+        expected = torch.cat([flips, torch.stack(copies)]).transpose(0, 1).numpy()
+        np.testing.assert_allclose(maps[start : start + 4].astype(np.float32), expected, atol=1e-3, rtol=1e-3)

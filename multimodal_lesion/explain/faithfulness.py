@@ -27,15 +27,18 @@ worse. Model randomisation lives in :mod:`.randomisation`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
-from pytorch_grad_cam.metrics.perturbation_confidence import RemoveLeastRelevantFirst, RemoveMostRelevantFirst
-from pytorch_grad_cam.metrics.road import NoisyLinearImputer
-from scipy import ndimage
+from pytorch_grad_cam.metrics.road import neighbors_weights
+from scipy import ndimage, sparse
+from scipy.sparse.linalg import splu
 from torch import Tensor
 
 from ..errors import ConfigError
@@ -153,17 +156,9 @@ def road_scores(
     averaged over ``percentiles``. The unperturbed score cancels, so all K x 2 x P imputed images go
     through ``predict`` in one batch (``ROADCombined`` runs the original image 2 x P times more).
     """
-    base = image.detach().cpu()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        imputed = [
-            order(p, NoisyLinearImputer())(base, torch.from_numpy(np.asarray(m, dtype=np.float32)))
-            for order in (RemoveLeastRelevantFirst, RemoveMostRelevantFirst)
-            for p in percentiles
-            for m in maps
-        ]
+    imputed = road_images(image, maps, percentiles, seed)
     with torch.no_grad():
-        probs = torch.softmax(predict(torch.stack(imputed).to(image.device)).double(), -1)[:, target]
+        probs = torch.softmax(predict(imputed.to(image.device)).double(), -1)[:, target]
     lerf, morf = probs.cpu().numpy().reshape(2, len(percentiles), len(maps))
     return ((lerf - morf) / 2).mean(0)
 
@@ -278,29 +273,275 @@ def faithfulness_report(
 
     ``predict`` is the shown prediction with the case's metadata bound (:func:`~.gradcam.shown_view`);
     ``image`` (3, H, W) is normalised; ``maps`` are (H, W), e.g. ``{"cam": ..., **BaselineMaps.maps()}``.
-    Deletion / insertion AUCs and ROAD always; pointing game and energy inside with a mask.
+    Deletion / insertion AUCs and ROAD always; pointing game and energy inside with a mask. One case of
+    :func:`faithfulness_reports`, which batches many.
     """
-    names = list(maps)
-    with torch.no_grad():
-        road = (
-            road_scores(predict, image, np.stack([maps[n] for n in names]), target, road_percentiles, seed)
-            if road_percentiles
-            else None
-        )
-    out: dict[str, dict[str, float]] = {}
-    for j, name in enumerate(names):
-        sal = np.asarray(maps[name])
-        out[name] = {
-            f"{mode}_auc": curve_auc(
-                perturbation_curve(predict, image, sal, target, mode=mode, steps=steps, baseline=baseline)
+    case = FaithfulnessCase(image, None, target, maps, mask)
+    settings = CurveSettings(steps, tuple(road_percentiles), baseline, seed)
+    return faithfulness_reports(lambda x, _meta: predict(x), [case], settings)[0]
+
+
+#: The shown prediction of many cases at once: images (N, 3, H, W) and each image's metadata row
+#: (N, D; None for models without metadata) -> calibrated logits (N, C).
+CasePredictor = Callable[[Tensor, Tensor | None], Tensor]
+
+
+@dataclass(frozen=True)
+class FaithfulnessCase:
+    """One case to measure: its normalised image (3, H, W), metadata row (D,), explained class and maps."""
+
+    image: Tensor
+    meta: Tensor | None
+    target: int
+    maps: Mapping[str, np.ndarray]  # name -> (H, W), e.g. ``{"cam": ..., **BaselineMaps.maps()}``
+    mask: np.ndarray | None = None  # the lesion mask (H, W), for the pointing game and energy inside
+
+
+@dataclass(frozen=True)
+class CurveSettings:
+    """How the curves are drawn: deletion / insertion steps, ROAD percentiles, removed-pixel baseline, seed."""
+
+    steps: int = DEFAULT_STEPS
+    road_percentiles: tuple[int, ...] = (20, 50, 80)  # () = no ROAD
+    baseline: str | Tensor | None = None  # None = each mode's default (:data:`DEFAULT_BASELINES`)
+    seed: int = 0  # ROAD's imputation noise
+
+
+@dataclass(frozen=True)
+class _CasePlan:
+    """One case's distinct perturbed images and where each curve point and ROAD score reads them.
+
+    Every deletion curve starts at the image and ends at the baseline (insertion: the reverse), so the
+    two ends are one image each, shared by all maps: K maps cost 2 + K x 2 x (steps - 1) curve images.
+    """
+
+    images: Tensor  # (M, 3, H, W)
+    curves: dict[str, np.ndarray]  # mode -> (K, steps + 1) indices into images
+    road: np.ndarray | None  # (2, P, K) indices: least- then most-relevant-first
+
+
+def _plan(case: FaithfulnessCase, settings: CurveSettings, imputer: RoadImputer) -> _CasePlan:
+    """The case's perturbed images, built as :func:`perturbation_curve` and :func:`road_scores` build them."""
+    image, names, steps = case.image, list(case.maps), settings.steps
+    for name in names:
+        if np.shape(case.maps[name]) != tuple(image.shape[-2:]):
+            raise ConfigError(
+                f"saliency map '{name}' {np.shape(case.maps[name])} does not match the image {tuple(image.shape[-2:])}"
             )
-            for mode in CURVE_MODES
-        }
-        if road is not None:
-            out[name]["road"] = float(road[j])
-        if mask is not None:
-            out[name]["pointing_game"] = float(pointing_game(sal, mask))
-            out[name]["energy_inside"] = energy_inside(sal, mask)
+    parts, curves, n = [image[None]], {}, 1
+    for mode in CURVE_MODES:
+        base = _baseline(image, DEFAULT_BASELINES[mode] if settings.baseline is None else settings.baseline)
+        parts.append(base[None])
+        ends = (0, n) if mode == "deletion" else (n, 0)
+        first, second = (base, image) if mode == "deletion" else (image, base)
+        n += 1
+        index = np.empty((len(names), steps + 1), dtype=np.int64)
+        for k, name in enumerate(names):
+            inner = torch.as_tensor(_step_masks(case.maps[name], steps)[1:-1], device=image.device)[:, None]
+            parts.append(torch.where(inner, first[None], second[None]))
+            index[k] = [ends[0], *range(n, n + steps - 1), ends[1]]
+            n += steps - 1
+        curves[mode] = index
+    road = None
+    if settings.road_percentiles:
+        stacked = np.stack([np.asarray(case.maps[m]) for m in names])
+        imputed = road_images(image, stacked, settings.road_percentiles, settings.seed, imputer)
+        parts.append(imputed.to(image.device))
+        road = np.arange(n, n + len(imputed)).reshape(2, len(settings.road_percentiles), len(names))
+    return _CasePlan(torch.cat(parts), curves, road)
+
+
+#: NoisyLinearImputer's weights of the 8 neighbours (ROAD's imputation): (row offset, column offset) -> weight.
+NEIGHBOUR_WEIGHTS = tuple(((int(dy), int(dx)), float(w)) for (dy, dx), w in neighbors_weights)
+ROAD_NOISE = 0.01  # NoisyLinearImputer's noise added to the imputed values
+
+
+class RoadImputer:
+    """ROAD's noisy linear imputation (pytorch-grad-cam's ``NoisyLinearImputer``), fast and remembered.
+
+    Each removed pixel becomes the weighted mean of its 8 neighbours (a sparse linear system over the
+    removed pixels) plus Gaussian noise of sd 0.01, as ``NoisyLinearImputer`` does, with the same system,
+    the same noise draws and the same result to ~1e-12 before the noise. Two things make it fast: the
+    system is assembled with array operations (the original fills a LIL matrix), and it is factorised
+    once per removal mask (SuperLU, symmetric mode: the system is symmetric and diagonally dominant), the
+    factors kept for the last ``cache_size`` masks. The mean-mask and centre baselines remove the same
+    pixels in every case, so their systems are factorised once for all cases.
+    """
+
+    def __init__(self, cache_size: int = 32) -> None:
+        self.cache_size = cache_size
+        self._systems: OrderedDict[bytes, _LinearSystem] = OrderedDict()
+
+    def __call__(self, image: Tensor, keep: np.ndarray) -> Tensor:
+        """``image`` (C, H, W) with the pixels where ``keep`` (H, W) is 0 imputed."""
+        keep = np.asarray(keep) > 0.5
+        key = hashlib.blake2b(np.packbits(keep).tobytes() + repr(keep.shape).encode(), digest_size=16).digest()
+        system = self._systems.pop(key, None) or _LinearSystem.build(keep)
+        self._systems[key] = system
+        while len(self._systems) > self.cache_size:
+            self._systems.popitem(last=False)
+        flat = image.reshape(image.shape[0], -1)
+        res = torch.tensor(system.solve(flat.numpy()), dtype=torch.float)
+        infill = flat.clone()
+        infill[:, torch.from_numpy(system.unknown)] = res.t() + ROAD_NOISE * torch.randn_like(res.t())
+        return infill.reshape_as(image)
+
+
+@dataclass(frozen=True)
+class _LinearSystem:
+    """The factorised imputation system of one removal mask and where its right-hand side reads the image."""
+
+    unknown: np.ndarray  # flat indices of the removed pixels (the unknowns, in order)
+    known: list[tuple[np.ndarray, np.ndarray, float]]  # per neighbour: (equation ids, known pixel, weight)
+    factor: Any  # scipy SuperLU of the system matrix; None when singular (the values are then NaN, as
+    # NoisyLinearImputer's spsolve returns them, and the case's ROAD is dropped from the comparisons)
+
+    @classmethod
+    def build(cls, keep: np.ndarray) -> _LinearSystem:
+        """NoisyLinearImputer's ``setup_sparse_system`` with array operations, then its LU factors."""
+        h, w = keep.shape
+        kept = keep.ravel()
+        unknown = np.flatnonzero(~kept)
+        variable = np.zeros(h * w, dtype=np.int64)
+        variable[unknown] = np.arange(len(unknown))
+        row, col = unknown // w, unknown % w
+        weight_sum = np.ones(len(unknown))
+        rows, cols, values, known = [], [], [], []
+        for (dy, dx), weight in NEIGHBOUR_WEIGHTS:
+            r, c = row + dy, col + dx
+            inside = (r >= 0) & (c >= 0) & (r < h) & (c < w)
+            weight_sum[~inside] -= weight
+            ids, neighbour = np.flatnonzero(inside), r[inside] * w + c[inside]
+            has_value = kept[neighbour]
+            known.append((ids[has_value], neighbour[has_value], weight))
+            rows.append(ids[~has_value])
+            cols.append(variable[neighbour[~has_value]])
+            values.append(np.full(int((~has_value).sum()), weight))
+        n = len(unknown)
+        rows.append(np.arange(n))
+        cols.append(np.arange(n))
+        values.append(-weight_sum)
+        matrix = sparse.csc_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+        try:
+            factor = splu(matrix, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+        except RuntimeError:  # singular: nothing kept next to a removed region (a constant map removes all)
+            factor = None
+        return cls(unknown, known, factor)
+
+    def solve(self, flat: np.ndarray) -> np.ndarray:
+        """The imputed values (n, C) of the removed pixels of an image (C, H*W)."""
+        rhs = np.zeros((len(self.unknown), flat.shape[0]))
+        if self.factor is None:
+            return np.full_like(rhs, np.nan)
+        for ids, neighbour, weight in self.known:
+            rhs[ids, :] -= weight * flat[:, neighbour].T
+        return self.factor.solve(rhs)
+
+
+def road_images(
+    image: Tensor, maps: np.ndarray, percentiles: Sequence[int], seed: int = 0, imputer: RoadImputer | None = None
+) -> Tensor:
+    """The 2 x P x K imputed images of ROAD (least-relevant-first, then most-relevant-first) on the CPU.
+
+    The removal masks are pytorch-grad-cam's ``RemoveLeastRelevantFirst`` / ``RemoveMostRelevantFirst``
+    (pixels at or above the percentile removed), drawn in its order so that the seeded noise is the same.
+    """
+    imputer = imputer or RoadImputer()
+    base = image.detach().cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack(
+            [
+                imputer(base, _kept(torch.from_numpy(np.asarray(m, dtype=np.float32)), p, least_first))
+                for least_first in (True, False)
+                for p in percentiles
+                for m in maps
+            ]
+        )
+
+
+def _kept(saliency: Tensor, percentile: int, least_first: bool) -> np.ndarray:
+    """pytorch-grad-cam's binary mask (1 = kept): below the percentile of the map (of 1 - map, least first)."""
+    mask = 1 - saliency if least_first else saliency
+    threshold = np.percentile(mask.cpu().numpy(), percentile)
+    return (mask < threshold).numpy().astype(np.float32)
+
+
+def _report(case: FaithfulnessCase, plan: _CasePlan, probs: np.ndarray) -> dict[str, dict[str, float]]:
+    """The measures of one case from the target-class probabilities (M,) of its planned images."""
+    out: dict[str, dict[str, float]] = {}
+    for k, name in enumerate(case.maps):
+        sal = np.asarray(case.maps[name])
+        out[name] = {f"{mode}_auc": curve_auc(probs[index[k]]) for mode, index in plan.curves.items()}
+        if plan.road is not None:
+            lerf, morf = probs[plan.road[0, :, k]], probs[plan.road[1, :, k]]
+            out[name]["road"] = float(((lerf - morf) / 2).mean())
+        if case.mask is not None:
+            out[name]["pointing_game"] = float(pointing_game(sal, case.mask))
+            out[name]["energy_inside"] = energy_inside(sal, case.mask)
+    return out
+
+
+def _repeated_meta(pending: list[tuple[FaithfulnessCase, _CasePlan]]) -> Tensor | None:
+    """Each case's metadata row once per planned image of the case (None without metadata)."""
+    if any(case.meta is None for case, _ in pending):
+        return None
+    return torch.cat([case.meta.reshape(1, -1).expand(len(plan.images), -1) for case, plan in pending])  # type: ignore[union-attr]
+
+
+def _score(
+    predict: CasePredictor, pending: list[tuple[FaithfulnessCase, _CasePlan]], batch_size: int
+) -> list[dict[str, dict[str, float]]]:
+    """Every planned image of the pending cases through ``predict`` in batches of ``batch_size``."""
+    if not pending:
+        return []
+    images = torch.cat([plan.images for _, plan in pending])
+    meta = _repeated_meta(pending)
+    with torch.no_grad():
+        logits = [
+            predict(images[i : i + batch_size], None if meta is None else meta[i : i + batch_size])
+            for i in range(0, len(images), batch_size)
+        ]
+    probs = torch.softmax(torch.cat(logits).double(), dim=-1).cpu().numpy()
+    out, start = [], 0
+    for case, plan in pending:
+        out.append(_report(case, plan, probs[start : start + len(plan.images), case.target]))
+        start += len(plan.images)
+    return out
+
+
+def faithfulness_reports(
+    predict: CasePredictor,
+    cases: Iterable[FaithfulnessCase],
+    settings: CurveSettings | None = None,
+    *,
+    batch_size: int = 32,
+    queue: int = 256,
+    on_case: Callable[[int, dict[str, dict[str, float]]], None] | None = None,
+) -> list[dict[str, dict[str, float]]]:
+    """Every measure of every map of many cases, the curves of all of them batched together.
+
+    The perturbed images of consecutive cases (every map, step and ROAD percentile; the curves' shared
+    ends once) are queued until ``queue`` images wait, then go through ``predict`` ``batch_size`` at a
+    time, each with its case's metadata row: the values equal :func:`faithfulness_report` case by case
+    (to float noise). ``on_case(k, report)`` is called as case ``k``'s report is done (progress, a store).
+    """
+    settings, imputer = settings or CurveSettings(), RoadImputer()
+    out: list[dict[str, dict[str, float]]] = []
+    pending: list[tuple[FaithfulnessCase, _CasePlan]] = []
+
+    def flush() -> None:
+        for report in _score(predict, pending, batch_size):
+            out.append(report)
+            if on_case is not None:
+                on_case(len(out) - 1, report)
+        pending.clear()
+
+    for case in cases:
+        pending.append((case, _plan(case, settings, imputer)))
+        if sum(len(p.images) for _, p in pending) >= queue:
+            flush()
+    flush()
     return out
 
 
@@ -379,19 +620,25 @@ __all__ = [
     "HIGHER_IS_BETTER",
     "MAP_NAMES",
     "BaselineMaps",
+    "CasePredictor",
+    "CurveSettings",
+    "FaithfulnessCase",
     "PairedComparison",
     "Predictor",
+    "RoadImputer",
     "baseline_maps",
     "centre_map",
     "compare_to_baselines",
     "curve_auc",
     "energy_inside",
     "faithfulness_report",
+    "faithfulness_reports",
     "fit_centre_sigma",
     "paired_comparison",
     "perturbation_curve",
     "pointing_game",
     "random_map",
+    "road_images",
     "road_scores",
     "smooth_random_map",
 ]

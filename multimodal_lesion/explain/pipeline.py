@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..config import replace
 from ..data.constants import CLASS_NAMES
@@ -33,19 +34,35 @@ from ..data.images import load_mask
 from ..data.schema import DatasetSchema
 from ..errors import ConfigError, DataError
 from ..io import atomic_write, safe_stem, write_json
+from ..models import FLIPS
+from ..models.inference import backend_available
 from ..runs import LoadedRun, RunInputs, load_run, tta_spread, view_probabilities
+from ..runs.embeddings import compiled_branch_pass
 from .faithfulness import (
     HIGHER_IS_BETTER,
     MAP_NAMES,
     BaselineMaps,
+    CasePredictor,
+    CurveSettings,
+    FaithfulnessCase,
     baseline_maps,
     compare_to_baselines,
-    faithfulness_report,
+    faithfulness_reports,
 )
-from .gradcam import GradCamExplainer, LayerGeometry, ScoredMaps, layer_geometry, shown_view
+from .gradcam import (
+    NO_FLIP,
+    GradCamExplainer,
+    LayerGeometry,
+    ScoredMaps,
+    flip_views,
+    layer_geometry,
+    preserved_state,
+    shown_view,
+)
 from .modality import ModalityAttribution, modality_shapley
 from .randomisation import CamSetup, StageResult, cascading_randomisation, random_logit_check
 from .results import CaseExplanation, CohortExplanation, FaithfulnessRow
+from .resume import ReportStore, case_key
 from .selection import NAMED, select_by_outcome
 from .shap_groups import LINKS, MAX_EXACT_PLAYERS, GroupShapExplainer
 from .whatif import WhatIf, what_if
@@ -191,29 +208,91 @@ def training_masks(inputs: RunInputs, limit: int, seed: int) -> np.ndarray | Non
     return np.stack([m for m in masks if m is not None])
 
 
+def case_predictor(run: LoadedRun) -> CasePredictor:
+    """The shown prediction of many cases at once (images + metadata rows -> calibrated logits), on the
+    exported backend where the run's embedding pass uses one (``train.embed_backend``), else eager torch.
+
+    The exported graph is the image branch's ``embed`` (as in the embedding pass) over the same flips;
+    the head runs in torch. Its probabilities agree with the eager model's to about 1e-5.
+    """
+    inputs, setup = run.inputs, cam_setup(run)
+    model, branch = inputs.model, inputs.model.image_branch
+    flips = FLIPS if setup.flip_average else NO_FLIP
+    backend = inputs.cfg.train.embed_backend
+    if branch is None or backend == "torch" or inputs.device.type != "cpu" or not backend_available(backend):
+        return lambda images, meta: shown_view(model, setup.flip_average, setup.temperature, meta)(images)
+    height, width = inputs.cfg.data.image_size
+    example = torch.zeros(len(flips), 3, height, width)
+    with preserved_state(model):
+        embed = compiled_branch_pass(branch, "embed", example, inputs.device, backend, "float32")
+
+    def predict(images: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
+        views = embed(flip_views(images.cpu(), flips).contiguous())
+        embedding = views.reshape(len(flips), len(images), -1).mean(0)
+        return model.forward_head(embedding, meta) / setup.temperature
+
+    return predict
+
+
 def faithfulness(
-    run: LoadedRun, batch: CaseBatch, cams: np.ndarray, masks: list[np.ndarray | None], baselines: BaselineMaps
+    run: LoadedRun,
+    batch: CaseBatch,
+    cams: np.ndarray,
+    masks: list[np.ndarray | None],
+    baselines: BaselineMaps,
+    predict: CasePredictor | None = None,
+    store: ReportStore | None = None,
 ) -> list[dict[str, dict[str, float]]]:
-    """Every measure of the CAM and each baseline map for the first ``explain.faithfulness_cases`` cases."""
-    inputs, cfg = run.inputs, run.inputs.cfg.explain
-    setup = cam_setup(run)
-    shape = tuple(cams.shape[-2:])
-    reports = []
-    for i in range(min(cfg.faithfulness_cases, len(batch.rows))):
-        predict = shown_view(inputs.model, setup.flip_average, setup.temperature, batch.meta[i : i + 1])
-        reports.append(
-            faithfulness_report(
-                predict,
-                batch.images[i],
-                {"cam": cams[i], **baselines.maps((shape[0], shape[1]), cfg.seed + i)},
-                batch.targets[i],
-                mask=masks[i],
-                steps=cfg.steps,
-                road_percentiles=cfg.road_percentiles,
-                seed=cfg.seed,
-            )
+    """Every measure of the CAM and each baseline map for the first ``explain.faithfulness_cases`` cases.
+
+    The curves of all cases go through ``predict`` (default :func:`case_predictor`) in shared batches,
+    with a progress bar and its ETA on stderr. Cases already in ``store`` (a killed run's finished
+    cases) are read back, not measured again; each newly measured one is added as it finishes.
+    """
+    cfg = run.inputs.cfg.explain
+    shape = (int(cams.shape[-2]), int(cams.shape[-1]))
+    k = min(cfg.faithfulness_cases, len(batch.rows))
+    store = store or ReportStore(None)
+    ids = run.inputs.dataset.metadata["image_id"].iloc[batch.rows[:k]].astype(str).tolist()
+    keys = [
+        case_key(ids[i], batch.targets[i], cams[i], _store_settings(run, baselines, cfg.seed + i)) for i in range(k)
+    ]
+    todo = [i for i in range(k) if keys[i] not in store.reports]
+    cases = (
+        FaithfulnessCase(
+            batch.images[i],
+            batch.meta[i],
+            batch.targets[i],
+            {"cam": cams[i], **baselines.maps(shape, cfg.seed + i)},
+            masks[i],
         )
-    return reports
+        for i in todo
+    )
+    settings = CurveSettings(cfg.steps, tuple(cfg.road_percentiles), None, cfg.seed)
+    with tqdm(total=k, initial=k - len(todo), desc="faithfulness", unit="case", disable=k < 2, leave=False) as bar:
+
+        def finished(j: int, report: dict[str, dict[str, float]]) -> None:
+            store.add(keys[todo[j]], report)
+            bar.update(1)
+
+        if todo:
+            faithfulness_reports(predict or case_predictor(run), cases, settings, on_case=finished)
+    return [store.reports[key] for key in keys]
+
+
+def _store_settings(run: LoadedRun, baselines: BaselineMaps, map_seed: int) -> dict[str, Any]:
+    """What a stored faithfulness report depends on besides its case and CAM."""
+    cfg = run.inputs.cfg.explain
+    return {
+        "run": str(run.run_dir),
+        "temperature": run.temperature,
+        "backend": run.inputs.cfg.train.embed_backend,
+        "steps": cfg.steps,
+        "road": list(cfg.road_percentiles),
+        "seed": cfg.seed,
+        "map_seed": map_seed,
+        "baselines": [baselines.n_masks, baselines.centre_sigma, baselines.smooth_sigma],
+    }
 
 
 def sanity_checks(run: LoadedRun, batch: CaseBatch, cams: np.ndarray) -> tuple[list[StageResult], StageResult | None]:
@@ -270,7 +349,9 @@ class PixelSide:
     baselines: BaselineMaps
 
 
-def explain_pixels(run: LoadedRun, batch: CaseBatch, timed: _Stopwatch) -> PixelSide | None:
+def explain_pixels(
+    run: LoadedRun, batch: CaseBatch, timed: _Stopwatch, store: ReportStore | None = None
+) -> PixelSide | None:
     """Grad-CAM of the explained and runner-up classes, faithfulness against baselines, sanity checks."""
     inputs, cfg = run.inputs, run.inputs.cfg.explain
     if not inputs.model.uses_image:
@@ -284,7 +365,7 @@ def explain_pixels(run: LoadedRun, batch: CaseBatch, timed: _Stopwatch) -> Pixel
     height, width = inputs.cfg.data.image_size
     geometry = layer_geometry(inputs.model, cfg.target_layer or None, (height, width))
     priors = timed("baselines", baseline_maps, training_masks(inputs, cfg.prior_masks, cfg.seed), geometry.stride)
-    reports = timed("faithfulness", faithfulness, run, batch, cams.maps, masks, priors)
+    reports = timed("faithfulness", faithfulness, run, batch, cams.maps, masks, priors, None, store)
     stages, logit = timed("randomisation", sanity_checks, run, batch, cams.maps)
     return PixelSide(cams, runner_up, masks, reports, stages, logit, geometry, priors)
 
@@ -297,11 +378,14 @@ def explain_run(
     cases: Sequence[str] | None = None,
     n: int | None = None,
     settings: Mapping[str, Any] | None = None,
+    resume: str | Path | None = None,
 ) -> CohortExplanation:
     """Explain cases of a trained run: maps, SHAP and modality values, faithfulness, sanity checks, provenance.
 
     ``n`` cases (default: the run's ``explain.n_cases``) unless ``cases`` names them; ``settings``
-    overrides keys of the run's ``explain`` section (e.g. ``{"faithfulness_cases": 100}``).
+    overrides keys of the run's ``explain`` section (e.g. ``{"faithfulness_cases": 100}``). With a
+    ``resume`` folder each case's faithfulness is kept there as it finishes (:mod:`.resume`), and the
+    cases it already holds are not measured again.
     """
     if n is not None and n < 1:
         raise ConfigError(f"n: the number of cases to explain must be >= 1, got {n}")
@@ -312,7 +396,7 @@ def explain_run(
     timed = _Stopwatch()
     rows, why = timed("selection", select_cases, run, split, cases, cfg.n_cases if n is None else n, cfg.seed)
     batch = load_cases(run, rows, why)
-    pixels = explain_pixels(run, batch, timed)
+    pixels = explain_pixels(run, batch, timed, ReportStore(resume))
     bg_emb, bg_meta = background(inputs, cfg.background_size, cfg.seed)
     groups = inputs.encoder.feature_groups_
     raw = inputs.dataset.metadata.iloc[rows][patient_features(inputs)].reset_index(drop=True)

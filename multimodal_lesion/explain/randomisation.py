@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.fusion import LesionModel
-from .gradcam import GradCamExplainer, layer_path, preserved_state, resolve_target_layer, shown_view
+from .gradcam import CAM_METHODS, GradCamExplainer, layer_path, preserved_state, resolve_target_layer, shown_view
 
 SIMILAR = 0.5  # mean Spearman at or above which a randomised map counts as unchanged
 VANISHED = 1e-3  # target-layer activation std, relative to the trained model's, below which activations vanished
@@ -188,6 +188,27 @@ class CamSetup:
         return layer_path(model, resolve_target_layer(model, self.target_layer or None))
 
 
+def maps_and_activation_std(
+    setup: CamSetup, model: LesionModel, layer_name: str, images: Tensor, meta: Tensor | None, targets: Sequence[int]
+) -> tuple[np.ndarray, float]:
+    """The CAMs of ``targets`` and the target layer's activation std, read from the CAM's own forward pass.
+
+    With a batched CAM method the layer's first output holds the unflipped view of every image first
+    (the flips are view-major, the identity first), which is what :func:`activation_std` measures with a
+    forward pass of its own; ScoreCAM runs many forwards, so it keeps that extra pass.
+    """
+    layer = resolve_target_layer(model, layer_name)
+    if not CAM_METHODS[setup.method].batched:
+        return setup.maps(model, images, meta, targets), activation_std(model, layer, images)
+    seen: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+    try:
+        maps = replace(setup, target_layer=layer_name).maps(model, images, meta, targets)
+    finally:
+        handle.remove()
+    return maps, float(seen[0][: len(images)].double().std())
+
+
 def cascading_randomisation(
     model: LesionModel,
     images: Tensor,
@@ -200,7 +221,11 @@ def cascading_randomisation(
     seed: int = 0,
 ) -> list[StageResult]:
     """Randomise a copy of ``model`` stage by stage from the head down and compare each stage's maps of
-    ``targets`` with the trained model's ``cams`` (B, H, W); ``model`` itself is untouched."""
+    ``targets`` with the trained model's ``cams`` (B, H, W); ``model`` itself is untouched.
+
+    Each stage's activation check reuses the activations of its CAM pass
+    (:func:`maps_and_activation_std`): one backbone pass per stage instead of two.
+    """
     redraw = RANDOMISERS[randomiser] if isinstance(randomiser, str) else randomiser
     path = setup.layer_name(model)
     reference = activation_std(model, resolve_target_layer(model, path), images)
@@ -211,8 +236,8 @@ def cascading_randomisation(
         for name, modules in randomisation_stages(clone):
             for module in modules:
                 redraw(module)
-            ratio = activation_std(clone, resolve_target_layer(clone, path), images) / max(reference, 1e-30)
-            randomised = replace(setup, target_layer=path).maps(clone, images, meta, targets)
+            randomised, std = maps_and_activation_std(setup, clone, path, images, meta, targets)
+            ratio = std / max(reference, 1e-30)
             results.append(
                 StageResult(name, [map_similarity(c, r, ratio) for c, r in zip(cams, randomised, strict=True)])
             )
@@ -260,6 +285,7 @@ __all__ = [
     "activation_std",
     "cascading_randomisation",
     "map_similarity",
+    "maps_and_activation_std",
     "other_classes",
     "random_logit_check",
     "randomisation_stages",

@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 
 from ..data.cache import cache_key, cached_array, write_npy
 from ..data.datasets import BATCH_AUGMENTATIONS, Normalize
-from ..models import FLIPS, ImageBranch
+from ..models import FLIPS, ImageBranch, flipped_views
 from ..models.inference import Compiled
-from .embeddings import compiled_branch_pass, run_views
+from .embeddings import compiled_branch_pass
 
 MAPS_VERSION = 1
+FLUSH_EVERY = 1024  # images between flushes of the memory-mapped cache file, so written pages can leave memory
 MAPS_DTYPE = np.float16  # half the disk of float32; the maps' values (|x| < 20) keep ~3 significant digits
 
 
@@ -93,13 +94,8 @@ def cached_feature_maps(
         cpu = device or torch.device("cpu")
         example = normalize(torch.from_numpy(np.array(pixels[:1])).permute(0, 3, 1, 2))
         compiled = compiled_branch_pass(branch, "forward_maps", example, cpu, backend, "float32")
-        flips = out[:, : len(FLIPS)]
-        run_views(
-            compiled, pixels, normalize, flips, flips=True, reduce="stack", batch_size=batch_size, device=cpu,
-            desc="feature maps", show=show,
-        )  # fmt: skip
-        if extra and augmented is not None:
-            _augmented_views(compiled, pixels, normalize, out, augmented, batch_size, cpu, show)
+        views = augmented if extra and augmented is not None else None
+        _all_views(compiled, pixels, normalize, out, views, batch_size, cpu, show)
 
     return cached_array(
         folder / f"maps-{key}.npy",
@@ -109,29 +105,41 @@ def cached_feature_maps(
     )
 
 
-def _augmented_views(
+def _all_views(
     compiled: Compiled,
     images: np.ndarray,
     normalize: Normalize,
     out: np.ndarray,
-    views: AugmentedViews,
+    views: AugmentedViews | None,
     batch_size: int,
     device: torch.device,
     show: bool,
 ) -> None:
-    """Write views 4.. of ``out``: each batch's ``views.count`` augmented copies through ``compiled`` in one call."""
-    augment = BATCH_AUGMENTATIONS[views.preset]()
-    if augment is None:
+    """Every view of every image in one pass: each batch is read and normalised once, its 4 flips and then
+    its augmented copies go through ``compiled``, and all its views are written before the next batch.
+
+    The output never waits in memory (``out`` is the memory-mapped cache file, flushed every
+    :data:`FLUSH_EVERY` images). View ``k`` of rows ``[start, start + B)`` is drawn with a generator
+    seeded by ``(seed, start, k)``, as the cache key promises, so a rebuild gives the same maps.
+    """
+    augment = BATCH_AUGMENTATIONS[views.preset]() if views is not None else None
+    if views is not None and augment is None:
         raise ValueError(f"augmentation preset {views.preset!r} draws nothing")
     first = len(FLIPS)
-    for start in tqdm(range(0, len(images), batch_size), desc="augmented maps", disable=not show, unit="batch"):
+    for start in tqdm(range(0, len(images), batch_size), desc="feature maps", disable=not show, unit="batch"):
         chunk = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
-        copies = [
-            augment(chunk, torch.Generator().manual_seed(views.seed * 1_000_003 + start * 101 + k), normalize)
-            for k in range(views.count)
-        ]
-        y = compiled(torch.cat(copies).to(device)).cpu().unflatten(0, (views.count, len(chunk))).transpose(0, 1)
-        out[start : start + len(chunk), first : first + views.count] = y.numpy().astype(out.dtype, copy=False)
+        stop = start + len(chunk)
+        flipped = compiled(flipped_views(normalize(chunk)).to(device)).cpu()
+        out[start:stop, :first] = flipped.unflatten(0, (first, len(chunk))).transpose(0, 1).numpy().astype(out.dtype)
+        if views is not None and augment is not None:
+            copies = [
+                augment(chunk, torch.Generator().manual_seed(views.seed * 1_000_003 + start * 101 + k), normalize)
+                for k in range(views.count)
+            ]
+            y = compiled(torch.cat(copies).to(device)).cpu().unflatten(0, (views.count, len(chunk))).transpose(0, 1)
+            out[start:stop, first : first + views.count] = y.numpy().astype(out.dtype, copy=False)
+        if stop % FLUSH_EVERY < batch_size and isinstance(out, np.memmap):
+            out.flush()
 
 
 __all__ = ["MAPS_DTYPE", "MAPS_VERSION", "AugmentedViews", "cached_feature_maps", "maps_shape"]
