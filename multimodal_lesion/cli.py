@@ -145,6 +145,27 @@ def _load_cfg(args: argparse.Namespace):
     return cfg
 
 
+def _mlflow_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mlflow",
+        type=_path,
+        metavar="URI",
+        help="also track it in MLflow: a folder (a local file store, e.g. mlruns) or a tracking URI "
+        "(sets tracking.mlflow_uri; needs the mlflow extra)",
+    )
+
+
+def _tracking(cfg: Any, args: argparse.Namespace) -> Any:
+    """``cfg`` with ``--mlflow`` applied; the tracking URI checked before any work, its error naming its source."""
+    from .config import replace
+    from .tracking import CONFIG_KEY, OPTION, check_tracking
+
+    if args.mlflow:
+        cfg = replace(cfg, tracking={"mlflow_uri": args.mlflow})
+    check_tracking(cfg.tracking.mlflow_uri, OPTION if args.mlflow else CONFIG_KEY)
+    return cfg
+
+
 def _dataset(args: argparse.Namespace):
     """The ``data`` config section and the schema the dataset options name (a bad schema fails here)."""
     from .config import ExperimentConfig, replace
@@ -252,11 +273,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same settings and data)")
     again.add_argument("--overwrite", action="store_true", help="replace the run in OUT (its files are removed first)")
+    _mlflow_arg(p)
 
 
 @command("train", "train one model and write a run folder", _train_args)
 def _train(args: argparse.Namespace) -> int:
-    cfg = _load_cfg(args)  # config mistakes fail before the output is touched, and before the heavy imports
+    cfg = _tracking(_load_cfg(args), args)  # config mistakes fail before the output is touched and the heavy imports
     # under torchrun every process runs this; rank 0 alone writes the run, so it alone holds the lock
     with output_folder(args.out, lock=os.environ.get("RANK", "0") == "0"):
         from .workflows import train_run
@@ -294,6 +316,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
         "--exclude-seen", action="store_true", help="external: leave out images in the run's splits (else refused)"
     )
     _device_arg(p)
+    _mlflow_arg(p)
 
 
 @command(
@@ -307,6 +330,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     run = RunFolder(args.run)
     run.check()
+    if args.mlflow:
+        from .tracking import OPTION, check_tracking
+
+        check_tracking(args.mlflow, OPTION)
     explicit = args.key_vs_rest or args.exclude_seen
     if (explicit or args.schema) and not args.data:
         raise ConfigError("--schema, --key-vs-rest and --exclude-seen score other data: give it with --data")
@@ -316,7 +343,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     with output_folder(args.run, option="--run"), output_folder(evaluation, option="--run", lock=False):
         settings = {k: v for k, v in _data_settings(args).items() if k != "schema"}  # the run's schema stays
         metrics, path = evaluate_run(
-            args.run, args.split, args.data, tta=args.tta, device=args.device, data_settings=settings
+            args.run,
+            args.split,
+            args.data,
+            tta=args.tta,
+            device=args.device,
+            data_settings=settings,
+            mlflow=args.mlflow or "",
         )
     _print_headline(metrics, (args.split,))
     print(f"wrote {path}")
@@ -340,7 +373,7 @@ def _evaluate_external(args: argparse.Namespace, run: Any) -> int:
     key_vs_rest = scores_key_vs_rest(schema, run.read_schema(), args.key_vs_rest)
     out = external_folder(run, args.data, schema, key_vs_rest).path
     with output_folder(args.run, option="--run"), output_folder(out, option="--run", lock=False):
-        metrics, path = evaluate_external_run(args.run, args.data, options)
+        metrics, path = evaluate_external_run(args.run, args.data, options, mlflow=args.mlflow or "")
     _print_headline(metrics, ("external",))
     if key_vs_rest:
         ci = metrics["external"]["key_vs_rest"]["auroc_ci"]
@@ -482,11 +515,12 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="run the cells as Ray tasks on this cluster (sets ablation.backend = 'ray' and ray.address)",
     )
+    _mlflow_arg(p)
 
 
 @command("ablate", "every model over lesion-grouped folds x seeds, with CIs and subgroups", _ablate_args)
 def _ablate(args: argparse.Namespace) -> int:
-    cfg = _load_cfg(args)
+    cfg = _tracking(_load_cfg(args), args)
     if args.ray_address:
         from .config import replace
 
