@@ -251,6 +251,7 @@ def test_class_weights_do_not_move_the_smoothed_target() -> None:
     assert torchs[6] > 5 * expected[6]  # the rarest class gets several times its share
 
 
+@pytest.mark.slow
 def test_distributed_data_parallel_on_cpu_with_two_processes(data_root: Path, tmp_path: Path) -> None:
     config = tmp_path / "ddp.toml"
     config.write_text(to_toml(tiny_cfg(data_root, 'train.mode="end2end"', 'train.device="cpu"', "train.epochs=2")))
