@@ -234,3 +234,27 @@ def test_ablation_is_a_parent_run_with_a_child_per_cell(tracked_ablation, client
             assert parent.data.metrics[f"{model}.balanced_accuracy.{stat}"] == pytest.approx(expected)
     artifacts = _artifacts(client, parent.info.run_id)
     assert {"config.toml", "summary.csv", "summary.md", "comparison.csv", "balanced_accuracy.png"} <= artifacts
+
+
+@pytest.mark.slow
+def test_a_resumed_run_is_a_new_mlflow_run_holding_the_whole_history(
+    cli_ham: Path, tiny_run_settings: list[str], tmp_path: Path, client_for
+) -> None:
+    """Resuming (here a finished run: no epoch left) logs the epochs before the interruption first."""
+    from multimodal_lesion.workflows import train_run
+
+    store = tmp_path / "store"
+    pairs = [f'data.root="{cli_ham}"', f'tracking.mlflow_uri="{store}"', 'tracking.experiment="resumed"']
+    cfg = load_config(None, [*tiny_run_settings, *pairs])
+    first = train_run(cfg, tmp_path / "run", show=False)
+    again = train_run(cfg, tmp_path / "run", resume=True, show=False)
+    assert again["best_epoch"] == first["best_epoch"]
+    client = client_for(store)
+    experiment = client.get_experiment_by_name("resumed")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    for run in runs:
+        logged = sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: m.step)
+        assert [m.step for m in logged] == history["epoch"].tolist() == [1, 2]
+        assert [m.value for m in logged] == pytest.approx(history["val_loss"].tolist())
