@@ -636,6 +636,7 @@ def test_predict_with_a_model_that_ignores_the_image_says_so_and_still_checks_it
     cli.error(cli("predict", "--run", run, "--image", missing), "predict", str(missing), "image file not found")
 
 
+@pytest.mark.slow
 def test_training_refuses_a_tiny_image_in_the_dataset(cli, tiny_ham: Path, tmp_path: Path) -> None:
     """The same rule as predict's, in the data layer: the image cache refuses the file by name."""
     path = image_path(tiny_ham, "ISIC_0024312")

@@ -66,6 +66,7 @@ def other(run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> P
 # --- external evaluation ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_new_data_is_scored_externally_with_the_run_s_calibration(cli, run: tuple[Path, Path], other: Path) -> None:
     folder, _ = run
     own_eval = sorted(p.name for p in (folder / "eval").rglob("*")) if (folder / "eval").exists() else []

@@ -168,6 +168,7 @@ def test_predict_balanced_applies_the_run_s_temperature_and_biases(
         predict_image(run, image, balanced=True)
 
 
+@pytest.mark.slow
 def test_end_to_end_training_with_augmentation_and_tta(data_root: Path, tmp_path: Path) -> None:
     cfg = tiny_cfg(
         data_root,
@@ -301,6 +302,7 @@ def test_weight_average_follows_its_formula_and_copies_integer_buffers() -> None
         WeightAverage(model, decay=1.5)
 
 
+@pytest.mark.slow
 def test_run_with_weight_averaging_keeps_the_average(data_root: Path, tmp_path: Path) -> None:
     # one epoch, so the kept (best) epoch is known: its weights must be the average, not the live ones
     cfg = tiny_cfg(data_root, 'model.name="concat"', "train.ema_decay=0.9", "train.epochs=1")
