@@ -151,6 +151,27 @@ def _load_cfg(args: argparse.Namespace):
     return cfg
 
 
+def _mlflow_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mlflow",
+        type=_path,
+        metavar="URI",
+        help="also track it in MLflow: a folder (a local file store, e.g. mlruns) or a tracking URI "
+        "(sets tracking.mlflow_uri; needs the mlflow extra)",
+    )
+
+
+def _tracking(cfg: Any, args: argparse.Namespace) -> Any:
+    """``cfg`` with ``--mlflow`` applied; the tracking URI checked before any work, its error naming its source."""
+    from .config import replace
+    from .tracking import CONFIG_KEY, OPTION, check_tracking
+
+    if args.mlflow:
+        cfg = replace(cfg, tracking={"mlflow_uri": args.mlflow})
+    check_tracking(cfg.tracking.mlflow_uri, OPTION if args.mlflow else CONFIG_KEY)
+    return cfg
+
+
 def _dataset(args: argparse.Namespace):
     """The ``data`` config section and the schema the dataset options name (a bad schema fails here)."""
     from .config import ExperimentConfig, replace
@@ -265,13 +286,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same settings and data)")
     again.add_argument("--overwrite", action="store_true", help="replace the run in OUT (its files are removed first)")
+    _mlflow_arg(p)
 
 
 @command("train", "train one model and write a run folder", _train_args)
 def _train(args: argparse.Namespace) -> int:
     from .api import train
 
-    cfg = _load_cfg(args)  # config mistakes fail before the output is touched, and before the heavy imports
+    cfg = _tracking(_load_cfg(args), args)  # config mistakes fail before the output is touched and the heavy imports
     run = train(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone writes the run
         _print_headline(run.metrics.to_dict())
@@ -306,6 +328,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
         "--exclude-seen", action="store_true", help="external: leave out images in the run's splits (else refused)"
     )
     _device_arg(p)
+    _mlflow_arg(p)
 
 
 @command(
@@ -317,6 +340,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .api import load_run
 
     run = load_run(args.run, device=args.device)
+    if args.mlflow:
+        from .tracking import OPTION, check_tracking
+
+        check_tracking(args.mlflow, OPTION)
     if (args.key_vs_rest or args.exclude_seen or args.schema) and not args.data:
         raise ConfigError("--schema, --key-vs-rest and --exclude-seen score other data: give it with --data")
     evaluation = run.evaluate(
@@ -331,6 +358,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         duplicates=args.duplicates or "",
         drop_missing=args.drop_missing,
         show=True,
+        mlflow=args.mlflow or "",
     )
     _print_headline(evaluation.metrics, (evaluation.split,))
     ci = evaluation.values.get("key_vs_rest", {}).get("auroc_ci")
@@ -476,13 +504,14 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="run the cells as Ray tasks on this cluster (sets ablation.backend = 'ray' and ray.address)",
     )
+    _mlflow_arg(p)
 
 
 @command("ablate", "every model over lesion-grouped folds x seeds, with CIs and subgroups", _ablate_args)
 def _ablate(args: argparse.Namespace) -> int:
     from .api import ablate
 
-    cfg = _load_cfg(args)
+    cfg = _tracking(_load_cfg(args), args)
     result = ablate(cfg, out=args.out, ray_address=args.ray_address)
     print(result.summary)
     print(f"wrote {args.out}")

@@ -230,6 +230,14 @@ class UncertaintyConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    # MLflow tracking (the `mlflow` extra): a folder (a local file store, e.g. "mlruns") or a tracking
+    # server / database URI; empty = nothing tracked. `--mlflow URI` sets it on train, evaluate and ablate
+    mlflow_uri: str = ""
+    experiment: str = "multimodal_lesion"  # the MLflow experiment the runs are filed under (created if missing)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -238,6 +246,7 @@ class ExperimentConfig:
     ablation: AblationConfig = field(default_factory=AblationConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass(frozen=True)
@@ -279,6 +288,11 @@ RULES = (
             f"train.map_views={c.train.map_views} draws views under train.augment's rotations and colour jitter: "
             f"set train.augment='strong' (got {c.train.augment!r})"
         ),
+    ),
+    Rule(
+        ("tracking.experiment",),
+        lambda c: bool(c.tracking.experiment.strip()),
+        lambda c: f"config key 'tracking.experiment': must name an MLflow experiment, got {c.tracking.experiment!r}",
     ),
     Rule(
         ("ablation.baseline", "ablation.models"),
@@ -553,6 +567,7 @@ __all__ = [
     "ModelConfig",
     "Range",
     "RayConfig",
+    "TrackingConfig",
     "TrainConfig",
     "differences",
     "from_dict",

@@ -6,9 +6,11 @@ after the other so that ``mmlesion train`` / ``evaluate`` / ``explain`` write co
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,23 @@ def train_run(
     """Train one model into the run folder ``out`` with its evaluation figures; returns ``metrics.json``.
 
     A folder that already holds a run needs ``resume`` or ``overwrite`` (see ``training.runner.train_run``).
+    With ``tracking.mlflow_uri`` set, the run is also an MLflow run: the resolved config as params, every
+    epoch's scores, every number of ``metrics.json``, and the config, metrics, history and figures as artefacts.
     """
     from .report.figures import save_evaluation_figures
+    from .tracking import tracked
     from .training.runner import train_run as train
 
-    evaluation = train(cfg, out, resume=resume, overwrite=overwrite, show=show)
-    save_evaluation_figures(evaluation)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone tracks
+    with tracked(cfg.tracking, Path(out).resolve().name, "train", enabled=main) as tracker:
+        evaluation = train(cfg, out, resume=resume, overwrite=overwrite, show=show, tracker=tracker)
+        figures = save_evaluation_figures(evaluation)
+        if tracker is not None:
+            folder = evaluation.folder
+            tracker.set_tags({"mmlesion.out": folder.path.resolve()})
+            files = [folder / name for name in ("config.toml", "schema.toml", "metrics.json", "history.csv")]
+            tracker.log_artifacts([p for p in files if p.is_file()])
+            tracker.log_artifacts(figures, under="figures")
     return evaluation.metrics
 
 
@@ -40,14 +53,53 @@ def evaluate_run(
     show: bool = True,
     device: str | None = None,
     data_settings: Mapping[str, Any] | None = None,
+    mlflow: str = "",
 ) -> tuple[dict[str, Any], Path]:
-    """Evaluate a run on one split with figures; returns (metrics, path of ``eval/<split>/metrics.json``)."""
+    """Evaluate a run on one split with figures; returns (metrics, path of ``eval/<split>/metrics.json``).
+
+    ``mlflow``: a tracking URI; the evaluation is then also an MLflow run (see :func:`tracked_evaluation`).
+    """
     from .report.figures import save_evaluation_figures
     from .training.runner import evaluate_run as evaluate
 
-    evaluation = evaluate(run_dir, split, data, tta=tta, show=show, device=device, data_settings=data_settings)
-    save_evaluation_figures(evaluation)
+    params = {"eval.split": split, "eval.tta": tta, "eval.data": str(data or "")}
+    with tracked_evaluation(run_dir, mlflow, f"eval {split}", params) as tracker:
+        evaluation = evaluate(run_dir, split, data, tta=tta, show=show, device=device, data_settings=data_settings)
+        figures = save_evaluation_figures(evaluation)
+        log_evaluation(tracker, evaluation, figures)
     return evaluation.metrics, evaluation.folder.metrics_path
+
+
+@contextlib.contextmanager
+def tracked_evaluation(run_dir: str | Path, mlflow: str, name: str, params: Mapping[str, Any]) -> Iterator[Any]:
+    """An MLflow run (kind ``evaluate``, in the run's experiment) for an evaluation of ``run_dir`` when
+    ``mlflow`` is a URI, else None: the run's config and ``params`` as params, the run folder as a tag."""
+    import dataclasses
+
+    from .runs import RunFolder
+    from .tracking import config_params, tracked
+
+    if not mlflow:
+        yield None
+        return
+    run_cfg, folder = RunFolder(run_dir).read_config(), Path(run_dir).resolve()
+    settings = dataclasses.replace(run_cfg.tracking, mlflow_uri=mlflow)
+    with tracked(settings, f"{folder.name} {name}", "evaluate") as tracker:
+        if tracker is not None:
+            tracker.set_tags({"mmlesion.run": folder})
+            tracker.log_params({**config_params(run_cfg), **params})
+        yield tracker
+
+
+def log_evaluation(tracker: Any, evaluation: Any, figures: Sequence[Path]) -> None:
+    """Every number of an evaluation's ``metrics.json`` as metrics; that file and the figures as artefacts."""
+    from .tracking import numbers
+
+    if tracker is None:
+        return
+    tracker.log_metrics(numbers(evaluation.metrics))
+    tracker.log_artifacts([evaluation.folder.metrics_path])
+    tracker.log_artifacts(figures, under="figures")
 
 
 def is_external(run_dir: str | Path, data: str | Path, schema: str | None = None, images: str = "") -> bool:
@@ -73,17 +125,20 @@ def is_external(run_dir: str | Path, data: str | Path, schema: str | None = None
 
 
 def evaluate_external_run(
-    run_dir: str | Path, data: str | Path, options: Any = None, show: bool = True
+    run_dir: str | Path, data: str | Path, options: Any = None, show: bool = True, mlflow: str = ""
 ) -> tuple[dict[str, Any], Path]:
     """Score a run on data it never saw, with figures; returns (metrics, ``RUN/external/<name>/metrics.json``).
 
     ``options``: a :class:`~multimodal_lesion.training.external.ExternalOptions` (None: the defaults).
+    ``mlflow``: a tracking URI; the evaluation is then also an MLflow run (see :func:`tracked_evaluation`).
     """
     from .report.figures import save_evaluation_figures
     from .training.external import ExternalOptions, evaluate_external
 
-    evaluation = evaluate_external(run_dir, data, options or ExternalOptions(), show=show)
-    save_evaluation_figures(evaluation)
+    with tracked_evaluation(run_dir, mlflow, "external", {"eval.split": "external", "eval.data": str(data)}) as tracker:
+        evaluation = evaluate_external(run_dir, data, options or ExternalOptions(), show=show)
+        figures = save_evaluation_figures(evaluation)
+        log_evaluation(tracker, evaluation, figures)
     return evaluation.metrics, evaluation.folder.metrics_path
 
 

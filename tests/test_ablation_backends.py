@@ -163,7 +163,7 @@ def test_ray_is_imported_only_when_asked() -> None:
     )
     assert help_.returncode == 0
     imported = {line.split("|")[-1].strip().split(".")[0] for line in help_.stderr.splitlines() if "|" in line}
-    assert not imported & {"ray", "torch", "timm", "shap"}
+    assert not imported & {"ray", "torch", "timm", "shap", "mlflow"}
 
 
 def test_ray_address_that_cannot_be_reached_is_one_line(tmp_path: Path, cache: Path) -> None:

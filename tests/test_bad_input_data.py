@@ -164,6 +164,7 @@ def unknown_patient(cli, hurried_run: tuple[Path, subprocess.CompletedProcess], 
     return json.loads(cli.ok(proc).stdout)["probabilities"]
 
 
+@pytest.mark.slow
 def test_train_prints_the_reader_notes_and_keeps_every_row(
     hurried_run: tuple[Path, subprocess.CompletedProcess], hurried_ham: Path
 ) -> None:
@@ -174,10 +175,12 @@ def test_train_prints_the_reader_notes_and_keeps_every_row(
     assert ids == set(listed) - {"ISIC_0024315"}  # only the missing image is dropped; the '.jpg' id is kept
 
 
+@pytest.mark.slow
 def test_evaluate_prints_the_reader_notes(cli, hurried_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     assert_notes_once(cli.ok(cli("evaluate", "--run", hurried_run[0])), HURRIED_NOTES)
 
 
+@pytest.mark.slow
 def test_explain_prints_the_reader_notes(
     cli, hurried_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
 ) -> None:
@@ -185,6 +188,7 @@ def test_explain_prints_the_reader_notes(
     assert_notes_once(proc, HURRIED_NOTES)
 
 
+@pytest.mark.slow
 def test_ablate_prints_the_reader_notes(cli, hurried_ham: Path, tmp_path: Path) -> None:
     settings = [*TINY, *TINY_ABLATION, "--set", "data.drop_missing=true"]
     proc = cli("ablate", "--data", hurried_ham, "--out", tmp_path / "ablation", *settings)
@@ -209,6 +213,7 @@ def test_demo_prints_the_reader_notes(cli, hurried_ham: Path, tmp_path: Path) ->
     assert_notes_once(cli.ok(proc), HURRIED_NOTES)
 
 
+@pytest.mark.slow
 def test_category_unseen_in_training_is_a_note(
     cli,
     hurried_run: tuple[Path, subprocess.CompletedProcess],
@@ -514,6 +519,7 @@ def test_case_and_spaces_of_categories_are_normalised_silently(
 # --- 10. predict: the reader's rules for the patient fields and the image ------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["-3", "121", "1e9", "nan", "inf"])
 def test_predict_refuses_an_age_the_csv_would_refuse(
     cli, hurried_run: tuple[Path, subprocess.CompletedProcess], hurried_ham: Path, value: str
@@ -524,6 +530,7 @@ def test_predict_refuses_an_age_the_csv_would_refuse(
     assert proc.stdout == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("value", "shown"),
     [(-3.0, "-3"), (121, "121"), (1e9, "1e+09"), (float("nan"), "nan"), ("inf", "inf"), ("1_0", "1_0")],
@@ -544,6 +551,7 @@ def test_predict_image_applies_the_reader_s_age_rule(
         predict_image(hurried_run[0], image, age=value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["0", "120"])
 def test_predict_takes_every_age_the_csv_takes(
     cli, hurried_run: tuple[Path, subprocess.CompletedProcess], hurried_ham: Path, value: str
@@ -553,6 +561,7 @@ def test_predict_takes_every_age_the_csv_takes(
     assert cli.notes(proc) == [] and abs(sum(json.loads(proc.stdout)["probabilities"].values()) - 1) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("option", "value"), [("--sex", "robot"), ("--sex", "M"), ("--localization", "lower_extremity")]
 )
@@ -580,6 +589,7 @@ def test_predict_reads_an_unrecognised_category_as_unknown_with_a_note(
     assert json.loads(proc.stdout)["probabilities"] == unknown_patient  # encoded exactly as unknown
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(1, 1), (15, 200)])
 def test_predict_refuses_an_image_too_small_to_be_dermoscopy(
     cli, hurried_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, size: tuple[int, int]
@@ -589,6 +599,7 @@ def test_predict_refuses_an_image_too_small_to_be_dermoscopy(
     cli.error(proc, "predict", str(image), f"image is {size[0]}x{size[1]} pixels", "16-pixel minimum side")
 
 
+@pytest.mark.slow
 def test_predict_takes_an_image_of_the_minimum_side(
     cli, hurried_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
 ) -> None:
@@ -596,6 +607,7 @@ def test_predict_takes_an_image_of_the_minimum_side(
     assert len(json.loads(proc.stdout)["probabilities"]) == 7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["empty file", "folder", "missing"])
 def test_predict_names_an_image_that_is_not_one(
     cli, hurried_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, kind: str
@@ -609,6 +621,7 @@ def test_predict_names_an_image_that_is_not_one(
     cli.error(cli("predict", "--run", hurried_run[0], "--image", image), "predict", str(image), words[kind])
 
 
+@pytest.mark.slow
 def test_predict_with_a_model_that_ignores_the_image_says_so_and_still_checks_it(
     cli, hurried_ham: Path, tmp_path: Path
 ) -> None:
@@ -623,6 +636,7 @@ def test_predict_with_a_model_that_ignores_the_image_says_so_and_still_checks_it
     cli.error(cli("predict", "--run", run, "--image", missing), "predict", str(missing), "image file not found")
 
 
+@pytest.mark.slow
 def test_training_refuses_a_tiny_image_in_the_dataset(cli, tiny_ham: Path, tmp_path: Path) -> None:
     """The same rule as predict's, in the data layer: the image cache refuses the file by name."""
     path = image_path(tiny_ham, "ISIC_0024312")
@@ -636,6 +650,7 @@ def test_training_refuses_a_tiny_image_in_the_dataset(cli, tiny_ham: Path, tmp_p
 # --- masks: read as meant when binary, and said how when not ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_masks_that_are_not_binary_are_noted_and_0_1_masks_read_as_binary(
     cli, hurried_run: tuple[Path, subprocess.CompletedProcess], hurried_ham: Path, tmp_path: Path
 ) -> None:

@@ -31,6 +31,7 @@ from multimodal_lesion.errors import ConfigError
 from multimodal_lesion.io import read_json
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_writes_json_with_all_sections(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MMLESION_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench.json"

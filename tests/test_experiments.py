@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     'model.backbone="resnet18"',
@@ -24,6 +26,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_recipe_sweep_trains_each_variant_in_parallel_and_tabulates_val_and_test(
     tiny_ham: Path, tmp_path: Path
 ) -> None:

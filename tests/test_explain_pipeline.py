@@ -95,6 +95,7 @@ def test_cases_are_picked_by_outcome() -> None:
     assert len(select_by_outcome(truth, probs, 20, seed=0)[0]) == 8
 
 
+@pytest.mark.slow
 def test_real_faithfulness_script_on_synthetic_data(frozen_run: Path, cli_ham: Path, tmp_path: Path) -> None:
     out = tmp_path / "faith"
     args = [sys.executable, str(REPO / "experiments" / "real_faithfulness.py"), "--run", str(frozen_run)]

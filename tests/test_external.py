@@ -66,6 +66,7 @@ def other(run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> P
 # --- external evaluation ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_new_data_is_scored_externally_with_the_run_s_calibration(cli, run: tuple[Path, Path], other: Path) -> None:
     folder, _ = run
     own_eval = sorted(p.name for p in (folder / "eval").rglob("*")) if (folder / "eval").exists() else []
@@ -89,6 +90,7 @@ def test_new_data_is_scored_externally_with_the_run_s_calibration(cli, run: tupl
     np.testing.assert_allclose(scored[columns].to_numpy(), batch.loc[scored.index, columns].to_numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_multiclass_run_scored_as_key_class_vs_rest(cli, run: tuple[Path, Path], other: Path) -> None:
     folder, _ = run
     proc = cli.ok(cli("evaluate", "--run", folder, "--data", other, "--key-vs-rest"))
@@ -109,6 +111,7 @@ def test_a_multiclass_run_scored_as_key_class_vs_rest(cli, run: tuple[Path, Path
     assert ci["n_positive"] == is_mel.sum()
 
 
+@pytest.mark.slow
 def test_images_of_the_run_s_own_splits_are_refused(cli, run: tuple[Path, Path], other: Path, tmp_path: Path) -> None:
     folder, root = run
     mixed = shutil.copytree(other, tmp_path / "mixed")
@@ -123,6 +126,7 @@ def test_images_of_the_run_s_own_splits_are_refused(cli, run: tuple[Path, Path],
     assert metrics["n_seen_left_out"] == 1 and metrics["external"]["calibrated"]["n_images"] == len(table) - 1
 
 
+@pytest.mark.slow
 def test_the_run_s_own_data_is_still_evaluated_on_its_split(cli, run: tuple[Path, Path], tmp_path: Path) -> None:
     folder, root = run
     moved = shutil.copytree(root, tmp_path / "moved")
@@ -173,6 +177,7 @@ def test_another_aspect_ratio_is_padded_or_cropped_never_stretched() -> None:
 # --- prediction at scale ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_batch_predict_equals_single_predict_per_image(cli, run: tuple[Path, Path], tmp_path: Path) -> None:
     folder, root = run
     images = sorted(root.rglob("ISIC_*.jpg"))[:5]
@@ -192,6 +197,7 @@ def test_batch_predict_equals_single_predict_per_image(cli, run: tuple[Path, Pat
         assert got["balanced_decision"] == max(balanced, key=balanced.get)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("age", "shown"), [("-3", "'-3'"), ("400", "'400'"), ("forty", "'forty'")])
 def test_a_bad_age_in_a_csv_of_cases_names_its_row(
     cli, run: tuple[Path, Path], tmp_path: Path, age: str, shown: str
@@ -224,6 +230,7 @@ def test_predict_balanced_loads_the_model_once(run: tuple[Path, Path], monkeypat
     assert both.balanced_probs == out["probabilities"] and both.probs != both.balanced_probs
 
 
+@pytest.mark.slow
 def test_a_folder_of_images_is_predicted_with_missing_patient_fields(cli, run: tuple[Path, Path], other: Path) -> None:
     folder, _ = run
     proc = cli.ok(cli("predict", "--run", folder, "--data", other / "images", "--out", other.parent / "p.csv"))
@@ -259,6 +266,7 @@ def _tag_storages(checkpoint: Path, location: str) -> None:
     checkpoint.write_bytes(buffer.getvalue())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path: this machine has a GPU")
 def test_a_checkpoint_of_cuda_tensors_loads_with_device_cpu(cli, run: tuple[Path, Path], tmp_path: Path) -> None:
     folder, root = run
@@ -291,6 +299,7 @@ def test_a_run_without_a_balanced_decision_is_a_clear_error(run: tuple[Path, Pat
 # --- a dataset in another format: ISIC 2020 (binary, patients, partial download) ----------------------
 
 
+@pytest.mark.slow
 def test_a_ham_run_scored_on_isic2020_as_melanoma_vs_rest(cli, run: tuple[Path, Path], tiny_isic2020: Path) -> None:
     folder, _ = run
     proc = cli.ok(cli("evaluate", "--run", folder, "--data", tiny_isic2020, "--schema", "isic2020", "--key-vs-rest"))
@@ -316,6 +325,7 @@ def test_a_ham_run_scored_on_isic2020_as_melanoma_vs_rest(cli, run: tuple[Path, 
     assert "key class vs rest: AUROC" in plain.stdout and f"wrote {result / 'metrics.json'}" in plain.stdout
 
 
+@pytest.mark.slow
 def test_isic2019_images_of_the_run_are_refused(cli, run: tuple[Path, Path], tiny_isic2019: tuple[Path, Path]) -> None:
     folder, _ = run
     csvs, images = tiny_isic2019  # the same ISIC ids as the tiny HAM10000 the run was trained on

@@ -42,6 +42,7 @@ def _check_run(folder: Path, name: str) -> pd.DataFrame:
     return splits
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("single_thread")
 def test_train_isic2019_csvs_over_images_elsewhere(cli, tiny_isic2019: tuple[Path, Path], tmp_path: Path) -> None:
     root, images = tiny_isic2019
@@ -70,6 +71,7 @@ def test_train_isic2020_binary_split_by_patient(cli, tiny_isic2020: Path, tmp_pa
     assert set(crossing.index[crossing > 1]) <= {"IP_0000000", "IP_0000001"}
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("single_thread")
 def test_pad_ufes_20_without_images_trains_metadata_only(cli, tiny_pad: Path, tmp_path: Path) -> None:
     refused = cli(

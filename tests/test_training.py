@@ -168,6 +168,7 @@ def test_predict_balanced_applies_the_run_s_temperature_and_biases(
         predict_image(run, image, balanced=True)
 
 
+@pytest.mark.slow
 def test_end_to_end_training_with_augmentation_and_tta(data_root: Path, tmp_path: Path) -> None:
     cfg = tiny_cfg(
         data_root,
@@ -251,6 +252,7 @@ def test_class_weights_do_not_move_the_smoothed_target() -> None:
     assert torchs[6] > 5 * expected[6]  # the rarest class gets several times its share
 
 
+@pytest.mark.slow
 def test_distributed_data_parallel_on_cpu_with_two_processes(data_root: Path, tmp_path: Path) -> None:
     config = tmp_path / "ddp.toml"
     config.write_text(to_toml(tiny_cfg(data_root, 'train.mode="end2end"', 'train.device="cpu"', "train.epochs=2")))
@@ -300,6 +302,7 @@ def test_weight_average_follows_its_formula_and_copies_integer_buffers() -> None
         WeightAverage(model, decay=1.5)
 
 
+@pytest.mark.slow
 def test_run_with_weight_averaging_keeps_the_average(data_root: Path, tmp_path: Path) -> None:
     # one epoch, so the kept (best) epoch is known: its weights must be the average, not the live ones
     cfg = tiny_cfg(data_root, 'model.name="concat"', "train.ema_decay=0.9", "train.epochs=1")

@@ -208,6 +208,7 @@ def run_metrics(end2end_run) -> dict:
     return json.loads((end2end_run.folder / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_run_reports_sets_deferral_audit_and_absent_metadata_on_test(run_metrics: dict) -> None:
     test = run_metrics["test"]
     conformal = test["uncertainty"]["conformal"]
@@ -221,6 +222,7 @@ def test_a_run_reports_sets_deferral_audit_and_absent_metadata_on_test(run_metri
     assert "uncertainty" not in run_metrics["val"]  # nothing fitted on val is scored on val
 
 
+@pytest.mark.slow
 def test_predict_prints_nested_sets_and_the_spread_of_flipped_views(cli, end2end_run, cli_ham: Path) -> None:
     image = next((cli_ham / "HAM10000_images_part_1").glob("*.jpg"))
     out = json.loads(cli.ok(cli("predict", "--run", end2end_run.folder, "--image", image, "--age", 50)).stdout)
@@ -229,6 +231,7 @@ def test_predict_prints_nested_sets_and_the_spread_of_flipped_views(cli, end2end
     assert out["tta_spread"] > 0  # four different views of a real image do not agree to the last digit
 
 
+@pytest.mark.slow
 def test_the_what_if_curve_passes_through_the_shown_prediction(end2end_run) -> None:
     from multimodal_lesion.explain.whatif import what_if
     from multimodal_lesion.runs import load_run
@@ -289,6 +292,7 @@ def test_an_ablation_scores_the_ensemble_of_its_seeds_against_each_seed(tiny_ham
     assert "single seed" in Path(paths["ensembles_md"]).read_text()
 
 
+@pytest.mark.slow
 def test_each_case_page_shows_its_sets_spread_and_what_if(end2end_run, tmp_path: Path) -> None:
     from multimodal_lesion.training.uncertainty import ConformalSets
     from multimodal_lesion.workflows import explain_run

@@ -34,10 +34,12 @@ from ..runs import (
     resolve_device,
     write_provenance,
 )
+from ..tracking import check_tracking
 from ..training.metrics import classification_metrics
 from ..training.runner import train_model
 from .backends import check_backend, run_cells
 from .summary import write_summaries
+from .tracking import track_ablation
 
 GBM = "gbm_metadata"
 
@@ -57,8 +59,8 @@ class Cell:
 
 #: Settings that say where and on how many workers the cells run, not what they compute.
 PLACEMENT = ("ablation.workers", "ablation.backend", "ray")
-#: Settings no cell reads: the summaries' uncertainty settings and the explanation settings.
-SUMMARY_ONLY = ("uncertainty", "explain")
+#: Settings no cell reads: the summaries' uncertainty settings, the explanation settings, where it is tracked.
+SUMMARY_ONLY = ("uncertainty", "explain", "tracking")
 
 
 def config_key(cfg: ExperimentConfig) -> str:
@@ -108,8 +110,9 @@ Scored = dict[str, tuple[np.ndarray, np.ndarray]]
 
 def _train_neural(
     cell: Cell, cfg: ExperimentConfig, dataset: LesionDataset, splits: pd.DataFrame, shared: RunInputs | None, out: Path
-) -> Scored:
-    """Train one registered model for a cell; returns its val and test rows with their probabilities.
+) -> tuple[Scored, list[dict[str, float]]]:
+    """Train one registered model for a cell; returns its val and test rows with their probabilities,
+    and the per-epoch history of its training.
 
     A frozen cell trains its head in memory on the shared embeddings. An end-to-end cell is a full
     training run with its own run folder (``OUT/runs/<cell>``: checkpoints each epoch), so a killed
@@ -124,13 +127,13 @@ def _train_neural(
         folder.write_inputs(
             cell_cfg, splits.assign(image_id=dataset.metadata["image_id"]), inputs.encoder, device=str(inputs.device)
         )
-    train_model(inputs, folder, resume=folder is not None and folder.has_last(), show=False)
+    result = train_model(inputs, folder, resume=folder is not None and folder.has_last(), show=False)
     tta = cfg.ablation.mode == "end2end" and cfg.train.tta
     probs = {}
     for split in ("val", "test"):
         logits, _, _ = predict_logits(inputs.model, inputs.batches(split, train=False), inputs.device, tta=tta)
         probs[split] = torch.softmax(torch.from_numpy(logits), 1).numpy()
-    return {split: (inputs.indices(split), p) for split, p in probs.items()}
+    return {split: (inputs.indices(split), p) for split, p in probs.items()}, result.history
 
 
 def _train_gbm(cell: Cell, cfg: ExperimentConfig, dataset: LesionDataset, splits: pd.DataFrame) -> Scored:
@@ -163,10 +166,11 @@ def run_cell(
     """Train and test one cell; returns its record (metrics, out-of-fold predictions, seconds)."""
     t0 = time.perf_counter()
     splits = cell_splits(folds, cell.fold, cfg.ablation.folds)
+    history: list[dict[str, float]] = []
     if cell.model == GBM:
         scored = _train_gbm(cell, cfg, dataset, splits)
     else:
-        scored = _train_neural(cell, cfg, dataset, splits, shared, out)
+        scored, history = _train_neural(cell, cfg, dataset, splits, shared, out)
     (rows, probs), (val_rows, val_probs) = scored["test"], scored["val"]
     lesions = dataset.metadata["lesion_id"].to_numpy()[rows]
     schema = dataset.schema
@@ -188,6 +192,7 @@ def run_cell(
         "probs": np.round(probs, 6).tolist(),
         "val_image_ids": ids[val_rows].tolist(),  # the stopping fold: calibrates conformal sets of the ensembles
         "val_probs": np.round(val_probs, 6).tolist(),
+        "history": history,  # per epoch (history.csv's columns); none for the gradient boosting floor
     }
 
 
@@ -244,6 +249,7 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
     _check_models(cfg)
     resolve_device(cfg.train.device)
     check_backend(cfg)
+    check_tracking(cfg.tracking.mlflow_uri)
     out = Path(out)
     trained = RunFolder(out).trained_files()
     if trained:
@@ -279,4 +285,6 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
         "mode": cfg.ablation.mode,
     }
     records = [read_json(out / "cells" / f"{c.name}.json") for c in cells]
-    return write_summaries(records, cfg, dataset, out, timing)
+    paths = write_summaries(records, cfg, dataset, out, timing)
+    track_ablation(cfg, out, records, paths)  # with tracking.mlflow_uri: a parent run, a child per cell
+    return paths

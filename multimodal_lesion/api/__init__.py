@@ -108,6 +108,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     show: bool = True,
+    mlflow: str = "",
 ) -> Run:
     """Train one model and write its run folder (checkpoint, calibration, metrics, figures).
 
@@ -119,11 +120,13 @@ def train(
         resume: continue an interrupted run in ``out`` (same settings and data).
         overwrite: replace the run in ``out``.
         show: print progress.
+        mlflow: an MLflow tracking URI (a bare path: a local file store), overriding the config's
+            ``tracking.mlflow_uri``: the run is then also an MLflow run (params, epochs, metrics, files).
 
     Returns:
         The trained :class:`Run`.
     """
-    cfg = _with_data(_config(config), data)
+    cfg = _tracked(_with_data(_config(config), data), mlflow)
     _check_schema(cfg)
     # under torchrun every process trains; rank 0 alone writes the run, so it alone holds the lock
     with output_folder(out, lock=os.environ.get("RANK", "0") == "0"):
@@ -131,6 +134,16 @@ def train(
 
         train_run(cfg, out, resume=resume, overwrite=overwrite, show=show)
     return Run(out)
+
+
+def _tracked(cfg: ExperimentConfig, mlflow: str) -> ExperimentConfig:
+    """``cfg`` with ``mlflow`` as its tracking URI when given; the URI checked before any work."""
+    from ..tracking import CONFIG_KEY, check_tracking
+
+    if mlflow:
+        cfg = replace(cfg, tracking={"mlflow_uri": mlflow})
+    check_tracking(cfg.tracking.mlflow_uri, "mlflow" if mlflow else CONFIG_KEY)
+    return cfg
 
 
 def load_run(path: str | Path, device: str | None = None) -> Run:
@@ -158,6 +171,7 @@ def ablate(
     data: str | Path | LesionDataset | None = None,
     ray_address: str | None = None,
     show: bool = True,
+    mlflow: str = "",
 ) -> AblationResult:
     """Every configured model over lesion-grouped folds x seeds, compared with the baseline.
 
@@ -168,11 +182,13 @@ def ablate(
         data: a data root or a dataset from :func:`read_dataset` (None: the config's).
         ray_address: run the cells as Ray tasks on this cluster (``HOST:PORT``).
         show: print progress.
+        mlflow: an MLflow tracking URI overriding ``tracking.mlflow_uri``: one parent run with a child
+            run per cell.
 
     Returns:
         The written summaries, tables and plots (:class:`AblationResult`).
     """
-    cfg = _with_data(_config(config), data)
+    cfg = _tracked(_with_data(_config(config), data), mlflow)
     _check_schema(cfg)
     if ray_address:
         cfg = replace(cfg, ablation={"backend": "ray"}, ray={"address": ray_address})

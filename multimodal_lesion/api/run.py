@@ -182,6 +182,7 @@ class Run:
         duplicates: str = "",
         drop_missing: bool = False,
         show: bool = False,
+        mlflow: str = "",
     ) -> Evaluation:
         """Score the run on a split of its own data, or on a dataset it never saw (external validation).
 
@@ -198,6 +199,8 @@ class Run:
             duplicates: a CSV of image pairs of one lesion (kept in one group).
             drop_missing: own data: drop listed images not found (reported).
             show: print progress.
+            mlflow: an MLflow tracking URI (a bare path: a local file store); the evaluation is then
+                also an MLflow run in the run's experiment.
 
         Returns:
             The split's metrics and the ``metrics.json`` written (in ``RUN/eval/<split>/`` or
@@ -210,8 +213,10 @@ class Run:
         if (explicit or schema) and data is None:
             raise ConfigError("schema, key_vs_rest and exclude_seen score other data: give it as data")
         if data is not None and (explicit or is_external(self.path, data, schema, images)):
-            return self._evaluate_external(data, schema, key_vs_rest, exclude_seen, fit, images, duplicates, show)
-        return self._evaluate_own(data, split, tta, images, duplicates, drop_missing, show)
+            return self._evaluate_external(
+                data, schema, key_vs_rest, exclude_seen, fit, images, duplicates, show, mlflow
+            )
+        return self._evaluate_own(data, split, tta, images, duplicates, drop_missing, show, mlflow)
 
     def _evaluate_own(
         self,
@@ -222,6 +227,7 @@ class Run:
         duplicates: str,
         drop_missing: bool,
         show: bool,
+        mlflow: str = "",
     ) -> Evaluation:
         from ..workflows import evaluate_run
 
@@ -237,7 +243,7 @@ class Run:
         evaluation = self.folder.evaluation(split).path
         with output_folder(self.path, option="--run"), output_folder(evaluation, option="--run", lock=False):
             metrics, path = evaluate_run(
-                self.path, split, data, tta=tta, device=self.device, data_settings=settings, show=show
+                self.path, split, data, tta=tta, device=self.device, data_settings=settings, show=show, mlflow=mlflow
             )
         return Evaluation(split, path, metrics[split], metrics)
 
@@ -251,6 +257,7 @@ class Run:
         images: str,
         duplicates: str,
         show: bool,
+        mlflow: str = "",
     ) -> Evaluation:
         from ..training.external import SPLIT, ExternalOptions, external_folder, other_schema, scores_key_vs_rest
         from ..workflows import evaluate_external_run
@@ -263,7 +270,7 @@ class Run:
         other = other_schema(schema, own, duplicates)
         out = external_folder(self.folder, data, other, scores_key_vs_rest(other, own, key_vs_rest)).path
         with output_folder(self.path, option="--run"), output_folder(out, option="--run", lock=False):
-            metrics, path = evaluate_external_run(self.path, data, options, show=show)
+            metrics, path = evaluate_external_run(self.path, data, options, show=show, mlflow=mlflow)
         return Evaluation(SPLIT, path, metrics[SPLIT], metrics)
 
     def explain(

@@ -68,6 +68,7 @@ RESUME_FREE = (
     "train.device",
     "explain",
     "ablation",
+    "tracking",
 )
 #: The files only training writes: a folder holding one of them holds a trained (or training) model.
 TRAINED = (METRICS, BEST, LAST, HISTORY, ENCODER, SPLITS)

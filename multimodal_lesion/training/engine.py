@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..errors import CheckpointError, ConfigError
 from ..runs import RunFolder, load_model_state, predict_logits, seed_everything, to_device
+from ..tracking import Tracker, log_history
 
 
 @dataclass
@@ -255,13 +256,15 @@ def fit(
     weights: torch.Tensor | None = None,
     resume: bool = False,
     show_progress: bool = True,
+    tracker: Tracker | None = None,
 ) -> FitResult:
     """Train ``model`` and keep the weights of the epoch with the best validation balanced accuracy
     (with ``cfg.ema_decay`` > 0, the moving average of the weights is what is validated and kept).
 
     With a run ``folder`` it writes ``last.pt`` (everything needed to resume) and ``best.pt`` atomically
     each epoch, and ``history.csv``; ``resume=True`` continues from ``last.pt`` and, because every
-    epoch is seeded by (seed, epoch), ends with the same weights as an uninterrupted run.
+    epoch is seeded by (seed, epoch), ends with the same weights as an uninterrupted run. A ``tracker``
+    gets each epoch's history row (a resumed run's earlier rows first) at step = epoch, from the main process.
     """
     device = next(model.parameters()).device
     out = RunFolder(folder) if folder is not None and not isinstance(folder, RunFolder) else folder
@@ -274,6 +277,8 @@ def fit(
     if resume and out is not None and out.has_last():
         state, best_weights = _restore(out, _unwrap(model), optimizer, scheduler, ema)
     show = show_progress and _is_main()
+    tracker = tracker if _is_main() else None
+    log_history(tracker, state["history"])
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     for epoch in range(state["epoch"], cfg.epochs):
         if state["bad_epochs"] >= cfg.patience:
@@ -320,6 +325,7 @@ def fit(
             best_weights = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
         else:
             state["bad_epochs"] += 1
+        log_history(tracker, state["history"][-1:])
         if live is not None:
             _unwrap(model).load_state_dict(live)
         state["epoch"] = epoch + 1

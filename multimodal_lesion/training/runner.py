@@ -20,6 +20,7 @@ from ..data.patient import subgroup_attributes
 from ..data.schema import DatasetSchema, preset
 from ..models import model_description
 from ..runs import RunFolder, RunInputs, inputs_from_config, load_run, predict_logits, resolve_device
+from ..tracking import Tracker, config_params, numbers
 from .audit import subgroup_audit
 from .calibration import BalancedScaler, TemperatureScaler
 from .distributed import DistInfo, finish, init_distributed, main_first, wrap_model
@@ -57,8 +58,12 @@ def train_model(
     resume: bool = False,
     show: bool = True,
     dist: DistInfo | None = None,
+    tracker: Tracker | None = None,
 ) -> FitResult:
-    """Train ``inputs.model`` on its training split with early stopping on val: the one way to train a model."""
+    """Train ``inputs.model`` on its training split with early stopping on val: the one way to train a model.
+
+    A ``tracker`` gets the loss and validation scores of every epoch.
+    """
     t = inputs.cfg.train
     weights = None
     if t.balance == "weighted_loss":
@@ -67,7 +72,7 @@ def train_model(
     train_b = inputs.batches("train", train=True, show=show, rank=rank, world_size=world)
     val_b = inputs.batches("val", train=False, show=show)
     model = wrap_model(inputs.model, dist) if dist is not None else inputs.model
-    return fit(model, train_b, val_b, t, folder, weights=weights, resume=resume, show_progress=show)
+    return fit(model, train_b, val_b, t, folder, weights=weights, resume=resume, show_progress=show, tracker=tracker)
 
 
 def evaluate(
@@ -160,13 +165,15 @@ def train_run(
     resume: bool = False,
     overwrite: bool = False,
     show: bool = True,
+    tracker: Tracker | None = None,
 ) -> Evaluation:
     """Train one model as configured and write a complete run folder to ``out`` (figures aside).
 
     A folder already holding a run is refused unless ``resume`` (same settings and data, continued
     from ``last.pt``) or ``overwrite`` (the old run removed first); the model name and the device are
     checked too, all before the data are read or anything is written.
-    Under ``torchrun`` every process trains on its shard of each epoch (DDP); rank 0 writes.
+    Under ``torchrun`` every process trains on its shard of each epoch (DDP); rank 0 writes. A ``tracker``
+    gets the resolved config as params, every epoch's scores and, at the end, every number of ``metrics.json``.
     """
     folder = RunFolder(out)
     model_description(cfg.model.name)  # an unknown model name is the registry's ConfigError
@@ -183,7 +190,10 @@ def train_run(
         folder.write_inputs(
             cfg, inputs.splits, inputs.encoder, device=str(inputs.device), torch_threads=torch.get_num_threads()
         )
-    result = train_model(inputs, folder, resume=resume, show=show, dist=info)
+    tracker = tracker if info.is_main else None
+    if tracker is not None:
+        tracker.log_params(config_params(cfg))
+    result = train_model(inputs, folder, resume=resume, show=show, dist=info, tracker=tracker)
     evaluation = Evaluation(folder, {}, schema=inputs.schema)
     if info.is_main:
         evaluation = evaluate(inputs, folder, tta=cfg.train.tta, show=show)
@@ -197,6 +207,8 @@ def train_run(
             n_lesions={s: inputs.n_lesions(s) for s in ("train", "val", "test")},
         )
         folder.write_metrics(evaluation.metrics)
+        if tracker is not None:
+            tracker.log_metrics(numbers(evaluation.metrics))
     finish(info)
     return evaluation
 
