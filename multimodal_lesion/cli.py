@@ -532,6 +532,53 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duplicates_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)  # --config / --set: the embedding pass (backbone, image size): the training run's hits its cache
+    p.add_argument("--out", type=_path, required=True)
+    p.add_argument("--against", type=_path, metavar="OTHER", help="another dataset: list pairs across the two")
+    p.add_argument("--other-schema", metavar="NAME|FILE.toml", help="OTHER's schema (default: --schema's)")
+    p.add_argument("--other-images", metavar="DIR", help="folder OTHER's images are below, when not its root")
+    p.add_argument(
+        "--threshold", type=_checked(float, Range(-1, 3)), help="score at or above which pairs go to duplicates.csv"
+    )
+    p.add_argument("--neighbours", type=POSITIVE, default=10, help="embedding neighbours verified per image")
+    p.add_argument("--top", type=POSITIVE, default=5, help="candidates kept per image")
+
+
+@command(
+    "duplicates",
+    "near-duplicate images under two group ids or across two datasets: pairs.csv, review.html, duplicates.csv",
+    _duplicates_args,
+)
+def _duplicates(args: argparse.Namespace) -> int:
+    cfg = _load_cfg(args)
+    if (args.other_schema or args.other_images) and not args.against:
+        raise ConfigError("--other-schema / --other-images describe --against OTHER: give it")
+    with output_folder(args.out):
+        from .data.reader import read_dataset
+        from .data.schema_file import resolve_schema
+        from .runs.duplicates import DuplicateSettings
+        from .workflows import duplicates_run
+
+        first = read_dataset(
+            args.data,
+            resolve_schema(cfg.data.schema, duplicates=cfg.data.duplicates),
+            images=cfg.data.images,
+            drop_missing=cfg.data.drop_missing,
+        )
+        second = None
+        if args.against:
+            schema = resolve_schema(args.other_schema) if args.other_schema else first.schema
+            second = read_dataset(args.against, schema, images=args.other_images or "", drop_missing=True)
+        settings = DuplicateSettings(neighbours=args.neighbours, top=args.top)
+        summary = duplicates_run(cfg, first, args.out, second=second, threshold=args.threshold, settings=settings)
+    print(f"{summary['pairs']} candidate pairs; {summary['above_threshold']} at or above {summary['threshold']:g}")
+    for row in summary["merges"]:
+        print("  score >= {:.2f}: ".format(row.pop("threshold")) + ", ".join(f"{v} {k}" for k, v in row.items()))
+    print(f"wrote {args.out} (pairs.csv, review.html{', duplicates.csv' if args.against is None else ''})")
+    return 0
+
+
 def _bench_args(p: argparse.ArgumentParser) -> None:
     _config_args(p, dataset_options=False)  # the benchmark reads HAM10000-shaped data
     p.add_argument("--json", type=_path, help="write the figures (with the machine) to this JSON file")

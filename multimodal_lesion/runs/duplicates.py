@@ -1,0 +1,432 @@
+"""Near-duplicate images: the same lesion under two group ids, or in two datasets.
+
+No column shows these leaks, and perceptual hashes only catch exact re-encodings (dermoscopy images
+are all "a dark blob in the middle of skin"). So the search runs in two steps:
+
+1. **Candidates** from the nearest neighbours of the frozen backbone's embeddings (the cached,
+   flip-averaged pass of :mod:`~multimodal_lesion.runs.embeddings`, so a flipped copy has the same
+   embedding), centred on the pool's mean and compared by cosine similarity in blocked matrix
+   products: never a Python loop over pairs.
+2. **Verification** of each candidate by local features: ORB keypoints matched with Lowe's ratio
+   test, then a RANSAC affine fit; the count of matches the fit explains (its inliers) is the
+   evidence that two pictures show the same skin. The image is also matched mirrored, since ORB's
+   descriptors are rotation-invariant but not mirror-invariant.
+
+The :func:`pair_score` of a pair combines both (validated on HAM10000's same-lesion pairs, see
+``docs/duplicates.md``); each image keeps its ``top`` best candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..config import ExperimentConfig, replace
+from ..data.dataset import LesionDataset
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DuplicateSettings:
+    """How candidates are found and verified (the defaults are the ones measured in ``docs/duplicates.md``)."""
+
+    neighbours: int = 10  # embedding neighbours per image that are verified by keypoints
+    top: int = 5  # candidates kept per image, best score first
+    keypoints: int = 500  # ORB keypoints per image (and as many on its mirror image)
+    ratio: float = 0.8  # Lowe's ratio test: a match must beat the second best by this factor
+    size: tuple[int, int] = (240, 320)  # (height, width) the images are matched at
+    block: int = 1024  # query rows per similarity block (block x pool float32 at a time)
+    threads: int = 2  # keypoint extraction and matching threads (OpenCV releases the GIL)
+
+    def check(self) -> DuplicateSettings:
+        """Refuse counts below 1 and a ratio outside (0, 1]."""
+        for name in ("neighbours", "top", "keypoints", "block", "threads"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"duplicates.{name}: must be >= 1, got {getattr(self, name)!r}")
+        if not 0 < self.ratio <= 1:
+            raise ConfigError(f"duplicates.ratio: must be in (0, 1], got {self.ratio!r}")
+        return self
+
+
+# --- step 1: embedding neighbours -----------------------------------------------------------------
+
+
+def centred_unit(embeddings: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Rows minus ``mean``, scaled to unit length (float32): cosine similarity is then a dot product.
+
+    Centring removes what every dermoscopy image shares, so the similarity measures what is particular.
+    """
+    x = np.asarray(embeddings, dtype=np.float32) - mean.astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def nearest_neighbours(
+    query: np.ndarray,
+    pool: np.ndarray,
+    k: int,
+    *,
+    query_groups: np.ndarray | None = None,
+    pool_groups: np.ndarray | None = None,
+    skip_self: bool = False,
+    block: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most similar pool rows of every query row, by dot product, in blocks of query rows.
+
+    Args:
+        query, pool: unit rows (:func:`centred_unit`), (N, F) and (M, F).
+        k: neighbours per query row (at most M, fewer where rows are excluded: index -1).
+        query_groups, pool_groups: integer group codes; when both are given a pool row of the query
+            row's own group is never its neighbour (pairs within one lesion are no news).
+        skip_self: query and pool are the same rows: a row is never its own neighbour.
+        block: query rows per matrix product (memory: block x M float32).
+
+    Returns:
+        (indices (N, k) int64, similarities (N, k) float32), most similar first; -1 / -inf where none.
+    """
+    k = min(k, len(pool))
+    indices = np.full((len(query), k), -1, dtype=np.int64)
+    sims = np.full((len(query), k), -np.inf, dtype=np.float32)
+    for start in range(0, len(query), block):
+        stop = min(start + block, len(query))
+        s = query[start:stop] @ pool.T
+        if query_groups is not None and pool_groups is not None:
+            s[query_groups[start:stop, None] == pool_groups[None, :]] = -np.inf
+        if skip_self:
+            rows = np.arange(start, stop)
+            s[rows - start, rows] = -np.inf
+        top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.tile(np.arange(k), (len(s), 1))
+        top_s = np.take_along_axis(s, top, axis=1)
+        order = np.argsort(-top_s, axis=1, kind="stable")
+        top, top_s = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_s, order, axis=1)
+        top[~np.isfinite(top_s)] = -1
+        indices[start:stop], sims[start:stop] = top, top_s
+    return indices, sims
+
+
+# --- step 2: keypoint verification ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Keypoints:
+    """ORB keypoints of one image: positions (n, 2) float32 and descriptors (n, 32) uint8, as seen and mirrored."""
+
+    points: np.ndarray
+    descriptors: np.ndarray
+    mirrored_points: np.ndarray
+    mirrored_descriptors: np.ndarray
+
+
+def keypoints_of(image: np.ndarray, settings: DuplicateSettings) -> Keypoints:
+    """ORB keypoints of a uint8 RGB image (H, W, 3), resized to ``settings.size``, and of its mirror image."""
+    import cv2
+
+    height, width = settings.size
+    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    if grey.shape != (height, width):
+        grey = cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
+    grey = cv2.equalizeHist(grey)  # exposure and colour balance differ between two photographs
+    orb = cv2.ORB.create(nfeatures=settings.keypoints, edgeThreshold=15, patchSize=15, fastThreshold=5)
+
+    def detect(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        kps, desc = orb.detectAndCompute(img, None)
+        if desc is None:
+            return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
+        return np.array([kp.pt for kp in kps], dtype=np.float32), desc
+
+    points, desc = detect(grey)
+    mirrored, mirrored_desc = detect(np.ascontiguousarray(grey[:, ::-1]))
+    return Keypoints(points, desc, mirrored, mirrored_desc)
+
+
+def all_keypoints(images: np.ndarray, rows: np.ndarray, settings: DuplicateSettings) -> dict[int, Keypoints]:
+    """:func:`keypoints_of` of ``images[rows]`` (an (N, H, W, 3) array, memory-mapped or not), in threads."""
+    with ThreadPoolExecutor(max_workers=settings.threads) as pool:
+        found = pool.map(lambda r: keypoints_of(np.asarray(images[r]), settings), rows)
+        return dict(zip(rows.tolist(), found, strict=True))
+
+
+def inliers(a: Keypoints, b: Keypoints, ratio: float) -> int:
+    """Matches between ``a`` and ``b`` (or ``b`` mirrored) that one RANSAC affine transform explains; the larger."""
+    return max(
+        _inliers(a.points, a.descriptors, b.points, b.descriptors, ratio),
+        _inliers(a.points, a.descriptors, b.mirrored_points, b.mirrored_descriptors, ratio),
+    )
+
+
+def _inliers(pa: np.ndarray, da: np.ndarray, pb: np.ndarray, db: np.ndarray, ratio: float) -> int:
+    """Ratio-test matches of descriptors ``da`` -> ``db`` that a RANSAC affine fit keeps (0 below 4 matches)."""
+    import cv2
+
+    if len(da) < 4 or len(db) < 4:
+        return 0
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    good = [m[0] for m in matcher.knnMatch(da, db, k=2) if len(m) == 2 and m[0].distance < ratio * m[1].distance]
+    if len(good) < 4:
+        return 0
+    src = pa[[m.queryIdx for m in good]]
+    dst = pb[[m.trainIdx for m in good]]
+    _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=4.0, maxIters=2000)
+    return int(mask.sum()) if mask is not None else 0
+
+
+def verify_pairs(
+    first: dict[int, Keypoints], second: dict[int, Keypoints], pairs: np.ndarray, settings: DuplicateSettings
+) -> np.ndarray:
+    """:func:`inliers` of every pair (i, j) of ``pairs`` (P, 2): ``i`` indexes ``first``, ``j`` ``second``."""
+    with ThreadPoolExecutor(max_workers=settings.threads) as pool:
+        found = pool.map(lambda p: inliers(first[int(p[0])], second[int(p[1])], settings.ratio), pairs)
+        return np.fromiter(found, dtype=np.int64, count=len(pairs))
+
+
+def pair_score(similarity: np.ndarray, inliers: np.ndarray) -> np.ndarray:
+    """One number per pair, higher = more likely the same lesion: the embedding similarity (-1..1) plus
+    the keypoint evidence, ``inliers / (inliers + 20)`` (0..1; 20 inliers count half).
+
+    A re-encoded, resized, flipped or rotated copy has a near-1 similarity and dozens of inliers (score
+    near 2); two photographs of one lesion a few months apart have a high similarity and a few inliers;
+    two different naevi a similarity below 0.5 and no inliers.
+    """
+    evidence = inliers / (inliers + 20.0)
+    return np.asarray(similarity, dtype=np.float64) + evidence
+
+
+# --- the search ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Side:
+    """One dataset as the search sees it: embeddings (N, F), images (N, H, W, 3) uint8 and group codes (N,)."""
+
+    embeddings: np.ndarray
+    images: np.ndarray
+    groups: np.ndarray
+
+
+def candidate_pairs(
+    first: Side,
+    second: Side | None,
+    settings: DuplicateSettings,
+    *,
+    same_group: bool = False,
+) -> pd.DataFrame:
+    """Every image's best candidates: ``i`` (row of ``first``), ``j`` (row of ``second``, or of ``first``
+    within one dataset), ``similarity``, ``inliers``, ``score``, ``rank_i`` / ``rank_j`` (the pair's place
+    among each image's candidates, 1 = best) and ``rank`` (by score over all pairs).
+
+    Within one dataset (``second`` None) a pair is listed once (i < j) and, unless ``same_group``,
+    only when the two groups differ. Across two datasets every image of ``first`` and of ``second``
+    gets its candidates from the other one.
+    """
+    settings.check()
+    pool = first if second is None else second
+    both = first.embeddings if second is None else np.concatenate([first.embeddings, second.embeddings])
+    mean = np.asarray(both, dtype=np.float64).mean(0)
+    a, b = centred_unit(first.embeddings, mean), centred_unit(pool.embeddings, mean)
+    groups = (None, None) if same_group or second is not None else (first.groups, first.groups)
+    k = settings.neighbours
+    idx, _ = nearest_neighbours(
+        a, b, k, query_groups=groups[0], pool_groups=groups[1], skip_self=second is None, block=settings.block
+    )
+    found = [_pairs_of(idx)]
+    if second is not None:  # and each image of the second set looks for its neighbours in the first
+        back, _ = nearest_neighbours(b, a, k, block=settings.block)
+        found.append(_pairs_of(back)[:, ::-1])
+    pairs = np.unique(np.concatenate(found), axis=0)
+    if second is None:
+        pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+    similarity = np.einsum("ij,ij->i", a[pairs[:, 0]], b[pairs[:, 1]])
+    kp_a = all_keypoints(first.images, np.unique(pairs[:, 0]), settings)
+    kp_b = kp_a if second is None else all_keypoints(pool.images, np.unique(pairs[:, 1]), settings)
+    if second is None:
+        kp_a = kp_a | all_keypoints(first.images, np.setdiff1d(np.unique(pairs[:, 1]), pairs[:, 0]), settings)
+        kp_b = kp_a
+    found_inliers = verify_pairs(kp_a, kp_b, pairs, settings)
+    frame = pd.DataFrame(
+        {"i": pairs[:, 0], "j": pairs[:, 1], "similarity": similarity, "inliers": found_inliers}
+    ).assign(score=lambda f: pair_score(f["similarity"].to_numpy(), f["inliers"].to_numpy()))
+    return _ranked(frame, settings.top, within=second is None)
+
+
+def _pairs_of(indices: np.ndarray) -> np.ndarray:
+    """(P, 2) pairs (row, neighbour) of a neighbour table, without the -1 fillers."""
+    rows = np.repeat(np.arange(len(indices)), indices.shape[1])
+    cols = indices.ravel()
+    keep = cols >= 0
+    return np.stack([rows[keep], cols[keep]], axis=1)
+
+
+def _ranked(frame: pd.DataFrame, top: int, within: bool) -> pd.DataFrame:
+    """Each pair's rank among the candidates of its first and its second image; pairs in neither's top kept out."""
+    frame = frame.sort_values(["score", "i", "j"], ascending=[False, True, True], kind="stable").reset_index(drop=True)
+    if within:  # one pool of images: a pair counts among both of its images' candidates
+        n = len(frame)
+        image = np.concatenate([frame["i"].to_numpy(), frame["j"].to_numpy()])
+        order = np.argsort(np.tile(np.arange(n), 2), kind="stable")  # pair by pair, best score first
+        place = np.empty(2 * n, dtype=np.int64)
+        place[order] = pd.Series(image[order]).groupby(image[order]).cumcount().to_numpy() + 1
+        frame["rank_i"], frame["rank_j"] = place[:n], place[n:]
+    else:
+        frame["rank_i"] = frame.groupby("i").cumcount().to_numpy() + 1
+        frame["rank_j"] = frame.groupby("j").cumcount().to_numpy() + 1
+    frame = frame[(frame["rank_i"] <= top) | (frame["rank_j"] <= top)].reset_index(drop=True)
+    frame["rank"] = np.arange(1, len(frame) + 1)
+    return frame
+
+
+def group_codes(values: pd.Series) -> np.ndarray:
+    """Integer codes of a group column (equal ids, equal codes)."""
+    return pd.factorize(values.astype(str))[0].astype(np.int64)
+
+
+# --- datasets in, a table of named pairs out ----------------------------------------------------------
+
+
+def split_groups(dataset: LesionDataset) -> pd.Series:
+    """The ids a split keeps together: patients when the schema groups by patient, else lesions."""
+    column = "patient_id" if dataset.schema.group_by == "patient" else "lesion_id"
+    return dataset.metadata[column].astype(str)
+
+
+def dataset_side(cfg: ExperimentConfig, dataset: LesionDataset, show: bool = True) -> Side:
+    """The embeddings (``cfg``'s frozen pass: same settings, same cache as training) and images of ``dataset``."""
+    from .inputs import prepare_inputs
+
+    cfg = replace(cfg, model={"name": "image_only"}, train={"mode": "frozen"})
+    everything = dataset.metadata[["image_id"]].assign(split="train")
+    inputs = prepare_inputs(cfg, dataset, everything)
+    return Side(inputs.embeddings(show), inputs.images(), group_codes(split_groups(dataset)))
+
+
+def named_pairs(candidates: pd.DataFrame, first: LesionDataset, second: LesionDataset | None = None) -> pd.DataFrame:
+    """``candidates`` (:func:`candidate_pairs`) with both image ids, group ids and labels: ``pairs.csv``."""
+    other = first if second is None else second
+    a, b = first.metadata.iloc[candidates["i"]], other.metadata.iloc[candidates["j"]]
+    ga, gb = split_groups(first).iloc[candidates["i"]], split_groups(other).iloc[candidates["j"]]
+    return pd.DataFrame(
+        {
+            "rank": candidates["rank"].to_numpy(),
+            "image_id_1": a["image_id"].to_numpy(),
+            "image_id_2": b["image_id"].to_numpy(),
+            "group_1": ga.to_numpy(),
+            "group_2": gb.to_numpy(),
+            "label_1": a["dx"].to_numpy(),
+            "label_2": b["dx"].to_numpy(),
+            "labels_differ": a["dx"].to_numpy() != b["dx"].to_numpy(),
+            "similarity": candidates["similarity"].round(4).to_numpy(),
+            "inliers": candidates["inliers"].to_numpy(),
+            "score": candidates["score"].round(4).to_numpy(),
+            "rank_1": candidates["rank_i"].to_numpy(),
+            "rank_2": candidates["rank_j"].to_numpy(),
+        }
+    )
+
+
+def merge_counts(dataset: LesionDataset, pairs: pd.DataFrame, thresholds: Sequence[float]) -> pd.DataFrame:
+    """What merging the pairs scored at or above each threshold does: pairs, lesions and patients left.
+
+    Pairs are joined transitively (a chain is one group), as ``--duplicates`` does.
+    """
+    meta = dataset.metadata
+    position = pd.Series(np.arange(len(meta)), index=meta["image_id"].to_numpy())
+    rows = []
+    for threshold in thresholds:
+        chosen = pairs[pairs["score"] >= threshold]
+        i, j = position[chosen["image_id_1"]].to_numpy(), position[chosen["image_id_2"]].to_numpy()
+        row = {"threshold": threshold, "pairs": len(chosen), "lesions": _components(meta["lesion_id"], i, j)}
+        if "patient_id" in meta.columns:
+            row["patients"] = _components(meta["patient_id"], i, j)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _components(ids: pd.Series, i: np.ndarray, j: np.ndarray) -> int:
+    """How many groups ``ids`` leaves once the images ``i[k]`` and ``j[k]`` are put in one group."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    codes = group_codes(ids)
+    n = int(codes.max()) + 1 if len(codes) else 0
+    graph = coo_matrix((np.ones(len(i)), (codes[i], codes[j])), shape=(n, n))
+    return int(connected_components(graph, directed=False)[0])
+
+
+def duplicates_file(pairs: pd.DataFrame, threshold: float, columns: tuple[str, str]) -> pd.DataFrame:
+    """The pairs scored at or above ``threshold`` in the two columns a ``--duplicates`` file has (the schema's)."""
+    chosen = pairs[pairs["score"] >= threshold]
+    return pd.DataFrame({columns[0]: chosen["image_id_1"].to_numpy(), columns[1]: chosen["image_id_2"].to_numpy()})
+
+
+#: Score thresholds the command reports (pairs merged, groups left); the default merge threshold is one of them.
+THRESHOLDS: tuple[float, ...] = (1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.8)
+DEFAULT_THRESHOLD = 1.3
+
+
+@dataclass
+class DuplicateSearch:
+    """What :func:`search_duplicates` found: the named pairs and what each threshold would merge."""
+
+    pairs: pd.DataFrame
+    merges: pd.DataFrame
+    first: LesionDataset
+    second: LesionDataset | None
+    sides: tuple[Side, Side | None]
+    seconds: float
+
+    def images(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """The two uint8 images of the pair in row ``row`` of :attr:`pairs`, as the search saw them."""
+        a, b = self.sides[0], self.sides[1] or self.sides[0]
+        i, j = self._rows(row)
+        return np.asarray(a.images[i]), np.asarray(b.images[j])
+
+    def _rows(self, row: int) -> tuple[int, int]:
+        pair = self.pairs.iloc[row]
+        first = self.first.metadata["image_id"]
+        second = (self.second or self.first).metadata["image_id"]
+        i = int(np.flatnonzero(first.to_numpy() == pair["image_id_1"])[0])
+        j = int(np.flatnonzero(second.to_numpy() == pair["image_id_2"])[0])
+        return i, j
+
+
+def search_duplicates(
+    cfg: ExperimentConfig,
+    first: LesionDataset,
+    second: LesionDataset | None = None,
+    settings: DuplicateSettings = DuplicateSettings(),
+    thresholds: Sequence[float] = THRESHOLDS,
+    show: bool = True,
+) -> DuplicateSearch:
+    """Near-duplicate pairs within ``first`` (groups differ) or between ``first`` and ``second``.
+
+    The embeddings are ``cfg``'s frozen pass (its backbone, weights, image size and flips: the same
+    settings reuse the same cache as training). See the module docstring for the method.
+    """
+    import time
+
+    start = time.perf_counter()
+    sides = (dataset_side(cfg, first, show), None if second is None else dataset_side(cfg, second, show))
+    if show:
+        print("verifying candidates with keypoints", flush=True)
+    found = candidate_pairs(sides[0], sides[1], settings)
+    pairs = named_pairs(found, first, second)
+    merges = merge_counts(first, pairs, thresholds) if second is None else covered_counts(pairs, thresholds)
+    return DuplicateSearch(pairs, merges, first, second, sides, time.perf_counter() - start)
+
+
+def covered_counts(pairs: pd.DataFrame, thresholds: Sequence[float]) -> pd.DataFrame:
+    """Across two datasets: per threshold, the pairs and how many images of each side they touch."""
+    rows = []
+    for threshold in thresholds:
+        chosen = pairs[pairs["score"] >= threshold]
+        rows.append(
+            {
+                "threshold": threshold,
+                "pairs": len(chosen),
+                "images of the first": chosen["image_id_1"].nunique(),
+                "images of the second": chosen["image_id_2"].nunique(),
+            }
+        )
+    return pd.DataFrame(rows)
