@@ -116,6 +116,10 @@ def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["duplicates"] = str(Path(args.duplicates).resolve())
     if getattr(args, "drop_missing", False):
         settings["drop_missing"] = True
+    if getattr(args, "splits", None):
+        settings["splits"] = str(Path(args.splits).resolve())
+    if getattr(args, "allow_leaks", False):
+        settings["allow_leaks"] = True
     return settings
 
 
@@ -132,6 +136,9 @@ def _config_args(p: argparse.ArgumentParser, dataset_options: bool = True) -> No
         metavar="SECTION.KEY=VALUE",
         help="override one config value; repeatable",
     )
+    if dataset_options:
+        p.add_argument("--splits", type=_path, metavar="FILE", help="CSV of image id and split or fold: your own split")
+        p.add_argument("--allow-leaks", action="store_true", help="accept a given split that puts a group on two sides")
 
 
 def _load_cfg(args: argparse.Namespace):

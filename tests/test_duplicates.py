@@ -98,3 +98,22 @@ def test_nearest_neighbours_skips_self_and_own_group() -> None:
     brute = x @ x.T
     brute[groups[:, None] == groups[None, :]] = -np.inf
     assert np.allclose(sims, -np.sort(-brute, axis=1)[:, :3], atol=1e-6)
+
+
+@pytest.mark.browser
+def test_review_page_renders_in_chromium(searched, planted, chromium_page) -> None:
+    _, copies = planted
+    pairs = pairs_of(searched)
+    page = chromium_page.page
+    chromium_page.open(searched / "review.html")
+    assert page.title().startswith("Near-duplicate review")
+    rows = page.evaluate("Array.from(document.querySelectorAll('#pair-table tr.pair')).map(r => r.dataset.rank)")
+    assert [int(r) for r in rows] == pairs["rank"].head(200).tolist()  # sorted by score, best first
+    thumbnails = page.evaluate("Array.from(document.querySelectorAll('#pair-table img')).map(i => i.naturalWidth)")
+    assert len(thumbnails) == 2 * len(rows) and min(thumbnails) > 0  # every thumbnail decoded
+    marked = page.evaluate("document.querySelectorAll('#pair-table .label-differs').length")
+    assert marked == int(pairs["labels_differ"].head(200).sum())
+    assert page.evaluate("document.querySelectorAll('#pair-table .above').length") == len(copies)
+    assert page.evaluate("document.querySelectorAll('#merge-table tbody tr').length") >= 5
+    assert chromium_page.errors == [] and chromium_page.dialogs == []
+    assert all(u.startswith(("file:", "data:")) for u in chromium_page.requests)

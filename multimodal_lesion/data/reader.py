@@ -98,6 +98,8 @@ def _read_generic(root: Path, schema: DatasetSchema, images: str, drop_missing: 
     table["lesion_id"], own = _groups(joined, schema, table["image_id"])
     if schema.patient_column:
         table["patient_id"] = joined.table[schema.patient_column]
+    if schema.split_column:  # the user's split (data/user_splits.py reads it)
+        table["given_split"] = joined.table[schema.split_column]
     for name, values in _features(joined, schema, notes).items():
         table[name] = values
     _note_unused(joined, schema, notes)
@@ -178,7 +180,7 @@ def _named_columns(schema: DatasetSchema) -> list[str]:
     """Every column the schema names (what the delimiter sniff looks for)."""
     f = schema.features
     named = [schema.image_column, schema.label_column, *schema.label_columns, schema.group_column]
-    return [c for c in (*named, schema.patient_column, *f.names) if c]
+    return [c for c in (*named, schema.patient_column, schema.split_column, *f.names) if c]
 
 
 def _check_named_columns(joined: _Joined, schema: DatasetSchema) -> None:
@@ -189,6 +191,7 @@ def _check_named_columns(joined: _Joined, schema: DatasetSchema) -> None:
         ("dataset.label_columns", list(schema.label_columns)),
         ("dataset.group_column", [schema.group_column]),
         ("dataset.patient_column", [schema.patient_column]),
+        ("dataset.split_column", [schema.split_column]),
         ("features.numeric", list(f.numeric)),
         ("features.categorical", list(f.categorical)),
         ("features.boolean", list(f.boolean)),
