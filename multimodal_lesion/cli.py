@@ -349,6 +349,16 @@ def _evaluate_external(args: argparse.Namespace, run: Any) -> int:
     with output_folder(args.run, option="--run"), output_folder(out, option="--run", lock=False):
         metrics, path = evaluate_external_run(args.run, args.data, options)
     _print_headline(metrics, ("external",))
+    near = metrics.get("near_duplicates_of_training")
+    if near is not None:
+        print(
+            f"{near['n_images']} image(s) of {args.data} are near-duplicates of the run's training images "
+            f"(score >= {near['threshold']:g})" + (f": {', '.join(near['images'][:10])}" if near["images"] else "")
+        )
+        if near["n_images"] and near["without_them"]:
+            _print_headline(
+                {"without them": near["without_them"], "key_class": metrics.get("key_class")}, ("without them",)
+            )
     if key_vs_rest:
         ci = metrics["external"]["key_vs_rest"]["auroc_ci"]
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,31 @@ def test_review_page_renders_in_chromium(searched, planted, chromium_page) -> No
     assert page.evaluate("document.querySelectorAll('#merge-table tbody tr').length") >= 5
     assert chromium_page.errors == [] and chromium_page.dialogs == []
     assert all(u.startswith(("file:", "data:")) for u in chromium_page.requests)
+
+
+def test_external_evaluation_counts_near_duplicates_of_the_training_images(cli, planted, tmp_path) -> None:
+    root, copies = planted
+    run = tmp_path / "run"
+    sets = [*SETTINGS, "train.epochs=2", 'train.device="cpu"']
+    cli.ok(cli("train", "--data", root, "--out", run, *[a for s in sets for a in ("--set", s)]))
+    splits = pd.read_csv(run / "splits.csv").set_index("image_id")["split"]
+    splits = splits.drop([*copies, *copies.values()])  # a planted copy and its source may sit on two sides
+    meta = pd.read_csv(root / METADATA_FILE, dtype=str, keep_default_na=False)
+    picked = [*splits.index[splits == "train"][:3], *splits.index[splits == "test"][:3]]
+    chosen = meta[meta["image_id"].isin(picked)]
+    other = tmp_path / "clinic"
+    (other / "images").mkdir(parents=True)
+    for k, image_id in enumerate(chosen["image_id"]):  # re-encoded copies under new ids
+        with Image.open(next(root.glob(f"HAM10000_images_part_*/{image_id}.jpg"))) as im:
+            im.convert("RGB").resize((180, 135)).save(other / "images" / f"ISIC_8{k:06d}.jpg", quality=70)
+    renamed = {image_id: f"ISIC_8{k:06d}" for k, image_id in enumerate(chosen["image_id"])}
+    chosen.assign(image_id=chosen["image_id"].map(renamed), lesion_id="HAM_8" + chosen["lesion_id"]).to_csv(
+        other / METADATA_FILE, index=False
+    )
+    proc = cli.ok(cli("evaluate", "--run", run, "--data", other))
+    metrics = json.loads((run / "external" / "clinic" / "metrics.json").read_text())
+    near = metrics["near_duplicates_of_training"]
+    expected = sorted(renamed[i] for i in chosen["image_id"] if splits[i] == "train")
+    assert near["images"] == expected and near["n_images"] == 3
+    assert near["without_them"]["calibrated"]["n_images"] == len(chosen) - 3
+    assert "3 image(s) of" in proc.stdout and "near-duplicates of the run's training images" in proc.stdout

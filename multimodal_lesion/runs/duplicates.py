@@ -18,9 +18,12 @@ The :func:`pair_score` of a pair combines both (validated on HAM10000's same-les
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -202,7 +205,7 @@ class Side:
     """One dataset as the search sees it: embeddings (N, F), images (N, H, W, 3) uint8 and group codes (N,)."""
 
     embeddings: np.ndarray
-    images: np.ndarray
+    images: Any  # an (N, H, W, 3) uint8 array (memory-mapped) or a RowView of one
     groups: np.ndarray
 
 
@@ -398,16 +401,19 @@ def search_duplicates(
     settings: DuplicateSettings = DuplicateSettings(),
     thresholds: Sequence[float] = THRESHOLDS,
     show: bool = True,
+    sides: tuple[Side, Side | None] | None = None,
 ) -> DuplicateSearch:
     """Near-duplicate pairs within ``first`` (groups differ) or between ``first`` and ``second``.
 
-    The embeddings are ``cfg``'s frozen pass (its backbone, weights, image size and flips: the same
-    settings reuse the same cache as training). See the module docstring for the method.
+    ``sides``: :func:`dataset_side` of each, when already built. The embeddings are ``cfg``'s frozen
+    pass (its backbone, weights, image size and flips: the same settings reuse the same cache as
+    training). See the module docstring for the method.
     """
     import time
 
     start = time.perf_counter()
-    sides = (dataset_side(cfg, first, show), None if second is None else dataset_side(cfg, second, show))
+    if sides is None:
+        sides = (dataset_side(cfg, first, show), None if second is None else dataset_side(cfg, second, show))
     if show:
         print("verifying candidates with keypoints", flush=True)
     found = candidate_pairs(sides[0], sides[1], settings)
@@ -430,3 +436,53 @@ def covered_counts(pairs: pd.DataFrame, thresholds: Sequence[float]) -> pd.DataF
             }
         )
     return pd.DataFrame(rows)
+
+
+def training_near_duplicates(
+    run_dir: str | Path, other: LesionDataset, threshold: float = DEFAULT_THRESHOLD, show: bool = True
+) -> pd.DataFrame | None:
+    """The pairs (OTHER's image, a training image of the run) scored at or above ``threshold``.
+
+    The run's own data is read again from its ``data.root`` with its stored schema; both sides are
+    embedded with the run's backbone settings (the training images' embeddings are the cached ones of
+    a frozen run). None, with a note, where it cannot be checked: no image branch, no images, or the
+    run's data no longer where it was.
+    """
+    from ..errors import MMLesionError, note
+    from .folder import RunFolder
+    from .inputs import resolve_data
+
+    run = RunFolder(run_dir)
+    cfg = run.read_config()
+    if cfg.model.name == "metadata_only" or not other.has_images or not cfg.data.root:
+        return None
+    try:
+        own = resolve_data(cfg, show=False, schema=run.read_schema())
+    except MMLesionError as exc:
+        note(f"near-duplicates of the run's training images not checked: its data cannot be read ({exc})")
+        return None
+    train_ids = set(run.read_splits().query("split == 'train'")["image_id"])
+    rows = np.flatnonzero(own.metadata["image_id"].isin(train_ids).to_numpy())
+    train = dataclasses.replace(own, metadata=own.metadata.iloc[rows].reset_index(drop=True))
+    if show:
+        print(f"looking for near-duplicates of the run's {len(rows)} training images in {other.root}", flush=True)
+    whole = dataset_side(cfg, own, show)  # the cached embeddings of the run's data, then its training rows
+    sides = (
+        dataset_side(cfg, other, show),
+        Side(whole.embeddings[rows], RowView(whole.images, rows), whole.groups[rows]),
+    )
+    found = search_duplicates(cfg, other, train, DuplicateSettings(), (threshold,), show=show, sides=sides)
+    return found.pairs[found.pairs["score"] >= threshold].reset_index(drop=True)
+
+
+class RowView:
+    """Rows ``rows`` of an image array, read one at a time (no copy of a memory-mapped cache)."""
+
+    def __init__(self, base: np.ndarray, rows: np.ndarray) -> None:
+        self.base, self.rows = base, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return np.asarray(self.base[int(self.rows[k])])
