@@ -574,15 +574,11 @@ def _duplicates(args: argparse.Namespace) -> int:
     with output_folder(args.out):
         from .data.reader import read_dataset
         from .data.schema_file import resolve_schema
+        from .runs import resolve_data
         from .runs.duplicates import DuplicateSettings
         from .workflows import duplicates_run
 
-        first = read_dataset(
-            args.data,
-            resolve_schema(cfg.data.schema, duplicates=cfg.data.duplicates),
-            images=cfg.data.images,
-            drop_missing=cfg.data.drop_missing,
-        )
+        first = resolve_data(cfg)  # --data with the dataset options (default: the synthetic dataset)
         second = None
         if args.against:
             schema = resolve_schema(args.other_schema) if args.other_schema else first.schema
