@@ -80,7 +80,7 @@ def main() -> None:
     frame = candidate_pairs(side, None, settings, same_group=True)
     t2 = time.perf_counter()
     if args.table:
-        frame[["i", "j", "similarity", "inliers", "score"]].to_csv(args.table, index=False)
+        frame[["i", "j", "similarity", "inliers", "same_patient", "score"]].to_csv(args.table, index=False)
     report = evaluate(frame, same, missed, different, dataset.metadata["lesion_id"].to_numpy())
     report["seconds"] = {"embeddings (cached)": round(t1 - t0, 1), "search": round(t2 - t1, 1)}
     report["images"], report["neighbours"] = len(dataset.metadata), args.neighbours

@@ -86,6 +86,7 @@ def _pair_view(row: pd.Series, images: Sequence[np.ndarray], threshold: float) -
         "differ": bool(row["labels_differ"]),
         "similarity": f"{float(row['similarity']):.3f}",
         "inliers": int(row["inliers"]),
+        "same_patient": bool(row["same_patient"]),
         "score": f"{float(row['score']):.3f}",
         "above": float(row["score"]) >= threshold,
         "thumbnails": (thumbnail_uri(images[0]), thumbnail_uri(images[1])),

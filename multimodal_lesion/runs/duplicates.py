@@ -19,7 +19,7 @@ The :func:`pair_score` of a pair combines both (validated on HAM10000's same-les
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +44,16 @@ class DuplicateSettings:
     size: tuple[int, int] = (240, 320)  # (height, width) the images are matched at
     block: int = 1024  # query rows per similarity block (block x pool float32 at a time)
     threads: int = 2  # keypoint extraction and matching threads (OpenCV releases the GIL)
+    unknown: tuple[str, ...] = (
+        "",
+        "unknown",
+        "unk",
+        "nan",
+        "na",
+        "n/a",
+        "none",
+        "null",
+    )  # patient values read as unknown
 
     def check(self) -> DuplicateSettings:
         """Refuse counts below 1 and a ratio outside (0, 1]."""
@@ -67,6 +77,39 @@ def centred_unit(embeddings: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+#: Fewer pooled images than this: cosine of centred embeddings (a covariance of fewer is too noisy to whiten).
+MIN_WHITENED = 2000
+#: Principal components kept by the whitening.
+WHITENED_DIMS = 256
+
+
+def retrieval_space(first: np.ndarray, second: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Unit rows of both sets in the space their nearest neighbours are searched in.
+
+    From :data:`MIN_WHITENED` pooled images on, the embeddings are PCA-whitened on the pool (the top
+    :data:`WHITENED_DIMS` components, each scaled to unit variance): directions that every dermoscopy
+    image varies along no longer dominate, and same-lesion pairs come up far more often (measured
+    in ``docs/duplicates.md``). Below it, centred cosine.
+    """
+    both = first if second is None else np.concatenate([first, second])
+    mean = np.asarray(both, dtype=np.float64).mean(0)
+    if len(both) < MIN_WHITENED:
+        a = centred_unit(first, mean)
+        return a, a if second is None else centred_unit(second, mean)
+    x = np.asarray(both, dtype=np.float32) - mean.astype(np.float32)
+    values, vectors = np.linalg.eigh((x.T @ x).astype(np.float64) / len(x))
+    keep = np.argsort(values)[::-1][: min(WHITENED_DIMS, x.shape[1])]
+    projection = (vectors[:, keep] / np.sqrt(np.maximum(values[keep], 1e-12))).astype(np.float32)
+
+    def project(e: np.ndarray) -> np.ndarray:
+        return centred_unit(
+            (np.asarray(e, dtype=np.float32) - mean.astype(np.float32)) @ projection, np.zeros(len(keep))
+        )
+
+    a = project(first)
+    return a, a if second is None else project(second)
+
+
 def nearest_neighbours(
     query: np.ndarray,
     pool: np.ndarray,
@@ -76,6 +119,7 @@ def nearest_neighbours(
     pool_groups: np.ndarray | None = None,
     skip_self: bool = False,
     block: int = 1024,
+    allowed: Callable[[int, int], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most similar pool rows of every query row, by dot product, in blocks of query rows.
 
@@ -86,6 +130,7 @@ def nearest_neighbours(
             row's own group is never its neighbour (pairs within one lesion are no news).
         skip_self: query and pool are the same rows: a row is never its own neighbour.
         block: query rows per matrix product (memory: block x M float32).
+        allowed: ``allowed(start, stop)`` -> bool (stop - start, M): which pool rows each query row may take.
 
     Returns:
         (indices (N, k) int64, similarities (N, k) float32), most similar first; -1 / -inf where none.
@@ -101,6 +146,8 @@ def nearest_neighbours(
         if skip_self:
             rows = np.arange(start, stop)
             s[rows - start, rows] = -np.inf
+        if allowed is not None:
+            s[~allowed(start, stop)] = -np.inf
         top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.tile(np.arange(k), (len(s), 1))
         top_s = np.take_along_axis(s, top, axis=1)
         order = np.argsort(-top_s, axis=1, kind="stable")
@@ -131,17 +178,21 @@ def keypoints_of(image: np.ndarray, settings: DuplicateSettings) -> Keypoints:
     grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
     if grey.shape != (height, width):
         grey = cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
+    ellipse = np.zeros((height, width), np.uint8)  # the inscribed ellipse, without dark (dermoscope) borders:
+    cv2.ellipse(ellipse, (width // 2, height // 2), (width * 9 // 20, height * 9 // 20), 0, 0, 360, 255, -1)
+    lit = (cv2.blur(grey, (5, 5)) > 40).astype(np.uint8) * 255  # their edge is the same in every image
+    inside = cv2.erode(ellipse & lit, np.ones((17, 17), np.uint8))
     grey = cv2.equalizeHist(grey)  # exposure and colour balance differ between two photographs
     orb = cv2.ORB.create(nfeatures=settings.keypoints, edgeThreshold=15, patchSize=15, fastThreshold=5)
 
-    def detect(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        kps, desc = orb.detectAndCompute(img, None)
+    def detect(img: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        kps, desc = orb.detectAndCompute(img, mask)
         if desc is None:
             return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
         return np.array([kp.pt for kp in kps], dtype=np.float32), desc
 
-    points, desc = detect(grey)
-    mirrored, mirrored_desc = detect(np.ascontiguousarray(grey[:, ::-1]))
+    points, desc = detect(grey, inside)
+    mirrored, mirrored_desc = detect(np.ascontiguousarray(grey[:, ::-1]), np.ascontiguousarray(inside[:, ::-1]))
     return Keypoints(points, desc, mirrored, mirrored_desc)
 
 
@@ -172,8 +223,18 @@ def _inliers(pa: np.ndarray, da: np.ndarray, pb: np.ndarray, db: np.ndarray, rat
         return 0
     src = pa[[m.queryIdx for m in good]]
     dst = pb[[m.trainIdx for m in good]]
-    _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=4.0, maxIters=2000)
-    return int(mask.sum()) if mask is not None else 0
+    fit, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=4.0, maxIters=2000)
+    if fit is None or mask is None:
+        return 0
+    scale = float(np.sqrt(abs(np.linalg.det(fit[:, :2]))))
+    if not MIN_SCALE <= scale <= 1 / MIN_SCALE:  # a collapsed fit maps many keypoints onto one spot
+        return 0
+    kept = mask.ravel().astype(bool)
+    return int(min(len(np.unique(src[kept], axis=0)), len(np.unique(dst[kept], axis=0))))
+
+
+#: The smallest zoom between two photographs of one lesion that the geometric check accepts (and its inverse).
+MIN_SCALE = 0.33
 
 
 def verify_pairs(
@@ -185,16 +246,22 @@ def verify_pairs(
         return np.fromiter(found, dtype=np.int64, count=len(pairs))
 
 
-def pair_score(similarity: np.ndarray, inliers: np.ndarray) -> np.ndarray:
-    """One number per pair, higher = more likely the same lesion: the embedding similarity (-1..1) plus
-    the keypoint evidence, ``inliers / (inliers + 20)`` (0..1; 20 inliers count half).
+#: What a pair gains when its patient features could be one patient's (:class:`PatientMatch`).
+PATIENT_BONUS = 0.25
 
-    A re-encoded, resized, flipped or rotated copy has a near-1 similarity and dozens of inliers (score
-    near 2); two photographs of one lesion a few months apart have a high similarity and a few inliers;
-    two different naevi a similarity below 0.5 and no inliers.
+
+def pair_score(similarity: np.ndarray, inliers: np.ndarray, same_patient: np.ndarray | None = None) -> np.ndarray:
+    """One number per pair, higher = more likely the same lesion: the embedding similarity (-1..1, in
+    :func:`retrieval_space`), plus the keypoint evidence ``inliers / (inliers + 20)`` (0..1; 20 inliers
+    count half), plus :data:`PATIENT_BONUS` where the patient features agree.
+
+    A re-encoded, resized, flipped or rotated copy has a high similarity and dozens of inliers; two
+    photographs of one lesion months apart a fair similarity and a few inliers; two different naevi
+    a low similarity and the chance inliers of skin texture (4 to 10).
     """
     evidence = inliers / (inliers + 20.0)
-    return np.asarray(similarity, dtype=np.float64) + evidence
+    bonus = 0.0 if same_patient is None else PATIENT_BONUS * np.asarray(same_patient, dtype=np.float64)
+    return np.asarray(similarity, dtype=np.float64) + evidence + bonus
 
 
 # --- the search ------------------------------------------------------------------------------------
@@ -207,6 +274,54 @@ class Side:
     embeddings: np.ndarray
     images: Any  # an (N, H, W, 3) uint8 array (memory-mapped) or a RowView of one
     groups: np.ndarray
+    patient: pd.DataFrame | None = None  # categorical patient features (text) and "age" (float), per image
+
+
+#: Two ages (years) of one lesion's images differ by at most this much (follow-up photographs).
+AGE_SLACK = 5.0
+
+
+class PatientMatch:
+    """Which image pairs could be one patient's one lesion: the categorical patient features both sets
+    have are equal (or one is unknown), and the ages differ by at most :data:`AGE_SLACK` years (or one is unknown)."""
+
+    def __init__(self, first: pd.DataFrame, second: pd.DataFrame, unknown: Sequence[str]) -> None:
+        columns = [c for c in first.columns if c in second.columns and c != "age"]
+        unknown_set = {u.lower() for u in unknown}
+        codes = []
+        for c in columns:
+            text = pd.concat([first[c], second[c]]).astype(str).str.strip().str.lower()
+            code = pd.factorize(text)[0]
+            code[text.isin(unknown_set).to_numpy()] = -1
+            codes.append(code)
+        both = np.stack(codes, axis=1) if codes else np.zeros((len(first) + len(second), 0), np.int64)
+        self.codes = (both[: len(first)], both[len(first) :])
+        self.ages = (_ages(first), _ages(second))
+
+    def __call__(self, start: int, stop: int, reverse: bool = False) -> np.ndarray:
+        """bool (stop - start, M): rows start..stop of the first set (the second with ``reverse``) against the other."""
+        q, p = (1, 0) if reverse else (0, 1)
+        cq, cp = self.codes[q][start:stop], self.codes[p]
+        ok = np.ones((len(cq), len(cp)), dtype=bool)
+        for f in range(cq.shape[1]):
+            a, b = cq[:, f][:, None], cp[:, f][None, :]
+            ok &= (a == b) | (a < 0) | (b < 0)
+        gap = np.abs(self.ages[q][start:stop, None] - self.ages[p][None, :])
+        return ok & ~(gap > AGE_SLACK)
+
+    def pairs(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """bool (P,): whether image ``i[k]`` of the first set and ``j[k]`` of the second could be one patient's."""
+        a, b = self.codes[0][i], self.codes[1][j]
+        ok = ((a == b) | (a < 0) | (b < 0)).all(axis=1)
+        return ok & ~(np.abs(self.ages[0][i] - self.ages[1][j]) > AGE_SLACK)
+
+
+def _ages(frame: pd.DataFrame) -> np.ndarray:
+    return (
+        pd.to_numeric(frame["age"], errors="coerce").to_numpy(np.float64)
+        if "age" in frame.columns
+        else np.full(len(frame), np.nan)
+    )
 
 
 def candidate_pairs(
@@ -226,18 +341,29 @@ def candidate_pairs(
     """
     settings.check()
     pool = first if second is None else second
-    both = first.embeddings if second is None else np.concatenate([first.embeddings, second.embeddings])
-    mean = np.asarray(both, dtype=np.float64).mean(0)
-    a, b = centred_unit(first.embeddings, mean), centred_unit(pool.embeddings, mean)
+    a, b = retrieval_space(first.embeddings, None if second is None else second.embeddings)
     groups = (None, None) if same_group or second is not None else (first.groups, first.groups)
     k = settings.neighbours
-    idx, _ = nearest_neighbours(
-        a, b, k, query_groups=groups[0], pool_groups=groups[1], skip_self=second is None, block=settings.block
-    )
-    found = [_pairs_of(idx)]
-    if second is not None:  # and each image of the second set looks for its neighbours in the first
-        back, _ = nearest_neighbours(b, a, k, block=settings.block)
-        found.append(_pairs_of(back)[:, ::-1])
+    match = None
+    if first.patient is not None and pool.patient is not None:
+        match = PatientMatch(first.patient, pool.patient, settings.unknown)
+    found = []
+    for allowed in [None, *([match] if match is not None else [])]:  # nearest overall; nearest of one patient
+        idx, _ = nearest_neighbours(
+            a,
+            b,
+            k,
+            query_groups=groups[0],
+            pool_groups=groups[1],
+            skip_self=second is None,
+            block=settings.block,
+            allowed=allowed,
+        )
+        found.append(_pairs_of(idx))
+        if second is not None:  # and each image of the second set looks for its neighbours in the first
+            back_allowed = None if allowed is None else (lambda s, e, m=allowed: m(s, e, reverse=True))
+            back, _ = nearest_neighbours(b, a, k, block=settings.block, allowed=back_allowed)
+            found.append(_pairs_of(back)[:, ::-1])
     pairs = np.unique(np.concatenate(found), axis=0)
     if second is None:
         pairs = np.unique(np.sort(pairs, axis=1), axis=0)
@@ -248,9 +374,17 @@ def candidate_pairs(
         kp_a = kp_a | all_keypoints(first.images, np.setdiff1d(np.unique(pairs[:, 1]), pairs[:, 0]), settings)
         kp_b = kp_a
     found_inliers = verify_pairs(kp_a, kp_b, pairs, settings)
+    same_patient = match.pairs(pairs[:, 0], pairs[:, 1]) if match is not None else np.zeros(len(pairs), bool)
     frame = pd.DataFrame(
-        {"i": pairs[:, 0], "j": pairs[:, 1], "similarity": similarity, "inliers": found_inliers}
-    ).assign(score=lambda f: pair_score(f["similarity"].to_numpy(), f["inliers"].to_numpy()))
+        {
+            "i": pairs[:, 0],
+            "j": pairs[:, 1],
+            "similarity": similarity,
+            "inliers": found_inliers,
+            "same_patient": same_patient,
+            "score": pair_score(similarity, found_inliers, same_patient),
+        }
+    )
     return _ranked(frame, settings.top, within=second is None)
 
 
@@ -301,7 +435,17 @@ def dataset_side(cfg: ExperimentConfig, dataset: LesionDataset, show: bool = Tru
     cfg = replace(cfg, model={"name": "image_only"}, train={"mode": "frozen"})
     everything = dataset.metadata[["image_id"]].assign(split="train")
     inputs = prepare_inputs(cfg, dataset, everything)
-    return Side(inputs.embeddings(show), inputs.images(), group_codes(split_groups(dataset)))
+    return Side(inputs.embeddings(show), inputs.images(), group_codes(split_groups(dataset)), patient_table(dataset))
+
+
+def patient_table(dataset: LesionDataset) -> pd.DataFrame:
+    """The patient features two images of one lesion share: the schema's categorical ones, and the age as ``age``."""
+    features = dataset.schema.features
+    meta = dataset.metadata
+    table = meta[[c for c in features.categorical if c in meta.columns]].copy()
+    if features.age_feature and features.age_feature in meta.columns:
+        table["age"] = meta[features.age_feature].to_numpy()
+    return table.reset_index(drop=True)
 
 
 def named_pairs(candidates: pd.DataFrame, first: LesionDataset, second: LesionDataset | None = None) -> pd.DataFrame:
@@ -321,6 +465,7 @@ def named_pairs(candidates: pd.DataFrame, first: LesionDataset, second: LesionDa
             "labels_differ": a["dx"].to_numpy() != b["dx"].to_numpy(),
             "similarity": candidates["similarity"].round(4).to_numpy(),
             "inliers": candidates["inliers"].to_numpy(),
+            "same_patient": candidates["same_patient"].to_numpy(),
             "score": candidates["score"].round(4).to_numpy(),
             "rank_1": candidates["rank_i"].to_numpy(),
             "rank_2": candidates["rank_j"].to_numpy(),
@@ -364,8 +509,8 @@ def duplicates_file(pairs: pd.DataFrame, threshold: float, columns: tuple[str, s
 
 
 #: Score thresholds the command reports (pairs merged, groups left); the default merge threshold is one of them.
-THRESHOLDS: tuple[float, ...] = (1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.8)
-DEFAULT_THRESHOLD = 1.3
+THRESHOLDS: tuple[float, ...] = (0.9, 1.0, 1.1, 1.2, 1.25, 1.3, 1.4, 1.5, 1.6, 1.8)
+DEFAULT_THRESHOLD = 1.25
 
 
 @dataclass
@@ -469,10 +614,15 @@ def training_near_duplicates(
     whole = dataset_side(cfg, own, show)  # the cached embeddings of the run's data, then its training rows
     sides = (
         dataset_side(cfg, other, show),
-        Side(whole.embeddings[rows], RowView(whole.images, rows), whole.groups[rows]),
+        Side(whole.embeddings[rows], RowView(whole.images, rows), whole.groups[rows], train_patients(own, rows)),
     )
     found = search_duplicates(cfg, other, train, DuplicateSettings(), (threshold,), show=show, sides=sides)
     return found.pairs[found.pairs["score"] >= threshold].reset_index(drop=True)
+
+
+def train_patients(dataset: LesionDataset, rows: np.ndarray) -> pd.DataFrame:
+    """:func:`patient_table` of ``rows`` of ``dataset``."""
+    return patient_table(dataset).iloc[rows].reset_index(drop=True)
 
 
 class RowView:
