@@ -509,8 +509,8 @@ def duplicates_file(pairs: pd.DataFrame, threshold: float, columns: tuple[str, s
 
 
 #: Score thresholds the command reports (pairs merged, groups left); the default merge threshold is one of them.
-THRESHOLDS: tuple[float, ...] = (0.9, 1.0, 1.1, 1.2, 1.25, 1.3, 1.4, 1.5, 1.6, 1.8)
-DEFAULT_THRESHOLD = 1.25
+THRESHOLDS: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6)
+DEFAULT_THRESHOLD = 1.2
 
 
 @dataclass
