@@ -111,3 +111,25 @@ def test_train_honours_the_given_split(cli, cli_ham: Path, tiny_run_settings, tm
     cli.ok(cli("train", "--data", cli_ham, "--splits", tmp_path / "split.csv", "--out", tmp_path / "run", *sets))
     stored = pd.read_csv(tmp_path / "run" / "splits.csv")
     assert stored["split"].tolist() == given["split"].replace({"valid": "val"}).tolist()
+
+
+def test_ablation_folds_come_from_a_fold_file(tiny_ham: Path, tmp_path: Path) -> None:
+    from multimodal_lesion.data.user_splits import given_folds, given_split
+
+    meta = pd.read_csv(tiny_ham / METADATA_FILE)
+    codes = pd.factorize(meta["lesion_id"])[0]
+    pd.DataFrame({"image_id": meta["image_id"], "fold": codes % 3}).to_csv(tmp_path / "folds.csv", index=False)
+    dataset = read_dataset(tiny_ham)
+    given = given_split(dataset, str(tmp_path / "folds.csv"))
+    assert given is not None
+    assert given_folds(dataset, given, 3, allow_leaks=False).tolist() == (codes % 3).tolist()
+    with pytest.raises(DataError, match=r"not a fold number 0\.\.4 \(ablation.folds = 5"):
+        given_folds(dataset, _with(given, "7"), 5, allow_leaks=False)
+
+
+def _with(given, value: str):
+    from multimodal_lesion.data.user_splits import GivenSplit
+
+    values = given.values.copy()
+    values.iloc[0] = value
+    return GivenSplit(values, given.where, given.source)
