@@ -12,7 +12,7 @@ from PIL import Image
 
 from multimodal_lesion.data.constants import METADATA_FILE
 from multimodal_lesion.data.synthetic import make_synthetic
-from multimodal_lesion.runs.duplicates import nearest_neighbours
+from multimodal_lesion.runs.duplicates import PatientMatch, nearest_neighbours
 
 #: How each planted copy is made from its source image (a new image id and a new lesion id).
 EDITS = {
@@ -146,3 +146,12 @@ def test_external_evaluation_counts_near_duplicates_of_the_training_images(cli, 
     assert near["images"] == expected and near["n_images"] == 3
     assert near["without_them"]["calibrated"]["n_images"] == len(chosen) - 3
     assert "3 image(s) of" in proc.stdout and "near-duplicates of the run's training images" in proc.stdout
+
+
+def test_patient_match_needs_equal_or_unknown_features_and_close_ages() -> None:
+    first = pd.DataFrame({"sex": ["male", "unknown", "female"], "age": [40, np.nan, 60]})
+    second = pd.DataFrame({"sex": ["male", "female"], "age": [44, 50]})
+    match = PatientMatch(first, second, ("unknown",))
+    assert match(0, 3).tolist() == [[True, False], [True, True], [False, False]]  # 60 vs 50: ten years apart
+    assert match.pairs(np.array([0, 2]), np.array([0, 1])).tolist() == [True, False]
+    assert not PatientMatch(pd.DataFrame(index=range(2)), pd.DataFrame(index=range(3)), ()).informative

@@ -298,6 +298,11 @@ class PatientMatch:
         self.codes = (both[: len(first)], both[len(first) :])
         self.ages = (_ages(first), _ages(second))
 
+    @property
+    def informative(self) -> bool:
+        """Whether the two sets share any patient feature (else every pair would agree)."""
+        return bool(self.codes[0].shape[1]) or bool(np.isfinite(self.ages[0]).any() and np.isfinite(self.ages[1]).any())
+
     def __call__(self, start: int, stop: int, reverse: bool = False) -> np.ndarray:
         """bool (stop - start, M): rows start..stop of the first set (the second with ``reverse``) against the other."""
         q, p = (1, 0) if reverse else (0, 1)
@@ -347,6 +352,7 @@ def candidate_pairs(
     match = None
     if first.patient is not None and pool.patient is not None:
         match = PatientMatch(first.patient, pool.patient, settings.unknown)
+        match = match if match.informative else None
     found = []
     for allowed in [None, *([match] if match is not None else [])]:  # nearest overall; nearest of one patient
         idx, _ = nearest_neighbours(
