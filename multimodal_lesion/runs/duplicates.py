@@ -347,39 +347,14 @@ def candidate_pairs(
     settings.check()
     pool = first if second is None else second
     a, b = retrieval_space(first.embeddings, None if second is None else second.embeddings)
-    groups = (None, None) if same_group or second is not None else (first.groups, first.groups)
-    k = settings.neighbours
     match = None
     if first.patient is not None and pool.patient is not None:
         match = PatientMatch(first.patient, pool.patient, settings.unknown)
         match = match if match.informative else None
-    found = []
-    for allowed in [None, *([match] if match is not None else [])]:  # nearest overall; nearest of one patient
-        idx, _ = nearest_neighbours(
-            a,
-            b,
-            k,
-            query_groups=groups[0],
-            pool_groups=groups[1],
-            skip_self=second is None,
-            block=settings.block,
-            allowed=allowed,
-        )
-        found.append(_pairs_of(idx))
-        if second is not None:  # and each image of the second set looks for its neighbours in the first
-            back_allowed = None if allowed is None else (lambda s, e, m=allowed: m(s, e, reverse=True))
-            back, _ = nearest_neighbours(b, a, k, block=settings.block, allowed=back_allowed)
-            found.append(_pairs_of(back)[:, ::-1])
-    pairs = np.unique(np.concatenate(found), axis=0)
-    if second is None:
-        pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+    groups = None if same_group or second is not None else first.groups
+    pairs = _neighbour_pairs(a, b, groups, match, settings, within=second is None)
     similarity = np.einsum("ij,ij->i", a[pairs[:, 0]], b[pairs[:, 1]])
-    kp_a = all_keypoints(first.images, np.unique(pairs[:, 0]), settings)
-    kp_b = kp_a if second is None else all_keypoints(pool.images, np.unique(pairs[:, 1]), settings)
-    if second is None:
-        kp_a = kp_a | all_keypoints(first.images, np.setdiff1d(np.unique(pairs[:, 1]), pairs[:, 0]), settings)
-        kp_b = kp_a
-    found_inliers = verify_pairs(kp_a, kp_b, pairs, settings)
+    found_inliers = _verified(first, pool, pairs, settings, within=second is None)
     same_patient = match.pairs(pairs[:, 0], pairs[:, 1]) if match is not None else np.zeros(len(pairs), bool)
     frame = pd.DataFrame(
         {
@@ -392,6 +367,47 @@ def candidate_pairs(
         }
     )
     return _ranked(frame, settings.top, within=second is None)
+
+
+def _neighbour_pairs(
+    a: np.ndarray,
+    b: np.ndarray,
+    groups: np.ndarray | None,
+    match: PatientMatch | None,
+    settings: DuplicateSettings,
+    *,
+    within: bool,
+) -> np.ndarray:
+    """Distinct (row of a, row of b) pairs: each row's nearest overall and nearest of one patient, both ways."""
+    found = []
+    for allowed in [None, *([match] if match is not None else [])]:
+        idx, _ = nearest_neighbours(
+            a,
+            b,
+            settings.neighbours,
+            query_groups=groups,
+            pool_groups=groups,
+            skip_self=within,
+            block=settings.block,
+            allowed=allowed,
+        )
+        found.append(_pairs_of(idx))
+        if not within:  # and each image of the second set looks for its neighbours in the first
+            back_allowed = None if allowed is None else (lambda s, e, m=allowed: m(s, e, reverse=True))
+            back, _ = nearest_neighbours(b, a, settings.neighbours, block=settings.block, allowed=back_allowed)
+            found.append(_pairs_of(back)[:, ::-1])
+    pairs = np.unique(np.concatenate(found), axis=0)
+    return np.unique(np.sort(pairs, axis=1), axis=0) if within else pairs
+
+
+def _verified(first: Side, pool: Side, pairs: np.ndarray, settings: DuplicateSettings, *, within: bool) -> np.ndarray:
+    """:func:`inliers` of every pair, each image's keypoints computed once."""
+    if within:
+        kp = all_keypoints(first.images, np.unique(pairs.ravel()), settings)
+        return verify_pairs(kp, kp, pairs, settings)
+    kp_a = all_keypoints(first.images, np.unique(pairs[:, 0]), settings)
+    kp_b = all_keypoints(pool.images, np.unique(pairs[:, 1]), settings)
+    return verify_pairs(kp_a, kp_b, pairs, settings)
 
 
 def _pairs_of(indices: np.ndarray) -> np.ndarray:
