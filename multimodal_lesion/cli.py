@@ -116,6 +116,10 @@ def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["duplicates"] = str(Path(args.duplicates).resolve())
     if getattr(args, "drop_missing", False):
         settings["drop_missing"] = True
+    if getattr(args, "splits", None):
+        settings["splits"] = str(Path(args.splits).resolve())
+    if getattr(args, "allow_leaks", False):
+        settings["allow_leaks"] = True
     return settings
 
 
@@ -137,6 +141,9 @@ def _config_args(p: argparse.ArgumentParser, dataset_options: bool = True) -> No
         metavar="SECTION.KEY=VALUE",
         help="override one config value; repeatable",
     )
+    if dataset_options:
+        p.add_argument("--splits", type=_path, metavar="FILE", help="CSV of image id and split or fold: your own split")
+        p.add_argument("--allow-leaks", action="store_true", help="accept a given split that puts a group on two sides")
 
 
 def _load_cfg(args: argparse.Namespace):
@@ -361,6 +368,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         mlflow=args.mlflow or "",
     )
     _print_headline(evaluation.metrics, (evaluation.split,))
+    near = evaluation.metrics.get("near_duplicates_of_training")
+    if near is not None:
+        print(
+            f"{near['n_images']} image(s) of {args.data} are near-duplicates of the run's training images "
+            f"(score >= {near['threshold']:g})" + (f": {', '.join(near['images'][:10])}" if near["images"] else "")
+        )
+        if near["n_images"] and near["without_them"]:
+            _print_headline(
+                {"without them": near["without_them"], "key_class": evaluation.metrics.get("key_class")},
+                ("without them",),
+            )
     ci = evaluation.values.get("key_vs_rest", {}).get("auroc_ci")
     if ci:
         print(
@@ -546,6 +564,49 @@ def _demo(args: argparse.Namespace) -> int:
     )
     for key in ("eda", "ablation_summary", "comparison", "report"):
         print(f"{key:17s} {result[key]}")
+    return 0
+
+
+def _duplicates_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)  # --config / --set: the embedding pass (backbone, image size): the training run's hits its cache
+    p.add_argument("--out", type=_path, required=True)
+    p.add_argument("--against", type=_path, metavar="OTHER", help="another dataset: list pairs across the two")
+    p.add_argument("--other-schema", metavar="NAME|FILE.toml", help="OTHER's schema (default: --schema's)")
+    p.add_argument("--other-images", metavar="DIR", help="folder OTHER's images are below, when not its root")
+    p.add_argument(
+        "--threshold", type=_checked(float, Range(-1, 3)), help="score at or above which pairs go to duplicates.csv"
+    )
+    p.add_argument("--neighbours", type=POSITIVE, default=10, help="embedding neighbours verified per image")
+    p.add_argument("--top", type=POSITIVE, default=5, help="candidates kept per image")
+
+
+@command(
+    "duplicates",
+    "near-duplicate images under two group ids or across two datasets: pairs.csv, review.html, duplicates.csv",
+    _duplicates_args,
+)
+def _duplicates(args: argparse.Namespace) -> int:
+    cfg = _load_cfg(args)
+    if (args.other_schema or args.other_images) and not args.against:
+        raise ConfigError("--other-schema / --other-images describe --against OTHER: give it")
+    with output_folder(args.out):
+        from .data.reader import read_dataset
+        from .data.schema_file import resolve_schema
+        from .runs import resolve_data
+        from .runs.duplicates import DuplicateSettings
+        from .workflows import duplicates_run
+
+        first = resolve_data(cfg)  # --data with the dataset options (default: the synthetic dataset)
+        second = None
+        if args.against:
+            schema = resolve_schema(args.other_schema) if args.other_schema else first.schema
+            second = read_dataset(args.against, schema, images=args.other_images or "", drop_missing=True)
+        settings = DuplicateSettings(neighbours=args.neighbours, top=args.top)
+        summary = duplicates_run(cfg, first, args.out, second=second, threshold=args.threshold, settings=settings)
+    print(f"{summary['pairs']} candidate pairs; {summary['above_threshold']} at or above {summary['threshold']:g}")
+    for row in summary["merges"]:
+        print("  score >= {:.2f}: ".format(row.pop("threshold")) + ", ".join(f"{v} {k}" for k, v in row.items()))
+    print(f"wrote {args.out} (pairs.csv, review.html{', duplicates.csv' if args.against is None else ''})")
     return 0
 
 

@@ -113,6 +113,8 @@ class DataConfig:
     fold: Count = 0  # which fold is validation when folds > 0
     split_seed: Seed = 0  # seed of the lesion-grouped split
     drop_missing: bool = False  # drop (and report) listed images that are missing on disk
+    splits: str = ""  # a CSV of image id and split (train/val/test) or fold: used instead of drawing a split
+    allow_leaks: bool = False  # accept a given split (data.splits, split_column) that puts a group on two sides
     cache_dir: str = ""  # decoded images / embeddings cache; empty = $MMLESION_CACHE or ~/.cache/multimodal_lesion
     num_workers: Count = 0  # DataLoader workers; 0 keeps everything in-process (fast on cached arrays)
 

@@ -7,6 +7,7 @@ after the other so that ``mmlesion train`` / ``evaluate`` / ``explain`` write co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 import warnings
@@ -307,3 +308,78 @@ def predict(
         "prediction_sets": prediction_sets,
         "tta_spread": round(float(tta_spread(views[:, None, :])[0]), 6) if len(views) else None,
     }
+
+
+def duplicates_run(
+    cfg: ExperimentConfig,
+    first: Any,
+    out: str | Path,
+    *,
+    second: Any = None,
+    threshold: float | None = None,
+    settings: Any = None,
+    show: bool = True,
+) -> dict[str, Any]:
+    """Search near-duplicates (:func:`~multimodal_lesion.runs.duplicates.search_duplicates`) and write
+    ``pairs.csv``, ``review.html``, ``summary.json`` and, within one dataset, ``duplicates.csv`` (the
+    pairs at or above ``threshold``, plus the schema's own duplicates file, in the columns ``--duplicates``
+    reads); returns the summary."""
+    import pandas as pd
+
+    from .io import atomic_write, write_json
+    from .report.duplicates_page import write_review_page
+    from .runs.duplicates import DEFAULT_THRESHOLD, THRESHOLDS, DuplicateSettings, duplicates_file, search_duplicates
+
+    out = Path(out)
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    settings = settings or DuplicateSettings()
+    thresholds = sorted({*THRESHOLDS, threshold})
+    found = search_duplicates(cfg, first, second, settings, thresholds, show)
+    with atomic_write(out / "pairs.csv") as fh:
+        found.pairs.to_csv(fh, index=False)
+    names = [str(first.root)] + ([str(second.root)] if second is not None else [])
+    summary: dict[str, Any] = {
+        "data": names,
+        "images": [len(first.metadata)] + ([len(second.metadata)] if second is not None else []),
+        "pairs": len(found.pairs),
+        "threshold": threshold,
+        "above_threshold": int((found.pairs["score"] >= threshold).sum()),
+        "labels_differ": int(found.pairs["labels_differ"].sum()),
+        "merges": found.merges.to_dict(orient="records"),
+        "settings": dataclasses.asdict(settings),
+        "backbone": {"name": cfg.model.backbone, "weights": cfg.model.weights, "image_size": list(cfg.data.image_size)},
+        "seconds": round(found.seconds, 1),
+    }
+    if second is None:
+        columns = first.schema.duplicate_columns
+        chosen = pd.concat(
+            [_known_duplicates(first), duplicates_file(found.pairs, threshold, columns)], ignore_index=True
+        )
+        with atomic_write(out / "duplicates.csv") as fh:
+            chosen.drop_duplicates().to_csv(fh, index=False)
+        summary["duplicates_file"] = str(out / "duplicates.csv")
+    title = " vs ".join(Path(n).name for n in names) if second is not None else f"{Path(names[0]).name} (groups differ)"
+    facts = {"data": " ; ".join(names), **{k: v for k, v in summary.items() if k in ("images", "backbone", "seconds")}}
+    write_review_page(
+        out / "review.html",
+        found.pairs,
+        found.images,
+        title=title,
+        threshold=threshold,
+        merges=found.merges,
+        facts=facts,
+    )
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _known_duplicates(dataset: Any) -> Any:
+    """The pairs of the dataset's own duplicates file (kept in the written file: it replaces that one)."""
+    import pandas as pd
+
+    columns = list(dataset.schema.duplicate_columns)
+    if not dataset.schema.duplicates:
+        return pd.DataFrame(columns=columns)
+    path = Path(dataset.schema.duplicates).expanduser()
+    path = path if path.is_absolute() else Path(dataset.root) / path
+    return pd.read_csv(path, dtype=str, keep_default_na=False)[columns]

@@ -21,6 +21,7 @@ from ..config import ExperimentConfig, differences, replace, to_dict
 from ..data.cache import cache_key
 from ..data.dataset import LesionDataset
 from ..data.splits import fold_assignment, split_rule
+from ..data.user_splits import given_folds, given_split
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write, read_json, remove_stale_temps, write_json
 from ..models import list_models
@@ -260,7 +261,12 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
     dataset = resolve_data(cfg, show)
     cfg = replace(cfg, data={"root": str(dataset.root)}, train={"mode": cfg.ablation.mode})
     _check_same_ablation(out, cfg)
-    folds = fold_assignment(dataset.metadata, cfg.ablation.folds, cfg.data.split_seed, split_rule(dataset.schema))
+    given = given_split(dataset, cfg.data.splits)
+    folds = (
+        fold_assignment(dataset.metadata, cfg.ablation.folds, cfg.data.split_seed, split_rule(dataset.schema))
+        if given is None
+        else given_folds(dataset, given, cfg.ablation.folds, cfg.data.allow_leaks)
+    )
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     write_provenance(out, cfg, torch_threads=torch.get_num_threads())

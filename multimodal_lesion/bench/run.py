@@ -17,6 +17,7 @@ from ..io import write_json
 from .ablation import bench_ablation
 from .context import BenchContext, build_context
 from .data import bench_data
+from .duplicates import bench_duplicates
 from .embeddings import bench_embeddings
 from .explanations import bench_explanations
 from .measure import MEMORY_METHOD, machine, measured
@@ -31,6 +32,7 @@ SECTIONS: Mapping[str, Callable[[BenchContext], dict]] = MappingProxyType(
         "embeddings": bench_embeddings,
         "ablation": bench_ablation,
         "explanations": bench_explanations,
+        "duplicates": bench_duplicates,
     }
 )
 

@@ -27,6 +27,8 @@ class BenchSizes:
     report_cases: tuple[int, int] = (2, 10)  # two report sizes: their difference gives the cost per case
     report_epochs: int = 3  # epochs of the frozen head trained for the report run (values do not matter)
     report_target_cases: int = 100  # the report size the target speaks of
+    duplicate_pool: int = 25_000  # images in the near-duplicate search's neighbour step (ISIC 2019's size)
+    duplicate_pairs: int = 200  # image pairs timed in its keypoint verification
 
 
 #: Sizes of ``--tiny``: seconds on a tiny synthetic dataset, to check that the harness runs.
@@ -42,6 +44,8 @@ TINY_SIZES = BenchSizes(
     kernel_cases=1,
     report_cases=(1, 2),
     report_epochs=1,
+    duplicate_pool=300,
+    duplicate_pairs=4,
 )
 #: Config overrides of ``--tiny``: a small synthetic dataset, small images, an untrained backbone.
 TINY_OVERRIDES = (

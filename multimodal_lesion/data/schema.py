@@ -72,6 +72,8 @@ class DatasetSchema:
         group_by: which id the splits keep together: ``"group"`` (lesion) or ``"patient"``.
         duplicates: a file of image pairs of the same lesion, relative to the root; each pair is kept in one group.
         duplicate_columns: the two image-id columns of ``duplicates``.
+        split_column: a column that fixes each image's split (``train`` / ``val`` / ``test`` or a fold
+            number): used instead of drawing one, and checked for leaks (see ``data/user_splits.py``).
         features: the patient features.
         leak_columns: columns that give the label away; never model inputs (listing one as a feature is an error).
         key_class: the class of the clinical metrics (melanoma by default).
@@ -103,6 +105,7 @@ class DatasetSchema:
     group_by: str = "group"
     duplicates: str = ""
     duplicate_columns: tuple[str, str] = ("image_1", "image_2")
+    split_column: str = ""
     features: Features = field(default_factory=Features)
     leak_columns: tuple[str, ...] = ()
     key_class: str = "mel"

@@ -29,6 +29,7 @@ from ..data.schema import DatasetSchema, preset
 from ..data.schema_file import resolve_schema
 from ..data.splits import split_lesions, split_rule
 from ..data.synthetic import make_synthetic
+from ..data.user_splits import check_given_split, duplicate_pairs, given_split, split_frame, split_leaks
 from ..errors import ConfigError, Note, note
 from ..models import FLIPS, LesionModel, create_model, embed_images
 from .embeddings import cached_embeddings, embedding_identity
@@ -77,8 +78,17 @@ def resolve_data(cfg: ExperimentConfig, show: bool = True, schema: DatasetSchema
 
 
 def make_splits(cfg: ExperimentConfig, dataset: LesionDataset) -> pd.DataFrame:
-    """Lesion-grouped, stratified split of ``dataset``; with folds, ``data.fold`` is the validation fold."""
+    """Lesion-grouped, stratified split of ``dataset``; with folds, ``data.fold`` is the validation fold.
+
+    A split the user gives (``data.splits`` or the schema's ``split_column``) is used instead, once
+    checked for leaks (:mod:`~multimodal_lesion.data.user_splits`).
+    """
     d = cfg.data
+    given = given_split(dataset, d.splits)
+    if given is not None:
+        splits = split_frame(dataset, given, d.fold)
+        check_given_split(split_leaks(dataset, splits, duplicate_pairs(dataset)), given.source, d.allow_leaks)
+        return splits
     splits = split_lesions(
         dataset.metadata,
         test_size=d.test_size,

@@ -40,6 +40,7 @@ from ..data.schema_file import resolve_schema
 from ..errors import DataError, note
 from ..io import atomic_write, safe_stem
 from ..runs import Cases, Predictor, RunFolder, predict_arrays, prediction_frame
+from ..runs.duplicates import DEFAULT_THRESHOLD, training_near_duplicates
 from .metrics import binary_metrics, classification_metrics, key_vs_rest
 from .runner import Evaluation, SplitScores
 from .stats import grouped_auroc_ci
@@ -217,13 +218,45 @@ def evaluate_external(
         "missing_features": [f for f, source in record["features"].items() if source is None],
         "notes": list(dataset.notes),
     }
+    near = near_duplicates_of_training(run_dir, dataset, table, show)
+    if near is not None:
+        keep = ~table["image_id"].isin(set(near["image_id_1"])).to_numpy()
+        without = external_scores(table[keep], y[keep], (cal[keep], bal[keep]), run_schema, kvr, options.n_boot)[0]
+        metrics["near_duplicates_of_training"] = {
+            "threshold": DEFAULT_THRESHOLD,
+            "n_images": int((~keep).sum()),
+            "images": sorted(set(near["image_id_1"])),
+            "without_them": without if keep.any() else None,
+        }
     targets = [scored.classes[k] for k in y]
     out.path.mkdir(parents=True, exist_ok=True)
+    if near is not None:
+        with atomic_write(out.path / "near_duplicates.csv") as fh:
+            near.to_csv(fh, index=False)
     out.write_metrics(metrics)
     with atomic_write(out.path / "predictions.csv") as fh:
         predicted.assign(target=targets).to_csv(fh, index=False)
     scores = SplitScores(SPLIT, cases.ids, y, cal_scored, cal_scored)  # the run's temperature: the one calibration
     return Evaluation(out, metrics, {SPLIT: scores}, scored)
+
+
+def near_duplicates_of_training(
+    run_dir: str | Path, dataset: LesionDataset, table: pd.DataFrame, show: bool
+) -> pd.DataFrame | None:
+    """OTHER's scored images that are near-duplicates of the run's training images (pairs at or above
+    the default threshold, one row per pair), or None where the run cannot be checked (no image branch)."""
+    pairs = training_near_duplicates(run_dir, dataset, DEFAULT_THRESHOLD, show)
+    if pairs is None:
+        return None
+    pairs = pairs[pairs["image_id_1"].isin(set(table["image_id"]))].reset_index(drop=True)
+    if len(pairs):
+        shown = ", ".join(pairs["image_id_1"].drop_duplicates().head(3))
+        note(
+            f"{dataset.root}: {pairs['image_id_1'].nunique()} of {len(table)} scored images are near-duplicates of the "
+            f"run's training images (score >= {DEFAULT_THRESHOLD:g}: {shown}, ...); metrics without them are in "
+            "metrics.json (near_duplicates_of_training)"
+        )
+    return pairs
 
 
 def external_scores(
