@@ -2,7 +2,7 @@
 
 Usage:
     python experiments/duplicates_recall.py --data $MMLESION_HAM10000 \
-        --config experiments/configs/real_frozen.toml --set 'train.embed_backend="openvino"' \
+        --config real_frozen --set 'train.embed_backend="openvino"' \
         --truth /work/shared/data/ham10000_duplicates --json duplicates_recall.json
 
 Ground truth: every pair of images sharing a ``lesion_id`` is the same lesion; the 18 pairs of

@@ -2,7 +2,7 @@
 
 Usage:
     python experiments/duplicates_sample.py --data $MMLESION_HAM10000 \
-        --config experiments/configs/real_frozen.toml --set 'train.embed_backend="openvino"' \
+        --config real_frozen --set 'train.embed_backend="openvino"' \
         --truth /work/shared/data/ham10000_duplicates --pairs 80 --seed 0
 
 Runs the search of ``mmlesion duplicates`` (same neighbours, same keypoint check, same score) for the

@@ -18,7 +18,7 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"`(mmlesion [^`]+)`")
 #: Sub-commands and options documented from branches that are not merged yet. The lead empties this
 #: when merging them (MLflow tracking: --mlflow; duplicates: the `duplicates` sub-command, --splits, --allow-leaks).
-NOT_YET_MERGED: set[str] = {"--mlflow", "duplicates", "--splits", "--allow-leaks"}
+NOT_YET_MERGED: set[str] = set()
 
 
 def _shell_lines(block: str) -> list[str]:
