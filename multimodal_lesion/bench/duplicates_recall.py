@@ -1,9 +1,9 @@
 """Recall and precision of the near-duplicate search on HAM10000, against the ground truth there is.
 
 Usage:
-    python experiments/duplicates_recall.py --data $MMLESION_HAM10000 \
+    python -m multimodal_lesion.bench.duplicates_recall --data $MMLESION_HAM10000 \
         --config real_frozen --set 'train.embed_backend="openvino"' \
-        --truth /work/shared/data/ham10000_duplicates --json duplicates_recall.json
+        --truth ../shared/data/ham10000_duplicates --json duplicates_recall.json
 
 Ground truth: every pair of images sharing a ``lesion_id`` is the same lesion; the 18 pairs of
 Abhishek et al. (2025) are the same lesion under two ids; their 2 near-identical pairs of different
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from multimodal_lesion.config import load_config
-from multimodal_lesion.data.reader import read_dataset
-from multimodal_lesion.runs.duplicates import THRESHOLDS, DuplicateSettings, candidate_pairs, dataset_side
+from ..config import load_config
+from ..data.reader import read_dataset
+from ..runs.duplicates import THRESHOLDS, DuplicateSettings, candidate_pairs, dataset_side
 
 
 def id_pairs(path: Path, position: dict[str, int]) -> set[frozenset[int]]:

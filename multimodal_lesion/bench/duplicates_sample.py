@@ -1,9 +1,9 @@
 """A quick estimate of the near-duplicate search's recall on HAM10000, from a sample of ground-truth pairs.
 
 Usage:
-    python experiments/duplicates_sample.py --data $MMLESION_HAM10000 \
+    python -m multimodal_lesion.bench.duplicates_sample --data $MMLESION_HAM10000 \
         --config real_frozen --set 'train.embed_backend="openvino"' \
-        --truth /work/shared/data/ham10000_duplicates --pairs 80 --seed 0
+        --truth ../shared/data/ham10000_duplicates --pairs 80 --seed 0
 
 Runs the search of ``mmlesion duplicates`` (same neighbours, same keypoint check, same score) for the
 images of a few ground-truth pairs only (each against all 10,015), so it takes about a minute where the
@@ -21,9 +21,9 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from multimodal_lesion.config import load_config
-from multimodal_lesion.data.reader import read_dataset
-from multimodal_lesion.runs.duplicates import (
+from ..config import load_config
+from ..data.reader import read_dataset
+from ..runs.duplicates import (
     THRESHOLDS,
     DuplicateSettings,
     PatientMatch,

@@ -2,7 +2,7 @@
 against today's 10-step curves, on the same cases, maps and model.
 
 Usage:
-    python experiments/faithfulness_steps.py --run runs/frozen150 [--data $MMLESION_HAM10000] \\
+    python -m multimodal_lesion.bench.faithfulness_steps --run runs/frozen150 [--data $MMLESION_HAM10000] \\
         [--n 100] [--steps 10 5 4] [--json steps.json]
 
 Explains ``--n`` test cases as ``mmlesion explain`` selects them (the same CAMs, baseline maps and lesion
@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-from multimodal_lesion.config import replace
-from multimodal_lesion.data.constants import DATA_ENV
-from multimodal_lesion.explain.faithfulness import MAP_NAMES, baseline_maps, compare_to_baselines
-from multimodal_lesion.explain.gradcam import layer_geometry
-from multimodal_lesion.explain.pipeline import (
+from ..config import replace
+from ..data.constants import DATA_ENV
+from ..explain.faithfulness import MAP_NAMES, baseline_maps, compare_to_baselines
+from ..explain.gradcam import layer_geometry
+from ..explain.pipeline import (
     case_predictor,
     compute_cams,
     faithfulness,
@@ -35,7 +34,7 @@ from multimodal_lesion.explain.pipeline import (
     select_cases,
     training_masks,
 )
-from multimodal_lesion.runs import load_run
+from ..runs import load_run
 
 CURVES = ("deletion_auc", "insertion_auc")
 
@@ -55,7 +54,7 @@ def main() -> None:
     batch = load_cases(run, rows, why)
     cams = compute_cams(run, batch.images, batch.meta, batch.targets).maps
     masks = [lesion_mask(run.inputs, int(r)) for r in batch.rows]
-    geometry = layer_geometry(run.inputs.model, cfg.target_layer or None, tuple(run.inputs.cfg.data.image_size))
+    geometry = layer_geometry(run.inputs.model, cfg.target_layer or None, run.inputs.cfg.data.image_size)
     priors = baseline_maps(training_masks(run.inputs, cfg.prior_masks, cfg.seed), geometry.stride)
     predict = case_predictor(run)
     reports, seconds = {}, {}
@@ -138,4 +137,4 @@ def print_tables(summary: dict, all_steps: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
