@@ -125,7 +125,9 @@ def _join(root: Path, schema: DatasetSchema, notes: list[str]) -> _Joined:
     for i, name in enumerate(schema.metadata):
         path = _inside(root, name, "dataset.metadata", follow_links=False)
         if i == 0 and schema.columns:  # a release's layout: its columns required, kept in order, others noted
-            frame, src = read_table(path, notes, columns=schema.columns, select=True, shape=schema.name.upper())
+            frame, src = read_table(
+                path, notes, columns=schema.columns, select=True, shape=schema.name.upper(), keep=wanted
+            )
         else:
             frame, src = read_table(path, notes, columns=wanted, select=False)
         if key not in frame.columns:

@@ -40,15 +40,21 @@ class TableSource:
 
 
 def read_table(
-    csv_path: Path, notes: list[str], columns: Sequence[str], select: bool = False, shape: str = ""
+    csv_path: Path,
+    notes: list[str],
+    columns: Sequence[str],
+    select: bool = False,
+    shape: str = "",
+    keep: Sequence[str] = (),
 ) -> tuple[pd.DataFrame, TableSource]:
     """Every cell of a CSV as a string (no type guessing), after checking the shape.
 
     Every row must have as many fields as the header, except the classic export where every row
     (or only the header) ends with the same empty trailing field(s). By default every named column
     is kept and ``columns`` only guides the delimiter sniff. With ``select=True`` the header must
-    hold ``columns`` (a file of a fixed layout, ``shape`` naming it in errors): only they are kept,
-    the others are ignored with a note.
+    hold ``columns`` (a file of a fixed layout, ``shape`` naming it in errors): only they, and the
+    columns of ``keep`` the header has (columns a schema adds to the layout), are kept; the others are
+    ignored with a note.
     """
     if csv_path.is_dir():
         raise DataError(f"{csv_path}: is a folder, not the metadata file")
@@ -78,8 +84,9 @@ def read_table(
     src = TableSource(csv_path, [line for line, _ in rows])
     fields = _check_widths(names, [f for _, f in rows], src, notes)
     if select:
-        _note_ignored_columns(names, fields, csv_path, notes, columns)
-    kept = list(columns) if select else [n for n in names if n]
+        extra = [c for c in keep if c in names and c not in columns]
+        _note_ignored_columns(names, fields, csv_path, notes, [*columns, *extra])
+    kept = [*columns, *extra] if select else [n for n in names if n]
     return pd.DataFrame({c: [f[names.index(c)] for f in fields] for c in kept}, dtype=str), src
 
 
