@@ -101,6 +101,7 @@ def test_metrics_to_frame_is_the_headline_of_val_and_test(run: mml.Run) -> None:
     assert "val: balanced accuracy" in repr(run.metrics)
 
 
+@pytest.mark.slow
 def test_predict_equals_the_cli_predict(run: mml.Run, cli) -> None:
     case = run.cases("test").dropna(subset=["age"]).iloc[0]
     prediction = run.predict(case.image, age=case.age, sex=case.sex, localization=case.localization)

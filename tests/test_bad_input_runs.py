@@ -182,6 +182,7 @@ def _prepare_at(args: tuple[str, float]) -> str:
     return ""
 
 
+@pytest.mark.slow
 def test_processes_preparing_the_same_new_folder_at_once_all_succeed(tmp_path: Path) -> None:
     """torchrun's ranks all check ``--out``: one making the folder must not make another fail or remove it."""
     import multiprocessing

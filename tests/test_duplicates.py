@@ -120,6 +120,7 @@ def test_review_page_renders_in_chromium(searched, planted, chromium_page) -> No
     assert all(u.startswith(("file:", "data:")) for u in chromium_page.requests)
 
 
+@pytest.mark.slow
 def test_external_evaluation_counts_near_duplicates_of_the_training_images(cli, planted, tmp_path) -> None:
     root, copies = planted
     run = tmp_path / "run"

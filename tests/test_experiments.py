@@ -62,6 +62,7 @@ def test_recipe_sweep_trains_each_variant_in_parallel_and_tabulates_val_and_test
     assert "e8_sampler" in proc.stdout and "test_ba_balanced" in proc.stdout
 
 
+@pytest.mark.slow
 def test_finetune_script_prints_both_balanced_accuracies_with_counts(tiny_ham: Path, tmp_path: Path) -> None:
     data = tiny_ham
     args = [

@@ -55,6 +55,7 @@ def test_train_isic2019_csvs_over_images_elsewhere(cli, tiny_isic2019: tuple[Pat
     assert len(splits) == 40
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("single_thread")
 def test_train_isic2020_binary_split_by_patient(cli, tiny_isic2020: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"

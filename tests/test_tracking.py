@@ -112,6 +112,7 @@ def test_train_run_is_read_back_from_the_store(tracked_train, client_for) -> Non
     assert figures == {p.name for p in (out / "figures").glob("*.png")} and "confusion_test.png" in figures
 
 
+@pytest.mark.slow
 def test_evaluate_is_a_run_of_its_own(cli, tracked_train, client_for) -> None:
     out, store = tracked_train
     cli.ok(cli("evaluate", "--run", out, "--split", "val", "--mlflow", store))

@@ -104,6 +104,7 @@ def test_a_duplicate_pair_across_train_and_test_is_counted(tiny_ham: Path, tmp_p
         splits_of(tiny_ham, splits=str(tmp_path / "split.csv"), duplicates=str(tmp_path / "d.csv"))
 
 
+@pytest.mark.slow
 def test_train_honours_the_given_split(cli, cli_ham: Path, tiny_run_settings, tmp_path: Path) -> None:
     given = lesion_split(cli_ham)
     given.to_csv(tmp_path / "split.csv", index=False)
