@@ -8,7 +8,7 @@ if [ "$lines" -gt 250 ]; then
   echo "README.md: $lines lines (at most 250: move the detail into docs/)" >&2
   exit 1
 fi
-if hits=$(grep -rn "issue [0-9]" README.md docs/ | grep -v "^docs/changelog.md:"); then
+if hits=$(grep -rniE "issue [0-9]+" README.md docs/ | grep -v "^docs/changelog.md:"); then
   echo "issue-speak outside the changelog (state facts in the present tense; history goes to CHANGELOG.md):" >&2
   echo "$hits" >&2
   exit 1

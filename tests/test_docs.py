@@ -74,7 +74,7 @@ def test_user_pages_state_facts_not_history(page: Path) -> None:
     if page.name == "changelog.md":  # it only includes CHANGELOG.md
         return
     text = page.read_text(encoding="utf-8")
-    assert not re.findall(r"issue [0-9]", text), f"{page.name}: issue-speak belongs in CHANGELOG.md"
+    assert not re.findall(r"[Ii]ssue [0-9]", text), f"{page.name}: issue-speak belongs in CHANGELOG.md"
     assert not re.findall(r"[Bb]efore this work|last session|in this round", text)
 
 
