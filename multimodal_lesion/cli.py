@@ -714,6 +714,9 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"mmlesion {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mmlesion presets | head`: the reader left; no traceback, no second error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

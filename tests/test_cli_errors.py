@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -480,3 +482,16 @@ def test_truncated_checkpoint(cli, metadata_run: Path, odd_ham: Path, tmp_path: 
 def test_resume_without_last_checkpoint(cli, tiny_ham: Path, tmp_path: Path) -> None:
     proc = cli("train", "--data", tiny_ham, "--out", tmp_path / "run", *TINY, "--resume")
     cli.error(proc, "train", str(tmp_path / "run"), "nothing to resume")
+
+
+def test_output_piped_into_a_reader_that_leaves_early_is_no_traceback() -> None:
+    """``mmlesion presets | head -1``: the closed pipe ends the command quietly, exit 0."""
+    done = subprocess.run(
+        f"{sys.executable} -m multimodal_lesion.cli presets | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert done.stdout.count("\n") == 1 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
