@@ -201,37 +201,14 @@ def attribute_split(run_dir: str | Path, split: str = "test", data: str | Path |
     seed), each case explaining its predicted class; no maps, no figures. Returns ``image_ids``,
     ``true`` (class codes), ``shap`` (a ``shap.Explanation``) and ``modality`` (a ``ModalityAttribution``).
     """
-    from .explain.modality import modality_shapley
-    from .explain.pipeline import background, load_cases, patient_features
-    from .explain.shap_groups import GroupShapExplainer
+    from .explain.pipeline import feature_attributions, load_cases
     from .runs import load_run
 
     run = load_run(run_dir, data)
-    inputs, cfg = run.inputs, run.inputs.cfg.explain
+    inputs = run.inputs
     rows = inputs.indices(split)
     batch = load_cases(run, rows, [""] * len(rows))
-    bg_emb, bg_meta = background(inputs, cfg.background_size, cfg.seed)
-    groups = inputs.encoder.feature_groups_
-    game: dict[str, Any] = {
-        "scale": cfg.shap_scale,
-        "resamples": cfg.background_resamples,
-        "seed": cfg.seed,
-        "permutations": cfg.shap_permutations,
-    }
-    raw = inputs.dataset.metadata.iloc[rows][patient_features(inputs)].reset_index(drop=True)
-    explainer = GroupShapExplainer(inputs.model, bg_meta, groups, temperature=run.temperature, **game)
-    shap_values = explainer.explain(batch.embeddings, batch.meta, batch.targets, raw=raw)
-    modality = modality_shapley(
-        inputs.model,
-        batch.embeddings,
-        batch.meta,
-        bg_emb,
-        bg_meta,
-        groups,
-        batch.targets,
-        temperature=run.temperature,
-        **game,
-    )
+    shap_values, modality = feature_attributions(run, batch)
     meta = inputs.dataset.metadata.iloc[rows]
     return {
         "image_ids": meta["image_id"].tolist(),

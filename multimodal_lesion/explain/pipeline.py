@@ -392,26 +392,43 @@ def explain_run(
     run = load_run(run_dir, data)
     if settings:
         run.inputs.cfg = replace(run.inputs.cfg, explain=dict(settings))
-    inputs, cfg = run.inputs, run.inputs.cfg.explain
+    cfg = run.inputs.cfg.explain
     timed = _Stopwatch()
     rows, why = timed("selection", select_cases, run, split, cases, cfg.n_cases if n is None else n, cfg.seed)
     batch = load_cases(run, rows, why)
     pixels = explain_pixels(run, batch, timed, ReportStore(resume))
+    shap_exp, modality = feature_attributions(run, batch, timed)
+    spreads = timed("tta spread", tta_spreads, run, batch)
+    what_ifs = timed("what-if", case_what_ifs, run, batch)
+    case_list = [_case(run, batch, i, pixels, shap_exp, modality) for i in range(len(rows))]
+    for i, case in enumerate(case_list):
+        case.tta_spread = None if spreads is None else float(spreads[i])
+        case.what_if = what_ifs[i]
+    return _cohort(run, split, case_list, shap_exp, pixels, timed.seconds)
+
+
+def feature_attributions(
+    run: LoadedRun, batch: CaseBatch, timed: Callable[..., Any] | None = None
+) -> tuple[Any, ModalityAttribution]:
+    """Grouped SHAP of the patient features and the image-vs-features Shapley split of ``batch``'s cases.
+
+    One game for both, from the run's ``explain`` settings (background, scale, resamples, seed,
+    permutations); each case explains its ``batch.targets`` class. ``timed`` (a stopwatch) records
+    the two stages as ``shap`` and ``modality``.
+    """
+    inputs, cfg = run.inputs, run.inputs.cfg.explain
+    timed = timed or (lambda _name, fn, *args: fn(*args))
     bg_emb, bg_meta = background(inputs, cfg.background_size, cfg.seed)
     groups = inputs.encoder.feature_groups_
-    raw = inputs.dataset.metadata.iloc[rows][patient_features(inputs)].reset_index(drop=True)
+    raw = inputs.dataset.metadata.iloc[batch.rows][patient_features(inputs)].reset_index(drop=True)
     game: dict[str, Any] = {
         "scale": cfg.shap_scale,
         "resamples": cfg.background_resamples,
         "seed": cfg.seed,
         "permutations": cfg.shap_permutations,
     }
-    shap_exp = timed(
-        "shap",
-        lambda: GroupShapExplainer(inputs.model, bg_meta, groups, temperature=run.temperature, **game).explain(
-            batch.embeddings, batch.meta, batch.targets, raw=raw
-        ),
-    )
+    explainer = GroupShapExplainer(inputs.model, bg_meta, groups, temperature=run.temperature, **game)
+    shap_exp = timed("shap", lambda: explainer.explain(batch.embeddings, batch.meta, batch.targets, raw=raw))
     modality = timed(
         "modality",
         lambda: modality_shapley(
@@ -426,13 +443,7 @@ def explain_run(
             **game,
         ),
     )
-    spreads = timed("tta spread", tta_spreads, run, batch)
-    what_ifs = timed("what-if", case_what_ifs, run, batch)
-    case_list = [_case(run, batch, i, pixels, shap_exp, modality) for i in range(len(rows))]
-    for i, case in enumerate(case_list):
-        case.tta_spread = None if spreads is None else float(spreads[i])
-        case.what_if = what_ifs[i]
-    return _cohort(run, split, case_list, shap_exp, pixels, timed.seconds)
+    return shap_exp, modality
 
 
 def tta_spreads(run: LoadedRun, batch: CaseBatch) -> np.ndarray | None:
