@@ -313,6 +313,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             metafunc.parametrize(argname, models_reading(inputs))
 
 
+#: The longest test modules (minutes each on 2 cores), handed to the two xdist workers first so that
+#: neither worker is left with a long module at the end while the other idles (longest-first scheduling).
+LONGEST_MODULES = (
+    "test_bad_input_runs.py",
+    "test_pipeline_synthetic.py",
+    "test_bad_input_data.py",
+    "test_external.py",
+    "test_notebooks.py",
+    "test_ablation_backends.py",
+    "test_getting_started.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run :data:`LONGEST_MODULES` first, in that order; every other module keeps its place after them."""
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def model_inputs() -> dict[str, ModelInputs]:
     """Registered model name -> what it reads (a subset of {"image", "meta"})."""
