@@ -105,7 +105,8 @@ class ImageBranch(nn.Module):
         multiscale: also average-pool the last stages before the final map and concatenate them
             (richer frozen embeddings at no extra backbone cost).
         tail_blocks: partial fine-tuning trains this many of the last blocks (stages) and the conv
-            head on the cached output of the block before them.
+            head on the cached output of the block before them; 0 caches the last block's output and
+            trains nothing of the backbone (the conv head runs frozen on the cached maps).
 
     Attributes:
         num_features: width of :meth:`embed`'s output, read from timm's declared sizes.
@@ -169,7 +170,7 @@ class ImageBranch(nn.Module):
             )
         n = len(cast(nn.Sequential, self.model.get_submodule("blocks")))
         if self.tail_blocks >= n:
-            raise ConfigError(f"model.tail_blocks: backbone '{self.backbone}' has {n} blocks; use 1 to {n - 1}")
+            raise ConfigError(f"model.tail_blocks: backbone '{self.backbone}' has {n} blocks; use 0 to {n - 1}")
         return n - 1 - self.tail_blocks
 
     def check_partial(self) -> None:
@@ -194,6 +195,22 @@ class ImageBranch(nn.Module):
         blocks = cast(nn.Sequential, self.model.get_submodule("blocks"))
         rest = [self.model.get_submodule("conv_head"), self.model.get_submodule("bn2")]
         return [*blocks[self.maps_block + 1 :], *rest]
+
+    def trainable_tail(self) -> list[nn.Module]:
+        """The part of :meth:`tail` partial fine-tuning trains: all of it, or nothing when ``tail_blocks`` is 0."""
+        return self.tail() if self.tail_blocks else []
+
+    def tail_channels(self) -> tuple[list[int], int]:
+        """(input channels of each :meth:`tail` module, channels of the last map), probed on a small image."""
+        was_training = self.training
+        channels = []
+        with torch.no_grad():
+            x = self.eval().forward_maps(torch.zeros(1, 3, 64, 64))
+            for module in self.tail():
+                channels.append(int(x.shape[1]))
+                x = module(x)
+        self.train(was_training)
+        return channels, int(x.shape[1])
 
     def embed_from_maps(self, maps: Tensor) -> Tensor:
         """:meth:`embed` resumed from :meth:`forward_maps`' output: ``embed(x)`` for ``maps = forward_maps(x)``."""

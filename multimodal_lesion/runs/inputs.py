@@ -31,7 +31,7 @@ from ..data.splits import split_lesions, split_rule
 from ..data.synthetic import make_synthetic
 from ..data.user_splits import check_given_split, duplicate_pairs, given_split, split_frame, split_leaks
 from ..errors import ConfigError, Note, note
-from ..models import FLIPS, LesionModel, create_model, embed_images
+from ..models import FLIPS, LesionModel, MetaLayout, check_model_mode, create_model, embed_images
 from .embeddings import cached_embeddings, embedding_identity
 from .feature_maps import AugmentedViews, cached_feature_maps
 
@@ -100,6 +100,12 @@ def make_splits(cfg: ExperimentConfig, dataset: LesionDataset) -> pd.DataFrame:
     if d.folds:  # data.fold < data.folds: checked when the config was loaded
         splits["split"] = np.where(splits["fold"] < 0, "test", np.where(splits["fold"] == d.fold, "val", "train"))
     return splits
+
+
+def meta_layout(encoder: MetadataEncoder) -> MetaLayout:
+    """The encoder's columns per patient feature and its "missing" encoding (for models that read them one by one)."""
+    groups = tuple(tuple(int(c) for c in cols) for cols in encoder.feature_groups_.values())
+    return MetaLayout(groups, tuple(float(v) for v in encoder.missing_row()))
 
 
 def class_targets(metadata: pd.DataFrame, classes: Sequence[str] = CLASSES) -> np.ndarray:
@@ -236,7 +242,7 @@ class RunInputs:
         """
         batches = self._batches(split, train=train, show=show, rank=rank, world_size=world_size)
         t = self.cfg.train
-        if not train or not (t.meta_dropout or t.meta_dropout_all) or self.model.meta_branch is None:
+        if not train or not (t.meta_dropout or t.meta_dropout_all) or not self.model.uses_meta:
             return batches
         groups = self.encoder.feature_groups_
         return MetaDropout(batches, self.encoder.missing_row(), groups, t.meta_dropout, t.meta_dropout_all, t.seed)
@@ -345,11 +351,17 @@ def prepare_inputs(
     notes = [str(w.message) for w in caught if issubclass(w.category, Note)]
     for message in notes:  # kept in metrics.json and told to the user
         note(message)
+    check_model_mode(cfg.model.name, cfg.train.mode)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
     model = create_model(
-        cfg.model.name, meta_dim=meta.shape[1], num_classes=dataset.schema.n_classes, cfg=cfg.model, image_branch=branch
+        cfg.model.name,
+        meta_dim=meta.shape[1],
+        num_classes=dataset.schema.n_classes,
+        cfg=cfg.model,
+        image_branch=branch,
+        meta_layout=meta_layout(encoder),
     )
     if model.image_branch is not None and not dataset.has_images:
         raise ConfigError(
@@ -360,7 +372,7 @@ def prepare_inputs(
         model.image_branch.requires_grad_(False)
     if cfg.train.mode == "partial" and model.image_branch is not None:
         model.image_branch.check_partial()
-        for module in model.image_branch.tail():  # the stages after the cached maps are fine-tuned
+        for module in model.image_branch.trainable_tail():  # the stages after the cached maps are fine-tuned
             module.requires_grad_(True)
     model.to(device)
     if cfg.train.channels_last:

@@ -81,7 +81,7 @@ def missing_metadata_scores(
     ``to_probs`` turns logits into the probabilities scored (e.g. the run's balanced scaler, whose
     arg-max is the decision balanced accuracy rewards). Models without a metadata branch return {}.
     """
-    if inputs.model.meta_branch is None:
+    if not inputs.model.uses_meta:
         return {}
     rows = inputs.indices(split)
     embedding = inputs.embeddings_of(rows)
