@@ -76,17 +76,19 @@ class MapFusion(nn.Module):
 
     ``forward(branch, maps, meta)`` -> (last map (B, C, h, w) after the fusion, summary (B, D) or None):
     :meth:`condition` is applied before each tail block and before the conv head (not before its
-    batch norm), then :meth:`finish` on the last map. A subclass overrides what it needs.
+    batch norm: ``ImageBranch.tail_points``), then :meth:`finish` on the last map. A subclass
+    overrides what it needs.
     """
 
     summary_dim: int = 0  # width of the metadata summary the head reads next to the pooled map (0: none)
+    needs_points: bool = True  # conditions the input of a tail convolution (False: only the last map)
 
     def forward(self, branch: ImageBranch, maps: Tensor, meta: Tensor) -> tuple[Tensor, Tensor | None]:
         context = self.context(meta)
-        tail = branch.tail()
+        points = branch.tail_points()
         x = maps
-        for i, module in enumerate(tail):
-            if i < len(tail) - 1:
+        for i, module in enumerate(branch.tail()):
+            if i < points:
                 x = self.condition(i, x, context)
             x = module(x)
         return self.finish(x, context)
@@ -225,6 +227,8 @@ class MetaQueriesImage(nn.Module):
 class CrossAttentionFusion(MapFusion):
     """Cross-attention both ways between the last map and the patient-feature tokens (see ``cross_attention``)."""
 
+    needs_points = False
+
     def __init__(self, meta_dim: int, out_channels: int, layout: MetaLayout, **_: Any) -> None:
         super().__init__()
         self.tokens = MetaTokens(layout, ATTENTION_DIM)
@@ -257,6 +261,7 @@ class MapHead(FusionHead):
 
 def build_map_model(
     fusion_cls: type[MapFusion],
+    name: str,
     *,
     meta_dim: int,
     num_classes: int,
@@ -273,10 +278,18 @@ def build_map_model(
     try:
         channels, out_channels = image.tail_channels()
     except ConfigError as exc:
-        raise ConfigError(f"model '{cfg.name}' fuses into the maps before the backbone's tail: {exc}") from None
+        raise ConfigError(f"model '{name}' fuses into the maps before the backbone's tail: {exc}") from None
+    points = image.tail_points()
+    if fusion_cls.needs_points and not points:
+        raise ConfigError(
+            f"model '{name}': model.tail_blocks=0 leaves no convolution after the fusion point on backbone "
+            f"'{image.backbone}' (it has no conv head), so the fusion would commute with the pooling; use >= 1"
+        )
     layout = meta_layout if meta_layout is not None else MetaLayout.columns(meta_dim)
     layout.check(meta_dim)
-    fusion = fusion_cls(meta_dim=meta_dim, channels=channels[:-1], out_channels=out_channels, cfg=cfg, layout=layout)
+    fusion = fusion_cls(
+        meta_dim=meta_dim, channels=channels[:points], out_channels=out_channels, cfg=cfg, layout=layout
+    )
     head = MapHead(image.num_features, fusion.summary_dim, num_classes, cfg.head_hidden, cfg.dropout)
     return LesionModel(head, image, None, fusion)
 
@@ -299,7 +312,7 @@ def metanet(**kwargs: Any) -> LesionModel:
     gating, like ``gated``), so it is applied at the input of the backbone's tail (the cached maps of
     partial mode), where the tail blocks and conv head still convolve the re-weighted channels.
     """
-    return build_map_model(MetaNetFusion, **kwargs)
+    return build_map_model(MetaNetFusion, "metanet", **kwargs)
 
 
 @register_model
@@ -313,7 +326,7 @@ def metablock(**kwargs: Any) -> LesionModel:
     models applied to skin cancer classification", IEEE JBHI 25(9), 2021. The paper applies it to the
     last features before the classifier; here the tail's convolutions read its output.
     """
-    return build_map_model(MetaBlockFusion, **kwargs)
+    return build_map_model(MetaBlockFusion, "metablock", **kwargs)
 
 
 @register_model
@@ -326,7 +339,7 @@ def film_maps(**kwargs: Any) -> LesionModel:
     usual input. Source: E. Perez et al., "FiLM: Visual reasoning with a general conditioning
     layer", AAAI 2018 (per-block conditioning of a CNN; cf. DAFT, Wolf et al. 2022).
     """
-    return build_map_model(FiLMMapsFusion, **kwargs)
+    return build_map_model(FiLMMapsFusion, "film_maps", **kwargs)
 
 
 @register_model
@@ -344,7 +357,7 @@ def cross_attention(**kwargs: Any) -> LesionModel:
     Both, because direction 1 alone makes the metadata act only through the map and direction 2 alone
     leaves the map unconditioned. Sources: Vaswani et al. 2017 (attention); Touvron et al. 2021 (LayerScale s).
     """
-    return build_map_model(CrossAttentionFusion, **kwargs)
+    return build_map_model(CrossAttentionFusion, "cross_attention", **kwargs)
 
 
 __all__ = [

@@ -221,7 +221,10 @@ class RunInputs:
         return self.cached_maps
 
     def embeddings_of(self, rows: np.ndarray) -> torch.Tensor | None:
-        """Image embeddings of ``rows`` as the model sees them: cached (frozen) or computed live (end-to-end)."""
+        """Pooled image embeddings of ``rows`` (late models): cached (frozen) or computed live (partial, end-to-end).
+
+        A map-fusion model has no metadata-free embedding: use :meth:`image_states_of`.
+        """
         branch = self.model.image_branch
         if branch is None:
             return None
@@ -231,6 +234,33 @@ class RunInputs:
             return torch.cat(
                 [embed_images(branch, self.normalized_images(rows[i : i + 32]), False) for i in range(0, len(rows), 32)]
             )
+
+    def image_states_of(self, rows: np.ndarray, chunk: int = 256) -> torch.Tensor | None:
+        """What ``model.from_image_state`` reads for ``rows`` (None without an image branch), in eval mode.
+
+        Frozen: the cached embeddings. Partial: from the cached unflipped maps (a map-fusion model's
+        state itself; a late model's embedding pooled through its trained tail), so nothing runs the
+        frozen stem again. End-to-end: ``model.image_state`` of the images, live.
+        """
+        model, branch = self.model, self.model.image_branch
+        if branch is None:
+            return None
+        if self.cfg.train.mode == "frozen":
+            return torch.from_numpy(self.embeddings(show=False)[rows]).to(self.device)
+        was_training = model.training
+        model.eval()
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(rows), chunk):
+                part = rows[i : i + chunk]
+                if self.cfg.train.mode == "partial":
+                    maps = torch.from_numpy(np.asarray(self.feature_maps(show=False)[part, 0])).float()
+                    maps = maps.to(self.device)
+                    parts.append(maps if model.fuses_on_maps else branch.embed_from_maps(maps))
+                else:
+                    parts.append(model.image_state(self.normalized_images(part)))
+        model.train(was_training)
+        return torch.cat(parts)
 
     def batches(
         self, split: str, *, train: bool, show: bool = True, rank: int = 0, world_size: int = 1
