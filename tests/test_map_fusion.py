@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -238,3 +239,36 @@ def test_metadata_changes_the_trained_metanets_maps_on_real_images(partial_runs)
     _, given = cam_activations(model, {"image": images, "meta": meta})
     _, unknown = cam_activations(model, {"image": images, "meta": blank})
     assert not torch.allclose(given, unknown, atol=1e-6)
+
+
+def test_the_summary_pairs_map_models_with_the_best_late_model_and_tables_missing_metadata() -> None:
+    from multimodal_lesion.ablation.summary import best_late_model, map_fusion_comparison, missing_metadata_frame
+
+    rng = np.random.default_rng(0)
+    level = {"image_only": 0.60, "concat": 0.62, "film": 0.65, "metanet": 0.70, "cross_attention": 0.64}
+    records = [
+        {
+            "model": model,
+            "fold": fold,
+            "seed": 0,
+            "balanced_accuracy": ba + rng.normal(0, 0.005),
+            "missing_metadata": {
+                "full": {"balanced_accuracy": ba, "macro_auroc": 0.9},
+                "none/unknown": {"balanced_accuracy": ba - 0.05, "macro_auroc": 0.85},
+            }
+            if model != "image_only"
+            else {},
+        }
+        for model, ba in level.items()
+        for fold in range(5)
+    ]
+    results = pd.DataFrame([{k: r[k] for k in ("model", "fold", "seed", "balanced_accuracy")} for r in records])
+    assert best_late_model(results) == "film"  # not image_only, not a map model
+    compared = map_fusion_comparison(results, n_folds=5, n_boot=200).set_index("model")
+    assert sorted(compared.index) == ["cross_attention", "metanet"] and set(compared.baseline) == {"film"}
+    assert compared.loc["metanet", "mean_diff"] == pytest.approx(0.05, abs=0.01)
+    assert compared.loc["metanet", "ci_low"] > 0 > compared.loc["cross_attention", "ci_high"]
+    missing = missing_metadata_frame(records).set_index(["model", "variant"])
+    assert "image_only" not in missing.index.get_level_values(0)
+    assert missing.loc[("metanet", "none"), "balanced_accuracy_mean"] == pytest.approx(0.65)
+    assert (missing["n_cells"] == 5).all()

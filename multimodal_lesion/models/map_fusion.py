@@ -148,10 +148,11 @@ class FiLMMapsFusion(MapFusion):
     def __init__(self, meta_dim: int, channels: list[int], cfg: ModelConfig, **_: Any) -> None:
         super().__init__()
         self.meta = MetadataBranch(meta_dim, cfg.meta_hidden, cfg.dropout)
-        self.generators = nn.ModuleList(nn.Linear(cfg.meta_hidden, 2 * c) for c in channels)
-        for generator in self.generators:  # identity at the start: the pretrained tail sees its usual input
+        generators = [nn.Linear(cfg.meta_hidden, 2 * c) for c in channels]
+        for generator in generators:  # identity at the start: the pretrained tail sees its usual input
             nn.init.zeros_(generator.weight)
             nn.init.zeros_(generator.bias)
+        self.generators = nn.ModuleList(generators)
 
     def context(self, meta: Tensor) -> Any:
         return self.meta(meta)
@@ -170,6 +171,7 @@ class MetaTokens(nn.Module):
         self.embed = nn.ModuleList(nn.Linear(len(g), dim) for g in self.groups)
         self.feature_id = nn.Parameter(torch.randn(len(self.groups), dim) * 0.02)
         self.missing_token = nn.Parameter(torch.randn(len(self.groups), dim) * 0.02)
+        self.missing: Tensor
         self.register_buffer("missing", torch.tensor(layout.missing, dtype=torch.float32), persistent=False)
 
     def forward(self, meta: Tensor) -> Tensor:
