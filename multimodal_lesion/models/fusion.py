@@ -237,27 +237,6 @@ class LesionModel(nn.Module):
         meta_emb = self.meta_branch(_require(meta, "meta")) if self.meta_branch is not None else None
         return self.head(image, meta_emb)
 
-    # TEMPORARY SHIM (branch fusionx): the image-state contract of /work/contract24.md for the late
-    # models, so the explanations can be built before branch `fusion` lands; dropped at the merge.
-    @property
-    def fuses_on_maps(self) -> bool:
-        """True when the metadata conditions the feature maps (never, for the late models here)."""
-        return False
-
-    def image_state(self, images: Tensor) -> Tensor:
-        """The metadata-independent part of the forward pass: the pooled embedding of the late models."""
-        assert self.image_branch is not None
-        return self.image_branch.embed(images)
-
-    def from_image_state(self, state: Tensor | None, meta: Tensor | None) -> Tensor:
-        """Logits from :meth:`image_state`'s output and the encoded metadata."""
-        return self.forward_head(state, meta)
-
-    def cam_layer(self) -> nn.Module:
-        """Grad-CAM's default layer: the last feature map after the fusion (the backbone's, here)."""
-        assert self.image_branch is not None
-        return self.image_branch.default_target_layer()
-
 
 def build_lesion_model(
     head_cls: type[FusionHead],
