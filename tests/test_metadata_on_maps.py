@@ -5,6 +5,7 @@ activations untouched in a late model, a moved map in a map model whose metadata
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from math import factorial
@@ -15,14 +16,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from multimodal_lesion.config import ModelConfig
 from multimodal_lesion.data.encoder import MetadataEncoder
 from multimodal_lesion.explain import GradCamExplainer, GroupShapExplainer, integrated_gradients, modality_shapley
 from multimodal_lesion.explain.gradcam import layer_geometry, resolve_target_layer
 from multimodal_lesion.explain.metadata_effect import fusion_kind, map_rank_correlation, metadata_effect
-from multimodal_lesion.explain.randomisation import CamSetup, cascading_randomisation
+from multimodal_lesion.explain.randomisation import CamSetup, cascading_randomisation, randomisation_stages
 from multimodal_lesion.explain.shap_groups import group_columns
 from multimodal_lesion.explain.whatif import cams_across_ages
-from multimodal_lesion.models import LesionModel
+from multimodal_lesion.models import LesionModel, MetaLayout, create_model
 from multimodal_lesion.models.fusion import LinearImageHead
 from multimodal_lesion.models.image_branch import ImageBranch
 from multimodal_lesion.models.metadata_branch import MetadataBranch
@@ -91,20 +93,48 @@ def map_model(encoded: dict) -> FilmOnMaps:
     return model
 
 
+REGISTERED_SIZE = (48, 64)  # test_resnet's image size in the registered map models' tests
+TINY = ModelConfig(backbone="test_resnet", weights="none", meta_hidden=8, head_hidden=16, dropout=0.0)
+
+
+def registered(name: str, encoder: MetadataEncoder, seed: int = 1) -> LesionModel:
+    """A registered model on timm's tiny test_resnet, every weight outside the backbone moved off its
+    initialisation (FiLM generators start at zero), so the metadata path does something."""
+    layout = MetaLayout(
+        tuple(tuple(c) for c in encoder.feature_groups_.values()), tuple(float(v) for v in encoder.missing_row())
+    )
+    torch.manual_seed(seed)
+    dim = len(encoder.get_feature_names_out())
+    model = create_model(name, meta_dim=dim, num_classes=7, cfg=TINY, meta_layout=layout)
+    with torch.no_grad():
+        for path, p in model.named_parameters():
+            if not path.startswith("image_branch."):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def tiny_images(n: int, seed: int) -> Tensor:
+    return torch.randn(n, 3, *REGISTERED_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
 def states(model: LesionModel, images: Tensor) -> Tensor:
     with torch.no_grad():
         return model.image_state(images)
 
 
 def value(model: LesionModel, state: Tensor, meta: np.ndarray, target: int) -> float:
-    """Probability of ``target`` for one (state, metadata) row, through ``from_image_state`` alone."""
+    """Mean probability of ``target`` over paired (state, metadata) rows, through ``from_image_state`` alone;
+    one state (C, h, w) is shared by every metadata row."""
+    meta_t = torch.as_tensor(np.atleast_2d(meta), dtype=torch.float32)
+    state = state.expand(len(meta_t), *state.shape[-3:]) if state.ndim == 3 else state
     with torch.no_grad():
-        logits = model.from_image_state(state[None], torch.as_tensor(meta[None], dtype=torch.float32))
-    return float(torch.softmax(logits.double(), -1)[0, target])
+        logits = model.from_image_state(state, meta_t)
+    return float(torch.softmax(logits.double(), -1)[:, target].mean())
 
 
 def brute_force(players: int, v: Callable[[frozenset[int]], float]) -> np.ndarray:
-    """Shapley values by the textbook sum over every coalition without each player."""
+    """Shapley values by the textbook sum over every coalition without each player (each v(S) once)."""
+    v = functools.cache(v)
     phi = np.zeros(players)
     for i in range(players):
         others = [p for p in range(players) if p != i]
@@ -127,7 +157,7 @@ def test_grouped_shap_of_a_map_model_is_exact_against_coalitions_by_hand(map_mod
         def v(present: frozenset[int], b: int = b, target: int = target) -> float:
             cols = owns[list(present)].any(0) if present else np.zeros(encoded["dim"], bool)
             rows = np.where(cols, encoded["meta"][b], encoded["background"])
-            return float(np.mean([value(map_model, own[b], r, target) for r in rows]))
+            return value(map_model, own[b], rows, target)
 
         np.testing.assert_allclose(exp.values[b], brute_force(3, v), atol=1e-6)
         np.testing.assert_allclose(exp.base_values[b] + exp.values[b].sum(), probs[b, target], atol=1e-6)
@@ -145,8 +175,8 @@ def test_modality_split_of_a_map_model_is_exact_with_background_maps(map_model: 
             features = [p - 1 for p in present if p > 0]
             cols = owns[features].any(0) if features else np.zeros(encoded["dim"], bool)
             rows = np.where(cols, encoded["meta"][b], encoded["background"])
-            image = [own[b] if 0 in present else background[m] for m in range(len(rows))]
-            return float(np.mean([value(map_model, image[m], rows[m], target) for m in range(len(rows))]))
+            image = own[b].expand_as(background) if 0 in present else background
+            return value(map_model, image, rows, target)
 
         np.testing.assert_allclose(split.values[b], brute_force(4, v), atol=1e-6)
         assert split.base_values[b] + split.values[b].sum() == pytest.approx(split.outputs[b], abs=1e-6)
@@ -296,4 +326,53 @@ def test_randomisation_of_a_map_model_starts_with_its_fusion(map_model: FilmOnMa
     stages = cascading_randomisation(map_model, encoded["images"][:2], meta, [0, 1], cams, setup)
     assert stages[0].stage == "head" and stages[1].stage == "layer4"
     assert torch.equal(map_model.film.weight, film_before)  # the model itself is untouched
-    assert stages[0].n_valid == 2 and stages[0].spearman < 0.99  # the randomised fusion moved the maps
+    head = randomisation_stages(map_model)[0][1]
+    assert any(m is map_model.film for m in head)  # the fusion outside the backbone is randomised first
+    assert all(len(s.cases) == 2 for s in stages) and len(stages) == len(randomisation_stages(map_model))
+
+
+def test_registered_map_models_shap_and_modality_split_are_exact(map_fusion_model: str, encoded: dict) -> None:
+    """Each registered map-fusion model: grouped SHAP and the modality split equal the Shapley values of
+    coalitions enumerated by hand through ``from_image_state`` (state = the maps at the fusion point)."""
+    model = registered(map_fusion_model, encoded["encoder"])
+    assert model.fuses_on_maps and fusion_kind(model) == "maps"
+    own, background = states(model, tiny_images(1, 0)), states(model, tiny_images(5, 1))
+    assert own.ndim == 4  # maps, not an embedding
+    meta = encoded["meta"][:1]
+    exp = GroupShapExplainer(model, encoded["background"], encoded["groups"]).explain(own, meta)
+    split = modality_shapley(model, own, meta, background, encoded["background"], encoded["groups"])
+    owns = group_columns(encoded["groups"], encoded["dim"])
+    target = int(split.targets[0])
+
+    def rows(features: list[int]) -> np.ndarray:
+        cols = owns[features].any(0) if features else np.zeros(encoded["dim"], bool)
+        return np.where(cols, meta[0], encoded["background"])
+
+    def v_shap(present: frozenset[int]) -> float:
+        return value(model, own[0], rows(list(present)), target)
+
+    def v_split(present: frozenset[int]) -> float:
+        meta_rows = rows([p - 1 for p in present if p > 0])
+        image = own[0].expand_as(background) if 0 in present else background
+        return value(model, image, meta_rows, target)
+
+    np.testing.assert_allclose(exp.values[0], brute_force(3, v_shap), atol=1e-6)
+    np.testing.assert_allclose(split.values[0], brute_force(4, v_split), atol=1e-6)
+    assert np.abs(exp.values).max() > 1e-4  # the metadata matters to this model
+
+
+def test_registered_map_models_cam_follows_the_metadata(map_fusion_model: str, encoded: dict) -> None:
+    """The default CAM layer of a registered map model is after the fusion: its activations change when
+    the metadata is taken away, and the map's geometry is read through a metadata-conditioned pass."""
+    model = registered(map_fusion_model, encoded["encoder"])
+    images, meta = tiny_images(2, 2), torch.as_tensor(encoded["meta"][:2])
+    missing = torch.as_tensor(encoded["encoder"].missing_row()).expand(2, -1)
+    with GradCamExplainer(model) as cam:
+        assert cam.layer is model.cam_layer()
+        acts_with = layer_activations(cam, images, meta, [0, 1])
+        acts_without = layer_activations(cam, images, missing, [0, 1])
+        effect = metadata_effect(cam, images, meta, missing[0], [0, 1])
+    assert not torch.equal(acts_with, acts_without)
+    assert effect.kind == "maps" and effect.with_metadata.shape == (2, *REGISTERED_SIZE)
+    geometry = layer_geometry(model, None, REGISTERED_SIZE, meta[:1])
+    assert geometry.grid == tuple(acts_with.shape[-2:])

@@ -135,6 +135,11 @@ def meta_for_views(meta: Tensor | None, views: int) -> Tensor | None:
     return None if meta is None or views == 1 else meta.repeat(views, 1)
 
 
+def state_logits(model: LesionModel, state: Tensor | None, meta: Tensor | None) -> Tensor:
+    """Logits from an image state (``model.image_state``; None for a metadata-only model) and the metadata."""
+    return model.forward_head(None, meta) if state is None else model.from_image_state(state, meta)
+
+
 def view_logits(model: LesionModel, views: Tensor, meta: Tensor | None, n_views: int) -> Tensor:
     """Logits (B, C) of images given as ``n_views`` view-major copies (V*B, 3, H, W), in one backbone pass.
 
@@ -376,10 +381,12 @@ def layer_path(model: LesionModel, layer: nn.Module) -> str:
 
 
 def meta_placeholder(model: LesionModel, n: int = 1) -> Tensor | None:
-    """Zero metadata rows (n, D) for a pass whose output ignores their values (a layer's shape); None
-    for a model without a metadata branch."""
-    if model.meta_branch is None:
+    """Zero metadata rows (n, D) for a pass whose output ignores their values (a layer's shape); None for a
+    model that ignores the metadata. A model without a metadata branch of known width needs a real row."""
+    if not model.uses_meta:
         return None
+    if model.meta_branch is None:
+        raise ConfigError("this model reads the metadata inside the network: pass a metadata row")
     return torch.zeros(n, model.meta_branch.in_dim, device=next(model.parameters()).device)
 
 
@@ -438,6 +445,7 @@ __all__ = [
     "preserved_state",
     "resolve_target_layer",
     "shown_view",
+    "state_logits",
     "view_averaged",
     "view_logits",
 ]

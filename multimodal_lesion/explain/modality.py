@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models.fusion import LesionModel
-from .gradcam import preserved_state
+from .gradcam import preserved_state, state_logits
 from .shap_groups import DEFAULT_PERMUTATIONS, Scale, as_input_tensor, check_groups, group_columns, grouped_shapley
 
 IMAGE_PLAYER = "image"
@@ -207,7 +207,7 @@ def integrated_gradients(
 
     def forward(*tensors: Tensor) -> Tensor:
         given = dict(zip(names, tensors, strict=True))
-        logits = model.from_image_state(given.get("embedding"), given.get("meta"))
+        logits = state_logits(model, given.get("embedding"), given.get("meta"))
         return torch.softmax(logits / temperature, dim=-1)
 
     n = len(next(iter(inputs.values()))[0])

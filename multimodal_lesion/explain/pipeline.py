@@ -58,6 +58,7 @@ from .gradcam import (
     layer_geometry,
     preserved_state,
     shown_view,
+    state_logits,
 )
 from .metadata_effect import MetadataEffect, fusion_kind, metadata_effect
 from .modality import ModalityAttribution, modality_shapley
@@ -124,9 +125,10 @@ def shown_flip_average(inputs: RunInputs) -> bool:
 STATE_BATCH = 32  # images per image_state pass of a model that fuses on the maps
 
 
-def image_states_of(inputs: RunInputs, rows: np.ndarray) -> torch.Tensor | None:
-    """``model.image_state`` of ``rows`` as the run evaluates them: a late model's embeddings (cached on
-    the frozen path), a map model's maps computed from the unflipped images; None without an image."""
+def shown_states(inputs: RunInputs, rows: np.ndarray) -> torch.Tensor | None:
+    """``model.image_state`` of ``rows`` behind the displayed prediction: a late model's embeddings as
+    before (cached on the frozen path, else live), a map model's maps computed live from the unflipped
+    images (float32, like the Grad-CAM pass, not partial mode's float16 cache); None without an image."""
     model = inputs.model
     if model.image_branch is None:
         return None
@@ -148,11 +150,11 @@ def displayed_probabilities(run: LoadedRun, rows: np.ndarray) -> np.ndarray:
     step = PREDICT_BATCH if not inputs.model.fuses_on_maps else STATE_BATCH
     for i in range(0, len(rows), step):
         part = rows[i : i + step]
-        states = image_states_of(inputs, part)
+        states = shown_states(inputs, part)
         meta = torch.from_numpy(inputs.meta[part]).to(inputs.device)
         with preserved_state(inputs.model), torch.no_grad():
             inputs.model.eval()
-            logits = inputs.model.from_image_state(states, meta) / run.temperature
+            logits = state_logits(inputs.model, states, meta) / run.temperature
         out.append(torch.softmax(logits.double(), 1).cpu().numpy())
     return np.concatenate(out) if out else np.empty((0, inputs.schema.n_classes))
 
@@ -179,7 +181,7 @@ def select_cases(
 def load_cases(run: LoadedRun, rows: np.ndarray, selection: list[str]) -> CaseBatch:
     """Images, metadata, image states and the displayed (calibrated) prediction of each selected case."""
     inputs = run.inputs
-    emb = image_states_of(inputs, rows)
+    emb = shown_states(inputs, rows)
     meta = torch.from_numpy(inputs.meta[rows]).to(inputs.device)
     probs = displayed_probabilities(run, rows)
     images = inputs.normalized_images(rows) if inputs.model.uses_image else torch.empty(0)
@@ -194,7 +196,7 @@ def background(inputs: RunInputs, size: int, seed: int) -> tuple[torch.Tensor | 
     """
     train = inputs.indices("train")
     rows = np.sort(np.random.default_rng(seed).choice(train, size=min(size, len(train)), replace=False))
-    return image_states_of(inputs, rows), inputs.meta[rows]
+    return shown_states(inputs, rows), inputs.meta[rows]
 
 
 def cam_setup(run: LoadedRun) -> CamSetup:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models.fusion import LesionModel
-from .gradcam import preserved_state
+from .gradcam import preserved_state, state_logits
 
 MAX_ROWS_PER_CALL = 32768  # (case, coalition, background row) triples per from_image_state call
 MAX_STATE_VALUES_PER_CALL = 2**24  # image-state values per call (a map model's maps are big: fewer rows)
@@ -231,7 +231,7 @@ def coalition_probabilities(
         case, coal, bg = part // (n_coal * n_bg), (part // n_bg) % n_coal, part % n_bg
         state = _rows(states, background_states, state_present, case, coal, bg)
         met = _rows(meta, background_meta, meta_present, case, coal, bg)
-        logits = model.from_image_state(state, met)
+        logits = state_logits(model, state, met)
         probs.append(torch.softmax(logits / temperature, dim=-1).double())
     per_row = torch.cat(probs).reshape(n_cases, n_coal, n_bg, -1)
     return torch.einsum("bkmc,rm->rbkc", per_row, weights.to(per_row))
@@ -409,7 +409,7 @@ class GroupShapExplainer:
         with preserved_state(self.model), torch.no_grad():
             self.model.eval()
             state, meta_t = as_input_tensor(states, self.model), as_input_tensor(meta, self.model)
-            logits = self.model.from_image_state(state, meta_t)
+            logits = state_logits(self.model, state, meta_t)
             return torch.softmax(logits / self.temperature, dim=-1).double().cpu().numpy()
 
     def explain(

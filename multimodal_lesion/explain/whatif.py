@@ -19,7 +19,7 @@ import torch
 
 from ..data.encoder import MetadataEncoder
 from ..models import LesionModel
-from .gradcam import GradCamExplainer
+from .gradcam import GradCamExplainer, state_logits
 
 #: Ages of the ICE curve (years).
 AGES: tuple[float, ...] = tuple(float(a) for a in range(0, 91, 5))
@@ -111,7 +111,7 @@ def what_if(
         rows[feature] = values
         meta = torch.from_numpy(encoder.transform(rows).astype(np.float32)).to(device)
         image = None if state is None else state.expand(len(values), *state.shape[1:])
-        probs = torch.softmax(model.from_image_state(image, meta).float() / temperature, 1).cpu().numpy()
+        probs = torch.softmax(state_logits(model, image, meta).float() / temperature, 1).cpu().numpy()
         result.values[feature] = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
         result.probs[feature] = np.round(probs, 6).tolist()
         own = patient[feature].iloc[0]
