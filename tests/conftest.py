@@ -352,11 +352,13 @@ def make_patients(n: int, seed: int) -> pd.DataFrame:
 
 
 def make_confident(model: LesionModel) -> LesionModel:
-    """Head weights 3x the default init, so the metadata moves the probabilities by ~0.1."""
+    """Linear weights outside the backbone (head, metadata branch, a map model's fusion) 3x the default init,
+    so the metadata moves the probabilities by ~0.1."""
     import torch
 
+    parts = [child for child in model.children() if child is not model.image_branch]
     with torch.no_grad():
-        for module in [*model.head.modules(), *(model.meta_branch.modules() if model.uses_meta else [])]:
+        for module in [m for part in parts for m in part.modules()]:
             if isinstance(module, torch.nn.Linear):
                 module.weight.mul_(3)
     return model
