@@ -128,7 +128,9 @@ class ModelConfig:
     head_hidden: PositiveInt = 256  # width of the fusion MLP
     dropout: Probability0 = 0.3  # dropout in the heads
     multiscale: bool = False  # concatenate pooled features of the last stages (frozen path)
-    tail_blocks: PositiveInt = 1  # partial: last backbone blocks (stages) fine-tuned on the cached maps before them
+    # partial: last backbone blocks (stages) fine-tuned on the cached maps before them; 0 = the last block's
+    # maps are cached and the whole backbone stays frozen (map-fusion models then fuse on those maps)
+    tail_blocks: Count = 1
 
 
 @dataclass(frozen=True)

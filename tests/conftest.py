@@ -275,27 +275,27 @@ def end2end_run(cli: Cli, cli_ham: Path, tmp_path_factory: pytest.TempPathFactor
 
 # --- the model registry: tests are parametrised over it, never over a hand-kept list of names ---------
 
-ModelInputs = frozenset[str]  # what a registered model reads: a subset of {"image", "meta"}
+ModelInputs = frozenset[str]  # what a registered model reads: a subset of {"image", "meta"} (+ "maps")
 
 
 @functools.cache
 def registered_inputs() -> dict[str, ModelInputs]:
-    """What each registered model reads ("image", "meta"), asked of a small instance of it."""
+    """What each registered model reads ("image", "meta"; "maps" when the metadata conditions the maps)."""
     from multimodal_lesion.models import ImageBranch, create_model, list_models
 
     branch = ImageBranch("test_resnet", weights="none")  # one tiny backbone shared by the image models
     inputs = {}
     for name in list_models():
         model = create_model(name, meta_dim=1, image_branch=branch)
-        inputs[name] = ModelInputs(
-            kind for kind, used in (("image", model.uses_image), ("meta", model.uses_meta)) if used
-        )
+        used = (("image", model.uses_image), ("meta", model.uses_meta), ("maps", model.fuses_on_maps))
+        inputs[name] = ModelInputs(kind for kind, reads in used if reads)
     return inputs
 
 
 #: Test arguments filled with the registered models that read exactly these inputs.
 MODEL_KINDS: dict[str, ModelInputs] = {
-    "fusion_model": ModelInputs({"image", "meta"}),
+    "fusion_model": ModelInputs({"image", "meta"}),  # late fusion (on the pooled embedding)
+    "map_fusion_model": ModelInputs({"image", "meta", "maps"}),
     "image_only_model": ModelInputs({"image"}),
     "metadata_only_model": ModelInputs({"meta"}),
 }
@@ -371,11 +371,13 @@ def make_patients(n: int, seed: int) -> pd.DataFrame:
 
 
 def make_confident(model: LesionModel) -> LesionModel:
-    """Head weights 3x the default init, so the metadata moves the probabilities by ~0.1."""
+    """Linear weights outside the backbone (head, metadata branch, a map model's fusion) 3x the default init,
+    so the metadata moves the probabilities by ~0.1."""
     import torch
 
+    parts = [child for child in model.children() if child is not model.image_branch]
     with torch.no_grad():
-        for module in [*model.head.modules(), *(model.meta_branch.modules() if model.uses_meta else [])]:
+        for module in [m for part in parts for m in part.modules()]:
             if isinstance(module, torch.nn.Linear):
                 module.weight.mul_(3)
     return model

@@ -7,8 +7,10 @@ from pathlib import Path
 from ..explain.results import CohortExplanation
 from ..io import safe_stem
 from .explanation_figures import (
+    age_maps_png,
     beeswarm_png,
     cohort_grid_png,
+    metadata_map_png,
     modality_bar_png,
     modality_by_class_png,
     overlay_png,
@@ -43,6 +45,17 @@ def draw_explanation_figures(out: str | Path, cohort: CohortExplanation) -> Repo
                     f"runner-up: {case.runner_up_class}",
                     case.mask,
                 )
+            if case.cam is not None and case.cam_without_metadata is not None:
+                drawn["metadata_map"] = metadata_map_png(
+                    case.pixels,
+                    case.cam,
+                    case.cam_without_metadata,
+                    assets / f"{stem}_metadata_map.png",
+                    case.metadata_map_spearman,
+                )
+            if case.age_cams:
+                own = case.patient.get("age", case.patient.get("age_approx", ""))
+                drawn["age_maps"] = age_maps_png(case.pixels, case.age_cams, assets / f"{stem}_age_maps.png", own)
         if cohort.shap_values is not None:
             drawn["waterfall"] = waterfall_png(
                 cohort.shap_values[i], assets / f"{stem}_waterfall.png", case.target_class

@@ -31,7 +31,7 @@ from ..data.splits import split_lesions, split_rule
 from ..data.synthetic import make_synthetic
 from ..data.user_splits import check_given_split, duplicate_pairs, given_split, split_frame, split_leaks
 from ..errors import ConfigError, Note, note
-from ..models import FLIPS, LesionModel, create_model, embed_images
+from ..models import FLIPS, LesionModel, MetaLayout, check_model_mode, create_model, embed_images
 from .embeddings import cached_embeddings, embedding_identity
 from .feature_maps import AugmentedViews, cached_feature_maps
 
@@ -100,6 +100,12 @@ def make_splits(cfg: ExperimentConfig, dataset: LesionDataset) -> pd.DataFrame:
     if d.folds:  # data.fold < data.folds: checked when the config was loaded
         splits["split"] = np.where(splits["fold"] < 0, "test", np.where(splits["fold"] == d.fold, "val", "train"))
     return splits
+
+
+def meta_layout(encoder: MetadataEncoder) -> MetaLayout:
+    """The encoder's columns per patient feature and its "missing" encoding (for models that read them one by one)."""
+    groups = tuple(tuple(int(c) for c in cols) for cols in encoder.feature_groups_.values())
+    return MetaLayout(groups, tuple(float(v) for v in encoder.missing_row()))
 
 
 def class_targets(metadata: pd.DataFrame, classes: Sequence[str] = CLASSES) -> np.ndarray:
@@ -215,7 +221,10 @@ class RunInputs:
         return self.cached_maps
 
     def embeddings_of(self, rows: np.ndarray) -> torch.Tensor | None:
-        """Image embeddings of ``rows`` as the model sees them: cached (frozen) or computed live (end-to-end)."""
+        """Pooled image embeddings of ``rows`` (late models): cached (frozen) or computed live (partial, end-to-end).
+
+        A map-fusion model has no metadata-free embedding: use :meth:`image_states_of`.
+        """
         branch = self.model.image_branch
         if branch is None:
             return None
@@ -225,6 +234,33 @@ class RunInputs:
             return torch.cat(
                 [embed_images(branch, self.normalized_images(rows[i : i + 32]), False) for i in range(0, len(rows), 32)]
             )
+
+    def image_states_of(self, rows: np.ndarray, chunk: int = 256) -> torch.Tensor | None:
+        """What ``model.from_image_state`` reads for ``rows`` (None without an image branch), in eval mode.
+
+        Frozen: the cached embeddings. Partial: from the cached unflipped maps (a map-fusion model's
+        state itself; a late model's embedding pooled through its trained tail), so nothing runs the
+        frozen stem again. End-to-end: ``model.image_state`` of the images, live.
+        """
+        model, branch = self.model, self.model.image_branch
+        if branch is None:
+            return None
+        if self.cfg.train.mode == "frozen":
+            return torch.from_numpy(self.embeddings(show=False)[rows]).to(self.device)
+        was_training = model.training
+        model.eval()
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(rows), chunk):
+                part = rows[i : i + chunk]
+                if self.cfg.train.mode == "partial":
+                    maps = torch.from_numpy(np.asarray(self.feature_maps(show=False)[part, 0])).float()
+                    maps = maps.to(self.device)
+                    parts.append(maps if model.fuses_on_maps else branch.embed_from_maps(maps))
+                else:
+                    parts.append(model.image_state(self.normalized_images(part)))
+        model.train(was_training)
+        return torch.cat(parts)
 
     def batches(
         self, split: str, *, train: bool, show: bool = True, rank: int = 0, world_size: int = 1
@@ -236,7 +272,7 @@ class RunInputs:
         """
         batches = self._batches(split, train=train, show=show, rank=rank, world_size=world_size)
         t = self.cfg.train
-        if not train or not (t.meta_dropout or t.meta_dropout_all) or self.model.meta_branch is None:
+        if not train or not (t.meta_dropout or t.meta_dropout_all) or not self.model.uses_meta:
             return batches
         groups = self.encoder.feature_groups_
         return MetaDropout(batches, self.encoder.missing_row(), groups, t.meta_dropout, t.meta_dropout_all, t.seed)
@@ -345,11 +381,17 @@ def prepare_inputs(
     notes = [str(w.message) for w in caught if issubclass(w.category, Note)]
     for message in notes:  # kept in metrics.json and told to the user
         note(message)
+    check_model_mode(cfg.model.name, cfg.train.mode)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
     model = create_model(
-        cfg.model.name, meta_dim=meta.shape[1], num_classes=dataset.schema.n_classes, cfg=cfg.model, image_branch=branch
+        cfg.model.name,
+        meta_dim=meta.shape[1],
+        num_classes=dataset.schema.n_classes,
+        cfg=cfg.model,
+        image_branch=branch,
+        meta_layout=meta_layout(encoder),
     )
     if model.image_branch is not None and not dataset.has_images:
         raise ConfigError(
@@ -360,7 +402,7 @@ def prepare_inputs(
         model.image_branch.requires_grad_(False)
     if cfg.train.mode == "partial" and model.image_branch is not None:
         model.image_branch.check_partial()
-        for module in model.image_branch.tail():  # the stages after the cached maps are fine-tuned
+        for module in model.image_branch.trainable_tail():  # the stages after the cached maps are fine-tuned
             module.requires_grad_(True)
     model.to(device)
     if cfg.train.channels_last:

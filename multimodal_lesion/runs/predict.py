@@ -168,10 +168,10 @@ class Predictor:
         t = self.run.cfg.train
         if t.mode == "frozen":
             logits = model.forward_head(embed_images(branch, x, t.flip_average), meta_t).float()
-        else:  # end2end: flip TTA when the run was evaluated with it
+        else:  # partial, end2end: flip TTA when the run was evaluated with it
             dims = FLIPS if self.run.tta else ((),)
             logits = torch.stack(
-                [model.forward_head(embed_images(branch, x.flip(d) if d else x, False), meta_t).float() for d in dims]
+                [model.from_image_state(model.image_state(x.flip(d) if d else x), meta_t).float() for d in dims]
             ).mean(0)
         views = None
         if self.views:
@@ -302,7 +302,7 @@ def view_probabilities(
     assert model.image_branch is not None  # callers check: a metadata-only model has no views
     out = []
     for dims in FLIPS:
-        embedding = embed_images(model.image_branch, images.flip(dims) if dims else images, False)
-        logits = model.forward_head(embedding, meta).float() / temperature
+        logits = model.from_image_state(model.image_state(images.flip(dims) if dims else images), meta).float()
+        logits = logits / temperature
         out.append(torch.softmax(logits if bias is None else logits + bias, 1).cpu().numpy())
     return np.stack(out)
