@@ -122,6 +122,32 @@ def test_run_inputs_see_corrected_images_and_keep_the_originals(tiny_ham: Path, 
     assert not np.array_equal(inputs.images(), inputs.original_images())
 
 
+def test_the_case_page_shows_the_image_as_the_model_saw_it_and_as_it_was(tmp_path: Path) -> None:
+    from multimodal_lesion.explain.results import CaseExplanation, CohortExplanation
+    from multimodal_lesion.report.explanations import draw_explanation_figures
+    from multimodal_lesion.report.html import case_page_name, write_report
+
+    original = np.random.default_rng(0).integers(0, 200, size=(48, 64, 3), dtype=np.uint8)
+    seen = shades_of_gray(original)
+    case = CaseExplanation(
+        image_id="ISIC_1",
+        target_class="nv",
+        probabilities={"nv": 0.7, "mel": 0.3},
+        pixels=seen,
+        original_pixels=original,
+    )
+    plain = CaseExplanation(image_id="ISIC_2", target_class="nv", probabilities={"nv": 0.7, "mel": 0.3}, pixels=seen)
+    cohort = CohortExplanation("Colour", {}, [case, plain])
+    write_report(tmp_path, cohort, draw_explanation_figures(tmp_path, cohort))
+    page = (tmp_path / "cases" / case_page_name("ISIC_1")).read_text()
+    assert "as the model saw it" in page and "as it was, before the run" in page
+    stem = case_page_name("ISIC_1").removesuffix(".html")
+    for name, pixels in (("original", original), ("image", seen)):  # the figures the page embeds
+        with Image.open(tmp_path / "cases" / "assets" / f"{stem}_{name}.png") as im:
+            np.testing.assert_array_equal(np.asarray(im.convert("RGB")), pixels)
+    assert "as it was" not in (tmp_path / "cases" / case_page_name("ISIC_2")).read_text()  # no colour constancy
+
+
 # --- the acquisition augmentation ---------------------------------------------------------------------
 
 
