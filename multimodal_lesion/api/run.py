@@ -144,7 +144,9 @@ class Run:
             tta_spread=out["tta_spread"],
         )
 
-    def predict_table(self, cases: pd.DataFrame | str | Path, *, fit: Fit = "pad") -> pd.DataFrame:
+    def predict_table(
+        self, cases: pd.DataFrame | str | Path, *, fit: Fit = "pad", adapt_bn: bool = False
+    ) -> pd.DataFrame:
         """Predict many cases with one model load: a table, a CSV file, or a folder of images.
 
         Args:
@@ -152,6 +154,8 @@ class Run:
                 :meth:`cases` returns), a CSV file of the same (paths relative to it), or a folder whose
                 every image is predicted with unknown patient features.
             fit: images of another aspect ratio: ``pad`` (default), ``crop`` or ``stretch``.
+            adapt_bn: first re-estimate the run's batch-norm statistics on these images (AdaBN; a
+                model loaded for this call only; end-to-end and partial runs, see ``docs/shift.md``).
 
         Returns:
             One row per case, in order: ``image_id``, ``image``, ``p_<class>``, ``predicted``,
@@ -159,14 +163,19 @@ class Run:
         """
         import dataclasses
 
-        from ..runs import cases_in_csv, cases_in_folder, predict_cases
+        from ..runs import Predictor, adapt_to_cases, cases_in_csv, cases_in_folder, predict_cases
 
-        predictor = dataclasses.replace(self.predictor, fit=fit)
         if isinstance(cases, str | Path):
             path = Path(cases)
-            table = cases_in_folder(path) if path.is_dir() else cases_in_csv(path)
-            return predict_cases(predictor, table, str(cases))
-        return predict_cases(predictor, _frame_cases(cases), "the table")
+            table, source = (cases_in_folder(path) if path.is_dir() else cases_in_csv(path)), str(cases)
+        else:
+            table, source = _frame_cases(cases), "the table"
+        if adapt_bn:  # a model of its own: the run's loaded one keeps its statistics
+            predictor = Predictor.load(self.path, self.device, fit=fit)
+            adapt_to_cases(predictor, table, source)
+        else:
+            predictor = dataclasses.replace(self.predictor, fit=fit)
+        return predict_cases(predictor, table, source)
 
     def evaluate(
         self,
@@ -183,6 +192,7 @@ class Run:
         drop_missing: bool = False,
         show: bool = False,
         mlflow: str = "",
+        adapt_bn: bool = False,
     ) -> Evaluation:
         """Score the run on a split of its own data, or on a dataset it never saw (external validation).
 
@@ -201,6 +211,8 @@ class Run:
             show: print progress.
             mlflow: an MLflow tracking URI (a bare path: a local file store); the evaluation is then
                 also an MLflow run in the run's experiment.
+            adapt_bn: external: first re-estimate the run's batch-norm statistics on the external
+                images (AdaBN, no labels); the results go to their own ``...-adapt_bn`` folder.
 
         Returns:
             The split's metrics and the ``metrics.json`` written (in ``RUN/eval/<split>/`` or
@@ -212,9 +224,13 @@ class Run:
         explicit = key_vs_rest or exclude_seen
         if (explicit or schema) and data is None:
             raise ConfigError("schema, key_vs_rest and exclude_seen score other data: give it as data")
-        if data is not None and (explicit or is_external(self.path, data, schema, images)):
+        external = data is not None and (explicit or is_external(self.path, data, schema, images))
+        if adapt_bn and not external:
+            raise ConfigError("--adapt-bn adapts the run to data it never saw: give external data with --data")
+        if external:
+            assert data is not None
             return self._evaluate_external(
-                data, schema, key_vs_rest, exclude_seen, fit, images, duplicates, show, mlflow
+                data, schema, key_vs_rest, exclude_seen, fit, images, duplicates, show, mlflow, adapt_bn
             )
         return self._evaluate_own(data, split, tta, images, duplicates, drop_missing, show, mlflow)
 
@@ -258,17 +274,19 @@ class Run:
         duplicates: str,
         show: bool,
         mlflow: str = "",
+        adapt_bn: bool = False,
     ) -> Evaluation:
         from ..training.external import SPLIT, ExternalOptions, external_folder, other_schema, scores_key_vs_rest
         from ..workflows import evaluate_external_run
 
         duplicates = str(Path(duplicates).resolve()) if duplicates else ""
         options = ExternalOptions(
-            schema, key_vs_rest, fit, self.device, exclude_seen, images=images, duplicates=duplicates
+            schema, key_vs_rest, fit, self.device, exclude_seen, images=images, duplicates=duplicates, adapt_bn=adapt_bn
         )
         own = self.schema
         other = other_schema(schema, own, duplicates)
-        out = external_folder(self.folder, data, other, scores_key_vs_rest(other, own, key_vs_rest)).path
+        kvr = scores_key_vs_rest(other, own, key_vs_rest)
+        out = external_folder(self.folder, data, other, kvr, adapt_bn).path
         with output_folder(self.path, option="--run"), output_folder(out, option="--run", lock=False):
             metrics, path = evaluate_external_run(self.path, data, options, show=show, mlflow=mlflow)
         return Evaluation(SPLIT, path, metrics[SPLIT], metrics)

@@ -575,6 +575,7 @@ def _case(
         faithfulness=_flat(pixels.reports[i]) if pixels is not None and i < len(pixels.reports) else {},
         runner_up_class=classes[runner_up] if pixels is not None and pixels.runner_up is not None else None,
         pixels=np.array(run.inputs.images()[row]),
+        original_pixels=np.array(run.inputs.original_images()[row]) if run.inputs.color.active else None,
         cam=None if pixels is None else pixels.cams.maps[i],
         runner_up_cam=None if pixels is None or pixels.runner_up is None else pixels.runner_up[i],
         mask=None if pixels is None else pixels.masks[i],

@@ -41,6 +41,7 @@ class CaseExplanation:
     what_if: WhatIf | None = None  # the prediction across each patient feature's values
     cam_file: str | None = None  # the saved map, relative to the report folder
     pixels: np.ndarray | None = field(default=None, repr=False)  # uint8 (H, W, 3) as the model saw it
+    original_pixels: np.ndarray | None = field(default=None, repr=False)  # uint8 as it was, before colour constancy
     cam: np.ndarray | None = field(default=None, repr=False)  # (H, W) in [0, 1]
     runner_up_cam: np.ndarray | None = field(default=None, repr=False)  # (H, W) in [0, 1]
     mask: np.ndarray | None = field(default=None, repr=False)  # (H, W) bool lesion mask, when the data has one

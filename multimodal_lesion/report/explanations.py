@@ -33,6 +33,8 @@ def draw_explanation_figures(out: str | Path, cohort: CohortExplanation) -> Repo
         drawn: dict[str, Path | None] = {}
         if case.pixels is not None:
             drawn["image"] = rgb_png(case.pixels, assets / f"{stem}_image.png")
+            if case.original_pixels is not None:  # colour constancy: the image as it was, beside the model's
+                drawn["original"] = rgb_png(case.original_pixels, assets / f"{stem}_original.png")
             if case.cam is not None:
                 drawn["overlay"] = overlay_png(
                     case.pixels, case.cam, assets / f"{stem}_overlay.png", f"explained: {case.target_class}", case.mask

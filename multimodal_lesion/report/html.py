@@ -40,7 +40,8 @@ from ..io import atomic_write, safe_stem
 
 #: Figure names in the order they appear, with their captions; other names follow, humanised.
 CASE_FIGURES: dict[str, str] = {
-    "image": "Dermoscopic image",
+    "image": "Dermoscopic image, as the model saw it",
+    "original": "The image as it was, before the run's colour constancy",
     "overlay": "Grad-CAM of the explained class",
     "runner_up": "Grad-CAM of the runner-up class: the differential",
     "waterfall": "SHAP waterfall of the patient features",

@@ -19,6 +19,7 @@ import torch
 
 from ..config import ExperimentConfig, replace
 from ..data.cache import cache_home, default_cache_dir, image_array
+from ..data.color import ColorConstancy, color_constancy_of
 from ..data.constants import CLASSES
 from ..data.dataset import LesionDataset
 from ..data.datasets import BATCH_AUGMENTATIONS, LesionTorchDataset, Normalize, NormalizingCollate, build_augmentation
@@ -126,7 +127,7 @@ class RunInputs:
     model: LesionModel
     device: torch.device
     notes: list[str] = field(default_factory=list)  # e.g. categories unseen in training, encoded as unknown
-    cached_images: np.ndarray | None = field(default=None, repr=False)
+    cached_images: np.ndarray | None = field(default=None, repr=False)  # as the model sees them (colour constancy)
     cached_embeddings: np.ndarray | None = field(default=None, repr=False)
     cached_maps: np.ndarray | None = field(default=None, repr=False)  # partial mode: (N, 4, C, h, w) float16
     schema: DatasetSchema = field(default_factory=lambda: preset("ham10000"))  # classes, features, key class
@@ -162,8 +163,21 @@ class RunInputs:
             blank = np.zeros((1, *self.cfg.data.image_size, 3), np.uint8)
             self.cached_images = np.broadcast_to(blank, (len(self.dataset.metadata), *blank.shape[1:]))
         if self.cached_images is None:
-            self.cached_images = image_array(self.dataset, self.cfg.data.image_size, self.cfg.data.cache_dir or None)
+            self.cached_images = image_array(
+                self.dataset, self.cfg.data.image_size, self.cfg.data.cache_dir or None, color=self.color
+            )
         return self.cached_images
+
+    @property
+    def color(self) -> ColorConstancy:
+        """The colour constancy every image of the run goes through (``data.color_constancy``)."""
+        return color_constancy_of(self.cfg.data)
+
+    def original_images(self) -> np.ndarray:
+        """The cached images as they were, before colour constancy (:meth:`images` when there is none)."""
+        if not self.color.active or not self.dataset.has_images:
+            return self.images()
+        return image_array(self.dataset, self.cfg.data.image_size, self.cfg.data.cache_dir or None)
 
     def normalized_images(self, rows: np.ndarray) -> torch.Tensor:
         """The model's input (B, 3, H, W) for ``rows``: cached pixels, normalised, on the device."""
@@ -176,7 +190,9 @@ class RunInputs:
         if self.cached_embeddings is None and branch is not None:
             m, t = self.cfg.model, self.cfg.train
             size = self.cfg.data.image_size
-            identity = embedding_identity(m.backbone, m.weights, m.multiscale, size, t.embed_precision)
+            identity = embedding_identity(
+                m.backbone, m.weights, m.multiscale, size, t.embed_precision, self.color.key()
+            )
             self.cached_embeddings = cached_embeddings(
                 branch,
                 self.images,
@@ -211,7 +227,9 @@ class RunInputs:
                 self.normalize,
                 folder=default_cache_dir(self.dataset, self.cfg.data.cache_dir or None),
                 fingerprint=self.dataset.fingerprint,
-                identity=embedding_identity(m.backbone, m.weights, False, self.cfg.data.image_size, "float32"),
+                identity=embedding_identity(
+                    m.backbone, m.weights, False, self.cfg.data.image_size, "float32", self.color.key()
+                ),
                 batch_size=t.embed_batch,
                 device=self.device,
                 backend=t.embed_backend,

@@ -24,13 +24,16 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..data.color import color_constancy_of
 from ..data.datasets import Normalize
 from ..data.images import load_rgb
 from ..data.patient import read_patient
 from ..data.schema import DatasetSchema
 from ..errors import ConfigError, note
 from ..models import FLIPS, LesionModel, embed_images
+from ..models.adapt import adapt_batchnorm, batchnorm_layers
 from .folder import RunFolder
 from .load import LoadedModel, load_model
 
@@ -131,8 +134,8 @@ class Predictor:
         return self.run.model
 
     def pixels(self, img: Image.Image) -> np.ndarray:
-        """One decoded image as the model's uint8 input (H, W, 3)."""
-        return fit_image(img, self.run.cfg.data.image_size, self.fit)
+        """One decoded image as the model's uint8 input (H, W, 3): fitted, then the run's colour constancy."""
+        return color_constancy_of(self.run.cfg.data)(fit_image(img, self.run.cfg.data.image_size, self.fit))
 
     def encode(self, patients: pd.DataFrame) -> np.ndarray:
         """The patient table (one row per case) encoded by the run's encoder (float32 (N, D))."""
@@ -178,6 +181,25 @@ class Predictor:
             views = view_probabilities(model, x, meta_t, self.run.temperature)
         return logits.cpu().numpy(), views
 
+    def adapt_batchnorm(self, chunks: Iterable[np.ndarray]) -> dict[str, Any]:
+        """AdaBN: the batch-norm statistics the run learned on its training data re-estimated on new images.
+
+        ``chunks`` are uint8 image batches (B, H, W, 3) as :meth:`pixels` makes them (colour constancy
+        included). Which layers (:func:`adaptable_batchnorm`): end-to-end runs all of the backbone's,
+        partial runs those of the fine-tuned tail (the frozen prefix's are ImageNet's and made the cached
+        training maps: they stay); frozen and image-less runs are refused. Returns what ``metrics.json``
+        records: the method, the layers' scope and count, and the images seen.
+        """
+        scope, layers = adaptable_batchnorm(self.run)
+        branch = self.model.image_branch
+        assert branch is not None  # adaptable_batchnorm refuses image-less models
+        device = self.run.device
+        batches = (
+            self.normalize(torch.from_numpy(np.ascontiguousarray(px)).permute(0, 3, 1, 2)).to(device) for px in chunks
+        )
+        seen = adapt_batchnorm(self.model, layers, lambda x: embed_images(branch, x, False), batches)
+        return {"method": "adabn", "scope": scope, "layers": len(layers), "images": seen}
+
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW -> the backbone's normalised float input."""
         if self._normalize is None:
@@ -185,6 +207,25 @@ class Predictor:
             dc = self.model.image_branch.data_config
             self._normalize = Normalize(dc["mean"], dc["std"])
         return self._normalize(pixels)
+
+
+def adaptable_batchnorm(run: LoadedModel) -> tuple[str, list[_BatchNorm]]:
+    """(scope, layers): the batch-norm layers whose statistics a run learned on its training data.
+
+    A ConfigError (one line, exit 2) where there are none: a frozen run (its backbone keeps ImageNet's
+    statistics, and its heads learned on embeddings made with them) or a model without an image branch.
+    """
+    branch, mode, name = run.model.image_branch, run.cfg.train.mode, run.cfg.model.name
+    if branch is None:
+        raise ConfigError(f"--adapt-bn: model '{name}' has no image branch: no batch-norm statistics to adapt")
+    if mode == "frozen":
+        raise ConfigError(
+            f"--adapt-bn: {run.folder.path} is a frozen run: its backbone keeps ImageNet's batch-norm statistics "
+            "(its heads learned on embeddings made with them), none learned on its training data to re-estimate; "
+            "adapt an end2end or partial run"
+        )
+    scope, modules = ("tail", branch.tail()) if mode == "partial" else ("backbone", [branch])
+    return scope, batchnorm_layers(modules)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
