@@ -223,11 +223,22 @@ def attribute_split(run_dir: str | Path, split: str = "test", data: str | Path |
     }
 
 
-def add_prediction_sets(run_dir: str | Path, cohort: Any) -> None:
-    """Give every explained case its conformal prediction sets, calibrated on the run's val predictions."""
+def add_prediction_sets(run_dir: str | Path, cohort: Any, shift_level: float = 0.01) -> None:
+    """Give every explained case its conformal prediction sets, calibrated on the run's val predictions,
+    and its shift alarm (how far its image sits from the run's training images)."""
+    from .training.new_data import shift_alarm
+
     sets_of = conformal_sets(run_dir)
     for case in cohort.cases:
         case.prediction_sets = sets_of(case.probabilities)
+    embedded = [case.embedding for case in cohort.cases]
+    if not embedded or any(e is None for e in embedded):
+        return
+    flags = shift_alarm(run_dir, np.stack(embedded), shift_level)[0]
+    if flags is None:
+        return
+    for i, case in enumerate(cohort.cases):
+        case.shift = {name: _plain(values[i]) for name, values in flags.items()} | {"level": shift_level}
 
 
 def conformal_sets(run_dir: str | Path) -> Callable[[Mapping[str, float]], dict[str, list[str]]]:

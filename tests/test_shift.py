@@ -126,7 +126,7 @@ def test_conformal_p_values_of_exchangeable_scores_are_valid() -> None:
 def test_the_reference_flags_shifted_embeddings_and_not_its_own() -> None:
     rng = np.random.default_rng(3)
     centre = rng.normal(size=16)
-    same = lambda n: centre + rng.normal(size=(n, 16))  # noqa: E731
+    same = lambda n: centre + rng.normal(size=(n, 16))
     reference = ShiftReference.fit(same(600), same(1000), same(300))
     shifted = -centre + rng.normal(size=(200, 16))  # the other side of the origin: other directions
     own = reference.p_values(reference.scores(same(1000)))
@@ -232,7 +232,9 @@ def test_external_evaluation_flags_the_recoloured_source_and_shows_it(
     assert metrics["estimated_prior"]["warning"] and "shift alarm fires" in metrics["estimated_prior"]["warning"]
     # the run's own training prior changes nothing
     p = predictions[[c for c in predictions if c.startswith("p_")]].to_numpy()
-    np.testing.assert_allclose(predictions[[f"prior_{c}" for c in predictions if c.startswith("p_")]], p, atol=1e-9)
+    np.testing.assert_allclose(
+        predictions[[f"prior_{c}" for c in predictions if c.startswith("p_")]], p, rtol=0, atol=1e-12
+    )
     page = chromium_page.page
     chromium_page.open(evaluation.path.parent / "report.html")
     assert chromium_page.errors == [] and chromium_page.requests[1:] == []

@@ -129,6 +129,10 @@ class Run:
 
         given = {k: v for k, v in features.items() if v is not None and not _is_nan(v)}
         case = Case(image, given)
+        if prior:  # a bad prior is refused before the model is loaded
+            from ..training.new_data import clinic_prior
+
+            clinic_prior(self.folder, prior)
         if self._predictor is None:  # the inputs are checked before the model is loaded
             from ..data.images import load_rgb
 

@@ -404,6 +404,7 @@ def explain_run(
     for i, case in enumerate(case_list):
         case.tta_spread = None if spreads is None else float(spreads[i])
         case.what_if = what_ifs[i]
+        case.embedding = None if batch.embeddings is None else batch.embeddings[i].float().cpu().numpy()
     return _cohort(run, split, case_list, shap_exp, pixels, timed.seconds)
 
 

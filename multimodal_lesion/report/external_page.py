@@ -125,15 +125,17 @@ def _empty_rows(empty: Mapping[str, Any]) -> list[dict[str, str]]:
             {
                 "level": f"{float(level):.0%}",
                 "all": _share(entry["empty"], entry["n_empty"]),
-                "flagged": f"{float(entry['empty_flagged']):.1%} of {entry['n_flagged']}"
-                if "empty_flagged" in entry
-                else "\u2014",
-                "not_flagged": f"{float(entry['empty_not_flagged']):.1%} of {entry['n_not_flagged']}"
-                if "empty_not_flagged" in entry
-                else "\u2014",
+                "flagged": _share_of(entry, "flagged"),
+                "not_flagged": _share_of(entry, "not_flagged"),
             }
         )
     return rows
+
+
+def _share_of(entry: Mapping[str, Any], group: str) -> str:
+    """The share of empty sets among a group of images (``flagged`` or ``not_flagged``), or a dash."""
+    n = entry.get(f"n_{group}", 0)
+    return f"{float(entry[f'empty_{group}']):.1%} of {n}" if n else "\u2014"
 
 
 def _shift(shift: Mapping[str, Any] | None) -> dict[str, Any] | None:

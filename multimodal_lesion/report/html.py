@@ -37,6 +37,7 @@ from ..explain.faithfulness import PairedComparison
 from ..explain.randomisation import StageResult
 from ..explain.results import CaseExplanation, CohortExplanation, FaithfulnessRow
 from ..io import atomic_write, safe_stem
+from ..training.uncertainty import EMPTY_SET_MEANING
 
 #: Figure names in the order they appear, with their captions; other names follow, humanised.
 CASE_FIGURES: dict[str, str] = {
@@ -304,9 +305,14 @@ def _case_view(
         "explained_probability": _num(case.explained_probability),
         "runner_up": class_label(case.runner_up_class) if case.runner_up_class else None,
         "prediction_sets": [
-            {"level": _percent_label(level, where), "classes": ", ".join(class_label(c) for c in classes) or "(empty)"}
+            {
+                "level": _percent_label(level, where),
+                "classes": ", ".join(class_label(c) for c in classes) or f"(empty: {EMPTY_SET_MEANING})",
+                "empty": not classes,
+            }
             for level, classes in (case.prediction_sets or {}).items()
         ],
+        "shift": _shift_view(case.shift),
         "tta_spread": _num(case.tta_spread),
         "known_truth": true_label is not None,
         "correct": true_label is not None and true_label == predicted,
@@ -324,6 +330,18 @@ def _case_view(
         "prev": pages[i - 1] if i > 0 else None,
         "next": pages[i + 1] if i + 1 < n else None,
         "position": f"{i + 1} of {n}",
+    }
+
+
+def _shift_view(shift: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The case's shift alarm as the page shows it (None when not computed)."""
+    if not shift:
+        return None
+    return {
+        "flagged": bool(shift.get("out_of_distribution")),
+        "p": f"{float(shift['shift_p']):.3g}",
+        "score": f"{float(shift['shift_score']):.3f}",
+        "level": f"{float(shift['level']):g}",
     }
 
 

@@ -137,6 +137,12 @@ def annotate(
     flags, reference = shift_alarm(run_dir, embeddings, options.shift_level, show) if options.shift else (None, None)
     record: dict[str, Any] = {}
     if flags is not None and reference is not None:
+        if options.shift_level < 1 / (len(reference.val_scores) + 1):
+            note(
+                f"shift alarm: with {len(reference.val_scores)} validation images no p-value is at or below the "
+                f"level {options.shift_level:g} (the smallest is {1 / (len(reference.val_scores) + 1):.3g}): "
+                "no image can be flagged"
+            )
         parts.append(pd.DataFrame(flags))
         assert embeddings is not None
         record["shift"] = shift_summary(flags, options.shift_level, reference, embeddings)
