@@ -157,6 +157,36 @@ def test_empty_sets_are_counted_and_worded() -> None:
     assert set_metrics(sets, np.r_[y_val[:20], np.zeros(10, int)], CLASSES, (0.90,))["0.90"]["n_empty"] == 10
 
 
+def test_a_case_page_says_out_of_distribution_and_refer(tmp_path: Path) -> None:
+    from html.parser import HTMLParser
+
+    from multimodal_lesion.explain.results import CaseExplanation, CohortExplanation
+    from multimodal_lesion.report.html import ReportFigures, case_page_name, write_report
+
+    case = CaseExplanation(
+        image_id="ISIC_1",
+        target_class="nv",
+        probabilities={"nv": 0.6, "mel": 0.4},
+        prediction_sets={"0.90": [], "0.95": ["nv"]},
+        shift={"shift_score": 0.9, "shift_p": 0.004, "out_of_distribution": True, "level": 0.01},
+    )
+    write_report(tmp_path, CohortExplanation("Shifted", {}, [case]), ReportFigures())
+
+    class Text(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.chunks: list[str] = []
+
+        def handle_data(self, data: str) -> None:
+            self.chunks.append(data)
+
+    parser = Text()
+    parser.feed((tmp_path / "cases" / case_page_name("ISIC_1")).read_text())
+    text = " ".join(" ".join(parser.chunks).split())
+    assert f"(empty: {EMPTY_SET_MEANING})" in text
+    assert "No: out of distribution (shift p = 0.004 ≤ 0.01)" in text
+
+
 # --- a tiny run, a copy of its data and a recoloured copy ----------------------------------------------------
 
 
