@@ -157,6 +157,18 @@ def test_empty_sets_are_counted_and_worded() -> None:
     assert set_metrics(sets, np.r_[y_val[:20], np.zeros(10, int)], CLASSES, (0.90,))["0.90"]["n_empty"] == 10
 
 
+def test_a_prediction_says_what_its_empty_set_means() -> None:
+    from multimodal_lesion.api.results import Prediction
+
+    shift = {"shift_score": 0.9, "shift_p": 0.004, "out_of_distribution": True, "level": 0.01}
+    prediction = Prediction(
+        "x.jpg", {"nv": 0.6, "mel": 0.4}, "nv", None, None, {"0.90": [], "0.95": ["nv"]}, None, shift
+    )
+    out = prediction.to_json()
+    assert out["empty_sets"] == {"0.90": EMPTY_SET_MEANING} and out["shift"]["out_of_distribution"] is True
+    assert "0.90: {} (refer)" in repr(prediction)
+
+
 def test_a_case_page_says_out_of_distribution_and_refer(tmp_path: Path) -> None:
     from html.parser import HTMLParser
 
