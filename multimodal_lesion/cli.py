@@ -336,8 +336,30 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
         "--exclude-seen", action="store_true", help="external: leave out images in the run's splits (else refused)"
     )
     p.add_argument("--adapt-bn", action="store_true", help="external: " + ADAPT_BN_HELP)
+    _prior_args(p)
+    p.add_argument(
+        "--estimate-prior",
+        action="store_true",
+        help="external: estimate OTHER's class prevalence by EM and score it (a diagnostic: wrong when the images "
+        "look different)",
+    )
     _device_arg(p)
     _mlflow_arg(p)
+
+
+def _prior_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prior",
+        metavar="FILE|CLASS=P,...",
+        help="the clinic's known class prevalence (CSV/TOML of class,prevalence or e.g. mel=0.015; classes left "
+        "out keep their training proportions): probabilities re-weighted to it",
+    )
+    p.add_argument(
+        "--shift-level",
+        type=_checked(float, Range(0.0, 1.0, low_open=True, high_open=True)),
+        default=0.01,
+        help="level of the per-image shift alarm: images like the run's are flagged at most this often (0.01)",
+    )
 
 
 @command(
@@ -353,8 +375,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         from .tracking import OPTION, check_tracking
 
         check_tracking(args.mlflow, OPTION)
-    if (args.key_vs_rest or args.exclude_seen or args.schema) and not args.data:
-        raise ConfigError("--schema, --key-vs-rest and --exclude-seen score other data: give it with --data")
+    if (args.key_vs_rest or args.exclude_seen or args.schema or args.prior or args.estimate_prior) and not args.data:
+        raise ConfigError(
+            "--schema, --key-vs-rest, --exclude-seen, --prior and --estimate-prior score other data: "
+            "give it with --data"
+        )
     evaluation = run.evaluate(
         args.data,
         args.split,
@@ -369,8 +394,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         show=True,
         mlflow=args.mlflow or "",
         adapt_bn=args.adapt_bn,
+        prior=args.prior or "",
+        estimate_prior=args.estimate_prior,
+        shift_level=args.shift_level,
     )
     _print_headline(evaluation.metrics, (evaluation.split,))
+    _print_trust(evaluation.metrics, evaluation.split)
     near = evaluation.metrics.get("near_duplicates_of_training")
     if near is not None:
         print(
@@ -418,6 +447,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fit", choices=["pad", "crop", "stretch"], default="pad", help=FIT_HELP)
     p.add_argument("--adapt-bn", action="store_true", help="--data / --csv: " + ADAPT_BN_HELP)
+    _prior_args(p)
     _device_arg(p)
 
 
@@ -440,7 +470,7 @@ def _predict(args: argparse.Namespace) -> int:
     fields = dict(_field(f) for f in args.fields)
     fields.update({k: v for k in ("age", "sex", "localization") if (v := getattr(args, k)) is not None})
     run = load_run(args.run, device=args.device)
-    prediction = run.predict(args.image, **fields)
+    prediction = run.predict(args.image, prior=args.prior or "", shift_level=args.shift_level, **fields)
     if args.balanced and prediction.balanced_probabilities is None:
         run.predictor.run.require_balanced()  # a run trained before the balanced decision: one line, exit 2
     print(json.dumps(prediction.to_json(balanced=args.balanced), indent=2))
@@ -473,10 +503,25 @@ def _predict_many(args: argparse.Namespace) -> int:
     with output_file(args.out, option="--out", inputs=inputs):
         if args.data and not Path(args.data).is_dir():
             raise DataError(f"{args.data}: not a folder of images")
-        table = run.predict_table(args.data or args.csv, fit=args.fit, adapt_bn=args.adapt_bn)
+        table = run.predict_table(
+            args.data or args.csv,
+            fit=args.fit,
+            adapt_bn=args.adapt_bn,
+            prior=args.prior or "",
+            shift_level=args.shift_level,
+        )
         with atomic_write(args.out) as fh:
             table.to_csv(fh, index=False)
     print(f"predicted {len(table)} images; wrote {args.out}")
+    empty = [c for c in table.columns if c.startswith("empty_set_")]
+    for column in empty[:1]:
+        level = column.removeprefix("empty_set_")
+        print(f"{int(table[column].sum())} image(s) with an empty {level} prediction set ({EMPTY_SET_MEANING})")
+    if "out_of_distribution" in table.columns:
+        print(
+            f"{int(table['out_of_distribution'].sum())} image(s) flagged out of distribution (shift_p <= "
+            f"{args.shift_level:g}; images like the run's are flagged at most that often)"
+        )
     return 0
 
 
@@ -651,6 +696,38 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         print(f"wrote {args.json}")
     return 0
+
+
+#: What an empty prediction set means (training/uncertainty.py's EMPTY_SET_MEANING, kept here so --help stays instant).
+EMPTY_SET_MEANING = "no class is plausible at this level: refer"
+
+
+def _print_trust(metrics: Mapping[str, Any], split: str) -> None:
+    """Empty prediction sets and, for other data, the shift alarm and the prior's effect, one line each."""
+    conformal = metrics.get(split, {}).get("uncertainty", {}).get("conformal", {})
+    for level, entry in conformal.items():
+        if isinstance(entry, dict) and "n_empty" in entry:
+            print(
+                f"{split}: {entry['n_empty']} of {entry['n_images']} images ({entry['empty']:.1%}) have an empty "
+                f"{float(level):.0%} prediction set ({EMPTY_SET_MEANING})"
+            )
+    shift = metrics.get("shift")
+    if shift:
+        test = shift["dataset_test"]
+        print(
+            f"shift alarm: {shift['n_flagged']} of {shift['n_images']} images ({shift['flag_rate']:.1%}) flagged "
+            f"out of distribution at level {shift['level']:g} (the run's own test images: "
+            f"{shift['test_flag_rate']:.1%}); "
+            f"AUROC against the run's test images {shift['auroc_against_test']:.3f}; dataset test (MMD against the "
+            f"validation images) p = {test['p_value']:.3g}"
+        )
+    for key, what in (("prior", "given prior"), ("estimated_prior", "estimated prior (EM)")):
+        effect = metrics.get(key, {}).get("effect") if metrics.get(key) else None
+        if effect:
+            parts = [
+                f"{name} {v['difference']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]" for name, v in effect.items()
+            ]
+            print(f"{what}: change against the run's probabilities: " + ", ".join(parts))
 
 
 def _print_headline(metrics: Mapping[str, Any], splits: tuple[str, ...] = ("val", "test")) -> None:

@@ -128,17 +128,21 @@ def is_external(run_dir: str | Path, data: str | Path, schema: str | None = None
 def evaluate_external_run(
     run_dir: str | Path, data: str | Path, options: Any = None, show: bool = True, mlflow: str = ""
 ) -> tuple[dict[str, Any], Path]:
-    """Score a run on data it never saw, with figures; returns (metrics, ``RUN/external/<name>/metrics.json``).
+    """Score a run on data it never saw, with figures and ``report.html``; returns (metrics,
+    ``RUN/external/<name>/metrics.json``).
 
     ``options``: a :class:`~multimodal_lesion.training.external.ExternalOptions` (None: the defaults).
     ``mlflow``: a tracking URI; the evaluation is then also an MLflow run (see :func:`tracked_evaluation`).
     """
+    from .report.external_page import write_external_page
     from .report.figures import save_evaluation_figures
     from .training.external import ExternalOptions, evaluate_external
 
     with tracked_evaluation(run_dir, mlflow, "external", {"eval.split": "external", "eval.data": str(data)}) as tracker:
         evaluation = evaluate_external(run_dir, data, options or ExternalOptions(), show=show)
         figures = save_evaluation_figures(evaluation)
+        title = f"{Path(run_dir).resolve().name} on {Path(data).resolve().name}"
+        write_external_page(evaluation.folder.path, evaluation.metrics, title)
         log_evaluation(tracker, evaluation, figures)
     return evaluation.metrics, evaluation.folder.metrics_path
 
@@ -219,11 +223,22 @@ def attribute_split(run_dir: str | Path, split: str = "test", data: str | Path |
     }
 
 
-def add_prediction_sets(run_dir: str | Path, cohort: Any) -> None:
-    """Give every explained case its conformal prediction sets, calibrated on the run's val predictions."""
+def add_prediction_sets(run_dir: str | Path, cohort: Any, shift_level: float = 0.01) -> None:
+    """Give every explained case its conformal prediction sets, calibrated on the run's val predictions,
+    and its shift alarm (how far its image sits from the run's training images)."""
+    from .training.new_data import shift_alarm
+
     sets_of = conformal_sets(run_dir)
     for case in cohort.cases:
         case.prediction_sets = sets_of(case.probabilities)
+    embedded = [case.embedding for case in cohort.cases]
+    if not embedded or any(e is None for e in embedded):
+        return
+    flags = shift_alarm(run_dir, np.stack(embedded), shift_level)[0]
+    if flags is None:
+        return
+    for i, case in enumerate(cohort.cases):
+        case.shift = {name: _plain(values[i]) for name, values in flags.items()} | {"level": shift_level}
 
 
 def conformal_sets(run_dir: str | Path) -> Callable[[Mapping[str, float]], dict[str, list[str]]]:
@@ -259,6 +274,8 @@ def predict(
     balanced: bool = False,
     device: str | None = None,
     sets: Callable[[Mapping[str, float]], dict[str, list[str]]] | None = None,
+    prior: str = "",
+    shift_level: float = 0.01,
 ) -> dict[str, Any]:
     """One case's probabilities, its conformal prediction sets and the spread of its flipped views.
 
@@ -269,8 +286,12 @@ def predict(
     when ``balanced`` (which makes a run without it an error). The sets are calibrated on the run's
     validation predictions (``predictions_val.csv``) as configured in ``[uncertainty]`` (``sets``: the
     :func:`conformal_sets` already fitted); they hold the true class with the target probability.
+    ``shift`` is the image's shift alarm (score, p-value, flagged at ``shift_level``; None for a model
+    that does not look at the image); ``prior`` (a clinic's prevalence) adds ``prior_probabilities``.
     """
-    from .runs import Predictor, predict_case, tta_spread
+    from .runs import Predictor, RunFolder, predict_case, tta_spread
+    from .runs.prior import reweight
+    from .training.new_data import clinic_prior, shift_alarm
 
     prediction = predict_case(run_dir, case, need_balanced=balanced, device=device)
     folder = run_dir.run.folder.path if isinstance(run_dir, Predictor) else run_dir
@@ -278,13 +299,27 @@ def predict(
     prediction_sets = (sets or conformal_sets(folder))(prediction.probs)
     views = prediction.view_probs
     shown = prediction.balanced_probs if balanced and prediction.balanced_probs is not None else prediction.probs
+    embedding = None if prediction.embedding is None else prediction.embedding[None]
+    flags = shift_alarm(folder, embedding, shift_level)[0]
+    priors = clinic_prior(RunFolder(folder), prior)
+    adjusted = None
+    if priors is not None:
+        p = reweight(np.array([list(prediction.probs.values())]), *priors)[0]
+        adjusted = {c: round(float(v), 6) for c, v in zip(prediction.probs, p, strict=True)}
     return {
         "probabilities": shown,
         "calibrated": prediction.probs,
         "balanced_probabilities": prediction.balanced_probs,
         "prediction_sets": prediction_sets,
         "tta_spread": round(float(tta_spread(views[:, None, :])[0]), 6) if len(views) else None,
+        "shift": None if flags is None else {k: _plain(v[0]) for k, v in flags.items()} | {"level": shift_level},
+        "prior_probabilities": adjusted,
     }
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as a plain Python value (JSON)."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def duplicates_run(

@@ -84,6 +84,11 @@ class Prediction:
             the true class with that probability.
         tta_spread: standard deviation of the predicted class's probability over the image's flips
             (None for a model that does not look at the image).
+        shift: the image's shift alarm: ``shift_score`` (distance to its k-th nearest training image),
+            ``shift_p`` (conformal p-value against the validation images), ``out_of_distribution``
+            (``shift_p <= level``) and ``level``; None without an image branch or the run's data.
+        prior_probabilities: the calibrated probabilities re-weighted to a clinic's prevalence
+            (``prior``), else None.
     """
 
     image: str
@@ -93,15 +98,32 @@ class Prediction:
     balanced_decision: str | None
     prediction_sets: Mapping[str, Sequence[str]]
     tta_spread: float | None
+    shift: Mapping[str, Any] | None = None
+    prior_probabilities: Mapping[str, float] | None = None
+
+    @property
+    def empty_sets(self) -> dict[str, str]:
+        """Per level whose set is empty, what that means (no class is plausible at this level: refer)."""
+        from ..training.uncertainty import EMPTY_SET_MEANING
+
+        return {level: EMPTY_SET_MEANING for level, members in self.prediction_sets.items() if not members}
 
     def to_json(self, balanced: bool = False) -> dict[str, Any]:
         """What ``mmlesion predict --image`` prints (``balanced``: the balanced decision's probabilities)."""
         shown = self.balanced_probabilities if balanced and self.balanced_probabilities is not None else None
-        return {
+        out: dict[str, Any] = {
             "probabilities": dict(shown if shown is not None else self.probabilities),
             "prediction_sets": {k: list(v) for k, v in self.prediction_sets.items()},
             "tta_spread": self.tta_spread,
         }
+        if self.empty_sets:
+            out["empty_sets"] = self.empty_sets
+        if self.shift is not None:
+            out["shift"] = dict(self.shift)
+        if self.prior_probabilities is not None:
+            out["prior_probabilities"] = dict(self.prior_probabilities)
+            out["prior_decision"] = max(self.prior_probabilities, key=self.prior_probabilities.__getitem__)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain Python values."""
@@ -115,6 +137,8 @@ class Prediction:
             "balanced_decision": self.balanced_decision,
             "prediction_sets": {k: list(v) for k, v in self.prediction_sets.items()},
             "tta_spread": self.tta_spread,
+            "shift": None if self.shift is None else dict(self.shift),
+            "prior_probabilities": None if self.prior_probabilities is None else dict(self.prior_probabilities),
         }
 
     def to_frame(self) -> pd.DataFrame:
@@ -130,7 +154,9 @@ class Prediction:
         return table.rename_axis("class")
 
     def __repr__(self) -> str:
-        sets = ", ".join(f"{k}: {{{', '.join(v)}}}" for k, v in self.prediction_sets.items())
+        sets = ", ".join(
+            f"{k}: {{{', '.join(v)}}}" if v else f"{k}: {{}} (refer)" for k, v in self.prediction_sets.items()
+        )
         balanced = f", balanced decision {self.balanced_decision}" if self.balanced_decision else ""
         spread = f", TTA spread {self.tta_spread:.3f}" if self.tta_spread is not None else ""
         return f"Prediction({self.predicted} p={self.probabilities[self.predicted]:.3f}{balanced}; sets {sets}{spread})"

@@ -109,11 +109,15 @@ class Run:
 
     # --- using the model -------------------------------------------------------------------------
 
-    def predict(self, image: str | Path, **features: object) -> Prediction:
+    def predict(
+        self, image: str | Path, *, prior: str = "", shift_level: float = 0.01, **features: object
+    ) -> Prediction:
         """Predict one image with its patient features (``age=52, sex="male", localization="back"``).
 
         Args:
             image: the image file (any aspect ratio: padded to the run's input, never stretched).
+            prior: a clinic's class prevalence (file or ``"mel=0.015"``): adds the probabilities re-weighted to it.
+            shift_level: the level at which the image's shift alarm flags it out of distribution.
             **features: the run's patient features by name; a feature left out or None is unknown.
 
         Returns:
@@ -125,6 +129,10 @@ class Run:
 
         given = {k: v for k, v in features.items() if v is not None and not _is_nan(v)}
         case = Case(image, given)
+        if prior:  # a bad prior is refused before the model is loaded
+            from ..training.new_data import clinic_prior
+
+            clinic_prior(self.folder, prior)
         if self._predictor is None:  # the inputs are checked before the model is loaded
             from ..data.images import load_rgb
 
@@ -132,7 +140,7 @@ class Run:
             case.table(self.schema)
         if self._sets is None:
             self._sets = conformal_sets(self.path)
-        out = predict(self.predictor, case, sets=self._sets)
+        out = predict(self.predictor, case, sets=self._sets, prior=prior, shift_level=shift_level)
         probs, balanced = out["calibrated"], out["balanced_probabilities"]
         return Prediction(
             image=str(image),
@@ -142,10 +150,19 @@ class Run:
             balanced_decision=None if balanced is None else max(balanced, key=balanced.get),
             prediction_sets=out["prediction_sets"],
             tta_spread=out["tta_spread"],
+            shift=out["shift"],
+            prior_probabilities=out["prior_probabilities"],
         )
 
     def predict_table(
-        self, cases: pd.DataFrame | str | Path, *, fit: Fit = "pad", adapt_bn: bool = False
+        self,
+        cases: pd.DataFrame | str | Path,
+        *,
+        fit: Fit = "pad",
+        adapt_bn: bool = False,
+        prior: str = "",
+        shift_level: float = 0.01,
+        shift: bool = True,
     ) -> pd.DataFrame:
         """Predict many cases with one model load: a table, a CSV file, or a folder of images.
 
@@ -156,26 +173,44 @@ class Run:
             fit: images of another aspect ratio: ``pad`` (default), ``crop`` or ``stretch``.
             adapt_bn: first re-estimate the run's batch-norm statistics on these images (AdaBN; a
                 model loaded for this call only; end-to-end and partial runs, see ``docs/shift.md``).
+                The shift alarm then compares the adapted embeddings with the unadapted run's.
+            prior: the clinic's class prevalence (a CSV / TOML file of class, prevalence, or
+                ``"mel=0.015,nv=0.7"``; classes left out keep their training proportions): adds the
+                calibrated probabilities re-weighted to it and their arg-max.
+            shift_level: the level of the per-image shift alarm (its false-alarm rate on images like
+                the run's own).
+            shift: compute the shift alarm (the first call embeds the run's own images once).
 
         Returns:
             One row per case, in order: ``image_id``, ``image``, ``p_<class>``, ``predicted``,
-            ``balanced_p_<class>``, ``balanced_decision``.
+            ``balanced_p_<class>``, ``balanced_decision``, ``set_<level>`` and ``empty_set_<level>``
+            (no class is plausible at this level: refer), ``shift_score``, ``shift_p`` and
+            ``out_of_distribution`` (models that look at the image), and with ``prior``
+            ``prior_p_<class>`` and ``prior_decision``.
         """
         import dataclasses
 
-        from ..runs import Predictor, adapt_to_cases, cases_in_csv, cases_in_folder, predict_cases
+        from ..runs import Predictor, adapt_to_cases, cases_in_csv, cases_in_folder, predict_arrays, prediction_frame
+        from ..training.new_data import NewDataOptions, annotate
 
         if isinstance(cases, str | Path):
             path = Path(cases)
             table, source = (cases_in_folder(path) if path.is_dir() else cases_in_csv(path)), str(cases)
         else:
             table, source = _frame_cases(cases), "the table"
+        options = NewDataOptions(prior, shift_level=shift_level, shift=shift)
+        if prior:  # a bad prior is refused before any image is read
+            from ..training.new_data import clinic_prior
+
+            clinic_prior(self.folder, prior)
         if adapt_bn:  # a model of its own: the run's loaded one keeps its statistics
             predictor = Predictor.load(self.path, self.device, fit=fit)
             adapt_to_cases(predictor, table, source)
         else:
             predictor = dataclasses.replace(self.predictor, fit=fit)
-        return predict_cases(predictor, table, source)
+        probs = predict_arrays(predictor, table, source)
+        frame = prediction_frame(table, self.classes, probs)
+        return annotate(frame, self.path, probs.calibrated, probs.embeddings, options)[0]
 
     def evaluate(
         self,
@@ -193,6 +228,9 @@ class Run:
         show: bool = False,
         mlflow: str = "",
         adapt_bn: bool = False,
+        prior: str = "",
+        estimate_prior: bool = False,
+        shift_level: float = 0.01,
     ) -> Evaluation:
         """Score the run on a split of its own data, or on a dataset it never saw (external validation).
 
@@ -213,6 +251,11 @@ class Run:
                 also an MLflow run in the run's experiment.
             adapt_bn: external: first re-estimate the run's batch-norm statistics on the external
                 images (AdaBN, no labels); the results go to their own ``...-adapt_bn`` folder.
+            prior: external: OTHER's known class prevalence (file or ``"mel=0.015"``): the calibrated
+                probabilities re-weighted to it are scored beside the run's (Saerens et al. 2002).
+            estimate_prior: external: estimate OTHER's prevalence by EM and score it too (a
+                diagnostic; warned against when the shift alarm fires).
+            shift_level: external: the level of the per-image shift alarm.
 
         Returns:
             The split's metrics and the ``metrics.json`` written (in ``RUN/eval/<split>/`` or
@@ -222,16 +265,35 @@ class Run:
 
         self.folder.check()
         explicit = key_vs_rest or exclude_seen
-        if (explicit or schema) and data is None:
-            raise ConfigError("schema, key_vs_rest and exclude_seen score other data: give it as data")
-        external = data is not None and (explicit or is_external(self.path, data, schema, images))
-        if adapt_bn and not external:
-            raise ConfigError("--adapt-bn adapts the run to data it never saw: give external data with --data")
-        if external:
-            assert data is not None
-            return self._evaluate_external(
-                data, schema, key_vs_rest, exclude_seen, fit, images, duplicates, show, mlflow, adapt_bn
+        if (explicit or schema or prior or estimate_prior) and data is None:
+            raise ConfigError(
+                "schema, key_vs_rest, exclude_seen, prior and estimate_prior score other data: give it as data"
             )
+        if prior:  # a bad prior is refused before any image is read
+            from ..training.new_data import clinic_prior
+
+            clinic_prior(self.folder, prior)
+        if data is not None and (explicit or is_external(self.path, data, schema, images)):
+            from ..training.external import ExternalOptions
+
+            options = ExternalOptions(
+                schema,
+                key_vs_rest,
+                fit,
+                self.device,
+                exclude_seen,
+                images=images,
+                duplicates=str(Path(duplicates).resolve()) if duplicates else "",
+                prior=prior,
+                estimate_prior=estimate_prior,
+                shift_level=shift_level,
+                adapt_bn=adapt_bn,
+            )
+            return self._evaluate_external(data, options, show, mlflow)
+        if adapt_bn:
+            raise ConfigError("--adapt-bn adapts the run to data it never saw: give external data with --data")
+        if prior or estimate_prior:
+            raise ConfigError("prior and estimate_prior score other data; this data is the run's own")
         return self._evaluate_own(data, split, tta, images, duplicates, drop_missing, show, mlflow)
 
     def _evaluate_own(
@@ -263,30 +325,14 @@ class Run:
             )
         return Evaluation(split, path, metrics[split], metrics)
 
-    def _evaluate_external(
-        self,
-        data: str | Path,
-        schema: str | None,
-        key_vs_rest: bool,
-        exclude_seen: bool,
-        fit: str,
-        images: str,
-        duplicates: str,
-        show: bool,
-        mlflow: str = "",
-        adapt_bn: bool = False,
-    ) -> Evaluation:
-        from ..training.external import SPLIT, ExternalOptions, external_folder, other_schema, scores_key_vs_rest
+    def _evaluate_external(self, data: str | Path, options: Any, show: bool, mlflow: str = "") -> Evaluation:
+        from ..training.external import SPLIT, external_folder, other_schema, scores_key_vs_rest
         from ..workflows import evaluate_external_run
 
-        duplicates = str(Path(duplicates).resolve()) if duplicates else ""
-        options = ExternalOptions(
-            schema, key_vs_rest, fit, self.device, exclude_seen, images=images, duplicates=duplicates, adapt_bn=adapt_bn
-        )
         own = self.schema
-        other = other_schema(schema, own, duplicates)
-        kvr = scores_key_vs_rest(other, own, key_vs_rest)
-        out = external_folder(self.folder, data, other, kvr, adapt_bn).path
+        other = other_schema(options.schema, own, options.duplicates)
+        kvr = scores_key_vs_rest(other, own, options.key_vs_rest)
+        out = external_folder(self.folder, data, other, kvr, options.adapt_bn).path
         with output_folder(self.path, option="--run"), output_folder(out, option="--run", lock=False):
             metrics, path = evaluate_external_run(self.path, data, options, show=show, mlflow=mlflow)
         return Evaluation(SPLIT, path, metrics[SPLIT], metrics)

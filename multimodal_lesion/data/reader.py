@@ -103,6 +103,8 @@ def _read(root: Path, schema: DatasetSchema, images: str, drop_missing: bool) ->
         table["patient_id"] = joined.table[schema.patient_column]
     if schema.split_column:  # the user's split (data/user_splits.py reads it)
         table["given_split"] = joined.table[schema.split_column]
+    if schema.source_column:  # where each image comes from (external evaluations break down by it)
+        table["source"] = joined.table[schema.source_column]
     for name, values in _features(joined, schema, notes).items():
         table[name] = values
     _note_unused(joined, schema, notes)
@@ -199,7 +201,7 @@ def _named_columns(schema: DatasetSchema) -> list[str]:
     """Every column the schema names (what the delimiter sniff looks for)."""
     f = schema.features
     named = [schema.image_column, schema.label_column, *schema.label_columns, schema.group_column]
-    return [c for c in (*named, schema.patient_column, schema.split_column, *f.names) if c]
+    return [c for c in (*named, schema.patient_column, schema.split_column, schema.source_column, *f.names) if c]
 
 
 def _check_named_columns(joined: _Joined, schema: DatasetSchema) -> None:
@@ -212,6 +214,7 @@ def _check_named_columns(joined: _Joined, schema: DatasetSchema) -> None:
         ("dataset.patient_column", [schema.patient_column]),
         ("dataset.plain_ids", list(schema.plain_ids)),
         ("dataset.split_column", [schema.split_column]),
+        ("dataset.source_column", [schema.source_column]),
         ("features.numeric", list(f.numeric)),
         ("features.categorical", list(f.categorical)),
         ("features.boolean", list(f.boolean)),

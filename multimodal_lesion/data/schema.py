@@ -74,6 +74,8 @@ class DatasetSchema:
         duplicate_columns: the two image-id columns of ``duplicates``.
         split_column: a column that fixes each image's split (``train`` / ``val`` / ``test`` or a fold
             number): used instead of drawing one, and checked for leaks (see ``data/user_splits.py``).
+        source_column: a column naming where each image comes from (a clinic, a device, a sub-collection such as
+            HAM10000's ``dataset``): never a model input; an external evaluation breaks its scores down by it.
         features: the patient features.
         leak_columns: columns that give the label away; never model inputs (listing one as a feature is an error).
         key_class: the class of the clinical metrics (melanoma by default).
@@ -106,6 +108,7 @@ class DatasetSchema:
     duplicates: str = ""
     duplicate_columns: tuple[str, str] = ("image_1", "image_2")
     split_column: str = ""
+    source_column: str = ""
     features: Features = field(default_factory=Features)
     leak_columns: tuple[str, ...] = ()
     key_class: str = "mel"

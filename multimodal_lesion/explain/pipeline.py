@@ -463,10 +463,27 @@ def explain_run(
     spreads = timed("tta spread", tta_spreads, run, batch)
     what_ifs = timed("what-if", case_what_ifs, run, batch)
     case_list = [_case(run, batch, i, pixels, shap_exp, modality) for i in range(len(rows))]
+    embeddings = alarm_embeddings(run, batch)
     for i, case in enumerate(case_list):
         case.tta_spread = None if spreads is None else float(spreads[i])
         case.what_if = what_ifs[i]
+        case.embedding = None if embeddings is None else embeddings[i]
     return _cohort(run, split, case_list, shap_exp, pixels, timed.seconds)
+
+
+def alarm_embeddings(run: LoadedRun, batch: CaseBatch) -> np.ndarray | None:
+    """The cases' pooled image embeddings as the shift alarm reads them (None without an image branch).
+
+    A late model's image state is that embedding; a map model's state is its maps at the fusion point,
+    pooled here through the tail without the metadata (as the alarm's reference of the run's images).
+    """
+    model, states = run.inputs.model, batch.states
+    if states is None or model.image_branch is None:
+        return None
+    if model.fuses_on_maps:
+        with torch.no_grad():
+            states = model.image_branch.embed_from_maps(states.float())
+    return states.float().cpu().numpy()
 
 
 def feature_attributions(

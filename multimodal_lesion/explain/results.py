@@ -38,6 +38,8 @@ class CaseExplanation:
     runner_up_class: str | None = None  # the second most probable class, mapped too
     prediction_sets: dict[str, list[str]] = field(default_factory=dict)  # level -> classes (conformal, fitted on val)
     tta_spread: float | None = None  # sd over the image's flips of the predicted class's probability
+    shift: dict[str, float | bool] | None = None  # the shift alarm: shift_score, shift_p, out_of_distribution, level
+    embedding: np.ndarray | None = field(default=None, repr=False)  # (F,) the image embedding the head read
     what_if: WhatIf | None = None  # the prediction across each patient feature's values
     cam_file: str | None = None  # the saved map, relative to the report folder
     pixels: np.ndarray | None = field(default=None, repr=False)  # uint8 (H, W, 3) as the model saw it
@@ -71,6 +73,7 @@ class CaseExplanation:
             "runner_up_class": self.runner_up_class,
             "prediction_sets": self.prediction_sets,
             "tta_spread": self.tta_spread,
+            "shift": self.shift,
             "what_if": None if self.what_if is None else self.what_if.to_json(),
             "cam": self.cam_file,
             "metadata_on_map": self.metadata_on_map(),

@@ -37,6 +37,7 @@ from ..explain.faithfulness import PairedComparison
 from ..explain.randomisation import StageResult
 from ..explain.results import CaseExplanation, CohortExplanation, FaithfulnessRow
 from ..io import atomic_write, safe_stem
+from ..training.uncertainty import EMPTY_SET_MEANING
 
 #: Figure names in the order they appear, with their captions; other names follow, humanised.
 CASE_FIGURES: dict[str, str] = {
@@ -317,9 +318,14 @@ def _case_view(
         "explained_probability": _num(case.explained_probability),
         "runner_up": class_label(case.runner_up_class) if case.runner_up_class else None,
         "prediction_sets": [
-            {"level": _percent_label(level, where), "classes": ", ".join(class_label(c) for c in classes) or "(empty)"}
+            {
+                "level": _percent_label(level, where),
+                "classes": ", ".join(class_label(c) for c in classes) or f"(empty: {EMPTY_SET_MEANING})",
+                "empty": not classes,
+            }
             for level, classes in (case.prediction_sets or {}).items()
         ],
+        "shift": _shift_view(case.shift),
         "tta_spread": _num(case.tta_spread),
         "known_truth": true_label is not None,
         "correct": true_label is not None and true_label == predicted,
@@ -350,6 +356,18 @@ def _metadata_map(case: CaseExplanation) -> dict | None:
         "spearman": "undefined (a constant map)" if rho is None or not math.isfinite(rho) else f"{rho:.3f}",
         "fusion": _text(case.fusion) or "\u2014",
         "text": FUSION_TEXT.get(case.fusion, ""),
+    }
+
+
+def _shift_view(shift: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The case's shift alarm as the page shows it (None when not computed)."""
+    if not shift:
+        return None
+    return {
+        "flagged": bool(shift.get("out_of_distribution")),
+        "p": f"{float(shift['shift_p']):.3g}",
+        "score": f"{float(shift['shift_score']):.3f}",
+        "level": f"{float(shift['level']):g}",
     }
 
 

@@ -131,10 +131,12 @@ def predict_arrays(predictor: Predictor, cases: Cases, source: str) -> Probabili
         predictor.predict(px, meta[i : i + len(px)]) for i, px in _offsets(decoded(predictor, cases.paths, source))
     ]
     balanced = [c.balanced for c in chunks if c.balanced is not None]
+    embeddings = [c.embeddings for c in chunks if c.embeddings is not None]
     return Probabilities(
         np.concatenate([c.calibrated for c in chunks]),
         np.concatenate(balanced) if len(balanced) == len(chunks) else None,
         None,
+        np.concatenate(embeddings) if len(embeddings) == len(chunks) else None,
     )
 
 

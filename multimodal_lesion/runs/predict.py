@@ -108,6 +108,9 @@ class Probabilities:
     calibrated: np.ndarray  # (N, C) softmax(logits / temperature)
     balanced: np.ndarray | None  # (N, C) the balanced decision's probabilities; None for runs without one
     views: np.ndarray | None  # (V, N, C) calibrated probabilities of each flipped view; None without image
+    embeddings: np.ndarray | None = (
+        None  # (N, F) the image embeddings the head read (unflipped view); None without image
+    )
 
 
 @dataclass
@@ -151,35 +154,41 @@ class Predictor:
         ]
         logits = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, self.schema.n_classes))
         views = np.concatenate([p[1] for p in parts], axis=1) if parts and parts[0][1] is not None else None
+        embeddings = np.concatenate([p[2] for p in parts]) if parts and parts[0][2] is not None else None
         cal = _softmax(logits / self.run.temperature)
         balanced = None
         if self.run.balanced is not None:
             temperature, bias = self.run.balanced
             balanced = _softmax(logits / temperature + bias)
-        return Probabilities(cal, balanced, views)
+        return Probabilities(cal, balanced, views, embeddings)
 
-    def _predict(self, pixels: np.ndarray | None, meta: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(logits (B, C) as the run scores them, calibrated view probabilities (V, B, C) or None)."""
+    def _predict(
+        self, pixels: np.ndarray | None, meta: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(logits (B, C) as the run scores them, calibrated view probabilities (V, B, C) or None, the
+        embeddings (B, F) of the unflipped view, flip-averaged as the run was trained, or None)."""
         model, device = self.model, self.run.device
         meta_t = torch.from_numpy(meta).to(device)
         branch = model.image_branch
         if branch is None:
-            return model.forward_head(None, meta_t).float().cpu().numpy(), None
+            return model.forward_head(None, meta_t).float().cpu().numpy(), None, None
         if pixels is None:
             raise ConfigError(f"model '{self.run.cfg.model.name}' looks at the image: give the images")
         x = self.normalize(torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)).to(device)
         t = self.run.cfg.train
         if t.mode == "frozen":
-            logits = model.forward_head(embed_images(branch, x, t.flip_average), meta_t).float()
+            embedding = embed_images(branch, x, t.flip_average)
+            logits = model.forward_head(embedding, meta_t).float()
         else:  # partial, end2end: flip TTA when the run was evaluated with it
             dims = FLIPS if self.run.tta else ((),)
-            logits = torch.stack(
-                [model.from_image_state(model.image_state(x.flip(d) if d else x), meta_t).float() for d in dims]
-            ).mean(0)
+            states = [model.image_state(x.flip(d) if d else x) for d in dims]
+            logits = torch.stack([model.from_image_state(s, meta_t).float() for s in states]).mean(0)
+            # the shift alarm's embedding: a map model's state is its maps, pooled here without the metadata
+            embedding = branch.embed_from_maps(states[0]) if model.fuses_on_maps else states[0]
         views = None
         if self.views:
             views = view_probabilities(model, x, meta_t, self.run.temperature)
-        return logits.cpu().numpy(), views
+        return logits.cpu().numpy(), views, embedding.float().cpu().numpy()
 
     def adapt_batchnorm(self, chunks: Iterable[np.ndarray]) -> dict[str, Any]:
         """AdaBN: the batch-norm statistics the run learned on its training data re-estimated on new images.
@@ -261,6 +270,7 @@ class CasePrediction:
     probs: dict[str, float]
     view_probs: np.ndarray  # (views, classes): the image and its flips (models.FLIPS); (0, C) without image
     balanced_probs: dict[str, float] | None = None  # the balanced decision's; None for runs without one
+    embedding: np.ndarray | None = None  # (F,) the image embedding the head read; None without image
 
 
 def predict_image(
@@ -318,7 +328,8 @@ def predict_case(
         assert out.views is not None
         views = out.views[:, 0, :]
     balanced = None if out.balanced is None else _named(classes, out.balanced[0])
-    return CasePrediction(_named(classes, out.calibrated[0]), views, balanced)
+    embedding = None if out.embeddings is None else out.embeddings[0]
+    return CasePrediction(_named(classes, out.calibrated[0]), views, balanced, embedding)
 
 
 def _named(classes: Sequence[str], probs: np.ndarray) -> dict[str, float]:

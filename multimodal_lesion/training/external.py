@@ -44,9 +44,21 @@ from ..errors import DataError, note
 from ..io import atomic_write, safe_stem
 from ..runs import Cases, Predictor, RunFolder, adapt_to_cases, predict_arrays, prediction_frame
 from ..runs.duplicates import DEFAULT_THRESHOLD, training_near_duplicates
+from ..runs.prior import reweight
+from ..runs.shift import DEFAULT_LEVEL
 from .metrics import binary_metrics, classification_metrics, key_vs_rest
+from .new_data import (
+    NewDataOptions,
+    annotate,
+    clinic_prior,
+    estimated_prior,
+    fitted_sets,
+    paired_difference_ci,
+    run_prior,
+)
 from .runner import Evaluation, SplitScores
 from .stats import grouped_auroc_ci
+from .uncertainty import EMPTY_SET_MEANING, set_metrics
 
 #: A folder name used as it is for the results (others get a sanitised stem).
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,79}")
@@ -69,6 +81,9 @@ class ExternalOptions:
     images: str = ""  # where OTHER's images are, when not below its data root ("none": no images)
     duplicates: str = ""  # OTHER's duplicates file, replacing its schema's (pairs share a group in the CI)
     adapt_bn: bool = False  # re-estimate the run's batch-norm statistics on OTHER's images first (AdaBN)
+    prior: str = ""  # OTHER's known class prevalence (FILE or class=value,...): probabilities re-weighted to it
+    estimate_prior: bool = False  # the EM estimate of OTHER's prevalence and its scores, as a diagnostic
+    shift_level: float = DEFAULT_LEVEL  # level of the per-image shift alarm
 
 
 def read_other(root: str | Path, schema: DatasetSchema, images: str = "") -> LesionDataset:
@@ -203,9 +218,12 @@ def evaluate_external(
     if show:
         print(f"scoring {len(cases.ids)} images of {data} with {run.path} ({predictor.run.device})", flush=True)
     probs = predict_arrays(predictor, cases, str(data))
-    predicted = prediction_frame(cases, run_schema.classes, probs)
     cal = probs.calibrated
     bal = probs.balanced if probs.balanced is not None else cal  # runs from before the balanced decision
+    new_data = NewDataOptions(options.prior, options.estimate_prior, options.shift_level)
+    predicted, found = annotate(
+        prediction_frame(cases, run_schema.classes, probs), run_dir, cal, probs.embeddings, new_data, show
+    )
     out = external_folder(run, data, schema, kvr, options.adapt_bn)
     scored = scored_schema(run_schema, kvr)
     score, cal_scored = external_scores(table, y, (cal, bal), run_schema, kvr, options.n_boot)
@@ -228,6 +246,9 @@ def evaluate_external(
         "missing_features": [f for f, source in record["features"].items() if source is None],
         "notes": list(dataset.notes),
     }
+    flagged = predicted["out_of_distribution"].to_numpy(bool) if "out_of_distribution" in predicted else None
+    metrics.update(trust_on_other(run, table, y, (cal, bal), found, kvr, options))
+    score["uncertainty"] = conformal_on_other(run, y, cal, kvr, flagged)
     near = near_duplicates_of_training(run_dir, dataset, table, show)
     if near is not None:
         keep = ~table["image_id"].isin(set(near["image_id_1"])).to_numpy()
@@ -316,3 +337,161 @@ def _score(y: np.ndarray, probs: np.ndarray, scored: DatasetSchema, table: pd.Da
     return classification_metrics(
         y, probs, classes=scored.classes, key_class=scored.key_class, lesion_ids=table["lesion_id"].tolist()
     )
+
+
+# --- what the external report adds: prevalence, sets, shift, a known or estimated prior, sources ----------
+
+
+def trust_on_other(
+    run: RunFolder,
+    table: pd.DataFrame,
+    y: np.ndarray,
+    probs: tuple[np.ndarray, np.ndarray],
+    found: dict[str, Any],
+    key_vs_rest: bool,
+    options: ExternalOptions,
+) -> dict[str, Any]:
+    """The shift alarm, empty sets, predicted against true prevalence, the prior's effect and the
+    breakdown by source of OTHER's scored images."""
+    cal, bal = probs
+    schema = run.read_schema()
+    out: dict[str, Any] = {"empty_sets": found["empty_sets"], "shift": found.get("shift")}
+    out["prevalence"] = prevalence_table(y, cal, bal, schema, key_vs_rest)
+    groups = _groups(table)[1]
+    priors = clinic_prior(run, options.prior)
+    if priors is not None:
+        adjusted = reweight(cal, *priors)
+        out["prior"] = {
+            **found["prior"],
+            "prevalence": prevalence_table(y, adjusted, bal, schema, key_vs_rest),
+            "effect": prior_effect(y, cal, adjusted, schema.key_index if key_vs_rest else None, groups, options.n_boot),
+        }
+    if options.estimate_prior:
+        estimate = estimated_prior(cal, run, found.get("shift"))
+        moved = reweight(cal, run_prior(run), np.array(list(estimate["estimated"].values())))
+        key = schema.key_index if key_vs_rest else None
+        out["estimated_prior"] = {**estimate, "effect": prior_effect(y, cal, moved, key, groups, options.n_boot)}
+    if "source" in table.columns:
+        out["by_source"] = by_source(table, y, cal, found, schema, key_vs_rest)
+    return out
+
+
+def conformal_on_other(
+    run: RunFolder, y: np.ndarray, cal: np.ndarray, key_vs_rest: bool, flagged: np.ndarray | None
+) -> dict[str, Any]:
+    """The run's conformal sets on OTHER: coverage (the run's classes only), size and empty sets per level."""
+    conformal, levels = fitted_sets(run)
+    sets = conformal.predict(cal)
+    classes = run.read_schema().classes
+    if key_vs_rest:  # OTHER's classes are (rest, key): the set's coverage of the true class is not defined
+        per_level = {
+            f"{lv:.2f}": {
+                "mean_size": float(sets[:, :, k].sum(1).mean()),
+                "empty": float((~sets[:, :, k].any(1)).mean()),
+                "n_empty": int((~sets[:, :, k].any(1)).sum()),
+                "n_images": len(y),
+            }
+            for k, lv in enumerate(levels)
+        }
+        return {"conformal": {"fitted_on": "val", "empty_set_meaning": EMPTY_SET_MEANING, **per_level}}
+    per_level = set_metrics(sets, y, classes, levels)
+    if flagged is not None:
+        for k, lv in enumerate(levels):
+            empty = np.logical_not(np.asarray(sets[:, :, k]).any(axis=1))
+            per_level[f"{lv:.2f}"]["empty_flagged"] = float(empty[flagged].mean()) if flagged.any() else float("nan")
+    return {"conformal": {"fitted_on": "val", "empty_set_meaning": EMPTY_SET_MEANING, **per_level}}
+
+
+def prevalence_table(
+    y: np.ndarray, cal: np.ndarray, bal: np.ndarray, schema: DatasetSchema, key_vs_rest: bool
+) -> list[dict[str, Any]]:
+    """Per scored class: its true share of OTHER, the share of images decided as it (calibrated arg-max and
+    the balanced decision) and its mean calibrated probability. Key vs rest: the key class against the rest."""
+    n = len(y)
+    if key_vs_rest:
+        k = schema.key_index
+        rows = [("rest", y == 0, cal.argmax(1) != k, bal.argmax(1) != k, 1 - cal[:, k])]
+        rows.append((schema.key_class, y == 1, cal.argmax(1) == k, bal.argmax(1) == k, cal[:, k]))
+    else:
+        rows = [(c, y == i, cal.argmax(1) == i, bal.argmax(1) == i, cal[:, i]) for i, c in enumerate(schema.classes)]
+    return [
+        {
+            "class": c,
+            "true": float(t.mean()),
+            "n_true": int(t.sum()),
+            "predicted": float(d.mean()),
+            "n_predicted": int(d.sum()),
+            "balanced_decision": float(b.mean()),
+            "n_balanced_decision": int(b.sum()),
+            "mean_probability": float(p.mean()),
+            "n_images": n,
+        }
+        for c, t, d, b, p in rows
+    ]
+
+
+def prior_effect(
+    y: np.ndarray, before: np.ndarray, after: np.ndarray, key: int | None, groups: np.ndarray, n_boot: int
+) -> dict[str, Any]:
+    """How re-weighting changes NLL, Brier, accuracy and balanced accuracy (key vs rest: sensitivity and
+    specificity of the key-class decision): after minus before, with a 95% CI over resampled groups."""
+    if key is not None:
+        is_key = (y == 1).astype(np.int64)
+        pb, pa = before[:, key], after[:, key]
+        binary = {
+            "nll": lambda t, p: float(-np.mean(np.log(np.clip(np.where(t == 1, p, 1 - p), 1e-12, 1)))),
+            "brier": lambda t, p: float(np.mean((p - t) ** 2)),
+        }
+        out = {name: paired_difference_ci(f, is_key, pb, pa, groups, n_boot) for name, f in binary.items()}
+        decided = {
+            "sensitivity": lambda t, d: float(d[t == 1].mean()) if (t == 1).any() else float("nan"),
+            "specificity": lambda t, d: float((~d[t == 0]).mean()) if (t == 0).any() else float("nan"),
+        }
+        db, da = before.argmax(1) == key, after.argmax(1) == key
+        out |= {name: paired_difference_ci(f, is_key, db, da, groups, n_boot) for name, f in decided.items()}
+        return out
+    multi = {
+        "nll": lambda t, p: float(-np.mean(np.log(np.clip(p[np.arange(len(t)), t], 1e-12, 1)))),
+        "brier": lambda t, p: float(np.mean(((p - np.eye(p.shape[1])[t]) ** 2).sum(1))),
+        "accuracy": lambda t, p: float((p.argmax(1) == t).mean()),
+        "balanced_accuracy": _balanced_accuracy,
+    }
+    return {name: paired_difference_ci(f, y, before, after, groups, n_boot) for name, f in multi.items()}
+
+
+def _balanced_accuracy(t: np.ndarray, p: np.ndarray) -> float:
+    hits = p.argmax(1) == t
+    return float(np.mean([hits[t == c].mean() for c in np.unique(t)]))
+
+
+def by_source(
+    table: pd.DataFrame, y: np.ndarray, cal: np.ndarray, found: dict[str, Any], schema: DatasetSchema, kvr: bool
+) -> list[dict[str, Any]]:
+    """Per value of OTHER's ``source`` column: images, the key class's true and predicted share, its AUROC,
+    and the shares flagged by the shift alarm and with an empty 90%-or-lowest-level set."""
+    from sklearn.metrics import roc_auc_score
+
+    k = schema.key_index
+    is_key = (y == 1) if kvr else (y == k)
+    source = table["source"].fillna("(none)").astype(str).to_numpy()
+    out = []
+    for value in sorted(set(source)):
+        rows = source == value
+        t, p = is_key[rows], cal[rows, k]
+        out.append(
+            {
+                "source": value,
+                "n_images": int(rows.sum()),
+                "key_true": float(t.mean()),
+                "key_predicted": float((cal[rows].argmax(1) == k).mean()),
+                "key_auroc": float(roc_auc_score(t, p)) if 0 < t.sum() < len(t) else float("nan"),
+                **_source_flags(found, rows),
+            }
+        )
+    return out
+
+
+def _source_flags(found: dict[str, Any], rows: np.ndarray) -> dict[str, float]:
+    """The shares of ``rows`` flagged out of distribution and with an empty set (when computed)."""
+    flags = found.get("per_image", {})
+    return {name: float(np.asarray(values)[rows].mean()) for name, values in flags.items()}

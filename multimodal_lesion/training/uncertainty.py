@@ -20,6 +20,9 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+#: What an empty prediction set means, wherever one is shown or counted.
+EMPTY_SET_MEANING = "no class is plausible at this level: refer"
+
 
 def nonconformity(probs: np.ndarray, score: str) -> np.ndarray:
     """Nonconformity of every class of every case (N, C): the lower, the more the class conforms.
@@ -112,7 +115,8 @@ class ConformalSets(BaseEstimator):
 
 
 def set_metrics(sets: np.ndarray, y: np.ndarray, classes: Sequence[str], levels: Sequence[float]) -> dict[str, Any]:
-    """Empirical coverage (overall and per true class, with its n), mean set size and empty share per level."""
+    """Empirical coverage (overall and per true class, with its n), mean set size and empty sets per level
+    (``empty``: their share, ``n_empty``: their count; an empty set means no class is plausible: refer)."""
     y = np.asarray(y)
     out: dict[str, Any] = {}
     for k, level in enumerate(levels):
@@ -126,6 +130,7 @@ def set_metrics(sets: np.ndarray, y: np.ndarray, classes: Sequence[str], levels:
             "coverage": float(covered.mean()),
             "mean_size": float(s.sum(1).mean()),
             "empty": float((s.sum(1) == 0).mean()),
+            "n_empty": int((s.sum(1) == 0).sum()),
             "worst_class_coverage": min(v["coverage"] for v in per_class.values() if v["n"]),
             "per_class": per_class,
             "n_images": len(y),
@@ -239,6 +244,7 @@ def uncertainty_summary(
             "score": score,
             "class_conditional": class_conditional,
             "fitted_on": "val",
+            "empty_set_meaning": EMPTY_SET_MEANING,
             "always_in": {f"{lv:.2f}": [classes[c] for c in cs] for lv, cs in conformal.always_in_.items()},
             **set_metrics(conformal.predict(p), y, classes, levels),
         },
