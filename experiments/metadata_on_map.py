@@ -104,8 +104,8 @@ def main() -> None:
             f"{r['moved_share']:.0%} | {r['valid']} / {r['lesions']} | {r['seconds']:.0f} |",
             flush=True,
         )
-    if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=1))
+        if args.out is not None:  # after each run: a cut-short measurement keeps what it finished
+            args.out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
