@@ -167,9 +167,13 @@ def test_frozen_mode_refuses_map_models_in_one_line(cli, cli_ham: Path, tmp_path
     proc = cli("train", "--data", cli_ham, "--out", tmp_path / "run", "--set", 'model.name="metablock"')
     line = cli.error(proc, "train", "metablock", "partial")
     assert "frozen" in line and not (tmp_path / "run").exists()
-    proc = cli("ablate", "--data", cli_ham, "--out", tmp_path / "ablation", "--set", 'ablation.models=["metanet"]',
-               "--set", 'ablation.baseline="metanet"', "--set", 'ablation.mode="frozen"')  # fmt: skip
-    cli.error(proc, "ablate", "metanet", "partial")
+    from multimodal_lesion.ablation import run_ablation
+    from multimodal_lesion.config import load_config
+
+    cfg = load_config(None, ['ablation.models=["image_only", "metanet"]', 'ablation.mode="frozen"'])
+    with pytest.raises(ConfigError, match=r"metanet.*partial"):  # before any data is read or written
+        run_ablation(cfg, tmp_path / "ablation", show=False)
+    assert not (tmp_path / "ablation").exists()
 
 
 #: A tiny partial run: the test backbone's last stage (layer4) is the tail the metadata conditions.
@@ -200,32 +204,54 @@ def partial_runs(
 
 
 def check_partial_run(cli, run: Path, cli_ham: Path, external: Path) -> None:
-    """The run trained, calibrated, scored missing metadata, evaluates (own and external data) and predicts."""
+    """The run trained, calibrated, scored conformal sets and missing metadata, evaluates (own and external
+    data) and predicts from its folder."""
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["mode"] == "partial" and metrics["tta"] is True
-    print(sorted(metrics))
+    assert metrics["mode"] == "partial" and metrics["tta"] is True and metrics["balanced_bias"]
+    test = metrics["test"]
+    assert {"full", "none/unknown", "none/marginalise"} <= set(test["missing_metadata"])
+    assert test["uncertainty"]
     image = next((cli_ham / "HAM10000_images_part_1").glob("*.jpg"))
-    proc = cli.ok(cli("predict", "--run", run, "--image", image, "--age", "50", "--sex", "male"))
-    shown = json.loads(proc.stdout)
-    print(shown)
+    shown = json.loads(cli.ok(cli("predict", "--run", run, "--image", image, "--age", "50", "--sex", "male")).stdout)
+    assert shown["prediction_sets"] and shown["tta_spread"] is not None  # conformal sets; spread over the 4 flips
+    assert abs(sum(shown["probabilities"].values()) - 1) < 1e-3
     cli.ok(cli("evaluate", "--run", run))
     cli.ok(cli("evaluate", "--run", run, "--data", external, "--schema", "isic2020", "--key-vs-rest"))
 
 
-def test_a_partial_metanet_run_trains_evaluates_and_predicts(
-    cli, partial_runs, cli_ham: Path, tiny_isic2020: Path
-) -> None:
-    check_partial_run(cli, partial_runs("metanet"), cli_ham, tiny_isic2020)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["metablock", "film_maps", "cross_attention"])
+@pytest.mark.parametrize("name", ["metanet", "metablock", "film_maps", "cross_attention"])
 def test_a_partial_run_of_each_map_model_trains_evaluates_and_predicts(
     name: str, cli, partial_runs, cli_ham: Path, tiny_isic2020: Path
 ) -> None:
     check_partial_run(cli, partial_runs(name), cli_ham, tiny_isic2020)
 
 
+def test_a_tiny_partial_map_model_run_scores_missing_metadata_and_predicts(
+    tmp_path: Path, tiny_ham_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast one of the subject: a partial cross_attention run in process, then a prediction from its folder."""
+    from multimodal_lesion.config import load_config
+    from multimodal_lesion.runs import Case, predict_case
+    from multimodal_lesion.workflows import train_run
+
+    monkeypatch.setenv("MMLESION_CACHE", str(tmp_path / "cache"))
+    root = tiny_ham_factory(tmp_path / "dataset", n_lesions=14)
+    settings = [
+        'model.name="cross_attention"', 'model.backbone="test_resnet"', 'model.weights="none"',
+        "data.image_size=[32, 32]", 'train.mode="partial"', "train.epochs=1", "train.batch_size=8", "train.tta=true",
+        "data.test_size=0.3", "data.val_size=0.3", f'data.root="{root}"', "uncertainty.bootstrap=20",
+    ]  # fmt: skip
+    metrics = train_run(load_config(None, settings), tmp_path / "run", show=False)
+    assert metrics["mode"] == "partial"
+    missing = metrics["test"]["missing_metadata"]
+    assert {"full", "no_age/unknown", "none/unknown", "none/marginalise"} <= set(missing)
+    image = next((root / "HAM10000_images_part_1").glob("*.jpg"))
+    prediction = predict_case(tmp_path / "run", Case(image, {"age": 40}))
+    assert prediction.view_probs.shape == (4, 7) and abs(sum(prediction.probs.values()) - 1) < 1e-3
+
+
+@pytest.mark.slow
 def test_metadata_changes_the_trained_metanets_maps_on_real_images(partial_runs) -> None:
     """After training on the synthetic data, two patients give two different last maps of one image."""
     from multimodal_lesion.runs import load_run

@@ -175,7 +175,7 @@ def test_groups_are_checked(encoded: dict, small_model: SmallModel) -> None:
     explainer = GroupShapExplainer(model, encoded["background"], groups)
     with pytest.raises(ConfigError, match="localization"):
         explainer.explain(embeddings(model, 6), encoded["meta"], raw=encoded["raw"][["age", "sex"]])
-    with pytest.raises(ConfigError, match="embeddings"):
+    with pytest.raises(ConfigError, match="image states"):
         explainer.explain(None, encoded["meta"])
 
 

@@ -96,8 +96,9 @@ def modality_shapley(
     up to ``MAX_EXACT_PLAYERS`` players, sampled over ``permutations`` orders above (see :mod:`.shap_groups`).
 
     Args:
-        model: the fused model; ``forward_head`` on cached states is what is explained.
-        states: image states (B, F) of the cases; None for metadata-only models.
+        model: the fused model; ``from_image_state`` on the cases' image states is what is explained.
+        states: image states of the cases (``model.image_state``: embeddings (B, F), or maps (B, C, h, w)
+            of a model that fuses on the maps); None for metadata-only models.
         meta: encoded metadata (B, D).
         background_states: one state (the mean training embedding) or M states paired with
             ``background_meta`` (for a map model: the background cases' maps).
