@@ -309,6 +309,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 FIT_HELP = "images of another aspect ratio than the run's input: pad (default) or centre crop; stretch only if asked"
+ADAPT_BN_HELP = "re-estimate the run's batch-norm statistics on these unlabelled images first (AdaBN; end2end/partial)"
 
 
 def _device_arg(p: argparse.ArgumentParser) -> None:
@@ -334,6 +335,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--exclude-seen", action="store_true", help="external: leave out images in the run's splits (else refused)"
     )
+    p.add_argument("--adapt-bn", action="store_true", help="external: " + ADAPT_BN_HELP)
     _prior_args(p)
     p.add_argument(
         "--estimate-prior",
@@ -391,6 +393,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         drop_missing=args.drop_missing,
         show=True,
         mlflow=args.mlflow or "",
+        adapt_bn=args.adapt_bn,
         prior=args.prior or "",
         estimate_prior=args.estimate_prior,
         shift_level=args.shift_level,
@@ -443,6 +446,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
         help="probabilities of the balanced decision fitted on val (uniform class prior)",
     )
     p.add_argument("--fit", choices=["pad", "crop", "stretch"], default="pad", help=FIT_HELP)
+    p.add_argument("--adapt-bn", action="store_true", help="--data / --csv: " + ADAPT_BN_HELP)
     _prior_args(p)
     _device_arg(p)
 
@@ -457,6 +461,10 @@ def _predict(args: argparse.Namespace) -> int:
         return _predict_many(args)
     if args.out:
         raise ConfigError("--out is for --data / --csv; --image prints JSON")
+    if args.adapt_bn:
+        raise ConfigError(
+            "--adapt-bn re-estimates statistics over a set of new images: use --data or --csv, not --image"
+        )
     from .api import load_run
 
     fields = dict(_field(f) for f in args.fields)
@@ -496,7 +504,11 @@ def _predict_many(args: argparse.Namespace) -> int:
         if args.data and not Path(args.data).is_dir():
             raise DataError(f"{args.data}: not a folder of images")
         table = run.predict_table(
-            args.data or args.csv, fit=args.fit, prior=args.prior or "", shift_level=args.shift_level
+            args.data or args.csv,
+            fit=args.fit,
+            adapt_bn=args.adapt_bn,
+            prior=args.prior or "",
+            shift_level=args.shift_level,
         )
         with atomic_write(args.out) as fh:
             table.to_csv(fh, index=False)

@@ -28,7 +28,8 @@ TrainMode = Literal["frozen", "end2end", "partial"]
 EmbedBackend = Literal["torch", "onnxruntime", "openvino"]
 EmbedPrecision = Literal["float32", "bfloat16"]
 Balance = Literal["weighted_loss", "sampler", "none"]
-Augment = Literal["none", "light", "strong"]
+Augment = Literal["none", "light", "strong", "acquisition"]
+ColorConstancyName = Literal["none", "shades_of_gray"]
 Device = Literal["auto", "cpu", "cuda"]
 CamMethodName = Literal["gradcam", "gradcam++", "hirescam", "scorecam"]
 AblationBackend = Literal["local", "ray"]
@@ -117,6 +118,10 @@ class DataConfig:
     allow_leaks: bool = False  # accept a given split (data.splits, split_column) that puts a group on two sides
     cache_dir: str = ""  # decoded images / embeddings cache; empty = $MMLESION_CACHE or ~/.cache/multimodal_lesion
     num_workers: Count = 0  # DataLoader workers; 0 keeps everything in-process (fast on cached arrays)
+    # none | shades_of_gray: each image's illuminant divided out (training, evaluation, prediction, explanation)
+    color_constancy: ColorConstancyName = "none"
+    color_constancy_p: Annotated[float, Range(1)] = 6.0  # Minkowski norm of Shades of Gray (1 = Gray World)
+    color_constancy_gamma: Positive = 1.0  # estimate and correct in I**gamma (1 = the stored pixels)
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,9 @@ class ModelConfig:
     head_hidden: PositiveInt = 256  # width of the fusion MLP
     dropout: Probability0 = 0.3  # dropout in the heads
     multiscale: bool = False  # concatenate pooled features of the last stages (frozen path)
-    tail_blocks: PositiveInt = 1  # partial: last backbone blocks (stages) fine-tuned on the cached maps before them
+    # partial: last backbone blocks (stages) fine-tuned on the cached maps before them; 0 = the last block's
+    # maps are cached and the whole backbone stays frozen (map-fusion models then fuse on those maps)
+    tail_blocks: Count = 1
 
 
 @dataclass(frozen=True)
@@ -147,7 +154,9 @@ class TrainConfig:
     grad_clip: NonNegative = 1.0  # max gradient norm; 0 disables clipping
     patience: PositiveInt = 10  # early stopping on validation balanced accuracy
     seed: Seed = 0  # seed of initialisation, shuffling and augmentation
-    augment: Augment = "light"  # none | light (flips) | strong (flips, rotations, colour jitter)
+    # none | light (flips) | strong (flips, rotations, colour jitter) | acquisition (strong's geometry with
+    # framing, colour cast, illumination, blur, noise, vignette and black corners, hair: what changes between clinics)
+    augment: Augment = "light"
     batch_augment: bool = False  # end2end: augment whole cached uint8 batches at once instead of per image
     flip_average: bool = True  # frozen path: average embeddings over flips
     embed_backend: EmbedBackend = "torch"  # frozen passes (embeddings, maps): torch | onnxruntime | openvino (extra)
@@ -285,10 +294,10 @@ RULES = (
     ),
     Rule(
         ("train.map_views", "train.augment"),
-        lambda c: c.train.map_views == 0 or c.train.augment == "strong",
+        lambda c: c.train.map_views == 0 or c.train.augment in ("strong", "acquisition"),
         lambda c: (
             f"train.map_views={c.train.map_views} draws views under train.augment's rotations and colour jitter: "
-            f"set train.augment='strong' (got {c.train.augment!r})"
+            f"set train.augment='strong' or 'acquisition' (got {c.train.augment!r})"
         ),
     ),
     Rule(

@@ -275,27 +275,27 @@ def end2end_run(cli: Cli, cli_ham: Path, tmp_path_factory: pytest.TempPathFactor
 
 # --- the model registry: tests are parametrised over it, never over a hand-kept list of names ---------
 
-ModelInputs = frozenset[str]  # what a registered model reads: a subset of {"image", "meta"}
+ModelInputs = frozenset[str]  # what a registered model reads: a subset of {"image", "meta"} (+ "maps")
 
 
 @functools.cache
 def registered_inputs() -> dict[str, ModelInputs]:
-    """What each registered model reads ("image", "meta"), asked of a small instance of it."""
+    """What each registered model reads ("image", "meta"; "maps" when the metadata conditions the maps)."""
     from multimodal_lesion.models import ImageBranch, create_model, list_models
 
     branch = ImageBranch("test_resnet", weights="none")  # one tiny backbone shared by the image models
     inputs = {}
     for name in list_models():
         model = create_model(name, meta_dim=1, image_branch=branch)
-        inputs[name] = ModelInputs(
-            kind for kind, used in (("image", model.uses_image), ("meta", model.uses_meta)) if used
-        )
+        used = (("image", model.uses_image), ("meta", model.uses_meta), ("maps", model.fuses_on_maps))
+        inputs[name] = ModelInputs(kind for kind, reads in used if reads)
     return inputs
 
 
 #: Test arguments filled with the registered models that read exactly these inputs.
 MODEL_KINDS: dict[str, ModelInputs] = {
-    "fusion_model": ModelInputs({"image", "meta"}),
+    "fusion_model": ModelInputs({"image", "meta"}),  # late fusion (on the pooled embedding)
+    "map_fusion_model": ModelInputs({"image", "meta", "maps"}),
     "image_only_model": ModelInputs({"image"}),
     "metadata_only_model": ModelInputs({"meta"}),
 }
@@ -311,6 +311,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for argname, inputs in MODEL_KINDS.items():
         if argname in metafunc.fixturenames:
             metafunc.parametrize(argname, models_reading(inputs))
+
+
+#: The longest test modules (minutes each on 2 cores), handed to the two xdist workers first so that
+#: neither worker is left with a long module at the end while the other idles (longest-first scheduling).
+LONGEST_MODULES = (
+    "test_bad_input_runs.py",
+    "test_pipeline_synthetic.py",
+    "test_bad_input_data.py",
+    "test_external.py",
+    "test_notebooks.py",
+    "test_ablation_backends.py",
+    "test_getting_started.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run :data:`LONGEST_MODULES` first, in that order; every other module keeps its place after them."""
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")
@@ -352,11 +371,13 @@ def make_patients(n: int, seed: int) -> pd.DataFrame:
 
 
 def make_confident(model: LesionModel) -> LesionModel:
-    """Head weights 3x the default init, so the metadata moves the probabilities by ~0.1."""
+    """Linear weights outside the backbone (head, metadata branch, a map model's fusion) 3x the default init,
+    so the metadata moves the probabilities by ~0.1."""
     import torch
 
+    parts = [child for child in model.children() if child is not model.image_branch]
     with torch.no_grad():
-        for module in [*model.head.modules(), *(model.meta_branch.modules() if model.uses_meta else [])]:
+        for module in [m for part in parts for m in part.modules()]:
             if isinstance(module, torch.nn.Linear):
                 module.weight.mul_(3)
     return model

@@ -84,16 +84,25 @@ def test_forward_and_backward(name: str, branch: ImageBranch) -> None:
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_cached_embedding_and_live_image_paths_agree(name: str, branch: ImageBranch) -> None:
+def test_cached_state_and_live_image_paths_agree(name: str, branch: ImageBranch) -> None:
+    """forward(batch) == from_image_state(image_state(image), meta), and the cached path gives the same."""
     model = build(name, branch).eval()
     batch = make_batch()
     with torch.no_grad():
-        embedding = branch.embed(batch["image"])
         live = model(batch)
-        cached = model({"embedding": embedding, "meta": batch["meta"]})
-        head = model.forward_head(embedding, batch["meta"])
+        if not model.uses_image:
+            torch.testing.assert_close(model.forward_head(None, batch["meta"]), live)
+            return
+        state = model.image_state(batch["image"])
+        split = model.from_image_state(state, batch["meta"])
+        cached = model({"maps" if model.fuses_on_maps else "embedding": state, "meta": batch["meta"]})
+    torch.testing.assert_close(split, live, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(head, live, rtol=1e-5, atol=1e-5)
+    if model.fuses_on_maps:  # the state is the maps partial mode caches
+        assert state.shape == branch.forward_maps(batch["image"]).shape and state.ndim == 4
+    else:  # late fusion: the state is the pooled embedding, and forward_head is the rest
+        torch.testing.assert_close(state, branch.embed(batch["image"]))
+        torch.testing.assert_close(model.forward_head(state, batch["meta"]), live, rtol=1e-5, atol=1e-5)
 
 
 def trained(name: str, branch: ImageBranch, steps: int = 5) -> tuple[LesionModel, torch.Tensor]:

@@ -32,7 +32,7 @@ PARTIAL = [
 ]
 
 
-@pytest.mark.parametrize(("tail_blocks", "multiscale"), [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize(("tail_blocks", "multiscale"), [(0, False), (1, False), (2, False), (2, True)])
 def test_embedding_from_cached_maps_equals_the_whole_backbone(tail_blocks: int, multiscale: bool) -> None:
     torch.manual_seed(0)
     branch = ImageBranch("tf_efficientnet_lite0", "none", multiscale, tail_blocks).eval()
@@ -43,15 +43,18 @@ def test_embedding_from_cached_maps_equals_the_whole_backbone(tail_blocks: int, 
         whole = branch.embed(x)
     assert maps.shape[2:] == ((4, 6) if tail_blocks == 2 else (2, 3))  # stride 16, or 32 before the last block
     torch.testing.assert_close(resumed, whole)
-    trained = {id(p) for m in branch.tail() for p in m.parameters()}
-    assert trained and len(trained) < len(list(branch.parameters()))
+    tail = {id(p) for m in branch.tail() for p in m.parameters()}
+    assert tail and len(tail) < len(list(branch.parameters()))
+    trained = {id(p) for m in branch.trainable_tail() for p in m.parameters()}
+    assert trained == (tail if tail_blocks else set())  # tail_blocks=0: the conv head runs frozen
 
 
 def test_backbones_and_multiscale_that_cannot_be_split_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="multiscale"):
         ImageBranch("tf_efficientnet_lite0", "none", multiscale=True, tail_blocks=1).check_partial()
-    with pytest.raises(ConfigError, match="stem \\+ blocks"):
-        ImageBranch("resnet18", "none").check_partial()
+    with pytest.raises(ConfigError, match="stem \\+ blocks"):  # its conv head runs after the pooling
+        ImageBranch("mobilenetv3_small_050", "none").check_partial()
+    ImageBranch("resnet18", "none").check_partial()  # stem + layer1-4: split before layer4
     with pytest.raises(ConfigError, match="tail_blocks"):
         ImageBranch("tf_efficientnet_lite0", "none", tail_blocks=7).check_partial()
 

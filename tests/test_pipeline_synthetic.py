@@ -16,10 +16,12 @@ import pytest
 from multimodal_lesion.ablation import run_ablation
 from multimodal_lesion.config import ModelConfig, load_config
 from multimodal_lesion.data.constants import CLASSES
-from multimodal_lesion.models import list_models
+from multimodal_lesion.models import fuses_on_maps, list_models
 from multimodal_lesion.workflows import explain_run, train_run
 
 pytestmark = pytest.mark.slow
+#: every registered model that trains on frozen embeddings (the map-fusion models need the maps)
+FROZEN_MODELS = [name for name in list_models() if not fuses_on_maps(name)]
 SETTINGS = [
     "data.synthetic_n=600",
     "data.image_size=[120, 160]",
@@ -29,7 +31,7 @@ SETTINGS = [
     "ablation.folds=3",
     "ablation.seeds=[0]",
     "ablation.bootstrap=500",
-    f"ablation.models={json.dumps(list_models())}",
+    f"ablation.models={json.dumps(FROZEN_MODELS)}",
     "explain.n_cases=14",  # every registered model
     "explain.faithfulness_cases=6",
     "explain.randomisation_cases=3",
@@ -69,7 +71,7 @@ def test_fusion_beats_image_only_by_a_clear_margin(work: dict, model_inputs: dic
 def test_ablation_outputs_are_complete(work: dict) -> None:
     cfg, paths = work["cfg"], work["paths"]
     results = pd.read_csv(paths["results"])
-    assert cfg.ablation.models == tuple(list_models()) and cfg.ablation.gbm
+    assert cfg.ablation.models == tuple(FROZEN_MODELS) and cfg.ablation.gbm
     assert len(results) == (len(cfg.ablation.models) + 1) * cfg.ablation.folds * len(cfg.ablation.seeds)  # + GBM
     # every lesion is tested exactly once per seed
     assert results.groupby(["model", "seed"])["n_images"].sum().nunique() == 1

@@ -545,3 +545,75 @@ def test_no_scientific_notation_and_losing_verdicts_in_red(tmp_path: Path, figur
     assert len(worse) == 1
     assert "invalid" in text and "different games" in pages[1]
     assert "Explained class" in text and "Selected as" in text  # per-class tables with n; the selection column
+
+
+# ----------------------------------------------------------------------------- metadata on the map
+
+
+def _maps_case(tmp_path: Path, figure_dir: Path) -> tuple[Path, CaseExplanation]:
+    """A case of a map model with its two maps, drawn for real by the report's figure functions."""
+    from multimodal_lesion.report.explanation_figures import age_maps_png, metadata_map_png
+
+    case = make_case(0, "ISIC_0024306")
+    yy, xx = np.mgrid[0:60, 0:80] / 60.0
+    case.cam = np.exp(-((yy - 0.4) ** 2 + (xx - 0.5) ** 2) * 8).astype(np.float32)
+    case.cam_without_metadata = np.exp(-((yy - 0.6) ** 2 + (xx - 0.8) ** 2) * 8).astype(np.float32)
+    case.metadata_map_spearman, case.fusion = 0.4321, "maps"
+    case.age_cams = {"20": case.cam, "80": case.cam_without_metadata}
+    pixels = np.asarray(Image.open(figure_dir / "case0_image.png").convert("RGB").resize((80, 60)))
+    drawn = {
+        "metadata_map": metadata_map_png(
+            pixels, case.cam, case.cam_without_metadata, tmp_path / "mm.png", case.metadata_map_spearman
+        ),
+        "age_maps": age_maps_png(pixels, case.age_cams, tmp_path / "ages.png", "45"),
+    }
+    cohort = make_cohort(cases=[case])
+    cohort.fusion, cohort.metadata_map_spearman = "maps", {case.target_class: 0.4321, "all": 0.4321}
+    index = write_report(tmp_path / "report", cohort, ReportFigures(cases={case.image_id: drawn}))
+    return index, case
+
+
+def test_case_page_shows_what_the_metadata_does_to_the_map(tmp_path: Path, figure_dir: Path) -> None:
+    index, case = _maps_case(tmp_path, figure_dir)
+    page = index.parent / "cases" / case_page_name(case.image_id)
+    tags = parse(page)
+    text = " ".join(tags.text)
+    assert ("section", {"class": "card", "id": "metadata-on-map"}) in tags.tags
+    assert "What the patient's metadata does to the map" in text and "0.432" in text
+    assert "changes the layer's activations" in text  # the map model's wording, not the late model's
+    captions = [a.get("alt") for t, a in tags.tags if t == "img"]
+    assert any("every patient feature absent" in (c or "") for c in captions)
+    assert any("at a few ages" in (c or "") for c in captions)
+    index_tags = parse(index)
+    assert ("table", {"id": "map-correlation", "class": "per-class"}) in index_tags.tags
+    assert "Mean rank correlation" in " ".join(index_tags.text)
+    plain = make_case(1, "ISIC_1")  # a case without the two maps has no such section
+    write_report(tmp_path / "plain", make_cohort(cases=[plain]), None)
+    assert "metadata-on-map" not in (tmp_path / "plain" / "cases" / case_page_name("ISIC_1")).read_text()
+
+
+def test_explanations_json_carries_the_metadata_on_the_map(tmp_path: Path, figure_dir: Path) -> None:
+    from multimodal_lesion.explain.pipeline import save_explanations
+
+    _, case = _maps_case(tmp_path, figure_dir)
+    cohort = make_cohort(cases=[case])
+    cohort.fusion, cohort.metadata_map_spearman = "maps", {"all": float("nan")}
+    case.metadata_map_spearman = float("nan")  # a constant map: no ranks, JSON null
+    written = save_explanations(tmp_path / "out", cohort)
+    import json
+
+    data = json.loads(written.read_text())
+    entry = data["cases"][0]["metadata_on_map"]
+    assert entry["fusion"] == "maps" and entry["spearman"] is None
+    saved = np.load(tmp_path / "out" / entry["cam_without_metadata"])
+    np.testing.assert_array_equal(saved, case.cam_without_metadata)
+    assert data["metadata_on_map"] == {"fusion": "maps", "mean_spearman": {"all": None}}
+
+
+@pytest.mark.browser
+def test_metadata_on_the_map_renders_in_chromium(tmp_path: Path, figure_dir: Path, chromium_page) -> None:
+    index, case = _maps_case(tmp_path, figure_dir)
+    chromium_page.open(index.parent / "cases" / case_page_name(case.image_id))
+    page = chromium_page.page
+    assert "0.432" in page.evaluate("document.getElementById('metadata-on-map').textContent")
+    _assert_clean(chromium_page, 2)

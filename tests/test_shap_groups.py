@@ -42,8 +42,14 @@ def encoded(patients: Patients) -> dict:
 
 
 def embeddings(model: LesionModel, n: int, seed: int = 0) -> np.ndarray | None:
+    """Image states of ``n`` cases: random embeddings of a late model, the maps of random images of a
+    model that fuses on the maps (``model.image_state``); None without an image branch."""
     if not model.uses_image:
         return None
+    if model.fuses_on_maps:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            return model.eval().image_state(torch.randn(n, 3, 64, 64, generator=g)).numpy()
     return np.random.default_rng(seed).normal(size=(n, model.image_branch.num_features)).astype(np.float32)
 
 
@@ -169,7 +175,7 @@ def test_groups_are_checked(encoded: dict, small_model: SmallModel) -> None:
     explainer = GroupShapExplainer(model, encoded["background"], groups)
     with pytest.raises(ConfigError, match="localization"):
         explainer.explain(embeddings(model, 6), encoded["meta"], raw=encoded["raw"][["age", "sex"]])
-    with pytest.raises(ConfigError, match="embeddings"):
+    with pytest.raises(ConfigError, match="image states"):
         explainer.explain(None, encoded["meta"])
 
 

@@ -24,7 +24,7 @@ from ..data.splits import fold_assignment, split_rule
 from ..data.user_splits import given_folds, given_split
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write, read_json, remove_stale_temps, write_json
-from ..models import list_models
+from ..models import check_model_mode, list_models
 from ..runs import (
     RunFolder,
     RunInputs,
@@ -37,6 +37,7 @@ from ..runs import (
 )
 from ..tracking import check_tracking
 from ..training.metrics import classification_metrics
+from ..training.robustness import missing_metadata_scores
 from ..training.runner import train_model
 from .backends import check_backend, run_cells
 from .summary import write_summaries
@@ -103,17 +104,25 @@ def _check_models(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"ablation.models: unknown model(s) {', '.join(bad)} (valid: {', '.join(sorted(known))})")
     if cfg.ablation.baseline not in cfg.ablation.models:
         raise ConfigError(f"ablation.baseline: {cfg.ablation.baseline!r} is not one of ablation.models")
+    for name in cfg.ablation.models:
+        check_model_mode(name, cfg.ablation.mode)
 
 
 #: Per split (val, test): the row numbers and the predicted probabilities of a cell.
 Scored = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits), 1).numpy()
+
+
 def _train_neural(
     cell: Cell, cfg: ExperimentConfig, dataset: LesionDataset, splits: pd.DataFrame, shared: RunInputs | None, out: Path
-) -> tuple[Scored, list[dict[str, float]]]:
+) -> tuple[Scored, list[dict[str, float]], dict[str, Any]]:
     """Train one registered model for a cell; returns its val and test rows with their probabilities,
-    and the per-epoch history of its training.
+    the per-epoch history of its training and its missing-metadata scores on the test fold (each
+    patient feature, then all, read as missing: the ``unknown`` way of ``training.robustness``,
+    scored like the cell, on the softmax; {} for a model without metadata).
 
     A frozen cell trains its head in memory on the shared embeddings. An end-to-end cell is a full
     training run with its own run folder (``OUT/runs/<cell>``: checkpoints each epoch), so a killed
@@ -133,8 +142,9 @@ def _train_neural(
     probs = {}
     for split in ("val", "test"):
         logits, _, _ = predict_logits(inputs.model, inputs.batches(split, train=False), inputs.device, tta=tta)
-        probs[split] = torch.softmax(torch.from_numpy(logits), 1).numpy()
-    return {split: (inputs.indices(split), p) for split, p in probs.items()}, result.history
+        probs[split] = _softmax(logits)
+    missing = missing_metadata_scores(inputs, "test", _softmax, ways=("unknown",))
+    return {split: (inputs.indices(split), p) for split, p in probs.items()}, result.history, missing
 
 
 def _train_gbm(cell: Cell, cfg: ExperimentConfig, dataset: LesionDataset, splits: pd.DataFrame) -> Scored:
@@ -168,10 +178,11 @@ def run_cell(
     t0 = time.perf_counter()
     splits = cell_splits(folds, cell.fold, cfg.ablation.folds)
     history: list[dict[str, float]] = []
+    missing: dict[str, Any] = {}
     if cell.model == GBM:
         scored = _train_gbm(cell, cfg, dataset, splits)
     else:
-        scored, history = _train_neural(cell, cfg, dataset, splits, shared, out)
+        scored, history, missing = _train_neural(cell, cfg, dataset, splits, shared, out)
     (rows, probs), (val_rows, val_probs) = scored["test"], scored["val"]
     lesions = dataset.metadata["lesion_id"].to_numpy()[rows]
     schema = dataset.schema
@@ -194,6 +205,7 @@ def run_cell(
         "val_image_ids": ids[val_rows].tolist(),  # the stopping fold: calibrates conformal sets of the ensembles
         "val_probs": np.round(val_probs, 6).tolist(),
         "history": history,  # per epoch (history.csv's columns); none for the gradient boosting floor
+        "missing_metadata": missing,  # test fold with features read as missing; {} without metadata
     }
 
 

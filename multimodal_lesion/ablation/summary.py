@@ -15,6 +15,7 @@ from .ensembles import ensemble_comparison, ensemble_frame, ensemble_markdown
 from .subgroups import write_subgroups
 
 HEADLINE = ("balanced_accuracy", "macro_auroc", "melanoma_auroc", "ece")
+LATE_FUSION = ("concat", "gated", "film")  # fusion on the pooled embedding, the map-fusion models' reference
 SCALARS = (
     *HEADLINE,
     "accuracy",
@@ -81,6 +82,74 @@ def comparison_frame(
     return pd.DataFrame(rows)
 
 
+def best_late_model(results: pd.DataFrame, metric: str = "balanced_accuracy") -> str | None:
+    """The late-fusion model (reads image and metadata, fuses on the pooled embedding) with the best mean ``metric``."""
+    from ..models import fuses_on_maps, list_models
+
+    late = [m for m in results.model.unique() if m in LATE_FUSION and m in list_models() and not fuses_on_maps(m)]
+    if not late:
+        return None
+    means = results[results.model.isin(late)].groupby("model")[metric].mean()
+    return str(means.idxmax())
+
+
+def map_fusion_comparison(results: pd.DataFrame, n_folds: int, n_boot: int) -> pd.DataFrame:
+    """Each map-fusion model against the ablation's best late-fusion model (paired, as :func:`comparison_frame`)."""
+    from ..models import fuses_on_maps, list_models
+
+    best = best_late_model(results)
+    known = set(list_models())
+    maps = [m for m in results.model.unique() if m in known and fuses_on_maps(m)]
+    if best is None or not maps:
+        return pd.DataFrame()
+    return comparison_frame(results[results.model.isin([best, *maps])], best, n_folds, n_boot)
+
+
+def missing_metadata_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per model and variant (full, no_<feature>, none): balanced accuracy and macro AUROC, mean and std over cells."""
+    rows = [
+        {"model": r["model"], "fold": r["fold"], "seed": r["seed"], "variant": name.split("/")[0], **scores}
+        for r in records
+        for name, scores in r.get("missing_metadata", {}).items()
+        if isinstance(scores, dict)
+    ]
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    out = frame.groupby(["model", "variant"], sort=False)[["balanced_accuracy", "macro_auroc"]].agg(["mean", "std"])
+    out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
+    return out.reset_index().assign(n_cells=frame.groupby(["model", "variant"], sort=False).size().to_numpy())
+
+
+def _missing_markdown(missing: pd.DataFrame) -> list[str]:
+    if missing.empty:
+        return []
+    variants = list(dict.fromkeys(missing.variant))
+    wide = missing.assign(
+        text=[
+            f"{m:.3f} ± {s:.3f}"
+            for m, s in zip(missing.balanced_accuracy_mean, missing.balanced_accuracy_std, strict=True)
+        ]
+    ).pivot(index="model", columns="variant", values="text")
+    lines = [
+        "",
+        "## Missing metadata (test folds; features read as missing, the encoding meta dropout trains on)",
+        "",
+        "| model | " + " | ".join(variants) + " |",
+        "|---" * (len(variants) + 1) + "|",
+    ]
+    lines += [f"| {m} | " + " | ".join(wide.loc[m].get(v, "") for v in variants) + " |" for m in wide.index]
+    return [*lines, "", "(balanced accuracy, mean ± std over folds x seeds)"]
+
+
+def _comparison_rows(comparison: pd.DataFrame) -> list[str]:
+    return [
+        f"| {r.model} | {r.mean_diff:+.3f} | [{r.ci_low:+.3f}, {r.ci_high:+.3f}] | {r.p_value:.3g} "
+        f"({r.test}) | {r.p_corrected:.3g} |"
+        for r in comparison.itertuples()
+    ]
+
+
 def _fmt(row: pd.Series) -> str:
     return f"{row['mean']:.3f} ± {row['std']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
 
@@ -93,10 +162,13 @@ def summary_markdown(
     n_lesions: int,
     timing: dict[str, Any],
     groups: str = "lesions",
+    against_late: pd.DataFrame | None = None,
+    missing: pd.DataFrame | None = None,
 ) -> str:
     """The human-readable summary: headline table, comparison with the baseline, where metadata hurts.
 
-    ``groups`` is what the folds keep together, in the plural (the schema's ``group_noun``).
+    ``groups`` is what the folds keep together, in the plural (the schema's ``group_noun``);
+    ``against_late``: map-fusion models against the best late model; ``missing``: the missing-metadata table.
     """
     wide = summary.assign(text=summary.apply(_fmt, axis=1)).pivot(index="model", columns="metric", values="text")
     order = [m for m in summary.model.unique()]
@@ -119,11 +191,16 @@ def summary_markdown(
         "| model | Δ balanced accuracy | 95% CI | p (paired) | p (corrected t) |",
         "|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r.model} | {r.mean_diff:+.3f} | [{r.ci_low:+.3f}, {r.ci_high:+.3f}] | {r.p_value:.3g} "
-        f"({r.test}) | {r.p_corrected:.3g} |"
-        for r in comparison.itertuples()
-    ]
+    lines += _comparison_rows(comparison)
+    if against_late is not None and not against_late.empty:
+        lines += [
+            "",
+            f"## Map fusion against the best late-fusion model ({against_late.baseline.iloc[0]}, paired)",
+            "",
+            "| model | Δ balanced accuracy | 95% CI | p (paired) | p (corrected t) |",
+            "|---|---|---|---|---|",
+            *_comparison_rows(against_late),
+        ]
     classes = list(dict.fromkeys(per_class["class"])) if len(per_class) else []
     lines += [
         "",
@@ -138,6 +215,7 @@ def summary_markdown(
     lines += [
         "",
         f"(difference in mean sensitivity against {cfg.ablation.baseline}; ↓ marks a class that loses)",
+        *_missing_markdown(missing if missing is not None else pd.DataFrame()),
         "",
         f"Timing: {timing}",
         "",
@@ -172,15 +250,31 @@ def write_summaries(
     summary = summary_frame(results, cfg.ablation.bootstrap)
     comparison = comparison_frame(results, cfg.ablation.baseline, cfg.ablation.folds, cfg.ablation.bootstrap)
     per_class = per_class_differences(summary, cfg.ablation.baseline)
+    against_late = map_fusion_comparison(results, cfg.ablation.folds, cfg.ablation.bootstrap)
+    missing = missing_metadata_frame(records)
     n_lesions = int(dataset.metadata["lesion_id"].nunique())
     paths = {
         "results": _csv(results, out / "results.csv"),
         "summary": _csv(summary, out / "summary.csv"),
-        "comparison": _csv(comparison, out / "comparison.csv"),
+        "comparison": _csv(pd.concat([comparison, against_late], ignore_index=True), out / "comparison.csv"),
         "per_class": _csv(per_class, out / "per_class_sensitivity.csv"),
     }
+    if not missing.empty:
+        paths["missing_metadata"] = _csv(missing, out / "missing_metadata.csv")
     with atomic_write(out / "summary.md") as fh:
-        fh.write(summary_markdown(summary, comparison, per_class, cfg, n_lesions, timing, dataset.schema.group_noun))
+        fh.write(
+            summary_markdown(
+                summary,
+                comparison,
+                per_class,
+                cfg,
+                n_lesions,
+                timing,
+                dataset.schema.group_noun,
+                against_late=against_late,
+                missing=missing,
+            )
+        )
     paths["summary_md"] = out / "summary.md"
     for metric in ("balanced_accuracy", "macro_auroc"):
         paths[f"plot_{metric}"] = plot_bars_with_ci(summary[summary.metric == metric], metric, out / f"{metric}.png")

@@ -159,6 +159,7 @@ class Run:
         cases: pd.DataFrame | str | Path,
         *,
         fit: Fit = "pad",
+        adapt_bn: bool = False,
         prior: str = "",
         shift_level: float = 0.01,
         shift: bool = True,
@@ -170,6 +171,9 @@ class Run:
                 :meth:`cases` returns), a CSV file of the same (paths relative to it), or a folder whose
                 every image is predicted with unknown patient features.
             fit: images of another aspect ratio: ``pad`` (default), ``crop`` or ``stretch``.
+            adapt_bn: first re-estimate the run's batch-norm statistics on these images (AdaBN; a
+                model loaded for this call only; end-to-end and partial runs, see ``docs/shift.md``).
+                The shift alarm then compares the adapted embeddings with the unadapted run's.
             prior: the clinic's class prevalence (a CSV / TOML file of class, prevalence, or
                 ``"mel=0.015,nv=0.7"``; classes left out keep their training proportions): adds the
                 calibrated probabilities re-weighted to it and their arg-max.
@@ -186,10 +190,9 @@ class Run:
         """
         import dataclasses
 
-        from ..runs import cases_in_csv, cases_in_folder, predict_arrays, prediction_frame
+        from ..runs import Predictor, adapt_to_cases, cases_in_csv, cases_in_folder, predict_arrays, prediction_frame
         from ..training.new_data import NewDataOptions, annotate
 
-        predictor = dataclasses.replace(self.predictor, fit=fit)
         if isinstance(cases, str | Path):
             path = Path(cases)
             table, source = (cases_in_folder(path) if path.is_dir() else cases_in_csv(path)), str(cases)
@@ -200,6 +203,11 @@ class Run:
             from ..training.new_data import clinic_prior
 
             clinic_prior(self.folder, prior)
+        if adapt_bn:  # a model of its own: the run's loaded one keeps its statistics
+            predictor = Predictor.load(self.path, self.device, fit=fit)
+            adapt_to_cases(predictor, table, source)
+        else:
+            predictor = dataclasses.replace(self.predictor, fit=fit)
         probs = predict_arrays(predictor, table, source)
         frame = prediction_frame(table, self.classes, probs)
         return annotate(frame, self.path, probs.calibrated, probs.embeddings, options)[0]
@@ -219,6 +227,7 @@ class Run:
         drop_missing: bool = False,
         show: bool = False,
         mlflow: str = "",
+        adapt_bn: bool = False,
         prior: str = "",
         estimate_prior: bool = False,
         shift_level: float = 0.01,
@@ -240,6 +249,8 @@ class Run:
             show: print progress.
             mlflow: an MLflow tracking URI (a bare path: a local file store); the evaluation is then
                 also an MLflow run in the run's experiment.
+            adapt_bn: external: first re-estimate the run's batch-norm statistics on the external
+                images (AdaBN, no labels); the results go to their own ``...-adapt_bn`` folder.
             prior: external: OTHER's known class prevalence (file or ``"mel=0.015"``): the calibrated
                 probabilities re-weighted to it are scored beside the run's (Saerens et al. 2002).
             estimate_prior: external: estimate OTHER's prevalence by EM and score it too (a
@@ -276,8 +287,11 @@ class Run:
                 prior=prior,
                 estimate_prior=estimate_prior,
                 shift_level=shift_level,
+                adapt_bn=adapt_bn,
             )
             return self._evaluate_external(data, options, show, mlflow)
+        if adapt_bn:
+            raise ConfigError("--adapt-bn adapts the run to data it never saw: give external data with --data")
         if prior or estimate_prior:
             raise ConfigError("prior and estimate_prior score other data; this data is the run's own")
         return self._evaluate_own(data, split, tta, images, duplicates, drop_missing, show, mlflow)
@@ -317,7 +331,8 @@ class Run:
 
         own = self.schema
         other = other_schema(options.schema, own, options.duplicates)
-        out = external_folder(self.folder, data, other, scores_key_vs_rest(other, own, options.key_vs_rest)).path
+        kvr = scores_key_vs_rest(other, own, options.key_vs_rest)
+        out = external_folder(self.folder, data, other, kvr, options.adapt_bn).path
         with output_folder(self.path, option="--run"), output_folder(out, option="--run", lock=False):
             metrics, path = evaluate_external_run(self.path, data, options, show=show, mlflow=mlflow)
         return Evaluation(SPLIT, path, metrics[SPLIT], metrics)

@@ -1,5 +1,7 @@
 """Section ``explanations``: seconds per case of each explainer on a trained frozen run (grouped exact
-SHAP against KernelExplainer on the live model), and of the whole explanation report."""
+SHAP against KernelExplainer on the live model), and of the whole explanation report; and what fusing on
+the maps costs the exact games: grouped SHAP and the modality split per case of a map-fusion model
+(every coalition re-runs the conditioned tail) against a late model on the same backbone and cases."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import torch
 from ..config import replace
 from ..errors import ConfigError
 from ..explain import GradCamExplainer, GroupShapExplainer, modality_shapley
-from ..models import LesionModel, embed_images
+from ..models import LesionModel, create_model
 from ..runs import LoadedRun, load_run
+from ..runs.inputs import meta_layout
 from ..workflows import train_run
 from .context import BenchContext
 from .kernel import LiveModelOutput, kernel_group_shap
@@ -46,8 +49,8 @@ def explain_inputs(ctx: BenchContext, run: LoadedRun) -> ExplainInputs:
     background = ctx.subsample(inputs.indices("train"), inputs.cfg.explain.background_size)
     images = inputs.normalized_images(cases)
     meta = torch.from_numpy(inputs.meta[cases]).to(inputs.device)
-    emb = embed_images(branch, images, flip_average=False)
-    targets = inputs.model.forward_head(emb, meta).argmax(1).tolist()
+    emb = inputs.model.image_state(images)
+    targets = inputs.model.from_image_state(emb, meta).argmax(1).tolist()
     return ExplainInputs(
         inputs.model,
         images,
@@ -133,13 +136,76 @@ def time_explainers(ctx: BenchContext, inputs: ExplainInputs) -> tuple[list[dict
     ], {"cases": n, "kernel_cases": k, "background": bg, "grouped_values": grouped[:k], "kernel_values": kernel}
 
 
+#: The late model and the map model whose exact games are timed side by side.
+FUSION_PAIR = ("concat", "film_maps")
+
+
+def _game_seconds(model: LesionModel, inputs: ExplainInputs, background_images: torch.Tensor) -> dict[str, Any]:
+    """Seconds per case of grouped exact SHAP and of the modality split (background states paired per row)."""
+    model.eval()
+    with torch.no_grad():
+        states = model.image_state(inputs.images)
+        bg_states = torch.cat(
+            [model.image_state(background_images[i : i + 32]) for i in range(0, len(background_images), 32)]
+        )
+    explainer = GroupShapExplainer(model, inputs.background_meta, inputs.groups)
+    n, m, t = len(inputs.targets), inputs.meta, inputs.targets
+    _, shap_rec = per_case(n, lambda i: explainer.explain(states[i : i + 1], m[i : i + 1], [t[i]]))
+    _, split_rec = per_case(
+        n,
+        lambda i: modality_shapley(
+            model, states[i : i + 1], m[i : i + 1], bg_states, inputs.background_meta, inputs.groups, [t[i]]
+        ),
+    )
+    return {"shap": shap_rec, "modality": split_rec, "state": tuple(states.shape[1:])}
+
+
+def time_fusion_kinds(ctx: BenchContext, run: LoadedRun, inputs: ExplainInputs) -> list[dict]:
+    """Exact SHAP and modality split per case: a late model against a map model (untrained heads: the cost
+    does not depend on the weights) on the run's backbone, cases and background."""
+    branch = run.inputs.model.image_branch
+    assert branch is not None  # explain_inputs checked it
+    layout = meta_layout(run.inputs.encoder)
+    background = ctx.subsample(run.inputs.indices("train"), len(inputs.background_meta))
+    bg_images = run.inputs.normalized_images(background)
+    seconds = {}
+    for name in FUSION_PAIR:
+        model = create_model(
+            name,
+            meta_dim=inputs.meta.shape[1],
+            num_classes=run.inputs.schema.n_classes,
+            cfg=run.inputs.cfg.model,
+            image_branch=branch,
+            meta_layout=layout,
+        ).to(run.inputs.device)
+        seconds[name] = _game_seconds(model, inputs, bg_images)
+    late, maps = FUSION_PAIR
+    bg = len(inputs.background_meta)
+    note = f"{bg} background rows; image state {{}}; {maps}: every coalition re-runs the conditioned tail"
+    return [
+        figure(
+            f"{game} per case, {name}",
+            seconds[name][key]["seconds"],
+            "s",
+            seconds[name][key],
+            naive=seconds[late][key]["seconds"] if name == maps else None,
+            note=note.format(seconds[name]["state"]) + ("" if name == maps else f"; naive = {late} (reference)"),
+        )
+        for key, game in (("shap", "grouped exact SHAP"), ("modality", "modality split"))
+        for name in FUSION_PAIR
+    ]
+
+
 def bench_explanations(ctx: BenchContext) -> dict[str, Any]:
     """Seconds per case of each explainer on a trained frozen run, and of the whole report."""
     cfg = replace(ctx.frozen_cfg, train={"epochs": ctx.sizes.report_epochs})
     run_dir = ctx.work / "run"
     ctx.log(f"training a {cfg.model.name} head for {cfg.train.epochs} epochs for the explanation run")
     train_run(cfg, run_dir, show=False)
-    figures, details = time_explainers(ctx, explain_inputs(ctx, load_run(run_dir)))
+    run = load_run(run_dir)
+    inputs = explain_inputs(ctx, run)
+    figures, details = time_explainers(ctx, inputs)
+    figures += time_fusion_kinds(ctx, run, inputs)
     figures += time_report(ctx, run_dir)
     return {
         "figures": figures,

@@ -54,7 +54,9 @@ def main() -> None:
     batch = load_cases(run, rows, why)
     cams = compute_cams(run, batch.images, batch.meta, batch.targets).maps
     masks = [lesion_mask(run.inputs, int(r)) for r in batch.rows]
-    geometry = layer_geometry(run.inputs.model, cfg.target_layer or None, run.inputs.cfg.data.image_size)
+    geometry = layer_geometry(
+        run.inputs.model, cfg.target_layer or None, run.inputs.cfg.data.image_size, batch.meta[:1]
+    )
     priors = baseline_maps(training_masks(run.inputs, cfg.prior_masks, cfg.seed), geometry.stride)
     predict = case_predictor(run)
     reports, seconds = {}, {}

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..io import atomic_write, temp_name
+from .color import NO_COLOR_CONSTANCY, ColorConstancy
 from .dataset import LesionDataset
 from .images import load_rgb
 
@@ -101,24 +102,44 @@ def write_npy(path: Path, shape: tuple[int, ...], dtype: Any, fill: Callable[[np
 
 
 def image_array(
-    dataset: LesionDataset, size: tuple[int, int], cache_dir: str | os.PathLike | None = None, threads: int = 4
+    dataset: LesionDataset,
+    size: tuple[int, int],
+    cache_dir: str | os.PathLike | None = None,
+    threads: int = 4,
+    color: ColorConstancy = NO_COLOR_CONSTANCY,
 ) -> np.ndarray:
     """Return all images of ``dataset`` as a read-only memory-mapped uint8 array (N, H, W, 3).
 
     Built on first use (decoded in a few threads), reused while the data's fingerprint and the
-    size are unchanged, and rebuilt when the cached copy is stale or incomplete.
+    size are unchanged, and rebuilt when the cached copy is stale or incomplete. With an active
+    ``color`` constancy the corrected images are a cache of their own, built from the plain one and
+    keyed by the method and its settings as well.
     """
     folder = default_cache_dir(dataset, cache_dir)
-    key = cache_key(dataset.fingerprint, size, CACHE_VERSION)
     ids = list(dataset.metadata["image_id"])
     shape = (len(ids), size[0], size[1], 3)
-    paths = dataset.metadata["path"].tolist()
+    description = {"version": CACHE_VERSION, "size": list(size), "fingerprint": dataset.fingerprint, "image_ids": ids}
+    if color.active:
+        plain = image_array(dataset, size, cache_dir, threads)
+        key = cache_key(dataset.fingerprint, size, CACHE_VERSION, sorted(color.key().items()))
+        build: Callable[[np.ndarray], object] = lambda out: _corrected_into(out, plain, color)
+        description["color"] = color.key()
+    else:
+        paths = dataset.metadata["path"].tolist()
+        key = cache_key(dataset.fingerprint, size, CACHE_VERSION)
+        build = lambda out: _decode_into(out, paths, size, threads)
     return cached_array(
         folder / f"images-{key}.npy",
-        {"version": CACHE_VERSION, "size": list(size), "fingerprint": dataset.fingerprint, "image_ids": ids},
+        description,
         lambda arr, meta: meta.get("image_ids") == ids and arr.shape == shape and meta.get("version") == CACHE_VERSION,
-        lambda tmp: write_npy(tmp, shape, np.uint8, lambda out: _decode_into(out, paths, size, threads)),
+        lambda tmp: write_npy(tmp, shape, np.uint8, build),
     )
+
+
+def _corrected_into(out: np.ndarray, plain: np.ndarray, color: ColorConstancy, chunk: int = 256) -> None:
+    """``color`` applied to every image of ``plain`` into ``out``, a chunk at a time."""
+    for start in range(0, len(plain), chunk):
+        out[start : start + chunk] = color(np.asarray(plain[start : start + chunk]))
 
 
 def _decode_into(out: np.ndarray, paths: list[str], size: tuple[int, int], threads: int) -> None:

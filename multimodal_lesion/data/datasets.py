@@ -27,11 +27,12 @@ def _augmentations() -> dict[str, Callable[[], Transform | None]]:
                 v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
             ]
         ),
+        "acquisition": lambda: PerImage(AcquisitionAugment()),  # no torchvision equivalent: the batch one per image
     }
 
 
 def build_augmentation(name: str) -> Transform | None:
-    """The uint8-tensor augmentation named in ``TrainConfig.augment`` (none, light, strong)."""
+    """The uint8-tensor augmentation named in ``TrainConfig.augment`` (none, light, strong, acquisition)."""
     from ..errors import ConfigError
 
     presets = _augmentations()
@@ -123,8 +124,10 @@ class BatchAugment:
         degrees: float = 0.0,
         scale: tuple[float, float] = (1.0, 1.0),
         jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0),
+        translate: float = 0.0,
     ) -> None:
         self.flips, self.degrees, self.scale, self.jitter = flips, degrees, scale, jitter
+        self.translate = translate  # largest shift of the framing, a share of the half-width / half-height
 
     def __call__(self, x: torch.Tensor, rng: torch.Generator, normalize: Normalize | None = None) -> torch.Tensor:
         """Augmented float batch: pixels in [0, 255], or the model's input when ``normalize`` is given."""
@@ -156,6 +159,8 @@ class BatchAugment:
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
         theta[:, :, :2] *= signs[:, None, :]  # sample at (+-x, +-y): the flip, in the same resampling
+        if self.translate:
+            theta[:, :, 2] = (torch.rand(n, 2, generator=rng) * 2 - 1) * self.translate
         grid = torch.nn.functional.affine_grid(theta, list(y.shape), align_corners=False)
         return torch.nn.functional.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -190,11 +195,115 @@ def _hue_matrix(angle: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(_YIQ) @ rot @ _YIQ  # RGB -> YIQ, rotate, back
 
 
+class AcquisitionAugment(BatchAugment):
+    """What changes between clinics and dermoscopes, drawn per image on a whole batch (``augment = "acquisition"``).
+
+    On top of the strong preset's flips, rotation and colour jitter, with a wider scale and a shifted
+    framing: thin dark curves of hair, a per-channel colour cast and an illumination gamma, the
+    dermoscope's vignette and black corners (the dark outside of a round field of view), defocus blur
+    and sensor noise. Every step is a tensor operation on the batch; the draws come from ``rng``.
+    """
+
+    def __init__(
+        self,
+        cast: float = 0.08,  # sd of the log gain of each channel (a colour cast)
+        gamma: tuple[float, float] = (0.8, 1.25),  # illumination: pixels ** gamma (in [0, 1])
+        blur: tuple[float, float] = (0.5, 1.5),  # sigma (pixels) of the defocus blur, when drawn
+        noise: float = 6.0,  # largest sd of the Gaussian sensor noise (pixel values)
+        chances: tuple[float, float, float, float] = (0.3, 0.5, 0.3, 0.3),  # hair, vignette, black corners, blur
+        max_hairs: int = 12,
+    ) -> None:
+        super().__init__(flips=True, degrees=30, scale=(0.8, 1.25), jitter=(0.2, 0.2, 0.2, 0.02), translate=0.1)
+        self.cast, self.gamma, self.blur, self.noise = cast, gamma, blur, noise
+        self.chances, self.max_hairs = chances, max_hairs
+
+    def __call__(self, x: torch.Tensor, rng: torch.Generator, normalize: Normalize | None = None) -> torch.Tensor:
+        """Augmented float batch: pixels in [0, 255], or the model's input when ``normalize`` is given."""
+        y = super().__call__(x, rng)
+        n = len(y)
+        p_hair, p_vignette, p_corners, p_blur = self.chances
+        y = self._hair(y, torch.rand(n, generator=rng) < p_hair, rng)
+        gains = torch.exp(torch.randn(n, 3, 1, 1, generator=rng) * self.cast)
+        low, high = self.gamma
+        gamma = torch.exp(torch.empty(n, 1, 1, 1).uniform_(float(np.log(low)), float(np.log(high)), generator=rng))
+        y = 255.0 * ((y / 255.0).clamp(0, 1) ** gamma) * gains
+        y = y * self._field_of_view(
+            y, torch.rand(n, generator=rng) < p_vignette, torch.rand(n, generator=rng) < p_corners, rng
+        )
+        y = self._defocus(y, torch.rand(n, generator=rng) < p_blur, rng)
+        y = y + torch.randn(y.shape, generator=rng) * (torch.rand(n, 1, 1, 1, generator=rng) * self.noise)
+        y = y.clamp(0, 255)
+        return normalize(y) if normalize is not None else y
+
+    def _hair(self, y: torch.Tensor, drawn: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """Up to ``max_hairs`` thin dark quadratic Bezier curves (1 pixel wide) on the ``drawn`` images."""
+        n, _, h, w = y.shape
+        k, m = self.max_hairs, 2 * (h + w)
+        count = torch.randint(1, k + 1, (n, 1), generator=rng)
+        active = (torch.arange(k)[None] < count) & drawn[:, None]  # (N, K)
+        ends = torch.rand(n, k, 3, 2, generator=rng) * 1.2 - 0.1  # three control points per curve, in [-0.1, 1.1]
+        t = torch.linspace(0, 1, m).view(1, 1, m, 1)
+        points = (1 - t) ** 2 * ends[:, :, :1] + 2 * (1 - t) * t * ends[:, :, 1:2] + t**2 * ends[:, :, 2:]
+        col = (points[..., 0] * (w - 1)).round().long()
+        row = (points[..., 1] * (h - 1)).round().long()
+        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h) & active[:, :, None]
+        index = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).view(n, -1)
+        mask = torch.zeros(n, h * w).scatter_reduce(1, index, inside.view(n, -1).float(), reduce="amax")
+        mask = mask.view(n, 1, h, w)
+        opacity = 0.6 + 0.35 * torch.rand(n, 1, 1, 1, generator=rng)
+        shade = (10 + 50 * torch.rand(n, 1, 1, 1, generator=rng)) * torch.tensor([1.0, 0.8, 0.7]).view(1, 3, 1, 1)
+        alpha = mask * opacity
+        return y * (1 - alpha) + shade * alpha
+
+    def _field_of_view(
+        self, y: torch.Tensor, vignette: torch.Tensor, corners: torch.Tensor, rng: torch.Generator
+    ) -> torch.Tensor:
+        """A factor (N, 1, H, W): a radial falloff (vignette) and zero outside a round field of view (corners)."""
+        n, _, h, w = y.shape
+        side = max(h, w)
+        v = torch.linspace(-1, 1, h).view(1, h, 1) * (h / side)
+        u = torch.linspace(-1, 1, w).view(1, 1, w) * (w / side)
+        r = torch.sqrt(u**2 + v**2)  # (1, H, W), 1 at the middle of the longer side
+        strength = torch.where(vignette, 0.2 + 0.4 * torch.rand(n, generator=rng), 0.0).view(n, 1, 1)
+        radius = torch.where(corners, 0.9 + 0.3 * torch.rand(n, generator=rng), torch.inf).view(n, 1, 1)
+        factor = (1 - strength * r**2).clamp(min=0) * (r <= radius).float()
+        return factor[:, None]
+
+    def _defocus(self, y: torch.Tensor, drawn: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """A separable Gaussian blur of the ``drawn`` images (sigma in ``blur``); the others pass unchanged."""
+        n, c, h, w = y.shape
+        low, high = self.blur
+        sigma = torch.where(drawn, low + (high - low) * torch.rand(n, generator=rng), 0.0)
+        radius = int(np.ceil(2 * high))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-(offsets[None] ** 2) / (2 * sigma[:, None].clamp(min=1e-3) ** 2))
+        kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N * C, K)
+        flat = torch.nn.functional.pad(y.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
+        flat = torch.nn.functional.conv2d(flat, kernel.view(n * c, 1, 1, -1), groups=n * c)
+        flat = torch.nn.functional.conv2d(flat, kernel.view(n * c, 1, -1, 1), groups=n * c)
+        return flat.view(n, c, h, w)
+
+
+class PerImage:
+    """A batch augmentation as a per-image uint8 transform (the DataLoader path): one image, a fresh generator.
+
+    The generator is seeded from torch's global one, which the engine seeds (and DataLoader workers re-seed).
+    """
+
+    def __init__(self, augment: BatchAugment) -> None:
+        self.augment = augment
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        rng = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+        return self.augment(image[None], rng)[0].round().to(torch.uint8)
+
+
 #: ``TrainConfig.augment`` presets as batch augmentations (the same ranges as :func:`build_augmentation`).
 BATCH_AUGMENTATIONS: Mapping[str, Callable[[], BatchAugment | None]] = MappingProxyType(
     {
         "none": lambda: None,
         "light": lambda: BatchAugment(flips=True),
         "strong": lambda: BatchAugment(flips=True, degrees=30, scale=(0.9, 1.1), jitter=(0.2, 0.2, 0.2, 0.02)),
+        "acquisition": AcquisitionAugment,
     }
 )

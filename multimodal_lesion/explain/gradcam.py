@@ -1,4 +1,9 @@
-"""Grad-CAM and friends on the image branch of a fused model, with each case's own metadata bound.
+"""Grad-CAM and friends on a fused model's image path, with each case's own metadata bound.
+
+The default layer is ``model.cam_layer()``: the last feature map after the fusion. For a late model
+that is the backbone's last stage, whose activations the metadata cannot change (it moves the map only
+through the gradient weights); for a model that fuses on the maps (``model.fuses_on_maps``) it is a
+layer the metadata conditions, so the map itself depends on the patient.
 
 pytorch-grad-cam calls ``model(x)`` with one tensor; :class:`BoundMetadata` wraps a
 :class:`~multimodal_lesion.models.LesionModel` into that shape (wrap, don't fork). The wrapper is the
@@ -92,8 +97,8 @@ class BoundMetadata(nn.Module):
     """A :class:`LesionModel` as a function of the image alone: ``forward(images) -> calibrated logits``.
 
     ``meta`` holds one metadata row per image (or one row for all); change it between calls. The
-    embedding is averaged over ``flips`` (all views in one backbone pass, so a hooked layer is called
-    once) and the logits divided by ``temperature``: with the run's flips and temperature,
+    ``flips`` views run in one pass (:func:`view_logits`, so a hooked layer is called once) and the
+    logits are divided by ``temperature``: with the run's flips and temperature,
     ``softmax(forward(x))`` is the displayed probability. The input is made a leaf that requires grad,
     so the graph reaches the backbone's maps even when no parameter requires grad (frozen backbones).
     """
@@ -119,14 +124,36 @@ class BoundMetadata(nn.Module):
             images = images.detach().requires_grad_(True)
         meta = _meta_rows(self.meta, len(images))
         meta = meta.to(images.device) if meta is not None else None
-        branch = self.model.image_branch
-        assert branch is not None  # checked in __init__
-        views = branch.embed(flip_views(images, self.flips))
-        embedding = views.reshape(len(self.flips), len(images), -1).mean(0)
-        return self.model.forward_head(embedding, meta) / self.temperature
+        return view_logits(self.model, flip_views(images, self.flips), meta, len(self.flips)) / self.temperature
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """No-op: inside the explainer no parameter takes part in backward, so the caller's grads stay."""
+
+
+def meta_for_views(meta: Tensor | None, views: int) -> Tensor | None:
+    """Metadata rows (B, D) repeated for ``views`` view-major copies of the images: (V*B, D)."""
+    return None if meta is None or views == 1 else meta.repeat(views, 1)
+
+
+def state_logits(model: LesionModel, state: Tensor | None, meta: Tensor | None) -> Tensor:
+    """Logits from an image state (``model.image_state``; None for a metadata-only model) and the metadata."""
+    return model.forward_head(None, meta) if state is None else model.from_image_state(state, meta)
+
+
+def view_logits(model: LesionModel, views: Tensor, meta: Tensor | None, n_views: int) -> Tensor:
+    """Logits (B, C) of images given as ``n_views`` view-major copies (V*B, 3, H, W), in one backbone pass.
+
+    A late model averages the pooled embedding over the views (the frozen path's cached embedding); a
+    model that fuses on the maps (``model.fuses_on_maps``) runs each view with the case's metadata and
+    averages the logits (the mean over views of its cached-maps path), since flipped maps do not average.
+    """
+    state = model.image_state(views)
+    if n_views == 1:
+        return model.from_image_state(state, meta)
+    if model.fuses_on_maps:
+        logits = model.from_image_state(state, meta_for_views(meta, n_views))
+        return logits.reshape(n_views, -1, logits.shape[-1]).mean(0)
+    return model.from_image_state(state.reshape(n_views, -1, *state.shape[1:]).mean(0), meta)
 
 
 def shown_view(model: LesionModel, flip_average: bool, temperature: float, meta: Tensor | None = None) -> BoundMetadata:
@@ -174,15 +201,28 @@ VIEW_AVERAGED_CAMS: Mapping[str, type[BaseCAM]] = MappingProxyType(
 
 
 def resolve_target_layer(model: LesionModel, target_layer: str | nn.Module | None) -> nn.Module:
-    """The CAM layer: a module of the backbone, a dotted path inside it, or its last stage (None / "")."""
-    branch = model.image_branch
-    if branch is None:
+    """The CAM layer: a module of the model, a dotted path, or ``model.cam_layer()`` (None / "").
+
+    A path is looked up inside the backbone first (``blocks.5``, ``layer3``: what runs have always
+    named), then in the whole model (a fusion block after the backbone's maps). The default is the last
+    feature map after the fusion, so for a model that fuses on the maps the CAM depends on the patient.
+    """
+    if model.image_branch is None:
         raise ConfigError("Grad-CAM needs a model that looks at the image; this one uses metadata only")
     if isinstance(target_layer, nn.Module):
-        if not any(target_layer is m for m in branch.modules()):
-            raise ConfigError("explain.target_layer: the given module is not part of the image branch")
+        if not any(target_layer is m for m in model.modules()):
+            raise ConfigError("explain.target_layer: the given module is not part of the model")
         return target_layer
-    return branch.target_layer(target_layer or "")
+    if not target_layer:
+        return model.cam_layer()
+    for root in (model.image_branch.model, model):
+        try:
+            return root.get_submodule(target_layer)
+        except AttributeError:
+            continue
+    raise ConfigError(
+        f"explain.target_layer: backbone '{model.image_branch.backbone}' (and the model) has no layer '{target_layer}'"
+    )
 
 
 def _class_targets(targets: list[int] | None, n: int, num_classes: int) -> list[ClassifierOutputTarget] | None:
@@ -206,7 +246,7 @@ class ScoredMaps:
 
 
 class GradCamExplainer:
-    """Class activation maps of a registered model's image branch, one map per case.
+    """Class activation maps of a registered model's image path, one map per case.
 
     Use as a context manager (hooks live inside the block) or call :meth:`explain` directly (it opens
     and closes the block itself).
@@ -214,8 +254,9 @@ class GradCamExplainer:
     Args:
         model: a :class:`LesionModel` that uses the image.
         method: a key of :data:`CAM_METHODS` (gradcam, gradcam++, hirescam, scorecam).
-        target_layer: a backbone module or its dotted path (e.g. ``layer3``); None = the backbone's
-            last feature stage (``ImageBranch.default_target_layer``).
+        target_layer: a module of the model or its dotted path (inside the backbone first, e.g.
+            ``layer3``, else in the whole model); None = ``model.cam_layer()``, the last feature map
+            after the fusion.
         flip_average: explain the embedding averaged over the 4 flips (what the frozen path's cached
             embeddings are), each view's map taken back to the image's orientation and averaged.
         temperature: the logits are divided by it, so the explained probability is the calibrated one.
@@ -329,36 +370,58 @@ class LayerGeometry:
 
 
 def layer_path(model: LesionModel, layer: nn.Module) -> str:
-    """Dotted path of ``layer`` inside the backbone (so the same layer can be found in a copy)."""
+    """Dotted path of ``layer`` (inside the backbone where it is there), so the same layer is found in a copy."""
     if model.image_branch is None:
         raise ConfigError("this model does not look at the image")
-    for name, module in model.image_branch.model.named_modules():
-        if module is layer:
-            return name
-    raise ConfigError("the target layer is not part of the backbone")
+    for root in (model.image_branch.model, model):
+        for name, module in root.named_modules():
+            if module is layer:
+                return name
+    raise ConfigError("the target layer is not part of the model")
 
 
-def layer_geometry(
-    model: LesionModel, target_layer: str | nn.Module | None, image_size: tuple[int, int]
-) -> LayerGeometry:
-    """The CAM layer's name, stride and grid at ``image_size`` (height, width), from one forward pass.
+def meta_placeholder(model: LesionModel, n: int = 1) -> Tensor | None:
+    """Zero metadata rows (n, D) for a pass whose output ignores their values (a layer's shape); None for a
+    model that ignores the metadata. A model without a metadata branch of known width needs a real row."""
+    if not model.uses_meta:
+        return None
+    if model.meta_branch is None:
+        raise ConfigError("this model reads the metadata inside the network: pass a metadata row")
+    return torch.zeros(n, model.meta_branch.in_dim, device=next(model.parameters()).device)
 
-    The stride is the power of two nearest the ratio of image to map height (TF-style padding rounds
-    the grid up: 168 rows at stride 16 give 11).
-    """
-    layer = resolve_target_layer(model, target_layer)
-    branch = model.image_branch
-    assert branch is not None  # resolve_target_layer checked it
-    shapes: list[tuple[int, ...]] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
-    device = next(model.parameters()).device
+
+def layer_output(model: LesionModel, layer: nn.Module, images: Tensor, meta: Tensor | None) -> Tensor:
+    """``layer``'s output in one no-grad forward pass of the whole model (eval mode, flags restored)."""
+    seen: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
     try:
         with preserved_state(model), torch.no_grad():
             model.eval()
-            branch.forward_features(torch.zeros(1, 3, *image_size, device=device))
+            model.from_image_state(model.image_state(images), meta)
     finally:
         handle.remove()
-    rows, cols = shapes[0][-2:]
+    if not seen:
+        raise ConfigError("explain.target_layer: the layer is not on the image's path through the model")
+    return seen[0]
+
+
+def layer_geometry(
+    model: LesionModel,
+    target_layer: str | nn.Module | None,
+    image_size: tuple[int, int],
+    meta: Tensor | None = None,
+) -> LayerGeometry:
+    """The CAM layer's name, stride and grid at ``image_size`` (height, width), from one forward pass.
+
+    ``meta`` (1, D) is any metadata row (zeros by default): a layer after the fusion needs one, its
+    shape does not depend on it. The stride is the power of two nearest the ratio of image to map height
+    (TF-style padding rounds the grid up: 168 rows at stride 16 give 11).
+    """
+    layer = resolve_target_layer(model, target_layer)
+    device = next(model.parameters()).device
+    meta = meta_placeholder(model) if meta is None else meta[:1]
+    out = layer_output(model, layer, torch.zeros(1, 3, *image_size, device=device), meta)
+    rows, cols = out.shape[-2:]
     stride = 2 ** round(math.log2(image_size[0] / rows))
     return LayerGeometry(layer_path(model, layer), int(stride), (int(rows), int(cols)))
 
@@ -375,9 +438,14 @@ __all__ = [
     "ViewAveragedCam",
     "flip_views",
     "layer_geometry",
+    "layer_output",
     "layer_path",
+    "meta_for_views",
+    "meta_placeholder",
     "preserved_state",
     "resolve_target_layer",
     "shown_view",
+    "state_logits",
     "view_averaged",
+    "view_logits",
 ]

@@ -1,9 +1,14 @@
 """Image versus metadata: exact Shapley values over the players {image, age, sex, localization}.
 
 "How much of this prediction came from the image, and from each patient feature": the game is the
-one of :mod:`.shap_groups` with the image embedding as a fourth player (16 coalitions). An absent
-image takes the background embeddings (the mean training embedding, or one embedding per background
-case, paired with that case's metadata); absent patient features take the background metadata. The
+one of :mod:`.shap_groups` with the image as a fourth player (16 coalitions). The image enters as its
+*image state* (``model.image_state``: the pooled embedding of a late model, the maps at the fusion
+point of a model that fuses on the maps). An absent image takes the background states: for a late
+model the mean training embedding, or one embedding per background case paired with that case's
+metadata; for a map model the pipeline passes one map per background case, paired with that case's
+metadata (a mean of maps is no image the tail ever saw, so it is not offered as a default). Absent
+patient features take the background metadata. Each coalition runs the model's metadata-conditioned
+part again (``model.from_image_state``), so the split stays exact when the metadata changes the maps. The
 explained output is the same softmax probability (or log-odds) as the grouped SHAP values, with the
 same bootstrap estimate of the background's sampling error. Integrated Gradients
 (captum) on both inputs is offered as a gradient-based second opinion.
@@ -22,7 +27,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models.fusion import LesionModel
-from .gradcam import preserved_state
+from .gradcam import preserved_state, state_logits
 from .shap_groups import DEFAULT_PERMUTATIONS, Scale, as_input_tensor, check_groups, group_columns, grouped_shapley
 
 IMAGE_PLAYER = "image"
@@ -50,28 +55,33 @@ class ModalityAttribution:
 
 
 def _background(
-    model: LesionModel, embeddings: Tensor | None, background_embeddings: Tensor | None, n_meta: int
+    model: LesionModel, states: Tensor | None, background_states: Tensor | None, n_meta: int
 ) -> Tensor | None:
-    """Checked background embeddings: None for metadata-only models, else 1 or ``n_meta`` rows."""
+    """Checked background image states: None for metadata-only models, else 1 or ``n_meta`` rows."""
     if not model.uses_image:
         return None
-    if embeddings is None or background_embeddings is None:
-        raise ConfigError("this model looks at the image: pass embeddings and background_embeddings")
-    if background_embeddings.ndim == 1:
-        background_embeddings = background_embeddings[None]
-    if len(background_embeddings) not in (1, n_meta):
+    if states is None or background_states is None:
+        raise ConfigError("this model looks at the image: pass the image states and background states")
+    if background_states.ndim == states.ndim - 1:
+        background_states = background_states[None]
+    if background_states.shape[1:] != states.shape[1:]:
         raise ConfigError(
-            f"background_embeddings has {len(background_embeddings)} rows; "
+            f"background states of shape {tuple(background_states.shape[1:])} do not match the cases' "
+            f"{tuple(states.shape[1:])}"
+        )
+    if len(background_states) not in (1, n_meta):
+        raise ConfigError(
+            f"background_states has {len(background_states)} rows; "
             f"need 1 (the mean) or one per background metadata row ({n_meta})"
         )
-    return background_embeddings
+    return background_states
 
 
 def modality_shapley(
     model: LesionModel,
-    embeddings: np.ndarray | Tensor | None,
+    states: np.ndarray | Tensor | None,
     meta: np.ndarray | Tensor,
-    background_embeddings: np.ndarray | Tensor | None,
+    background_states: np.ndarray | Tensor | None,
     background_meta: np.ndarray | Tensor,
     groups: Mapping[str, Sequence[int]],
     targets: Sequence[int] | None = None,
@@ -86,10 +96,12 @@ def modality_shapley(
     up to ``MAX_EXACT_PLAYERS`` players, sampled over ``permutations`` orders above (see :mod:`.shap_groups`).
 
     Args:
-        model: the fused model; ``forward_head`` on cached embeddings is what is explained.
-        embeddings: image embeddings (B, F) of the cases; None for metadata-only models.
+        model: the fused model; ``from_image_state`` on the cases' image states is what is explained.
+        states: image states of the cases (``model.image_state``: embeddings (B, F), or maps (B, C, h, w)
+            of a model that fuses on the maps); None for metadata-only models.
         meta: encoded metadata (B, D).
-        background_embeddings: (1, F) mean training embedding or (M, F), paired with ``background_meta``.
+        background_states: one state (the mean training embedding) or M states paired with
+            ``background_meta`` (for a map model: the background cases' maps).
         background_meta: encoded training metadata (M, D).
         groups: patient feature -> encoded columns (``MetadataEncoder.feature_groups_``).
         targets: explained class per case; None = the predicted class.
@@ -101,8 +113,8 @@ def modality_shapley(
     """
     meta_t, bg_meta = as_input_tensor(meta, model), as_input_tensor(background_meta, model)
     groups = check_groups(groups, bg_meta.shape[1])
-    emb_t = as_input_tensor(embeddings, model) if model.uses_image else None
-    bg_emb = _background(model, emb_t, as_input_tensor(background_embeddings, model), len(bg_meta))
+    emb_t = as_input_tensor(states, model) if model.uses_image else None
+    bg_emb = _background(model, emb_t, as_input_tensor(background_states, model), len(bg_meta))
     columns = group_columns(groups, bg_meta.shape[1])
     res = grouped_shapley(  # player 0 = image
         model,
@@ -140,7 +152,7 @@ class GradientAttribution:
 
     players: list[str]
     values: np.ndarray  # (B, P)
-    embedding: np.ndarray | None  # (B, F) per-dimension attributions
+    embedding: np.ndarray | None  # (B, F) per-dimension attributions of the image state ((B, C, h, w): maps)
     meta: np.ndarray | None  # (B, D)
     delta: np.ndarray  # (B,)
 
@@ -163,7 +175,7 @@ def _ig_inputs(
             continue
         if x is None:
             raise ConfigError(f"this model uses the {name}: pass it")
-        out[name] = (x, torch.zeros_like(x) if base is None else base.reshape(-1, x.shape[1]).expand_as(x))
+        out[name] = (x, torch.zeros_like(x) if base is None else base.reshape(-1, *x.shape[1:]).expand_as(x))
     return out
 
 
@@ -179,7 +191,8 @@ def integrated_gradients(
     n_steps: int = 64,
     temperature: float = 1.0,
 ) -> GradientAttribution:
-    """captum Integrated Gradients on both head inputs, summed per player (image, each group or "meta").
+    """captum Integrated Gradients on both inputs of ``from_image_state`` (the image state and the
+    metadata), summed per player (image, each group or "meta").
 
     A second opinion to :func:`modality_shapley`: baselines are single points (pass the mean training
     embedding and metadata; zeros by default), so the values sum to ``f(x) - f(baseline)``.
@@ -195,7 +208,7 @@ def integrated_gradients(
 
     def forward(*tensors: Tensor) -> Tensor:
         given = dict(zip(names, tensors, strict=True))
-        logits = model.forward_head(given.get("embedding"), given.get("meta"))
+        logits = state_logits(model, given.get("embedding"), given.get("meta"))
         return torch.softmax(logits / temperature, dim=-1)
 
     n = len(next(iter(inputs.values()))[0])
@@ -226,7 +239,8 @@ def _ig_players(
     """Per-player sums: image = all embedding dimensions; each group (or all of "meta") its columns."""
     cols: dict[str, tuple[str, Sequence[int] | slice]] = {IMAGE_PLAYER: ("embedding", slice(None))}
     cols.update({g: ("meta", c) for g, c in groups.items()} if groups else {"meta": ("meta", slice(None))})
-    values = [found[src][:, idx].sum(1) if src in found else np.zeros(n) for src, idx in cols.values()]
+    flat = {k: v.reshape(n, -1) for k, v in found.items()}  # a map model's state is (B, C, h, w)
+    values = [flat[src][:, idx].sum(1) if src in flat else np.zeros(n) for src, idx in cols.values()]
     return list(cols), np.stack(values, axis=1)
 
 

@@ -58,14 +58,16 @@ from .gradcam import (
     layer_geometry,
     preserved_state,
     shown_view,
+    state_logits,
 )
+from .metadata_effect import MetadataEffect, fusion_kind, metadata_effect
 from .modality import ModalityAttribution, modality_shapley
 from .randomisation import CamSetup, StageResult, cascading_randomisation, random_logit_check
 from .results import CaseExplanation, CohortExplanation, FaithfulnessRow
 from .resume import ReportStore, case_key
 from .selection import NAMED, select_by_outcome
 from .shap_groups import LINKS, MAX_EXACT_PLAYERS, GroupShapExplainer
-from .whatif import WhatIf, what_if
+from .whatif import WhatIf, cams_across_ages, what_if
 
 CAM_BATCH = 8
 PREDICT_BATCH = 256
@@ -100,12 +102,16 @@ def _exactness(players: Sequence[str], what: str) -> str:
 
 @dataclass
 class CaseBatch:
-    """The selected cases: row numbers, normalised images, metadata, embeddings, probabilities, targets."""
+    """The selected cases: row numbers, normalised images, metadata, image states, probabilities, targets.
+
+    ``states`` are ``model.image_state`` of the images as the run evaluates them: the (cached) embedding
+    of a late model, the maps at the fusion point of a model that fuses on the maps.
+    """
 
     rows: np.ndarray
     images: torch.Tensor
     meta: torch.Tensor
-    embeddings: torch.Tensor | None
+    states: torch.Tensor | None
     probs: np.ndarray
     targets: list[int]
     selection: list[str]
@@ -116,16 +122,39 @@ def shown_flip_average(inputs: RunInputs) -> bool:
     return inputs.cfg.train.mode == "frozen" and inputs.cfg.train.flip_average
 
 
+STATE_BATCH = 32  # images per image_state pass of a model that fuses on the maps
+
+
+def shown_states(inputs: RunInputs, rows: np.ndarray) -> torch.Tensor | None:
+    """``model.image_state`` of ``rows`` behind the displayed prediction: a late model's embeddings as
+    before (cached on the frozen path, else live), a map model's maps computed live from the unflipped
+    images (float32, like the Grad-CAM pass, not partial mode's float16 cache); None without an image."""
+    model = inputs.model
+    if model.image_branch is None:
+        return None
+    if not model.fuses_on_maps:
+        return inputs.embeddings_of(rows)
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        parts = [
+            model.image_state(inputs.normalized_images(rows[i : i + STATE_BATCH]))
+            for i in range(0, len(rows), STATE_BATCH)
+        ]
+    return torch.cat(parts)
+
+
 def displayed_probabilities(run: LoadedRun, rows: np.ndarray) -> np.ndarray:
-    """Calibrated class probabilities (N, C) of ``rows``: the head on the embeddings the run evaluates."""
+    """Calibrated class probabilities (N, C) of ``rows``: the model on the image states the run evaluates."""
     inputs = run.inputs
     out = []
-    for i in range(0, len(rows), PREDICT_BATCH):
-        part = rows[i : i + PREDICT_BATCH]
-        emb = inputs.embeddings_of(part)
+    step = PREDICT_BATCH if not inputs.model.fuses_on_maps else STATE_BATCH
+    for i in range(0, len(rows), step):
+        part = rows[i : i + step]
+        states = shown_states(inputs, part)
         meta = torch.from_numpy(inputs.meta[part]).to(inputs.device)
-        with torch.no_grad():
-            logits = inputs.model.forward_head(emb, meta) / run.temperature
+        with preserved_state(inputs.model), torch.no_grad():
+            inputs.model.eval()
+            logits = state_logits(inputs.model, states, meta) / run.temperature
         out.append(torch.softmax(logits.double(), 1).cpu().numpy())
     return np.concatenate(out) if out else np.empty((0, inputs.schema.n_classes))
 
@@ -150,9 +179,9 @@ def select_cases(
 
 
 def load_cases(run: LoadedRun, rows: np.ndarray, selection: list[str]) -> CaseBatch:
-    """Images, metadata, embeddings and the displayed (calibrated) prediction of each selected case."""
+    """Images, metadata, image states and the displayed (calibrated) prediction of each selected case."""
     inputs = run.inputs
-    emb = inputs.embeddings_of(rows)
+    emb = shown_states(inputs, rows)
     meta = torch.from_numpy(inputs.meta[rows]).to(inputs.device)
     probs = displayed_probabilities(run, rows)
     images = inputs.normalized_images(rows) if inputs.model.uses_image else torch.empty(0)
@@ -160,10 +189,14 @@ def load_cases(run: LoadedRun, rows: np.ndarray, selection: list[str]) -> CaseBa
 
 
 def background(inputs: RunInputs, size: int, seed: int) -> tuple[torch.Tensor | None, np.ndarray]:
-    """A seeded sample of training cases: their embeddings (or None) and encoded metadata."""
+    """A seeded sample of training cases: their image states (or None) and encoded metadata, row by row.
+
+    An absent image in the modality split takes these states paired with their case's metadata: the
+    embeddings of a late model, the maps of a map model (one backbone pass per background case).
+    """
     train = inputs.indices("train")
     rows = np.sort(np.random.default_rng(seed).choice(train, size=min(size, len(train)), replace=False))
-    return inputs.embeddings_of(rows), inputs.meta[rows]
+    return shown_states(inputs, rows), inputs.meta[rows]
 
 
 def cam_setup(run: LoadedRun) -> CamSetup:
@@ -213,13 +246,15 @@ def case_predictor(run: LoadedRun) -> CasePredictor:
     exported backend where the run's embedding pass uses one (``train.embed_backend``), else eager torch.
 
     The exported graph is the image branch's ``embed`` (as in the embedding pass) over the same flips;
-    the head runs in torch. Its probabilities agree with the eager model's to about 1e-5.
+    the head runs in torch. Its probabilities agree with the eager model's to about 1e-5. A model that
+    fuses on the maps runs eagerly: its metadata-conditioned part is not the exported graph.
     """
     inputs, setup = run.inputs, cam_setup(run)
     model, branch = inputs.model, inputs.model.image_branch
     flips = FLIPS if setup.flip_average else NO_FLIP
     backend = inputs.cfg.train.embed_backend
-    if branch is None or backend == "torch" or inputs.device.type != "cpu" or not backend_available(backend):
+    eager = backend == "torch" or inputs.device.type != "cpu" or not backend_available(backend)
+    if branch is None or model.fuses_on_maps or eager:
         return lambda images, meta: shown_view(model, setup.flip_average, setup.temperature, meta)(images)
     height, width = inputs.cfg.data.image_size
     example = torch.zeros(len(flips), 3, height, width)
@@ -347,6 +382,32 @@ class PixelSide:
     random_logit: StageResult | None
     geometry: LayerGeometry
     baselines: BaselineMaps
+    effect: MetadataEffect | None = None  # the CAMs with every patient feature absent, and their correlation
+    age_cams: list[dict[str, np.ndarray]] | None = None  # per case: age -> the map at that age
+
+
+def metadata_on_maps(
+    run: LoadedRun, batch: CaseBatch, cams: np.ndarray
+) -> tuple[MetadataEffect, list[dict[str, np.ndarray]]]:
+    """What the metadata does to each case's map: the CAM with every feature absent (the encoder's
+    missing row) beside ``cams``, and the map at a few ages (:data:`~.whatif.MAP_AGES`)."""
+    inputs, setup = run.inputs, cam_setup(run)
+    raw = inputs.dataset.metadata.iloc[batch.rows][patient_features(inputs)].reset_index(drop=True)
+    with GradCamExplainer(
+        inputs.model,
+        setup.method,
+        setup.target_layer or None,
+        flip_average=setup.flip_average,
+        temperature=setup.temperature,
+    ) as cam:
+        effect = metadata_effect(cam, batch.images, batch.meta, inputs.encoder.missing_row(), batch.targets, cams)
+        ages = [
+            cams_across_ages(cam, inputs.encoder, raw.iloc[[i]].reset_index(drop=True), batch.images[i : i + 1], t)
+            if inputs.model.uses_meta
+            else {}
+            for i, t in enumerate(batch.targets)
+        ]
+    return effect, ages
 
 
 def explain_pixels(
@@ -363,11 +424,12 @@ def explain_pixels(
         runner_up = timed("gradcam runner-up", compute_cams, run, batch.images, batch.meta, seconds).maps
     masks = [lesion_mask(inputs, int(r)) for r in batch.rows]
     height, width = inputs.cfg.data.image_size
-    geometry = layer_geometry(inputs.model, cfg.target_layer or None, (height, width))
+    geometry = layer_geometry(inputs.model, cfg.target_layer or None, (height, width), batch.meta[:1])
+    effect, age_cams = timed("metadata on map", metadata_on_maps, run, batch, cams.maps)
     priors = timed("baselines", baseline_maps, training_masks(inputs, cfg.prior_masks, cfg.seed), geometry.stride)
     reports = timed("faithfulness", faithfulness, run, batch, cams.maps, masks, priors, None, store)
     stages, logit = timed("randomisation", sanity_checks, run, batch, cams.maps)
-    return PixelSide(cams, runner_up, masks, reports, stages, logit, geometry, priors)
+    return PixelSide(cams, runner_up, masks, reports, stages, logit, geometry, priors, effect, age_cams)
 
 
 def explain_run(
@@ -401,11 +463,27 @@ def explain_run(
     spreads = timed("tta spread", tta_spreads, run, batch)
     what_ifs = timed("what-if", case_what_ifs, run, batch)
     case_list = [_case(run, batch, i, pixels, shap_exp, modality) for i in range(len(rows))]
+    embeddings = alarm_embeddings(run, batch)
     for i, case in enumerate(case_list):
         case.tta_spread = None if spreads is None else float(spreads[i])
         case.what_if = what_ifs[i]
-        case.embedding = None if batch.embeddings is None else batch.embeddings[i].float().cpu().numpy()
+        case.embedding = None if embeddings is None else embeddings[i]
     return _cohort(run, split, case_list, shap_exp, pixels, timed.seconds)
+
+
+def alarm_embeddings(run: LoadedRun, batch: CaseBatch) -> np.ndarray | None:
+    """The cases' pooled image embeddings as the shift alarm reads them (None without an image branch).
+
+    A late model's image state is that embedding; a map model's state is its maps at the fusion point,
+    pooled here through the tail without the metadata (as the alarm's reference of the run's images).
+    """
+    model, states = run.inputs.model, batch.states
+    if states is None or model.image_branch is None:
+        return None
+    if model.fuses_on_maps:
+        with torch.no_grad():
+            states = model.image_branch.embed_from_maps(states.float())
+    return states.float().cpu().numpy()
 
 
 def feature_attributions(
@@ -429,12 +507,12 @@ def feature_attributions(
         "permutations": cfg.shap_permutations,
     }
     explainer = GroupShapExplainer(inputs.model, bg_meta, groups, temperature=run.temperature, **game)
-    shap_exp = timed("shap", lambda: explainer.explain(batch.embeddings, batch.meta, batch.targets, raw=raw))
+    shap_exp = timed("shap", lambda: explainer.explain(batch.states, batch.meta, batch.targets, raw=raw))
     modality = timed(
         "modality",
         lambda: modality_shapley(
             inputs.model,
-            batch.embeddings,
+            batch.states,
             batch.meta,
             bg_emb,
             bg_meta,
@@ -460,13 +538,13 @@ def case_what_ifs(run: LoadedRun, batch: CaseBatch) -> list[WhatIf | None]:
     if not inputs.model.uses_meta:
         return [None] * len(batch.rows)
     raw = inputs.dataset.metadata.iloc[batch.rows][patient_features(inputs)].reset_index(drop=True)
-    embeddings = batch.embeddings
+    states = batch.states
     return [
         what_if(
             inputs.model,
             inputs.encoder,
             raw.iloc[[i]].reset_index(drop=True),
-            None if embeddings is None else embeddings[i : i + 1],
+            None if states is None else states[i : i + 1],
             run.temperature,
             inputs.schema.classes,
         )
@@ -495,6 +573,7 @@ def _case(
     runner_up = int(np.argsort(-batch.probs[i])[1])
     scale = run.inputs.cfg.explain.shap_scale
     errors = np.zeros_like(modality.values) if modality.values_se is None else modality.values_se
+    effect = None if pixels is None else pixels.effect
     return CaseExplanation(
         image_id=str(row_meta["image_id"]),
         target_class=classes[target],
@@ -513,9 +592,14 @@ def _case(
         faithfulness=_flat(pixels.reports[i]) if pixels is not None and i < len(pixels.reports) else {},
         runner_up_class=classes[runner_up] if pixels is not None and pixels.runner_up is not None else None,
         pixels=np.array(run.inputs.images()[row]),
+        original_pixels=np.array(run.inputs.original_images()[row]) if run.inputs.color.active else None,
         cam=None if pixels is None else pixels.cams.maps[i],
         runner_up_cam=None if pixels is None or pixels.runner_up is None else pixels.runner_up[i],
         mask=None if pixels is None else pixels.masks[i],
+        metadata_map_spearman=None if effect is None else float(effect.spearman[i]),
+        fusion=fusion_kind(run.inputs.model),
+        cam_without_metadata=None if effect is None else effect.without_metadata[i],
+        age_cams={} if pixels is None or pixels.age_cams is None else pixels.age_cams[i],
     )
 
 
@@ -557,6 +641,19 @@ def _faith_rows(reports: Sequence[Mapping[str, Mapping[str, float]]]) -> list[Fa
     return rows
 
 
+def _mean_map_correlation(cases: list[CaseExplanation]) -> dict[str, float]:
+    """Mean rank correlation of the CAM with and without the metadata, per explained class and over all
+    cases with one (NaN where every map was constant)."""
+    frame = pd.DataFrame(
+        [{"cls": c.target_class, "rho": c.metadata_map_spearman} for c in cases if c.metadata_map_spearman is not None]
+    )
+    if frame.empty:
+        return {}
+    table = {str(k): float(g["rho"].mean()) for k, g in frame.groupby("cls")}
+    table["all"] = float(frame["rho"].mean())
+    return table
+
+
 def _class_counts(cases: list[CaseExplanation]) -> dict[str, int]:
     counts = pd.Series([c.target_class for c in cases]).value_counts()
     return {**{str(k): int(v) for k, v in counts.items()}, "all": len(cases)}
@@ -584,6 +681,7 @@ def _provenance(run: LoadedRun, split: str, n_cases: int, pixels: PixelSide | No
             f"{cfg.explain.seed}), ± = sd over {cfg.explain.background_resamples} bootstrap redraws"
         ),
         "SHAP scale": cfg.explain.shap_scale,
+        "fusion": fusion_kind(inputs.model),
     }
     if pixels is not None:
         b = pixels.baselines
@@ -620,10 +718,34 @@ def _notes(run: LoadedRun, cases: list[CaseExplanation], pixels: PixelSide | Non
             "Largest gap between the explained and the displayed probability: "
             f"{'<0.00001' if max(gaps) < 1e-5 else f'{max(gaps):.5f}'} (over {len(gaps)} cases)."
         )
+    if pixels is not None and pixels.effect is not None:
+        notes.append(metadata_note(pixels.effect))
     errors = [v for c in cases for v in [*c.shap_error.values(), *c.modality_error.values()]]
     if errors:
         notes.append(f"Largest background sampling error of a SHAP or modality value: ±{max(errors):.3f}.")
     return notes
+
+
+#: What the metadata can do to the map, by where the model fuses (:func:`~.metadata_effect.fusion_kind`).
+FUSION_NOTES: Mapping[str, str] = {
+    "maps": "This model fuses the metadata into the feature maps and the CAM layer is after the fusion: "
+    "the metadata changes the layer's activations as well as their weights.",
+    "late": "This model fuses the metadata after the pooling: the CAM layer's activations do not depend on "
+    "it, so it moves the map only through the gradient weights of the channels.",
+    "image only": "This model ignores the metadata: the map without it is the same map (rank correlation 1 "
+    "by construction).",
+}
+
+
+def metadata_note(effect: MetadataEffect) -> str:
+    """The note on what the metadata does to the maps: the fusion kind and the mean rank correlation."""
+    valid = effect.spearman[np.isfinite(effect.spearman)]
+    mean = f"{valid.mean():.3f} over {len(valid)} cases" if len(valid) else "undefined (constant maps)"
+    return (
+        "Metadata on the map: each case's CAM with its metadata beside the CAM with every patient feature "
+        f"absent (the encoder's missing row, as metadata dropout trains on), same class; mean Spearman rank "
+        f"correlation over pixels {mean}. {FUSION_NOTES[effect.kind]}"
+    )
 
 
 def _cohort(
@@ -654,6 +776,8 @@ def _cohort(
         shap_values=shap_exp,
         classes=list(run.inputs.schema.classes),
         class_names=_class_names(run.inputs.schema),
+        fusion=fusion_kind(run.inputs.model),
+        metadata_map_spearman=_mean_map_correlation(cases),
     )
 
 
@@ -674,4 +798,10 @@ def save_explanations(out: str | Path, cohort: CohortExplanation) -> Path:
             with atomic_write(out / relative, "wb") as fh:
                 np.save(fh, case.cam.astype(np.float32))
             case.cam_file = str(relative)
+        if case.cam_without_metadata is not None:
+            relative = ASSETS / f"{safe_stem(case.image_id)}_cam_without_metadata.npy"
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(out / relative, "wb") as fh:
+                np.save(fh, case.cam_without_metadata.astype(np.float32))
+            case.cam_without_metadata_file = str(relative)
     return write_json(out / "explanations.json", cohort.to_json())

@@ -1,12 +1,12 @@
 """Sanity checks that can fail (Adebayo et al. 2018): cascading model randomisation and the random logit.
 
 Cascading randomisation re-draws the weights stage by stage from the output down: first everything
-after the backbone (fusion head and metadata branch), then the backbone's stages from the top (for
-EfficientNet ``bn2``, ``conv_head``, ``blocks.6`` ... ``conv_stem``; each keeps the ones above it
-randomised). After each stage the CAM of the same cases and classes is computed again and compared
-with the trained model's by Spearman rank correlation and SSIM. A faithful map changes: low
-similarity. A randomised model whose target-layer activations vanish, or whose map is constant,
-proves nothing: that case is **invalid**, never a pass (a constant map has no ranks to correlate).
+outside the backbone (fusion head, metadata branch and a map model's fusion blocks), then the backbone's
+stages from the top (for EfficientNet ``bn2``, ``conv_head``, ``blocks.6`` ... ``conv_stem``; each keeps
+the ones above it randomised). After each stage the CAM of the same cases and classes is computed again
+and compared with the trained model's by Spearman rank correlation and SSIM. A faithful map changes: low
+similarity. A randomised model whose target-layer activations vanish, or whose map is constant, proves
+nothing: that case is **invalid**, never a pass (a constant map has no ranks to correlate).
 
 The default randomiser re-draws each parameter tensor from a Gaussian with that tensor's own trained
 mean and standard deviation (BatchNorm running statistics kept), so the network stays alive and
@@ -31,7 +31,16 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.fusion import LesionModel
-from .gradcam import CAM_METHODS, GradCamExplainer, layer_path, preserved_state, resolve_target_layer, shown_view
+from .gradcam import (
+    CAM_METHODS,
+    GradCamExplainer,
+    layer_output,
+    layer_path,
+    meta_placeholder,
+    preserved_state,
+    resolve_target_layer,
+    shown_view,
+)
 
 SIMILAR = 0.5  # mean Spearman at or above which a randomised map counts as unchanged
 VANISHED = 1e-3  # target-layer activation std, relative to the trained model's, below which activations vanished
@@ -77,12 +86,14 @@ def _stage_modules(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def randomisation_stages(model: LesionModel) -> list[tuple[str, list[nn.Module]]]:
-    """(stage name, modules) from the output down: ``head`` (fusion head + metadata branch), then the
-    backbone's stages from the top."""
-    if model.image_branch is None:
+    """(stage name, modules) from the output down: ``head`` (every part of the model outside the backbone:
+    fusion head, metadata branch, a map model's fusion blocks), then the backbone's stages from the top."""
+    branch = model.image_branch
+    if branch is None:
         raise ConfigError("model randomisation needs a model with an image branch")
-    head: list[nn.Module] = [model.head, *([model.meta_branch] if model.meta_branch is not None else [])]
-    backbone = [(name, [m]) for name, m in _stage_modules(model.image_branch.model)[::-1]]
+    head = [m for m in model.children() if m is not branch]
+    head += [m for m in branch.children() if m is not branch.model]  # fusion blocks living in the branch
+    backbone = [(name, [m]) for name, m in _stage_modules(branch.model)[::-1]]
     return [("head", head), *backbone]
 
 
@@ -149,19 +160,12 @@ class StageResult:
         return ", ".join(f"{n} {r}" for r, n in counts.items())
 
 
-def activation_std(model: LesionModel, layer: nn.Module, images: Tensor) -> float:
-    """Standard deviation of ``layer``'s output over a batch (one no-grad backbone pass)."""
-    seen: list[Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
-    branch = model.image_branch
-    assert branch is not None
-    try:
-        with preserved_state(model), torch.no_grad():
-            model.eval()
-            branch.forward_features(images)
-    finally:
-        handle.remove()
-    return float(seen[0].double().std())
+def activation_std(model: LesionModel, layer: nn.Module, images: Tensor, meta: Tensor | None = None) -> float:
+    """Standard deviation of ``layer``'s output over a batch (one no-grad pass; ``meta`` (B, D) reaches a
+    layer after the fusion, zeros when None)."""
+    if meta is None:
+        meta = meta_placeholder(model, len(images))
+    return float(layer_output(model, layer, images, meta).double().std())
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ class CamSetup:
     """How the maps are made: the CAM method and layer, and the shown prediction's flips and temperature."""
 
     method: str = "gradcam"
-    target_layer: str = ""  # dotted path inside the backbone; "" = its last feature stage
+    target_layer: str = ""  # dotted path (backbone first, then the model); "" = model.cam_layer()
     flip_average: bool = False
     temperature: float = 1.0
 
@@ -199,7 +203,7 @@ def maps_and_activation_std(
     """
     layer = resolve_target_layer(model, layer_name)
     if not CAM_METHODS[setup.method].batched:
-        return setup.maps(model, images, meta, targets), activation_std(model, layer, images)
+        return setup.maps(model, images, meta, targets), activation_std(model, layer, images, meta)
     seen: list[Tensor] = []
     handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
     try:
@@ -228,7 +232,7 @@ def cascading_randomisation(
     """
     redraw = RANDOMISERS[randomiser] if isinstance(randomiser, str) else randomiser
     path = setup.layer_name(model)
-    reference = activation_std(model, resolve_target_layer(model, path), images)
+    reference = activation_std(model, resolve_target_layer(model, path), images, meta)
     clone = copy.deepcopy(model)
     results = []
     with torch.random.fork_rng(devices=[]):

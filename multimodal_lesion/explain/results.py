@@ -43,9 +43,15 @@ class CaseExplanation:
     what_if: WhatIf | None = None  # the prediction across each patient feature's values
     cam_file: str | None = None  # the saved map, relative to the report folder
     pixels: np.ndarray | None = field(default=None, repr=False)  # uint8 (H, W, 3) as the model saw it
+    original_pixels: np.ndarray | None = field(default=None, repr=False)  # uint8 as it was, before colour constancy
     cam: np.ndarray | None = field(default=None, repr=False)  # (H, W) in [0, 1]
     runner_up_cam: np.ndarray | None = field(default=None, repr=False)  # (H, W) in [0, 1]
     mask: np.ndarray | None = field(default=None, repr=False)  # (H, W) bool lesion mask, when the data has one
+    metadata_map_spearman: float | None = None  # rank correlation of the CAM with and without the metadata
+    fusion: str = ""  # where the model meets the metadata: maps | late | image only
+    cam_without_metadata: np.ndarray | None = field(default=None, repr=False)  # (H, W): every feature absent
+    cam_without_metadata_file: str | None = None  # its saved map, relative to the report folder
+    age_cams: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # age -> (H, W) map at that age
 
     def to_json(self) -> dict[str, Any]:
         """The case's entry of ``explanations.json``."""
@@ -70,7 +76,20 @@ class CaseExplanation:
             "shift": self.shift,
             "what_if": None if self.what_if is None else self.what_if.to_json(),
             "cam": self.cam_file,
+            "metadata_on_map": self.metadata_on_map(),
             "patient": self.patient,
+        }
+
+    def metadata_on_map(self) -> dict[str, Any] | None:
+        """What the metadata does to the map, JSON-ready: the rank correlation (None when undefined) of the
+        CAM with the case's metadata and with every feature absent, that map's file and the fusion kind."""
+        if self.cam_without_metadata is None and self.cam_without_metadata_file is None:
+            return None
+        rho = self.metadata_map_spearman
+        return {
+            "spearman": None if rho is None or not np.isfinite(rho) else float(rho),
+            "cam_without_metadata": self.cam_without_metadata_file,
+            "fusion": self.fusion,
         }
 
 
@@ -104,6 +123,8 @@ class CohortExplanation:
     shap_values: Any = field(default=None, repr=False)  # shap.Explanation over the cases (cohort plots)
     classes: list[str] = field(default_factory=list)  # the run's classes in logit order (report rows)
     class_names: dict[str, str] = field(default_factory=dict)  # class code -> long name
+    fusion: str = ""  # where the model meets the metadata: maps | late | image only
+    metadata_map_spearman: dict[str, float] = field(default_factory=dict)  # class (and "all") -> mean rank corr.
 
     def to_json(self) -> dict[str, Any]:
         """The content of ``explanations.json``."""
@@ -112,6 +133,10 @@ class CohortExplanation:
             "timings_seconds": self.timings,
             "shap_scale": self.shap_scale,
             "comparisons": [asdict(c) for c in self.comparisons],
+            "metadata_on_map": {
+                "fusion": self.fusion,
+                "mean_spearman": {k: None if not np.isfinite(v) else v for k, v in self.metadata_map_spearman.items()},
+            },
             "randomisation": [stage_json(s) for s in self.randomisation],
             "random_logit": stage_json(self.random_logit) if self.random_logit is not None else None,
             "cases": [c.to_json() for c in self.cases],

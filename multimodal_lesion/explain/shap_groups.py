@@ -2,12 +2,15 @@
 
 Each patient feature is one player: its encoded columns (e.g. every ``localization=...`` one-hot) move
 together. Up to :data:`MAX_EXACT_PLAYERS` players all 2^n coalitions are evaluated, so the values are
-exact Shapley values
-of the interventional game ``v(S) = mean_m f(embedding, meta_S ∪ background_m)``, where ``f`` is the
-softmax probability of the explained class from ``model.forward_head`` on the case's cached image
-embedding (the backbone never runs), or its log-odds ``log(p / (1 - p))`` of the background-averaged
-probability with ``scale="log_odds"`` (shap's logit link). Every coalition, background row and case goes
-through the head in a few batched calls. The coalition machinery here is shared with :mod:`.modality`.
+exact Shapley values of the interventional game ``v(S) = mean_m f(state, meta_S ∪ background_m)``, where
+``f`` is the softmax probability of the explained class from ``model.from_image_state`` on the case's
+image state (``model.image_state``, computed once per case: the cached embedding of a late model, the
+maps at the fusion point of a map model; the backbone before it never runs again), or its log-odds
+``log(p / (1 - p))`` of the background-averaged probability with ``scale="log_odds"`` (shap's logit
+link). Every coalition, background row and case goes through the model's metadata-conditioned part in a
+few batched calls: for a late model that is the head; for a model that fuses on the maps
+(``model.fuses_on_maps``) it is the fused tail of the backbone too, since a coalition without a feature
+changes the image path as well. The coalition machinery here is shared with :mod:`.modality`.
 
 The values are exact for the background drawn; the background itself is a sample, so each value
 comes with its sampling error: the standard deviation of the value over ``resamples`` bootstrap
@@ -40,9 +43,10 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models.fusion import LesionModel
-from .gradcam import preserved_state
+from .gradcam import preserved_state, state_logits
 
-MAX_ROWS_PER_CALL = 32768  # (case, coalition, background row) triples per forward_head call
+MAX_ROWS_PER_CALL = 32768  # (case, coalition, background row) triples per from_image_state call
+MAX_STATE_VALUES_PER_CALL = 2**24  # image-state values per call (a map model's maps are big: fewer rows)
 #: Most players whose 2^n coalitions are all evaluated; above it the values are sampled (module docstring).
 MAX_EXACT_PLAYERS = 10
 #: Random orders of the players (in antithetic pairs) behind each sampled value.
@@ -160,18 +164,28 @@ def as_input_tensor(x: np.ndarray | Tensor | None, model: torch.nn.Module) -> Te
     return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).to(param.device, param.dtype)
 
 
-def _mix(own: Tensor | None, background: Tensor | None, present: Tensor, n_bg: int) -> Tensor | None:
-    """Inputs for every (case, coalition, background row): own columns where present, else background.
+def _rows(
+    own: Tensor | None, background: Tensor | None, present: Tensor, case: Tensor, coal: Tensor, bg: Tensor
+) -> Tensor | None:
+    """Inputs of the flat (case, coalition, background row) triples ``(case, coal, bg)``: the case's own
+    where ``present[coal]`` says so, else background row ``bg``.
 
-    ``own`` (B, W), ``background`` (M, W) or None (own always), ``present`` (K, W) bool -> (B*K*M, W).
+    ``own`` (B, *S), ``background`` (M, *S) or None (own always), ``present`` (K,) or (K, W) bool. A state
+    (the image embedding, or a map model's maps) is one block; metadata columns mix one by one.
     """
     if own is None:
         return None
-    b, k = len(own), len(present)
     if background is None:
-        return own[:, None, None, :].expand(b, k, n_bg, -1).reshape(b * k * n_bg, -1)
-    mixed = torch.where(present[None, :, None, :], own[:, None, None, :], background[None, None, :, :])
-    return mixed.reshape(b * k * n_bg, -1)
+        return own[case]
+    keep = present[coal]
+    keep = keep.reshape(*keep.shape, *([1] * (own.ndim - keep.ndim)))
+    return torch.where(keep, own[case], background[bg])
+
+
+def rows_per_call(state: Tensor | None) -> int:
+    """Triples per ``from_image_state`` call: :data:`MAX_ROWS_PER_CALL`, fewer for big states (maps)."""
+    per_row = 1 if state is None else max(1, state[0].numel())
+    return max(1, min(MAX_ROWS_PER_CALL, MAX_STATE_VALUES_PER_CALL // per_row))
 
 
 def _given(first: Tensor | None, second: Tensor | None) -> Tensor:
@@ -179,17 +193,17 @@ def _given(first: Tensor | None, second: Tensor | None) -> Tensor:
     if first is not None:
         return first
     if second is None:
-        raise ConfigError("neither image embeddings nor metadata given")
+        raise ConfigError("neither image states nor metadata given")
     return second
 
 
 def coalition_probabilities(
     model: LesionModel,
-    embeddings: Tensor | None,
+    states: Tensor | None,
     meta: Tensor | None,
-    background_embeddings: Tensor | None,
+    background_states: Tensor | None,
     background_meta: Tensor | None,
-    embedding_present: Tensor,
+    state_present: Tensor,
     meta_present: Tensor,
     temperature: float = 1.0,
     weights: Tensor | None = None,
@@ -197,28 +211,30 @@ def coalition_probabilities(
     """Class probabilities (R, B, K, C) of every coalition, averaged over the paired background rows
     with each of the R rows of ``weights`` (R, M); None = the plain mean (R = 1).
 
-    ``embedding_present`` (K,) and ``meta_present`` (K, D) say which inputs come from the case; the
-    rest comes from background row m (embeddings: M rows or 1 row shared). Inputs the model ignores
-    may be None.
+    ``states`` are the cases' image states (``model.image_state``: the embedding of a late model, the
+    maps of a map model). ``state_present`` (K,) and ``meta_present`` (K, D) say which inputs come from
+    the case; the rest comes from background row m (states: M rows or 1 row shared). Every
+    (case, coalition, background row) is one row of ``model.from_image_state``, so a map model's
+    metadata-conditioned part runs again for each coalition: exact for both kinds. Inputs the model
+    ignores may be None.
     """
-    n_bg = len(_given(background_meta, background_embeddings))
-    if background_embeddings is not None and len(background_embeddings) == 1:
-        background_embeddings = background_embeddings.expand(n_bg, -1)
-    n_cases, n_coal = len(_given(embeddings, meta)), len(meta_present)
+    n_bg = len(_given(background_meta, background_states))
+    if background_states is not None and len(background_states) == 1:
+        background_states = background_states.expand(n_bg, *background_states.shape[1:])
+    n_cases, n_coal = len(_given(states, meta)), len(meta_present)
     if weights is None:
         weights = torch.full((1, n_bg), 1 / n_bg, device=meta_present.device)
-    step = max(1, MAX_ROWS_PER_CALL // (n_coal * n_bg))
-    out = []
-    emb_present = embedding_present[:, None]
-    for i in range(0, n_cases, step):
-        sl = slice(i, i + step)
-        emb = _mix(embeddings[sl] if embeddings is not None else None, background_embeddings, emb_present, n_bg)
-        met = _mix(meta[sl] if meta is not None else None, background_meta, meta_present, n_bg)
-        logits = model.forward_head(emb, met)
-        probs = torch.softmax(logits / temperature, dim=-1)
-        per_row = probs.reshape(-1, n_coal, n_bg, probs.shape[-1]).double()
-        out.append(torch.einsum("bkmc,rm->rbkc", per_row, weights.to(per_row)))
-    return torch.cat(out, dim=1)
+    flat = torch.arange(n_cases * n_coal * n_bg, device=meta_present.device)
+    step = rows_per_call(states)
+    probs = []
+    for part in flat.split(step):
+        case, coal, bg = part // (n_coal * n_bg), (part // n_bg) % n_coal, part % n_bg
+        state = _rows(states, background_states, state_present, case, coal, bg)
+        met = _rows(meta, background_meta, meta_present, case, coal, bg)
+        logits = state_logits(model, state, met)
+        probs.append(torch.softmax(logits / temperature, dim=-1).double())
+    per_row = torch.cat(probs).reshape(n_cases, n_coal, n_bg, -1)
+    return torch.einsum("bkmc,rm->rbkc", per_row, weights.to(per_row))
 
 
 def _pick(probs: Tensor, targets: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -238,11 +254,11 @@ def _pick(probs: Tensor, targets: Sequence[int] | None) -> tuple[np.ndarray, np.
 
 def exact_shapley(
     model: LesionModel,
-    embeddings: Tensor | None,
+    states: Tensor | None,
     meta: Tensor | None,
-    background_embeddings: Tensor | None,
+    background_states: Tensor | None,
     background_meta: Tensor | None,
-    embedding_present: np.ndarray,
+    state_present: np.ndarray,
     meta_present: np.ndarray,
     masks: np.ndarray,
     targets: Sequence[int] | None,
@@ -266,17 +282,17 @@ def exact_shapley(
     if scale not in LINKS:
         raise ConfigError(f"explain.shap_scale: unknown scale '{scale}' (valid: {', '.join(LINKS)})")
     device = next(model.parameters()).device
-    n_bg = len(_given(background_meta, background_embeddings))
+    n_bg = len(_given(background_meta, background_states))
     weights = torch.as_tensor(bootstrap_weights(n_bg, resamples, seed), device=device)
     with preserved_state(model), torch.no_grad():
         model.eval()
         probs = coalition_probabilities(
             model,
-            embeddings,
+            states,
             meta,
-            background_embeddings,
+            background_states,
             background_meta,
-            torch.as_tensor(embedding_present, device=device),
+            torch.as_tensor(state_present, device=device),
             torch.as_tensor(meta_present, device=device),
             temperature,
             weights,
@@ -304,9 +320,9 @@ def exact_shapley(
 
 def grouped_shapley(
     model: LesionModel,
-    embeddings: Tensor | None,
+    states: Tensor | None,
     meta: Tensor | None,
-    background_embeddings: Tensor | None,
+    background_states: Tensor | None,
     background_meta: Tensor | None,
     n_players: int,
     present: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
@@ -320,18 +336,18 @@ def grouped_shapley(
 ) -> dict[str, np.ndarray]:
     """Shapley values over ``n_players``: exact up to :data:`MAX_EXACT_PLAYERS`, sampled above (module docstring).
 
-    ``present(masks)`` turns coalitions (K, n) into (embedding present (K,), metadata columns present (K, D)).
+    ``present(masks)`` turns coalitions (K, n) into (image state present (K,), metadata columns present (K, D)).
     """
     orders = permutation_orders(n_players, permutations, seed) if n_players > MAX_EXACT_PLAYERS else None
     masks = coalition_masks(n_players) if orders is None else order_masks(orders)
-    embedding_present, meta_present = present(masks)
+    state_present, meta_present = present(masks)
     return exact_shapley(
         model,
-        embeddings,
+        states,
         meta,
-        background_embeddings,
+        background_states,
         background_meta,
-        embedding_present,
+        state_present,
         meta_present,
         masks,
         targets,
@@ -347,7 +363,7 @@ class GroupShapExplainer:
     """Exact grouped SHAP values of the patient features for a fused model, as ``shap.Explanation``.
 
     Args:
-        model: a :class:`LesionModel` (its ``forward_head`` is what is explained).
+        model: a :class:`LesionModel` (its ``from_image_state`` is what is explained).
         background_meta: encoded metadata rows (M, D) sampled from the training split.
         groups: feature group -> encoded column indices (``MetadataEncoder.feature_groups_``); every
             column in exactly one group. The group order is the feature order of the explanation.
@@ -388,21 +404,25 @@ class GroupShapExplainer:
     def feature_names(self) -> list[str]:
         return list(self.groups)
 
-    def predict_proba(self, embeddings: np.ndarray | Tensor | None, meta: np.ndarray | Tensor) -> np.ndarray:
+    def predict_proba(self, states: np.ndarray | Tensor | None, meta: np.ndarray | Tensor) -> np.ndarray:
         """The explained probabilities (B, C) of the cases as they are (same head, same temperature)."""
         with preserved_state(self.model), torch.no_grad():
             self.model.eval()
-            logits = self.model.forward_head(as_input_tensor(embeddings, self.model), as_input_tensor(meta, self.model))
+            state, meta_t = as_input_tensor(states, self.model), as_input_tensor(meta, self.model)
+            logits = state_logits(self.model, state, meta_t)
             return torch.softmax(logits / self.temperature, dim=-1).double().cpu().numpy()
 
     def explain(
         self,
-        embeddings: np.ndarray | Tensor | None,
+        states: np.ndarray | Tensor | None,
         meta: np.ndarray | Tensor,
         targets: Sequence[int] | None = None,
         raw: pd.DataFrame | None = None,
     ) -> shap.Explanation:
-        """SHAP values (B, G) of the target-class probability for cases with embeddings (B, F) and meta (B, D).
+        """SHAP values (B, G) of the target-class probability for cases with image states and meta (B, D).
+
+        ``states`` are ``model.image_state`` of the cases' images: embeddings (B, F) of a late model,
+        maps (B, C, h, w) of a model that fuses on the maps; None for a metadata-only model.
 
         ``targets`` None explains each case's predicted class. ``raw`` (B rows with the group names as
         columns, e.g. age/sex/localization) becomes the explanation's ``data`` for the plots.
@@ -415,12 +435,12 @@ class GroupShapExplainer:
                 f"meta must be (B, {self.background_meta.shape[1]}), got "
                 f"{None if meta_t is None else tuple(meta_t.shape)}"
             )
-        if self.model.uses_image and embeddings is None:
-            raise ConfigError("this model looks at the image: pass the cases' image embeddings")
+        if self.model.uses_image and states is None:
+            raise ConfigError("this model looks at the image: pass the cases' image states")
         columns = group_columns(self.groups, meta_t.shape[1])
         res = grouped_shapley(
             self.model,
-            as_input_tensor(embeddings, self.model),
+            as_input_tensor(states, self.model),
             meta_t,
             None,
             as_input_tensor(self.background_meta, self.model),
@@ -458,6 +478,7 @@ __all__ = [
     "LINKS",
     "MAX_EXACT_PLAYERS",
     "MAX_ROWS_PER_CALL",
+    "MAX_STATE_VALUES_PER_CALL",
     "GroupShapExplainer",
     "Scale",
     "as_input_tensor",
@@ -470,6 +491,7 @@ __all__ = [
     "grouped_shapley",
     "order_masks",
     "permutation_orders",
+    "rows_per_call",
     "sampled_shapley_values",
     "shapley_values",
 ]

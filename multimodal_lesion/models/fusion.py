@@ -1,23 +1,33 @@
 """Fusion heads, the one model class they plug into, and the registered models.
 
-Every model is ``LesionModel(head, image_branch, meta_branch)``: branches that a head does not use
-are None, and ``forward`` is the same code for all. Gating and FiLM act per channel, so applying them
-to the pooled embedding equals applying them to the feature maps and pooling (average pooling
-commutes with a per-channel affine map): the frozen-embedding path and the live path agree.
+Every model is ``LesionModel(head, image_branch, meta_branch, map_fusion)``: branches that a head does
+not use are None, and ``forward`` is the same code for all. The models here are late fusion: gating and
+FiLM act per channel, so applying them to the pooled embedding equals applying them to the feature maps
+and pooling (average pooling commutes with a per-channel affine map): the frozen-embedding path and the
+live path agree, and the metadata never changes the maps. The map-fusion models
+(:mod:`~multimodal_lesion.models.map_fusion`) have a ``map_fusion`` that conditions the maps instead.
+
+Every model splits into an image state that does not depend on the metadata (:meth:`LesionModel.image_state`:
+the pooled embedding of a late model, the maps at the fusion point of a map-fusion model) and the rest
+(:meth:`LesionModel.from_image_state`), which explanations evaluate for many metadata per image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 from .image_branch import ImageBranch
 from .metadata_branch import MetadataBranch
 from .registry import register_model
+
+if TYPE_CHECKING:
+    from .map_fusion import MapFusion, MetaLayout
 
 
 def mlp_classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
@@ -123,16 +133,23 @@ class LesionModel(nn.Module):
     Args:
         head: the fusion head (its ``uses_image`` / ``uses_meta`` say what it reads).
         image_branch: the timm backbone branch, None when the head ignores the image.
-        meta_branch: the metadata MLP, None when the head ignores the metadata.
+        meta_branch: the metadata MLP of a late model, None when the head ignores the metadata.
+        map_fusion: a map-fusion model's conditioning of the backbone's tail (its ``forward`` gives
+            the last map after the fusion and the head's metadata summary); None for late models.
     """
 
     def __init__(
-        self, head: FusionHead, image_branch: ImageBranch | None = None, meta_branch: MetadataBranch | None = None
+        self,
+        head: FusionHead,
+        image_branch: ImageBranch | None = None,
+        meta_branch: MetadataBranch | None = None,
+        map_fusion: MapFusion | None = None,
     ) -> None:
         super().__init__()
         self.head = head
         self.image_branch = image_branch
         self.meta_branch = meta_branch
+        self.map_fusion = map_fusion
 
     @property
     def uses_image(self) -> bool:
@@ -140,7 +157,12 @@ class LesionModel(nn.Module):
 
     @property
     def uses_meta(self) -> bool:
-        return self.meta_branch is not None
+        return self.meta_branch is not None or self.map_fusion is not None
+
+    @property
+    def fuses_on_maps(self) -> bool:
+        """True when the metadata conditions the feature maps (map-fusion models), False for late fusion."""
+        return self.map_fusion is not None
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Logits (B, C) from a batch dict: ``embedding`` (frozen), ``maps`` (partial) or ``image``; ``meta``."""
@@ -149,34 +171,86 @@ class LesionModel(nn.Module):
             return self.forward_maps(maps, batch.get("meta"))
         embedding = batch.get("embedding")
         if embedding is None and self.image_branch is not None:
-            embedding = self.image_branch.embed(_require(batch.get("image"), "image"))
+            return self.from_image_state(self.image_state(_require(batch.get("image"), "image")), batch.get("meta"))
         return self.forward_head(embedding, batch.get("meta"))
 
+    def _branch(self) -> ImageBranch:
+        if self.image_branch is None:
+            raise ConfigError("this model does not look at the image: it has no image state or feature maps")
+        return self.image_branch
+
+    def image_state(self, images: Tensor) -> Tensor:
+        """The metadata-independent part of the forward pass on normalised images (B, 3, H, W).
+
+        Late models: the pooled embedding (B, F); map-fusion models: the maps at the fusion point
+        (B, C, h, w) = ``ImageBranch.forward_maps``, what partial mode caches.
+        """
+        branch = self._branch()
+        return branch.forward_maps(images) if self.map_fusion is not None else branch.embed(images)
+
+    def from_image_state(self, state: Tensor, meta: Tensor | None) -> Tensor:
+        """Logits from an :meth:`image_state` batch and the encoded metadata (one row per state).
+
+        ``forward(batch) == from_image_state(image_state(batch["image"]), batch["meta"])``.
+        """
+        if self.map_fusion is None:
+            return self.forward_head(state, meta)
+        branch = self._branch()
+        maps, summary = self.map_fusion(branch, state.float(), _require(meta, "meta"))
+        return self.head(branch.pool(maps), summary)
+
+    def cam_layer(self) -> nn.Module:
+        """The module whose output (B, C', h', w') is the last feature map after the fusion (Grad-CAM's default).
+
+        Late models: the backbone's last map (``ImageBranch.default_target_layer``), which the
+        metadata does not change; map-fusion models: the last map downstream of the fusion.
+        """
+        branch = self._branch()
+        return self.map_fusion.cam_layer(branch) if self.map_fusion is not None else branch.default_target_layer()
+
     def forward_maps(self, maps: Tensor, meta: Tensor | None) -> Tensor:
-        """Logits from cached stride-16 maps (B, C, h, w); with a view axis (B, V, C, h, w) the mean over views."""
-        assert self.image_branch is not None  # forward calls this only for models with an image branch
+        """Logits from cached fusion-point maps (B, C, h, w); with a view axis (B, V, C, h, w) the mean over views."""
         if maps.ndim == 4:
-            return self.forward_head(self.image_branch.embed_from_maps(maps.float()), meta)
+            return self._from_maps(maps.float(), meta)
         views = maps.shape[1]
-        embedding = self.image_branch.embed_from_maps(maps.flatten(0, 1).float())
         repeated = None if meta is None else meta.repeat_interleave(views, dim=0)
-        return self.forward_head(embedding, repeated).unflatten(0, (len(maps), views)).mean(1)
+        return self._from_maps(maps.flatten(0, 1).float(), repeated).unflatten(0, (len(maps), views)).mean(1)
+
+    def _from_maps(self, maps: Tensor, meta: Tensor | None) -> Tensor:
+        if self.map_fusion is not None:
+            return self.from_image_state(maps, meta)
+        return self.forward_head(self._branch().embed_from_maps(maps), meta)
 
     def forward_head(self, embedding: Tensor | None, meta: Tensor | None) -> Tensor:
         """Logits from the pooled image embedding and the encoded metadata: everything after the backbone.
 
-        What the frozen path trains and what SHAP / modality attribution evaluate; an input the model
-        does not use may be None.
+        What the frozen path trains and what SHAP / modality attribution evaluate for late models;
+        an input the model does not use may be None. A map-fusion model has no such head (its
+        metadata acts before the pooling): use :meth:`from_image_state`.
         """
+        if self.map_fusion is not None:
+            raise ConfigError(
+                "this model fuses the metadata into the feature maps: it has no head on pooled embeddings "
+                "(use from_image_state on its image_state, and train.mode='partial' or 'end2end')"
+            )
         image = _require(embedding, "embedding or image") if self.uses_image else None
         meta_emb = self.meta_branch(_require(meta, "meta")) if self.meta_branch is not None else None
         return self.head(image, meta_emb)
 
 
 def build_lesion_model(
-    head_cls: type[FusionHead], *, meta_dim: int, num_classes: int, cfg: ModelConfig, image_branch: ImageBranch | None
+    head_cls: type[FusionHead],
+    *,
+    meta_dim: int,
+    num_classes: int,
+    cfg: ModelConfig,
+    image_branch: ImageBranch | None,
+    meta_layout: MetaLayout | None = None,
 ) -> LesionModel:
-    """The shared builder: branches the head reads (sized from their declared widths) + the head."""
+    """The late models' builder: branches the head reads (sized from their declared widths) + the head.
+
+    ``meta_layout`` is unused (the metadata MLP reads every encoded column at once).
+    """
     image = None
     if head_cls.uses_image:
         image = image_branch

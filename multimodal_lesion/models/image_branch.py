@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import timm
@@ -15,7 +16,6 @@ from ..errors import ConfigError
 from .weights import load_image_weights, weights_normalisation
 
 MULTISCALE_EXTRA_STAGES = 2  # earlier stages pooled next to the final embedding when multiscale=True
-_STAGED_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")  # timm's EfficientNet / MobileNetV2 layout
 _POOL_CHILDREN = ("global_pool", "head")  # timm's pooling / head children follow the last map module
 
 
@@ -45,6 +45,27 @@ def _create_backbone(name: str) -> nn.Module:
         return timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
     except (AssertionError, RuntimeError, TypeError, ValueError) as exc:
         raise ConfigError(f"backbone '{name}' cannot be used without its pooling and classifier: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A backbone as stem -> blocks -> head, by module path (timm's names)."""
+
+    stem: tuple[str, ...]  # run once before the first block
+    blocks: tuple[str, ...]  # the stages, in order; partial fine-tuning caches the output of one of them
+    head: tuple[str, ...]  # after the last block, before the pooling (EfficientNet's conv head and its norm)
+    conditioned_head: int  # how many of ``head`` are convolutions whose input a map fusion conditions
+
+
+def staged_layout(model: nn.Module) -> Staged | None:
+    """The stem / blocks / head split of timm's EfficientNet / MobileNetV2 families and ResNets; None for others."""
+    if all(hasattr(model, part) for part in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
+        n = len(cast(nn.Sequential, model.get_submodule("blocks")))
+        return Staged(("conv_stem", "bn1"), tuple(f"blocks.{i}" for i in range(n)), ("conv_head", "bn2"), 1)
+    resnet = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
+    if all(hasattr(model, part) for part in resnet):
+        return Staged(resnet[:4], resnet[4:], (), 0)
+    return None
 
 
 def _get_module(model: nn.Module, path: str, backbone: str) -> nn.Module:
@@ -105,7 +126,8 @@ class ImageBranch(nn.Module):
         multiscale: also average-pool the last stages before the final map and concatenate them
             (richer frozen embeddings at no extra backbone cost).
         tail_blocks: partial fine-tuning trains this many of the last blocks (stages) and the conv
-            head on the cached output of the block before them.
+            head on the cached output of the block before them; 0 caches the last block's output and
+            trains nothing of the backbone (the conv head runs frozen on the cached maps).
 
     Attributes:
         num_features: width of :meth:`embed`'s output, read from timm's declared sizes.
@@ -160,49 +182,79 @@ class ImageBranch(nn.Module):
     # cached once, the blocks after them and the conv head are trained.
 
     @property
-    def maps_block(self) -> int:
-        """Index in ``model.blocks`` of the block whose output partial fine-tuning caches."""
-        if not all(hasattr(self.model, part) for part in _STAGED_PARTS):
+    def staged(self) -> Staged:
+        """The backbone as stem + blocks + head (partial fine-tuning and map fusion split it there)."""
+        layout = staged_layout(self.model)
+        if layout is None:
             raise ConfigError(
-                f"train.mode='partial' needs a backbone laid out as stem + blocks + conv head (timm's EfficientNet "
-                f"and MobileNetV2 families, e.g. tf_efficientnet_lite0); '{self.backbone}' is not"
+                f"train.mode='partial' and the map-fusion models need a backbone laid out as stem + blocks "
+                f"(+ conv head): timm's EfficientNet and MobileNetV2 families (e.g. tf_efficientnet_lite0) and "
+                f"ResNets; '{self.backbone}' is not"
             )
-        n = len(cast(nn.Sequential, self.model.get_submodule("blocks")))
+        return layout
+
+    @property
+    def maps_block(self) -> int:
+        """Index in the backbone's blocks (:attr:`staged`) of the block whose output partial fine-tuning caches."""
+        n = len(self.staged.blocks)
         if self.tail_blocks >= n:
-            raise ConfigError(f"model.tail_blocks: backbone '{self.backbone}' has {n} blocks; use 1 to {n - 1}")
+            raise ConfigError(f"model.tail_blocks: backbone '{self.backbone}' has {n} blocks; use 0 to {n - 1}")
         return n - 1 - self.tail_blocks
 
     def check_partial(self) -> None:
         """Raise the ConfigError partial fine-tuning would meet later: a backbone or multiscale it cannot split."""
-        first = self.maps_block
-        early = [path for path, _ in self.extra_stages if int(path.split(".")[1]) < first]
+        first, blocks = self.maps_block, self.staged.blocks
+        early = [path for path, _ in self.extra_stages if path in blocks and blocks.index(path) < first]
         if early:
             raise ConfigError(
-                f"model.multiscale pools stage(s) {', '.join(early)}, before the cached maps (blocks.{first}): "
+                f"model.multiscale pools stage(s) {', '.join(early)}, before the cached maps ({blocks[first]}): "
                 "set model.multiscale=false or a larger model.tail_blocks"
             )
 
+    def _at(self, paths: Sequence[str]) -> list[nn.Module]:
+        return [self.model.get_submodule(path) for path in paths]
+
     def forward_maps(self, x: Tensor) -> Tensor:
         """The maps (B, C, h, w) that partial fine-tuning caches: the stem and the blocks up to :attr:`maps_block`."""
-        m = self.model
-        x = m.get_submodule("bn1")(m.get_submodule("conv_stem")(x))
-        blocks = cast(nn.Sequential, m.get_submodule("blocks"))
-        return blocks[: self.maps_block + 1](x)
+        staged = self.staged
+        for module in self._at(staged.stem + staged.blocks[: self.maps_block + 1]):
+            x = module(x)
+        return x
 
     def tail(self) -> list[nn.Module]:
-        """The modules after the cached maps: what partial fine-tuning trains."""
-        blocks = cast(nn.Sequential, self.model.get_submodule("blocks"))
-        rest = [self.model.get_submodule("conv_head"), self.model.get_submodule("bn2")]
-        return [*blocks[self.maps_block + 1 :], *rest]
+        """The modules after the cached maps: the last ``tail_blocks`` blocks and the head (conv head, its norm)."""
+        staged = self.staged
+        return self._at(staged.blocks[self.maps_block + 1 :] + staged.head)
+
+    def tail_points(self) -> int:
+        """How many :meth:`tail` modules are convolutions (blocks, conv head): the inputs a map fusion conditions."""
+        return self.tail_blocks + self.staged.conditioned_head
+
+    def trainable_tail(self) -> list[nn.Module]:
+        """The part of :meth:`tail` partial fine-tuning trains: all of it, or nothing when ``tail_blocks`` is 0."""
+        return self.tail() if self.tail_blocks else []
+
+    def tail_channels(self) -> tuple[list[int], int]:
+        """(input channels of each :meth:`tail` module, channels of the last map), probed on a small image."""
+        was_training = self.training
+        channels = []
+        with torch.no_grad():
+            x = self.eval().forward_maps(torch.zeros(1, 3, 64, 64))
+            for module in self.tail():
+                channels.append(int(x.shape[1]))
+                x = module(x)
+        self.train(was_training)
+        return channels, int(x.shape[1])
 
     def embed_from_maps(self, maps: Tensor) -> Tensor:
         """:meth:`embed` resumed from :meth:`forward_maps`' output: ``embed(x)`` for ``maps = forward_maps(x)``."""
-        first = self.maps_block + 1
-        stages = {f"blocks.{first - 1}": maps}
+        staged, first = self.staged, self.maps_block + 1
+        paths = staged.blocks[first:] + staged.head
+        stages = {staged.blocks[first - 1]: maps}
         x = maps
-        for i, module in enumerate(self.tail()):
+        for path, module in zip(paths, self.tail(), strict=True):
             x = module(x)
-            stages[f"blocks.{first + i}"] = x
+            stages[path] = x
         self.check_partial()
         extras = [_avg_pool(stages[path], self.backbone).flatten(1) for path, _ in self.extra_stages]
         return torch.cat([self.pool(x), *extras], dim=1)

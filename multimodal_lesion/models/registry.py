@@ -1,6 +1,6 @@
 """Model registry: adding a fusion model is writing one ``@register_model`` factory (timm's pattern).
 
-A factory is called as ``factory(meta_dim=..., num_classes=..., cfg=..., image_branch=...)`` and
+A factory is called as ``factory(meta_dim=..., num_classes=..., cfg=..., image_branch=..., meta_layout=...)`` and
 returns a :class:`~multimodal_lesion.models.fusion.LesionModel`. The first line of its docstring is
 the model's description (``mmlesion models`` prints it).
 """
@@ -16,6 +16,7 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from .fusion import LesionModel
     from .image_branch import ImageBranch
+    from .map_fusion import MetaLayout
 
 ModelFactory = Callable[..., "LesionModel"]
 
@@ -29,6 +30,20 @@ def register_model(fn: ModelFactory) -> ModelFactory:
         raise ValueError(f"model '{name}' is already registered")
     _model_factories[name] = fn
     return fn
+
+
+def fuses_on_maps(name: str) -> bool:
+    """True when model ``name`` fuses the metadata into the feature maps (its factory says so)."""
+    return bool(getattr(_factory(name), "fuses_on_maps", False))
+
+
+def check_model_mode(name: str, mode: str) -> None:
+    """Refuse a map-fusion model in ``frozen`` mode, whose cached pooled embeddings have no maps to fuse into."""
+    if mode == "frozen" and fuses_on_maps(name):
+        raise ConfigError(
+            f"model '{name}' fuses the metadata into the feature maps, which train.mode='frozen' does not keep "
+            "(pooled embeddings only): use train.mode='partial' (cached maps, as cheap) or 'end2end'"
+        )
 
 
 def list_models() -> list[str]:
@@ -56,6 +71,7 @@ def create_model(
     num_classes: int = 7,
     cfg: ModelConfig | None = None,
     image_branch: ImageBranch | None = None,
+    meta_layout: MetaLayout | None = None,
 ) -> LesionModel:
     """Build registered model ``name``.
 
@@ -66,13 +82,30 @@ def create_model(
         cfg: backbone, weights and head sizes; defaults to ``ModelConfig()``.
         image_branch: an existing :class:`ImageBranch` to share (e.g. one frozen backbone for every
             model of an ablation); when None, models that look at the image build one from ``cfg``.
+        meta_layout: which encoded columns belong to which patient feature and their "missing"
+            encoding (models that read features one by one, e.g. ``cross_attention``); None: each
+            column is a feature of its own that is never missing.
     """
     factory = _factory(name)
     if num_classes < 1:
         raise ConfigError(f"model '{name}': num_classes must be >= 1, got {num_classes}")
     if meta_dim < 0:
         raise ConfigError(f"model '{name}': meta_dim must be >= 0, got {meta_dim}")
-    return factory(meta_dim=meta_dim, num_classes=num_classes, cfg=cfg or ModelConfig(), image_branch=image_branch)
+    return factory(
+        meta_dim=meta_dim,
+        num_classes=num_classes,
+        cfg=cfg or ModelConfig(),
+        image_branch=image_branch,
+        meta_layout=meta_layout,
+    )
 
 
-__all__ = ["ModelFactory", "create_model", "list_models", "model_description", "register_model"]
+__all__ = [
+    "ModelFactory",
+    "check_model_mode",
+    "create_model",
+    "fuses_on_maps",
+    "list_models",
+    "model_description",
+    "register_model",
+]

@@ -63,6 +63,47 @@ def overlay_png(
     return save_figure(fig, path, dpi=100)
 
 
+def metadata_map_png(
+    pixels: np.ndarray,
+    with_metadata: np.ndarray,
+    without_metadata: np.ndarray,
+    path: str | Path,
+    spearman: float | None = None,
+) -> Path:
+    """Three panels: the CAM with the case's metadata, with every feature absent, and their difference
+    (red: the metadata raises the map, blue: it lowers it), titled with the rank correlation."""
+    import matplotlib as mpl
+
+    fig = new_figure((10.5, 3.3))
+    axes = fig.subplots(1, 3)
+    axes[0].imshow(_overlay(pixels, with_metadata))
+    axes[0].set_title("with the patient's metadata", fontsize=9)
+    axes[1].imshow(_overlay(pixels, without_metadata))
+    axes[1].set_title("every patient feature absent", fontsize=9)
+    diff = axes[2].imshow(with_metadata - without_metadata, cmap="RdBu_r", vmin=-1, vmax=1)
+    axes[2].set_title("difference (with - without)", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.colorbar(diff, ax=axes[2], shrink=0.8)
+    fig.colorbar(mpl.cm.ScalarMappable(mpl.colors.Normalize(0, 1), "jet"), ax=axes[:2], shrink=0.8, label="CAM")
+    rho = "undefined" if spearman is None or not np.isfinite(spearman) else f"{spearman:.3f}"
+    fig.suptitle(f"Spearman rank correlation of the two maps over pixels: {rho}", fontsize=9)
+    return save_figure(fig, path, dpi=100)
+
+
+def age_maps_png(pixels: np.ndarray, maps: Mapping[str, np.ndarray], path: str | Path, observed: str = "") -> Path:
+    """The CAM at each age of ``maps`` (age -> map), side by side; the patient's own age in the title."""
+    fig = new_figure((2.6 * len(maps), 2.6))
+    axes = np.atleast_1d(fig.subplots(1, len(maps)))
+    for ax, (age, cam) in zip(axes, maps.items(), strict=True):
+        ax.imshow(_overlay(pixels, cam))
+        ax.set_title(f"age {age}", fontsize=9)
+        ax.set_axis_off()
+    if observed:
+        fig.suptitle(f"this patient's age: {observed}", fontsize=9)
+    return save_figure(fig, path, dpi=100)
+
+
 def cohort_grid_png(cases: Sequence[CaseExplanation], path: str | Path, per_row: int = 4) -> Path:
     """Thumbnails of every case with a map: the image and its CAM, the lesion contour where there is a
     mask, titled with the selection, truth, prediction and probability; one shared colour bar."""

@@ -7,8 +7,10 @@ from pathlib import Path
 from ..explain.results import CohortExplanation
 from ..io import safe_stem
 from .explanation_figures import (
+    age_maps_png,
     beeswarm_png,
     cohort_grid_png,
+    metadata_map_png,
     modality_bar_png,
     modality_by_class_png,
     overlay_png,
@@ -31,6 +33,8 @@ def draw_explanation_figures(out: str | Path, cohort: CohortExplanation) -> Repo
         drawn: dict[str, Path | None] = {}
         if case.pixels is not None:
             drawn["image"] = rgb_png(case.pixels, assets / f"{stem}_image.png")
+            if case.original_pixels is not None:  # colour constancy: the image as it was, beside the model's
+                drawn["original"] = rgb_png(case.original_pixels, assets / f"{stem}_original.png")
             if case.cam is not None:
                 drawn["overlay"] = overlay_png(
                     case.pixels, case.cam, assets / f"{stem}_overlay.png", f"explained: {case.target_class}", case.mask
@@ -43,6 +47,17 @@ def draw_explanation_figures(out: str | Path, cohort: CohortExplanation) -> Repo
                     f"runner-up: {case.runner_up_class}",
                     case.mask,
                 )
+            if case.cam is not None and case.cam_without_metadata is not None:
+                drawn["metadata_map"] = metadata_map_png(
+                    case.pixels,
+                    case.cam,
+                    case.cam_without_metadata,
+                    assets / f"{stem}_metadata_map.png",
+                    case.metadata_map_spearman,
+                )
+            if case.age_cams:
+                own = case.patient.get("age", case.patient.get("age_approx", ""))
+                drawn["age_maps"] = age_maps_png(case.pixels, case.age_cams, assets / f"{stem}_age_maps.png", own)
         if cohort.shap_values is not None:
             drawn["waterfall"] = waterfall_png(
                 cohort.shap_values[i], assets / f"{stem}_waterfall.png", case.target_class

@@ -41,12 +41,25 @@ from ..training.uncertainty import EMPTY_SET_MEANING
 
 #: Figure names in the order they appear, with their captions; other names follow, humanised.
 CASE_FIGURES: dict[str, str] = {
-    "image": "Dermoscopic image",
+    "image": "Dermoscopic image, as the model saw it",
+    "original": "The image as it was, before the run's colour constancy",
     "overlay": "Grad-CAM of the explained class",
     "runner_up": "Grad-CAM of the runner-up class: the differential",
     "waterfall": "SHAP waterfall of the patient features",
     "modality": "Image versus patient features (exact Shapley values)",
     "what_if": "What if: the explained class's probability across each patient feature's values (the rest fixed)",
+    "metadata_map": "What the patient's metadata does to the map: the Grad-CAM with the case's metadata, with "
+    "every patient feature absent, and their difference",
+    "age_maps": "What if: the Grad-CAM of the explained class at a few ages (the image and the other features fixed)",
+}
+#: What the metadata can do to the map, by where the model fuses (``CaseExplanation.fusion``).
+FUSION_TEXT: dict[str, str] = {
+    "maps": "This model fuses the metadata into the feature maps, before the Grad-CAM layer: the metadata "
+    "changes the layer's activations as well as the weight of each channel.",
+    "late": "This model fuses the metadata after the image is pooled: the Grad-CAM layer's activations are the "
+    "same with or without it; it can move the map only through the weight of each channel.",
+    "image only": "This model ignores the metadata: the map is the same without it (rank correlation 1 by "
+    "construction).",
 }
 COHORT_FIGURES: dict[str, str] = {
     "cohort_grid": "Every explained case: the image and its Grad-CAM",
@@ -326,10 +339,23 @@ def _case_view(
         "modality": modality,
         "image_share": _player_share(modality, "image"),
         "faithfulness": [{"name": _text(k), "value": _num(v)} for k, v in (case.faithfulness or {}).items()],
+        "metadata_map": _metadata_map(case),
         "figures": _figures(figures, _captions(CASE_FIGURES, _has_mask(case)), where),
         "prev": pages[i - 1] if i > 0 else None,
         "next": pages[i + 1] if i + 1 < n else None,
         "position": f"{i + 1} of {n}",
+    }
+
+
+def _metadata_map(case: CaseExplanation) -> dict | None:
+    """The case's "metadata on the map" card: the rank correlation and what the fusion kind allows."""
+    if case.cam_without_metadata is None and case.metadata_map_spearman is None:
+        return None
+    rho = case.metadata_map_spearman
+    return {
+        "spearman": "undefined (a constant map)" if rho is None or not math.isfinite(rho) else f"{rho:.3f}",
+        "fusion": _text(case.fusion) or "\u2014",
+        "text": FUSION_TEXT.get(case.fusion, ""),
     }
 
 
@@ -455,6 +481,7 @@ def _cohort_view(
         "modality": _modality_table(cohort.modality_share or {}, vocab, cohort.class_counts),
         "shap_scale": "log-odds" if cohort.shap_scale == "log_odds" else "probability",
         "faithfulness": _faith_table(cohort.faithfulness or []),
+        "metadata_map": _map_correlation_rows(cohort, vocab),
         "comparisons": [_comparison_row(c, j) for j, c in enumerate(cohort.comparisons or [])],
         "n_worse": sum(c.verdict == "worse" for c in cohort.comparisons or []),
         "randomisation": [_stage_row(s) for s in cohort.randomisation or []],
@@ -463,6 +490,23 @@ def _cohort_view(
         "features": ", ".join(_features(cohort)),
         "notes": [_text(n) for n in cohort.notes or []] + _timing_notes(cohort.timings, len(cases)),
     }
+
+
+def _map_correlation_rows(cohort: CohortExplanation, vocab: ClassVocabulary) -> dict | None:
+    """Mean rank correlation of the CAM with and without the metadata, per explained class (``all`` last)."""
+    table = {_text(k): v for k, v in (cohort.metadata_map_spearman or {}).items()}
+    if not table:
+        return None
+    rows = [
+        {
+            "label": vocab.row_label(c),
+            "n": _count(cohort.class_counts, c),
+            "summary": c == ALL_KEY,
+            "value": _num(_float(table[c], f"cohort: metadata_map_spearman[{c!r}]")),
+        }
+        for c in vocab.ordered(table)
+    ]
+    return {"fusion": _text(cohort.fusion) or "\u2014", "text": FUSION_TEXT.get(cohort.fusion, ""), "rows": rows}
 
 
 def _features(cohort: CohortExplanation) -> list[str]:

@@ -6,6 +6,7 @@ else reads or writes the files of a run folder.
 
 from .batch import (
     Cases,
+    adapt_to_cases,
     cases_in_csv,
     cases_in_folder,
     predict_arrays,
@@ -59,6 +60,7 @@ __all__ = [
     "Probabilities",
     "RunFolder",
     "RunInputs",
+    "adapt_to_cases",
     "aspect_differs",
     "balanced_scaling",
     "cached_embeddings",

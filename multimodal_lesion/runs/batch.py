@@ -15,6 +15,7 @@ import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -105,7 +106,7 @@ def _cell(source: str, column: str, row: int) -> str:
     return f"{source}: row {row + 1} (line {row + 2}), column '{column}'"
 
 
-def decoded(predictor: Predictor, paths: list[Path], source: str) -> Iterator[np.ndarray]:
+def decoded(predictor: Predictor, paths: list[Path], source: str, notes: bool = True) -> Iterator[np.ndarray]:
     """Chunks of fitted uint8 images (B, H, W, 3), decoded by the reader's rules; one note for odd shapes."""
     size = predictor.run.cfg.data.image_size
     odd = 0
@@ -116,7 +117,7 @@ def decoded(predictor: Predictor, paths: list[Path], source: str) -> Iterator[np
             odd += aspect_differs(img, size)
             chunk.append(predictor.pixels(img))
         yield np.stack(chunk)
-    if odd:
+    if odd and notes:
         how = {"pad": "padded", "crop": "centre-cropped", "stretch": "stretched"}[predictor.fit]
         note(f"{source}: {odd} image(s) of another aspect ratio than the run's {size[1]}x{size[0]}: {how} to fit")
 
@@ -137,6 +138,11 @@ def predict_arrays(predictor: Predictor, cases: Cases, source: str) -> Probabili
         None,
         np.concatenate(embeddings) if len(embeddings) == len(chunks) else None,
     )
+
+
+def adapt_to_cases(predictor: Predictor, cases: Cases, source: str) -> dict[str, Any]:
+    """AdaBN on the images of ``cases`` (:meth:`Predictor.adapt_batchnorm`); what it did, for ``metrics.json``."""
+    return predictor.adapt_batchnorm(decoded(predictor, cases.paths, source, notes=False))
 
 
 def prediction_frame(cases: Cases, classes: tuple[str, ...], probs: Probabilities) -> pd.DataFrame:
@@ -172,11 +178,17 @@ def predict_table(
     table: str | Path | None = None,
     device: str | None = None,
     fit: Fit = "pad",
+    adapt_bn: bool = False,
 ) -> pd.DataFrame:
-    """Predict the images of ``folder`` or the cases of ``table`` (exactly one) with one model load."""
+    """Predict the images of ``folder`` or the cases of ``table`` (exactly one) with one model load.
+
+    ``adapt_bn``: the run's batch-norm statistics are first re-estimated on these images (AdaBN).
+    """
     if (folder is None) == (table is None):
         raise DataError("give a folder of images or a CSV of cases (exactly one)")
     cases = cases_in_folder(folder) if folder is not None else cases_in_csv(table)  # type: ignore[arg-type]
     source = str(folder if folder is not None else table)
     predictor = Predictor.load(run_dir, device, fit=fit)
+    if adapt_bn:
+        adapt_to_cases(predictor, cases, source)
     return predict_cases(predictor, cases, source)

@@ -454,7 +454,8 @@ def dataset_side(cfg: ExperimentConfig, dataset: LesionDataset, show: bool = Tru
     """The embeddings (``cfg``'s frozen pass: same settings, same cache as training) and images of ``dataset``."""
     from .inputs import prepare_inputs
 
-    cfg = replace(cfg, model={"name": "image_only"}, train={"mode": "frozen"})
+    # the images as they were: a near-duplicate is one of the files, whatever colour constancy a run applies
+    cfg = replace(cfg, model={"name": "image_only"}, train={"mode": "frozen"}, data={"color_constancy": "none"})
     everything = dataset.metadata[["image_id"]].assign(split="train")
     inputs = prepare_inputs(cfg, dataset, everything)
     return Side(inputs.embeddings(show), inputs.images(), group_codes(split_groups(dataset)), patient_table(dataset))

@@ -7,8 +7,9 @@ go through :func:`embed_images` (the same flip averaging, the same pooling).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -104,14 +105,23 @@ def compute_embeddings(
     )
 
 
-def embedding_identity(backbone: str, weights: str, multiscale: bool, size: tuple[int, int], precision: str) -> dict:
+def embedding_identity(
+    backbone: str,
+    weights: str,
+    multiscale: bool,
+    size: tuple[int, int],
+    precision: str,
+    color: Mapping = MappingProxyType({}),
+) -> dict:
     """What defines a cached embedding besides the data and the flips.
 
-    The precision is named only when it is not float32, so caches built before it existed stay valid;
+    The precision is named only when it is not float32, and the colour constancy (``color``, a
+    :meth:`~multimodal_lesion.data.color.ColorConstancy.key`) only when one is applied, so caches built
+    before either existed stay valid;
     a bfloat16 embedding never answers a float32 request or the reverse. The fp32 backends (torch,
     ONNX Runtime, OpenVINO) agree to 1e-3 and share a cache (the one that built it is in the JSON beside it).
     """
-    identity = {"backbone": backbone, "weights": weights, "multiscale": multiscale, "size": list(size)}
+    identity = {"backbone": backbone, "weights": weights, "multiscale": multiscale, "size": list(size), **color}
     return identity if precision == "float32" else {**identity, "precision": precision}
 
 

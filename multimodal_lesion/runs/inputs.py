@@ -19,6 +19,7 @@ import torch
 
 from ..config import ExperimentConfig, replace
 from ..data.cache import cache_home, default_cache_dir, image_array
+from ..data.color import ColorConstancy, color_constancy_of
 from ..data.constants import CLASSES
 from ..data.dataset import LesionDataset
 from ..data.datasets import BATCH_AUGMENTATIONS, LesionTorchDataset, Normalize, NormalizingCollate, build_augmentation
@@ -31,7 +32,7 @@ from ..data.splits import split_lesions, split_rule
 from ..data.synthetic import make_synthetic
 from ..data.user_splits import check_given_split, duplicate_pairs, given_split, split_frame, split_leaks
 from ..errors import ConfigError, Note, note
-from ..models import FLIPS, LesionModel, create_model, embed_images
+from ..models import FLIPS, LesionModel, MetaLayout, check_model_mode, create_model, embed_images
 from .embeddings import cached_embeddings, embedding_identity
 from .feature_maps import AugmentedViews, cached_feature_maps
 
@@ -102,6 +103,12 @@ def make_splits(cfg: ExperimentConfig, dataset: LesionDataset) -> pd.DataFrame:
     return splits
 
 
+def meta_layout(encoder: MetadataEncoder) -> MetaLayout:
+    """The encoder's columns per patient feature and its "missing" encoding (for models that read them one by one)."""
+    groups = tuple(tuple(int(c) for c in cols) for cols in encoder.feature_groups_.values())
+    return MetaLayout(groups, tuple(float(v) for v in encoder.missing_row()))
+
+
 def class_targets(metadata: pd.DataFrame, classes: Sequence[str] = CLASSES) -> np.ndarray:
     """Class indices (int64) of the ``dx`` column, in the order of ``classes`` (the schema's)."""
     return metadata["dx"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
@@ -120,7 +127,7 @@ class RunInputs:
     model: LesionModel
     device: torch.device
     notes: list[str] = field(default_factory=list)  # e.g. categories unseen in training, encoded as unknown
-    cached_images: np.ndarray | None = field(default=None, repr=False)
+    cached_images: np.ndarray | None = field(default=None, repr=False)  # as the model sees them (colour constancy)
     cached_embeddings: np.ndarray | None = field(default=None, repr=False)
     cached_maps: np.ndarray | None = field(default=None, repr=False)  # partial mode: (N, 4, C, h, w) float16
     schema: DatasetSchema = field(default_factory=lambda: preset("ham10000"))  # classes, features, key class
@@ -156,8 +163,21 @@ class RunInputs:
             blank = np.zeros((1, *self.cfg.data.image_size, 3), np.uint8)
             self.cached_images = np.broadcast_to(blank, (len(self.dataset.metadata), *blank.shape[1:]))
         if self.cached_images is None:
-            self.cached_images = image_array(self.dataset, self.cfg.data.image_size, self.cfg.data.cache_dir or None)
+            self.cached_images = image_array(
+                self.dataset, self.cfg.data.image_size, self.cfg.data.cache_dir or None, color=self.color
+            )
         return self.cached_images
+
+    @property
+    def color(self) -> ColorConstancy:
+        """The colour constancy every image of the run goes through (``data.color_constancy``)."""
+        return color_constancy_of(self.cfg.data)
+
+    def original_images(self) -> np.ndarray:
+        """The cached images as they were, before colour constancy (:meth:`images` when there is none)."""
+        if not self.color.active or not self.dataset.has_images:
+            return self.images()
+        return image_array(self.dataset, self.cfg.data.image_size, self.cfg.data.cache_dir or None)
 
     def normalized_images(self, rows: np.ndarray) -> torch.Tensor:
         """The model's input (B, 3, H, W) for ``rows``: cached pixels, normalised, on the device."""
@@ -170,7 +190,9 @@ class RunInputs:
         if self.cached_embeddings is None and branch is not None:
             m, t = self.cfg.model, self.cfg.train
             size = self.cfg.data.image_size
-            identity = embedding_identity(m.backbone, m.weights, m.multiscale, size, t.embed_precision)
+            identity = embedding_identity(
+                m.backbone, m.weights, m.multiscale, size, t.embed_precision, self.color.key()
+            )
             self.cached_embeddings = cached_embeddings(
                 branch,
                 self.images,
@@ -205,7 +227,9 @@ class RunInputs:
                 self.normalize,
                 folder=default_cache_dir(self.dataset, self.cfg.data.cache_dir or None),
                 fingerprint=self.dataset.fingerprint,
-                identity=embedding_identity(m.backbone, m.weights, False, self.cfg.data.image_size, "float32"),
+                identity=embedding_identity(
+                    m.backbone, m.weights, False, self.cfg.data.image_size, "float32", self.color.key()
+                ),
                 batch_size=t.embed_batch,
                 device=self.device,
                 backend=t.embed_backend,
@@ -215,7 +239,10 @@ class RunInputs:
         return self.cached_maps
 
     def embeddings_of(self, rows: np.ndarray) -> torch.Tensor | None:
-        """Image embeddings of ``rows`` as the model sees them: cached (frozen) or computed live (end-to-end)."""
+        """Pooled image embeddings of ``rows`` (late models): cached (frozen) or computed live (partial, end-to-end).
+
+        A map-fusion model has no metadata-free embedding: use :meth:`image_states_of`.
+        """
         branch = self.model.image_branch
         if branch is None:
             return None
@@ -225,6 +252,33 @@ class RunInputs:
             return torch.cat(
                 [embed_images(branch, self.normalized_images(rows[i : i + 32]), False) for i in range(0, len(rows), 32)]
             )
+
+    def image_states_of(self, rows: np.ndarray, chunk: int = 256) -> torch.Tensor | None:
+        """What ``model.from_image_state`` reads for ``rows`` (None without an image branch), in eval mode.
+
+        Frozen: the cached embeddings. Partial: from the cached unflipped maps (a map-fusion model's
+        state itself; a late model's embedding pooled through its trained tail), so nothing runs the
+        frozen stem again. End-to-end: ``model.image_state`` of the images, live.
+        """
+        model, branch = self.model, self.model.image_branch
+        if branch is None:
+            return None
+        if self.cfg.train.mode == "frozen":
+            return torch.from_numpy(self.embeddings(show=False)[rows]).to(self.device)
+        was_training = model.training
+        model.eval()
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(rows), chunk):
+                part = rows[i : i + chunk]
+                if self.cfg.train.mode == "partial":
+                    maps = torch.from_numpy(np.asarray(self.feature_maps(show=False)[part, 0])).float()
+                    maps = maps.to(self.device)
+                    parts.append(maps if model.fuses_on_maps else branch.embed_from_maps(maps))
+                else:
+                    parts.append(model.image_state(self.normalized_images(part)))
+        model.train(was_training)
+        return torch.cat(parts)
 
     def batches(
         self, split: str, *, train: bool, show: bool = True, rank: int = 0, world_size: int = 1
@@ -236,7 +290,7 @@ class RunInputs:
         """
         batches = self._batches(split, train=train, show=show, rank=rank, world_size=world_size)
         t = self.cfg.train
-        if not train or not (t.meta_dropout or t.meta_dropout_all) or self.model.meta_branch is None:
+        if not train or not (t.meta_dropout or t.meta_dropout_all) or not self.model.uses_meta:
             return batches
         groups = self.encoder.feature_groups_
         return MetaDropout(batches, self.encoder.missing_row(), groups, t.meta_dropout, t.meta_dropout_all, t.seed)
@@ -345,11 +399,17 @@ def prepare_inputs(
     notes = [str(w.message) for w in caught if issubclass(w.category, Note)]
     for message in notes:  # kept in metrics.json and told to the user
         note(message)
+    check_model_mode(cfg.model.name, cfg.train.mode)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
     model = create_model(
-        cfg.model.name, meta_dim=meta.shape[1], num_classes=dataset.schema.n_classes, cfg=cfg.model, image_branch=branch
+        cfg.model.name,
+        meta_dim=meta.shape[1],
+        num_classes=dataset.schema.n_classes,
+        cfg=cfg.model,
+        image_branch=branch,
+        meta_layout=meta_layout(encoder),
     )
     if model.image_branch is not None and not dataset.has_images:
         raise ConfigError(
@@ -360,7 +420,7 @@ def prepare_inputs(
         model.image_branch.requires_grad_(False)
     if cfg.train.mode == "partial" and model.image_branch is not None:
         model.image_branch.check_partial()
-        for module in model.image_branch.tail():  # the stages after the cached maps are fine-tuned
+        for module in model.image_branch.trainable_tail():  # the stages after the cached maps are fine-tuned
             module.requires_grad_(True)
     model.to(device)
     if cfg.train.channels_last:

@@ -22,7 +22,7 @@ from ..errors import CheckpointError, ConfigError, note
 from ..models import LesionModel, create_model
 from .checkpoints import load_model_state
 from .folder import RunFolder
-from .inputs import RunInputs, prepare_inputs, resolve_data, resolve_device
+from .inputs import RunInputs, meta_layout, prepare_inputs, resolve_data, resolve_device
 
 
 @dataclass
@@ -93,6 +93,7 @@ def load_model(run_dir: str | Path, device: str | None = None) -> LoadedModel:
         meta_dim=len(encoder.get_feature_names_out()),
         num_classes=schema.n_classes,
         cfg=replace(cfg, model={"weights": "none"}).model,
+        meta_layout=meta_layout(encoder),
     )
     on = _device(cfg, folder, device)
     temperature = _load_weights(model, folder)  # weights are read onto the CPU (map_location), then moved

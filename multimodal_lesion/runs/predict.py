@@ -24,13 +24,16 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..data.color import color_constancy_of
 from ..data.datasets import Normalize
 from ..data.images import load_rgb
 from ..data.patient import read_patient
 from ..data.schema import DatasetSchema
 from ..errors import ConfigError, note
 from ..models import FLIPS, LesionModel, embed_images
+from ..models.adapt import adapt_batchnorm, batchnorm_layers
 from .folder import RunFolder
 from .load import LoadedModel, load_model
 
@@ -134,8 +137,8 @@ class Predictor:
         return self.run.model
 
     def pixels(self, img: Image.Image) -> np.ndarray:
-        """One decoded image as the model's uint8 input (H, W, 3)."""
-        return fit_image(img, self.run.cfg.data.image_size, self.fit)
+        """One decoded image as the model's uint8 input (H, W, 3): fitted, then the run's colour constancy."""
+        return color_constancy_of(self.run.cfg.data)(fit_image(img, self.run.cfg.data.image_size, self.fit))
 
     def encode(self, patients: pd.DataFrame) -> np.ndarray:
         """The patient table (one row per case) encoded by the run's encoder (float32 (N, D))."""
@@ -176,15 +179,35 @@ class Predictor:
         if t.mode == "frozen":
             embedding = embed_images(branch, x, t.flip_average)
             logits = model.forward_head(embedding, meta_t).float()
-        else:  # end2end: flip TTA when the run was evaluated with it
+        else:  # partial, end2end: flip TTA when the run was evaluated with it
             dims = FLIPS if self.run.tta else ((),)
-            embedded = [embed_images(branch, x.flip(d) if d else x, False) for d in dims]
-            embedding = embedded[0]
-            logits = torch.stack([model.forward_head(e, meta_t).float() for e in embedded]).mean(0)
+            states = [model.image_state(x.flip(d) if d else x) for d in dims]
+            logits = torch.stack([model.from_image_state(s, meta_t).float() for s in states]).mean(0)
+            # the shift alarm's embedding: a map model's state is its maps, pooled here without the metadata
+            embedding = branch.embed_from_maps(states[0]) if model.fuses_on_maps else states[0]
         views = None
         if self.views:
             views = view_probabilities(model, x, meta_t, self.run.temperature)
         return logits.cpu().numpy(), views, embedding.float().cpu().numpy()
+
+    def adapt_batchnorm(self, chunks: Iterable[np.ndarray]) -> dict[str, Any]:
+        """AdaBN: the batch-norm statistics the run learned on its training data re-estimated on new images.
+
+        ``chunks`` are uint8 image batches (B, H, W, 3) as :meth:`pixels` makes them (colour constancy
+        included). Which layers (:func:`adaptable_batchnorm`): end-to-end runs all of the backbone's,
+        partial runs those of the fine-tuned tail (the frozen prefix's are ImageNet's and made the cached
+        training maps: they stay); frozen and image-less runs are refused. Returns what ``metrics.json``
+        records: the method, the layers' scope and count, and the images seen.
+        """
+        scope, layers = adaptable_batchnorm(self.run)
+        branch = self.model.image_branch
+        assert branch is not None  # adaptable_batchnorm refuses image-less models
+        device = self.run.device
+        batches = (
+            self.normalize(torch.from_numpy(np.ascontiguousarray(px)).permute(0, 3, 1, 2)).to(device) for px in chunks
+        )
+        seen = adapt_batchnorm(self.model, layers, lambda x: embed_images(branch, x, False), batches)
+        return {"method": "adabn", "scope": scope, "layers": len(layers), "images": seen}
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW -> the backbone's normalised float input."""
@@ -193,6 +216,25 @@ class Predictor:
             dc = self.model.image_branch.data_config
             self._normalize = Normalize(dc["mean"], dc["std"])
         return self._normalize(pixels)
+
+
+def adaptable_batchnorm(run: LoadedModel) -> tuple[str, list[_BatchNorm]]:
+    """(scope, layers): the batch-norm layers whose statistics a run learned on its training data.
+
+    A ConfigError (one line, exit 2) where there are none: a frozen run (its backbone keeps ImageNet's
+    statistics, and its heads learned on embeddings made with them) or a model without an image branch.
+    """
+    branch, mode, name = run.model.image_branch, run.cfg.train.mode, run.cfg.model.name
+    if branch is None:
+        raise ConfigError(f"--adapt-bn: model '{name}' has no image branch: no batch-norm statistics to adapt")
+    if mode == "frozen":
+        raise ConfigError(
+            f"--adapt-bn: {run.folder.path} is a frozen run: its backbone keeps ImageNet's batch-norm statistics "
+            "(its heads learned on embeddings made with them), none learned on its training data to re-estimate; "
+            "adapt an end2end or partial run"
+        )
+    scope, modules = ("tail", branch.tail()) if mode == "partial" else ("backbone", [branch])
+    return scope, batchnorm_layers(modules)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -312,7 +354,7 @@ def view_probabilities(
     assert model.image_branch is not None  # callers check: a metadata-only model has no views
     out = []
     for dims in FLIPS:
-        embedding = embed_images(model.image_branch, images.flip(dims) if dims else images, False)
-        logits = model.forward_head(embedding, meta).float() / temperature
+        logits = model.from_image_state(model.image_state(images.flip(dims) if dims else images), meta).float()
+        logits = logits / temperature
         out.append(torch.softmax(logits if bias is None else logits + bias, 1).cpu().numpy())
     return np.stack(out)

@@ -13,8 +13,10 @@ schema (default: the run's), and then:
   missing for every image, and said so;
 - fits each image to the run's input size keeping its aspect ratio (``fit``: pad or centre crop;
   ``stretch`` only when asked), with a note counting the images of another shape;
-- predicts as the run was scored (frozen embeddings flip-averaged, TTA as evaluated) and applies the
-  run's temperature and balanced decision: nothing is fitted on OTHER.
+- predicts as the run was scored (frozen embeddings flip-averaged, TTA as evaluated, the run's colour
+  constancy) and applies the run's temperature and balanced decision: nothing is fitted on OTHER's labels;
+  with ``adapt_bn`` the run's batch-norm statistics are first re-estimated on OTHER's images (AdaBN,
+  no labels; results in a ``-adapt_bn`` folder of their own, recorded in ``metrics.json``).
 
 Results go to ``RUN/external/<OTHER's folder name>[-<key>_vs_rest]/`` (``metrics.json``,
 ``predictions.csv``, ``figures/``), never over the run's own evaluation. The metrics name the
@@ -33,13 +35,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..data.color import color_constancy_of
 from ..data.dataset import LesionDataset
 from ..data.reader import read_dataset
 from ..data.schema import DatasetSchema, map_classes
 from ..data.schema_file import resolve_schema
 from ..errors import DataError, note
 from ..io import atomic_write, safe_stem
-from ..runs import Cases, Predictor, RunFolder, predict_arrays, prediction_frame
+from ..runs import Cases, Predictor, RunFolder, adapt_to_cases, predict_arrays, prediction_frame
 from ..runs.duplicates import DEFAULT_THRESHOLD, training_near_duplicates
 from ..runs.prior import reweight
 from ..runs.shift import DEFAULT_LEVEL
@@ -77,6 +80,7 @@ class ExternalOptions:
     n_boot: int = 2000  # bootstrap draws of the grouped AUROC CI
     images: str = ""  # where OTHER's images are, when not below its data root ("none": no images)
     duplicates: str = ""  # OTHER's duplicates file, replacing its schema's (pairs share a group in the CI)
+    adapt_bn: bool = False  # re-estimate the run's batch-norm statistics on OTHER's images first (AdaBN)
     prior: str = ""  # OTHER's known class prevalence (FILE or class=value,...): probabilities re-weighted to it
     estimate_prior: bool = False  # the EM estimate of OTHER's prevalence and its scores, as a diagnostic
     shift_level: float = DEFAULT_LEVEL  # level of the per-image shift alarm
@@ -93,11 +97,14 @@ def other_schema(name: str | None, run_schema: DatasetSchema, duplicates: str = 
     return dataclasses.replace(schema, duplicates=duplicates) if duplicates else schema
 
 
-def external_folder(run: RunFolder, data: str | Path, schema: DatasetSchema, key_vs_rest: bool) -> RunFolder:
-    """``RUN/external/<OTHER's folder name>[-<key>_vs_rest]``: never the run's own ``eval/``."""
+def external_folder(
+    run: RunFolder, data: str | Path, schema: DatasetSchema, key_vs_rest: bool, adapt_bn: bool = False
+) -> RunFolder:
+    """``RUN/external/<OTHER's folder name>[-<key>_vs_rest][-adapt_bn]``: never the run's own ``eval/``."""
     name = Path(data).expanduser().resolve().name
     name = name if _PLAIN.fullmatch(name) else safe_stem(name or schema.name)
-    return RunFolder(run.path / EXTERNAL / (f"{name}-{schema.key_class}_vs_rest" if key_vs_rest else name))
+    name = f"{name}-{schema.key_class}_vs_rest" if key_vs_rest else name
+    return RunFolder(run.path / EXTERNAL / (f"{name}-adapt_bn" if adapt_bn else name))
 
 
 def unseen(run: RunFolder, table: pd.DataFrame, root: str | Path, exclude: bool) -> tuple[pd.DataFrame, int]:
@@ -207,6 +214,7 @@ def evaluate_external(
     predictor = Predictor.load(run_dir, options.device, fit=options.fit)
     features, record["features"] = patient_columns(table, schema, run_schema, str(data))
     cases = Cases([Path(p) for p in table["path"]], features, table["image_id"].tolist())
+    adapted = adapt_to_cases(predictor, cases, str(data)) if options.adapt_bn else None
     if show:
         print(f"scoring {len(cases.ids)} images of {data} with {run.path} ({predictor.run.device})", flush=True)
     probs = predict_arrays(predictor, cases, str(data))
@@ -216,7 +224,7 @@ def evaluate_external(
     predicted, found = annotate(
         prediction_frame(cases, run_schema.classes, probs), run_dir, cal, probs.embeddings, new_data, show
     )
-    out = external_folder(run, data, schema, kvr)
+    out = external_folder(run, data, schema, kvr, options.adapt_bn)
     scored = scored_schema(run_schema, kvr)
     score, cal_scored = external_scores(table, y, (cal, bal), run_schema, kvr, options.n_boot)
     metrics: dict[str, Any] = {
@@ -229,6 +237,8 @@ def evaluate_external(
         "groups": schema.group_noun,
         "image_fit": options.fit,
         "tta": predictor.run.tta,
+        "adapt_bn": adapted,  # None, or what AdaBN re-estimated on OTHER's images (docs/shift.md)
+        "color_constancy": color_constancy_of(predictor.run.cfg.data).key() or None,
         "temperature": predictor.run.temperature,
         "n_listed": len(dataset.metadata),
         "n_seen_left_out": n_seen,

@@ -9,7 +9,8 @@ Two ways to predict without a feature are measured side by side:
   features (a Monte-Carlo estimate of E[p(y | image, observed, absent)] over the training
   distribution of the absent ones), so "no metadata" cannot act as a learned signal.
 
-The image embeddings are computed once per split; only the fusion head runs again per variant.
+The image states (``LesionModel.image_state``: a late model's pooled embedding, a map-fusion model's
+maps at its fusion point) are computed once per split; only what follows them runs again per variant.
 """
 
 from __future__ import annotations
@@ -32,13 +33,23 @@ def metadata_variants(features: Sequence[str]) -> dict[str, list[str]]:
     return {"full": [], **{f"no_{f}": [f] for f in features}, "none": list(features)}
 
 
+#: Rows per call of ``from_image_state`` (a map-fusion model runs its tail on each).
+CHUNK = 512
+
+
 @torch.no_grad()
 def _head_probs(
-    inputs: RunInputs, embedding: torch.Tensor | None, meta: np.ndarray, to_probs: Callable[[np.ndarray], np.ndarray]
+    inputs: RunInputs, state: torch.Tensor | None, meta: np.ndarray, to_probs: Callable[[np.ndarray], np.ndarray]
 ) -> np.ndarray:
     model = inputs.model.eval()
-    logits = model.forward_head(embedding, torch.from_numpy(meta).to(inputs.device)).float().cpu().numpy()
-    return to_probs(logits)
+    meta_t = torch.from_numpy(meta).to(inputs.device)
+    if state is None:
+        return to_probs(model.forward_head(None, meta_t).float().cpu().numpy())
+    logits = [
+        model.from_image_state(state[i : i + CHUNK], meta_t[i : i + CHUNK]).float().cpu()
+        for i in range(0, len(meta_t), CHUNK)
+    ]
+    return to_probs(torch.cat(logits).numpy())
 
 
 def predict_without(
@@ -51,8 +62,11 @@ def predict_without(
     embedding: torch.Tensor | None = None,
     seed: int = 0,
 ) -> np.ndarray:
-    """Probabilities of ``rows`` with ``features`` absent, read as ``unknown`` or marginalised (see module)."""
-    embedding = inputs.embeddings_of(rows) if embedding is None else embedding
+    """Probabilities of ``rows`` with ``features`` absent, read as ``unknown`` or marginalised (see module).
+
+    ``embedding``: the rows' image states (``RunInputs.image_states_of``), computed when None.
+    """
+    embedding = inputs.image_states_of(rows) if embedding is None else embedding
     meta = inputs.meta[rows]
     if not features or how == "unknown":
         return _head_probs(inputs, embedding, inputs.encoder.blank(meta, features), to_probs)
@@ -81,10 +95,10 @@ def missing_metadata_scores(
     ``to_probs`` turns logits into the probabilities scored (e.g. the run's balanced scaler, whose
     arg-max is the decision balanced accuracy rewards). Models without a metadata branch return {}.
     """
-    if inputs.model.meta_branch is None:
+    if not inputs.model.uses_meta:
         return {}
     rows = inputs.indices(split)
-    embedding = inputs.embeddings_of(rows)
+    embedding = inputs.image_states_of(rows)
     y = inputs.targets[rows]
     lesions = inputs.dataset.metadata["lesion_id"].to_numpy()[rows]
     out: dict[str, Any] = {"split": split, "n_images": len(rows), "n_lesions": len(set(lesions))}

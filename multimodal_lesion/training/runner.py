@@ -18,7 +18,7 @@ import torch
 from ..config import ExperimentConfig
 from ..data.patient import subgroup_attributes
 from ..data.schema import DatasetSchema, preset
-from ..models import model_description
+from ..models import check_model_mode, model_description
 from ..runs import RunFolder, RunInputs, inputs_from_config, load_run, predict_logits, resolve_device
 from ..tracking import Tracker, config_params, numbers
 from .audit import subgroup_audit
@@ -177,6 +177,7 @@ def train_run(
     """
     folder = RunFolder(out)
     model_description(cfg.model.name)  # an unknown model name is the registry's ConfigError
+    check_model_mode(cfg.model.name, cfg.train.mode)  # before the run folder is touched
     resolve_device(cfg.train.device)
     info = init_distributed(cfg.train.device)
     if info.is_main:
