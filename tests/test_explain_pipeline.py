@@ -240,7 +240,7 @@ def test_a_map_model_is_explained_through_its_maps(map_run: Path, cli_ham: Path,
 @pytest.mark.slow
 def test_metadata_on_map_script(map_run: Path, frozen_run: Path, cli_ham: Path, tmp_path: Path) -> None:
     out = tmp_path / "effect.json"
-    args = [sys.executable, str(REPO / "experiments" / "metadata_on_map.py"), str(frozen_run), str(map_run)]
+    args = [sys.executable, "-m", "multimodal_lesion.bench.metadata_on_map", str(frozen_run), str(map_run)]
     args += ["--data", str(cli_ham), "--cases", "5", "--resamples", "50", "--out", str(out)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

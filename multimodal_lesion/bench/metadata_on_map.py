@@ -1,7 +1,7 @@
 """What the patient's metadata does to the Grad-CAM map, measured over test cases of trained runs.
 
 Usage:
-    python experiments/metadata_on_map.py RUN [RUN ...] [--cases 100] [--seed 0] [--resamples 1000]
+    python -m multimodal_lesion.bench.metadata_on_map RUN [RUN ...] [--cases 100] [--seed 0] [--resamples 1000]
         [--data /path/to/HAM10000] [--out metadata_on_map.json]
 
 For each run folder: ``--cases`` test cases drawn at random (seeded), each explained class the one the run
