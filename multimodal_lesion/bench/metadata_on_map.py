@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multimodal_lesion.explain import GradCamExplainer
 from multimodal_lesion.explain.metadata_effect import metadata_effect
 from multimodal_lesion.explain.pipeline import cam_setup, load_cases
 from multimodal_lesion.runs import load_run
@@ -51,13 +50,7 @@ def measure(run_dir: Path, data: str | None, cases: int, seed: int, resamples: i
     test = inputs.indices("test")
     rows = np.sort(np.random.default_rng(seed).choice(test, size=min(cases, len(test)), replace=False))
     batch = load_cases(run, rows, ["random"] * len(rows))
-    with GradCamExplainer(
-        inputs.model,
-        setup.method,
-        setup.target_layer or None,
-        flip_average=setup.flip_average,
-        temperature=setup.temperature,
-    ) as cam:
+    with setup.explainer(inputs.model) as cam:
         effect = metadata_effect(cam, batch.images, batch.meta, inputs.encoder.missing_row(), batch.targets)
     meta = inputs.dataset.metadata.iloc[rows]
     rho, lesions = effect.spearman, meta["lesion_id"].to_numpy()

@@ -51,7 +51,6 @@ from .faithfulness import (
 )
 from .gradcam import (
     NO_FLIP,
-    GradCamExplainer,
     LayerGeometry,
     ScoredMaps,
     flip_views,
@@ -209,9 +208,7 @@ def compute_cams(run: LoadedRun, images: torch.Tensor, meta: torch.Tensor, targe
     """Maps (B, H, W) of ``targets`` and their explained probabilities, in batches."""
     setup = cam_setup(run)
     model = run.inputs.model
-    with GradCamExplainer(
-        model, setup.method, setup.target_layer or None, flip_average=setup.flip_average, temperature=setup.temperature
-    ) as cam:
+    with setup.explainer(model) as cam:
         parts = [
             cam.explain_scored(images[i : i + CAM_BATCH], meta[i : i + CAM_BATCH], targets[i : i + CAM_BATCH])
             for i in range(0, len(targets), CAM_BATCH)
@@ -393,13 +390,7 @@ def metadata_on_maps(
     missing row) beside ``cams``, and the map at a few ages (:data:`~.whatif.MAP_AGES`)."""
     inputs, setup = run.inputs, cam_setup(run)
     raw = inputs.dataset.metadata.iloc[batch.rows][patient_features(inputs)].reset_index(drop=True)
-    with GradCamExplainer(
-        inputs.model,
-        setup.method,
-        setup.target_layer or None,
-        flip_average=setup.flip_average,
-        temperature=setup.temperature,
-    ) as cam:
+    with setup.explainer(inputs.model) as cam:
         effect = metadata_effect(cam, batch.images, batch.meta, inputs.encoder.missing_row(), batch.targets, cams)
         ages = [
             cams_across_ages(cam, inputs.encoder, raw.iloc[[i]].reset_index(drop=True), batch.images[i : i + 1], t)

@@ -177,15 +177,15 @@ class CamSetup:
     flip_average: bool = False
     temperature: float = 1.0
 
+    def explainer(self, model: LesionModel) -> GradCamExplainer:
+        """A :class:`GradCamExplainer` of ``model`` with this method, layer, flips and temperature."""
+        return GradCamExplainer(
+            model, self.method, self.target_layer or None, flip_average=self.flip_average, temperature=self.temperature
+        )
+
     def maps(self, model: LesionModel, images: Tensor, meta: Tensor | None, targets: Sequence[int]) -> np.ndarray:
         """CAMs (B, H, W) of ``targets`` on ``model``."""
-        return GradCamExplainer(
-            model,
-            self.method,
-            self.target_layer or None,
-            flip_average=self.flip_average,
-            temperature=self.temperature,
-        ).explain(images, meta, list(targets))
+        return self.explainer(model).explain(images, meta, list(targets))
 
     def layer_name(self, model: LesionModel) -> str:
         """The target layer's dotted path, so the same layer is found in a randomised copy."""
