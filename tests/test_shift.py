@@ -427,10 +427,10 @@ def test_external_evaluation_with_adapt_bn_is_recorded_apart(shifted: dict[str, 
     run = mml.load_run(shifted["end2end"])
     plain = run.evaluate(shifted["other"])
     adapted = run.evaluate(shifted["other"], adapt_bn=True)
-    assert adapted.path != plain.path and adapted.path.name.endswith("-adapt_bn")
-    metrics = json.loads((adapted.path / "metrics.json").read_text())
+    assert adapted.path != plain.path and adapted.path.parent.name.endswith("-adapt_bn")
+    metrics = json.loads(adapted.path.read_text())
     assert metrics["adapt_bn"]["method"] == "adabn" and metrics["adapt_bn"]["images"] > 0
-    assert json.loads((plain.path / "metrics.json").read_text())["adapt_bn"] is None
+    assert json.loads(plain.path.read_text())["adapt_bn"] is None
     table = run.predict_table(shifted["other"] / "images", adapt_bn=True)
     assert len(table) == metrics["adapt_bn"]["images"]
 

@@ -32,19 +32,22 @@ def adapt_batchnorm(
     """Recompute the running statistics of ``layers`` over ``batches`` (passed through ``forward``); returns
     the number of images seen.
 
-    The statistics are reset and then the plain average of the batches' statistics (``momentum=None``);
-    every other module stays in eval mode, so layers not named keep theirs. The model ends in eval mode.
+    The statistics are reset and then the average of the batches' statistics weighted by their sizes
+    (each batch's momentum is its share of the images seen so far), so the running mean is the mean over
+    the images even when the last batch is smaller; every other module stays in eval mode, so layers
+    not named keep theirs. The model ends in eval mode.
     No batch at all is a ValueError (the reset statistics would be meaningless).
     """
     model.eval()
     momenta = [layer.momentum for layer in layers]
     for layer in layers:
         layer.reset_running_stats()
-        layer.momentum = None  # cumulative average over the batches
         layer.train()
     seen = 0
     try:
         for batch in batches:
+            for layer in layers:  # a running average over the images, not over the batches
+                layer.momentum = len(batch) / (seen + len(batch))
             forward(batch)
             seen += len(batch)
     finally:
