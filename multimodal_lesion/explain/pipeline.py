@@ -779,20 +779,22 @@ def _class_names(schema: DatasetSchema) -> dict[str, str]:
     return {c: CLASS_NAMES.get(c, c) for c in schema.classes}
 
 
+def _save_map(out: Path, name: str, cam: np.ndarray) -> str:
+    """Write ``cam`` as float32 to ``out/ASSETS/name``; returns its path relative to ``out``."""
+    relative = ASSETS / name
+    (out / relative).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / relative, "wb") as fh:
+        np.save(fh, cam.astype(np.float32))
+    return str(relative)
+
+
 def save_explanations(out: str | Path, cohort: CohortExplanation) -> Path:
     """Write each case's map (``cases/assets/<stem>_cam.npy``) and ``explanations.json``; returns the JSON path."""
     out = Path(out)
     for case in cohort.cases:
         if case.cam is not None:
-            relative = ASSETS / f"{safe_stem(case.image_id)}_cam.npy"
-            (out / relative).parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(out / relative, "wb") as fh:
-                np.save(fh, case.cam.astype(np.float32))
-            case.cam_file = str(relative)
+            case.cam_file = _save_map(out, f"{safe_stem(case.image_id)}_cam.npy", case.cam)
         if case.cam_without_metadata is not None:
-            relative = ASSETS / f"{safe_stem(case.image_id)}_cam_without_metadata.npy"
-            (out / relative).parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(out / relative, "wb") as fh:
-                np.save(fh, case.cam_without_metadata.astype(np.float32))
-            case.cam_without_metadata_file = str(relative)
+            name = f"{safe_stem(case.image_id)}_cam_without_metadata.npy"
+            case.cam_without_metadata_file = _save_map(out, name, case.cam_without_metadata)
     return write_json(out / "explanations.json", cohort.to_json())
