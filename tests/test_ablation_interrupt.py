@@ -159,3 +159,16 @@ def test_forked_ablation_workers_survive_a_parent_that_used_openmp(
     )
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
     assert len(list((tmp_path / "abl" / "cells").glob("gbm*.json"))) == 3
+
+
+def test_a_setting_at_the_value_it_had_before_it_existed_keeps_finished_cells() -> None:
+    """A finished cell stays finished across an upgrade that adds a setting, only at the value it had before."""
+    from multimodal_lesion.ablation.run import config_key
+    from multimodal_lesion.config import load_config, replace
+
+    base = load_config(None)
+    key = config_key(base)
+    assert base.data.color_constancy == "none"
+    assert config_key(replace(base, data={"color_constancy_p": 3.0, "color_constancy_gamma": 2.2})) == key
+    assert config_key(replace(base, data={"color_constancy": "shades_of_gray"})) != key
+    assert config_key(replace(base, train={"epochs": base.train.epochs + 1})) != key

@@ -63,12 +63,21 @@ class Cell:
 PLACEMENT = ("ablation.workers", "ablation.backend", "ray")
 #: Settings no cell reads: the summaries' uncertainty settings, the explanation settings, where it is tracked.
 SUMMARY_ONLY = ("uncertainty", "explain", "tracking")
+#: Settings added after ablations were first written, with the value that computes what a cell computed before
+#: the setting existed and the settings that only matter beside another value: at that value they leave the key,
+#: so a finished ablation keeps its cells across an upgrade of the package.
+NEUTRAL = (("data.color_constancy", "none", ("data.color_constancy_p", "data.color_constancy_gamma")),)
 
 
 def config_key(cfg: ExperimentConfig) -> str:
     """What a finished cell depends on: the whole config except where and how many workers ran it."""
     raw = to_dict(cfg)
-    for item in (*PLACEMENT, *SUMMARY_ONLY):
+    drop = [*PLACEMENT, *SUMMARY_ONLY]
+    for item, value, beside in NEUTRAL:
+        section, _, key = item.partition(".")
+        if raw[section][key] == value:
+            drop += [item, *beside]
+    for item in drop:
         section, _, key = item.partition(".")
         raw[section].pop(key) if key else raw.pop(section)
     return cache_key(raw)
