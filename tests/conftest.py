@@ -31,6 +31,11 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each xdist worker shares the cores with the others: it and the commands it starts run one math thread,
+    # so two torch jobs do not each spin as many OpenMP threads as there are cores (the spin-waits burn CPU).
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 from multimodal_lesion.data.constants import CLASSES, DATA_ENV, MASK_DIR, MASK_SUFFIX, METADATA_FILE
 
@@ -211,10 +216,56 @@ class Cli:
         return lines
 
 
+class InProcessCli(Cli):
+    """``mmlesion`` called in this process (``multimodal_lesion.cli.main``, what the console script runs), for
+    the many commands that end on a user's mistake: no new interpreter importing torch for each (about 4 CPU
+    seconds a command). stdout and stderr are captured as text; an exception the command does not turn into
+    its error line propagates into the test. :meth:`start` still starts a real process.
+    """
+
+    def __init__(self, cache: Path) -> None:
+        super().__init__(cache)
+        self.overrides = {"HF_HUB_OFFLINE": "1", "MMLESION_CACHE": str(cache)}
+
+    def __call__(self, *args: object, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Run ``mmlesion ARGS`` here; the finished "process" with its exit code and output."""
+        import io
+
+        from multimodal_lesion.cli import main
+
+        argv = [str(a) for a in args]
+        out, err = io.StringIO(), io.StringIO()
+        saved = {key: os.environ.get(key) for key in self.overrides}
+        os.environ.update(self.overrides)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main(argv)
+                except SystemExit as exc:  # argparse's own errors, --help
+                    code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        finally:
+            for key, value in saved.items():
+                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        return subprocess.CompletedProcess(["mmlesion", *argv], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
-    """``mmlesion`` in subprocesses, with one private cache for the session's commands."""
-    return Cli(tmp_path_factory.mktemp("cli-cache"))
+def cli_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one private cache of the session's commands."""
+    return tmp_path_factory.mktemp("cli-cache")
+
+
+@pytest.fixture(scope="session")
+def cli(cli_cache: Path) -> Cli:
+    """``mmlesion`` in subprocesses, with the session's private cache."""
+    return Cli(cli_cache)
+
+
+@pytest.fixture(scope="session")
+def cli_here(cli_cache: Path) -> InProcessCli:
+    """:class:`InProcessCli` with the same cache: a module of commands that stop on a mistake overrides ``cli``
+    with it."""
+    return InProcessCli(cli_cache)
 
 
 def list_temp_files(folder: Path) -> list[str]:
@@ -316,11 +367,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 #: The longest test modules (minutes each on 2 cores), handed to the two xdist workers first so that
 #: neither worker is left with a long module at the end while the other idles (longest-first scheduling).
 LONGEST_MODULES = (
-    "test_bad_input_runs.py",
+    "test_notebooks.py",
     "test_pipeline_synthetic.py",
+    "test_map_fusion.py",
+    "test_bad_input_runs.py",
     "test_bad_input_data.py",
     "test_external.py",
-    "test_notebooks.py",
     "test_ablation_backends.py",
     "test_getting_started.py",
 )

@@ -28,6 +28,15 @@ from PIL import Image
 from multimodal_lesion.data.constants import MASK_DIR, MASK_SUFFIX, METADATA_FILE
 from multimodal_lesion.errors import Note
 
+
+@pytest.fixture(scope="session")
+def cli(cli_here):
+    """This module's commands run in process (conftest's ``InProcessCli``): most stop on a mistake at once, and a
+    new interpreter importing torch for each would cost the suite minutes; ``cli.start`` still starts real
+    processes, and ``tests/test_cli_errors.py`` keeps real ones for the console script itself."""
+    return cli_here
+
+
 #: A ~0.4M-parameter timm test network on 48x64 images for one epoch, on one CPU thread: seconds a run.
 TINY = [
     arg

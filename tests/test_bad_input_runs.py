@@ -25,6 +25,15 @@ from multimodal_lesion.config import ExperimentConfig, Range, load_config
 from multimodal_lesion.data.constants import METADATA_FILE
 from multimodal_lesion.errors import ConfigError
 
+
+@pytest.fixture(scope="session")
+def cli(cli_here):
+    """This module's commands run in process (conftest's ``InProcessCli``): most stop on a mistake at once, and a
+    new interpreter importing torch for each would cost the suite minutes; ``cli.start`` still starts real
+    processes, and ``tests/test_cli_errors.py`` keeps real ones for the console script itself."""
+    return cli_here
+
+
 #: Tiny, fast training settings (a ~0.4M-parameter timm test network, 48x64 images, CPU).
 TINY_PAIRS = (
     'model.backbone="test_resnet"',

@@ -203,9 +203,9 @@ def partial_runs(
     return run
 
 
-def check_partial_run(cli, run: Path, cli_ham: Path, external: Path) -> None:
-    """The run trained, calibrated, scored conformal sets and missing metadata, evaluates (own and external
-    data) and predicts from its folder."""
+def check_partial_run(cli, run: Path, cli_ham: Path, external: Path | None) -> None:
+    """The run trained, calibrated, scored conformal sets and missing metadata, evaluates (own data, and
+    ``external`` when given) and predicts from its folder."""
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["mode"] == "partial" and metrics["tta"] is True and metrics["balanced_bias"]
     test = metrics["test"]
@@ -216,7 +216,8 @@ def check_partial_run(cli, run: Path, cli_ham: Path, external: Path) -> None:
     assert shown["prediction_sets"] and shown["tta_spread"] is not None  # conformal sets; spread over the 4 flips
     assert abs(sum(shown["probabilities"].values()) - 1) < 1e-3
     cli.ok(cli("evaluate", "--run", run))
-    cli.ok(cli("evaluate", "--run", run, "--data", external, "--schema", "isic2020", "--key-vs-rest"))
+    if external is not None:
+        cli.ok(cli("evaluate", "--run", run, "--data", external, "--schema", "isic2020", "--key-vs-rest"))
 
 
 @pytest.mark.slow
@@ -224,7 +225,8 @@ def check_partial_run(cli, run: Path, cli_ham: Path, external: Path) -> None:
 def test_a_partial_run_of_each_map_model_trains_evaluates_and_predicts(
     name: str, cli, partial_runs, cli_ham: Path, tiny_isic2020: Path
 ) -> None:
-    check_partial_run(cli, partial_runs(name), cli_ham, tiny_isic2020)
+    # External data goes through the same MapFusion path for every map model: one of them scores it (the suite's time)
+    check_partial_run(cli, partial_runs(name), cli_ham, tiny_isic2020 if name == "cross_attention" else None)
 
 
 def test_a_tiny_partial_map_model_run_scores_missing_metadata_and_predicts(
