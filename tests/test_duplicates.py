@@ -147,6 +147,10 @@ def test_external_evaluation_counts_near_duplicates_of_the_training_images(cli, 
     assert near["images"] == expected and near["n_images"] == 3
     assert near["without_them"]["calibrated"]["n_images"] == len(chosen) - 3
     assert "3 image(s) of" in proc.stdout and "near-duplicates of the run's training images" in proc.stdout
+    again = cli.ok(cli("evaluate", "--run", run, "--data", other, "--key-vs-rest"))
+    assert "the search made before" in again.stdout and "3 image(s) of" in again.stdout  # from the cache
+    kvr = json.loads((run / "external" / "clinic-mel_vs_rest" / "metrics.json").read_text())
+    assert kvr["near_duplicates_of_training"]["images"] == expected
 
 
 def test_patient_match_needs_equal_or_unknown_features_and_close_ages() -> None:

@@ -276,7 +276,7 @@ def near_duplicates_of_training(
 ) -> pd.DataFrame | None:
     """OTHER's scored images that are near-duplicates of the run's training images (pairs at or above
     the default threshold, one row per pair), or None where the run cannot be checked (no image branch)."""
-    pairs = training_near_duplicates(run_dir, dataset, DEFAULT_THRESHOLD, show)
+    pairs = cached_training_near_duplicates(run_dir, dataset, show)
     if pairs is None:
         return None
     pairs = pairs[pairs["image_id_1"].isin(set(table["image_id"]))].reset_index(drop=True)
@@ -287,6 +287,44 @@ def near_duplicates_of_training(
             f"run's training images (score >= {DEFAULT_THRESHOLD:g}: {shown}, ...); metrics without them are in "
             "metrics.json (near_duplicates_of_training)"
         )
+    return pairs
+
+
+def cached_training_near_duplicates(run_dir: str | Path, dataset: LesionDataset, show: bool) -> pd.DataFrame | None:
+    """:func:`training_near_duplicates` at the default threshold, from the package cache when the same search
+    was made before (it reads the images only: runs of other seeds on the same split, ``--adapt-bn`` or
+    ``--prior`` share it, and the keypoint check is minutes on a CPU).
+
+    The key holds both image lists, the run's data and backbone settings, the detector's settings and its
+    source, so a changed detector or split searches again.
+    """
+    from ..data.cache import cache_home, cache_key
+    from ..runs import duplicates as detector
+    from ..runs.duplicates import DuplicateSettings
+
+    run = RunFolder(run_dir)
+    cfg = run.read_config()
+    key = cache_key(
+        sorted(run.read_splits().query("split == 'train'")["image_id"]),
+        cfg.data.root,
+        dataclasses.asdict(cfg.data),
+        (cfg.model.backbone, cfg.model.weights, cfg.train.embed_backend, cfg.train.embed_precision),
+        Path(dataset.root).resolve(),
+        sorted(dataset.metadata["image_id"]),
+        DEFAULT_THRESHOLD,
+        DuplicateSettings(),
+        Path(detector.__file__).read_bytes(),
+    )
+    path = cache_home() / "near_duplicates" / f"{key}.csv"
+    if path.is_file():
+        if show:
+            print(f"near-duplicates of the run's training images: the search made before ({path})", flush=True)
+        return pd.read_csv(path, dtype={"image_id_1": str, "image_id_2": str, "group_1": str, "group_2": str})
+    pairs = training_near_duplicates(run_dir, dataset, DEFAULT_THRESHOLD, show)
+    if pairs is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as fh:
+            pairs.to_csv(fh, index=False)
     return pairs
 
 
