@@ -630,6 +630,12 @@ def _duplicates_args(p: argparse.ArgumentParser) -> None:
         "--threshold", type=_checked(float, Range(-1, 3)), help="score at or above which pairs go to duplicates.csv"
     )
     p.add_argument("--neighbours", type=POSITIVE, default=10, help="embedding neighbours verified per image")
+    p.add_argument(
+        "--patient-neighbours",
+        type=POSITIVE,
+        default=30,
+        help="and nearest among the images whose patient features agree",
+    )
     p.add_argument("--top", type=POSITIVE, default=5, help="candidates kept per image")
 
 
@@ -654,7 +660,9 @@ def _duplicates(args: argparse.Namespace) -> int:
         if args.against:
             schema = resolve_schema(args.other_schema) if args.other_schema else first.schema
             second = read_dataset(args.against, schema, images=args.other_images or "", drop_missing=True)
-        settings = DuplicateSettings(neighbours=args.neighbours, top=args.top)
+        settings = DuplicateSettings(
+            neighbours=args.neighbours, patient_neighbours=args.patient_neighbours, top=args.top
+        )
         summary = duplicates_run(cfg, first, args.out, second=second, threshold=args.threshold, settings=settings)
     print(f"{summary['pairs']} candidate pairs; {summary['above_threshold']} at or above {summary['threshold']:g}")
     for row in summary["merges"]:

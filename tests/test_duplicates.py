@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,16 @@ from PIL import Image
 
 from multimodal_lesion.data.constants import METADATA_FILE
 from multimodal_lesion.data.synthetic import make_synthetic
-from multimodal_lesion.runs.duplicates import PatientMatch, nearest_neighbours
+from multimodal_lesion.runs.duplicates import (
+    CHANCE_INLIERS,
+    HALF_EVIDENCE,
+    DuplicateSettings,
+    PatientMatch,
+    Side,
+    candidate_pairs,
+    nearest_neighbours,
+    pair_score,
+)
 
 #: How each planted copy is made from its source image (a new image id and a new lesion id).
 EDITS = {
@@ -160,3 +170,29 @@ def test_patient_match_needs_equal_or_unknown_features_and_close_ages() -> None:
     assert match(0, 3).tolist() == [[True, False], [True, True], [False, False]]  # 60 vs 50: ten years apart
     assert match.pairs(np.array([0, 2]), np.array([0, 1])).tolist() == [True, False]
     assert not PatientMatch(pd.DataFrame(index=range(2)), pd.DataFrame(index=range(3)), ()).informative
+
+
+def test_chance_inliers_add_nothing_to_the_score_and_more_count_up_to_one() -> None:
+    inliers = np.array([0, CHANCE_INLIERS, CHANCE_INLIERS + HALF_EVIDENCE, 1000])
+    score = pair_score(np.full(4, 0.5), inliers, np.array([False, False, False, True]))
+    assert score[0] == score[1] == 0.5  # up to the chance inliers of skin texture: no evidence
+    assert score[2] == pytest.approx(1.0)  # HALF_EVIDENCE inliers beyond chance: half of it
+    assert 1.7 < score[3] < 1.75  # nearly all of it, plus the same-patient bonus
+
+
+def test_the_patient_candidate_set_reaches_past_the_overall_neighbours() -> None:
+    """Images 0 and 39 are the only two of one patient, and each has 3 images closer to it than the other
+    is: only the patient set (1 neighbour) makes the pair a candidate; the overall set (3) does not."""
+    rng = np.random.default_rng(0)
+    base, other = rng.normal(size=16), rng.normal(size=16)
+    x = rng.normal(size=(40, 16)) * 2.0
+    x[0:4] = base + rng.normal(size=(4, 16)) * 0.2  # image 0 and its 3 look-alikes
+    x[36:40] = 0.5 * base + other + rng.normal(size=(4, 16)) * 0.2  # image 39 and its 3
+    patient = pd.DataFrame({"sex": ["female"] + ["male"] * 38 + ["female"]})
+    side = Side(x.astype(np.float32), np.zeros((40, 8, 8, 3), np.uint8), np.arange(40), patient)
+    settings = DuplicateSettings(neighbours=3, patient_neighbours=1, top=10, threads=1)
+    found = candidate_pairs(side, None, settings)
+    pair = found[(found["i"] == 0) & (found["j"] == 39)]
+    assert len(pair) == 1 and bool(pair["same_patient"].iloc[0])
+    alone = candidate_pairs(dataclasses.replace(side, patient=None), None, settings)
+    assert not ((alone["i"] == 0) & (alone["j"] == 39)).any()  # 39 is not among 0's 3 nearest

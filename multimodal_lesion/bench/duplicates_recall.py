@@ -17,6 +17,7 @@ shares a lesion_id or is one of the 18; a true duplicate no list has counts as w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -61,7 +62,9 @@ def main() -> None:
     p.add_argument("--config")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--truth", required=True, help="folder of newly_discovered_duplicates.csv and near_duplicates_*.csv")
-    p.add_argument("--neighbours", type=int, default=10)
+    p.add_argument("--neighbours", type=int, default=DuplicateSettings.neighbours)
+    p.add_argument("--patient-neighbours", type=int, default=DuplicateSettings.patient_neighbours)
+    p.add_argument("--keypoints", type=int, default=DuplicateSettings.keypoints)
     p.add_argument("--json")
     p.add_argument("--table", help="write every verified pair (i, j, similarity, inliers, score) here (CSV)")
     args = p.parse_args()
@@ -76,14 +79,19 @@ def main() -> None:
     t0 = time.perf_counter()
     side = dataset_side(cfg, dataset)
     t1 = time.perf_counter()
-    settings = DuplicateSettings(neighbours=args.neighbours, top=args.neighbours)
+    settings = DuplicateSettings(
+        neighbours=args.neighbours,
+        patient_neighbours=args.patient_neighbours,
+        keypoints=args.keypoints,
+        top=max(args.neighbours, args.patient_neighbours),
+    )
     frame = candidate_pairs(side, None, settings, same_group=True)
     t2 = time.perf_counter()
     if args.table:
         frame[["i", "j", "similarity", "inliers", "same_patient", "score"]].to_csv(args.table, index=False)
     report = evaluate(frame, same, missed, different, dataset.metadata["lesion_id"].to_numpy())
     report["seconds"] = {"embeddings (cached)": round(t1 - t0, 1), "search": round(t2 - t1, 1)}
-    report["images"], report["neighbours"] = len(dataset.metadata), args.neighbours
+    report["images"], report["settings"] = len(dataset.metadata), dataclasses.asdict(settings)
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

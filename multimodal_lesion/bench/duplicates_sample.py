@@ -51,11 +51,17 @@ def main() -> None:
     p.add_argument("--truth", required=True)
     p.add_argument("--pairs", type=int, default=80)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--neighbours", type=int, default=DuplicateSettings.neighbours)
+    p.add_argument("--patient-neighbours", type=int, default=DuplicateSettings.patient_neighbours)
+    p.add_argument("--keypoints", type=int, default=DuplicateSettings.keypoints)
     args = p.parse_args()
+    settings = DuplicateSettings(
+        neighbours=args.neighbours, patient_neighbours=args.patient_neighbours, keypoints=args.keypoints
+    ).check()
     dataset = read_dataset(args.data)
     side = dataset_side(load_config(args.config, args.overrides), dataset)
     unit, _ = retrieval_space(side.embeddings)
-    match = PatientMatch(side.patient, side.patient, DuplicateSettings().unknown)
+    match = PatientMatch(side.patient, side.patient, settings.unknown)
     position = {v: k for k, v in enumerate(dataset.metadata["image_id"])}
     lesions = dataset.metadata["lesion_id"].to_numpy()
     missed = pairs_file(f"{args.truth}/newly_discovered_duplicates.csv", position)
@@ -74,28 +80,28 @@ def main() -> None:
         ("2 different lesions", different, False),
         (f"{args.pairs} same-lesion_id pairs (of {len(same)})", sample, True),
     ):
-        report(name, pairs, within, unit, side, match, lesions, listed)
+        report(name, pairs, within, unit, side, match, lesions, listed, settings)
 
 
-def candidates(q: np.ndarray, unit: np.ndarray, match: PatientMatch, lesions: np.ndarray, within: bool) -> np.ndarray:
+def candidates(
+    q: np.ndarray, unit: np.ndarray, match: PatientMatch, lesions: np.ndarray, within: bool, settings: DuplicateSettings
+) -> np.ndarray:
     """The pairs (sorted rows) the search verifies for the images ``q``: nearest overall and nearest of one patient."""
-    k = DuplicateSettings().neighbours
     s = unit[q] @ unit.T
     s[np.arange(len(q)), q] = -np.inf
     if not within:  # as the command: never two images of one lesion
         s[lesions[q][:, None] == lesions[None, :]] = -np.inf
     patient = np.concatenate([match(int(i), int(i) + 1) for i in q])
     found = set()
-    for sims in (s, np.where(patient, s, -np.inf)):
+    for sims, k in ((s, settings.neighbours), (np.where(patient, s, -np.inf), settings.patient_neighbours)):
         for image, row in zip(q, np.argsort(-sims, axis=1)[:, :k], strict=True):
             found |= {tuple(sorted((int(image), int(j)))) for j in row if np.isfinite(sims[list(q).index(image), j])}
     return np.array(sorted(found))
 
 
-def report(name, pairs, within, unit, side, match, lesions, listed) -> None:
+def report(name, pairs, within, unit, side, match, lesions, listed, settings) -> None:
     """Print the figures of one set of ground-truth pairs."""
-    settings = DuplicateSettings()
-    cand = candidates(np.unique(np.asarray(pairs).ravel()), unit, match, lesions, within)
+    cand = candidates(np.unique(np.asarray(pairs).ravel()), unit, match, lesions, within, settings)
     keypoints = all_keypoints(side.images, np.unique(cand.ravel()), settings)
     inliers = verify_pairs(keypoints, keypoints, cand, settings)
     similarity = np.einsum("ij,ij->i", unit[cand[:, 0]], unit[cand[:, 1]])

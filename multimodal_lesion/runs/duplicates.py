@@ -38,8 +38,9 @@ class DuplicateSettings:
     """How candidates are found and verified (the defaults are the ones measured in ``docs/duplicates.md``)."""
 
     neighbours: int = 10  # embedding neighbours per image that are verified by keypoints
+    patient_neighbours: int = 30  # and nearest among the images that could be the same patient's
     top: int = 5  # candidates kept per image, best score first
-    keypoints: int = 500  # ORB keypoints per image (and as many on its mirror image)
+    keypoints: int = 300  # ORB keypoints per image (and as many on its mirror image)
     ratio: float = 0.8  # Lowe's ratio test: a match must beat the second best by this factor
     size: tuple[int, int] = (240, 320)  # (height, width) the images are matched at
     block: int = 1024  # query rows per similarity block (block x pool float32 at a time)
@@ -57,7 +58,7 @@ class DuplicateSettings:
 
     def check(self) -> DuplicateSettings:
         """Refuse counts below 1 and a ratio outside (0, 1]."""
-        for name in ("neighbours", "top", "keypoints", "block", "threads"):
+        for name in ("neighbours", "patient_neighbours", "top", "keypoints", "block", "threads"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"duplicates.{name}: must be >= 1, got {getattr(self, name)!r}")
         if not 0 < self.ratio <= 1:
@@ -248,18 +249,24 @@ def verify_pairs(
 
 #: What a pair gains when its patient features could be one patient's (:class:`PatientMatch`).
 PATIENT_BONUS = 0.25
+#: Inliers that two different lesions reach by chance (skin texture): 95% of such candidate pairs on HAM10000.
+CHANCE_INLIERS = 4
+#: Inliers beyond the chance ones that count half of the keypoint evidence.
+HALF_EVIDENCE = 10.0
 
 
 def pair_score(similarity: np.ndarray, inliers: np.ndarray, same_patient: np.ndarray | None = None) -> np.ndarray:
     """One number per pair, higher = more likely the same lesion: the embedding similarity (-1..1, in
-    :func:`retrieval_space`), plus the keypoint evidence ``inliers / (inliers + 20)`` (0..1; 20 inliers
-    count half), plus :data:`PATIENT_BONUS` where the patient features agree.
+    :func:`retrieval_space`), plus the keypoint evidence ``e / (e + 10)`` (0..1) of the inliers beyond
+    chance, ``e = max(inliers - 4, 0)`` (:data:`CHANCE_INLIERS`, :data:`HALF_EVIDENCE`), plus
+    :data:`PATIENT_BONUS` where the patient features agree.
 
     A re-encoded, resized, flipped or rotated copy has a high similarity and dozens of inliers; two
-    photographs of one lesion months apart a fair similarity and a few inliers; two different naevi
-    a low similarity and the chance inliers of skin texture (4 to 10).
+    photographs of one lesion months apart a fair similarity and a few inliers beyond chance; two
+    different naevi a low similarity and the chance inliers of skin texture (up to 4, which count nothing).
     """
-    evidence = inliers / (inliers + 20.0)
+    beyond = np.maximum(np.asarray(inliers, dtype=np.float64) - CHANCE_INLIERS, 0.0)
+    evidence = beyond / (beyond + HALF_EVIDENCE)
     bonus = 0.0 if same_patient is None else PATIENT_BONUS * np.asarray(same_patient, dtype=np.float64)
     return np.asarray(similarity, dtype=np.float64) + evidence + bonus
 
@@ -380,11 +387,12 @@ def _neighbour_pairs(
 ) -> np.ndarray:
     """Distinct (row of a, row of b) pairs: each row's nearest overall and nearest of one patient, both ways."""
     found = []
-    for allowed in [None, *([match] if match is not None else [])]:
+    sets = [(None, settings.neighbours), *([(match, settings.patient_neighbours)] if match is not None else [])]
+    for allowed, k in sets:
         idx, _ = nearest_neighbours(
             a,
             b,
-            settings.neighbours,
+            k,
             query_groups=groups,
             pool_groups=groups,
             skip_self=within,
@@ -394,7 +402,7 @@ def _neighbour_pairs(
         found.append(_pairs_of(idx))
         if not within:  # and each image of the second set looks for its neighbours in the first
             back_allowed = None if allowed is None else (lambda s, e, m=allowed: m(s, e, reverse=True))
-            back, _ = nearest_neighbours(b, a, settings.neighbours, block=settings.block, allowed=back_allowed)
+            back, _ = nearest_neighbours(b, a, k, block=settings.block, allowed=back_allowed)
             found.append(_pairs_of(back)[:, ::-1])
     pairs = np.unique(np.concatenate(found), axis=0)
     return np.unique(np.sort(pairs, axis=1), axis=0) if within else pairs
