@@ -228,7 +228,8 @@ class InProcessCli(Cli):
         self.overrides = {"HF_HUB_OFFLINE": "1", "MMLESION_CACHE": str(cache)}
 
     def __call__(self, *args: object, timeout: float = 600) -> subprocess.CompletedProcess:
-        """Run ``mmlesion ARGS`` here; the finished "process" with its exit code and output."""
+        """Run ``mmlesion ARGS`` here; the finished "process" with its exit code and output (``timeout`` is
+        accepted for the same signature and not enforced: the test's own time limit applies)."""
         import io
 
         from multimodal_lesion.cli import main
