@@ -178,16 +178,20 @@ def explain_cohort(
     """:func:`explain_run` that also returns what it computed: (the index, the ``CohortExplanation``)."""
     from .explain.pipeline import explain_run as explain
     from .explain.pipeline import save_explanations
-    from .report.explanations import draw_explanation_figures
+    from .report.explanations import draw_cohort_figures
     from .report.faithfulness_tables import write_faithfulness_tables
-    from .report.html import write_report
+    from .report.html import ReportFigures, write_report
 
     t0 = time.perf_counter()
-    cohort = explain(run_dir, data=data, split=split, cases=cases, n=n, settings=settings, resume=out)
-    add_prediction_sets(run_dir, cohort)
+    pages = CasePages(run_dir, out)
+    cohort = explain(
+        run_dir, data=data, split=split, cases=cases, n=n, settings=settings, resume=out, on_chunk=pages.write
+    )
+    add_prediction_sets(run_dir, cohort.cases)
     t1 = time.perf_counter()
-    figures = draw_explanation_figures(out, cohort)
-    cohort.timings["figures"] = time.perf_counter() - t1
+    figures = ReportFigures(cases={k: v for drawn in cohort.drawn for k, v in (drawn or {}).items()})
+    figures.cohort = draw_cohort_figures(out, cohort)
+    cohort.timings["figures"] = pages.seconds + time.perf_counter() - t1
     save_explanations(out, cohort)
     write_faithfulness_tables(out, cohort)
     index = write_report(out, cohort, figures)
@@ -223,21 +227,50 @@ def attribute_split(run_dir: str | Path, split: str = "test", data: str | Path |
     }
 
 
-def add_prediction_sets(run_dir: str | Path, cohort: Any, shift_level: float = 0.01) -> None:
-    """Give every explained case its conformal prediction sets, calibrated on the run's val predictions,
-    and its shift alarm (how far its image sits from the run's training images)."""
+class CasePages:
+    """``explain_run``'s ``on_chunk`` for the HTML report: each finished chunk's cases get their prediction
+    sets and shift alarm, their figures (kept from a resumed run when its files are all there) and their
+    pages, written at once; ``seconds`` sums the drawing and writing."""
+
+    def __init__(self, run_dir: str | Path, out: str | Path) -> None:
+        self.run_dir, self.out, self.seconds = run_dir, Path(out), 0.0
+
+    def write(self, view: Any) -> dict[str, dict[str, Path | None]]:
+        from .report.explanations import draw_case_figures
+        from .report.html import ClassVocabulary, write_case_pages
+
+        t = time.perf_counter()
+        add_prediction_sets(self.run_dir, view.cases)
+        drawn = view.drawn if _all_drawn(view.drawn, view.cases) else None
+        drawn = drawn or draw_case_figures(self.out, view.cases, view.shap)
+        vocab = ClassVocabulary(tuple(view.classes), view.class_names)
+        write_case_pages(self.out, view.cases, drawn, view.ids, view.offset, vocab)
+        self.seconds += time.perf_counter() - t
+        return drawn
+
+
+def _all_drawn(drawn: Mapping[str, Mapping[str, Path | None]] | None, cases: Sequence[Any]) -> bool:
+    """Whether ``drawn`` (a resumed chunk's figures) holds every case and every file is still there."""
+    if not drawn or any(c.image_id not in drawn for c in cases):
+        return False
+    return all(path is None or Path(path).is_file() for figures in drawn.values() for path in figures.values())
+
+
+def add_prediction_sets(run_dir: str | Path, cases: Sequence[Any], shift_level: float = 0.01) -> None:
+    """Give explained ``cases`` their conformal prediction sets, calibrated on the run's val predictions,
+    and their shift alarm (how far each image sits from the run's training images)."""
     from .training.new_data import shift_alarm
 
     sets_of = conformal_sets(run_dir)
-    for case in cohort.cases:
+    for case in cases:
         case.prediction_sets = sets_of(case.probabilities)
-    embedded = [case.embedding for case in cohort.cases]
+    embedded = [case.embedding for case in cases]
     if not embedded or any(e is None for e in embedded):
         return
     flags = shift_alarm(run_dir, np.stack(embedded), shift_level)[0]
     if flags is None:
         return
-    for i, case in enumerate(cohort.cases):
+    for i, case in enumerate(cases):
         case.shift = {name: _plain(values[i]) for name, values in flags.items()} | {"level": shift_level}
 
 

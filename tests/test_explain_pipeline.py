@@ -203,6 +203,89 @@ def test_a_killed_faithfulness_pass_resumes_without_redoing_finished_cases(
     assert sum(measured) == 3 * per_case  # all held now: nothing measured
 
 
+# --- many cases: computed in chunks, pages written as each chunk finishes, a killed run resumed ----------
+
+
+def _same_case(got, want) -> None:
+    """Every number and map of two explanations of one case agree (to float noise; the maps to 1e-3, as a
+    network's convolutions give other roundings in batches of another size)."""
+    assert got.image_id == want.image_id and got.target_class == want.target_class
+    for field in ("probabilities", "shap", "shap_error", "modality", "modality_error", "faithfulness"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert a.keys() == b.keys(), field
+        assert all(a[k] == pytest.approx(b[k], abs=1e-6) for k in b), field
+    for field in ("cam", "runner_up_cam", "cam_without_metadata"):  # convolutions of other batch sizes: ~1e-4
+        np.testing.assert_allclose(getattr(got, field), getattr(want, field), atol=1e-3)
+
+
+def test_chunks_give_the_report_of_one_pass(frozen_run: Path, cli_ham: Path) -> None:
+    """7 cases in chunks of 3 (faithfulness on the first 4: across a chunk's edge) = 7 cases at once:
+    the same cases, values, maps, faithfulness, baselines' random maps and sanity checks."""
+    whole = explain_run(frozen_run, data=cli_ham, n=7, settings=EXPLAIN, chunk_size=16)
+    chunked = explain_run(frozen_run, data=cli_ham, n=7, settings=EXPLAIN, chunk_size=3)
+    assert [c.image_id for c in chunked.cases] == [c.image_id for c in whole.cases]
+    for got, want in zip(chunked.cases, whole.cases, strict=True):
+        _same_case(got, want)
+    assert sum(bool(c.faithfulness) for c in chunked.cases) == 4
+    np.testing.assert_allclose(chunked.shap_values.values, whole.shap_values.values, atol=1e-6)
+    stages = [(s.stage, s.verdict, s.n_valid) for s in whole.randomisation]
+    assert [(s.stage, s.verdict, s.n_valid) for s in chunked.randomisation] == stages and stages
+    similarity = [c.spearman for s in whole.randomisation for c in s.cases]
+    assert [c.spearman for s in chunked.randomisation for c in s.cases] == pytest.approx(similarity, nan_ok=True)
+    assert [c.diff for c in chunked.comparisons] == pytest.approx([c.diff for c in whole.comparisons], abs=1e-6)
+
+
+class _Killed(Exception):
+    """Stands for the kill of a long report after its first chunk's pages were written."""
+
+
+def test_pages_stream_and_a_killed_report_resumes_without_redoing_finished_chunks(
+    frozen_run: Path, cli_ham: Path, tmp_path: Path
+) -> None:
+    from multimodal_lesion.report.html import case_page_name
+    from multimodal_lesion.workflows import CasePages
+
+    out = tmp_path / "report"
+    pages = CasePages(frozen_run, out)
+    seen: list[tuple[int, bool, list[bool]]] = []
+
+    def first_chunk_then_killed(view):  # what is on disk when each chunk finishes
+        drawn = pages.write(view)
+        on_disk = [(out / "cases" / case_page_name(i)).is_file() for i in view.ids]
+        seen.append((view.offset, view.drawn is not None, on_disk))
+        if view.offset >= 3:
+            raise _Killed
+        return drawn
+
+    with pytest.raises(_Killed):
+        explain_run(
+            frozen_run, data=cli_ham, n=7, settings=EXPLAIN, resume=out, on_chunk=first_chunk_then_killed, chunk_size=3
+        )
+    assert seen[0] == (0, False, [True] * 3 + [False] * 4)  # chunk 1's pages written before chunk 2 started
+    assert seen[1][2] == [True] * 6 + [False]
+    kept = sorted((out / ".explain-chunks").iterdir())
+    assert len(kept) == 2  # chunk 1 with its drawing; chunk 2 computed, its drawing not kept
+    mtimes = {f.name: f.stat().st_mtime_ns for f in kept}
+
+    seen.clear()
+
+    def recording(view):
+        seen.append((view.offset, view.drawn is not None, []))
+        return pages.write(view)
+
+    resumed = explain_run(frozen_run, data=cli_ham, n=7, settings=EXPLAIN, resume=out, on_chunk=recording, chunk_size=3)
+    assert [(o, d) for o, d, _ in seen] == [(0, True), (3, False), (6, False)]  # chunk 1 read back drawn
+    unchanged = [f for f in kept if f.stat().st_mtime_ns == mtimes[f.name]]
+    assert len(unchanged) == 1  # chunk 1 read back as it was; chunk 2 read back, then its drawing added
+    assert resumed.timings["gradcam"] > 0  # chunk 3 computed
+    assert len(list((out / "cases").glob("*.html"))) == 7
+    whole = explain_run(frozen_run, data=cli_ham, n=7, settings=EXPLAIN)
+    for got, want in zip(resumed.cases, whole.cases, strict=True):
+        _same_case(got, want)
+    again = explain_run(frozen_run, data=cli_ham, n=7, settings=EXPLAIN, resume=out, chunk_size=3)
+    assert "gradcam" not in again.timings and "faithfulness" not in again.timings  # all read back
+
+
 # --- a model that fuses the metadata into the maps, through the whole pipeline ---------------------------
 
 MAP_RUN = (*TINY, 'model.name="metanet"', 'train.mode="partial"', "model.tail_blocks=1", "train.epochs=2")

@@ -16,6 +16,7 @@ writes the maps and ``explanations.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,12 +64,13 @@ from .metadata_effect import MetadataEffect, fusion_kind, metadata_effect
 from .modality import ModalityAttribution, modality_shapley
 from .randomisation import CamSetup, StageResult, cascading_randomisation, random_logit_check
 from .results import CaseExplanation, CohortExplanation, FaithfulnessRow
-from .resume import ReportStore, case_key
+from .resume import ChunkStore, ReportStore, case_key
 from .selection import NAMED, select_by_outcome
 from .shap_groups import LINKS, MAX_EXACT_PLAYERS, GroupShapExplainer
 from .whatif import WhatIf, cams_across_ages, what_if
 
 CAM_BATCH = 8
+CHUNK = 16  # cases of a report computed, drawn and kept together
 PREDICT_BATCH = 256
 ASSETS = Path("cases") / "assets"
 
@@ -274,34 +276,37 @@ def faithfulness(
     baselines: BaselineMaps,
     predict: CasePredictor | None = None,
     store: ReportStore | None = None,
+    offset: int = 0,
+    progress: bool = True,
 ) -> list[dict[str, dict[str, float]]]:
-    """Every measure of the CAM and each baseline map for the first ``explain.faithfulness_cases`` cases.
+    """Every measure of the CAM and each baseline map for the report's first ``explain.faithfulness_cases``
+    cases; ``batch`` holds the report's cases from number ``offset`` on (a chunk of a longer report).
 
     The curves of all cases go through ``predict`` (default :func:`case_predictor`) in shared batches,
-    with a progress bar and its ETA on stderr. Cases already in ``store`` (a killed run's finished
-    cases) are read back, not measured again; each newly measured one is added as it finishes.
+    with a progress bar and its ETA on stderr (``progress``). Cases already in ``store`` (a killed run's
+    finished cases) are read back, not measured again; each newly measured one is added as it finishes.
     """
     cfg = run.inputs.cfg.explain
     shape = (int(cams.shape[-2]), int(cams.shape[-1]))
-    k = min(cfg.faithfulness_cases, len(batch.rows))
+    k = max(0, min(cfg.faithfulness_cases - offset, len(batch.rows)))
     store = store or ReportStore(None)
     ids = run.inputs.dataset.metadata["image_id"].iloc[batch.rows[:k]].astype(str).tolist()
-    keys = [
-        case_key(ids[i], batch.targets[i], cams[i], _store_settings(run, baselines, cfg.seed + i)) for i in range(k)
-    ]
+    seeds = [cfg.seed + offset + i for i in range(k)]  # the random baseline map of the report's case number
+    keys = [case_key(ids[i], batch.targets[i], cams[i], _store_settings(run, baselines, seeds[i])) for i in range(k)]
     todo = [i for i in range(k) if keys[i] not in store.reports]
     cases = (
         FaithfulnessCase(
             batch.images[i],
             batch.meta[i],
             batch.targets[i],
-            {"cam": cams[i], **baselines.maps(shape, cfg.seed + i)},
+            {"cam": cams[i], **baselines.maps(shape, seeds[i])},
             masks[i],
         )
         for i in todo
     )
     settings = CurveSettings(cfg.steps, tuple(cfg.road_percentiles), None, cfg.seed)
-    with tqdm(total=k, initial=k - len(todo), desc="faithfulness", unit="case", disable=k < 2, leave=False) as bar:
+    quiet = not progress or k < 2
+    with tqdm(total=k, initial=k - len(todo), desc="faithfulness", unit="case", disable=quiet, leave=False) as bar:
 
         def finished(j: int, report: dict[str, dict[str, float]]) -> None:
             store.add(keys[todo[j]], report)
@@ -355,7 +360,7 @@ def patient_features(inputs: RunInputs) -> list[str]:
 
 
 class _Stopwatch:
-    """Seconds per named stage."""
+    """Seconds per named stage, summed over the chunks of a report."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -363,22 +368,45 @@ class _Stopwatch:
     def __call__(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         t = time.perf_counter()
         result = fn(*args)
-        self.seconds[name] = time.perf_counter() - t
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
         return result
 
 
 @dataclass
+class PixelSetup:
+    """What the image side of every chunk of a report shares: the CAM layer, the baseline maps and the
+    predictor of the faithfulness curves (exported once, on first use)."""
+
+    geometry: LayerGeometry
+    baselines: BaselineMaps
+    predict: CasePredictor | None = None
+
+    def predictor(self, run: LoadedRun) -> CasePredictor:
+        if self.predict is None:
+            self.predict = case_predictor(run)
+        return self.predict
+
+
+def pixel_setup(run: LoadedRun, rows: np.ndarray, timed: _Stopwatch) -> PixelSetup | None:
+    """The CAM layer's geometry and the baseline maps fitted on training masks (None: no image)."""
+    inputs, cfg = run.inputs, run.inputs.cfg.explain
+    if not inputs.model.uses_image:
+        return None
+    height, width = inputs.cfg.data.image_size
+    meta = torch.from_numpy(inputs.meta[rows[:1]]).to(inputs.device)
+    geometry = layer_geometry(inputs.model, cfg.target_layer or None, (height, width), meta)
+    priors = timed("baselines", baseline_maps, training_masks(inputs, cfg.prior_masks, cfg.seed), geometry.stride)
+    return PixelSetup(geometry, priors)
+
+
+@dataclass
 class PixelSide:
-    """What the image side of a report computed: maps, masks, faithfulness, sanity checks, the layer."""
+    """What the image side of a chunk of cases computed: maps, masks, faithfulness."""
 
     cams: ScoredMaps
     runner_up: np.ndarray | None
     masks: list[np.ndarray | None]
     reports: list[dict[str, dict[str, float]]]
-    stages: list[StageResult]
-    random_logit: StageResult | None
-    geometry: LayerGeometry
-    baselines: BaselineMaps
     effect: MetadataEffect | None = None  # the CAMs with every patient feature absent, and their correlation
     age_cams: list[dict[str, np.ndarray]] | None = None  # per case: age -> the map at that age
 
@@ -402,11 +430,17 @@ def metadata_on_maps(
 
 
 def explain_pixels(
-    run: LoadedRun, batch: CaseBatch, timed: _Stopwatch, store: ReportStore | None = None
+    run: LoadedRun,
+    batch: CaseBatch,
+    timed: _Stopwatch,
+    setup: PixelSetup | None,
+    store: ReportStore | None = None,
+    offset: int = 0,
 ) -> PixelSide | None:
-    """Grad-CAM of the explained and runner-up classes, faithfulness against baselines, sanity checks."""
+    """Grad-CAM of the explained and runner-up classes and faithfulness against the baselines of the
+    report's cases ``offset``, ``offset + 1``, ... in ``batch``."""
     inputs, cfg = run.inputs, run.inputs.cfg.explain
-    if not inputs.model.uses_image:
+    if setup is None or not inputs.model.uses_image:
         return None
     cams = timed("gradcam", compute_cams, run, batch.images, batch.meta, batch.targets)
     runner_up = None
@@ -414,13 +448,11 @@ def explain_pixels(
         seconds = [int(np.argsort(-p)[1]) for p in batch.probs]
         runner_up = timed("gradcam runner-up", compute_cams, run, batch.images, batch.meta, seconds).maps
     masks = [lesion_mask(inputs, int(r)) for r in batch.rows]
-    height, width = inputs.cfg.data.image_size
-    geometry = layer_geometry(inputs.model, cfg.target_layer or None, (height, width), batch.meta[:1])
     effect, age_cams = timed("metadata on map", metadata_on_maps, run, batch, cams.maps)
-    priors = timed("baselines", baseline_maps, training_masks(inputs, cfg.prior_masks, cfg.seed), geometry.stride)
-    reports = timed("faithfulness", faithfulness, run, batch, cams.maps, masks, priors, None, store)
-    stages, logit = timed("randomisation", sanity_checks, run, batch, cams.maps)
-    return PixelSide(cams, runner_up, masks, reports, stages, logit, geometry, priors, effect, age_cams)
+    predict = setup.predictor(run) if offset < cfg.faithfulness_cases else None
+    args = (run, batch, cams.maps, masks, setup.baselines, predict, store, offset, False)
+    reports = timed("faithfulness", faithfulness, *args)
+    return PixelSide(cams, runner_up, masks, reports, effect, age_cams)
 
 
 def explain_run(
@@ -432,13 +464,21 @@ def explain_run(
     n: int | None = None,
     settings: Mapping[str, Any] | None = None,
     resume: str | Path | None = None,
+    on_chunk: ChunkCallback | None = None,
+    chunk_size: int = CHUNK,
 ) -> CohortExplanation:
     """Explain cases of a trained run: maps, SHAP and modality values, faithfulness, sanity checks, provenance.
 
     ``n`` cases (default: the run's ``explain.n_cases``) unless ``cases`` names them; ``settings``
-    overrides keys of the run's ``explain`` section (e.g. ``{"faithfulness_cases": 100}``). With a
-    ``resume`` folder each case's faithfulness is kept there as it finishes (:mod:`.resume`), and the
-    cases it already holds are not measured again.
+    overrides keys of the run's ``explain`` section (e.g. ``{"faithfulness_cases": 100}``).
+
+    The cases are computed ``chunk_size`` at a time (memory stays flat, the time grows linearly) with a
+    progress bar and its ETA; ``on_chunk`` (a :class:`ChunkView`) is called as each chunk finishes (the
+    report layer draws and writes those cases' pages there) and what it returns is kept with the chunk
+    (``CohortExplanation.drawn``).
+    With a ``resume`` folder each finished chunk (and each case's faithfulness as it finishes,
+    :mod:`.resume`) is kept there, and a rerun into the same folder reads them back instead of
+    computing them again.
     """
     if n is not None and n < 1:
         raise ConfigError(f"n: the number of cases to explain must be >= 1, got {n}")
@@ -448,9 +488,118 @@ def explain_run(
     cfg = run.inputs.cfg.explain
     timed = _Stopwatch()
     rows, why = timed("selection", select_cases, run, split, cases, cfg.n_cases if n is None else n, cfg.seed)
+    ids = run.inputs.dataset.metadata["image_id"].iloc[rows].astype(str).tolist()
+    classes, names = list(run.inputs.schema.classes), _class_names(run.inputs.schema)
+    chunks = ChunkStore(resume, _chunk_settings(run, split))
+    shared = _SharedSetup(run, rows, timed, ReportStore(resume))
+    parts: list[ChunkResult] = []
+    with tqdm(total=len(rows), desc="explain", unit="case", disable=len(rows) < 2) as bar:
+        for start in range(0, len(rows), chunk_size):
+            part_rows, part_why = rows[start : start + chunk_size], why[start : start + chunk_size]
+            key = chunks.key("cases", part_rows.tolist(), start)
+            part = chunks.get(key)
+            if part is None:
+                part = explain_chunk(run, part_rows, part_why, start, shared, timed)
+                chunks.put(key, part)
+            if on_chunk is not None:
+                view = ChunkView(start, part.cases, ShapRows.joined([part.shap]), ids, classes, names, part.drawn)
+                drawn = on_chunk(view)
+                if drawn != part.drawn:
+                    part.drawn = drawn
+                    chunks.put(key, part)
+            parts.append(part)
+            bar.update(len(part.cases))
+    sanity = _sanity(run, rows, why, parts, chunks, timed)
+    return _cohort(run, split, parts, shared.pixel_setup(), sanity, timed.seconds)
+
+
+@dataclass
+class ChunkView:
+    """A finished chunk as ``explain_run``'s ``on_chunk`` sees it: the report's cases ``offset``,
+    ``offset + 1``, ... with their SHAP rows, the image ids of all of the report's cases in order, the
+    run's classes, and what the previous call returned for this chunk (a resumed run; else None)."""
+
+    offset: int
+    cases: list[CaseExplanation]
+    shap: Any  # shap.Explanation of these cases
+    ids: list[str]
+    classes: list[str]
+    class_names: dict[str, str]
+    drawn: Any = None
+
+
+#: Called with each finished chunk; returns what the caller wants kept with it.
+ChunkCallback = Callable[[ChunkView], Any]
+
+
+@dataclass
+class ChunkResult:
+    """A chunk of finished cases: their results, SHAP rows and faithfulness reports, and what the report
+    layer drew of them (``drawn``, None until drawn)."""
+
+    cases: list[CaseExplanation]
+    shap: ShapRows
+    reports: list[dict[str, dict[str, float]]]
+    drawn: Any = None
+
+
+@dataclass
+class ShapRows:
+    """Rows of a ``shap.Explanation`` as plain arrays (what a chunk keeps and the cohort joins)."""
+
+    values: np.ndarray
+    base_values: np.ndarray
+    data: np.ndarray | None
+    error_std: np.ndarray
+    feature_names: list[str]
+
+    @classmethod
+    def of(cls, exp: Any) -> ShapRows:
+        return cls(exp.values, exp.base_values, exp.data, exp.error_std, list(exp.feature_names))
+
+    @staticmethod
+    def joined(parts: Sequence[ShapRows]) -> Any:
+        """One ``shap.Explanation`` of every row of ``parts``, in order."""
+        import shap
+
+        data = None if any(p.data is None for p in parts) else np.concatenate([p.data for p in parts])
+        return shap.Explanation(
+            values=np.concatenate([p.values for p in parts]),
+            base_values=np.concatenate([p.base_values for p in parts]),
+            data=data,
+            feature_names=parts[0].feature_names,
+            error_std=np.concatenate([p.error_std for p in parts]),
+        )
+
+
+class _SharedSetup:
+    """What every chunk of a report shares, each part built on first use: the pixel side's layer, baselines
+    and predictor, the SHAP game over the background, the faithfulness store."""
+
+    def __init__(self, run: LoadedRun, rows: np.ndarray, timed: _Stopwatch, store: ReportStore) -> None:
+        self.run, self.rows, self.timed, self.store = run, rows, timed, store
+        self._pixels: PixelSetup | None = None
+        self._pixels_built = False
+        self._game: FeatureGame | None = None
+
+    def pixel_setup(self) -> PixelSetup | None:
+        if not self._pixels_built:
+            self._pixels, self._pixels_built = pixel_setup(self.run, self.rows, self.timed), True
+        return self._pixels
+
+    def game(self) -> FeatureGame:
+        if self._game is None:
+            self._game = feature_game(self.run)
+        return self._game
+
+
+def explain_chunk(
+    run: LoadedRun, rows: np.ndarray, why: list[str], offset: int, shared: _SharedSetup, timed: _Stopwatch
+) -> ChunkResult:
+    """The report's cases ``offset``, ``offset + 1``, ... (``rows``): everything but the cohort's sanity checks."""
     batch = load_cases(run, rows, why)
-    pixels = explain_pixels(run, batch, timed, ReportStore(resume))
-    shap_exp, modality = feature_attributions(run, batch, timed)
+    pixels = explain_pixels(run, batch, timed, shared.pixel_setup(), shared.store, offset)
+    shap_exp, modality = feature_attributions(run, batch, timed, shared.game())
     spreads = timed("tta spread", tta_spreads, run, batch)
     what_ifs = timed("what-if", case_what_ifs, run, batch)
     case_list = [_case(run, batch, i, pixels, shap_exp, modality) for i in range(len(rows))]
@@ -459,7 +608,41 @@ def explain_run(
         case.tta_spread = None if spreads is None else float(spreads[i])
         case.what_if = what_ifs[i]
         case.embedding = None if embeddings is None else embeddings[i]
-    return _cohort(run, split, case_list, shap_exp, pixels, timed.seconds)
+    return ChunkResult(case_list, ShapRows.of(shap_exp), [] if pixels is None else pixels.reports)
+
+
+Sanity = tuple[list[StageResult], StageResult | None]
+
+
+def _sanity(
+    run: LoadedRun, rows: np.ndarray, why: list[str], parts: list[ChunkResult], chunks: ChunkStore, timed: _Stopwatch
+) -> Sanity:
+    """The cascading randomisation and random-logit checks on the report's first cases (kept like a chunk)."""
+    k = min(run.inputs.cfg.explain.randomisation_cases, len(rows))
+    if not run.inputs.model.uses_image or not k:
+        return [], None
+    key = chunks.key("sanity", rows[:k].tolist(), 0)
+    kept = chunks.get(key)
+    if kept is None:
+        cams = np.stack([c.cam for part in parts for c in part.cases if c.cam is not None][:k])
+        kept = timed("randomisation", sanity_checks, run, load_cases(run, rows[:k], why[:k]), cams)
+        chunks.put(key, kept)
+    return kept
+
+
+def _chunk_settings(run: LoadedRun, split: str) -> dict[str, Any]:
+    """What a kept chunk depends on besides its cases: the run (its checkpoint's size and time), its
+    whole config with the explain settings, the data and the split."""
+    checkpoint = run.run_dir / "best.pt"
+    stat = checkpoint.stat() if checkpoint.is_file() else None
+    return {
+        "run": str(Path(run.run_dir).resolve()),
+        "checkpoint": None if stat is None else [stat.st_size, stat.st_mtime_ns],
+        "temperature": run.temperature,
+        "config": dataclasses.asdict(run.inputs.cfg),
+        "data": run.inputs.dataset.fingerprint,
+        "split": split,
+    }
 
 
 def alarm_embeddings(run: LoadedRun, batch: CaseBatch) -> np.ndarray | None:
@@ -477,40 +660,58 @@ def alarm_embeddings(run: LoadedRun, batch: CaseBatch) -> np.ndarray | None:
     return states.float().cpu().numpy()
 
 
-def feature_attributions(
-    run: LoadedRun, batch: CaseBatch, timed: Callable[..., Any] | None = None
-) -> tuple[Any, ModalityAttribution]:
-    """Grouped SHAP of the patient features and the image-vs-features Shapley split of ``batch``'s cases.
+@dataclass
+class FeatureGame:
+    """The SHAP game every chunk of a report shares: the explainer and the background's states and rows."""
 
-    One game for both, from the run's ``explain`` settings (background, scale, resamples, seed,
-    permutations); each case explains its ``batch.targets`` class. ``timed`` (a stopwatch) records
-    the two stages as ``shap`` and ``modality``.
-    """
+    explainer: GroupShapExplainer
+    states: torch.Tensor | None
+    meta: np.ndarray
+    settings: dict[str, Any]
+
+
+def feature_game(run: LoadedRun) -> FeatureGame:
+    """The run's SHAP game from its ``explain`` settings (background, scale, resamples, seed, permutations)."""
     inputs, cfg = run.inputs, run.inputs.cfg.explain
-    timed = timed or (lambda _name, fn, *args: fn(*args))
     bg_emb, bg_meta = background(inputs, cfg.background_size, cfg.seed)
-    groups = inputs.encoder.feature_groups_
-    raw = inputs.dataset.metadata.iloc[batch.rows][patient_features(inputs)].reset_index(drop=True)
-    game: dict[str, Any] = {
+    settings: dict[str, Any] = {
         "scale": cfg.shap_scale,
         "resamples": cfg.background_resamples,
         "seed": cfg.seed,
         "permutations": cfg.shap_permutations,
     }
-    explainer = GroupShapExplainer(inputs.model, bg_meta, groups, temperature=run.temperature, **game)
-    shap_exp = timed("shap", lambda: explainer.explain(batch.states, batch.meta, batch.targets, raw=raw))
+    groups = inputs.encoder.feature_groups_
+    explainer = GroupShapExplainer(inputs.model, bg_meta, groups, temperature=run.temperature, **settings)
+    return FeatureGame(explainer, bg_emb, bg_meta, settings)
+
+
+def feature_attributions(
+    run: LoadedRun, batch: CaseBatch, timed: Callable[..., Any] | None = None, game: FeatureGame | None = None
+) -> tuple[Any, ModalityAttribution]:
+    """Grouped SHAP of the patient features and the image-vs-features Shapley split of ``batch``'s cases.
+
+    One game for both, from the run's ``explain`` settings (background, scale, resamples, seed,
+    permutations); each case explains its ``batch.targets`` class. ``timed`` (a stopwatch) records
+    the two stages as ``shap`` and ``modality``; ``game`` is built from the settings when not given.
+    """
+    inputs = run.inputs
+    timed = timed or (lambda _name, fn, *args: fn(*args))
+    game = game or feature_game(run)
+    groups = inputs.encoder.feature_groups_
+    raw = inputs.dataset.metadata.iloc[batch.rows][patient_features(inputs)].reset_index(drop=True)
+    shap_exp = timed("shap", lambda: game.explainer.explain(batch.states, batch.meta, batch.targets, raw=raw))
     modality = timed(
         "modality",
         lambda: modality_shapley(
             inputs.model,
             batch.states,
             batch.meta,
-            bg_emb,
-            bg_meta,
+            game.states,
+            game.meta,
             groups,
             batch.targets,
             temperature=run.temperature,
-            **game,
+            **game.settings,
         ),
     )
     return shap_exp, modality
@@ -650,7 +851,7 @@ def _class_counts(cases: list[CaseExplanation]) -> dict[str, int]:
     return {**{str(k): int(v) for k, v in counts.items()}, "all": len(cases)}
 
 
-def _provenance(run: LoadedRun, split: str, n_cases: int, pixels: PixelSide | None) -> dict[str, str]:
+def _provenance(run: LoadedRun, split: str, n_cases: int, pixels: PixelSetup | None) -> dict[str, str]:
     """Where the numbers come from: run, model, data, split, calibration, CAM layer, baselines, background."""
     inputs = run.inputs
     cfg = inputs.cfg
@@ -685,7 +886,7 @@ def _provenance(run: LoadedRun, split: str, n_cases: int, pixels: PixelSide | No
     return out
 
 
-def _notes(run: LoadedRun, cases: list[CaseExplanation], pixels: PixelSide | None) -> list[str]:
+def _notes(run: LoadedRun, cases: list[CaseExplanation]) -> list[str]:
     """What is explained, how exactly, and the measured gaps and errors."""
     scale = run.inputs.cfg.explain.shap_scale
     features = patient_features(run.inputs)
@@ -709,8 +910,9 @@ def _notes(run: LoadedRun, cases: list[CaseExplanation], pixels: PixelSide | Non
             "Largest gap between the explained and the displayed probability: "
             f"{'<0.00001' if max(gaps) < 1e-5 else f'{max(gaps):.5f}'} (over {len(gaps)} cases)."
         )
-    if pixels is not None and pixels.effect is not None:
-        notes.append(metadata_note(pixels.effect))
+    spearman = [c.metadata_map_spearman for c in cases if c.metadata_map_spearman is not None]
+    if spearman:
+        notes.append(metadata_note(np.asarray(spearman), fusion_kind(run.inputs.model)))
     errors = [v for c in cases for v in [*c.shap_error.values(), *c.modality_error.values()]]
     if errors:
         notes.append(f"Largest background sampling error of a SHAP or modality value: ±{max(errors):.3f}.")
@@ -728,28 +930,31 @@ FUSION_NOTES: Mapping[str, str] = {
 }
 
 
-def metadata_note(effect: MetadataEffect) -> str:
-    """The note on what the metadata does to the maps: the fusion kind and the mean rank correlation."""
-    valid = effect.spearman[np.isfinite(effect.spearman)]
+def metadata_note(spearman: np.ndarray, kind: str) -> str:
+    """The note on what the metadata does to the maps: the fusion kind and the mean rank correlation of
+    each case's map with and without its metadata (``spearman``, NaN where undefined)."""
+    valid = spearman[np.isfinite(spearman)]
     mean = f"{valid.mean():.3f} over {len(valid)} cases" if len(valid) else "undefined (constant maps)"
     return (
         "Metadata on the map: each case's CAM with its metadata beside the CAM with every patient feature "
         f"absent (the encoder's missing row, as metadata dropout trains on), same class; mean Spearman rank "
-        f"correlation over pixels {mean}. {FUSION_NOTES[effect.kind]}"
+        f"correlation over pixels {mean}. {FUSION_NOTES[kind]}"
     )
 
 
 def _cohort(
     run: LoadedRun,
     split: str,
-    cases: list[CaseExplanation],
-    shap_exp: Any,
-    pixels: PixelSide | None,
+    parts: Sequence[ChunkResult],
+    pixels: PixelSetup | None,
+    sanity: Sanity,
     timings: dict[str, float],
 ) -> CohortExplanation:
     """The cohort summary: SHAP and modality tables, faithfulness with verdicts, sanity checks, provenance."""
     cfg = run.inputs.cfg
-    reports = pixels.reports if pixels is not None else []
+    cases = [c for part in parts for c in part.cases]
+    reports = [r for part in parts for r in part.reports]
+    shap_exp = ShapRows.joined([part.shap for part in parts])
     return CohortExplanation(
         title=f"Explanations: {cfg.model.name} on {split}",
         provenance=_provenance(run, split, len(cases), pixels),
@@ -759,16 +964,17 @@ def _cohort(
         class_counts=_class_counts(cases),
         faithfulness=_faith_rows(reports),
         comparisons=compare_to_baselines(reports, n_boot=cfg.explain.bootstrap, seed=cfg.explain.seed),
-        randomisation=pixels.stages if pixels is not None else [],
-        random_logit=pixels.random_logit if pixels is not None else None,
+        randomisation=sanity[0],
+        random_logit=sanity[1],
         shap_scale=cfg.explain.shap_scale,
-        notes=_notes(run, cases, pixels),
+        notes=_notes(run, cases),
         timings=timings,
         shap_values=shap_exp,
         classes=list(run.inputs.schema.classes),
         class_names=_class_names(run.inputs.schema),
         fusion=fusion_kind(run.inputs.model),
         metadata_map_spearman=_mean_map_correlation(cases),
+        drawn=[part.drawn for part in parts],
     )
 
 

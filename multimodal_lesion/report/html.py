@@ -150,6 +150,27 @@ def write_report(out: str | Path, cohort: CohortExplanation, figures: ReportFigu
     return index
 
 
+def write_case_pages(
+    out: str | Path,
+    cases: Sequence[CaseExplanation],
+    figures: Mapping[str, Mapping[str, Path | None]],
+    ids: Sequence[str],
+    offset: int,
+    vocab: ClassVocabulary,
+) -> None:
+    """Render the pages of the report's cases ``offset``, ``offset + 1``, ... (``cases``) as soon as they are
+    finished, linked to their neighbours among all of the report's cases (``ids``, in order);
+    :func:`write_report` renders them again with the index at the end."""
+    out = Path(out)
+    env = _environment()
+    _page_names(cases)
+    pages = [case_page_name(_text(i)) for i in ids]
+    for j, case in enumerate(cases):
+        i = offset + j
+        view = _case_view(case, figures.get(_text(case.image_id)), pages[i], i, len(ids), pages, vocab)
+        _write(out / CASES_DIR / view["page"], env.get_template("case.html").render(case=view, **_common()))
+
+
 def case_page_name(image_id: str) -> str:
     """File name of a case page: a sanitised, bounded prefix of the id plus a hash of the full id."""
     return f"{safe_stem(image_id)}.html"
