@@ -176,22 +176,30 @@ def explain_cohort(
     show: bool = True,
 ) -> tuple[Path, Any]:
     """:func:`explain_run` that also returns what it computed: (the index, the ``CohortExplanation``)."""
+    from .explain.pipeline import CHUNK, save_explanations
     from .explain.pipeline import explain_run as explain
-    from .explain.pipeline import save_explanations
     from .report.explanations import draw_cohort_figures
     from .report.faithfulness_tables import write_faithfulness_tables
     from .report.html import ReportFigures, write_report
+    from .report.pages import CasePages
 
     t0 = time.perf_counter()
-    pages = CasePages(run_dir, out)
-    cohort = explain(
-        run_dir, data=data, split=split, cases=cases, n=n, settings=settings, resume=out, on_chunk=pages.write
-    )
+    long = (len(cases) if cases else n or 0) > CHUNK  # drawn in a worker while the next chunk is computed
+    pages = CasePages(out, prepare=lambda chunk: add_prediction_sets(run_dir, chunk), parallel=long)
+    try:
+        cohort = explain(
+            run_dir, data=data, split=split, cases=cases, n=n, settings=settings, resume=out, on_chunk=pages.write
+        )
+        figures = ReportFigures(cases=pages.finish())
+    finally:
+        pages.close()
     add_prediction_sets(run_dir, cohort.cases)
     t1 = time.perf_counter()
-    figures = ReportFigures(cases={k: v for drawn in cohort.drawn for k, v in (drawn or {}).items()})
     figures.cohort = draw_cohort_figures(out, cohort)
     cohort.timings["figures"] = pages.seconds + time.perf_counter() - t1
+    if long:
+        cohort.timings["figures"] -= pages.seconds  # drawn beside the computation: what it cost is the wait
+        cohort.timings["waiting for figures"] = pages.waited
     save_explanations(out, cohort)
     write_faithfulness_tables(out, cohort)
     index = write_report(out, cohort, figures)
@@ -225,35 +233,6 @@ def attribute_split(run_dir: str | Path, split: str = "test", data: str | Path |
         "shap": shap_values,
         "modality": modality,
     }
-
-
-class CasePages:
-    """``explain_run``'s ``on_chunk`` for the HTML report: each finished chunk's cases get their prediction
-    sets and shift alarm, their figures (kept from a resumed run when its files are all there) and their
-    pages, written at once; ``seconds`` sums the drawing and writing."""
-
-    def __init__(self, run_dir: str | Path, out: str | Path) -> None:
-        self.run_dir, self.out, self.seconds = run_dir, Path(out), 0.0
-
-    def write(self, view: Any) -> dict[str, dict[str, Path | None]]:
-        from .report.explanations import draw_case_figures
-        from .report.html import ClassVocabulary, write_case_pages
-
-        t = time.perf_counter()
-        add_prediction_sets(self.run_dir, view.cases)
-        drawn = view.drawn if _all_drawn(view.drawn, view.cases) else None
-        drawn = drawn or draw_case_figures(self.out, view.cases, view.shap)
-        vocab = ClassVocabulary(tuple(view.classes), view.class_names)
-        write_case_pages(self.out, view.cases, drawn, view.ids, view.offset, vocab)
-        self.seconds += time.perf_counter() - t
-        return drawn
-
-
-def _all_drawn(drawn: Mapping[str, Mapping[str, Path | None]] | None, cases: Sequence[Any]) -> bool:
-    """Whether ``drawn`` (a resumed chunk's figures) holds every case and every file is still there."""
-    if not drawn or any(c.image_id not in drawn for c in cases):
-        return False
-    return all(path is None or Path(path).is_file() for figures in drawn.values() for path in figures.values())
 
 
 def add_prediction_sets(run_dir: str | Path, cases: Sequence[Any], shift_level: float = 0.01) -> None:

@@ -236,54 +236,50 @@ def test_chunks_give_the_report_of_one_pass(frozen_run: Path, cli_ham: Path) -> 
 
 
 class _Killed(Exception):
-    """Stands for the kill of a long report after its first chunk's pages were written."""
+    """Stands for the kill of a long report after its second chunk's pages were written."""
 
 
 def test_pages_stream_and_a_killed_report_resumes_without_redoing_finished_chunks(
     frozen_run: Path, cli_ham: Path, tmp_path: Path
 ) -> None:
     from multimodal_lesion.report.html import case_page_name
-    from multimodal_lesion.workflows import CasePages
+    from multimodal_lesion.report.pages import CasePages
 
     out = tmp_path / "report"
-    pages = CasePages(frozen_run, out)
-    seen: list[tuple[int, bool, list[bool]]] = []
+    pages = CasePages(out)
+    on_disk: list[list[bool]] = []
 
-    def first_chunk_then_killed(view):  # what is on disk when each chunk finishes
-        drawn = pages.write(view)
-        on_disk = [(out / "cases" / case_page_name(i)).is_file() for i in view.ids]
-        seen.append((view.offset, view.drawn is not None, on_disk))
+    def killed_after_two_chunks(view):  # what is on disk as each chunk finishes
+        pages.write(view)
+        on_disk.append([(out / "cases" / case_page_name(i)).is_file() for i in view.ids])
         if view.offset >= 3:
             raise _Killed
-        return drawn
 
     with pytest.raises(_Killed):
         explain_run(
-            frozen_run, data=cli_ham, n=7, settings=EXPLAIN, resume=out, on_chunk=first_chunk_then_killed, chunk_size=3
+            frozen_run, data=cli_ham, n=7, settings=EXPLAIN, resume=out, on_chunk=killed_after_two_chunks, chunk_size=3
         )
-    assert seen[0] == (0, False, [True] * 3 + [False] * 4)  # chunk 1's pages written before chunk 2 started
-    assert seen[1][2] == [True] * 6 + [False]
+    assert on_disk == [[True] * 3 + [False] * 4, [True] * 6 + [False]]  # each chunk's pages as it finishes
     kept = sorted((out / ".explain-chunks").iterdir())
-    assert len(kept) == 2  # chunk 1 with its drawing; chunk 2 computed, its drawing not kept
-    mtimes = {f.name: f.stat().st_mtime_ns for f in kept}
+    assert len(kept) == 2 and pages.reused == 0
+    mtimes = {f: f.stat().st_mtime_ns for f in kept}
 
-    seen.clear()
-
-    def recording(view):
-        seen.append((view.offset, view.drawn is not None, []))
-        return pages.write(view)
-
-    resumed = explain_run(frozen_run, data=cli_ham, n=7, settings=EXPLAIN, resume=out, on_chunk=recording, chunk_size=3)
-    assert [(o, d) for o, d, _ in seen] == [(0, True), (3, False), (6, False)]  # chunk 1 read back drawn
-    unchanged = [f for f in kept if f.stat().st_mtime_ns == mtimes[f.name]]
-    assert len(unchanged) == 1  # chunk 1 read back as it was; chunk 2 read back, then its drawing added
+    again = CasePages(out, parallel=True)  # the rest drawn in a worker process
+    resumed = explain_run(
+        frozen_run, data=cli_ham, n=7, settings=EXPLAIN, resume=out, on_chunk=again.write, chunk_size=3
+    )
+    drawn = again.finish()
+    assert again.reused == 2 and again.seconds > 0  # chunks 1-2 not drawn again, chunk 3 drawn by the worker
+    assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items())  # chunks 1-2 read back, not computed
     assert resumed.timings["gradcam"] > 0  # chunk 3 computed
+    assert sorted(drawn) == sorted(c.image_id for c in resumed.cases)
+    assert all(p is None or p.is_file() for figures in drawn.values() for p in figures.values())
     assert len(list((out / "cases").glob("*.html"))) == 7
     whole = explain_run(frozen_run, data=cli_ham, n=7, settings=EXPLAIN)
     for got, want in zip(resumed.cases, whole.cases, strict=True):
         _same_case(got, want)
-    again = explain_run(frozen_run, data=cli_ham, n=7, settings=EXPLAIN, resume=out, chunk_size=3)
-    assert "gradcam" not in again.timings and "faithfulness" not in again.timings  # all read back
+    last = explain_run(frozen_run, data=cli_ham, n=7, settings=EXPLAIN, resume=out, chunk_size=3)
+    assert "gradcam" not in last.timings and "faithfulness" not in last.timings  # all read back
 
 
 # --- a model that fuses the metadata into the maps, through the whole pipeline ---------------------------

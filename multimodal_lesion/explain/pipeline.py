@@ -474,8 +474,7 @@ def explain_run(
 
     The cases are computed ``chunk_size`` at a time (memory stays flat, the time grows linearly) with a
     progress bar and its ETA; ``on_chunk`` (a :class:`ChunkView`) is called as each chunk finishes (the
-    report layer draws and writes those cases' pages there) and what it returns is kept with the chunk
-    (``CohortExplanation.drawn``).
+    report layer draws and writes those cases' pages there).
     With a ``resume`` folder each finished chunk (and each case's faithfulness as it finishes,
     :mod:`.resume`) is kept there, and a rerun into the same folder reads them back instead of
     computing them again.
@@ -502,11 +501,7 @@ def explain_run(
                 part = explain_chunk(run, part_rows, part_why, start, shared, timed)
                 chunks.put(key, part)
             if on_chunk is not None:
-                view = ChunkView(start, part.cases, ShapRows.joined([part.shap]), ids, classes, names, part.drawn)
-                drawn = on_chunk(view)
-                if drawn != part.drawn:
-                    part.drawn = drawn
-                    chunks.put(key, part)
+                on_chunk(ChunkView(start, part.cases, ShapRows.joined([part.shap]), ids, classes, names))
             parts.append(part)
             bar.update(len(part.cases))
     sanity = _sanity(run, rows, why, parts, chunks, timed)
@@ -517,7 +512,7 @@ def explain_run(
 class ChunkView:
     """A finished chunk as ``explain_run``'s ``on_chunk`` sees it: the report's cases ``offset``,
     ``offset + 1``, ... with their SHAP rows, the image ids of all of the report's cases in order, the
-    run's classes, and what the previous call returned for this chunk (a resumed run; else None)."""
+    run's classes."""
 
     offset: int
     cases: list[CaseExplanation]
@@ -525,22 +520,19 @@ class ChunkView:
     ids: list[str]
     classes: list[str]
     class_names: dict[str, str]
-    drawn: Any = None
 
 
-#: Called with each finished chunk; returns what the caller wants kept with it.
-ChunkCallback = Callable[[ChunkView], Any]
+#: Called with each finished chunk (kept in the resume folder before the call).
+ChunkCallback = Callable[[ChunkView], None]
 
 
 @dataclass
 class ChunkResult:
-    """A chunk of finished cases: their results, SHAP rows and faithfulness reports, and what the report
-    layer drew of them (``drawn``, None until drawn)."""
+    """A chunk of finished cases: their results, SHAP rows and faithfulness reports."""
 
     cases: list[CaseExplanation]
     shap: ShapRows
     reports: list[dict[str, dict[str, float]]]
-    drawn: Any = None
 
 
 @dataclass
@@ -974,7 +966,6 @@ def _cohort(
         class_names=_class_names(run.inputs.schema),
         fusion=fusion_kind(run.inputs.model),
         metadata_map_spearman=_mean_map_correlation(cases),
-        drawn=[part.drawn for part in parts],
     )
 
 

@@ -125,7 +125,6 @@ class CohortExplanation:
     class_names: dict[str, str] = field(default_factory=dict)  # class code -> long name
     fusion: str = ""  # where the model meets the metadata: maps | late | image only
     metadata_map_spearman: dict[str, float] = field(default_factory=dict)  # class (and "all") -> mean rank corr.
-    drawn: list[Any] = field(default_factory=list, repr=False)  # per chunk: what the report layer drew of it
 
     def to_json(self) -> dict[str, Any]:
         """The content of ``explanations.json``."""
