@@ -51,7 +51,8 @@ def with_concrete_backend(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with ``train.embed_backend = "auto"`` replaced by the backend it picks on this machine.
 
     Resolved once, where a run or an ablation starts, so its ``config.toml``, the caches' descriptions,
-    ``--resume`` and the explanations all see the backend that ran (:func:`~.models.inference.resolve_backend`).
+    ``--resume`` and the explanations all see the backend that ran
+    (:func:`~multimodal_lesion.models.inference.resolve_backend`).
     """
     t = cfg.train
     if t.embed_backend != "auto":
