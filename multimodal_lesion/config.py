@@ -25,7 +25,7 @@ import tomllib
 from .errors import ConfigError
 
 TrainMode = Literal["frozen", "end2end", "partial"]
-EmbedBackend = Literal["torch", "onnxruntime", "openvino"]
+EmbedBackend = Literal["auto", "torch", "onnxruntime", "openvino"]
 EmbedPrecision = Literal["float32", "bfloat16"]
 Balance = Literal["weighted_loss", "sampler", "none"]
 Augment = Literal["none", "light", "strong", "acquisition"]
@@ -159,7 +159,10 @@ class TrainConfig:
     augment: Augment = "light"
     batch_augment: bool = False  # end2end: augment whole cached uint8 batches at once instead of per image
     flip_average: bool = True  # frozen path: average embeddings over flips
-    embed_backend: EmbedBackend = "torch"  # frozen passes (embeddings, maps): torch | onnxruntime | openvino (extra)
+    # frozen passes (embeddings, maps): auto | torch | onnxruntime | openvino (the [fast] extra). auto: openvino,
+    # else onnxruntime, whichever imports, on the CPU in float32; torch otherwise (a GPU, bfloat16). A run's
+    # config.toml names the backend auto resolved to
+    embed_backend: EmbedBackend = "auto"
     embed_precision: EmbedPrecision = "float32"  # bfloat16: autocast in the torch embedding pass (a separate cache)
     embed_batch: PositiveInt = 8  # images per call of the embedding / maps pass (x4 views with flips)
     map_crop: Count = 1  # partial: training crops of the cached maps this many cells smaller per axis (0 = none)
@@ -286,10 +289,10 @@ RULES = (
     ),
     Rule(
         ("train.embed_precision", "train.embed_backend"),
-        lambda c: c.train.embed_precision == "float32" or c.train.embed_backend == "torch",
+        lambda c: c.train.embed_precision == "float32" or c.train.embed_backend in ("torch", "auto"),
         lambda c: (
-            f"train.embed_precision={c.train.embed_precision!r} is only available with train.embed_backend='torch', "
-            f"got {c.train.embed_backend!r}"
+            f"train.embed_precision={c.train.embed_precision!r} is only available with train.embed_backend='torch' "
+            f"(or 'auto', which then picks torch), got {c.train.embed_backend!r}"
         ),
     ),
     Rule(

@@ -172,3 +172,8 @@ def test_a_setting_at_the_value_it_had_before_it_existed_keeps_finished_cells() 
     assert config_key(replace(base, data={"color_constancy_p": 3.0, "color_constancy_gamma": 2.2})) == key
     assert config_key(replace(base, data={"color_constancy": "shades_of_gray"})) != key
     assert config_key(replace(base, train={"epochs": base.train.epochs + 1})) != key
+    # the embedding backend picks how, not what: cells of the old default (torch) or of an explicit backend
+    # stay finished whatever ``auto`` resolves to; a bfloat16 pass is other embeddings
+    for backend in ("auto", "torch", "onnxruntime", "openvino"):
+        assert config_key(replace(base, train={"embed_backend": backend})) == key
+    assert config_key(replace(base, train={"embed_precision": "bfloat16"})) != key

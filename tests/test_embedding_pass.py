@@ -1,16 +1,22 @@
-"""The frozen embedding pass: flips in one batch, the inference backends, bfloat16 kept apart in the cache."""
+"""The frozen embedding pass: flips in one batch, the inference backends (``auto``, the default, resolved once
+per run), bfloat16 kept apart in the cache."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from multimodal_lesion.config import load_config
+from multimodal_lesion.config import load_config, replace
 from multimodal_lesion.data.datasets import Normalize
 from multimodal_lesion.errors import ConfigError
 from multimodal_lesion.models import FLIPS, ImageBranch, embed_images
-from multimodal_lesion.models.inference import BranchPass, compile_pass
+from multimodal_lesion.models.inference import BranchPass, backend_available, compile_pass, resolve_backend
 from multimodal_lesion.runs import cached_embeddings, compute_embeddings
 from multimodal_lesion.runs.embeddings import embedding_identity
 
@@ -86,3 +92,71 @@ def test_unknown_or_mismatched_backend_settings_are_config_errors() -> None:
         load_config(None, ['train.embed_backend="tensorrt"'])
     with pytest.raises(ConfigError, match="unknown backend"):
         compile_pass(torch.nn.Identity(), torch.zeros(1, 3, 8, 8), "tensorrt")
+    assert load_config(None, ['train.embed_precision="bfloat16"']).train.embed_backend == "auto"  # picks torch
+
+
+#: Resolves ``auto`` with OpenVINO unimportable, then with ONNX Runtime unimportable too (a real interpreter).
+WITHOUT_EXPORTED = """
+import sys
+from multimodal_lesion.config import load_config
+from multimodal_lesion.runs import with_concrete_backend
+sys.modules["openvino"] = None
+print(with_concrete_backend(load_config(None, ['train.device="cpu"'])).train.embed_backend)
+sys.modules["onnxruntime"] = None
+print(with_concrete_backend(load_config(None, ['train.device="cpu"'])).train.embed_backend)
+"""
+
+
+def test_auto_picks_the_fastest_backend_that_imports_and_torch_where_only_torch_applies() -> None:
+    assert backend_available("openvino"), "the test extra installs openvino"
+    assert resolve_backend("auto") == "openvino"
+    assert resolve_backend("auto", device=torch.device("cpu")) == "openvino"
+    assert resolve_backend("auto", "bfloat16") == "torch"  # autocast is torch's
+    assert resolve_backend("auto", device=torch.device("cuda")) == "torch"  # the exported graphs run on the CPU
+    assert resolve_backend("onnxruntime", device=torch.device("cuda")) == "onnxruntime"  # a named one stays named
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_EXPORTED], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    without_openvino = "onnxruntime" if backend_available("onnxruntime") else "torch"
+    assert proc.stdout.split() == [without_openvino, "torch"]
+
+
+def test_a_frozen_run_trained_by_default_records_its_backend_and_embeds_like_eager_torch(
+    tmp_path: Path, tiny_ham_factory: Callable[..., Path], tiny_run_settings: list[str], single_thread
+) -> None:
+    """The default (``auto``) is resolved once: config.toml names the backend that ran, the cached embeddings
+    equal eager torch's to 1e-3, and a run written before ``auto`` (no key, or "torch") reloads with torch."""
+    from multimodal_lesion.runs import RunFolder, load_run
+    from multimodal_lesion.training.runner import train_run
+
+    root = tiny_ham_factory(tmp_path / "dataset", n_lesions=16)
+    cfg = load_config(None, [*tiny_run_settings, f'data.root="{root}"', f'data.cache_dir="{tmp_path / "cache"}"'])
+    assert cfg.train.embed_backend == "auto" and cfg.train.mode == "frozen"
+    out = tmp_path / "run"
+    train_run(cfg, out, show=False)
+    folder = RunFolder(out)
+    assert 'embed_backend = "openvino"' in (out / "config.toml").read_text()
+    assert json_backends(tmp_path / "cache") == {"openvino"}  # the cache's description names it too
+    inputs = load_run(out).inputs
+    assert inputs.cfg.train.embed_backend == "openvino"
+    rows = np.arange(len(inputs.image_ids))
+    with torch.no_grad():
+        eager = embed_images(inputs.model.image_branch, inputs.normalized_images(rows), flip_average=True).numpy()
+    np.testing.assert_allclose(inputs.embeddings(show=False), eager, atol=1e-3, rtol=1e-3)
+    folder.check_resume(replace(folder.read_config(), train={"embed_backend": "torch"}))  # same numbers, same cache
+    text = (out / "config.toml").read_text()
+    for written in (text.replace('embed_backend = "openvino"', 'embed_backend = "torch"'), drop_line(text)):
+        (out / "config.toml").write_text(written)
+        assert folder.read_config().train.embed_backend == "torch"
+        assert load_run(out).inputs.cfg.train.embed_backend == "torch"
+
+
+def json_backends(cache: Path) -> set[str]:
+    """The backends named beside the cached embeddings under ``cache``."""
+    import json
+
+    return {json.loads(p.read_text())["backend"] for p in cache.rglob("embeddings-*.json")}
+
+
+def drop_line(toml: str, key: str = "embed_backend") -> str:
+    """``toml`` without the line setting ``key`` (a config written before the key existed)."""
+    return "\n".join(line for line in toml.splitlines() if not line.startswith(f"{key} ="))

@@ -121,6 +121,22 @@ def test_partial_mode_trains_the_tail_only_and_predicts_live_like_on_the_cache(p
     np.testing.assert_allclose(cached, live, atol=2e-2, rtol=2e-2)
 
 
+def test_a_partial_run_by_default_records_its_backend_and_caches_the_eager_maps(partial_run, single_thread) -> None:
+    """``train.embed_backend`` defaults to ``auto``: config.toml names what it resolved to (OpenVINO, installed
+    by the test extra), and the maps cached by that pass are eager torch's to 1e-3 (float16 cache)."""
+    from multimodal_lesion.models import flipped_views
+
+    out, _ = partial_run
+    assert load_config(None).train.embed_backend == "auto"
+    assert 'embed_backend = "openvino"' in (out / "config.toml").read_text()
+    inputs = load_run(out).inputs
+    maps, branch = inputs.feature_maps(show=False), inputs.model.image_branch
+    rows = np.arange(0, len(inputs.image_ids), 5)
+    with torch.no_grad():  # the loaded run's frozen stem: what made the cache
+        eager = branch.forward_maps(flipped_views(inputs.normalized_images(rows))).unflatten(0, (4, len(rows)))
+    np.testing.assert_allclose(maps[rows].astype(np.float32), eager.transpose(0, 1).numpy(), atol=1e-3, rtol=1e-3)
+
+
 def test_partial_is_an_ablation_mode_with_one_maps_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MMLESION_CACHE", str(tmp_path / "cache"))
     cfg = load_config(

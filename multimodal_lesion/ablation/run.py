@@ -33,6 +33,7 @@ from ..runs import (
     prepare_inputs,
     resolve_data,
     resolve_device,
+    with_concrete_backend,
     write_provenance,
 )
 from ..tracking import check_tracking
@@ -67,12 +68,17 @@ SUMMARY_ONLY = ("uncertainty", "explain", "tracking")
 #: the setting existed and the settings that only matter beside another value: at that value they leave the key,
 #: so a finished ablation keeps its cells across an upgrade of the package.
 NEUTRAL = (("data.color_constancy", "none", ("data.color_constancy_p", "data.color_constancy_gamma")),)
+#: Settings that choose how the same numbers are computed, not which: the float32 embedding backends agree to
+#: 1e-3 and share one cache of embeddings and maps, so a cell is the same whichever backend ran. Cells finished
+#: under the old default ("torch") or an explicit backend stay finished when ``auto`` picks another one.
+IMPLEMENTATION = ("train.embed_backend",)
 
 
 def config_key(cfg: ExperimentConfig) -> str:
-    """What a finished cell depends on: the whole config except where and how many workers ran it."""
+    """What a finished cell depends on: the whole config except where, on how many workers and by which
+    implementation it ran."""
     raw = to_dict(cfg)
-    drop = [*PLACEMENT, *SUMMARY_ONLY]
+    drop = [*PLACEMENT, *SUMMARY_ONLY, *IMPLEMENTATION]
     for item, value, beside in NEUTRAL:
         section, _, key = item.partition(".")
         if raw[section][key] == value:
@@ -258,7 +264,7 @@ def _check_same_ablation(out: Path, cfg: ExperimentConfig) -> None:
     """Refuse to run into a folder whose finished cells were computed with other settings (they would be replaced)."""
     if not (out / "config.toml").is_file() or not any((out / "cells").glob("*.json")):
         return
-    changed = differences(RunFolder(out).read_config(), cfg, ignore=(*PLACEMENT, *SUMMARY_ONLY))
+    changed = differences(RunFolder(out).read_config(), cfg, ignore=(*PLACEMENT, *SUMMARY_ONLY, *IMPLEMENTATION))
     if changed:
         raise CheckpointError(
             f"{out}: holds an ablation with other settings ({'; '.join(changed[:4])}); re-running it there would "
@@ -280,7 +286,7 @@ def run_ablation(cfg: ExperimentConfig, out: str | Path, *, show: bool = True) -
             "choose another --out"
         )
     dataset = resolve_data(cfg, show)
-    cfg = replace(cfg, data={"root": str(dataset.root)}, train={"mode": cfg.ablation.mode})
+    cfg = with_concrete_backend(replace(cfg, data={"root": str(dataset.root)}, train={"mode": cfg.ablation.mode}))
     _check_same_ablation(out, cfg)
     given = given_split(dataset, cfg.data.splits)
     folds = (

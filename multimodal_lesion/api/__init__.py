@@ -209,11 +209,13 @@ def image_embeddings(
             size, flip averaging, batch size and precision decide the embeddings.
         data: a data root or a dataset from :func:`read_dataset` (None: the config's).
         backend: None: the cached embeddings (computed once with ``train.embed_backend`` and stored
-            in the package cache); ``torch``, ``onnxruntime`` or ``openvino``: a fresh pass with that
-            backend, timed, nothing cached (to compare backends with the cache).
+            in the package cache); ``torch``, ``onnxruntime``, ``openvino`` or ``auto`` (the one the
+            default picks here): a fresh pass with that backend, timed, nothing cached (to compare
+            backends with the cache).
     """
     import time
 
+    from ..models.inference import resolve_backend
     from ..runs import compute_embeddings, inputs_from_config
 
     cfg, inputs = inputs_from_config(_with_data(_config(config), data))
@@ -225,6 +227,7 @@ def image_embeddings(
     if branch is None:
         raise ConfigError(f"model '{cfg.model.name}' has no image branch: nothing to embed")
     images = inputs.images()
+    backend = resolve_backend(backend, t.embed_precision, inputs.device)
     start = time.perf_counter()
     values = compute_embeddings(
         branch,

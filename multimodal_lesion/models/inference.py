@@ -4,12 +4,14 @@ A backend turns an ``nn.Module`` (images -> features) into a function on CPU flo
 runs it eagerly in ``torch.inference_mode`` with channels-last memory (optionally under bfloat16
 autocast); ``onnxruntime`` and ``openvino`` run the graph exported once with ``torch.onnx``. The
 exported backends are an optional extra (``pip install "multimodal_lesion[fast]"``), imported lazily;
-their outputs agree with eager float32 to about 1e-5 (tests check 1e-3).
+their outputs agree with eager float32 to about 1e-5 (tests check 1e-3). ``auto`` (the default of
+``train.embed_backend``) is not a backend but a choice among them, made once by :func:`resolve_backend`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import tempfile
 from collections.abc import Callable, Mapping
@@ -94,6 +96,33 @@ def backend_available(name: str) -> bool:
     return package is None or importlib.util.find_spec(package) is not None
 
 
+#: What ``auto`` picks on the CPU, fastest first (docs/performance.md): the first whose package imports.
+AUTO_ORDER = ("openvino", "onnxruntime")
+
+
+def _imports(package: str) -> bool:
+    """True when ``package`` imports here (installed and not broken)."""
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, precision: str = "float32", device: torch.device | None = None) -> str:
+    """The concrete backend ``backend`` names: itself, or for ``auto`` the fastest that runs here.
+
+    ``auto`` is the first of :data:`AUTO_ORDER` whose package imports, on the CPU and in float32 only;
+    ``torch`` on a GPU, with a ``precision`` other than float32 (bfloat16 autocast is torch's) or when
+    neither exported backend is installed.
+    """
+    if backend != "auto":
+        return backend
+    if precision != "float32" or (device is not None and device.type != "cpu"):
+        return "torch"
+    return next((name for name in AUTO_ORDER if _imports(_PACKAGES[name])), "torch")
+
+
 def compile_pass(module: nn.Module, example: Tensor, backend: str = "torch", precision: str = "float32") -> Compiled:
     """``module`` compiled by ``backend``; an unknown or uninstalled backend is a one-line ConfigError.
 
@@ -123,4 +152,14 @@ class BranchPass(nn.Module):
         return getattr(self.branch, self.method)(x)
 
 
-__all__ = ["BACKENDS", "INSTALL_FAST", "BranchPass", "Compiled", "backend_available", "compile_pass", "export_onnx"]
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "INSTALL_FAST",
+    "BranchPass",
+    "Compiled",
+    "backend_available",
+    "compile_pass",
+    "export_onnx",
+    "resolve_backend",
+]

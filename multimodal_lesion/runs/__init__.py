@@ -28,6 +28,7 @@ from .inputs import (
     resolve_device,
     seed_everything,
     synthetic_root,
+    with_concrete_backend,
 )
 from .load import LoadedModel, LoadedRun, balanced_scaling, load_model, load_run
 from .predict import (
@@ -92,5 +93,6 @@ __all__ = [
     "to_device",
     "tta_spread",
     "view_probabilities",
+    "with_concrete_backend",
     "write_provenance",
 ]

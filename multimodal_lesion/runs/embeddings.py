@@ -19,7 +19,7 @@ from ..data.cache import cache_key, cached_array, write_npy
 from ..data.datasets import Normalize
 from ..errors import ConfigError
 from ..models import FLIPS, ImageBranch, flipped_views
-from ..models.inference import BranchPass, Compiled, compile_pass
+from ..models.inference import BranchPass, Compiled, compile_pass, resolve_backend
 
 EMBED_VERSION = 1
 
@@ -29,8 +29,10 @@ def compiled_branch_pass(
 ) -> Compiled:
     """The branch's ``method`` (``embed`` or ``forward_maps``) compiled for ``device`` by ``backend``.
 
-    On a GPU only ``torch`` applies (eager, no channels-last conversion or bfloat16 on the CPU's terms).
+    On a GPU only ``torch`` applies (eager, no channels-last conversion or bfloat16 on the CPU's terms);
+    ``auto`` is resolved here too (:func:`~multimodal_lesion.models.inference.resolve_backend`).
     """
+    backend = resolve_backend(backend, precision, device)
     branch.eval().to(device)
     if device.type != "cpu":
         if backend != "torch":

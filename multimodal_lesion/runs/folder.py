@@ -66,10 +66,14 @@ RESUME_FREE = (
     "data.num_workers",
     "train.threads",
     "train.device",
+    "train.embed_backend",  # the float32 backends agree to 1e-3 and share one cache of embeddings and maps
     "explain",
     "ablation",
     "tracking",
 )
+#: Settings whose default changed after runs were first written, with what a ``config.toml`` without them
+#: meant: such a run reloads as it was trained (``train.embed_backend`` was torch before ``auto`` existed).
+EARLIER_DEFAULTS = (("train", "embed_backend", "torch"),)
 #: The files only training writes: a folder holding one of them holds a trained (or training) model.
 TRAINED = (METRICS, BEST, LAST, HISTORY, ENCODER, SPLITS)
 #: What ``last.pt`` holds (see training/engine.py).
@@ -115,6 +119,15 @@ def write_provenance(folder: Path, cfg: ExperimentConfig, **machine: Any) -> Non
     with atomic_write(folder / CONFIG) as fh:
         fh.write(to_toml(cfg))
     write_json(folder / VERSIONS, {**library_versions(), **machine})
+
+
+def _with_earlier_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A parsed ``config.toml`` with each missing key of :data:`EARLIER_DEFAULTS` at its earlier default."""
+    for section, key, value in EARLIER_DEFAULTS:
+        part = raw.setdefault(section, {})
+        if isinstance(part, dict):  # anything else is from_dict's error to report
+            part.setdefault(key, value)
+    return raw
 
 
 @dataclass(frozen=True)
@@ -285,7 +298,8 @@ class RunFolder:
             )
 
     def read_config(self) -> ExperimentConfig:
-        return _guarded(self.path / CONFIG, lambda p: from_dict(tomllib.loads(p.read_text())))
+        """``config.toml``; a key it lacks whose default has changed since takes its earlier default."""
+        return _guarded(self.path / CONFIG, lambda p: from_dict(_with_earlier_defaults(tomllib.loads(p.read_text()))))
 
     def read_schema(self) -> DatasetSchema:
         """The run's dataset schema (``schema.toml``: classes, features, key class); a run made before

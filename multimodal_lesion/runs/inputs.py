@@ -33,6 +33,7 @@ from ..data.synthetic import make_synthetic
 from ..data.user_splits import check_given_split, duplicate_pairs, given_split, split_frame, split_leaks
 from ..errors import ConfigError, Note, note
 from ..models import FLIPS, LesionModel, MetaLayout, check_model_mode, create_model, embed_images
+from ..models.inference import resolve_backend
 from .embeddings import cached_embeddings, embedding_identity
 from .feature_maps import AugmentedViews, cached_feature_maps
 
@@ -44,6 +45,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError('train.device: \'cuda\' but torch finds no CUDA GPU on this machine; use "auto" or "cpu"')
     return torch.device(name)
+
+
+def with_concrete_backend(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``train.embed_backend = "auto"`` replaced by the backend it picks on this machine.
+
+    Resolved once, where a run or an ablation starts, so its ``config.toml``, the caches' descriptions,
+    ``--resume`` and the explanations all see the backend that ran
+    (:func:`~multimodal_lesion.models.inference.resolve_backend`).
+    """
+    t = cfg.train
+    if t.embed_backend != "auto":
+        return cfg
+    backend = resolve_backend(t.embed_backend, t.embed_precision, resolve_device(t.device))
+    return replace(cfg, train={"embed_backend": backend})
 
 
 def seed_everything(seed: int) -> None:
@@ -388,6 +403,7 @@ def prepare_inputs(
     """Fit the encoder on the training split (unless given), encode everything and build the model.
 
     ``shared`` lends its frozen backbone and cached embeddings (an ablation trains many heads on one).
+    The inputs' config names the concrete ``train.embed_backend`` (:func:`with_concrete_backend`).
     """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -400,6 +416,7 @@ def prepare_inputs(
     for message in notes:  # kept in metrics.json and told to the user
         note(message)
     check_model_mode(cfg.model.name, cfg.train.mode)
+    cfg = with_concrete_backend(cfg)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     branch = shared.model.image_branch if shared is not None and cfg.train.mode == "frozen" else None
@@ -433,7 +450,9 @@ def prepare_inputs(
 
 
 def inputs_from_config(cfg: ExperimentConfig, show: bool = True) -> tuple[ExperimentConfig, RunInputs]:
-    """Data, split and model of a new run as configured; the returned config names the resolved data root."""
+    """Data, split and model of a new run as configured; the returned config names the resolved data root
+    and the concrete ``train.embed_backend``."""
     dataset = resolve_data(cfg, show)
     cfg = replace(cfg, data={"root": str(dataset.root)})
-    return cfg, prepare_inputs(cfg, dataset, make_splits(cfg, dataset))
+    inputs = prepare_inputs(cfg, dataset, make_splits(cfg, dataset))
+    return inputs.cfg, inputs

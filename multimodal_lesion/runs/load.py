@@ -20,6 +20,7 @@ from ..data.encoder import MetadataEncoder
 from ..data.schema import DatasetSchema
 from ..errors import CheckpointError, ConfigError, note
 from ..models import LesionModel, create_model
+from ..models.inference import resolve_backend
 from .checkpoints import load_model_state
 from .folder import RunFolder
 from .inputs import RunInputs, meta_layout, prepare_inputs, resolve_data, resolve_device
@@ -81,6 +82,16 @@ def _device(cfg: ExperimentConfig, folder: RunFolder, asked: str | None = None) 
     return resolve_device("auto" if asked == "auto" or cfg.train.device == "cuda" else cfg.train.device)
 
 
+def _backend_on(cfg: ExperimentConfig, device: torch.device) -> ExperimentConfig:
+    """``cfg`` with a ``train.embed_backend`` that runs on ``device``: an exported one (a CPU pass) is read as
+    torch when the run is loaded on a GPU, so a run trained on a CPU computes missing embeddings or maps there
+    eagerly (the same to 1e-3, one cache); ``auto`` (a hand-written config) is resolved.
+    """
+    t = cfg.train
+    backend = resolve_backend(t.embed_backend, t.embed_precision, device) if device.type == "cpu" else "torch"
+    return cfg if backend == t.embed_backend else replace(cfg, train={"embed_backend": backend})
+
+
 def load_model(run_dir: str | Path, device: str | None = None) -> LoadedModel:
     """The trained model of a run without its dataset, on ``device`` (None: the run's own, see :func:`_device`)."""
     folder = RunFolder(run_dir)
@@ -132,6 +143,7 @@ def load_run(
     splits = dataset.metadata[["image_id"]].merge(saved[["image_id", "split"]], on="image_id", how="left")
     splits["split"] = splits["split"].fillna("unassigned")
     on = _device(cfg, folder, device)
+    cfg = _backend_on(cfg, on)
     inputs = prepare_inputs(
         replace(cfg, model={"weights": "none"}, train={"device": on.type}), dataset, splits, folder.read_encoder()
     )

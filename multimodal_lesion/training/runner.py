@@ -19,7 +19,15 @@ from ..config import ExperimentConfig
 from ..data.patient import subgroup_attributes
 from ..data.schema import DatasetSchema, preset
 from ..models import check_model_mode, model_description
-from ..runs import RunFolder, RunInputs, inputs_from_config, load_run, predict_logits, resolve_device
+from ..runs import (
+    RunFolder,
+    RunInputs,
+    inputs_from_config,
+    load_run,
+    predict_logits,
+    resolve_device,
+    with_concrete_backend,
+)
 from ..tracking import Tracker, config_params, numbers
 from .audit import subgroup_audit
 from .calibration import BalancedScaler, TemperatureScaler
@@ -179,6 +187,7 @@ def train_run(
     model_description(cfg.model.name)  # an unknown model name is the registry's ConfigError
     check_model_mode(cfg.model.name, cfg.train.mode)  # before the run folder is touched
     resolve_device(cfg.train.device)
+    cfg = with_concrete_backend(cfg)  # what config.toml records and --resume compares: never "auto"
     info = init_distributed(cfg.train.device)
     if info.is_main:
         folder.begin_training(cfg, resume=resume, overwrite=overwrite)
