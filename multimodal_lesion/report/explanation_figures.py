@@ -51,16 +51,23 @@ def overlay_png(
     pixels: np.ndarray, cam: np.ndarray, path: str | Path, title: str = "", mask: np.ndarray | None = None
 ) -> Path:
     """The Grad-CAM map over the image with a colour bar and the lesion's contour (white) when known."""
-    import matplotlib as mpl
-
-    fig = new_figure((4.6, 3.3))
-    ax = fig.subplots()
+    fig = new_figure((4.6, 3.3), layout=None)
+    ax = fig.add_axes((0.02, 0.03, 0.72, 0.86))
     ax.imshow(_overlay(pixels, cam))
     _contour(ax, mask)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
-    fig.colorbar(mpl.cm.ScalarMappable(mpl.colors.Normalize(0, 1), "jet"), ax=ax, shrink=0.8, label="CAM (scaled)")
+    _jet_bar(fig, (0.78, 0.14, 0.035, 0.64), "CAM (scaled)")
     return save_figure(fig, path, dpi=100)
+
+
+def _jet_bar(fig: Any, where: tuple[float, float, float, float], label: str) -> None:
+    """The CAM's colour bar (jet over [0, 1]) in its own axes at ``where`` (figure fractions)."""
+    import matplotlib as mpl
+
+    bar = fig.colorbar(mpl.cm.ScalarMappable(mpl.colors.Normalize(0, 1), "jet"), cax=fig.add_axes(where))
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
 
 
 def metadata_map_png(
@@ -72,10 +79,8 @@ def metadata_map_png(
 ) -> Path:
     """Three panels: the CAM with the case's metadata, with every feature absent, and their difference
     (red: the metadata raises the map, blue: it lowers it), titled with the rank correlation."""
-    import matplotlib as mpl
-
-    fig = new_figure((10.5, 3.3))
-    axes = fig.subplots(1, 3)
+    fig = new_figure((10.5, 3.3), layout=None)
+    axes = [fig.add_axes((x, 0.03, 0.26, 0.78)) for x in (0.01, 0.28, 0.64)]
     axes[0].imshow(_overlay(pixels, with_metadata))
     axes[0].set_title("with the patient's metadata", fontsize=9)
     axes[1].imshow(_overlay(pixels, without_metadata))
@@ -84,23 +89,26 @@ def metadata_map_png(
     axes[2].set_title("difference (with - without)", fontsize=9)
     for ax in axes:
         ax.set_axis_off()
-    fig.colorbar(diff, ax=axes[2], shrink=0.8)
-    fig.colorbar(mpl.cm.ScalarMappable(mpl.colors.Normalize(0, 1), "jet"), ax=axes[:2], shrink=0.8, label="CAM")
+    _jet_bar(fig, (0.555, 0.14, 0.012, 0.56), "CAM")
+    bar = fig.colorbar(diff, cax=fig.add_axes((0.915, 0.14, 0.012, 0.56)))
+    bar.ax.tick_params(labelsize=7)
     rho = "undefined" if spearman is None or not np.isfinite(spearman) else f"{spearman:.3f}"
-    fig.suptitle(f"Spearman rank correlation of the two maps over pixels: {rho}", fontsize=9)
+    fig.suptitle(f"Spearman rank correlation of the two maps over pixels: {rho}", fontsize=9, y=0.97)
     return save_figure(fig, path, dpi=100)
 
 
 def age_maps_png(pixels: np.ndarray, maps: Mapping[str, np.ndarray], path: str | Path, observed: str = "") -> Path:
     """The CAM at each age of ``maps`` (age -> map), side by side; the patient's own age in the title."""
-    fig = new_figure((2.6 * len(maps), 2.6))
-    axes = np.atleast_1d(fig.subplots(1, len(maps)))
-    for ax, (age, cam) in zip(axes, maps.items(), strict=True):
+    n = len(maps)
+    fig = new_figure((2.6 * n, 2.6), layout=None)
+    top = 0.78 if observed else 0.88
+    for k, (age, cam) in enumerate(maps.items()):
+        ax = fig.add_axes((k / n + 0.01, 0.02, 1 / n - 0.02, top))
         ax.imshow(_overlay(pixels, cam))
         ax.set_title(f"age {age}", fontsize=9)
         ax.set_axis_off()
     if observed:
-        fig.suptitle(f"this patient's age: {observed}", fontsize=9)
+        fig.suptitle(f"this patient's age: {observed}", fontsize=9, y=0.98)
     return save_figure(fig, path, dpi=100)
 
 
