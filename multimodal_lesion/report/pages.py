@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -30,6 +31,7 @@ from .html import ClassVocabulary, write_case_pages
 Drawn = dict[str, dict[str, Path | None]]
 RECORDS = Path("cases") / "assets" / ".drawn"
 MAX_PENDING = 2  # chunks queued for the worker before the explaining process waits (memory stays flat)
+WORKER_NICE = 10  # the drawing yields the cores to the computation, which the next chunk waits on
 
 
 @dataclass
@@ -162,7 +164,8 @@ class CasePages:
 
     def _worker(self) -> ProcessPoolExecutor:
         if self._pool is None:  # spawn: the explaining process holds torch / OpenVINO threads a fork would copy
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(1, mp_context=context, initializer=os.nice, initargs=(WORKER_NICE,))
         return self._pool
 
     def _wait_oldest(self) -> None:
