@@ -282,6 +282,22 @@ def test_pages_stream_and_a_killed_report_resumes_without_redoing_finished_chunk
     assert "gradcam" not in last.timings and "faithfulness" not in last.timings  # all read back
 
 
+def test_a_long_report_draws_in_a_worker_and_writes_every_page(frozen_run: Path, cli_ham: Path, tmp_path: Path) -> None:
+    """More than a chunk of cases: the figures come from the worker process, every page and the index are
+    written, and the timings say how long the report waited for the figures."""
+    from multimodal_lesion.report.html import case_page_name
+    from multimodal_lesion.workflows import explain_cohort
+
+    index, cohort = explain_cohort(
+        frozen_run, tmp_path, data=cli_ham, split="train", n=20, settings=EXPLAIN, show=False
+    )
+    assert len(cohort.cases) == 20 and "waiting for figures" in cohort.timings
+    assert all((tmp_path / "cases" / case_page_name(c.image_id)).is_file() for c in cohort.cases)
+    assert len(list((tmp_path / "cases" / "assets").glob("*_overlay.png"))) == 20
+    assert len(list((tmp_path / "cases" / "assets" / ".drawn").iterdir())) == 2  # two chunks drawn
+    assert case_page_name(cohort.cases[-1].image_id) in index.read_text()
+
+
 # --- a model that fuses the metadata into the maps, through the whole pipeline ---------------------------
 
 MAP_RUN = (*TINY, 'model.name="metanet"', 'train.mode="partial"', "model.tail_blocks=1", "train.epochs=2")
