@@ -22,6 +22,7 @@ from multimodal_lesion.data.constants import CLASSES
 from multimodal_lesion.errors import CheckpointError, ConfigError
 from multimodal_lesion.models import create_model, embed_images
 from multimodal_lesion.runs import load_checkpoint, load_run, predict_image, predict_logits, seed_everything
+from multimodal_lesion.runs.inputs import with_concrete_backend
 from multimodal_lesion.training.engine import (
     WeightAverage,
     WeightedSmoothedCrossEntropy,
@@ -107,7 +108,9 @@ def test_run_folder_is_complete(frozen_run: tuple[Path, dict]) -> None:
 
 def test_resolved_config_is_written(frozen_run: tuple[Path, dict], data_root: Path) -> None:
     out, _ = frozen_run
-    assert load_config(out / "config.toml") == tiny_cfg(data_root, 'model.name="concat"')
+    written = load_config(out / "config.toml")
+    assert written == with_concrete_backend(tiny_cfg(data_root, 'model.name="concat"'))
+    assert written.train.embed_backend in {"torch", "onnxruntime", "openvino"}  # the backend that ran, never auto
 
 
 def test_frozen_cache_gives_the_same_predictions_as_the_live_backbone(frozen_run: tuple[Path, dict]) -> None:
