@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -178,13 +179,15 @@ def explain_cohort(
     """:func:`explain_run` that also returns what it computed: (the index, the ``CohortExplanation``)."""
     from .explain.pipeline import CHUNK, save_explanations
     from .explain.pipeline import explain_run as explain
+    from .explain.resume import CHUNK_DIR
     from .report.explanations import draw_cohort_figures
     from .report.faithfulness_tables import write_faithfulness_tables
     from .report.html import ReportFigures, write_report
     from .report.pages import CasePages
 
     t0 = time.perf_counter()
-    long = (len(cases) if cases else n or 0) > CHUNK  # drawn in a worker while the next chunk is computed
+    count = len(cases) if cases else n or (settings or {}).get("n_cases", 0)
+    long = count > CHUNK  # drawn in a worker while the next chunk is computed
     pages = CasePages(out, prepare=lambda chunk: add_prediction_sets(run_dir, chunk), parallel=long)
     try:
         cohort = explain(
@@ -203,6 +206,7 @@ def explain_cohort(
     save_explanations(out, cohort)
     write_faithfulness_tables(out, cohort)
     index = write_report(out, cohort, figures)
+    shutil.rmtree(Path(out) / CHUNK_DIR, ignore_errors=True)  # kept for a killed run only: ~1 MB a case
     if show:
         total, k = time.perf_counter() - t0, len(cohort.cases)
         per = ", ".join(f"{name} {v / k:.3f}" for name, v in cohort.timings.items())

@@ -296,6 +296,7 @@ def test_a_long_report_draws_in_a_worker_and_writes_every_page(frozen_run: Path,
     assert len(list((tmp_path / "cases" / "assets").glob("*_overlay.png"))) == 20
     assert len(list((tmp_path / "cases" / "assets" / ".drawn").iterdir())) == 2  # two chunks drawn
     assert case_page_name(cohort.cases[-1].image_id) in index.read_text()
+    assert not (tmp_path / ".explain-chunks").exists()  # a finished report keeps no chunks
 
 
 # --- a model that fuses the metadata into the maps, through the whole pipeline ---------------------------
