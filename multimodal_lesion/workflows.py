@@ -196,7 +196,6 @@ def explain_cohort(
         figures = ReportFigures(cases=pages.finish())
     finally:
         pages.close()
-    add_prediction_sets(run_dir, cohort.cases)
     t1 = time.perf_counter()
     figures.cohort = draw_cohort_figures(out, cohort)
     cohort.timings["figures"] = pages.seconds + time.perf_counter() - t1

@@ -501,7 +501,7 @@ def explain_run(
                 part = explain_chunk(run, part_rows, part_why, start, shared, timed)
                 chunks.put(key, part)
             if on_chunk is not None:
-                on_chunk(ChunkView(start, part.cases, ShapRows.joined([part.shap]), ids, classes, names))
+                on_chunk(ChunkView(start, part.cases, part.shap, ids, classes, names))
             parts.append(part)
             bar.update(len(part.cases))
     sanity = _sanity(run, rows, why, parts, chunks, timed)
@@ -516,7 +516,7 @@ class ChunkView:
 
     offset: int
     cases: list[CaseExplanation]
-    shap: Any  # shap.Explanation of these cases
+    shap: ShapRows  # the SHAP rows of these cases (``ShapRows.joined([shap])``: a ``shap.Explanation``)
     ids: list[str]
     classes: list[str]
     class_names: dict[str, str]

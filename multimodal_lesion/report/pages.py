@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..explain.pipeline import ShapRows
 from ..explain.results import CaseExplanation
 from ..io import atomic_write
 from .explanations import draw_case_figures
@@ -40,7 +41,7 @@ class PageJob:
 
     out: Path
     cases: list[CaseExplanation]
-    shap: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, list[str]] | None
+    shap: ShapRows | None
     ids: list[str]
     offset: int
     classes: list[str]
@@ -63,29 +64,21 @@ class PageJob:
                 *case.age_cams.values(),
             ):
                 h.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
-        for part in self.shap or ():
-            h.update(json.dumps(part if isinstance(part, list) else np.asarray(part).tolist(), default=str).encode())
+        if self.shap is not None:
+            for part in (self.shap.values, self.shap.base_values, self.shap.data, self.shap.error_std):
+                h.update(json.dumps(None if part is None else np.asarray(part).tolist(), default=str).encode())
+            h.update(json.dumps(self.shap.feature_names).encode())
         return h.hexdigest()
 
 
 def draw_and_write(job: PageJob) -> tuple[Drawn, float]:
     """Draw the chunk's figures and write its pages; returns the figures and the seconds it took."""
     t = time.perf_counter()
-    drawn = draw_case_figures(job.out, job.cases, _explanation(job.shap))
+    drawn = draw_case_figures(job.out, job.cases, None if job.shap is None else ShapRows.joined([job.shap]))
     vocab = ClassVocabulary(tuple(job.classes), job.class_names)
     write_case_pages(job.out, job.cases, drawn, job.ids, job.offset, vocab)
     _write_record(job, drawn)
     return drawn, time.perf_counter() - t
-
-
-def _explanation(rows: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, list[str]] | None) -> Any:
-    """The chunk's SHAP rows as a ``shap.Explanation`` (what the waterfall plots read)."""
-    if rows is None:
-        return None
-    import shap
-
-    values, base_values, data, error_std, names = rows
-    return shap.Explanation(values=values, base_values=base_values, data=data, feature_names=names, error_std=error_std)
 
 
 def _record_path(job: PageJob) -> Path:
@@ -133,9 +126,7 @@ class CasePages:
         """Draw and write a finished chunk (an ``explain.pipeline.ChunkView``), or queue it for the worker."""
         if self.prepare is not None:
             self.prepare(view.cases)
-        shap = view.shap
-        rows = None if shap is None else (shap.values, shap.base_values, shap.data, shap.error_std, shap.feature_names)
-        job = PageJob(self.out, view.cases, rows, view.ids, view.offset, view.classes, view.class_names)
+        job = PageJob(self.out, view.cases, view.shap, view.ids, view.offset, view.classes, view.class_names)
         before = drawn_before(job)
         if before is not None:
             self.drawn.update(before)
