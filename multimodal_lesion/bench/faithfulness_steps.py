@@ -3,13 +3,18 @@ against today's 10-step curves, on the same cases, maps and model.
 
 Usage:
     python -m multimodal_lesion.bench.faithfulness_steps --run runs/frozen150 [--data $MMLESION_HAM10000] \\
-        [--n 100] [--steps 10 5 4] [--json steps.json]
+        [--n 100] [--steps 10 5 4] [--road] [--reference] [--json steps.json]
 
 Explains ``--n`` test cases as ``mmlesion explain`` selects them (the same CAMs, baseline maps and lesion
 masks), draws every deletion and insertion curve at each ``--steps`` (the first is the reference) through
 the batched pipeline (ROAD only with ``--road``: the steps do not change it), and prints per map and curve
 the mean AUC, the change of the mean and the largest per-case change against the reference, and every
 paired verdict (better / tie / worse) with its CI. Seconds of each faithfulness pass are printed too.
+
+``--reference`` also measures every case the way the report did before the curves were batched: one
+eager-torch forward per (case, map, curve) (:func:`~multimodal_lesion.explain.faithfulness.perturbation_curve`
+with the case's metadata bound) and ROAD imputed by pytorch-grad-cam's own ``NoisyLinearImputer``, and
+compares every verdict and value with the batched pass at the first ``--steps``.
 """
 
 from __future__ import annotations
@@ -23,8 +28,17 @@ import numpy as np
 
 from ..config import replace
 from ..data.constants import DATA_ENV
-from ..explain.faithfulness import MAP_NAMES, baseline_maps, compare_to_baselines
-from ..explain.gradcam import layer_geometry
+from ..explain.faithfulness import (
+    MAP_NAMES,
+    baseline_maps,
+    compare_to_baselines,
+    curve_auc,
+    energy_inside,
+    perturbation_curve,
+    pointing_game,
+    road_images,
+)
+from ..explain.gradcam import layer_geometry, shown_view
 from ..explain.pipeline import (
     case_predictor,
     compute_cams,
@@ -47,7 +61,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 5])
     parser.add_argument("--json", default="")
     parser.add_argument("--road", action="store_true", help="also draw ROAD (the steps do not change it)")
+    parser.add_argument("--reference", action="store_true", help="also one forward per curve, eager (implies --road)")
     args = parser.parse_args()
+    args.road = args.road or args.reference
     run = load_run(args.run, args.data)
     cfg = run.inputs.cfg.explain
     rows, why = select_cases(run, "test", None, args.n, cfg.seed)
@@ -67,6 +83,13 @@ def main() -> None:
         reports[steps] = faithfulness(run, batch, cams, masks, priors, predict)
         seconds[steps] = time.perf_counter() - start
     summary = summarise(reports, args.steps, cfg.bootstrap, cfg.seed)
+    if args.reference:
+        run.inputs.cfg = replace(run.inputs.cfg, explain={"steps": args.steps[0], "faithfulness_cases": len(rows)})
+        start = time.perf_counter()
+        reference = reference_reports(run, batch, cams, masks, priors)
+        seconds["reference"] = time.perf_counter() - start
+        summary["reference"] = compare_reference(reports[args.steps[0]], reference, cfg.bootstrap, cfg.seed)
+        print_reference(summary["reference"])
     summary["seconds"] = seconds
     summary["cases"] = len(rows)
     print(json.dumps({"seconds": seconds, "cases": len(rows)}))
@@ -74,6 +97,93 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(summary, fh, indent=1)
+
+
+def reference_reports(run, batch, cams: np.ndarray, masks: list, priors) -> list[dict[str, dict[str, float]]]:
+    """Every measure of every case as before the batching: per case, map and curve one eager forward of
+    the curve's images, ROAD through pytorch-grad-cam's ``NoisyLinearImputer`` (one ``spsolve`` a mask)."""
+    import torch
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    from ..explain.pipeline import cam_setup
+
+    cfg, setup, model = run.inputs.cfg.explain, cam_setup(run), run.inputs.model
+    shape = (int(cams.shape[-2]), int(cams.shape[-1]))
+    out = []
+    model.eval()
+    for i in range(len(batch.rows)):
+        predict = shown_view(model, setup.flip_average, setup.temperature, batch.meta[i : i + 1])
+        image, target = batch.images[i], batch.targets[i]
+        maps = {"cam": cams[i], **priors.maps(shape, cfg.seed + i)}
+        report: dict[str, dict[str, float]] = {}
+        for name, sal in maps.items():
+            sal = np.asarray(sal)
+            report[name] = {
+                f"{mode}_auc": curve_auc(perturbation_curve(predict, image, sal, target, mode=mode, steps=cfg.steps))
+                for mode in ("deletion", "insertion")
+            }
+            if masks[i] is not None:
+                report[name]["pointing_game"] = float(pointing_game(sal, masks[i]))
+                report[name]["energy_inside"] = energy_inside(sal, masks[i])
+        stacked = np.stack([np.asarray(m) for m in maps.values()])
+        imputer = _pgc_imputer(NoisyLinearImputer())
+        imputed = road_images(image, stacked, cfg.road_percentiles, cfg.seed, imputer=imputer)
+        with torch.no_grad():
+            probs = torch.softmax(predict(imputed).double(), -1)[:, target].numpy()
+        lerf, morf = probs.reshape(2, len(cfg.road_percentiles), len(maps))
+        for name, score in zip(maps, ((lerf - morf) / 2).mean(0), strict=True):
+            report[name]["road"] = float(score)
+        out.append(report)
+        print(f"reference: case {i + 1}/{len(batch.rows)}", flush=True)
+    return out
+
+
+def _pgc_imputer(imputer):
+    """pytorch-grad-cam's imputer called as :func:`road_images` calls one: (image, kept mask as numpy)."""
+    import torch
+
+    return lambda image, keep: imputer(image, torch.from_numpy(np.asarray(keep, dtype=np.float32)))
+
+
+def compare_reference(batched: list, reference: list, n_boot: int, seed: int) -> dict:
+    """The largest per-case difference of each measure and every verdict, batched against the reference."""
+    largest = {
+        f"{name} {metric}": float(
+            np.nanmax([abs(b[name][metric] - r[name][metric]) for b, r in zip(batched, reference, strict=True)])
+        )
+        for name in reference[0]
+        for metric in reference[0][name]
+    }
+    pairs = zip(
+        compare_to_baselines(batched, n_boot=n_boot, seed=seed),
+        compare_to_baselines(reference, n_boot=n_boot, seed=seed),
+        strict=True,
+    )
+    verdicts = [
+        {
+            "metric": b.metric,
+            "baseline": b.baseline,
+            "batched": [b.diff, b.ci_low, b.ci_high, b.verdict],
+            "reference": [r.diff, r.ci_low, r.ci_high, r.verdict],
+        }
+        for b, r in pairs
+    ]
+    return {"largest_case_difference": largest, "verdicts": verdicts}
+
+
+def print_reference(comparison: dict) -> None:
+    print("\n| measure | baseline | batched | one forward per curve, pytorch-grad-cam's ROAD imputer |")
+    print("|---|---|---|---|")
+    for v in comparison["verdicts"]:
+        b, r = v["batched"], v["reference"]
+        print(
+            f"| {v['metric']} | {v['baseline']} | {b[0]:+.3f} [{b[1]:+.3f}, {b[2]:+.3f}] {b[3]} "
+            f"| {r[0]:+.3f} [{r[1]:+.3f}, {r[2]:+.3f}] {r[3]} |"
+        )
+    same = all(v["batched"][3] == v["reference"][3] for v in comparison["verdicts"])
+    print(f"\nevery verdict the same as one forward per curve: {same}")
+    worst = max(comparison["largest_case_difference"].items(), key=lambda kv: kv[1])
+    print(f"largest per-case difference of any measure: {worst[1]:.2e} ({worst[0]})")
 
 
 def summarise(reports: dict, all_steps: list[int], n_boot: int, seed: int) -> dict:
