@@ -255,6 +255,10 @@ def test_road_imputation_is_pytorch_grad_cams(planted) -> None:
         ]
     )
     imputer = RoadImputer()
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
     for _ in range(2):  # the second time from the cached factors
         torch.testing.assert_close(road_images(image, maps, (20, 50, 80), seed=3, imputer=imputer), original)
     assert 0 < len(imputer._systems) <= 18  # one system per distinct removal mask
+    assert torch.equal(torch.get_rng_state(), state)  # its own generator: the global one is not touched (threads)
+    torch.testing.assert_close(road_images(image, maps, (20, 50, 80), seed=3, imputer=NoisyLinearImputer()), original)

@@ -126,8 +126,7 @@ def reference_reports(run, batch, cams: np.ndarray, masks: list, priors) -> list
                 report[name]["pointing_game"] = float(pointing_game(sal, masks[i]))
                 report[name]["energy_inside"] = energy_inside(sal, masks[i])
         stacked = np.stack([np.asarray(m) for m in maps.values()])
-        imputer = _pgc_imputer(NoisyLinearImputer())
-        imputed = road_images(image, stacked, cfg.road_percentiles, cfg.seed, imputer=imputer)
+        imputed = road_images(image, stacked, cfg.road_percentiles, cfg.seed, imputer=NoisyLinearImputer())
         with torch.no_grad():
             probs = torch.softmax(predict(imputed).double(), -1)[:, target].numpy()
         lerf, morf = probs.reshape(2, len(cfg.road_percentiles), len(maps))
@@ -136,13 +135,6 @@ def reference_reports(run, batch, cams: np.ndarray, masks: list, priors) -> list
         out.append(report)
         print(f"reference: case {i + 1}/{len(batch.rows)}", flush=True)
     return out
-
-
-def _pgc_imputer(imputer):
-    """pytorch-grad-cam's imputer called as :func:`road_images` calls one: (image, kept mask as numpy)."""
-    import torch
-
-    return lambda image, keep: imputer(image, torch.from_numpy(np.asarray(keep, dtype=np.float32)))
 
 
 def compare_reference(batched: list, reference: list, n_boot: int, seed: int) -> dict:
