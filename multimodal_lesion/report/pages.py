@@ -109,15 +109,17 @@ class CasePages:
 
     ``prepare(cases)`` runs first in this process (the prediction sets and shift alarm the pages show).
     With ``parallel`` the drawing goes to one worker process (spawned on the first chunk) while the
-    caller computes the next chunk; :meth:`finish` waits for it and returns every case's figures.
-    ``seconds`` sums the drawing and writing (in the worker, overlapped), ``waited`` the time this
-    process spent waiting for it.
+    caller computes the next chunk, except the report's last chunk, which this process draws beside the
+    worker's last ones (nothing is left to compute); :meth:`finish` waits for the worker and returns every
+    case's figures.
+    ``seconds`` sums the drawing and writing, ``here`` the part of it done in this process (the rest was
+    in the worker, overlapped), ``waited`` the time this process spent waiting for the worker.
     """
 
     def __init__(self, out: str | Path, prepare: Any = None, parallel: bool = False) -> None:
         self.out, self.prepare, self.parallel = Path(out), prepare, parallel
         self.drawn: Drawn = {}
-        self.seconds = self.waited = 0.0
+        self.seconds = self.waited = self.here = 0.0
         self.reused = 0  # chunks whose figures an earlier run had drawn
         self._pool: ProcessPoolExecutor | None = None
         self._pending: deque[Future[tuple[Drawn, float]]] = deque()
@@ -131,8 +133,11 @@ class CasePages:
         if before is not None:
             self.drawn.update(before)
             self.reused += 1
-        elif not self.parallel:
-            self._collect(draw_and_write(job))
+        elif not self.parallel or view.offset + len(view.cases) >= len(view.ids):
+            # the last chunk is drawn here, beside the worker's last ones: the computation is over
+            drawn, seconds = draw_and_write(job)
+            self.here += seconds
+            self._collect((drawn, seconds))
         else:
             self._pending.append(self._worker().submit(draw_and_write, job))
             while len(self._pending) > MAX_PENDING or (self._pending and self._pending[0].done()):
