@@ -15,7 +15,8 @@ from ..data.constants import CLASS_NAMES
 from ..explain.randomisation import SIMILAR, StageResult
 from ..explain.results import CaseExplanation
 from ..io import atomic_write
-from .figures import new_figure, save_figure
+from .figures import PNG_LEVEL, new_figure, save_figure
+from .panels import SIDE, Bar, Panel, colours, compose, scaled, with_contour
 
 #: The image's colour, then the patient features' in the run's feature order (repeating past the end).
 IMAGE_COLOUR = "#4c72b0"
@@ -47,27 +48,14 @@ def _contour(ax: Any, mask: np.ndarray | None) -> None:
         ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.2)
 
 
+CAM_BAR = Bar("jet", 0.0, 1.0, "CAM (scaled)")
+
+
 def overlay_png(
     pixels: np.ndarray, cam: np.ndarray, path: str | Path, title: str = "", mask: np.ndarray | None = None
 ) -> Path:
     """The Grad-CAM map over the image with a colour bar and the lesion's contour (white) when known."""
-    fig = new_figure((4.6, 3.3), layout=None)
-    ax = fig.add_axes((0.02, 0.03, 0.72, 0.86))
-    ax.imshow(_overlay(pixels, cam))
-    _contour(ax, mask)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
-    _jet_bar(fig, (0.78, 0.14, 0.035, 0.64), "CAM (scaled)")
-    return save_figure(fig, path, dpi=100)
-
-
-def _jet_bar(fig: Any, where: tuple[float, float, float, float], label: str) -> None:
-    """The CAM's colour bar (jet over [0, 1]) in its own axes at ``where`` (figure fractions)."""
-    import matplotlib as mpl
-
-    bar = fig.colorbar(mpl.cm.ScalarMappable(mpl.colors.Normalize(0, 1), "jet"), cax=fig.add_axes(where))
-    bar.set_label(label, fontsize=8)
-    bar.ax.tick_params(labelsize=7)
+    return compose([Panel(with_contour(scaled(_overlay(pixels, cam)), mask), title, CAM_BAR)], path)
 
 
 def metadata_map_png(
@@ -78,38 +66,22 @@ def metadata_map_png(
     spearman: float | None = None,
 ) -> Path:
     """Three panels: the CAM with the case's metadata, with every feature absent, and their difference
-    (red: the metadata raises the map, blue: it lowers it), titled with the rank correlation."""
-    fig = new_figure((10.5, 3.3), layout=None)
-    axes = [fig.add_axes((x, 0.03, 0.26, 0.78)) for x in (0.01, 0.28, 0.64)]
-    axes[0].imshow(_overlay(pixels, with_metadata))
-    axes[0].set_title("with the patient's metadata", fontsize=9)
-    axes[1].imshow(_overlay(pixels, without_metadata))
-    axes[1].set_title("every patient feature absent", fontsize=9)
-    diff = axes[2].imshow(with_metadata - without_metadata, cmap="RdBu_r", vmin=-1, vmax=1)
-    axes[2].set_title("difference (with - without)", fontsize=9)
-    for ax in axes:
-        ax.set_axis_off()
-    _jet_bar(fig, (0.555, 0.14, 0.012, 0.56), "CAM")
-    bar = fig.colorbar(diff, cax=fig.add_axes((0.915, 0.14, 0.012, 0.56)))
-    bar.ax.tick_params(labelsize=7)
+    (red: the metadata raises the map, blue: it lowers it), headed with the rank correlation."""
+    difference = colours("RdBu_r", (np.asarray(with_metadata) - np.asarray(without_metadata) + 1) / 2)
     rho = "undefined" if spearman is None or not np.isfinite(spearman) else f"{spearman:.3f}"
-    fig.suptitle(f"Spearman rank correlation of the two maps over pixels: {rho}", fontsize=9, y=0.97)
-    return save_figure(fig, path, dpi=100)
+    panels = [
+        Panel(scaled(_overlay(pixels, with_metadata)), "with the patient's metadata"),
+        Panel(scaled(_overlay(pixels, without_metadata)), "every patient feature absent", Bar("jet", 0, 1, "CAM")),
+        Panel(scaled(difference), "difference (with - without)", Bar("RdBu_r", -1, 1, "with - without")),
+    ]
+    return compose(panels, path, f"Spearman rank correlation of the two maps over pixels: {rho}")
 
 
 def age_maps_png(pixels: np.ndarray, maps: Mapping[str, np.ndarray], path: str | Path, observed: str = "") -> Path:
-    """The CAM at each age of ``maps`` (age -> map), side by side; the patient's own age in the title."""
-    n = len(maps)
-    fig = new_figure((2.6 * n, 2.6), layout=None)
-    top = 0.78 if observed else 0.88
-    for k, (age, cam) in enumerate(maps.items()):
-        ax = fig.add_axes((k / n + 0.01, 0.02, 1 / n - 0.02, top))
-        ax.imshow(_overlay(pixels, cam))
-        ax.set_title(f"age {age}", fontsize=9)
-        ax.set_axis_off()
-    if observed:
-        fig.suptitle(f"this patient's age: {observed}", fontsize=9, y=0.98)
-    return save_figure(fig, path, dpi=100)
+    """The CAM at each age of ``maps`` (age -> map), side by side; the patient's own age in the heading."""
+    side = max(160, SIDE - 40 * max(len(maps) - 3, 0))  # four or five maps stay about a page wide
+    panels = [Panel(scaled(_overlay(pixels, cam), side), f"age {age}") for age, cam in maps.items()]
+    return compose(panels, path, f"this patient's age: {observed}" if observed else "")
 
 
 def cohort_grid_png(cases: Sequence[CaseExplanation], path: str | Path, per_row: int = 4) -> Path:
@@ -138,7 +110,7 @@ def cohort_grid_png(cases: Sequence[CaseExplanation], path: str | Path, per_row:
 
 def _save_image(img: Image.Image, path: str | Path) -> Path:
     with atomic_write(path, "wb") as fh:
-        img.save(fh, format="PNG")
+        img.save(fh, format="PNG", compress_level=PNG_LEVEL)
     return Path(path)
 
 

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from ..training.runner import Evaluation
 
 _DPI = 150
+#: zlib level of every PNG a report writes: about 4x faster to encode than the default 6, files ~20% larger.
+PNG_LEVEL = 1
 
 
 def plot_confusion(
@@ -245,8 +247,10 @@ def save_figure(fig: Figure, path: str | Path, dpi: float | str = _DPI) -> Path:
     """Write a figure atomically in the format named by the suffix, then release it: every figure
     of the package is saved here."""
     path = Path(path)
+    kind = path.suffix.lstrip(".").lower() or "png"
+    encoding: dict[str, Any] = {"pil_kwargs": {"compress_level": PNG_LEVEL}} if kind == "png" else {}
     with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi)
+        fig.savefig(fh, format=kind, dpi=dpi, **encoding)
     fig.clear()
     return path
 
