@@ -262,3 +262,32 @@ def test_road_imputation_is_pytorch_grad_cams(planted) -> None:
     assert 0 < len(imputer._systems) <= 18  # one system per distinct removal mask
     assert torch.equal(torch.get_rng_state(), state)  # its own generator: the global one is not touched (threads)
     torch.testing.assert_close(road_images(image, maps, (20, 50, 80), seed=3, imputer=NoisyLinearImputer()), original)
+
+
+def test_the_chunks_of_a_report_share_the_roads_factors(planted) -> None:
+    """One imputer passed to every chunk's call: a mask every case shares (the centre baseline's) is
+    factorised once for the report, and the measures equal those of a fresh imputer per call."""
+    from multimodal_lesion.explain.faithfulness import (
+        CurveSettings,
+        FaithfulnessCase,
+        RoadImputer,
+        faithfulness_reports,
+    )
+
+    model = planted.model.eval()
+    maps = {"cam": planted.mask.astype(float), "centre": centre_map(planted.size)}
+    cases = [FaithfulnessCase(planted.images[i], planted.meta[i], 1, maps) for i in range(2)]
+    settings = CurveSettings(steps=4, road_percentiles=(20, 80))
+
+    def predict(images: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
+        return BoundMetadata(model, meta)(images)
+
+    shared = RoadImputer()
+    first = faithfulness_reports(predict, cases[:1], settings, imputer=shared)
+    built = set(shared._systems)
+    second = faithfulness_reports(predict, cases[1:], settings, imputer=shared)
+    assert set(shared._systems) == built  # the second chunk's masks (the same two maps) all came from the cache
+    fresh = [faithfulness_reports(predict, [case], settings)[0] for case in cases]
+    for got, want in zip([*first, *second], fresh, strict=True):
+        for name in maps:
+            assert got[name] == pytest.approx(want[name], abs=1e-6)

@@ -46,6 +46,7 @@ from .faithfulness import (
     CasePredictor,
     CurveSettings,
     FaithfulnessCase,
+    RoadImputer,
     baseline_maps,
     compare_to_baselines,
     faithfulness_reports,
@@ -278,9 +279,11 @@ def faithfulness(
     store: ReportStore | None = None,
     offset: int = 0,
     progress: bool = True,
+    imputer: RoadImputer | None = None,
 ) -> list[dict[str, dict[str, float]]]:
     """Every measure of the CAM and each baseline map for the report's first ``explain.faithfulness_cases``
     cases; ``batch`` holds the report's cases from number ``offset`` on (a chunk of a longer report).
+    The chunks of a report share one ROAD ``imputer`` (its cached factors).
 
     The curves of all cases go through ``predict`` (default :func:`case_predictor`) in shared batches,
     with a progress bar and its ETA on stderr (``progress``). Cases already in ``store`` (a killed run's
@@ -313,7 +316,7 @@ def faithfulness(
             bar.update(1)
 
         if todo:
-            faithfulness_reports(predict or case_predictor(run), cases, settings, on_case=finished)
+            faithfulness_reports(predict or case_predictor(run), cases, settings, on_case=finished, imputer=imputer)
     return [store.reports[key] for key in keys]
 
 
@@ -380,6 +383,7 @@ class PixelSetup:
     geometry: LayerGeometry
     baselines: BaselineMaps
     predict: CasePredictor | None = None
+    imputer: RoadImputer = dataclasses.field(default_factory=RoadImputer)  # ROAD's factors, kept across chunks
 
     def predictor(self, run: LoadedRun) -> CasePredictor:
         if self.predict is None:
@@ -450,7 +454,7 @@ def explain_pixels(
     masks = [lesion_mask(inputs, int(r)) for r in batch.rows]
     effect, age_cams = timed("metadata on map", metadata_on_maps, run, batch, cams.maps)
     predict = setup.predictor(run) if offset < cfg.faithfulness_cases else None
-    args = (run, batch, cams.maps, masks, setup.baselines, predict, store, offset, False)
+    args = (run, batch, cams.maps, masks, setup.baselines, predict, store, offset, False, setup.imputer)
     reports = timed("faithfulness", faithfulness, *args)
     return PixelSide(cams, runner_up, masks, reports, effect, age_cams)
 
