@@ -51,6 +51,18 @@ def test_tiny_benchmark_writes_json_with_all_sections(tmp_path: Path, monkeypatc
     assert all(name in table for name in SECTIONS)
 
 
+@pytest.mark.slow
+def test_the_explanation_section_runs_on_a_multiscale_run(tmp_path: Path, monkeypatch) -> None:
+    """The real-data preset pools several scales; the late-vs-map comparison gives the map model (which
+    cannot) a single-scale branch instead of refusing, and times both games."""
+    monkeypatch.setenv("MMLESION_CACHE", str(tmp_path / "cache"))
+    results = run_benchmark(
+        None, None, tiny=True, show=False, overrides=["model.multiscale=true"], sections=["explanations"]
+    )
+    names = {f["name"] for f in results["sections"]["explanations"]["figures"]}
+    assert {"grouped exact SHAP per case, film_maps", "modality split per case, concat"} <= names
+
+
 def test_measured_sees_numpy_and_torch_allocations() -> None:
     with measured() as record:
         a = np.ones(64 * 2**20 // 8)  # 64 MB, numpy

@@ -5,6 +5,7 @@ the maps costs the exact games: grouped SHAP and the modality split per case of 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -162,9 +163,13 @@ def _game_seconds(model: LesionModel, inputs: ExplainInputs, background_images: 
 
 def time_fusion_kinds(ctx: BenchContext, run: LoadedRun, inputs: ExplainInputs) -> list[dict]:
     """Exact SHAP and modality split per case: a late model against a map model (untrained heads: the cost
-    does not depend on the weights) on the run's backbone, cases and background."""
+    does not depend on the weights) on the run's backbone (a fresh single-scale branch of the same
+    architecture when the run pools several scales, which a map model cannot), cases and background."""
     branch = run.inputs.model.image_branch
     assert branch is not None  # explain_inputs checked it
+    model_cfg = run.inputs.cfg.model
+    if model_cfg.multiscale:  # a map model pools only its last map: both get a single-scale branch of their own
+        model_cfg, branch = dataclasses.replace(model_cfg, multiscale=False), None
     layout = meta_layout(run.inputs.encoder)
     background = ctx.subsample(run.inputs.indices("train"), len(inputs.background_meta))
     bg_images = run.inputs.normalized_images(background)
@@ -174,7 +179,7 @@ def time_fusion_kinds(ctx: BenchContext, run: LoadedRun, inputs: ExplainInputs) 
             name,
             meta_dim=inputs.meta.shape[1],
             num_classes=run.inputs.schema.n_classes,
-            cfg=run.inputs.cfg.model,
+            cfg=model_cfg,
             image_branch=branch,
             meta_layout=layout,
         ).to(run.inputs.device)
