@@ -617,3 +617,29 @@ def test_metadata_on_the_map_renders_in_chromium(tmp_path: Path, figure_dir: Pat
     page = chromium_page.page
     assert "0.432" in page.evaluate("document.getElementById('metadata-on-map').textContent")
     _assert_clean(chromium_page, 2)
+
+
+# ----------------------------------------------------------------------------- pages drawn as chunks finish
+
+
+def test_a_long_reports_last_chunk_is_drawn_by_the_explaining_process(tmp_path: Path) -> None:
+    """In parallel mode the worker draws every chunk but the last, which this process draws itself (the
+    computation is over); every case gets its page and figures either way."""
+    from multimodal_lesion.explain.pipeline import ChunkView
+    from multimodal_lesion.report.pages import CasePages
+
+    cases = [make_case(k, f"ISIC_{24306 + k:07d}") for k in range(3)]
+    for k, case in enumerate(cases):
+        case.pixels = np.full((60, 80, 3), 40 * k, dtype=np.uint8)
+        case.cam = np.random.default_rng(k).random((60, 80)).astype(np.float32)
+    ids = [c.image_id for c in cases]
+    pages = CasePages(tmp_path, parallel=True)
+    try:
+        for offset, part in ((0, cases[:2]), (2, cases[2:])):
+            pages.write(ChunkView(offset, part, None, ids, list(CLASSES), dict(CLASS_NAMES)))  # type: ignore[arg-type]
+        drawn = pages.finish()
+    finally:
+        pages.close()
+    assert set(drawn) == set(ids) and all(drawn[i]["overlay"].is_file() for i in ids)  # type: ignore[union-attr]
+    assert 0 < pages.here < pages.seconds  # this process drew the last chunk, the worker the first
+    assert all((tmp_path / "cases" / case_page_name(i)).is_file() for i in ids)
