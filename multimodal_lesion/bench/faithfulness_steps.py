@@ -36,7 +36,7 @@ from ..explain.faithfulness import (
     energy_inside,
     perturbation_curve,
     pointing_game,
-    road_images,
+    road_scores,
 )
 from ..explain.gradcam import layer_geometry, shown_view
 from ..explain.pipeline import (
@@ -102,7 +102,6 @@ def main() -> None:
 def reference_reports(run, batch, cams: np.ndarray, masks: list, priors) -> list[dict[str, dict[str, float]]]:
     """Every measure of every case as before the batching: per case, map and curve one eager forward of
     the curve's images, ROAD through pytorch-grad-cam's ``NoisyLinearImputer`` (one ``spsolve`` a mask)."""
-    import torch
     from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 
     from ..explain.pipeline import cam_setup
@@ -126,11 +125,8 @@ def reference_reports(run, batch, cams: np.ndarray, masks: list, priors) -> list
                 report[name]["pointing_game"] = float(pointing_game(sal, masks[i]))
                 report[name]["energy_inside"] = energy_inside(sal, masks[i])
         stacked = np.stack([np.asarray(m) for m in maps.values()])
-        imputed = road_images(image, stacked, cfg.road_percentiles, cfg.seed, imputer=NoisyLinearImputer())
-        with torch.no_grad():
-            probs = torch.softmax(predict(imputed).double(), -1)[:, target].numpy()
-        lerf, morf = probs.reshape(2, len(cfg.road_percentiles), len(maps))
-        for name, score in zip(maps, ((lerf - morf) / 2).mean(0), strict=True):
+        road = road_scores(predict, image, stacked, target, cfg.road_percentiles, cfg.seed, NoisyLinearImputer())
+        for name, score in zip(maps, road, strict=True):
             report[name]["road"] = float(score)
         out.append(report)
         print(f"reference: case {i + 1}/{len(batch.rows)}", flush=True)

@@ -151,6 +151,7 @@ def road_scores(
     target: int,
     percentiles: Sequence[int] = (20, 50, 80),
     seed: int = 0,
+    imputer: RoadImputer | Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> np.ndarray:
     """The combined ROAD score (K,) of K maps (K, H, W) of one image (higher = more faithful).
 
@@ -159,8 +160,9 @@ def road_scores(
     after removing the least relevant pixels minus that after removing the most relevant, halved,
     averaged over ``percentiles``. The unperturbed score cancels, so all K x 2 x P imputed images go
     through ``predict`` in one batch (``ROADCombined`` runs the original image 2 x P times more).
+    ``imputer`` as in :func:`road_images` (default: a :class:`RoadImputer`).
     """
-    imputed = road_images(image, maps, percentiles, seed)
+    imputed = road_images(image, maps, percentiles, seed, imputer)
     with torch.no_grad():
         probs = torch.softmax(predict(imputed.to(image.device)).double(), -1)[:, target]
     lerf, morf = probs.cpu().numpy().reshape(2, len(percentiles), len(maps))
