@@ -14,9 +14,8 @@ from PIL import Image
 from ..data.constants import CLASS_NAMES
 from ..explain.randomisation import SIMILAR, StageResult
 from ..explain.results import CaseExplanation
-from ..io import atomic_write
-from .figures import PNG_LEVEL, new_figure, save_figure
-from .panels import SIDE, Bar, Panel, colours, compose, scaled, with_contour
+from .figures import new_figure, save_figure
+from .panels import SIDE, Bar, Panel, colours, compose, save_png, scaled, with_contour
 
 #: The image's colour, then the patient features' in the run's feature order (repeating past the end).
 IMAGE_COLOUR = "#4c72b0"
@@ -32,7 +31,7 @@ def player_colours(players: Sequence[str]) -> dict[str, str]:
 
 def rgb_png(pixels: np.ndarray, path: str | Path) -> Path:
     """Save a uint8 (H, W, 3) image as PNG."""
-    return _save_image(Image.fromarray(pixels), path)
+    return save_png(Image.fromarray(pixels), path)
 
 
 def _overlay(pixels: np.ndarray, cam: np.ndarray, weight: float = 0.45) -> np.ndarray:
@@ -106,12 +105,6 @@ def cohort_grid_png(cases: Sequence[CaseExplanation], path: str | Path, per_row:
         right.set_title(f"CAM, p = {'<0.001' if p < 1e-3 else f'{p:.3f}'}", fontsize=7)
     fig.colorbar(mpl.cm.ScalarMappable(mpl.colors.Normalize(0, 1), "jet"), ax=axes, shrink=0.6, label="CAM (scaled)")
     return save_figure(fig, path, dpi=90)
-
-
-def _save_image(img: Image.Image, path: str | Path) -> Path:
-    with atomic_write(path, "wb") as fh:
-        img.save(fh, format="PNG", compress_level=PNG_LEVEL)
-    return Path(path)
 
 
 def _pyplot_png(draw, path: str | Path, size: tuple[float, float]) -> Path:

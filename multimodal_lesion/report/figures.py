@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -230,15 +230,13 @@ def _names(classes: Sequence[str]) -> list[str]:
     return [CLASS_NAMES.get(c, c) for c in classes]
 
 
-def new_figure(
-    size: tuple[float, float], dpi: float | None = None, layout: Literal["constrained"] | None = "constrained"
-) -> Figure:
-    """A pyplot-free figure on an Agg canvas with constrained layout (``layout=None``: the caller places
-    the axes, which saves the layout's 40% of a ``savefig`` for panels of images)."""
+def new_figure(size: tuple[float, float], dpi: float | None = None) -> Figure:
+    """A pyplot-free figure on an Agg canvas with constrained layout (pictures alone are composed in
+    :mod:`.panels`, without matplotlib)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=size, dpi=dpi, layout=layout)
+    fig = Figure(figsize=size, dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 

@@ -118,8 +118,13 @@ def compose(panels: Sequence[Panel], path: str | Path, heading: str = "") -> Pat
         if panel.bar is not None:
             _draw_bar(canvas, draw, panel.bar, x + pw + GAP // 2, top, ph)
         x += w + GAP
+    return save_png(canvas, path)
+
+
+def save_png(picture: Image.Image, path: str | Path) -> Path:
+    """Write ``picture`` as a PNG atomically, at the reports' zlib level."""
     with atomic_write(path, "wb") as fh:
-        canvas.save(fh, format="PNG", compress_level=PNG_LEVEL)
+        picture.save(fh, format="PNG", compress_level=PNG_LEVEL)
     return Path(path)
 
 
@@ -135,4 +140,4 @@ def _draw_bar(canvas: Image.Image, draw: ImageDraw.ImageDraw, bar: Bar, x: int, 
         draw.text((x + BAR + 5, y), f"{value:g}", fill=INK, font=font(11), anchor="lm")
 
 
-__all__ = ["Bar", "Panel", "colours", "compose", "font", "scaled", "with_contour"]
+__all__ = ["Bar", "Panel", "colours", "compose", "font", "save_png", "scaled", "with_contour"]
