@@ -133,16 +133,38 @@ def test_predicted_class_by_default_and_explicit_targets(encoded: dict, small_mo
 
 def test_one_batched_head_call_and_no_backbone(encoded: dict, small_model: SmallModel) -> None:
     model = small_model("concat", meta_dim=encoded["dim"])
-    calls = {"head": 0, "backbone": 0}
+    calls = {"meta": 0, "backbone": 0}
     handles = [
-        model.head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1)),
+        model.meta_branch.register_forward_hook(lambda *_: calls.__setitem__("meta", calls["meta"] + 1)),
         model.image_branch.register_forward_pre_hook(lambda *_: calls.__setitem__("backbone", calls["backbone"] + 1)),
     ]
     explainer = GroupShapExplainer(model, encoded["background"], encoded["groups"])
     explainer.explain(embeddings(model, 6), encoded["meta"])
     for h in handles:
         h.remove()
-    assert calls == {"head": 1, "backbone": 0}  # 6 cases x 8 coalitions x 20 background rows in one call
+    assert calls == {"meta": 1, "backbone": 0}  # 6 cases x 8 coalitions x 20 background rows in one call
+
+
+def test_late_heads_read_the_image_through_a_narrow_term(encoded: dict, small_model: SmallModel) -> None:
+    """concat and image_only reduce the state to the head's linear image term (what the games move per row);
+    from it the logits are those of the full head. Gating and FiLM mix image and metadata: no term."""
+    meta = torch.as_tensor(encoded["meta"])
+    for name in list_models():
+        model = small_model(name, meta_dim=encoded["dim"]).eval()
+        state = embeddings(model, 6)
+        if state is None:
+            continue
+        state_t = torch.as_tensor(state)
+        term = model.image_term(state_t)
+        if name not in ("concat", "image_only"):
+            assert term is None, name
+            continue
+        assert term is not None and term.shape[1] < state_t.shape[1], name
+        with torch.no_grad():
+            np.testing.assert_allclose(
+                model.from_image_term(term, meta).numpy(), model.from_image_state(state_t, meta).numpy(), atol=1e-5
+            )
+        assert model.train().image_term(state_t) is None  # dropout: the term holds in eval mode only
 
 
 def test_planted_feature_ranks_first(metadata_only_model: str, small_model: SmallModel, patients: Patients) -> None:

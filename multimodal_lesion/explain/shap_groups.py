@@ -215,10 +215,21 @@ def coalition_probabilities(
     maps of a map model). ``state_present`` (K,) and ``meta_present`` (K, D) say which inputs come from
     the case; the rest comes from background row m (states: M rows or 1 row shared). Every
     (case, coalition, background row) is one row of ``model.from_image_state``, so a map model's
-    metadata-conditioned part runs again for each coalition: exact for both kinds. Inputs the model
-    ignores may be None.
+    metadata-conditioned part runs again for each coalition: exact for both kinds. A late model whose
+    head reads the image through a linear layer (``model.image_term``) has its states reduced to that
+    term first, so each row moves the narrow term instead of the state. Inputs the model ignores may be None.
     """
     n_bg = len(_given(background_meta, background_states))
+    term = model.image_term(states) if states is not None else None
+    if term is not None:
+        states = term
+        background_states = None if background_states is None else model.image_term(background_states)
+
+    def forward(state: Tensor | None, met: Tensor | None) -> Tensor:
+        if term is not None and state is not None:
+            return model.from_image_term(state, met)
+        return state_logits(model, state, met)
+
     if background_states is not None and len(background_states) == 1:
         background_states = background_states.expand(n_bg, *background_states.shape[1:])
     n_cases, n_coal = len(_given(states, meta)), len(meta_present)
@@ -231,7 +242,7 @@ def coalition_probabilities(
         case, coal, bg = part // (n_coal * n_bg), (part // n_bg) % n_coal, part % n_bg
         state = _rows(states, background_states, state_present, case, coal, bg)
         met = _rows(meta, background_meta, meta_present, case, coal, bg)
-        logits = state_logits(model, state, met)
+        logits = forward(state, met)
         probs.append(torch.softmax(logits / temperature, dim=-1).double())
     per_row = torch.cat(probs).reshape(n_cases, n_coal, n_bg, -1)
     return torch.einsum("bkmc,rm->rbkc", per_row, weights.to(per_row))

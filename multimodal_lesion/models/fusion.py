@@ -15,7 +15,7 @@ the pooled embedding of a late model, the maps at the fusion point of a map-fusi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,16 @@ class FusionHead(nn.Module):
     def forward(self, image: Tensor | None, meta: Tensor | None) -> Tensor:
         raise NotImplementedError
 
+    def image_term(self, image: Tensor) -> Tensor | None:
+        """The image's whole contribution to the head in eval mode, narrower than the image, when the head
+        reads the image only through a linear layer; None when it mixes image and metadata otherwise
+        (gating, FiLM). ``from_image_term(image_term(image), meta) == forward(image, meta)``."""
+        return None
+
+    def from_image_term(self, term: Tensor, meta: Tensor | None) -> Tensor:
+        """Logits from :meth:`image_term`'s output and the metadata embedding (eval mode)."""
+        raise NotImplementedError(f"{type(self).__name__} has no image term")
+
 
 class LinearImageHead(FusionHead):
     """Dropout + linear layer on the pooled image features."""
@@ -61,6 +71,13 @@ class LinearImageHead(FusionHead):
 
     def forward(self, image: Tensor | None, meta: Tensor | None) -> Tensor:
         return self.classifier(image)
+
+    def image_term(self, image: Tensor) -> Tensor | None:
+        """The logits themselves: the metadata plays no part."""
+        return self.classifier(image)
+
+    def from_image_term(self, term: Tensor, meta: Tensor | None) -> Tensor:
+        return term
 
 
 class MetadataHead(FusionHead):
@@ -81,11 +98,26 @@ class ConcatHead(FusionHead):
 
     def __init__(self, image_dim: int, meta_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
         super().__init__(image_dim, meta_dim, num_classes, hidden, dropout)
+        self.image_dim = image_dim
         self.classifier = mlp_classifier(image_dim + meta_dim, hidden, num_classes, dropout)
 
     def forward(self, image: Tensor | None, meta: Tensor | None) -> Tensor:
         assert image is not None and meta is not None  # uses_image and uses_meta: LesionModel passes both
         return self.classifier(torch.cat([image, meta], dim=1))
+
+    def image_term(self, image: Tensor) -> Tensor | None:
+        """The image columns of the first linear layer times the image (B, hidden): dropout is off in eval mode."""
+        return image @ self._first().weight[:, : self.image_dim].T
+
+    def from_image_term(self, term: Tensor, meta: Tensor | None) -> Tensor:
+        assert meta is not None  # uses_meta: LesionModel passes it
+        first = self._first()
+        hidden = term + torch.nn.functional.linear(meta, first.weight[:, self.image_dim :], first.bias)
+        return self.classifier[2:](hidden)
+
+    def _first(self) -> nn.Linear:
+        """The classifier's first linear layer (after the input dropout)."""
+        return cast(nn.Linear, self.classifier[1])
 
 
 class GatedHead(FusionHead):
@@ -220,6 +252,23 @@ class LesionModel(nn.Module):
         if self.map_fusion is not None:
             return self.from_image_state(maps, meta)
         return self.forward_head(self._branch().embed_from_maps(maps), meta)
+
+    def image_term(self, state: Tensor) -> Tensor | None:
+        """A late model's image state reduced to what its head reads of it (:meth:`FusionHead.image_term`,
+        e.g. (B, hidden) for ``concat`` against a (B, F) embedding), in eval mode; None where the head
+        mixes image and metadata otherwise, for a map-fusion model, or in training mode (dropout).
+
+        ``from_image_term(image_term(s), meta) == from_image_state(s, meta)``: the exact games, which
+        evaluate many metadata rows per image state, move the narrow term instead of the state.
+        """
+        if self.training or self.map_fusion is not None:
+            return None
+        return self.head.image_term(state)
+
+    def from_image_term(self, term: Tensor, meta: Tensor | None) -> Tensor:
+        """Logits from :meth:`image_term`'s output and the encoded metadata."""
+        meta_emb = self.meta_branch(_require(meta, "meta")) if self.meta_branch is not None else None
+        return self.head.from_image_term(term, meta_emb)
 
     def forward_head(self, embedding: Tensor | None, meta: Tensor | None) -> Tensor:
         """Logits from the pooled image embedding and the encoded metadata: everything after the backbone.
