@@ -259,9 +259,10 @@ class LesionModel(nn.Module):
         mixes image and metadata otherwise, for a map-fusion model, or in training mode (dropout).
 
         ``from_image_term(image_term(s), meta) == from_image_state(s, meta)``: the exact games, which
-        evaluate many metadata rows per image state, move the narrow term instead of the state.
+        evaluate many metadata rows per image state, move the narrow term instead of the state. A subclass
+        that changes :meth:`from_image_state` without setting ``fuses_on_maps`` must override this too.
         """
-        if self.training or self.map_fusion is not None:
+        if self.training or self.fuses_on_maps:
             return None
         return self.head.image_term(state)
 
