@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+import multimodal_lesion as mml
+
 
 def load(run: Path, data: Path | None = None) -> pd.DataFrame:
     """The run's test predictions with each image's lesion (from ``data``'s metadata when given)."""
@@ -28,30 +30,24 @@ def load(run: Path, data: Path | None = None) -> pd.DataFrame:
     return preds.merge(lesions, on="image_id", how="left").sort_values("image_id").reset_index(drop=True)
 
 
-def scores(frame: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
-    """(balanced accuracy, macro AUROC, melanoma AUROC) of the rows."""
+def scores(frame: pd.DataFrame, weights: np.ndarray) -> np.ndarray:
+    """(balanced accuracy, macro AUROC, melanoma AUROC) with each image counted ``weights`` times."""
     prob_cols = [c for c in frame.columns if c.startswith("p_")]
     classes = [c[2:] for c in prob_cols]
-    y = frame["target"].to_numpy()[rows]
-    p = frame[prob_cols].to_numpy()[rows]
+    y, p, w = frame["target"].to_numpy(), frame[prob_cols].to_numpy(), weights
     pred = np.array(classes)[p.argmax(1)]
-    present = [i for i, c in enumerate(classes) if (y == c).any()]
-    macro = np.mean([roc_auc_score(y == classes[i], p[:, i]) for i in present])
+    drawn = w > 0
+    present = [i for i, c in enumerate(classes) if (y[drawn] == c).any()]
+    macro = np.mean([roc_auc_score(y == classes[i], p[:, i], sample_weight=w) for i in present])
     mel = classes.index("mel")
-    return np.array([balanced_accuracy_score(y, pred), macro, roc_auc_score(y == "mel", p[:, mel])])
+    balanced = balanced_accuracy_score(y[drawn], pred[drawn], sample_weight=w[drawn])
+    return np.array([balanced, macro, roc_auc_score(y == "mel", p[:, mel], sample_weight=w)])
 
 
 def bootstrap(frames: list[pd.DataFrame], resamples: int, seed: int = 0) -> np.ndarray:
     """(resamples, runs, 3) metrics over lesion resamples, the same draw for every run."""
-    lesions = frames[0]["lesion_id"].to_numpy()
-    unique, inverse = np.unique(lesions, return_inverse=True)
-    members = [np.flatnonzero(inverse == k) for k in range(len(unique))]
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(resamples):
-        rows = np.concatenate([members[k] for k in rng.integers(0, len(unique), len(unique))])
-        out.append([scores(f, rows) for f in frames])
-    return np.array(out)
+    _, draws = mml.group_draws(frames[0]["lesion_id"].to_numpy(), resamples, seed)
+    return np.array([[scores(f, w) for f in frames] for w in draws])
 
 
 def main() -> None:
@@ -67,13 +63,13 @@ def main() -> None:
     names = ("balanced accuracy (arg-max)", "macro AUROC", "melanoma AUROC")
     n_lesions = frames[0]["lesion_id"].nunique()
     for r, run in enumerate(args.runs[:2]):
-        point = scores(frames[r], np.arange(len(frames[r])))
+        point = scores(frames[r], np.ones(len(frames[r])))
         print(f"{run} (test: {len(frames[r])} images, {n_lesions} lesions)")
         for m, name in enumerate(names):
             low, high = np.quantile(boot[:, r, m], [0.025, 0.975])
             print(f"  {name}: {point[m]:.3f} [95% lesion-bootstrap CI {low:.3f}, {high:.3f}]")
     if len(frames) == 2:
-        diff = scores(frames[0], np.arange(len(frames[0]))) - scores(frames[1], np.arange(len(frames[1])))
+        diff = scores(frames[0], np.ones(len(frames[0]))) - scores(frames[1], np.ones(len(frames[1])))
         for m, name in enumerate(names):
             low, high = np.quantile(boot[:, 0, m] - boot[:, 1, m], [0.025, 0.975])
             print(f"  difference in {name}: {diff[m]:+.3f} [{low:+.3f}, {high:+.3f}]")

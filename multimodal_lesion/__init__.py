@@ -57,6 +57,7 @@ _PUBLIC: dict[str, str] = {
     "MMLesionError": "multimodal_lesion.errors",
     "ConfigError": "multimodal_lesion.errors",
     "DataError": "multimodal_lesion.errors",
+    "group_draws": "multimodal_lesion.training.stats",
 }
 
 __all__ = [
@@ -80,6 +81,7 @@ __all__ = [
     "ablation_folds",
     "cache_home",
     "eda",
+    "group_draws",
     "image_embeddings",
     "lesion_subset",
     "list_models",

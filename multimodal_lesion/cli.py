@@ -738,16 +738,29 @@ def _print_trust(metrics: Mapping[str, Any], split: str) -> None:
             print(f"{what}: change against the run's probabilities: " + ", ".join(parts))
 
 
+def _interval(metrics: Mapping[str, Any]) -> str:
+    """' [0.676, 0.791]': the balanced accuracy's 95% group-bootstrap interval, '' where none was computed."""
+    ci = metrics.get("balanced_accuracy_ci")
+    return f" [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" if ci else ""
+
+
 def _print_headline(metrics: Mapping[str, Any], splits: tuple[str, ...] = ("val", "test")) -> None:
     for split in (s for s in splits if s in metrics):  # the key class is the run's (metrics.json)
         m, b = metrics[split]["calibrated"], metrics[split]["balanced"]
         key = "melanoma" if metrics.get("key_class", "mel") == "mel" else metrics["key_class"]
         print(
-            f"{split}: balanced accuracy {m['balanced_accuracy']:.4f} ({b['balanced_accuracy']:.4f} with the "
-            f"balanced decision)  macro AUROC {m['macro_auroc']:.4f}  {key} AUROC "
+            f"{split}: balanced accuracy {m['balanced_accuracy']:.4f}{_interval(m)} ({b['balanced_accuracy']:.4f}"
+            f"{_interval(b)} with the balanced decision)  macro AUROC {m['macro_auroc']:.4f}  {key} AUROC "
             f"{m.get('key_auroc', m['melanoma_auroc']):.4f}  ECE {m['ece']:.4f}  ({m['n_images']} images, "
-            f"{m['n_lesions']} {metrics.get('groups', 'lesions')})"
+            f"{m['n_lesions']} {metrics.get('groups', 'lesions')}{_interval_note(m, metrics.get('groups', 'lesions'))})"
         )
+
+
+def _interval_note(metrics: Mapping[str, Any], groups: str) -> str:
+    """'; [ ]: 95% intervals resampling lesions' when the balanced accuracies carry one."""
+    ci = metrics.get("balanced_accuracy_ci")
+    unit = f"{ci['grouped_by']}s" if ci and "grouped_by" in ci else groups
+    return f"; [ ]: {ci['ci']:.0%} intervals resampling {unit}" if ci else ""
 
 
 def build_parser() -> argparse.ArgumentParser:

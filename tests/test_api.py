@@ -99,6 +99,10 @@ def test_metrics_to_frame_is_the_headline_of_val_and_test(run: mml.Run) -> None:
     assert frame.loc["test", "balanced_accuracy"] == written["test"]["calibrated"]["balanced_accuracy"]
     assert frame.loc["test", "n_images"] == len(run.cases("test"))
     assert "val: balanced accuracy" in repr(run.metrics)
+    low, high = (frame.loc["test", f"balanced_decision_accuracy_{end}"] for end in ("low", "high"))
+    ci = written["test"]["balanced"]["balanced_accuracy_ci"]
+    assert (low, high) == (ci["ci_low"], ci["ci_high"]) and low < high
+    assert f"[{low:.3f}, {high:.3f}] with the balanced decision" in repr(run.metrics)
 
 
 @pytest.mark.slow

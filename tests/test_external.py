@@ -79,6 +79,12 @@ def test_new_data_is_scored_externally_with_the_run_s_calibration(cli, run: tupl
     assert any("another aspect ratio" in note and "padded" in note for note in cli.notes(proc)), proc.stderr
     assert (result / "figures" / "confusion_external.png").is_file()
     assert (sorted(p.name for p in (folder / "eval").rglob("*")) if (folder / "eval").exists() else []) == own_eval
+    # each balanced accuracy with its interval over the other data's lesions, printed as it is written
+    ci = metrics["external"]["balanced"]["balanced_accuracy_ci"]
+    assert ci["grouped_by"] == "lesion" and ci["n_groups"] == pd.read_csv(other / METADATA_FILE).lesion_id.nunique()
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("external: balanced accuracy"))
+    assert f"[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}] with the balanced decision" in line
+    assert line.endswith("; [ ]: 95% intervals resampling lesions)")
     # the probabilities are those of batch prediction of the same cases (same patient fields, same fit)
     scored = pd.read_csv(result / "predictions.csv").set_index("image_id")
     meta = pd.read_csv(other / METADATA_FILE)

@@ -13,7 +13,15 @@ from scipy import stats
 from multimodal_lesion.data.constants import CLASSES
 from multimodal_lesion.models import list_models
 from multimodal_lesion.report.figures import plot_bars_with_ci, plot_per_class_sensitivity
-from multimodal_lesion.training.stats import bootstrap_ci, corrected_ttest, paired_comparison, summarise
+from multimodal_lesion.training.stats import (
+    bootstrap_ci,
+    corrected_ttest,
+    group_draws,
+    grouped_auroc_ci,
+    grouped_balanced_accuracy_ci,
+    paired_comparison,
+    summarise,
+)
 
 
 def test_bootstrap_ci_contains_mean_and_shrinks_with_n() -> None:
@@ -107,6 +115,56 @@ def _png_ok(path: Path) -> bool:
         im.verify()
     with Image.open(path) as im:
         return fmt == "PNG" and np.asarray(im.convert("L")).std() > 0
+
+
+def _grouped_predictions(n_groups: int = 150, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, decisions and lesion ids: 1-4 images a lesion, each lesion one class and one decision."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 5, n_groups)
+    label = rng.choice(5, n_groups, p=[0.5, 0.2, 0.15, 0.1, 0.05])
+    right = rng.random(n_groups) < 0.7
+    decided = np.where(right, label, (label + 1 + rng.integers(0, 4, n_groups)) % 5)
+    groups = np.repeat([f"L{k}" for k in range(n_groups)], sizes)
+    return np.repeat(label, sizes), np.repeat(decided, sizes), groups
+
+
+def test_group_draws_weigh_rows_as_repeating_the_drawn_lesions() -> None:
+    y, pred, groups = _grouped_predictions()
+    n_groups, draws = group_draws(groups, n_boot=20, seed=3)
+    assert n_groups == len(set(groups))
+    from sklearn.metrics import balanced_accuracy_score
+
+    expected = []
+    for w in draws:
+        rows = np.repeat(np.arange(len(y)), w)  # the drawn lesions' images, each as often as its lesion was drawn
+        assert (pd.Series(w).groupby(groups).nunique() == 1).all()  # a lesion is drawn with all its images
+        expected.append(balanced_accuracy_score(y[rows], pred[rows]))
+    ci = grouped_balanced_accuracy_ci(y, pred, groups, n_boot=20, seed=3, ci=0.5)
+    assert (ci["ci_low"], ci["ci_high"]) == pytest.approx(tuple(np.quantile(expected, [0.25, 0.75])), abs=1e-12)
+
+
+def test_balanced_accuracy_interval_resamples_lesions_not_images() -> None:
+    y, pred, groups = _grouped_predictions()
+    point = np.mean([np.mean(pred[y == k] == k) for k in np.unique(y)])
+    by_lesion = grouped_balanced_accuracy_ci(y, pred, groups)
+    assert by_lesion["ci_low"] < point < by_lesion["ci_high"] and by_lesion["n_groups"] == 150
+    # treating images as independent (each its own group) pretends to more evidence: a narrower interval
+    by_image = grouped_balanced_accuracy_ci(y, pred, np.arange(len(y)).astype(str))
+    assert by_image["ci_high"] - by_image["ci_low"] < by_lesion["ci_high"] - by_lesion["ci_low"]
+    perfect = grouped_balanced_accuracy_ci(y, y, groups)
+    assert perfect["ci_low"] == perfect["ci_high"] == 1.0
+
+
+def test_grouped_auroc_ci_weights_equal_repeated_rows() -> None:
+    y, _, groups = _grouped_predictions()
+    scores = np.round(np.random.default_rng(1).random(len(y)) + 0.4 * (y == 0), 1)  # ties included
+    from sklearn.metrics import roc_auc_score
+
+    _, draws = group_draws(groups, n_boot=50, seed=0)
+    repeated = [roc_auc_score(y[r] == 0, scores[r]) for r in (np.repeat(np.arange(len(y)), w) for w in draws)]
+    ci = grouped_auroc_ci(y == 0, scores, groups, n_boot=50, seed=0)
+    assert ci["n_boot_used"] == 50 and ci["n_groups"] == 150
+    assert (ci["ci_low"], ci["ci_high"]) == pytest.approx(tuple(np.quantile(repeated, [0.025, 0.975])), abs=1e-12)
 
 
 def test_ablation_figures_are_written(tmp_path: Path) -> None:

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from multimodal_lesion.config import ExperimentConfig, TrainConfig, load_config, to_toml
-from multimodal_lesion.data.constants import CLASSES
+from multimodal_lesion.data.constants import CLASSES, METADATA_FILE
 from multimodal_lesion.errors import CheckpointError, ConfigError
 from multimodal_lesion.models import create_model, embed_images
 from multimodal_lesion.runs import load_checkpoint, load_run, predict_image, predict_logits, seed_everything
@@ -30,6 +31,7 @@ from multimodal_lesion.training.engine import (
     build_scheduler,
     class_weights,
 )
+from multimodal_lesion.training.stats import grouped_balanced_accuracy_ci
 from multimodal_lesion.workflows import evaluate_run, train_run
 
 TINY = [
@@ -104,6 +106,26 @@ def test_run_folder_is_complete(frozen_run: tuple[Path, dict]) -> None:
     assert set(metrics["n_lesions"]) == {"train", "val", "test"}
     versions = json.loads((out / "versions.json").read_text())
     assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"].startswith(torch.__version__[:4])
+
+
+def test_balanced_accuracies_carry_the_lesion_bootstrap_interval_of_their_predictions(
+    frozen_run: tuple[Path, dict], data_root: Path
+) -> None:
+    out, _ = frozen_run
+    on_disk = json.loads((out / "metrics.json").read_text())
+    for split in ("val", "test"):
+        for variant in ("calibrated", "balanced"):
+            m = on_disk[split][variant]
+            ci = m["balanced_accuracy_ci"]
+            assert ci["n_groups"] == m["n_lesions"] and ci["n_boot"] == 2000 and ci["ci"] == 0.95
+            assert 0 <= ci["ci_low"] < ci["ci_high"] <= 1
+    # the test interval is that of the written predictions' arg-max, resampling the split's lesions
+    scored = pd.read_csv(out / "predictions_test.csv")
+    lesions = pd.read_csv(data_root / METADATA_FILE).set_index("image_id").loc[scored.image_id, "lesion_id"]
+    probs = scored[[f"p_{c}" for c in CLASSES]].to_numpy()
+    y = scored.target.map(CLASSES.index).to_numpy()
+    again = grouped_balanced_accuracy_ci(y, probs.argmax(1), lesions.to_numpy())
+    assert again == pytest.approx(on_disk["test"]["calibrated"]["balanced_accuracy_ci"])
 
 
 def test_resolved_config_is_written(frozen_run: tuple[Path, dict], data_root: Path) -> None:

@@ -19,19 +19,32 @@ HEADLINE = ("balanced_accuracy", "macro_auroc", "key_auroc", "ece", "n_images", 
 
 
 def headline(split: Mapping[str, Any]) -> dict[str, Any]:
-    """One split's headline: calibrated metrics plus the balanced decision's balanced accuracy."""
+    """One split's headline: calibrated metrics plus the balanced decision's balanced accuracy, and each
+    balanced accuracy's 95% lesion-bootstrap interval (``*_low`` / ``*_high``; None in runs made before it)."""
     calibrated = split["calibrated"]
     row = {k: calibrated.get(k, calibrated.get("melanoma_auroc") if k == "key_auroc" else None) for k in HEADLINE}
     balanced = split.get("balanced") or {}
     row["balanced_decision_accuracy"] = balanced.get("balanced_accuracy")
+    for name, metrics in (("balanced_accuracy", calibrated), ("balanced_decision_accuracy", balanced)):
+        ci = metrics.get("balanced_accuracy_ci") or {}
+        row[f"{name}_low"], row[f"{name}_high"] = ci.get("ci_low"), ci.get("ci_high")
     return row
 
 
+def _with_interval(row: Mapping[str, Any], name: str) -> str:
+    """'0.812' or '0.812 [0.760, 0.861]'."""
+    low, high = row.get(f"{name}_low"), row.get(f"{name}_high")
+    return f"{row[name]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
+
+
 def _describe(row: Mapping[str, Any]) -> str:
-    """'balanced accuracy 0.812 (0.834 balanced decision), macro AUROC 0.95, 150 images'."""
-    parts = [f"balanced accuracy {row['balanced_accuracy']:.3f}"]
+    """'balanced accuracy 0.812 [0.760, 0.861] (0.834 [...] with the balanced decision), macro AUROC 0.95, 150 images'.
+
+    The brackets: 95% lesion-bootstrap intervals, where the run has them.
+    """
+    parts = [f"balanced accuracy {_with_interval(row, 'balanced_accuracy')}"]
     if row.get("balanced_decision_accuracy") is not None:
-        parts[0] += f" ({row['balanced_decision_accuracy']:.3f} with the balanced decision)"
+        parts[0] += f" ({_with_interval(row, 'balanced_decision_accuracy')} with the balanced decision)"
     if row.get("macro_auroc") is not None:
         parts.append(f"macro AUROC {row['macro_auroc']:.3f}")
     return ", ".join([*parts, f"{row['n_images']} images"])

@@ -77,7 +77,7 @@ class ExternalOptions:
     fit: str = "pad"  # images of another aspect ratio: pad, crop or stretch
     device: str | None = None  # None: the run's device (the CPU where it has no GPU)
     exclude_seen: bool = False  # leave out (with a note) images in the run's splits instead of refusing
-    n_boot: int = 2000  # bootstrap draws of the grouped AUROC CI
+    n_boot: int = 2000  # bootstrap draws of the grouped AUROC and balanced-accuracy CIs
     images: str = ""  # where OTHER's images are, when not below its data root ("none": no images)
     duplicates: str = ""  # OTHER's duplicates file, replacing its schema's (pairs share a group in the CI)
     adapt_bn: bool = False  # re-estimate the run's batch-norm statistics on OTHER's images first (AdaBN)
@@ -343,8 +343,8 @@ def external_scores(
     k = run.key_index
     cal_scored, bal_scored = (key_vs_rest_probs(cal, k), key_vs_rest_probs(bal, k)) if key_vs_rest else (cal, bal)
     score: dict[str, Any] = {
-        "calibrated": _score(y, cal_scored, scored, table),
-        "balanced": _score(y, bal_scored, scored, table),
+        "calibrated": _score(y, cal_scored, scored, table, n_boot),
+        "balanced": _score(y, bal_scored, scored, table, n_boot),
         "n_patients": int(table["patient_id"].nunique()) if "patient_id" in table.columns else None,
     }
     if key_vs_rest:  # the run's own decisions: key class when it is the arg-max of all classes
@@ -371,10 +371,21 @@ def scored_schema(run: DatasetSchema, key_vs_rest: bool) -> DatasetSchema:
     )
 
 
-def _score(y: np.ndarray, probs: np.ndarray, scored: DatasetSchema, table: pd.DataFrame) -> dict[str, Any]:
-    return classification_metrics(
-        y, probs, classes=scored.classes, key_class=scored.key_class, lesion_ids=table["lesion_id"].tolist()
+def _score(y: np.ndarray, probs: np.ndarray, scored: DatasetSchema, table: pd.DataFrame, n_boot: int) -> dict[str, Any]:
+    """The metrics of one decision; the balanced accuracy's interval resamples patients where they are named."""
+    group_kind, groups = _groups(table)
+    out = classification_metrics(
+        y,
+        probs,
+        classes=scored.classes,
+        key_class=scored.key_class,
+        lesion_ids=table["lesion_id"].tolist(),
+        n_boot=n_boot,
+        ci_groups=list(groups),
     )
+    if "balanced_accuracy_ci" in out:
+        out["balanced_accuracy_ci"]["grouped_by"] = group_kind
+    return out
 
 
 # --- what the external report adds: prevalence, sets, shift, a known or estimated prior, sources ----------

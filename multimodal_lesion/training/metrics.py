@@ -32,6 +32,7 @@ from sklearn.metrics import (
 )
 
 from multimodal_lesion.data.constants import CLASSES
+from multimodal_lesion.training.stats import grouped_balanced_accuracy_ci
 
 #: The class whose detection matters most clinically; gets its own headline metrics.
 MELANOMA = "mel"
@@ -57,6 +58,8 @@ def classification_metrics(
     classes: Sequence[str] = CLASSES,
     key_class: str = MELANOMA,
     lesion_ids: Sequence[str] | None = None,
+    n_boot: int = 0,
+    ci_groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """All evaluation metrics of one prediction set, as a JSON-ready dict.
 
@@ -66,6 +69,9 @@ def classification_metrics(
         classes: class codes in logit order.
         key_class: the class of the clinical headline metrics (must be in ``classes``).
         lesion_ids: lesion id per image; ``n_lesions`` counts the unique ones (N when None).
+        n_boot: bootstrap draws of whole groups (``ci_groups``, else ``lesion_ids``) behind
+            ``balanced_accuracy_ci``, its 95% interval; 0 or no groups = none.
+        ci_groups: the bootstrap's unit per image when it is not the lesion (patients).
     """
     y, p = _validate(y_true, probs, len(classes))
     if key_class not in classes:
@@ -93,6 +99,9 @@ def classification_metrics(
         "n_images": len(y),
         "n_lesions": len(set(lesion_ids)) if lesion_ids is not None else len(y),
     }
+    groups = ci_groups if ci_groups is not None else lesion_ids
+    if n_boot and groups is not None:
+        out["balanced_accuracy_ci"] = grouped_balanced_accuracy_ci(y, pred, np.asarray(groups), n_boot)
     if len(classes) == 2:
         out["binary"] = binary_metrics(y == key, p[:, key], pred == key)
     return out

@@ -37,6 +37,9 @@ from .metrics import classification_metrics
 from .robustness import missing_metadata_scores
 from .uncertainty import uncertainty_summary
 
+#: Lesion-bootstrap draws behind each split's balanced-accuracy interval in ``metrics.json``.
+BOOTSTRAP = 2000
+
 
 @dataclass(frozen=True)
 class SplitScores:
@@ -119,7 +122,11 @@ def evaluate(
         raw = torch.softmax(torch.from_numpy(z), 1).numpy()
         cal = scaler.transform(z)
         score = functools.partial(
-            classification_metrics, classes=schema.classes, key_class=schema.key_class, lesion_ids=lesions[rows]
+            classification_metrics,
+            classes=schema.classes,
+            key_class=schema.key_class,
+            lesion_ids=lesions[rows],
+            n_boot=BOOTSTRAP,
         )
         results[split] = {
             "uncalibrated": score(y, raw),
