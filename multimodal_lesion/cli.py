@@ -611,7 +611,8 @@ def _demo(args: argparse.Namespace) -> int:
     test = result.pop("test")
     print(f"\ndone in {result['seconds']} s on {result['n_images']} images")
     print(
-        f"best fusion model: {result['best_fusion']}: test balanced accuracy {test['balanced_accuracy']:.3f}, "
+        f"best fusion model: {result['best_fusion']}: test balanced accuracy {test['balanced_accuracy']:.3f}"
+        f"{_interval(test)}, "
         f"macro AUROC {test['macro_auroc']:.3f} ({test['n_images']} images, {test['n_lesions']} "
         f"{result.get('groups', 'lesions')})"
     )
@@ -745,22 +746,21 @@ def _interval(metrics: Mapping[str, Any]) -> str:
 
 
 def _print_headline(metrics: Mapping[str, Any], splits: tuple[str, ...] = ("val", "test")) -> None:
-    for split in (s for s in splits if s in metrics):  # the key class is the run's (metrics.json)
+    shown = [s for s in splits if s in metrics]
+    for split in shown:  # the key class is the run's (metrics.json)
         m, b = metrics[split]["calibrated"], metrics[split]["balanced"]
         key = "melanoma" if metrics.get("key_class", "mel") == "mel" else metrics["key_class"]
         print(
             f"{split}: balanced accuracy {m['balanced_accuracy']:.4f}{_interval(m)} ({b['balanced_accuracy']:.4f}"
             f"{_interval(b)} with the balanced decision)  macro AUROC {m['macro_auroc']:.4f}  {key} AUROC "
             f"{m.get('key_auroc', m['melanoma_auroc']):.4f}  ECE {m['ece']:.4f}  ({m['n_images']} images, "
-            f"{m['n_lesions']} {metrics.get('groups', 'lesions')}{_interval_note(m, metrics.get('groups', 'lesions'))})"
+            f"{m['n_lesions']} {metrics.get('groups', 'lesions')})"
         )
-
-
-def _interval_note(metrics: Mapping[str, Any], groups: str) -> str:
-    """'; [ ]: 95% intervals resampling lesions' when the balanced accuracies carry one."""
-    ci = metrics.get("balanced_accuracy_ci")
-    unit = f"{ci['grouped_by']}s" if ci and "grouped_by" in ci else groups
-    return f"; [ ]: {ci['ci']:.0%} intervals resampling {unit}" if ci else ""
+    intervals = [metrics[s]["calibrated"].get("balanced_accuracy_ci") for s in shown]
+    ci = next((c for c in intervals if c), None)
+    if ci:
+        unit = f"{ci['grouped_by']}s" if "grouped_by" in ci else metrics.get("groups", "lesions")
+        print(f"[ ]: {ci['ci']:.0%} intervals of the balanced accuracies, {ci['n_boot']} draws of whole {unit}")
 
 
 def build_parser() -> argparse.ArgumentParser:

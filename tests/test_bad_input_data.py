@@ -220,6 +220,11 @@ def test_demo_prints_the_reader_notes(cli, hurried_ham: Path, tmp_path: Path) ->
         "demo", "--data", hurried_ham, "--out", tmp_path / "demo", *TINY, *(a for s in settings for a in ("--set", s))
     )
     assert_notes_once(cli.ok(proc), HURRIED_NOTES)
+    # the closing line gives the best fusion model's test balanced accuracy with its lesion-bootstrap interval
+    test = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())["test"]["calibrated"]
+    ci = test["balanced_accuracy_ci"]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("best fusion model:"))
+    assert f"test balanced accuracy {test['balanced_accuracy']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]," in line
 
 
 @pytest.mark.slow

@@ -84,7 +84,9 @@ def test_new_data_is_scored_externally_with_the_run_s_calibration(cli, run: tupl
     assert ci["grouped_by"] == "lesion" and ci["n_groups"] == pd.read_csv(other / METADATA_FILE).lesion_id.nunique()
     line = next(line for line in proc.stdout.splitlines() if line.startswith("external: balanced accuracy"))
     assert f"[{ci['ci_low']:.3f}, {ci['ci_high']:.3f}] with the balanced decision" in line
-    assert line.endswith("; [ ]: 95% intervals resampling lesions)")
+    assert "[ ]: 95% intervals of the balanced accuracies, 2000 draws of whole lesions" in proc.stdout.splitlines()
+    page = (result / "report.html").read_text()
+    assert f"{ci['ci_low']:.3f}, {ci['ci_high']:.3f}] (95% CI over {ci['n_groups']} lesions)" in page
     # the probabilities are those of batch prediction of the same cases (same patient fields, same fit)
     scored = pd.read_csv(result / "predictions.csv").set_index("image_id")
     meta = pd.read_csv(other / METADATA_FILE)

@@ -70,8 +70,8 @@ def _headline(score: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[tupl
     rows = [
         ("images", _num(cal.get("n_images"))),
         (_text(metrics.get("groups", "lesions")), _num(score.get("n_patients") or cal.get("n_lesions"))),
-        ("balanced accuracy (calibrated arg-max)", _num(cal.get("balanced_accuracy"))),
-        ("balanced accuracy (balanced decision)", _num(bal.get("balanced_accuracy"))),
+        ("balanced accuracy (calibrated arg-max)", _with_ci(cal)),
+        ("balanced accuracy (balanced decision)", _with_ci(bal)),
         ("ECE (calibrated)", _num(cal.get("ece"))),
     ]
     ci = score.get("key_vs_rest", {}).get("auroc_ci")
@@ -87,6 +87,18 @@ def _headline(score: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[tupl
     else:
         rows.insert(2, ("macro AUROC", _num(cal.get("macro_auroc"))))
     return rows
+
+
+def _with_ci(decision: Mapping[str, Any]) -> str:
+    """'0.531 [0.482, 0.580] (95% CI over 212 patients)', or the bare figure where no interval was computed."""
+    ci = decision.get("balanced_accuracy_ci")
+    figure = _num(decision.get("balanced_accuracy"))
+    if not ci:
+        return figure
+    return (
+        f"{figure} [{_num(ci['ci_low'])}, {_num(ci['ci_high'])}] (95% CI over {ci.get('n_groups')} "
+        f"{_text(ci.get('grouped_by', 'lesion'))}s)"
+    )
 
 
 def _share(share: Any, n: Any) -> str:
