@@ -96,8 +96,8 @@ def _with_ci(decision: Mapping[str, Any]) -> str:
     if not ci:
         return figure
     return (
-        f"{figure} [{_num(ci['ci_low'])}, {_num(ci['ci_high'])}] (95% CI over {ci.get('n_groups')} "
-        f"{_text(ci.get('grouped_by', 'lesion'))}s)"
+        f"{figure} [{_num(ci['ci_low'])}, {_num(ci['ci_high'])}] ({ci.get('ci', 0.95):.0%} CI over "
+        f"{ci.get('n_groups')} {_text(ci.get('grouped_by', 'lesion'))}s)"
     )
 
 
